@@ -1,0 +1,1 @@
+//! taskgraph: fault-tolerant distributed dataflow on etcd.
