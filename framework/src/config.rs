@@ -1,0 +1,267 @@
+//! A node's configuration, its validation, and the job spec stored in etcd.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use taskgraph_topology::Links;
+
+use crate::error::ConfigError;
+
+/// The largest number of tasks a job may have.
+pub const MAX_TASKS: u32 = 1 << 20;
+/// The largest number of replicas (primary plus backups) per task.
+pub const MAX_REPLICAS: u32 = 16;
+
+/// Everything a node needs to join a job. Build it with [`FrameworkBuilder`](crate::FrameworkBuilder).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// etcd endpoints, e.g. `http://127.0.0.1:2379`.
+    pub etcd_endpoints: Vec<String>,
+    /// The job's name: 1 to 63 characters of `a-z`, `0-9`, `-`, `_`, `.`.
+    pub job: String,
+    /// Number of tasks, `1..=MAX_TASKS`.
+    pub tasks: u32,
+    /// Nodes per task: 1 primary plus `replicas - 1` hot-standby backups.
+    pub replicas: u32,
+    /// The application's links.
+    pub links: Links,
+    /// The node's lease TTL in etcd: whole seconds, at least 1. A primary that cannot renew
+    /// its lease steps down before this runs out; a crashed primary is replaced within it.
+    pub lease_ttl: Duration,
+    /// Where the node's gRPC server listens.
+    pub listen: SocketAddr,
+    /// The `host:port` other nodes use to reach this one; defaults to `listen`.
+    pub advertise: Option<String>,
+    /// Deadline for one etcd request.
+    pub etcd_request_timeout: Duration,
+    /// How long to try to reach etcd at start before giving up.
+    pub etcd_connect_timeout: Duration,
+    /// Largest checkpoint a task may store in etcd.
+    pub max_checkpoint_bytes: usize,
+    /// Largest gRPC frame a node sends or accepts.
+    pub max_frame_bytes: usize,
+}
+
+impl Config {
+    /// The address other nodes reach this one at.
+    pub fn advertise_addr(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// The lease TTL in etcd's whole seconds.
+    pub fn lease_ttl_secs(&self) -> i64 {
+        self.lease_ttl.as_secs() as i64
+    }
+
+    /// Checks every setting; nothing is written to etcd before this passes.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.etcd_endpoints.is_empty() {
+            return Err(ConfigError::Missing("etcd endpoints"));
+        }
+        for e in &self.etcd_endpoints {
+            if e.trim().is_empty() || e.contains(char::is_whitespace) {
+                return Err(ConfigError::Invalid {
+                    setting: "etcd endpoint",
+                    reason: format!("{e:?} is not an address"),
+                });
+            }
+        }
+        validate_job_name(&self.job)?;
+        if self.tasks == 0 || self.tasks > MAX_TASKS {
+            return Err(ConfigError::Invalid {
+                setting: "tasks",
+                reason: format!("must be between 1 and {MAX_TASKS}, got {}", self.tasks),
+            });
+        }
+        if self.replicas == 0 || self.replicas > MAX_REPLICAS {
+            return Err(ConfigError::Invalid {
+                setting: "replicas",
+                reason: format!(
+                    "must be between 1 (no backups) and {MAX_REPLICAS}, got {}",
+                    self.replicas
+                ),
+            });
+        }
+        if self.lease_ttl < Duration::from_secs(1) || self.lease_ttl.subsec_nanos() != 0 {
+            return Err(ConfigError::Invalid {
+                setting: "lease TTL",
+                reason: format!(
+                    "must be a whole number of seconds, at least 1; got {:?}",
+                    self.lease_ttl
+                ),
+            });
+        }
+        if self.lease_ttl > Duration::from_secs(3600) {
+            return Err(ConfigError::Invalid {
+                setting: "lease TTL",
+                reason: format!("at most one hour; got {:?}", self.lease_ttl),
+            });
+        }
+        if let Some(a) = &self.advertise {
+            if a.is_empty() || !a.contains(':') || a.contains(char::is_whitespace) {
+                return Err(ConfigError::Invalid {
+                    setting: "advertise address",
+                    reason: format!("expected host:port, got {a:?}"),
+                });
+            }
+        }
+        if self.etcd_request_timeout.is_zero() || self.etcd_connect_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                setting: "etcd timeouts",
+                reason: "must be positive".into(),
+            });
+        }
+        self.links.validate(self.tasks)?;
+        Ok(())
+    }
+
+    /// The spec this node expects the job to have.
+    pub fn spec(&self) -> JobSpec {
+        JobSpec {
+            version: JobSpec::VERSION,
+            tasks: self.tasks,
+            replicas: self.replicas,
+            links: self.links.describe(),
+        }
+    }
+}
+
+/// Checks a job name: 1 to 63 characters of `a-z`, `0-9`, `-`, `_`, `.`, starting with a
+/// letter or digit.
+pub fn validate_job_name(job: &str) -> Result<(), ConfigError> {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c);
+    let first_ok = job
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    if job.is_empty() || job.len() > 63 || !job.chars().all(ok_char) || !first_ok {
+        return Err(ConfigError::Invalid {
+            setting: "job name",
+            reason: format!(
+                "{job:?}: use 1 to 63 characters of a-z, 0-9, '-', '_', '.', starting with a letter or digit"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// What every node of a job must agree on; stored once under the job's `spec` key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// Format version of this record.
+    pub version: u32,
+    /// Number of tasks.
+    pub tasks: u32,
+    /// Nodes per task.
+    pub replicas: u32,
+    /// Each link's description, plus `pair:<a>` → `<b>` entries.
+    pub links: BTreeMap<String, String>,
+}
+
+impl JobSpec {
+    /// The current format version.
+    pub const VERSION: u32 = 1;
+
+    /// Decodes a stored spec.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let spec: JobSpec = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if spec.version != Self::VERSION {
+            return Err(format!("unsupported spec version {}", spec.version));
+        }
+        if spec.tasks == 0
+            || spec.tasks > MAX_TASKS
+            || spec.replicas == 0
+            || spec.replicas > MAX_REPLICAS
+        {
+            return Err(format!(
+                "out-of-range tasks {} or replicas {}",
+                spec.tasks, spec.replicas
+            ));
+        }
+        Ok(spec)
+    }
+
+    /// Encodes the spec for etcd.
+    pub fn encode(&self) -> String {
+        // A struct of integers and string maps always serializes.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// `None` when equal, else a sentence naming every difference (`stored` is etcd's).
+    pub fn difference(stored: &JobSpec, mine: &JobSpec) -> Option<String> {
+        let mut diffs = Vec::new();
+        if stored.tasks != mine.tasks {
+            diffs.push(format!(
+                "tasks: etcd has {}, this node has {}",
+                stored.tasks, mine.tasks
+            ));
+        }
+        if stored.replicas != mine.replicas {
+            diffs.push(format!(
+                "replicas: etcd has {}, this node has {}",
+                stored.replicas, mine.replicas
+            ));
+        }
+        let keys: std::collections::BTreeSet<&String> =
+            stored.links.keys().chain(mine.links.keys()).collect();
+        for k in keys {
+            match (stored.links.get(k), mine.links.get(k)) {
+                (Some(a), Some(b)) if a == b => {}
+                (a, b) => diffs.push(format!(
+                    "link {k}: etcd has {}, this node has {}",
+                    a.map_or("nothing".to_owned(), |s| format!("{s:?}")),
+                    b.map_or("nothing".to_owned(), |s| format!("{s:?}"))
+                )),
+            }
+        }
+        (!diffs.is_empty()).then(|| diffs.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use taskgraph_topology::Tree;
+
+    fn spec(tasks: u32, replicas: u32) -> JobSpec {
+        let tree = Tree::new(tasks, 2).unwrap_or_else(|e| panic!("{e}"));
+        JobSpec {
+            version: 1,
+            tasks,
+            replicas,
+            links: Links::new().link("parents", tree.parents()).describe(),
+        }
+    }
+
+    #[test]
+    fn spec_difference_names_each_field() {
+        assert_eq!(JobSpec::difference(&spec(3, 2), &spec(3, 2)), None);
+        let d = JobSpec::difference(&spec(3, 2), &spec(7, 1)).unwrap_or_default();
+        assert!(d.contains("tasks: etcd has 3, this node has 7"), "{d}");
+        assert!(d.contains("replicas: etcd has 2, this node has 1"), "{d}");
+        assert!(d.contains("link parents"), "{d}");
+    }
+
+    #[test]
+    fn spec_decode_rejects_garbage() {
+        assert!(JobSpec::decode(b"not json").is_err());
+        assert!(JobSpec::decode(br#"{"version":1,"tasks":0,"replicas":1,"links":{}}"#).is_err());
+        assert!(JobSpec::decode(br#"{"version":9,"tasks":1,"replicas":1,"links":{}}"#).is_err());
+        let s = spec(3, 2);
+        assert_eq!(JobSpec::decode(s.encode().as_bytes()), Ok(s));
+    }
+
+    #[test]
+    fn job_names() {
+        for ok in ["a", "job-1", "x.y_z", "0abc"] {
+            assert!(validate_job_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "A", "-x", "a/b", "a b", &"x".repeat(64)] {
+            assert!(validate_job_name(bad).is_err(), "{bad}");
+        }
+    }
+}

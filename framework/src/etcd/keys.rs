@@ -1,0 +1,188 @@
+//! The etcd key layout of a job. Every key of a job sits under one prefix, so a job can be
+//! listed, watched and removed as a whole, and access can be limited to it with etcd's
+//! role-based access control.
+//!
+//! | key (under `/taskgraph/jobs/<job>/`) | value | written by | lease |
+//! | --- | --- | --- | --- |
+//! | `spec` | [`JobSpec`](crate::JobSpec) as JSON | the first node, once (create-if-absent, in the same transaction as `epoch`) | none |
+//! | `epoch` | `<n>` while running, `done <n>` once finished | primaries: `inc_epoch` (compare-and-swap, fenced by the caller's term), `shutdown_job` | none |
+//! | `nodes/<node>` | [`NodeRecord`] as JSON | each node, at start | the node's |
+//! | `tasks/<t>/primary` | [`Holder`] as JSON; its create revision is the task's **term** | the node that wins the election (create-if-absent) | the node's |
+//! | `tasks/<t>/backup/<k>` (`k` in `1..replicas`) | [`Holder`] as JSON | a node taking backup slot `k` (create-if-absent) | the node's |
+//!
+//! A node holds at most one slot (one `primary` or one `backup/<k>` key) at a time. All keys
+//! written with a lease vanish when the node's lease ends (crash, partition, clean stop).
+
+use serde::{Deserialize, Serialize};
+
+use crate::TaskId;
+
+/// The root of every job's keys.
+pub const ROOT: &str = "/taskgraph/jobs/";
+
+/// The keys of one job.
+#[derive(Debug, Clone)]
+pub struct JobKeys {
+    prefix: String,
+}
+
+/// A key under a job's prefix, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobKey {
+    /// `spec`
+    Spec,
+    /// `epoch`
+    Epoch,
+    /// `nodes/<node>`
+    Node(String),
+    /// `tasks/<t>/primary`
+    Primary(TaskId),
+    /// `tasks/<t>/backup/<k>`
+    Backup(TaskId, u32),
+    /// `tasks/<t>/checkpoint`
+    Checkpoint(TaskId),
+}
+
+impl JobKeys {
+    /// The keys of job `job` (whose name is already validated).
+    pub fn new(job: &str) -> Self {
+        Self {
+            prefix: format!("{ROOT}{job}/"),
+        }
+    }
+    /// The job's prefix, ending in `/`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    /// The spec key.
+    pub fn spec(&self) -> String {
+        format!("{}spec", self.prefix)
+    }
+    /// The epoch key.
+    pub fn epoch(&self) -> String {
+        format!("{}epoch", self.prefix)
+    }
+    /// A node's registration key.
+    pub fn node(&self, node: &str) -> String {
+        format!("{}nodes/{node}", self.prefix)
+    }
+    /// The primary (election) key of task `t`.
+    pub fn primary(&self, t: TaskId) -> String {
+        format!("{}tasks/{t}/primary", self.prefix)
+    }
+    /// Backup slot `k` of task `t`.
+    pub fn backup(&self, t: TaskId, k: u32) -> String {
+        format!("{}tasks/{t}/backup/{k}", self.prefix)
+    }
+    /// The checkpoint of task `t`.
+    pub fn checkpoint(&self, t: TaskId) -> String {
+        format!("{}tasks/{t}/checkpoint", self.prefix)
+    }
+
+    /// Parses a full key of this job; `None` for keys of other jobs or unknown shapes.
+    pub fn parse(&self, key: &[u8]) -> Option<JobKey> {
+        let key = std::str::from_utf8(key).ok()?;
+        let rest = key.strip_prefix(&self.prefix)?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            ["spec"] => Some(JobKey::Spec),
+            ["epoch"] => Some(JobKey::Epoch),
+            ["nodes", node] if !node.is_empty() => Some(JobKey::Node((*node).to_owned())),
+            ["tasks", t, "primary"] => Some(JobKey::Primary(t.parse().ok()?)),
+            ["tasks", t, "checkpoint"] => Some(JobKey::Checkpoint(t.parse().ok()?)),
+            ["tasks", t, "backup", k] => Some(JobKey::Backup(t.parse().ok()?, k.parse().ok()?)),
+            _ => None,
+        }
+    }
+}
+
+/// Who holds a slot: stored as the value of `primary` and `backup/<k>` keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    /// The node's id.
+    pub node: String,
+    /// Where the node answers gRPC (`host:port`).
+    pub addr: String,
+}
+
+/// A node's registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Where the node answers gRPC (`host:port`).
+    pub addr: String,
+}
+
+/// The value of the `epoch` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EpochValue {
+    /// The job runs in this epoch.
+    Running(u64),
+    /// The job finished in this epoch.
+    Done(u64),
+}
+
+impl EpochValue {
+    /// Parses the text stored under `epoch`.
+    pub fn parse(v: &[u8]) -> Result<Self, String> {
+        let s = std::str::from_utf8(v).map_err(|_| "not UTF-8".to_owned())?;
+        let bad = || format!("expected `<n>` or `done <n>`, found {s:?}");
+        match s.strip_prefix("done ") {
+            Some(n) => n.parse().map(EpochValue::Done).map_err(|_| bad()),
+            None => s.parse().map(EpochValue::Running).map_err(|_| bad()),
+        }
+    }
+    /// The stored text.
+    pub fn encode(self) -> String {
+        match self {
+            EpochValue::Running(n) => n.to_string(),
+            EpochValue::Done(n) => format!("done {n}"),
+        }
+    }
+    /// The epoch number.
+    pub fn epoch(self) -> u64 {
+        match self {
+            EpochValue::Running(n) | EpochValue::Done(n) => n,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        let k = JobKeys::new("j1");
+        assert_eq!(k.parse(k.spec().as_bytes()), Some(JobKey::Spec));
+        assert_eq!(k.parse(k.epoch().as_bytes()), Some(JobKey::Epoch));
+        assert_eq!(k.parse(k.primary(7).as_bytes()), Some(JobKey::Primary(7)));
+        assert_eq!(
+            k.parse(k.backup(7, 2).as_bytes()),
+            Some(JobKey::Backup(7, 2))
+        );
+        assert_eq!(
+            k.parse(k.node("n1").as_bytes()),
+            Some(JobKey::Node("n1".into()))
+        );
+        assert_eq!(
+            k.parse(k.checkpoint(3).as_bytes()),
+            Some(JobKey::Checkpoint(3))
+        );
+        assert_eq!(k.parse(b"/taskgraph/jobs/j1/tasks/x/primary"), None);
+        assert_eq!(k.parse(b"/taskgraph/jobs/j2/spec"), None);
+        assert_eq!(k.parse(b"/taskgraph/jobs/j1/tasks/-1/primary"), None);
+        assert_eq!(k.parse(&[0xff, 0xfe]), None);
+    }
+
+    #[test]
+    fn epoch_values() {
+        assert_eq!(EpochValue::parse(b"12"), Ok(EpochValue::Running(12)));
+        assert_eq!(EpochValue::parse(b"done 3"), Ok(EpochValue::Done(3)));
+        assert!(EpochValue::parse(b"-1").is_err());
+        assert!(EpochValue::parse(b"done").is_err());
+        assert!(EpochValue::parse(b"\xff").is_err());
+        for v in [EpochValue::Running(0), EpochValue::Done(u64::MAX)] {
+            assert_eq!(EpochValue::parse(v.encode().as_bytes()), Ok(v));
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! Everything that talks to etcd: the key layout, the node's lease, slot elections, the
+//! epoch, the job spec, and the job watch. No other module uses `etcd_client`.
+
+pub mod keys;
+pub mod lease;
+pub mod watch;
+
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+};
+
+use crate::config::JobSpec;
+use crate::error::{Error, EtcdCause, EtcdError};
+use crate::TaskId;
+use keys::{EpochValue, Holder, JobKeys, NodeRecord};
+
+/// A key-value pair read from etcd, with the metadata the framework uses.
+#[derive(Debug, Clone)]
+pub struct Kv {
+    /// Full key.
+    pub key: Vec<u8>,
+    /// Value.
+    pub value: Vec<u8>,
+    /// Revision at which the key was created.
+    pub create_revision: i64,
+    /// Revision of its last change.
+    pub mod_revision: i64,
+    /// Lease it is attached to (0 = none).
+    pub lease: i64,
+}
+
+impl From<&etcd_client::KeyValue> for Kv {
+    fn from(kv: &etcd_client::KeyValue) -> Self {
+        Kv {
+            key: kv.key().to_vec(),
+            value: kv.value().to_vec(),
+            create_revision: kv.create_revision(),
+            mod_revision: kv.mod_revision(),
+            lease: kv.lease(),
+        }
+    }
+}
+
+/// A job's handle on etcd: the client, the job's keys, and the per-request deadline.
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    keys: JobKeys,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("prefix", &self.keys.prefix())
+            .finish_non_exhaustive()
+    }
+}
+
+fn err(op: &'static str, key: impl Into<String>, source: impl Into<EtcdCause>) -> EtcdError {
+    EtcdError {
+        op,
+        key: key.into(),
+        source: source.into(),
+    }
+}
+
+impl Store {
+    /// Connects to etcd and checks that it answers, retrying until `connect_timeout`.
+    pub async fn connect(
+        endpoints: &[String],
+        job: &str,
+        connect_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<Store, Error> {
+        // HTTP/2 keep-alive pings more often than etcd's --grpc-keepalive-min-time (5 s by
+        // default) make etcd drop the connection; 10 s still notices a silent partition.
+        let options = ConnectOptions::new()
+            .with_connect_timeout(request_timeout.min(connect_timeout))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        let keys = JobKeys::new(job);
+        let deadline = tokio::time::Instant::now() + connect_timeout;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let attempt = async {
+                let client = Client::connect(endpoints, Some(options.clone()))
+                    .await
+                    .map_err(|e| err("connect", endpoints.join(","), e))?;
+                let store = Store {
+                    client,
+                    keys: keys.clone(),
+                    timeout: request_timeout,
+                };
+                store.get(&store.keys.spec()).await?;
+                Ok::<_, EtcdError>(store)
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let result =
+                match tokio::time::timeout(left.max(Duration::from_millis(1)), attempt).await {
+                    Ok(r) => r,
+                    Err(_) => Err(err(
+                        "connect",
+                        endpoints.join(","),
+                        EtcdCause::Timeout(connect_timeout),
+                    )),
+                };
+            match result {
+                Ok(store) => return Ok(store),
+                Err(source) if tokio::time::Instant::now() + delay >= deadline => {
+                    return Err(Error::EtcdUnreachable {
+                        endpoints: endpoints.to_vec(),
+                        source,
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "etcd not reachable yet, retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// The job's keys.
+    pub fn keys(&self) -> &JobKeys {
+        &self.keys
+    }
+
+    /// The underlying client, for the watch.
+    pub(crate) fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    async fn timed<T, E: Into<EtcdCause>>(
+        &self,
+        op: &'static str,
+        key: &str,
+        fut: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, EtcdError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r.map_err(|e| err(op, key, e)),
+            Err(_) => Err(err(op, key, EtcdCause::Timeout(self.timeout))),
+        }
+    }
+
+    /// Reads one key.
+    pub async fn get(&self, key: &str) -> Result<Option<Kv>, EtcdError> {
+        let mut c = self.client.clone();
+        let resp = self.timed("get", key, c.get(key, None)).await?;
+        Ok(resp.kvs().first().map(Kv::from))
+    }
+
+    /// Reads every key of the job, and the revision the read was taken at.
+    pub async fn load(&self) -> Result<(Vec<Kv>, i64), EtcdError> {
+        let mut c = self.client.clone();
+        let prefix = self.keys.prefix();
+        let resp = self
+            .timed(
+                "get prefix",
+                prefix,
+                c.get(prefix, Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        let rev = resp.header().map_or(0, |h| h.revision());
+        Ok((resp.kvs().iter().map(Kv::from).collect(), rev))
+    }
+
+    /// Creates the job (spec and epoch 0) if absent, else checks that the stored spec equals
+    /// `mine`. Returns whether this call created the job.
+    pub async fn ensure_spec(&self, job: &str, mine: &JobSpec) -> Result<bool, Error> {
+        let (spec_key, epoch_key) = (self.keys.spec(), self.keys.epoch());
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                spec_key.clone(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then([
+                TxnOp::put(spec_key.clone(), mine.encode(), None),
+                TxnOp::put(epoch_key, EpochValue::Running(0).encode(), None),
+            ])
+            .or_else([TxnOp::get(spec_key.clone(), None)]);
+        let mut c = self.client.clone();
+        let resp = self.timed("txn create spec", &spec_key, c.txn(txn)).await?;
+        if resp.succeeded() {
+            return Ok(true);
+        }
+        let stored = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        });
+        let Some(stored) = stored else {
+            return Err(Error::Garbage {
+                key: spec_key,
+                reason: "vanished while read".into(),
+            });
+        };
+        let stored = JobSpec::decode(&stored).map_err(|reason| Error::Garbage {
+            key: spec_key.clone(),
+            reason,
+        })?;
+        match JobSpec::difference(&stored, mine) {
+            None => Ok(false),
+            Some(difference) => Err(Error::SpecConflict {
+                job: job.to_owned(),
+                difference,
+            }),
+        }
+    }
+
+    /// Grants a lease of `ttl_secs`; returns its id and granted TTL.
+    pub async fn grant_lease(&self, ttl_secs: i64) -> Result<(i64, i64), EtcdError> {
+        let mut c = self.client.clone();
+        let resp = self
+            .timed("lease grant", "", c.lease_grant(ttl_secs, None))
+            .await?;
+        Ok((resp.id(), resp.ttl()))
+    }
+
+    /// Revokes a lease: every key attached to it vanishes at once.
+    pub async fn revoke_lease(&self, id: i64) -> Result<(), EtcdError> {
+        let mut c = self.client.clone();
+        self.timed("lease revoke", &format!("lease {id:x}"), c.lease_revoke(id))
+            .await?;
+        Ok(())
+    }
+
+    /// Registers a node under `nodes/<node>` with its lease.
+    pub async fn register_node(&self, node: &str, addr: &str, lease: i64) -> Result<(), EtcdError> {
+        let key = self.keys.node(node);
+        let value = serde_json::to_string(&NodeRecord {
+            addr: addr.to_owned(),
+        })
+        .unwrap_or_default();
+        let mut c = self.client.clone();
+        self.timed(
+            "put",
+            &key,
+            c.put(
+                key.clone(),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn create_slot(
+        &self,
+        op: &'static str,
+        key: String,
+        holder: &Holder,
+        lease: i64,
+        mut extra: Vec<Compare>,
+        also: Vec<TxnOp>,
+    ) -> Result<Option<i64>, EtcdError> {
+        let value = serde_json::to_string(holder).unwrap_or_default();
+        extra.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
+        let mut ops = vec![TxnOp::put(
+            key.clone(),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )];
+        ops.extend(also);
+        let txn = Txn::new().when(extra).and_then(ops);
+        let mut c = self.client.clone();
+        let resp = self.timed(op, &key, c.txn(txn)).await?;
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map_or(0, |h| h.revision())))
+    }
+
+    /// Becomes primary of task `t` if it has neither primary nor backup. Returns the term.
+    pub async fn claim_primary(
+        &self,
+        t: TaskId,
+        replicas: u32,
+        holder: &Holder,
+        lease: i64,
+    ) -> Result<Option<i64>, EtcdError> {
+        let no_backups = (1..replicas)
+            .map(|k| Compare::create_revision(self.keys.backup(t, k), CompareOp::Equal, 0))
+            .collect();
+        self.create_slot(
+            "txn claim primary",
+            self.keys.primary(t),
+            holder,
+            lease,
+            no_backups,
+            vec![],
+        )
+        .await
+    }
+
+    /// Takes backup slot `k` of task `t` if free. Returns the key's create revision.
+    pub async fn claim_backup(
+        &self,
+        t: TaskId,
+        k: u32,
+        holder: &Holder,
+        lease: i64,
+    ) -> Result<Option<i64>, EtcdError> {
+        self.create_slot(
+            "txn claim backup",
+            self.keys.backup(t, k),
+            holder,
+            lease,
+            vec![],
+            vec![],
+        )
+        .await
+    }
+
+    /// Promotes the holder of backup slot `k` (created at `backup_rev`) to primary of `t`, if
+    /// the task has no primary; frees the backup slot in the same transaction. Returns the term.
+    pub async fn promote(
+        &self,
+        t: TaskId,
+        k: u32,
+        backup_rev: i64,
+        holder: &Holder,
+        lease: i64,
+    ) -> Result<Option<i64>, EtcdError> {
+        let backup = self.keys.backup(t, k);
+        self.create_slot(
+            "txn promote",
+            self.keys.primary(t),
+            holder,
+            lease,
+            vec![Compare::create_revision(
+                backup.clone(),
+                CompareOp::Equal,
+                backup_rev,
+            )],
+            vec![TxnOp::delete(backup, None)],
+        )
+        .await
+    }
+
+    /// Deletes a slot key that no node can own (no lease), if unchanged since `mod_revision`.
+    pub async fn delete_orphan(&self, key: &[u8], mod_revision: i64) -> Result<bool, EtcdError> {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.to_vec(),
+                CompareOp::Equal,
+                mod_revision,
+            )])
+            .and_then([TxnOp::delete(key.to_vec(), None)]);
+        let mut c = self.client.clone();
+        let k = String::from_utf8_lossy(key).into_owned();
+        Ok(self
+            .timed("txn delete orphan", &k, c.txn(txn))
+            .await?
+            .succeeded())
+    }
+
+    /// Moves the epoch from `from` to `from + 1` if it is `from` and task `t`'s primary key is
+    /// still the one created at `term` (fencing). Returns whether it moved.
+    pub async fn inc_epoch(&self, t: TaskId, term: i64, from: u64) -> Result<bool, EtcdError> {
+        let key = self.keys.epoch();
+        let txn = Txn::new()
+            .when([
+                Compare::value(
+                    key.clone(),
+                    CompareOp::Equal,
+                    EpochValue::Running(from).encode(),
+                ),
+                Compare::create_revision(self.keys.primary(t), CompareOp::Equal, term),
+            ])
+            .and_then([TxnOp::put(
+                key.clone(),
+                EpochValue::Running(from + 1).encode(),
+                None,
+            )]);
+        let mut c = self.client.clone();
+        Ok(self
+            .timed("txn inc epoch", &key, c.txn(txn))
+            .await?
+            .succeeded())
+    }
+
+    /// Marks the job finished at its current epoch, fenced by task `t`'s term. Returns the
+    /// final epoch, or `None` if the caller is no longer primary.
+    pub async fn finish(&self, t: TaskId, term: i64) -> Result<Option<u64>, EtcdError> {
+        let key = self.keys.epoch();
+        loop {
+            let current = self.get(&key).await?;
+            let (value, compare) = match &current {
+                Some(kv) => match EpochValue::parse(&kv.value) {
+                    Ok(EpochValue::Done(n)) => return Ok(Some(n)),
+                    Ok(EpochValue::Running(n)) => (
+                        EpochValue::Done(n),
+                        Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision),
+                    ),
+                    Err(reason) => {
+                        tracing::warn!(key, reason, "garbage epoch value; finishing at epoch 0");
+                        (
+                            EpochValue::Done(0),
+                            Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision),
+                        )
+                    }
+                },
+                None => (
+                    EpochValue::Done(0),
+                    Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                ),
+            };
+            let txn = Txn::new()
+                .when([
+                    compare,
+                    Compare::create_revision(self.keys.primary(t), CompareOp::Equal, term),
+                ])
+                .and_then([TxnOp::put(key.clone(), value.encode(), None)])
+                .or_else([TxnOp::get(self.keys.primary(t), None)]);
+            let mut c = self.client.clone();
+            let resp = self.timed("txn finish", &key, c.txn(txn)).await?;
+            if resp.succeeded() {
+                return Ok(Some(value.epoch()));
+            }
+            let still_primary = resp.op_responses().into_iter().any(|r| match r {
+                TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .is_some_and(|kv| kv.create_revision() == term),
+                _ => false,
+            });
+            if !still_primary {
+                return Ok(None);
+            }
+            // The epoch moved between the read and the transaction: read again.
+        }
+    }
+}

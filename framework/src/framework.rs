@@ -1,0 +1,237 @@
+//! The entry point of a driver: configure a node with [`Framework::builder`], then run it with
+//! [`Framework::start`] (or [`Framework::spawn`] to keep a handle).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use taskgraph_topology::Links;
+
+use crate::app::TaskBuilder;
+use crate::config::Config;
+use crate::error::{ConfigError, Error};
+use crate::node::{self, NodeExit, NodeHandle};
+
+/// One node of a job, configured and validated, ready to start.
+pub struct Framework {
+    config: Arc<Config>,
+    builder: Arc<dyn TaskBuilder>,
+    node_name: Option<String>,
+}
+
+impl std::fmt::Debug for Framework {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Framework")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Framework`]; every setting is checked by [`FrameworkBuilder::build`] before
+/// anything touches etcd.
+pub struct FrameworkBuilder {
+    etcd: Vec<String>,
+    job: Option<String>,
+    tasks: Option<u32>,
+    replicas: u32,
+    links: Links,
+    lease_ttl: Duration,
+    listen: SocketAddr,
+    advertise: Option<String>,
+    etcd_request_timeout: Duration,
+    etcd_connect_timeout: Duration,
+    max_checkpoint_bytes: usize,
+    max_frame_bytes: usize,
+    builder: Option<Arc<dyn TaskBuilder>>,
+    node_name: Option<String>,
+}
+
+impl std::fmt::Debug for FrameworkBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameworkBuilder")
+            .field("job", &self.job)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Framework {
+    /// A builder with defaults: 1 replica (no backups), lease TTL 5 s, listening on
+    /// `127.0.0.1:0`, etcd requests timing out after 2 s, 10 s to reach etcd at start.
+    pub fn builder() -> FrameworkBuilder {
+        FrameworkBuilder {
+            etcd: Vec::new(),
+            job: None,
+            tasks: None,
+            replicas: 1,
+            links: Links::new(),
+            lease_ttl: Duration::from_secs(5),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: None,
+            etcd_request_timeout: Duration::from_secs(2),
+            etcd_connect_timeout: Duration::from_secs(10),
+            max_checkpoint_bytes: 1 << 20,
+            max_frame_bytes: 64 << 20,
+            builder: None,
+            node_name: None,
+        }
+    }
+
+    /// The validated configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Binds the listener and runs the node in the background; returns a handle to watch,
+    /// stop or crash it.
+    pub async fn spawn(self) -> Result<NodeHandle, Error> {
+        let listener = tokio::net::TcpListener::bind(self.config.listen)
+            .await
+            .map_err(|source| Error::Listen {
+                addr: self.config.listen.to_string(),
+                source,
+            })?;
+        let mut config = (*self.config).clone();
+        if config.advertise.is_none() {
+            // Port 0 means "any": advertise the port actually bound.
+            if let Ok(addr) = listener.local_addr() {
+                config.advertise = Some(addr.to_string());
+            }
+        }
+        let base = self.node_name.unwrap_or_else(|| "node".to_owned());
+        let node_id = format!("{base}-{:016x}", rand::random::<u64>());
+        Ok(node::spawn(
+            Arc::new(config),
+            self.builder,
+            listener,
+            node_id,
+        ))
+    }
+
+    /// Runs the node until the job finishes or the process is asked to stop (SIGTERM or
+    /// Ctrl-C: the node stops cleanly, revoking its lease so a backup takes over at once).
+    pub async fn start(self) -> Result<NodeExit, Error> {
+        let handle = self.spawn().await?;
+        handle.stop_on(stop_signal()).await
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("asked to stop: handing over and leaving");
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("asked to stop: handing over and leaving");
+}
+
+impl FrameworkBuilder {
+    /// etcd endpoints, e.g. `["http://127.0.0.1:2379"]`.
+    pub fn etcd<I, S>(mut self, endpoints: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.etcd = endpoints.into_iter().map(Into::into).collect();
+        self
+    }
+    /// The job's name (1 to 63 characters of `a-z0-9-_.`).
+    pub fn job(mut self, job: impl Into<String>) -> Self {
+        self.job = Some(job.into());
+        self
+    }
+    /// Number of tasks.
+    pub fn tasks(mut self, tasks: u32) -> Self {
+        self.tasks = Some(tasks);
+        self
+    }
+    /// Nodes per task: 1 primary plus `replicas - 1` backups.
+    pub fn replicas(mut self, replicas: u32) -> Self {
+        self.replicas = replicas;
+        self
+    }
+    /// The application's links.
+    pub fn links(mut self, links: Links) -> Self {
+        self.links = links;
+        self
+    }
+    /// The lease TTL (whole seconds, at least 1).
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+    /// Where the node's gRPC server listens (default `127.0.0.1:0`).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+    /// The `host:port` other nodes use to reach this node (default: the bound address).
+    pub fn advertise(mut self, addr: impl Into<String>) -> Self {
+        self.advertise = Some(addr.into());
+        self
+    }
+    /// Deadline of one etcd request (default 2 s).
+    pub fn etcd_request_timeout(mut self, t: Duration) -> Self {
+        self.etcd_request_timeout = t;
+        self
+    }
+    /// How long to try reaching etcd at start (default 10 s).
+    pub fn etcd_connect_timeout(mut self, t: Duration) -> Self {
+        self.etcd_connect_timeout = t;
+        self
+    }
+    /// A readable prefix for the node's id (e.g. the pod name); a random suffix is added.
+    pub fn node_name(mut self, name: impl Into<String>) -> Self {
+        self.node_name = Some(name.into());
+        self
+    }
+    /// The application's task builder.
+    pub fn task_builder(mut self, builder: impl TaskBuilder) -> Self {
+        self.builder = Some(Arc::new(builder));
+        self
+    }
+
+    /// Checks every setting and returns the framework, or the first problem found.
+    pub fn build(self) -> Result<Framework, ConfigError> {
+        let config = Config {
+            etcd_endpoints: self.etcd,
+            job: self.job.ok_or(ConfigError::Missing("job name"))?,
+            tasks: self.tasks.ok_or(ConfigError::Missing("number of tasks"))?,
+            replicas: self.replicas,
+            links: self.links,
+            lease_ttl: self.lease_ttl,
+            listen: self.listen,
+            advertise: self.advertise,
+            etcd_request_timeout: self.etcd_request_timeout,
+            etcd_connect_timeout: self.etcd_connect_timeout,
+            max_checkpoint_bytes: self.max_checkpoint_bytes,
+            max_frame_bytes: self.max_frame_bytes,
+        };
+        config.validate()?;
+        let builder = self.builder.ok_or(ConfigError::Missing("task builder"))?;
+        if let Some(name) = &self.node_name {
+            let ok = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+            if name.is_empty() || name.len() > 100 || !name.chars().all(ok) {
+                return Err(ConfigError::Invalid {
+                    setting: "node name",
+                    reason: format!(
+                        "{name:?}: use 1 to 100 characters of A-Z, a-z, 0-9, '-', '_', '.'"
+                    ),
+                });
+            }
+        }
+        Ok(Framework {
+            config: Arc::new(config),
+            builder,
+            node_name: self.node_name,
+        })
+    }
+}

@@ -1,0 +1,752 @@
+//! The node: its event loop between etcd (roles, epochs) and the application's task.
+//!
+//! The loop owns the node's view of the job, its slot, and the task value; it is the only code
+//! that calls the application's handlers. It reacts to the job watch, the lease keeper, and
+//! requests from the task's context, asks [`roles::decide`] what to do, and carries the decision
+//! out through the etcd [`Store`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::app::{Context, ExitReason, LoopRequest, SlotState, Task, TaskBuilder};
+use crate::config::Config;
+use crate::error::Error;
+use crate::etcd::keys::{EpochValue, Holder, JobKey};
+use crate::etcd::lease::{self, LeaseState};
+use crate::etcd::watch::{self as jobwatch, JobEvent};
+use crate::etcd::{Kv, Store};
+use crate::roles::{decide, Decision, JobView, MySlot, SlotKey};
+use crate::{Epoch, TaskId, Term};
+
+/// How a node ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeExit {
+    /// The job finished at `epoch`; the node ran `exit` and revoked its lease.
+    JobFinished {
+        /// The final epoch.
+        epoch: Epoch,
+    },
+    /// The node was stopped cleanly (its lease revoked, so its slot was handed over at once).
+    Stopped,
+    /// The node was killed: it stopped without revoking its lease.
+    Killed,
+}
+
+/// This node's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// No slot yet: waits for one to open.
+    Spare,
+    /// Primary of `task` with fencing token `term`.
+    Primary {
+        /// The task.
+        task: TaskId,
+        /// The term.
+        term: Term,
+    },
+    /// Hot-standby backup of `task`.
+    Backup {
+        /// The task.
+        task: TaskId,
+    },
+}
+
+/// What a node publishes about itself (see [`NodeHandle::status`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// The node's id (its key under `nodes/` in etcd).
+    pub node_id: String,
+    /// Its slot.
+    pub role: Role,
+    /// Whether its lease is within its local deadline, i.e. it may act in its role. A primary
+    /// whose lease is past the deadline holds the role on paper but does not act.
+    pub acting: bool,
+    /// The last epoch the node's task entered (primary) or the node observed.
+    pub epoch: Option<Epoch>,
+    /// Whether the node has seen the job finish.
+    pub finished: bool,
+}
+
+impl NodeStatus {
+    /// `Some(term)` if the node is acting as primary of `task`.
+    pub fn primary_of(&self, task: TaskId) -> Option<Term> {
+        match self.role {
+            Role::Primary { task: t, term } if t == task && self.acting => Some(term),
+            _ => None,
+        }
+    }
+}
+
+/// A running node. Dropping the handle does not stop the node; call [`NodeHandle::stop`],
+/// [`NodeHandle::crash`] or [`NodeHandle::wait`].
+#[derive(Debug)]
+pub struct NodeHandle {
+    node_id: String,
+    status: watch::Receiver<NodeStatus>,
+    stop: CancellationToken,
+    join: tokio::task::JoinHandle<Result<NodeExit, Error>>,
+}
+
+impl NodeHandle {
+    /// The node's id.
+    pub fn id(&self) -> &str {
+        &self.node_id
+    }
+    /// The node's status, updated on every change.
+    pub fn status(&self) -> watch::Receiver<NodeStatus> {
+        self.status.clone()
+    }
+    /// Stops the node cleanly: the task's `exit` runs and the lease is revoked, so a backup
+    /// takes over at once.
+    pub async fn stop(self) -> Result<NodeExit, Error> {
+        self.stop.cancel();
+        self.wait().await
+    }
+    /// Ends the node at once without revoking its lease, as a kill -9 would: other nodes only
+    /// notice when the lease expires.
+    pub fn crash(self) {
+        self.join.abort();
+    }
+    /// Waits until the node ends by itself (job finished, or killed through its context).
+    pub async fn wait(self) -> Result<NodeExit, Error> {
+        match self.join.await {
+            Ok(r) => r,
+            Err(_) => Ok(NodeExit::Killed),
+        }
+    }
+    /// Runs until the node ends by itself (job finished, or killed through its context) or
+    /// `signal` completes, in which case the node stops cleanly.
+    pub async fn stop_on(
+        mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> Result<NodeExit, Error> {
+        tokio::select! {
+            r = &mut self.join => match r {
+                Ok(r) => r,
+                Err(_) => Ok(NodeExit::Killed),
+            },
+            _ = signal => self.stop().await,
+        }
+    }
+
+    /// Whether the node has ended.
+    pub fn is_finished(&self) -> bool {
+        self.join.is_finished()
+    }
+}
+
+/// Spawns a node on the current tokio runtime. `listener` is the node's bound gRPC listener.
+pub(crate) fn spawn(
+    config: Arc<Config>,
+    builder: Arc<dyn TaskBuilder>,
+    listener: tokio::net::TcpListener,
+    node_id: String,
+) -> NodeHandle {
+    let stop = CancellationToken::new();
+    let (status_tx, status) = watch::channel(NodeStatus {
+        node_id: node_id.clone(),
+        role: Role::Spare,
+        acting: false,
+        epoch: None,
+        finished: false,
+    });
+    let span = info_span!("node", job = %config.job, node = %node_id);
+    let join = tokio::spawn(
+        run(
+            config,
+            builder,
+            listener,
+            node_id.clone(),
+            status_tx,
+            stop.clone(),
+        )
+        .instrument(span),
+    );
+    NodeHandle {
+        node_id,
+        status,
+        stop,
+        join,
+    }
+}
+
+async fn run(
+    config: Arc<Config>,
+    builder: Arc<dyn TaskBuilder>,
+    listener: tokio::net::TcpListener,
+    node_id: String,
+    status: watch::Sender<NodeStatus>,
+    stop: CancellationToken,
+) -> Result<NodeExit, Error> {
+    let store = Store::connect(
+        &config.etcd_endpoints,
+        &config.job,
+        config.etcd_connect_timeout,
+        config.etcd_request_timeout,
+    )
+    .await?;
+    let created = store.ensure_spec(&config.job, &config.spec()).await?;
+    info!(
+        created,
+        tasks = config.tasks,
+        replicas = config.replicas,
+        "joined job"
+    );
+
+    // Everything spawned here is aborted when `run` returns or is aborted (crash).
+    let mut background = JoinSet::new();
+    let (events_tx, events) = mpsc::channel(4096);
+    background.spawn(jobwatch::run(store.clone(), events_tx));
+    // The listener stays bound for the node's lifetime so its address is its own.
+    let _listener = listener;
+
+    let (requests_tx, requests) = mpsc::unbounded_channel();
+    let (lease_tx, lease_rx) = watch::channel(LeaseState::Expired { id: 0 });
+    let mut node = Node {
+        holder: Holder {
+            node: node_id.clone(),
+            addr: config.advertise_addr(),
+        },
+        config,
+        builder,
+        store,
+        view: None,
+        mine: MySlot::Spare,
+        slot: None,
+        lease: lease_rx,
+        lease_tx,
+        lease_task: None,
+        status,
+        requests_tx,
+        await_change: false,
+    };
+    let result = node.main_loop(events, requests, stop).await;
+    if let Some(t) = node.lease_task.take() {
+        t.abort();
+    }
+    background.abort_all();
+    result
+}
+
+/// The task value this node holds, with its context and the channel feeding the context.
+struct SlotRuntime {
+    task: Box<dyn Task>,
+    ctx: Context,
+    state: watch::Sender<SlotState>,
+    /// Last epoch entered as primary under the current term.
+    entered: Option<Epoch>,
+}
+
+struct Node {
+    config: Arc<Config>,
+    builder: Arc<dyn TaskBuilder>,
+    store: Store,
+    holder: Holder,
+    /// `None` until the first snapshot of the job has arrived.
+    view: Option<JobView>,
+    mine: MySlot,
+    slot: Option<SlotRuntime>,
+    lease: watch::Receiver<LeaseState>,
+    lease_tx: watch::Sender<LeaseState>,
+    lease_task: Option<tokio::task::JoinHandle<()>>,
+    status: watch::Sender<NodeStatus>,
+    requests_tx: mpsc::UnboundedSender<LoopRequest>,
+    /// A claim failed on the current view: wait for the next change before claiming again.
+    await_change: bool,
+}
+
+enum Flow {
+    Continue,
+    Exit(NodeExit),
+}
+
+impl Node {
+    async fn main_loop(
+        &mut self,
+        mut events: mpsc::Receiver<JobEvent>,
+        mut requests: mpsc::UnboundedReceiver<LoopRequest>,
+        stop: CancellationToken,
+    ) -> Result<NodeExit, Error> {
+        self.new_lease(&stop).await?;
+        loop {
+            let deadline = match *self.lease.borrow() {
+                LeaseState::Alive { deadline, .. } => deadline,
+                _ => Instant::now() + Duration::from_secs(3600),
+            };
+            let flow = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Ok(self.clean_stop(ExitReason::Stopped, NodeExit::Stopped).await),
+                Some(req) = requests.recv() => match req {
+                    LoopRequest::Kill => {
+                        warn!("killed by its task: leaving without revoking the lease");
+                        return Ok(NodeExit::Killed);
+                    }
+                },
+                ev = events.recv() => match ev {
+                    Some(ev) => { self.apply(ev); self.step().await? }
+                    None => return Err(Error::Garbage { key: String::new(), reason: "job watch ended".into() }),
+                },
+                changed = self.lease.changed() => {
+                    if changed.is_err() { Flow::Continue } else { self.on_lease(&stop).await? }
+                },
+                _ = tokio::time::sleep_until(deadline) => { self.publish(); Flow::Continue }
+            };
+            if let Flow::Exit(exit) = flow {
+                return Ok(exit);
+            }
+        }
+    }
+
+    /// Grants a fresh lease (retrying while etcd is down), starts its keeper, registers the node.
+    async fn new_lease(&mut self, stop: &CancellationToken) -> Result<(), Error> {
+        if let Some(t) = self.lease_task.take() {
+            t.abort();
+        }
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let granted_at = Instant::now();
+            let attempt = async {
+                let (id, ttl) = self.store.grant_lease(self.config.lease_ttl_secs()).await?;
+                self.store
+                    .register_node(&self.holder.node, &self.holder.addr, id)
+                    .await?;
+                Ok::<_, crate::error::EtcdError>((id, ttl))
+            };
+            match attempt.await {
+                Ok((id, ttl)) => {
+                    let ttl = Duration::from_secs(ttl.max(1) as u64);
+                    info!(lease = format!("{id:x}"), ?ttl, "lease granted");
+                    let (tx, rx) = (self.lease_tx.clone(), self.lease_tx.subscribe());
+                    self.lease = rx;
+                    self.lease_task = Some(tokio::spawn(
+                        lease::keep_alive(self.store.clone(), id, ttl, granted_at, tx)
+                            .instrument(tracing::Span::current()),
+                    ));
+                    // Let the keeper publish `Alive` before deciding anything.
+                    let _ = self.lease.wait_for(|s| s.id() == id).await;
+                    self.publish();
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot get a lease from etcd, retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    fn lease_valid(&self) -> bool {
+        self.lease.borrow().valid_now()
+    }
+
+    fn publish(&self) {
+        let acting = self.lease_valid();
+        let role = match self.mine {
+            MySlot::Spare => Role::Spare,
+            MySlot::Primary { task, term } => Role::Primary {
+                task,
+                term: term as Term,
+            },
+            MySlot::Backup { task, .. } => Role::Backup { task },
+        };
+        let epoch = match (&self.slot, &self.view) {
+            (Some(s), _) if s.entered.is_some() => s.entered,
+            (_, Some(v)) => v.epoch.map(EpochValue::epoch),
+            _ => None,
+        };
+        let finished = self.view.as_ref().is_some_and(JobView::finished);
+        self.status.send_if_modified(|s| {
+            let new = NodeStatus {
+                node_id: s.node_id.clone(),
+                role,
+                acting,
+                epoch,
+                finished,
+            };
+            let changed = *s != new;
+            *s = new;
+            changed
+        });
+    }
+
+    /// Applies one watch event to the view.
+    fn apply(&mut self, ev: JobEvent) {
+        let keys = self.store.keys().clone();
+        match ev {
+            JobEvent::Snapshot { kvs, revision } => {
+                debug!(revision, keys = kvs.len(), "job snapshot");
+                let mut view = JobView::new(self.config.tasks, self.config.replicas);
+                for kv in kvs {
+                    self.apply_put(&mut view, &keys, kv);
+                }
+                self.view = Some(view);
+                self.await_change = false;
+            }
+            JobEvent::Put(kv) => {
+                if let Some(mut view) = self.view.take() {
+                    self.apply_put(&mut view, &keys, kv);
+                    self.view = Some(view);
+                }
+                self.await_change = false;
+            }
+            JobEvent::Delete { key, .. } => {
+                if let Some(view) = self.view.as_mut() {
+                    match keys.parse(&key) {
+                        Some(JobKey::Primary(t)) => {
+                            view.primaries.remove(&t);
+                        }
+                        Some(JobKey::Backup(t, k)) => {
+                            view.backups.remove(&(t, k));
+                        }
+                        Some(JobKey::Epoch) => {
+                            warn!("the job's epoch key was deleted; keeping the last epoch seen");
+                        }
+                        _ => {}
+                    }
+                }
+                self.await_change = false;
+            }
+            JobEvent::Disconnected => {
+                warn!("lost the job watch; resuming when etcd answers");
+            }
+        }
+    }
+
+    fn apply_put(&self, view: &mut JobView, keys: &crate::etcd::keys::JobKeys, kv: Kv) {
+        let key = String::from_utf8_lossy(&kv.key).into_owned();
+        match keys.parse(&kv.key) {
+            Some(JobKey::Epoch) => match EpochValue::parse(&kv.value) {
+                Ok(v) => view.epoch = Some(v),
+                Err(reason) => warn!(
+                    key,
+                    reason, "rejected garbage epoch value; keeping the last epoch seen"
+                ),
+            },
+            Some(JobKey::Primary(t)) | Some(JobKey::Backup(t, _)) if t >= view.tasks => {
+                warn!(
+                    key,
+                    tasks = view.tasks,
+                    "rejected slot key of a task out of range"
+                );
+            }
+            Some(k @ (JobKey::Primary(_) | JobKey::Backup(..))) => {
+                let holder = match serde_json::from_slice::<Holder>(&kv.value) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        warn!(key, error = %e, "rejected garbage slot value; the slot counts as taken until its key goes");
+                        if kv.lease == 0 {
+                            // No node writes a slot without a lease: nobody owns this one.
+                            let store = self.store.clone();
+                            let key = key.clone();
+                            tokio::spawn(async move {
+                                match store.delete_orphan(&kv.key, kv.mod_revision).await {
+                                    Ok(true) => {
+                                        warn!(key, "deleted a garbage slot key that had no lease")
+                                    }
+                                    Ok(false) => {}
+                                    Err(e) => {
+                                        warn!(key, error = %e, "could not delete a garbage slot key")
+                                    }
+                                }
+                            });
+                        }
+                        Holder {
+                            node: String::from("<garbage>"),
+                            addr: String::new(),
+                        }
+                    }
+                };
+                let slot = SlotKey {
+                    holder,
+                    create_revision: kv.create_revision,
+                    lease: kv.lease,
+                };
+                match k {
+                    JobKey::Primary(t) => {
+                        view.primaries.insert(t, slot);
+                    }
+                    JobKey::Backup(t, k) if k >= 1 && k < view.replicas => {
+                        view.backups.insert((t, k), slot);
+                    }
+                    _ => warn!(key, "rejected backup slot out of range"),
+                }
+            }
+            Some(JobKey::Spec) => {
+                if let Err(reason) = crate::config::JobSpec::decode(&kv.value) {
+                    warn!(
+                        key,
+                        reason, "the job's spec in etcd is garbage; this node keeps its own"
+                    );
+                }
+            }
+            Some(JobKey::Node(_)) | Some(JobKey::Checkpoint(_)) => {}
+            None => debug!(key, "ignoring unknown key under the job's prefix"),
+        }
+    }
+
+    async fn on_lease(&mut self, stop: &CancellationToken) -> Result<Flow, Error> {
+        let state = *self.lease.borrow_and_update();
+        match state {
+            LeaseState::Expired { id } => {
+                warn!(
+                    lease = format!("{id:x}"),
+                    "lease expired: giving up the slot and rejoining as a spare"
+                );
+                self.lose_slot().await;
+                self.new_lease(stop).await?;
+                self.publish();
+                self.step().await
+            }
+            LeaseState::Suspended { .. } => {
+                self.publish();
+                Ok(Flow::Continue)
+            }
+            LeaseState::Alive { .. } => {
+                self.publish();
+                self.step().await
+            }
+        }
+    }
+
+    /// Ends the slot on this node: the task's `exit(SlotLost)` runs and the value is dropped.
+    async fn lose_slot(&mut self) {
+        if let Some(mut slot) = self.slot.take() {
+            info!(task = slot.ctx.task(), "slot lost");
+            slot.ctx.abort_spawned();
+            slot.task.exit(&slot.ctx, ExitReason::SlotLost).await;
+        }
+        self.mine = MySlot::Spare;
+        self.publish();
+    }
+
+    /// Decides and acts until nothing is left to do on the current view.
+    async fn step(&mut self) -> Result<Flow, Error> {
+        loop {
+            let Some(view) = self.view.as_ref() else {
+                return Ok(Flow::Continue);
+            };
+            if let Some(EpochValue::Done(epoch)) = view.epoch {
+                return Ok(Flow::Exit(
+                    self.clean_stop(
+                        ExitReason::JobFinished { epoch },
+                        NodeExit::JobFinished { epoch },
+                    )
+                    .await,
+                ));
+            }
+            if !self.lease_valid() {
+                self.publish();
+                return Ok(Flow::Continue);
+            }
+            let decision = {
+                let mut rng = rand::rng();
+                decide(view, &self.holder.node, self.mine, &mut |n| {
+                    rng.random_range(0..n)
+                })
+            };
+            let lease = self.lease.borrow().id();
+            let tasks_replicas = self.config.replicas;
+            match decision {
+                Decision::Stay => {
+                    self.enter_current_epoch().await;
+                    self.publish();
+                    return Ok(Flow::Continue);
+                }
+                Decision::Lost => self.lose_slot().await,
+                _ if self.await_change => return Ok(Flow::Continue),
+                Decision::ClaimPrimary(t) => {
+                    match self
+                        .store
+                        .claim_primary(t, tasks_replicas, &self.holder, lease)
+                        .await
+                    {
+                        Ok(Some(term)) => {
+                            info!(task = t, term, "became primary");
+                            self.mine = MySlot::Primary { task: t, term };
+                            self.note_own_key(true, t, 0, term, lease);
+                            self.take_slot(t).await?;
+                            self.promoted(term).await;
+                        }
+                        Ok(None) => self.await_change = true,
+                        Err(e) => {
+                            warn!(error = %e, task = t, "claim failed");
+                            self.await_change = true;
+                        }
+                    }
+                }
+                Decision::ClaimBackup(t, k) => {
+                    match self.store.claim_backup(t, k, &self.holder, lease).await {
+                        Ok(Some(rev)) => {
+                            info!(task = t, slot = k, "became backup");
+                            self.mine = MySlot::Backup {
+                                task: t,
+                                k,
+                                create_revision: rev,
+                            };
+                            self.note_own_key(false, t, k, rev, lease);
+                            self.take_slot(t).await?;
+                            if let Some(s) = self.slot.as_mut() {
+                                s.task.became_backup(&s.ctx).await;
+                            }
+                        }
+                        Ok(None) => self.await_change = true,
+                        Err(e) => {
+                            warn!(error = %e, task = t, "claim failed");
+                            self.await_change = true;
+                        }
+                    }
+                }
+                Decision::Promote => {
+                    let MySlot::Backup {
+                        task,
+                        k,
+                        create_revision,
+                    } = self.mine
+                    else {
+                        return Ok(Flow::Continue);
+                    };
+                    match self
+                        .store
+                        .promote(task, k, create_revision, &self.holder, lease)
+                        .await
+                    {
+                        Ok(Some(term)) => {
+                            info!(task, term, "backup promoted to primary");
+                            self.mine = MySlot::Primary { task, term };
+                            if let Some(v) = self.view.as_mut() {
+                                v.backups.remove(&(task, k));
+                            }
+                            self.note_own_key(true, task, 0, term, lease);
+                            self.promoted(term).await;
+                        }
+                        Ok(None) => self.await_change = true,
+                        Err(e) => {
+                            warn!(error = %e, task, "promotion failed");
+                            self.await_change = true;
+                        }
+                    }
+                }
+            }
+            self.publish();
+        }
+    }
+
+    /// Records a key this node just wrote, so the view agrees before the watch reports it.
+    fn note_own_key(&mut self, primary: bool, t: TaskId, k: u32, rev: i64, lease: i64) {
+        if let Some(v) = self.view.as_mut() {
+            let slot = SlotKey {
+                holder: self.holder.clone(),
+                create_revision: rev,
+                lease,
+            };
+            if primary {
+                v.primaries.insert(t, slot);
+            } else {
+                v.backups.insert((t, k), slot);
+            }
+        }
+    }
+
+    /// Builds and initialises the task value for a slot just taken as a spare.
+    async fn take_slot(&mut self, t: TaskId) -> Result<(), Error> {
+        let epoch = self
+            .view
+            .as_ref()
+            .and_then(|v| v.epoch)
+            .map_or(0, EpochValue::epoch);
+        let (state, state_rx) = watch::channel(SlotState {
+            primary: None,
+            epoch,
+        });
+        let ctx = Context::new(
+            t,
+            self.config.tasks,
+            self.config.links.clone(),
+            self.store.clone(),
+            self.lease.clone(),
+            state_rx,
+            self.requests_tx.clone(),
+        );
+        let mut task = self.builder.build(t);
+        if let Err(e) = task.init(&ctx).await {
+            return Err(Error::Task {
+                task: t,
+                reason: e.to_string(),
+            });
+        }
+        self.slot = Some(SlotRuntime {
+            task,
+            ctx,
+            state,
+            entered: None,
+        });
+        Ok(())
+    }
+
+    /// The node just became primary with `term`: tell the task, then enter the current epoch.
+    async fn promoted(&mut self, term: i64) {
+        if let Some(s) = self.slot.as_mut() {
+            s.entered = None;
+            s.state.send_modify(|st| st.primary = Some(term as Term));
+            s.task.became_primary(&s.ctx, term as Term).await;
+        }
+        self.enter_current_epoch().await;
+    }
+
+    /// As primary, enters the job's current epoch if the task has not entered it yet.
+    async fn enter_current_epoch(&mut self) {
+        let Some(EpochValue::Running(current)) = self.view.as_ref().and_then(|v| v.epoch) else {
+            return;
+        };
+        let primary = matches!(self.mine, MySlot::Primary { .. });
+        let acting = self.lease_valid();
+        let Some(s) = self.slot.as_mut() else { return };
+        if !primary {
+            s.state.send_if_modified(|st| {
+                let changed = st.epoch != current;
+                st.epoch = current;
+                changed
+            });
+            return;
+        }
+        if !acting || s.entered.is_some_and(|e| e >= current) {
+            return;
+        }
+        s.entered = Some(current);
+        s.state.send_modify(|st| st.epoch = current);
+        debug!(task = s.ctx.task(), epoch = current, "entering epoch");
+        s.task.enter_epoch(&s.ctx, current).await;
+    }
+
+    /// Runs the task's `exit` and revokes the lease.
+    async fn clean_stop(&mut self, reason: ExitReason, exit: NodeExit) -> NodeExit {
+        if let Some(mut slot) = self.slot.take() {
+            slot.ctx.abort_spawned();
+            slot.task.exit(&slot.ctx, reason).await;
+        }
+        if let Some(t) = self.lease_task.take() {
+            t.abort();
+        }
+        let id = self.lease.borrow().id();
+        if id != 0 {
+            if let Err(e) = self.store.revoke_lease(id).await {
+                warn!(error = %e, "could not revoke the lease; it expires after its TTL");
+            }
+        }
+        self.mine = MySlot::Spare;
+        self.publish();
+        info!(?exit, "node stopped");
+        exit
+    }
+}

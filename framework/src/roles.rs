@@ -1,0 +1,263 @@
+//! Which slot a node should hold: a pure decision over the job's current state in etcd.
+//!
+//! The event loop feeds [`JobView`] from the etcd watch and asks [`decide`] what to do; the
+//! etcd module carries the decision out with a transaction that re-checks its premise, so a
+//! decision made on a stale view is harmless (the transaction fails and the node decides
+//! again on a fresher view).
+
+use std::collections::BTreeMap;
+
+use crate::etcd::keys::{EpochValue, Holder};
+use crate::TaskId;
+
+/// One occupied slot as etcd shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotKey {
+    /// Who holds it.
+    pub holder: Holder,
+    /// The key's create revision (for a primary key: the term).
+    pub create_revision: i64,
+    /// The lease the key is attached to.
+    pub lease: i64,
+}
+
+/// The job's slots and epoch as last seen in etcd.
+#[derive(Debug, Clone, Default)]
+pub struct JobView {
+    /// Number of tasks.
+    pub tasks: u32,
+    /// Nodes per task.
+    pub replicas: u32,
+    /// Primary key of each task that has one.
+    pub primaries: BTreeMap<TaskId, SlotKey>,
+    /// Backup slots `(task, k)` that are taken.
+    pub backups: BTreeMap<(TaskId, u32), SlotKey>,
+    /// The epoch key, if it could be read.
+    pub epoch: Option<EpochValue>,
+}
+
+impl JobView {
+    /// An empty view of a job.
+    pub fn new(tasks: u32, replicas: u32) -> Self {
+        Self {
+            tasks,
+            replicas,
+            ..Self::default()
+        }
+    }
+
+    /// Backups of task `t`, by slot.
+    pub fn backups_of(&self, t: TaskId) -> impl Iterator<Item = (u32, &SlotKey)> {
+        self.backups
+            .range((t, 0)..(t, u32::MAX))
+            .map(|((_, k), s)| (*k, s))
+    }
+
+    /// Whether the job has finished.
+    pub fn finished(&self) -> bool {
+        matches!(self.epoch, Some(EpochValue::Done(_)))
+    }
+}
+
+/// The slot a node believes it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MySlot {
+    /// None: the node is a spare.
+    Spare,
+    /// Primary of `task` since revision `term`.
+    Primary {
+        /// The task.
+        task: TaskId,
+        /// Create revision of the primary key.
+        term: i64,
+    },
+    /// Backup slot `k` of `task`, whose key was created at `create_revision`.
+    Backup {
+        /// The task.
+        task: TaskId,
+        /// The slot.
+        k: u32,
+        /// Create revision of the backup key.
+        create_revision: i64,
+    },
+}
+
+/// What the node should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing: keep the current slot (or stay a spare).
+    Stay,
+    /// Become primary of a task that has neither primary nor backup.
+    ClaimPrimary(TaskId),
+    /// Take a free backup slot of a task that has a primary.
+    ClaimBackup(TaskId, u32),
+    /// The backup's primary is gone: take over.
+    Promote,
+    /// The node's slot is no longer its own in etcd: stop acting in it.
+    Lost,
+}
+
+/// Decides what node `me` should do. `pick(n)` chooses an index below `n` among equally good
+/// candidates (random in production, so that nodes starting together spread over tasks).
+pub fn decide(
+    view: &JobView,
+    me: &str,
+    mine: MySlot,
+    pick: &mut dyn FnMut(usize) -> usize,
+) -> Decision {
+    match mine {
+        MySlot::Primary { task, term } => match view.primaries.get(&task) {
+            Some(s) if s.holder.node == me && s.create_revision == term => Decision::Stay,
+            _ => Decision::Lost,
+        },
+        MySlot::Backup {
+            task,
+            k,
+            create_revision,
+        } => match view.backups.get(&(task, k)) {
+            Some(s) if s.holder.node == me && s.create_revision == create_revision => {
+                if view.primaries.contains_key(&task) || view.finished() {
+                    Decision::Stay
+                } else {
+                    Decision::Promote
+                }
+            }
+            _ => Decision::Lost,
+        },
+        MySlot::Spare => {
+            if view.finished() {
+                return Decision::Stay;
+            }
+            let orphans: Vec<TaskId> = (0..view.tasks)
+                .filter(|t| !view.primaries.contains_key(t) && view.backups_of(*t).next().is_none())
+                .collect();
+            if !orphans.is_empty() {
+                return Decision::ClaimPrimary(orphans[pick(orphans.len()) % orphans.len()]);
+            }
+            // Fill the task with the fewest backups first, so replicas spread evenly.
+            let mut best: Option<(usize, Vec<(TaskId, u32)>)> = None;
+            for t in view.primaries.keys().copied() {
+                let taken: Vec<u32> = view.backups_of(t).map(|(k, _)| k).collect();
+                let Some(free) = (1..view.replicas).find(|k| !taken.contains(k)) else {
+                    continue;
+                };
+                match &mut best {
+                    Some((n, c)) if *n == taken.len() => c.push((t, free)),
+                    Some((n, _)) if *n < taken.len() => {}
+                    _ => best = Some((taken.len(), vec![(t, free)])),
+                }
+            }
+            match best {
+                Some((_, c)) if !c.is_empty() => {
+                    let (t, k) = c[pick(c.len()) % c.len()];
+                    Decision::ClaimBackup(t, k)
+                }
+                _ => Decision::Stay,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(node: &str, rev: i64) -> SlotKey {
+        SlotKey {
+            holder: Holder {
+                node: node.into(),
+                addr: format!("{node}:1"),
+            },
+            create_revision: rev,
+            lease: 1,
+        }
+    }
+    fn first(_: usize) -> usize {
+        0
+    }
+
+    #[test]
+    fn spare_claims_orphan_primary_first() {
+        let mut v = JobView::new(3, 2);
+        v.primaries.insert(0, slot("a", 5));
+        assert_eq!(
+            decide(&v, "me", MySlot::Spare, &mut first),
+            Decision::ClaimPrimary(1)
+        );
+    }
+
+    #[test]
+    fn spare_never_claims_primary_of_a_task_with_a_backup() {
+        let mut v = JobView::new(2, 2);
+        v.primaries.insert(0, slot("a", 5));
+        v.backups.insert((1, 1), slot("b", 6));
+        // Task 1 has no primary but a backup that will take over; the spare takes task 0's backup slot.
+        assert_eq!(
+            decide(&v, "me", MySlot::Spare, &mut first),
+            Decision::ClaimBackup(0, 1)
+        );
+    }
+
+    #[test]
+    fn spare_fills_task_with_fewest_backups_and_waits_when_full() {
+        let mut v = JobView::new(2, 3);
+        v.primaries.insert(0, slot("a", 5));
+        v.primaries.insert(1, slot("b", 6));
+        v.backups.insert((0, 1), slot("c", 7));
+        assert_eq!(
+            decide(&v, "me", MySlot::Spare, &mut first),
+            Decision::ClaimBackup(1, 1)
+        );
+        v.backups.insert((1, 1), slot("d", 8));
+        assert_eq!(
+            decide(&v, "me", MySlot::Spare, &mut first),
+            Decision::ClaimBackup(0, 2)
+        );
+        v.backups.insert((0, 2), slot("e", 9));
+        v.backups.insert((1, 2), slot("f", 9));
+        assert_eq!(decide(&v, "me", MySlot::Spare, &mut first), Decision::Stay);
+    }
+
+    #[test]
+    fn backup_promotes_when_primary_gone() {
+        let mut v = JobView::new(1, 2);
+        let me = MySlot::Backup {
+            task: 0,
+            k: 1,
+            create_revision: 7,
+        };
+        v.primaries.insert(0, slot("a", 5));
+        v.backups.insert((0, 1), slot("me", 7));
+        assert_eq!(decide(&v, "me", me, &mut first), Decision::Stay);
+        v.primaries.remove(&0);
+        assert_eq!(decide(&v, "me", me, &mut first), Decision::Promote);
+        v.backups.remove(&(0, 1));
+        assert_eq!(decide(&v, "me", me, &mut first), Decision::Lost);
+    }
+
+    #[test]
+    fn primary_loses_when_key_gone_or_replaced() {
+        let mut v = JobView::new(1, 1);
+        let me = MySlot::Primary { task: 0, term: 5 };
+        v.primaries.insert(0, slot("me", 5));
+        assert_eq!(decide(&v, "me", me, &mut first), Decision::Stay);
+        v.primaries.insert(0, slot("me", 9)); // an older incarnation's key, or a new term
+        assert_eq!(decide(&v, "me", me, &mut first), Decision::Lost);
+        v.primaries.remove(&0);
+        assert_eq!(decide(&v, "me", me, &mut first), Decision::Lost);
+    }
+
+    #[test]
+    fn nobody_claims_after_finish() {
+        let mut v = JobView::new(2, 2);
+        v.epoch = Some(EpochValue::Done(4));
+        assert_eq!(decide(&v, "me", MySlot::Spare, &mut first), Decision::Stay);
+        v.backups.insert((0, 1), slot("me", 3));
+        let me = MySlot::Backup {
+            task: 0,
+            k: 1,
+            create_revision: 3,
+        };
+        assert_eq!(decide(&v, "me", me, &mut first), Decision::Stay);
+    }
+}

@@ -1,0 +1,311 @@
+//! The calling side: [`Peers`], a cache of one HTTP/2 channel per peer address.
+
+use std::collections::HashMap;
+use std::error::Error as StdError;
+use std::io;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use prost::Message;
+use tokio::net::TcpStream;
+use tonic::codegen::http::Uri;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use super::codec::LocalDecodeError;
+use super::error::CallError;
+use super::proto;
+use super::proto::taskgraph_client::TaskgraphClient;
+use super::rejection::{tonic_size_limit, Rejection};
+use super::types::{Meta, PingReply, PullAnswer, PullRequest, Replicate};
+use super::DEFAULT_MAX_FRAME_BYTES;
+
+/// Configuration of [`Peers`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// The caller's job: sent with pings, and filled into any [`Header`](super::Header) whose
+    /// `job` is empty.
+    pub job: String,
+    /// Largest encoded message sent or accepted, in bytes. A request larger than this is
+    /// refused locally with [`Rejection::TooLarge`] without being sent. Default
+    /// [`DEFAULT_MAX_FRAME_BYTES`].
+    pub max_frame_bytes: usize,
+    /// Limit on establishing a TCP connection (also used by the refused-connection probe).
+    /// Default 3 s.
+    pub connect_timeout: Duration,
+    /// Limit on a whole call, `None` (the default) for none. Note that the server's event loop
+    /// may legitimately hold a pull until the pulled task can answer.
+    pub request_timeout: Option<Duration>,
+    /// Interval of HTTP/2 keepalive pings on a connection with calls in flight; a peer that
+    /// does not acknowledge within 20 s is considered dead. Default 10 s (should stay >= 6 s).
+    pub http2_keepalive: Duration,
+}
+
+/// Default of [`ClientConfig::connect_timeout`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default of [`ClientConfig::http2_keepalive`].
+pub const DEFAULT_HTTP2_KEEPALIVE: Duration = Duration::from_secs(10);
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            job: String::new(),
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            request_timeout: None,
+            http2_keepalive: DEFAULT_HTTP2_KEEPALIVE,
+        }
+    }
+}
+
+impl ClientConfig {
+    /// A configuration for `job` with default limits.
+    pub fn new(job: impl Into<String>) -> Self {
+        ClientConfig {
+            job: job.into(),
+            ..ClientConfig::default()
+        }
+    }
+}
+
+/// Calls other nodes. Keeps one lazily connected tonic `Channel` per address, shared by all
+/// clones; a channel reconnects by itself after its connection broke.
+///
+/// Addresses are `host:port` (or a full `http://host:port` URI).
+#[derive(Debug, Clone)]
+pub struct Peers {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ClientConfig,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Peers {
+    /// A client with an empty connection cache. Calls must be made inside a tokio runtime.
+    pub fn new(config: ClientConfig) -> Self {
+        Peers {
+            inner: Arc::new(Inner {
+                config,
+                channels: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The configuration this client was built with.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// Sends a pull to the node at `addr` and waits for its answer (the server may hold it).
+    pub async fn pull(&self, addr: &str, mut req: PullRequest) -> Result<PullAnswer, CallError> {
+        self.fill_job(&mut req.header.job);
+        let msg = proto::PullRequest::from(req);
+        self.check_size(msg.encoded_len())?;
+        let mut client = self.client(addr)?;
+        match client.pull(msg).await {
+            Ok(answer) => Ok(PullAnswer::from(answer.into_inner())),
+            Err(status) => Err(self.classify(addr, status).await),
+        }
+    }
+
+    /// Sends a meta flag to the node at `addr`.
+    pub async fn meta(&self, addr: &str, mut msg: Meta) -> Result<(), CallError> {
+        self.fill_job(&mut msg.header.job);
+        let msg = proto::MetaRequest::from(msg);
+        self.check_size(msg.encoded_len())?;
+        let mut client = self.client(addr)?;
+        match client.meta(msg).await {
+            Ok(_) => Ok(()),
+            Err(status) => Err(self.classify(addr, status).await),
+        }
+    }
+
+    /// Sends a replication entry to the backup at `addr`.
+    pub async fn replicate(&self, addr: &str, mut msg: Replicate) -> Result<(), CallError> {
+        self.fill_job(&mut msg.header.job);
+        let msg = proto::ReplicateRequest::from(msg);
+        self.check_size(msg.encoded_len())?;
+        let mut client = self.client(addr)?;
+        match client.replicate(msg).await {
+            Ok(_) => Ok(()),
+            Err(status) => Err(self.classify(addr, status).await),
+        }
+    }
+
+    /// Asks the node at `addr` who it is. Refused with [`Rejection::WrongJob`] when it serves
+    /// another job than [`ClientConfig::job`] (unless that is empty).
+    pub async fn ping(&self, addr: &str) -> Result<PingReply, CallError> {
+        let msg = proto::PingRequest {
+            job: self.inner.config.job.clone(),
+        };
+        let mut client = self.client(addr)?;
+        match client.ping(msg).await {
+            Ok(reply) => Ok(PingReply::from(reply.into_inner())),
+            Err(status) => Err(self.classify(addr, status).await),
+        }
+    }
+
+    /// Drops the cached channel to `addr` (e.g. after the address changed owner); the next
+    /// call connects afresh. Calls in flight on the old channel are not affected.
+    pub fn forget(&self, addr: &str) {
+        self.channels().remove(addr);
+    }
+
+    fn channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
+        // The map stays consistent even if a holder panicked.
+        self.inner
+            .channels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn fill_job(&self, job: &mut String) {
+        if job.is_empty() {
+            job.clone_from(&self.inner.config.job);
+        }
+    }
+
+    fn check_size(&self, size: usize) -> Result<(), CallError> {
+        let limit = self.inner.config.max_frame_bytes;
+        if size > limit {
+            Err(CallError::Rejected(Rejection::TooLarge { size, limit }))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn client(&self, addr: &str) -> Result<TaskgraphClient<Channel>, CallError> {
+        let limit = self.inner.config.max_frame_bytes;
+        Ok(TaskgraphClient::new(self.channel(addr)?)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit))
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, CallError> {
+        let mut channels = self.channels();
+        if let Some(channel) = channels.get(addr) {
+            return Ok(channel.clone());
+        }
+        let channel = self.endpoint(addr)?.connect_lazy();
+        channels.insert(addr.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    fn endpoint(&self, addr: &str) -> Result<Endpoint, CallError> {
+        let config = &self.inner.config;
+        let endpoint =
+            Endpoint::from_shared(uri_of(addr)).map_err(|err| CallError::Unreachable {
+                addr: addr.to_owned(),
+                reason: format!("invalid address: {err}"),
+            })?;
+        let endpoint = endpoint
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(config.http2_keepalive);
+        Ok(match config.request_timeout {
+            Some(timeout) => endpoint.timeout(timeout),
+            None => endpoint,
+        })
+    }
+
+    /// Turns a failed call's status into a [`CallError`].
+    async fn classify(&self, addr: &str, status: Status) -> CallError {
+        let addr_owned = || addr.to_owned();
+        // A status with a source was produced in this process (transport or local decoding);
+        // statuses received from the server never have one.
+        if let Some(source) = status.source() {
+            if find_in_chain::<LocalDecodeError>(source).is_some() {
+                return CallError::Protocol {
+                    reason: format!("undecodable answer: {}", status.message()),
+                };
+            }
+            if chain_has_io_kind(source, io::ErrorKind::ConnectionRefused) {
+                return CallError::Refused { addr: addr_owned() };
+            }
+            let timed_out = matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded)
+                || chain_has_io_kind(source, io::ErrorKind::TimedOut);
+            let reason = format!("{}: {}", status.message(), chain_text(source));
+            // A broken connection: the channel's next reconnect would tell whether the peer
+            // process is gone, so find out now with a plain TCP connect.
+            if !timed_out && self.probe_refused(addr).await {
+                return CallError::Refused { addr: addr_owned() };
+            }
+            return CallError::Unreachable {
+                addr: addr_owned(),
+                reason,
+            };
+        }
+        if let Some(rejection) = Rejection::from_status(&status) {
+            return CallError::Rejected(rejection);
+        }
+        if let Some(rejection) = tonic_size_limit(&status) {
+            return CallError::Rejected(rejection);
+        }
+        match status.code() {
+            Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded => {
+                CallError::Unreachable {
+                    addr: addr_owned(),
+                    reason: format!("{:?}: {}", status.code(), status.message()),
+                }
+            }
+            code => CallError::Protocol {
+                reason: format!("unexpected status {code:?}: {}", status.message()),
+            },
+        }
+    }
+
+    /// Whether a fresh TCP connect to `addr` is refused.
+    async fn probe_refused(&self, addr: &str) -> bool {
+        let Some(target) = socket_target(addr) else {
+            return false;
+        };
+        let connect = TcpStream::connect(target);
+        match tokio::time::timeout(self.inner.config.connect_timeout, connect).await {
+            Ok(Err(err)) => err.kind() == io::ErrorKind::ConnectionRefused,
+            Ok(Ok(_)) | Err(_) => false,
+        }
+    }
+}
+
+fn uri_of(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// `host:port` of an address, for a raw TCP connect.
+fn socket_target(addr: &str) -> Option<String> {
+    let uri: Uri = uri_of(addr).parse().ok()?;
+    let host = uri.host()?;
+    let port = uri.port_u16().unwrap_or(80);
+    Some(format!("{host}:{port}"))
+}
+
+fn chain<'a>(
+    err: &'a (dyn StdError + 'static),
+) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+    std::iter::successors(Some(err), |e: &&'a (dyn StdError + 'static)| (*e).source())
+}
+
+fn find_in_chain<'a, E: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a E> {
+    chain(err).find_map(|e| e.downcast_ref::<E>())
+}
+
+fn chain_has_io_kind(err: &(dyn StdError + 'static), kind: io::ErrorKind) -> bool {
+    chain(err).any(|e| {
+        e.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == kind)
+    })
+}
+
+fn chain_text(err: &(dyn StdError + 'static)) -> String {
+    chain(err)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}

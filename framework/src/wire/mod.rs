@@ -1,0 +1,58 @@
+//! Node-to-node transport: gRPC (tonic over HTTP/2) between taskgraph nodes.
+//!
+//! Nodes exchange four kinds of message, each a unary call:
+//!
+//! * [`PullRequest`] → [`PullAnswer`]: a data request from task A to the current primary of
+//!   task B;
+//! * [`Meta`]: a small flag from a task to a neighbour;
+//! * [`Replicate`]: state from a task's primary to its backups;
+//! * ping → [`PingReply`]: "who are you".
+//!
+//! This module only moves and validates frames; the node's event loop decides answers. The
+//! receiving side is [`serve`], which hands each validated message to the loop as an
+//! [`Inbound`] carrying a oneshot sender for the answer. The calling side is [`Peers`], a
+//! cache of one connection per peer address.
+//!
+//! A refusal is a [`Rejection`]. It travels as a gRPC status whose code follows tonic's
+//! retry rule (see [`Rejection::code`]) and whose binary metadata entry
+//! [`REJECTION_METADATA_KEY`] holds the encoded variant with its fields, so the caller gets
+//! back exactly the `Rejection` produced by the server ([`CallError::Rejected`]).
+//!
+//! The generated protobuf types (`proto/taskgraph.proto`) stay private to this module; the
+//! rest of the crate sees only the domain types re-exported here.
+
+mod client;
+mod codec;
+mod error;
+mod rejection;
+mod server;
+mod types;
+
+/// Generated protobuf messages and gRPC service of `proto/taskgraph.proto`.
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+mod proto {
+    tonic::include_proto!("taskgraph.wire");
+}
+
+pub use client::{ClientConfig, Peers, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HTTP2_KEEPALIVE};
+pub use error::{CallError, WireError};
+pub use rejection::{Rejection, MAX_REJECTION_TEXT, REJECTION_METADATA_KEY};
+pub use server::{
+    bind, serve, Inbound, ServerConfig, SERVER_HTTP2_KEEPALIVE_INTERVAL,
+    SERVER_HTTP2_KEEPALIVE_TIMEOUT,
+};
+pub use types::{
+    Header, Meta, PingReply, PullAnswer, PullRequest, Replicate, ReplicateKind, SlotInfo,
+};
+
+/// Default frame limit (64 MiB) of [`ServerConfig::max_frame_bytes`] and
+/// [`ClientConfig::max_frame_bytes`].
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;

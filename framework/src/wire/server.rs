@@ -1,0 +1,346 @@
+//! The receiving side: a tonic server that validates frames and hands them to the node's
+//! event loop as [`Inbound`] messages.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use prost::Message;
+use tokio::net::{TcpListener, ToSocketAddrs};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tonic::codegen::{http, Service};
+use tonic::server::NamedService;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+use tonic::{Code, Request, Response, Status};
+
+use super::error::WireError;
+use super::proto;
+use super::proto::taskgraph_server::{Taskgraph, TaskgraphServer};
+use super::rejection::{tonic_size_limit, Rejection};
+use super::types::{Header, Meta, PingReply, PullAnswer, PullRequest, Replicate};
+use super::DEFAULT_MAX_FRAME_BYTES;
+
+/// Interval of the server's HTTP/2 keepalive pings (detects dead clients holding pulls).
+pub const SERVER_HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long the server waits for a keepalive ping to be acknowledged before closing the
+/// connection.
+pub const SERVER_HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Configuration of [`serve`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// The job this node serves; messages for other jobs are refused with
+    /// [`Rejection::WrongJob`].
+    pub job: String,
+    /// Number of tasks of the job; task ids `>= num_tasks` are refused with
+    /// [`Rejection::UnknownTask`].
+    pub num_tasks: u32,
+    /// Largest encoded message accepted or sent, in bytes (tonic's
+    /// `max_decoding_message_size`/`max_encoding_message_size`). Larger requests are refused
+    /// with [`Rejection::TooLarge`] (`ResourceExhausted`); so are answers from the loop that
+    /// would exceed it. Default [`DEFAULT_MAX_FRAME_BYTES`].
+    pub max_frame_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            job: String::new(),
+            num_tasks: 0,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// A configuration for `job` with `num_tasks` tasks and the default frame limit.
+    pub fn new(job: impl Into<String>, num_tasks: u32) -> Self {
+        ServerConfig {
+            job: job.into(),
+            num_tasks,
+            ..ServerConfig::default()
+        }
+    }
+}
+
+/// A validated message handed by [`serve`] to the node's event loop, with the channel on which
+/// the loop answers.
+///
+/// The loop may hold a `Pull`'s sender for as long as it needs (until the task can answer).
+/// Dropping a sender without answering refuses the message with [`Rejection::ShuttingDown`].
+/// If the caller gives up (timeout, cancelled call, dropped connection, server shutdown) the
+/// receiving half is dropped and the loop's `send` fails; the loop must tolerate that.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A pull for task `header.to_task`; answer with the data or a rejection.
+    Pull(PullRequest, oneshot::Sender<Result<PullAnswer, Rejection>>),
+    /// A meta flag for task `header.to_task`.
+    Meta(Meta, oneshot::Sender<Result<(), Rejection>>),
+    /// A replication entry for the backup of task `header.to_task`.
+    Replicate(Replicate, oneshot::Sender<Result<(), Rejection>>),
+    /// "Who are you?"
+    Ping(oneshot::Sender<PingReply>),
+}
+
+/// Binds a listener for [`serve`] (e.g. `"0.0.0.0:0"` for any free port).
+pub async fn bind(addr: impl ToSocketAddrs) -> Result<TcpListener, WireError> {
+    TcpListener::bind(addr).await.map_err(WireError::Bind)
+}
+
+/// Serves the node-to-node protocol on `listener` until `shutdown` completes.
+///
+/// Checks done here, without the event loop: the job name ([`Rejection::WrongJob`]), task ids
+/// `< num_tasks` ([`Rejection::UnknownTask`]), frame size ([`Rejection::TooLarge`]) and
+/// decodability/required fields ([`Rejection::Malformed`]). Everything else is forwarded on
+/// `inbound`; a closed `inbound` channel refuses with [`Rejection::ShuttingDown`].
+///
+/// When `shutdown` completes, the listening socket is closed at once, calls still waiting for
+/// the loop are refused with `ShuttingDown`, and the function returns once the open
+/// connections have drained.
+pub async fn serve(
+    listener: TcpListener,
+    config: ServerConfig,
+    inbound: mpsc::Sender<Inbound>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WireError> {
+    let local = listener.local_addr().map_err(WireError::Bind)?;
+    let stop = CancellationToken::new();
+    // Also release held calls if we return for any other reason.
+    let _stop_on_return = stop.clone().drop_guard();
+    let limit = config.max_frame_bytes;
+    let node = Node {
+        job: config.job,
+        num_tasks: config.num_tasks,
+        max_frame_bytes: limit,
+        inbound,
+        stop: stop.clone(),
+    };
+    let grpc = TaskgraphServer::new(node)
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let signal = async move {
+        shutdown.await;
+        stop.cancel();
+    };
+    tracing::debug!(%local, "wire server listening");
+    let result = Server::builder()
+        .http2_keepalive_interval(Some(SERVER_HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(SERVER_HTTP2_KEEPALIVE_TIMEOUT))
+        .add_service(SizeLimitStatus { inner: grpc })
+        .serve_with_incoming_shutdown(incoming, signal)
+        .await
+        .map_err(WireError::Serve);
+    tracing::debug!(%local, ok = result.is_ok(), "wire server stopped");
+    result
+}
+
+/// The generated service's implementation.
+#[derive(Debug)]
+struct Node {
+    job: String,
+    num_tasks: u32,
+    max_frame_bytes: usize,
+    inbound: mpsc::Sender<Inbound>,
+    stop: CancellationToken,
+}
+
+impl Node {
+    fn check_job(&self, job: &str) -> Result<(), Rejection> {
+        if job == self.job {
+            Ok(())
+        } else {
+            Err(Rejection::WrongJob {
+                expected: self.job.clone(),
+                got: job.to_owned(),
+            })
+        }
+    }
+
+    fn check_header(&self, header: &Header) -> Result<(), Rejection> {
+        self.check_job(&header.job)?;
+        for task in [header.to_task, header.from_task] {
+            if task >= self.num_tasks {
+                return Err(Rejection::UnknownTask {
+                    task,
+                    num_tasks: self.num_tasks,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn check_answer_size(&self, size: usize) -> Result<(), Rejection> {
+        if size > self.max_frame_bytes {
+            Err(Rejection::TooLarge {
+                size,
+                limit: self.max_frame_bytes,
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Hands a message to the loop and waits for its answer, or for shutdown.
+    async fn dispatch<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Inbound,
+    ) -> Result<T, Rejection> {
+        let (tx, rx) = oneshot::channel();
+        let exchange = async {
+            self.inbound
+                .send(make(tx))
+                .await
+                .map_err(|_| Rejection::ShuttingDown)?;
+            rx.await.map_err(|_| Rejection::ShuttingDown)
+        };
+        tokio::select! {
+            biased;
+            () = self.stop.cancelled() => Err(Rejection::ShuttingDown),
+            answer = exchange => answer,
+        }
+    }
+}
+
+/// Logs a refusal and turns it into the status sent to the client.
+fn refuse(rpc: &'static str, rejection: Rejection) -> Status {
+    tracing::debug!(rpc, %rejection, "wire: refusing");
+    Status::from(rejection)
+}
+
+#[tonic::async_trait]
+impl Taskgraph for Node {
+    async fn pull(
+        &self,
+        request: Request<proto::PullRequest>,
+    ) -> Result<Response<proto::PullAnswer>, Status> {
+        let answer = async {
+            let req = PullRequest::try_from(request.into_inner())?;
+            self.check_header(&req.header)?;
+            let answer = self.dispatch(|tx| Inbound::Pull(req, tx)).await??;
+            let answer = proto::PullAnswer::from(answer);
+            self.check_answer_size(answer.encoded_len())?;
+            Ok(answer)
+        };
+        answer
+            .await
+            .map(Response::new)
+            .map_err(|r| refuse("pull", r))
+    }
+
+    async fn meta(
+        &self,
+        request: Request<proto::MetaRequest>,
+    ) -> Result<Response<proto::Ack>, Status> {
+        let done = async {
+            let msg = Meta::try_from(request.into_inner())?;
+            self.check_header(&msg.header)?;
+            self.dispatch(|tx| Inbound::Meta(msg, tx)).await?
+        };
+        done.await
+            .map(|()| Response::new(proto::Ack {}))
+            .map_err(|r| refuse("meta", r))
+    }
+
+    async fn replicate(
+        &self,
+        request: Request<proto::ReplicateRequest>,
+    ) -> Result<Response<proto::Ack>, Status> {
+        let done = async {
+            let msg = Replicate::try_from(request.into_inner())?;
+            self.check_header(&msg.header)?;
+            self.dispatch(|tx| Inbound::Replicate(msg, tx)).await?
+        };
+        done.await
+            .map(|()| Response::new(proto::Ack {}))
+            .map_err(|r| refuse("replicate", r))
+    }
+
+    async fn ping(
+        &self,
+        request: Request<proto::PingRequest>,
+    ) -> Result<Response<proto::PingReply>, Status> {
+        let reply = async {
+            let job = request.into_inner().job;
+            // An empty job asks "who are you" without claiming a job.
+            if !job.is_empty() {
+                self.check_job(&job)?;
+            }
+            let reply = proto::PingReply::from(self.dispatch(Inbound::Ping).await?);
+            self.check_answer_size(reply.encoded_len())?;
+            Ok(reply)
+        };
+        reply
+            .await
+            .map(Response::new)
+            .map_err(|r| refuse("ping", r))
+    }
+}
+
+/// Wraps the generated server so that tonic's own "message too large" refusal (code
+/// `OutOfRange` in tonic 0.14, produced before our handler runs) goes out as
+/// [`Rejection::TooLarge`] with code `ResourceExhausted` like every other rejection.
+#[derive(Debug, Clone)]
+struct SizeLimitStatus<S> {
+    inner: S,
+}
+
+impl<S> NamedService for SizeLimitStatus<S>
+where
+    S: NamedService,
+{
+    const NAME: &'static str = S::NAME;
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+impl<S> Service<http::Request<Body>> for SizeLimitStatus<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<http::Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let mut response = response.await?;
+            rewrite_size_limit(&mut response);
+            Ok(response)
+        })
+    }
+}
+
+fn rewrite_size_limit(response: &mut http::Response<Body>) {
+    let out_of_range = response
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|code| code.as_bytes() == b"11");
+    if !out_of_range {
+        return;
+    }
+    let Some(status) = Status::from_header_map(response.headers()) else {
+        return;
+    };
+    debug_assert_eq!(status.code(), Code::OutOfRange);
+    let Some(rejection) = tonic_size_limit(&status) else {
+        return;
+    };
+    tracing::debug!(%rejection, "wire: refusing oversized request");
+    let headers = response.headers_mut();
+    headers.remove("grpc-message");
+    if Status::from(rejection.clone()).add_header(headers).is_ok() {
+        response.extensions_mut().insert(Status::from(rejection));
+    }
+}

@@ -1,0 +1,780 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Node-to-node transport over real sockets on 127.0.0.1, with a small fake event loop.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes};
+use taskgraph::wire::{
+    self, CallError, ClientConfig, Header, Inbound, Meta, Peers, PingReply, PullAnswer,
+    PullRequest, Rejection, Replicate, ReplicateKind, ServerConfig, SlotInfo, WireError,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::Endpoint;
+use tonic::{Code, Status};
+
+const JOB: &str = "job-a";
+const TASKS: u32 = 4;
+
+/// A running `wire::serve`, stopped by `stop` (or when dropped).
+struct TestServer {
+    addr: String,
+    shutdown: oneshot::Sender<()>,
+    handle: JoinHandle<Result<(), WireError>>,
+}
+
+impl TestServer {
+    async fn start(config: ServerConfig) -> (TestServer, mpsc::Receiver<Inbound>) {
+        let listener = wire::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (inbound_tx, inbound_rx) = mpsc::channel(64);
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let handle = tokio::spawn(wire::serve(listener, config, inbound_tx, async move {
+            let _ = stop.await;
+        }));
+        (
+            TestServer {
+                addr,
+                shutdown,
+                handle,
+            },
+            inbound_rx,
+        )
+    }
+
+    async fn stop(self) {
+        let _ = self.shutdown.send(());
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+fn server_config() -> ServerConfig {
+    ServerConfig::new(JOB, TASKS)
+}
+
+fn peers() -> Peers {
+    Peers::new(ClientConfig::new(JOB))
+}
+
+fn header(from_task: u32, to_task: u32) -> Header {
+    Header {
+        job: JOB.into(),
+        epoch: 3,
+        from_task,
+        to_task,
+        term: 5,
+    }
+}
+
+fn pull(method: &str, payload: &'static [u8]) -> PullRequest {
+    PullRequest {
+        header: header(1, 2),
+        seq: 9,
+        method: method.into(),
+        payload: Bytes::from_static(payload),
+    }
+}
+
+fn ping_reply() -> PingReply {
+    PingReply {
+        job: JOB.into(),
+        node_id: "node-1".into(),
+        slots: vec![SlotInfo {
+            task: 2,
+            primary: true,
+            term: 7,
+            epoch: 3,
+        }],
+    }
+}
+
+/// A fake event loop: `echo` pulls answer their payload with term 7, method `"<i>"` answers
+/// with `rejections()[i]`, `hold` answers after 200 ms, `drop` drops the oneshot; metas,
+/// replicas and pings succeed. Every message is also reported on the returned channel.
+fn spawn_loop(mut inbound: mpsc::Receiver<Inbound>) -> mpsc::UnboundedReceiver<String> {
+    let (seen_tx, seen_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(msg) = inbound.recv().await {
+            let _ = seen_tx.send(format!("{msg:?}"));
+            match msg {
+                Inbound::Pull(req, answer) => match req.method.as_str() {
+                    "echo" => {
+                        let _ = answer.send(Ok(PullAnswer {
+                            payload: req.payload,
+                            server_term: 7,
+                        }));
+                    }
+                    "big" => {
+                        let _ = answer.send(Ok(PullAnswer {
+                            payload: Bytes::from(vec![0u8; 2 << 20]),
+                            server_term: 7,
+                        }));
+                    }
+                    "hold" => {
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            let _ = answer.send(Ok(PullAnswer {
+                                payload: Bytes::from_static(b"late"),
+                                server_term: 8,
+                            }));
+                        });
+                    }
+                    "forever" => {
+                        // Held until the server side gives up on it.
+                        tokio::spawn(async move {
+                            let mut answer = answer;
+                            answer.closed().await;
+                        });
+                    }
+                    "drop" => drop(answer),
+                    index => {
+                        let index: usize = index.parse().unwrap();
+                        let _ = answer.send(Err(rejections()[index].clone()));
+                    }
+                },
+                Inbound::Meta(meta, answer) => {
+                    let result = if meta.meta == "refuse" {
+                        Err(Rejection::NotReady {
+                            task: meta.header.to_task,
+                            epoch: meta.header.epoch,
+                        })
+                    } else {
+                        Ok(())
+                    };
+                    let _ = answer.send(result);
+                }
+                Inbound::Replicate(rep, answer) => {
+                    let result = if rep.index == 0 {
+                        Err(Rejection::StaleTerm {
+                            task: rep.header.from_task,
+                            term: rep.header.term,
+                            seen: rep.header.term + 1,
+                        })
+                    } else {
+                        Ok(())
+                    };
+                    let _ = answer.send(result);
+                }
+                Inbound::Ping(answer) => {
+                    let _ = answer.send(ping_reply());
+                }
+            }
+        }
+    });
+    seen_rx
+}
+
+fn rejections() -> Vec<Rejection> {
+    vec![
+        Rejection::NotPrimary { task: 2 },
+        Rejection::NotReady { task: 2, epoch: 4 },
+        Rejection::EpochMoved {
+            request_epoch: 3,
+            current_epoch: 6,
+        },
+        Rejection::StaleTerm {
+            task: 1,
+            term: 5,
+            seen: 11,
+        },
+        Rejection::WrongJob {
+            expected: "x".into(),
+            got: "y".into(),
+        },
+        Rejection::UnknownTask {
+            task: 77,
+            num_tasks: 4,
+        },
+        Rejection::UnknownMethod {
+            method: "nope".into(),
+        },
+        Rejection::TooLarge {
+            size: 123_456_789,
+            limit: 1024,
+        },
+        Rejection::Malformed {
+            reason: "bad ✗ utf-8 reason\nwith newline".into(),
+        },
+        Rejection::ShuttingDown,
+    ]
+}
+
+#[tokio::test]
+async fn round_trips_pull_meta_replicate_ping() {
+    let (server, inbound) = TestServer::start(server_config()).await;
+    let mut seen = spawn_loop(inbound);
+    let peers = peers();
+
+    let answer = peers
+        .pull(&server.addr, pull("echo", b"hello"))
+        .await
+        .unwrap();
+    assert_eq!(
+        answer,
+        PullAnswer {
+            payload: Bytes::from_static(b"hello"),
+            server_term: 7
+        }
+    );
+    let expected = format!("{:?}", pull("echo", b"hello"));
+    assert!(seen.recv().await.unwrap().contains(&expected));
+
+    let meta = Meta {
+        header: header(3, 0),
+        link: "children".into(),
+        meta: "done".into(),
+    };
+    peers.meta(&server.addr, meta.clone()).await.unwrap();
+    assert!(seen.recv().await.unwrap().contains(&format!("{meta:?}")));
+
+    let replicate = Replicate {
+        header: header(2, 2),
+        index: 4,
+        kind: ReplicateKind::Snapshot,
+        data: Bytes::from_static(b"state"),
+    };
+    peers
+        .replicate(&server.addr, replicate.clone())
+        .await
+        .unwrap();
+    assert!(seen
+        .recv()
+        .await
+        .unwrap()
+        .contains(&format!("{replicate:?}")));
+
+    assert_eq!(peers.ping(&server.addr).await.unwrap(), ping_reply());
+
+    // An empty header job is filled in from the client config.
+    let mut anonymous = pull("echo", b"x");
+    anonymous.header.job.clear();
+    peers.pull(&server.addr, anonymous).await.unwrap();
+
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn every_rejection_round_trips() {
+    let (server, inbound) = TestServer::start(server_config()).await;
+    let _seen = spawn_loop(inbound);
+    let peers = peers();
+
+    for (index, rejection) in rejections().into_iter().enumerate() {
+        let err = peers
+            .pull(&server.addr, pull(&index.to_string(), b""))
+            .await
+            .unwrap_err();
+        assert_eq!(err, CallError::Rejected(rejection.clone()));
+        assert_eq!(err.retryable(), rejection.retryable());
+        assert!(!err.is_refused());
+    }
+
+    // Through the other message kinds too.
+    let meta = Meta {
+        header: header(1, 3),
+        link: "l".into(),
+        meta: "refuse".into(),
+    };
+    assert_eq!(
+        peers.meta(&server.addr, meta).await.unwrap_err(),
+        CallError::Rejected(Rejection::NotReady { task: 3, epoch: 3 })
+    );
+    let replicate = Replicate {
+        header: header(1, 1),
+        index: 0,
+        kind: ReplicateKind::Update,
+        data: Bytes::new(),
+    };
+    assert_eq!(
+        peers.replicate(&server.addr, replicate).await.unwrap_err(),
+        CallError::Rejected(Rejection::StaleTerm {
+            task: 1,
+            term: 5,
+            seen: 6
+        })
+    );
+
+    server.stop().await;
+}
+
+#[test]
+fn rejection_codes_and_status_encoding() {
+    let codes = [
+        Code::Unavailable,
+        Code::Unavailable,
+        Code::Aborted,
+        Code::FailedPrecondition,
+        Code::FailedPrecondition,
+        Code::InvalidArgument,
+        Code::Unimplemented,
+        Code::ResourceExhausted,
+        Code::InvalidArgument,
+        Code::Unavailable,
+    ];
+    for (rejection, code) in rejections().into_iter().zip(codes) {
+        assert_eq!(rejection.code(), code, "{rejection:?}");
+        assert_eq!(rejection.retryable(), code == Code::Unavailable);
+        let status = Status::from(rejection.clone());
+        assert_eq!(status.code(), code);
+        assert_eq!(Rejection::from_status(&status), Some(rejection));
+    }
+    assert_eq!(Rejection::from_status(&Status::internal("plain")), None);
+
+    // Client-chosen strings are cut (on a char boundary) before going into headers.
+    let long = Rejection::WrongJob {
+        expected: "job".into(),
+        got: "é".repeat(wire::MAX_REJECTION_TEXT),
+    };
+    match Rejection::from_status(&Status::from(long)) {
+        Some(Rejection::WrongJob { got, .. }) => {
+            assert!(got.len() <= wire::MAX_REJECTION_TEXT && got.len() > 1000);
+        }
+        other => panic!("expected WrongJob, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn wrong_job_and_unknown_task_never_reach_the_loop() {
+    let (server, mut inbound) = TestServer::start(server_config()).await;
+    let peers = peers();
+
+    let mut wrong_job = pull("echo", b"");
+    wrong_job.header.job = "job-b".into();
+    assert_eq!(
+        peers.pull(&server.addr, wrong_job).await.unwrap_err(),
+        CallError::Rejected(Rejection::WrongJob {
+            expected: JOB.into(),
+            got: "job-b".into()
+        })
+    );
+
+    let mut unknown_to = pull("echo", b"");
+    unknown_to.header.to_task = TASKS;
+    assert_eq!(
+        peers.pull(&server.addr, unknown_to).await.unwrap_err(),
+        CallError::Rejected(Rejection::UnknownTask {
+            task: TASKS,
+            num_tasks: TASKS
+        })
+    );
+
+    let meta = Meta {
+        header: header(u32::MAX, 0),
+        link: "l".into(),
+        meta: "m".into(),
+    };
+    assert_eq!(
+        peers.meta(&server.addr, meta).await.unwrap_err(),
+        CallError::Rejected(Rejection::UnknownTask {
+            task: u32::MAX,
+            num_tasks: TASKS
+        })
+    );
+
+    let replicate = Replicate {
+        header: header(1, 2),
+        index: 1,
+        kind: ReplicateKind::Update,
+        data: Bytes::new(),
+    };
+    assert!(matches!(
+        peers.replicate(&server.addr, replicate).await.unwrap_err(),
+        CallError::Rejected(Rejection::Malformed { .. })
+    ));
+
+    // A huge job name is echoed back truncated, not breaking the HTTP/2 headers.
+    let mut huge_job = pull("echo", b"");
+    huge_job.header.job = "j".repeat(100_000);
+    match peers.pull(&server.addr, huge_job).await.unwrap_err() {
+        CallError::Rejected(Rejection::WrongJob { got, .. }) => {
+            assert_eq!(got.len(), wire::MAX_REJECTION_TEXT)
+        }
+        other => panic!("expected WrongJob, got {other:?}"),
+    }
+
+    let other_job = Peers::new(ClientConfig::new("job-b"));
+    assert_eq!(
+        other_job.ping(&server.addr).await.unwrap_err(),
+        CallError::Rejected(Rejection::WrongJob {
+            expected: JOB.into(),
+            got: "job-b".into()
+        })
+    );
+
+    // Every call above has been answered, so anything forwarded would be queued by now.
+    assert!(matches!(
+        inbound.try_recv(),
+        Err(mpsc::error::TryRecvError::Empty)
+    ));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_frames_are_refused_and_the_server_keeps_serving() {
+    const LIMIT: usize = 1 << 20;
+    let (server, inbound) = TestServer::start(ServerConfig {
+        max_frame_bytes: LIMIT,
+        ..server_config()
+    })
+    .await;
+    let mut seen = spawn_loop(inbound);
+    // This client allows more than the server does, so the big request goes out.
+    let peers = Peers::new(ClientConfig {
+        max_frame_bytes: 8 * LIMIT,
+        ..ClientConfig::new(JOB)
+    });
+
+    let mut big = pull("echo", b"");
+    big.payload = Bytes::from(vec![7u8; 2 * LIMIT]);
+    match peers.pull(&server.addr, big).await.unwrap_err() {
+        CallError::Rejected(Rejection::TooLarge { size, limit }) => {
+            assert!(size > 2 * LIMIT, "size {size}");
+            assert_eq!(limit, LIMIT);
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+
+    // On the wire it is ResourceExhausted carrying the rejection, as for any gRPC client.
+    let status = raw_call(
+        &server.addr,
+        "/taskgraph.wire.Taskgraph/Pull",
+        vec![0u8; LIMIT + 1],
+    )
+    .await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(
+        Rejection::from_status(&status),
+        Some(Rejection::TooLarge {
+            size: LIMIT + 1,
+            limit: LIMIT
+        })
+    );
+
+    // The same connection keeps serving.
+    let answer = peers.pull(&server.addr, pull("echo", b"ok")).await.unwrap();
+    assert_eq!(answer.payload, Bytes::from_static(b"ok"));
+    assert!(seen.recv().await.unwrap().contains("echo"));
+
+    // An answer above the server's limit is refused as well.
+    match peers
+        .pull(&server.addr, pull("big", b""))
+        .await
+        .unwrap_err()
+    {
+        CallError::Rejected(Rejection::TooLarge { limit, .. }) => assert_eq!(limit, LIMIT),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert!(seen.recv().await.unwrap().contains("big"));
+
+    // A client refuses locally to send above its own limit.
+    let small = Peers::new(ClientConfig {
+        max_frame_bytes: 16,
+        ..ClientConfig::new(JOB)
+    });
+    let mut req = pull("echo", b"");
+    req.payload = Bytes::from(vec![1u8; 64]);
+    assert!(matches!(
+        small.pull(&server.addr, req).await.unwrap_err(),
+        CallError::Rejected(Rejection::TooLarge { limit: 16, .. })
+    ));
+
+    assert_eq!(
+        peers
+            .pull(&server.addr, pull("echo", b"still"))
+            .await
+            .unwrap()
+            .payload,
+        Bytes::from_static(b"still")
+    );
+    server.stop().await;
+}
+
+/// Sends and receives message bodies as raw bytes, to put garbage on the wire.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+async fn raw_call(addr: &str, path: &'static str, body: impl Into<Bytes>) -> Status {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        tonic::Request::new(body.into()),
+        PathAndQuery::from_static(path),
+        RawCodec,
+    )
+    .await
+    .unwrap_err()
+}
+
+#[tokio::test]
+async fn malformed_frames_are_refused_and_the_server_keeps_serving() {
+    let (server, mut inbound) = TestServer::start(server_config()).await;
+
+    // Not a protobuf at all: a truncated varint tag.
+    let status = raw_call(
+        &server.addr,
+        "/taskgraph.wire.Taskgraph/Pull",
+        &b"\xff\xff\xff"[..],
+    )
+    .await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(matches!(
+        Rejection::from_status(&status),
+        Some(Rejection::Malformed { .. })
+    ));
+
+    // A length-delimited field 1 (header) announcing more bytes than there are.
+    let status = raw_call(
+        &server.addr,
+        "/taskgraph.wire.Taskgraph/Meta",
+        &b"\x0a\x09ab"[..],
+    )
+    .await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    // A valid but empty PullRequest: the required header is missing.
+    let status = raw_call(&server.addr, "/taskgraph.wire.Taskgraph/Pull", &b""[..]).await;
+    assert_eq!(status.code(), Code::InvalidArgument);
+    match Rejection::from_status(&status) {
+        Some(Rejection::Malformed { reason }) => assert!(reason.contains("header"), "{reason}"),
+        other => panic!("expected Malformed, got {other:?}"),
+    }
+
+    // A replicate of kind UNSPECIFIED (field 3 = 0) with a valid header.
+    let status = raw_call(
+        &server.addr,
+        "/taskgraph.wire.Taskgraph/Replicate",
+        &b"\x0a\x07\x0a\x05job-a\x18\x00"[..],
+    )
+    .await;
+    assert!(
+        matches!(
+            Rejection::from_status(&status),
+            Some(Rejection::Malformed { .. })
+        ),
+        "{status:?}"
+    );
+
+    // None of it reached the loop.
+    assert!(matches!(
+        inbound.try_recv(),
+        Err(mpsc::error::TryRecvError::Empty)
+    ));
+
+    // The server keeps serving.
+    let _seen = spawn_loop(inbound);
+    let answer = peers()
+        .pull(&server.addr, pull("echo", b"fine"))
+        .await
+        .unwrap();
+    assert_eq!(answer.payload, Bytes::from_static(b"fine"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connecting_to_a_closed_port_is_refused() {
+    let listener = wire::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    drop(listener);
+
+    let peers = peers();
+    let err = peers.pull(&addr, pull("echo", b"")).await.unwrap_err();
+    assert!(err.is_refused(), "{err:?}");
+    assert!(err.retryable());
+    assert_eq!(err, CallError::Refused { addr: addr.clone() });
+    // Again through the now cached channel, and with the other calls.
+    assert!(peers.ping(&addr).await.unwrap_err().is_refused());
+    let meta = Meta {
+        header: header(0, 1),
+        link: "l".into(),
+        meta: "m".into(),
+    };
+    assert!(peers.meta(&addr, meta).await.unwrap_err().is_refused());
+}
+
+#[tokio::test]
+async fn a_dead_server_behind_a_cached_channel_is_refused() {
+    let (server, inbound) = TestServer::start(server_config()).await;
+    let _seen = spawn_loop(inbound);
+    let addr = server.addr.clone();
+    let peers = peers();
+    let clone = peers.clone();
+
+    assert_eq!(peers.ping(&addr).await.unwrap(), ping_reply());
+    server.stop().await;
+
+    // The clone shares the cached (formerly connected) channel.
+    for _ in 0..3 {
+        let err = clone.pull(&addr, pull("echo", b"")).await.unwrap_err();
+        assert_eq!(err, CallError::Refused { addr: addr.clone() });
+    }
+    peers.forget(&addr);
+    assert!(peers.ping(&addr).await.unwrap_err().is_refused());
+}
+
+#[tokio::test]
+async fn a_held_pull_is_delivered() {
+    let (server, inbound) = TestServer::start(server_config()).await;
+    let _seen = spawn_loop(inbound);
+    let peers = peers();
+
+    let started = Instant::now();
+    let (held, quick) = tokio::join!(
+        peers.pull(&server.addr, pull("hold", b"")),
+        // Other calls on the same connection are not blocked by the held one.
+        peers.pull(&server.addr, pull("echo", b"quick")),
+    );
+    assert_eq!(
+        held.unwrap(),
+        PullAnswer {
+            payload: Bytes::from_static(b"late"),
+            server_term: 8
+        }
+    );
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert_eq!(quick.unwrap().payload, Bytes::from_static(b"quick"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_dropped_oneshot_or_a_closed_loop_is_shutting_down() {
+    let (server, inbound) = TestServer::start(server_config()).await;
+    let mut seen = spawn_loop(inbound);
+    let peers = peers();
+
+    let err = peers
+        .pull(&server.addr, pull("drop", b""))
+        .await
+        .unwrap_err();
+    assert_eq!(err, CallError::Rejected(Rejection::ShuttingDown));
+    assert!(err.retryable());
+    assert!(seen.recv().await.unwrap().contains("drop"));
+    server.stop().await;
+
+    // A loop that is gone altogether.
+    let (server, inbound) = TestServer::start(server_config()).await;
+    drop(inbound);
+    assert_eq!(
+        peers.ping(&server.addr).await.unwrap_err(),
+        CallError::Rejected(Rejection::ShuttingDown)
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_releases_held_pulls() {
+    let (server, inbound) = TestServer::start(server_config()).await;
+    let mut seen = spawn_loop(inbound);
+    let peers = peers();
+
+    let addr = server.addr.clone();
+    let call = tokio::spawn({
+        let peers = peers.clone();
+        async move { peers.pull(&addr, pull("forever", b"")).await }
+    });
+    // Once the loop holds the pull, shut the server down.
+    assert!(seen.recv().await.unwrap().contains("forever"));
+    server.stop().await;
+    assert_eq!(
+        call.await.unwrap().unwrap_err(),
+        CallError::Rejected(Rejection::ShuttingDown)
+    );
+}
+
+#[tokio::test]
+async fn request_timeout_is_unreachable() {
+    let (server, inbound) = TestServer::start(server_config()).await;
+    let _seen = spawn_loop(inbound);
+    let peers = Peers::new(ClientConfig {
+        request_timeout: Some(Duration::from_millis(50)),
+        ..ClientConfig::new(JOB)
+    });
+    let err = peers
+        .pull(&server.addr, pull("forever", b""))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CallError::Unreachable { .. }),
+        "expected Unreachable, got {err:?}"
+    );
+    assert!(err.retryable());
+    server.stop().await;
+}
+
+/// A peer that accepts one connection, reads the start of the request, then closes it;
+/// with `close_listener` it also stops listening first (the process "died").
+async fn breaking_peer(close_listener: bool) -> (String, JoinHandle<()>) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let handle = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let listener = (!close_listener).then_some(listener);
+        let mut buf = [0u8; 64];
+        let _ = stream.read(&mut buf).await;
+        drop(stream);
+        if listener.is_some() {
+            // Keep listening (without accepting) until the test is over.
+            std::future::pending::<()>().await;
+        }
+    });
+    (addr, handle)
+}
+
+#[tokio::test]
+async fn a_connection_broken_mid_call_is_classified_by_a_fresh_connect() {
+    let peers = peers();
+
+    let (addr, peer) = breaking_peer(true).await;
+    let err = peers.pull(&addr, pull("echo", b"")).await.unwrap_err();
+    assert_eq!(err, CallError::Refused { addr: addr.clone() });
+    peer.await.unwrap();
+
+    let (addr, peer) = breaking_peer(false).await;
+    let err = peers.pull(&addr, pull("echo", b"")).await.unwrap_err();
+    assert!(
+        matches!(err, CallError::Unreachable { .. }),
+        "expected Unreachable, got {err:?}"
+    );
+    peer.abort();
+}

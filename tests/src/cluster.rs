@@ -1,0 +1,210 @@
+//! In-process nodes: many nodes of one job in the test's own runtime. A node can be stopped
+//! cleanly (lease revoked) or crashed (dropped without revoking its lease, as kill -9 would).
+
+use std::time::Duration;
+
+use taskgraph::{Framework, Links, NodeExit, NodeHandle, NodeStatus, TaskId, Term, Tree};
+use tokio::sync::watch;
+
+use crate::apps::{Audit, AuditBuilder, Behaviour};
+
+/// Settings shared by every node of a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// etcd endpoints.
+    pub etcd: Vec<String>,
+    /// Job name.
+    pub job: String,
+    /// Tasks.
+    pub tasks: u32,
+    /// Nodes per task.
+    pub replicas: u32,
+    /// Lease TTL.
+    pub ttl: Duration,
+    /// What the tasks do.
+    pub behaviour: Behaviour,
+}
+
+impl ClusterConfig {
+    /// A binary tree job of `tasks` tasks with `replicas` per task and a 1 s lease.
+    pub fn new(etcd: Vec<String>, job: &str, tasks: u32, replicas: u32) -> Self {
+        ClusterConfig {
+            etcd,
+            job: job.to_owned(),
+            tasks,
+            replicas,
+            ttl: Duration::from_secs(1),
+            behaviour: Behaviour::default(),
+        }
+    }
+
+    /// The links of a binary tree over the job's tasks.
+    pub fn links(&self) -> Links {
+        match Tree::new(self.tasks, 2) {
+            Ok(t) => Links::new()
+                .link("parents", t.parents())
+                .link("children", t.children())
+                .pair("parents", "children"),
+            Err(_) => Links::new(),
+        }
+    }
+}
+
+/// A set of in-process nodes of one job, with a shared audit trail.
+#[derive(Debug)]
+pub struct Cluster {
+    config: ClusterConfig,
+    /// Every event every task received.
+    pub audit: Audit,
+    nodes: Vec<Option<NodeHandle>>,
+    statuses: Vec<watch::Receiver<NodeStatus>>,
+}
+
+impl Cluster {
+    /// A cluster with no node yet.
+    pub fn new(config: ClusterConfig) -> Self {
+        Cluster {
+            config,
+            audit: Audit::default(),
+            nodes: Vec::new(),
+            statuses: Vec::new(),
+        }
+    }
+
+    /// Starts `n` nodes.
+    pub async fn start(config: ClusterConfig, n: usize) -> Result<Self, taskgraph::Error> {
+        let mut c = Cluster::new(config);
+        for _ in 0..n {
+            c.add_node().await?;
+        }
+        Ok(c)
+    }
+
+    /// Starts one more node; returns its index.
+    pub async fn add_node(&mut self) -> Result<usize, taskgraph::Error> {
+        let i = self.nodes.len();
+        let builder = AuditBuilder {
+            node: format!("n{i}"),
+            audit: self.audit.clone(),
+            behaviour: self.config.behaviour,
+        };
+        let handle = Framework::builder()
+            .etcd(self.config.etcd.clone())
+            .job(self.config.job.clone())
+            .tasks(self.config.tasks)
+            .replicas(self.config.replicas)
+            .links(self.config.links())
+            .lease_ttl(self.config.ttl)
+            .node_name(format!("n{i}"))
+            .task_builder(builder)
+            .build()?
+            .spawn()
+            .await?;
+        self.statuses.push(handle.status());
+        self.nodes.push(Some(handle));
+        Ok(i)
+    }
+
+    /// Number of nodes ever started.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether no node was started.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The latest status of node `i`.
+    pub fn status(&self, i: usize) -> NodeStatus {
+        self.statuses[i].borrow().clone()
+    }
+
+    /// The statuses of the nodes still running.
+    pub fn live_statuses(&self) -> Vec<(usize, NodeStatus)> {
+        (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].as_ref().is_some_and(|h| !h.is_finished()))
+            .map(|i| (i, self.status(i)))
+            .collect()
+    }
+
+    /// The node acting as primary of `task`, with its term.
+    pub fn primary_of(&self, task: TaskId) -> Option<(usize, Term)> {
+        self.live_statuses()
+            .into_iter()
+            .find_map(|(i, s)| s.primary_of(task).map(|t| (i, t)))
+    }
+
+    /// Crashes node `i`: it stops at once and its lease is left to expire.
+    pub fn crash(&mut self, i: usize) {
+        if let Some(h) = self.nodes[i].take() {
+            h.crash();
+        }
+    }
+
+    /// Stops node `i` cleanly.
+    pub async fn stop(&mut self, i: usize) -> Option<Result<NodeExit, taskgraph::Error>> {
+        match self.nodes[i].take() {
+            Some(h) => Some(h.stop().await),
+            None => None,
+        }
+    }
+
+    /// Waits for node `i` to end by itself.
+    pub async fn wait(&mut self, i: usize) -> Option<Result<NodeExit, taskgraph::Error>> {
+        match self.nodes[i].take() {
+            Some(h) => Some(h.wait().await),
+            None => None,
+        }
+    }
+
+    /// Waits until `cond` holds for the live nodes' statuses, re-checking on every status
+    /// change. The error names `why` and shows the last statuses seen.
+    pub async fn wait_until(
+        &self,
+        why: &str,
+        timeout: Duration,
+        mut cond: impl FnMut(&[(usize, NodeStatus)]) -> bool,
+    ) -> Result<Vec<(usize, NodeStatus)>, String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut rx: Vec<watch::Receiver<NodeStatus>> = self.statuses.clone();
+        loop {
+            let now = self.live_statuses();
+            if cond(&now) {
+                return Ok(now);
+            }
+            let changes = futures::future::select_all(rx.iter_mut().map(|r| Box::pin(r.changed())));
+            // Nodes ending also count as a change worth re-checking.
+            let tick = tokio::time::sleep(Duration::from_millis(50));
+            tokio::select! {
+                _ = changes => {}
+                _ = tick => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(format!("timed out after {timeout:?} waiting until {why}; last statuses: {:#?}", self.live_statuses()));
+                }
+            }
+        }
+    }
+
+    /// Stops every live node cleanly.
+    pub async fn stop_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            let _ = self.stop(i).await;
+        }
+    }
+}
+
+/// True when every task has exactly one acting primary and `backups` acting backups.
+pub fn fully_staffed(tasks: u32, backups: usize, statuses: &[(usize, NodeStatus)]) -> bool {
+    (0..tasks).all(|t| {
+        let p = statuses
+            .iter()
+            .filter(|(_, s)| s.primary_of(t).is_some())
+            .count();
+        let b = statuses
+            .iter()
+            .filter(|(_, s)| s.acting && s.role == taskgraph::Role::Backup { task: t })
+            .count();
+        p == 1 && b == backups
+    })
+}

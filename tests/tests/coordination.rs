@@ -1,0 +1,543 @@
+//! Promises 1, 2, 4, 8 (epoch part), 9 and 10 (configuration and etcd) of the design, against
+//! a real etcd: elections, failover, spares, epochs, recovery, shutdown, bad input.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use taskgraph::{ConfigError, Error, Framework, Links, NodeExit, Role, Task, TaskId, Topology};
+use taskgraph_tests::apps::{Behaviour, Event};
+use taskgraph_tests::cluster::{fully_staffed, Cluster, ClusterConfig};
+use taskgraph_tests::etcd::Etcd;
+use taskgraph_tests::{init_logs, job_name};
+use tracing::info;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn etcd() -> Etcd {
+    init_logs();
+    Etcd::start().await.expect("start etcd")
+}
+
+/// For each task, the epochs its primaries entered, in order.
+fn entered(events: &[(String, Event)]) -> BTreeMap<TaskId, Vec<u64>> {
+    let mut out: BTreeMap<TaskId, Vec<u64>> = BTreeMap::new();
+    for (_, e) in events {
+        if let Event::Enter { task, epoch, .. } = e {
+            out.entry(*task).or_default().push(*epoch);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_primary_and_one_backup_per_task() {
+    let etcd = etcd().await;
+    let cfg = ClusterConfig::new(etcd.endpoints(), &job_name("staff"), 3, 2);
+    let mut c = Cluster::start(cfg, 6).await.unwrap();
+    let st = c
+        .wait_until("3 tasks have 1 primary + 1 backup", WAIT, |s| {
+            fully_staffed(3, 1, s)
+        })
+        .await
+        .unwrap();
+    // Every node holds exactly one slot; primaries' terms are distinct etcd revisions.
+    assert!(st.iter().all(|(_, s)| s.role != Role::Spare), "{st:?}");
+    let mut terms: Vec<u64> = (0..3).map(|t| c.primary_of(t).unwrap().1).collect();
+    terms.dedup();
+    assert_eq!(terms.len(), 3);
+    // The audit agrees: each task got exactly one became_primary and one became_backup.
+    let ev = c.audit.events();
+    for t in 0..3 {
+        assert_eq!(
+            ev.iter()
+                .filter(|(_, e)| *e == Event::Backup { task: t })
+                .count(),
+            1
+        );
+        assert_eq!(
+            ev.iter()
+                .filter(|(_, e)| matches!(e, Event::Primary { task, .. } if *task == t))
+                .count(),
+            1
+        );
+    }
+    c.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_primary_is_replaced_by_its_backup_with_a_higher_term() {
+    let etcd = etcd().await;
+    let cfg = ClusterConfig::new(etcd.endpoints(), &job_name("crash"), 3, 2);
+    let mut c = Cluster::start(cfg, 6).await.unwrap();
+    c.wait_until("fully staffed", WAIT, |s| fully_staffed(3, 1, s))
+        .await
+        .unwrap();
+    for round in 0..2 {
+        let (victim, old_term) = c.primary_of(1).unwrap();
+        let backup = c
+            .live_statuses()
+            .into_iter()
+            .find(|(_, s)| s.role == Role::Backup { task: 1 })
+            .unwrap()
+            .0;
+        info!("--- round {round}: crash the primary of task 1 (node {victim}), lease not revoked");
+        let t0 = Instant::now();
+        c.crash(victim);
+        let st = c
+            .wait_until("the backup is primary of task 1", WAIT, |s| {
+                s.iter()
+                    .any(|(i, s)| *i == backup && s.primary_of(1).is_some_and(|t| t > old_term))
+            })
+            .await
+            .unwrap();
+        println!("failover after crash (TTL 1 s): {:?}", t0.elapsed());
+        // At most one acting primary per task at any observed moment.
+        for t in 0..3 {
+            assert!(st.iter().filter(|(_, s)| s.primary_of(t).is_some()).count() <= 1);
+        }
+        // Refill the backup slot with a fresh node for the next round.
+        c.add_node().await.unwrap();
+        c.wait_until("fully staffed again", WAIT, |s| fully_staffed(3, 1, s))
+            .await
+            .unwrap();
+    }
+    c.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_stop_hands_over_without_waiting_for_the_ttl() {
+    let etcd = etcd().await;
+    // A 60 s lease: a handover that waited for the lease would miss the 20 s deadline below.
+    let mut cfg = ClusterConfig::new(etcd.endpoints(), &job_name("stop"), 2, 2);
+    cfg.ttl = Duration::from_secs(60);
+    let mut c = Cluster::start(cfg, 4).await.unwrap();
+    c.wait_until("fully staffed", WAIT, |s| fully_staffed(2, 1, s))
+        .await
+        .unwrap();
+    let (victim, old_term) = c.primary_of(0).unwrap();
+    info!("--- stop the primary of task 0 cleanly");
+    let t0 = Instant::now();
+    assert_eq!(c.stop(victim).await.unwrap().unwrap(), NodeExit::Stopped);
+    c.wait_until("a new primary of task 0", WAIT, |s| {
+        s.iter()
+            .any(|(_, s)| s.primary_of(0).is_some_and(|t| t > old_term))
+    })
+    .await
+    .unwrap();
+    println!("failover after clean stop (TTL 60 s): {:?}", t0.elapsed());
+    let exits: Vec<_> = c
+        .audit
+        .events()
+        .into_iter()
+        .filter(|(n, e)| *n == format!("n{victim}") && matches!(e, Event::Exit { .. }))
+        .collect();
+    assert_eq!(
+        exits.len(),
+        1,
+        "the stopped node's task ran exit once: {exits:?}"
+    );
+    c.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spare_takes_an_orphaned_task_and_a_late_node_takes_a_free_one() {
+    let etcd = etcd().await;
+    let cfg = ClusterConfig::new(etcd.endpoints(), &job_name("spare"), 2, 1);
+    let mut c = Cluster::start(cfg, 3).await.unwrap();
+    c.wait_until("2 primaries and a spare", WAIT, |s| {
+        fully_staffed(2, 0, s) && s.iter().filter(|(_, s)| s.role == Role::Spare).count() == 1
+    })
+    .await
+    .unwrap();
+    let spare = c
+        .live_statuses()
+        .into_iter()
+        .find(|(_, s)| s.role == Role::Spare)
+        .unwrap()
+        .0;
+    let (victim, _) = c.primary_of(0).unwrap();
+    info!("--- crash the primary of task 0: no backup, the spare takes it");
+    c.crash(victim);
+    c.wait_until("the spare is primary of task 0", WAIT, |s| {
+        s.iter()
+            .any(|(i, s)| *i == spare && s.primary_of(0).is_some())
+    })
+    .await
+    .unwrap();
+    // The spare's task value was built afresh and told it is primary.
+    assert!(c
+        .audit
+        .events()
+        .iter()
+        .any(|(n, e)| *n == format!("n{spare}") && matches!(e, Event::Primary { task: 0, .. })));
+    info!("--- crash the primary of task 1: no backup, no spare; the task stays free");
+    let (victim, _) = c.primary_of(1).unwrap();
+    c.crash(victim);
+    let late = c.add_node().await.unwrap();
+    c.wait_until("the late node is primary of task 1", WAIT, |s| {
+        s.iter()
+            .any(|(i, s)| *i == late && s.primary_of(1).is_some())
+    })
+    .await
+    .unwrap();
+    c.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_inc_epoch_moves_by_exactly_one_and_primaries_see_every_epoch_in_order() {
+    let etcd = etcd().await;
+    let mut cfg = ClusterConfig::new(etcd.endpoints(), &job_name("epochs"), 3, 1);
+    // Every primary calls inc_epoch(e) on entering e: three callers race for every epoch.
+    cfg.behaviour = Behaviour {
+        drive_until: Some(30),
+        all_drive: true,
+        pace_ms: 0,
+    };
+    let mut c = Cluster::start(cfg, 3).await.unwrap();
+    for i in 0..3 {
+        assert_eq!(
+            c.wait(i).await.unwrap().unwrap(),
+            NodeExit::JobFinished { epoch: 30 }
+        );
+    }
+    let ev = c.audit.events();
+    let mut moved: BTreeMap<u64, usize> = BTreeMap::new();
+    for (_, e) in &ev {
+        if let Event::Moved { from, .. } = e {
+            *moved.entry(*from).or_default() += 1;
+        }
+    }
+    assert_eq!(
+        moved,
+        (0..30).map(|e| (e, 1)).collect(),
+        "exactly one successful inc_epoch per epoch"
+    );
+    for (task, epochs) in entered(&ev) {
+        assert_eq!(
+            epochs,
+            (0..=30).collect::<Vec<_>>(),
+            "task {task} entered every epoch once, in order"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_job_stops_every_node_revokes_leases_and_keeps_the_final_status() {
+    let etcd = etcd().await;
+    let job = job_name("shutdown");
+    let mut cfg = ClusterConfig::new(etcd.endpoints(), &job, 3, 2);
+    cfg.behaviour = Behaviour {
+        drive_until: Some(3),
+        ..Behaviour::default()
+    };
+    let mut c = Cluster::start(cfg, 7).await.unwrap();
+    for i in 0..7 {
+        assert_eq!(
+            c.wait(i).await.unwrap().unwrap(),
+            NodeExit::JobFinished { epoch: 3 },
+            "node {i}"
+        );
+    }
+    // Every task value that held a slot ran exit with JobFinished.
+    let exits = c
+        .audit
+        .events()
+        .into_iter()
+        .filter(|(_, e)| matches!(e, Event::Exit { reason, .. } if reason.contains("JobFinished")))
+        .count();
+    assert_eq!(exits, 6, "3 primaries and 3 backups exit");
+    let mut client = etcd.client().await.unwrap();
+    assert!(
+        client.leases().await.unwrap().leases().is_empty(),
+        "every lease revoked"
+    );
+    let prefix = format!("/taskgraph/jobs/{job}/");
+    let kvs = client
+        .get(
+            prefix.clone(),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let keys: Vec<String> = kvs
+        .kvs()
+        .iter()
+        .map(|kv| kv.key_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        keys,
+        vec![format!("{prefix}epoch"), format!("{prefix}spec")]
+    );
+    let epoch = client.get(format!("{prefix}epoch"), None).await.unwrap();
+    assert_eq!(epoch.kvs()[0].value_str().unwrap(), "done 3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_nodes_killed_then_new_nodes_resume_at_the_stored_epoch() {
+    let etcd = etcd().await;
+    let job = job_name("recover");
+    let mut cfg = ClusterConfig::new(etcd.endpoints(), &job, 2, 1);
+    cfg.behaviour = Behaviour {
+        drive_until: Some(1000),
+        all_drive: false,
+        pace_ms: 20,
+    };
+    let mut c = Cluster::start(cfg.clone(), 2).await.unwrap();
+    c.wait_until("epoch 5 reached", WAIT, |s| {
+        s.iter().any(|(_, s)| s.epoch.is_some_and(|e| e >= 5))
+    })
+    .await
+    .unwrap();
+    info!("--- kill every node");
+    c.crash(0);
+    c.crash(1);
+    let mut client = etcd.client().await.unwrap();
+    let stored: u64 = client
+        .get(format!("/taskgraph/jobs/{job}/epoch"), None)
+        .await
+        .unwrap()
+        .kvs()[0]
+        .value_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(stored >= 5);
+    info!("--- start new nodes: they resume at epoch {stored}");
+    cfg.behaviour.drive_until = Some(stored + 3);
+    let mut c2 = Cluster::start(cfg, 2).await.unwrap();
+    for i in 0..2 {
+        assert_eq!(
+            c2.wait(i).await.unwrap().unwrap(),
+            NodeExit::JobFinished { epoch: stored + 3 }
+        );
+    }
+    for (task, epochs) in entered(&c2.audit.events()) {
+        assert_eq!(
+            epochs,
+            (stored..=stored + 3).collect::<Vec<_>>(),
+            "task {task} resumed at the stored epoch"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_killed_and_restarted_mid_job_the_job_finishes() {
+    let etcd = etcd().await;
+    let mut cfg = ClusterConfig::new(etcd.endpoints(), &job_name("etcdrestart"), 3, 2);
+    cfg.behaviour = Behaviour {
+        drive_until: Some(40),
+        all_drive: false,
+        pace_ms: 20,
+    };
+    let mut c = Cluster::start(cfg, 6).await.unwrap();
+    c.wait_until("epoch 5 reached", WAIT, |s| {
+        s.iter().any(|(_, s)| s.epoch.is_some_and(|e| e >= 5))
+    })
+    .await
+    .unwrap();
+    info!("--- kill -9 etcd, restart it");
+    etcd.kill().await.unwrap();
+    c.wait_until("primaries stop acting while etcd is gone", WAIT, |s| {
+        s.iter().all(|(_, s)| !s.acting)
+    })
+    .await
+    .unwrap();
+    etcd.restart().await.unwrap();
+    for i in 0..6 {
+        assert_eq!(
+            c.wait(i).await.unwrap().unwrap(),
+            NodeExit::JobFinished { epoch: 40 },
+            "node {i}"
+        );
+    }
+    // Epochs entered by each task's primaries never repeat or go back.
+    for (task, epochs) in entered(&c.audit.events()) {
+        assert!(
+            epochs.windows(2).all(|w| w[0] < w[1]),
+            "task {task}: {epochs:?}"
+        );
+        assert_eq!(epochs.last(), Some(&40));
+    }
+}
+
+// ----- bad input -----
+
+#[derive(Debug)]
+struct OutOfRange;
+impl Topology for OutOfRange {
+    fn neighbours(&self, task: TaskId, _epoch: u64) -> Vec<TaskId> {
+        vec![task + 100]
+    }
+    fn describe(&self) -> String {
+        "out-of-range".into()
+    }
+}
+
+fn builder(etcd: Vec<String>, job: &str, tasks: u32, replicas: u32) -> taskgraph::FrameworkBuilder {
+    Framework::builder()
+        .etcd(etcd)
+        .job(job)
+        .tasks(tasks)
+        .replicas(replicas)
+        .lease_ttl(Duration::from_secs(1))
+        .task_builder(|_t: TaskId| -> Box<dyn Task> {
+            Box::new(
+                taskgraph_tests::apps::AuditBuilder {
+                    node: "x".into(),
+                    audit: Default::default(),
+                    behaviour: Default::default(),
+                }
+                .build_one(),
+            )
+        })
+}
+
+#[test]
+fn invalid_configuration_is_refused_before_etcd() {
+    let e = vec!["http://127.0.0.1:1".to_owned()];
+    let err = builder(e.clone(), "j", 0, 1).build().unwrap_err();
+    assert!(err.to_string().contains("tasks"), "{err}");
+    let err = builder(e.clone(), "j", 3, 0).build().unwrap_err();
+    assert!(err.to_string().contains("replicas"), "{err}");
+    let err = builder(e.clone(), "j", 3, 1)
+        .links(Links::new().link("peers", std::sync::Arc::new(OutOfRange)))
+        .build()
+        .unwrap_err();
+    assert!(matches!(err, ConfigError::Topology(_)), "{err}");
+    assert!(
+        err.to_string().contains("peers") && err.to_string().contains("100"),
+        "{err}"
+    );
+    let err = builder(e.clone(), "Bad Name", 3, 1).build().unwrap_err();
+    assert!(err.to_string().contains("job name"), "{err}");
+    let err = builder(e.clone(), "j", 3, 1)
+        .lease_ttl(Duration::from_millis(1500))
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("lease TTL"), "{err}");
+    let err = builder(vec![], "j", 3, 1).build().unwrap_err();
+    assert!(err.to_string().contains("etcd"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_etcd_is_a_clear_error() {
+    init_logs();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = builder(vec![format!("http://127.0.0.1:{port}")], "j", 1, 1)
+        .etcd_connect_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::EtcdUnreachable { .. }), "{err}");
+    assert!(err.to_string().contains(&port.to_string()), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_spec_is_refused_with_the_difference() {
+    let etcd = etcd().await;
+    let job = job_name("conflict");
+    let cfg = ClusterConfig::new(etcd.endpoints(), &job, 3, 2);
+    let mut c = Cluster::start(cfg, 1).await.unwrap();
+    c.wait_until("the first node holds a slot", WAIT, |s| {
+        s.iter().any(|(_, s)| s.role != Role::Spare)
+    })
+    .await
+    .unwrap();
+    let err = builder(etcd.endpoints(), &job, 4, 1)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::SpecConflict { .. }), "{msg}");
+    assert!(
+        msg.contains("tasks: etcd has 3, this node has 4")
+            && msg.contains("replicas: etcd has 2, this node has 1"),
+        "{msg}"
+    );
+    // The running job is untouched.
+    assert!(c.live_statuses().iter().all(|(_, s)| s.acting));
+    c.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_under_the_jobs_keys_is_rejected_not_obeyed() {
+    let etcd = etcd().await;
+    let job = job_name("garbage");
+    let p = format!("/taskgraph/jobs/{job}/");
+    info!("--- a garbage spec: a node refuses to join");
+    etcd.etcdctl(["put", &format!("{p}spec"), "{not json"])
+        .await
+        .unwrap();
+    let err = builder(etcd.endpoints(), &job, 2, 1)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Garbage { .. }) && err.to_string().contains("spec"),
+        "{err}"
+    );
+    etcd.etcdctl(["del", "--prefix", &p]).await.unwrap();
+
+    info!("--- a lease-less garbage primary key before the job runs: removed, then the task is claimed");
+    let mut cfg = ClusterConfig::new(etcd.endpoints(), &job, 2, 1);
+    cfg.behaviour = Behaviour {
+        drive_until: Some(1_000_000),
+        all_drive: false,
+        pace_ms: 50,
+    };
+    // Create the spec by starting one node, then plant garbage for the other task's primary.
+    etcd.etcdctl(["put", &format!("{p}tasks/1/primary"), "\u{1}\u{2}garbage"])
+        .await
+        .unwrap();
+    let mut c = Cluster::start(cfg, 2).await.unwrap();
+    c.wait_until("both tasks staffed despite the garbage slot", WAIT, |s| {
+        fully_staffed(2, 0, s)
+    })
+    .await
+    .unwrap();
+
+    info!(
+        "--- garbage epoch, unknown keys, wrong-type node records while running: logged, ignored"
+    );
+    let before = c
+        .live_statuses()
+        .iter()
+        .filter_map(|(_, s)| s.epoch)
+        .max()
+        .unwrap();
+    for (k, v) in [
+        ("epoch", "minus one"),
+        ("tasks/0/backup/9", "x"),
+        ("tasks/99/primary", "{}"),
+        ("tasks/zero/primary", "{}"),
+        ("nodes/fake", "[1,2,3]"),
+        ("whatever/else", "\u{0}"),
+    ] {
+        etcd.etcdctl(["put", &format!("{p}{k}"), v]).await.unwrap();
+    }
+    // The job keeps running: the driver rewrites a valid epoch only through inc_epoch, which the
+    // garbage blocks, so progress stops, but no node crashes and every slot stays held.
+    etcd.etcdctl(["put", &format!("{p}epoch"), &(before + 1).to_string()])
+        .await
+        .unwrap();
+    c.wait_until("nodes move on after a valid epoch is restored", WAIT, |s| {
+        s.iter()
+            .any(|(_, s)| s.epoch.is_some_and(|e| e > before + 1))
+    })
+    .await
+    .unwrap();
+    assert_eq!(c.live_statuses().len(), 2, "no node died");
+    assert!(fully_staffed(2, 0, &c.live_statuses()));
+    c.stop_all().await;
+}
