@@ -290,7 +290,15 @@ impl Node {
                     }
                 },
                 ev = events.recv() => match ev {
-                    Some(ev) => { self.apply(ev); self.step().await? }
+                    Some(ev) => {
+                        // Catch up with everything already queued before deciding anything, so
+                        // decisions are made on the freshest view available.
+                        self.apply(ev);
+                        while let Ok(ev) = events.try_recv() {
+                            self.apply(ev);
+                        }
+                        self.step().await?
+                    }
                     None => return Err(Error::Garbage { key: String::new(), reason: "job watch ended".into() }),
                 },
                 changed = self.lease.changed() => {

@@ -149,24 +149,37 @@ impl Task for AuditTask {
         // Move on from the background, as a real task would after its epoch's work.
         ctx.clone().spawn(async move {
             tokio::time::sleep(pace).await;
-            let result = if epoch < until {
-                ctx.inc_epoch(epoch).await.map(|moved| {
-                    if moved {
-                        audit.record(
-                            &node,
-                            Event::Moved {
-                                task,
-                                from: epoch,
-                                term,
-                            },
-                        );
+            // Retry while etcd is unreachable; stop when no longer primary.
+            let mut delay = std::time::Duration::from_millis(20);
+            loop {
+                let result = if epoch < until {
+                    ctx.inc_epoch(epoch).await.map(|moved| {
+                        if moved {
+                            audit.record(
+                                &node,
+                                Event::Moved {
+                                    task,
+                                    from: epoch,
+                                    term,
+                                },
+                            );
+                        }
+                    })
+                } else {
+                    ctx.shutdown_job().await.map(|_| ())
+                };
+                match result {
+                    Ok(()) => return,
+                    Err(taskgraph::ContextError::Etcd(e)) => {
+                        tracing::info!(error = %e, epoch, "driver could not reach etcd, retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(std::time::Duration::from_millis(500));
                     }
-                })
-            } else {
-                ctx.shutdown_job().await.map(|_| ())
-            };
-            if let Err(e) = result {
-                tracing::info!(error = %e, epoch, "driver could not move the job");
+                    Err(e) => {
+                        tracing::info!(error = %e, epoch, "driver stops");
+                        return;
+                    }
+                }
             }
         });
     }

@@ -246,7 +246,12 @@ async fn shutdown_job_stops_every_node_revokes_leases_and_keeps_the_final_status
         .into_iter()
         .filter(|(_, e)| matches!(e, Event::Exit { reason, .. } if reason.contains("JobFinished")))
         .count();
-    assert_eq!(exits, 6, "3 primaries and 3 backups exit");
+    assert_eq!(
+        exits,
+        6,
+        "3 primaries and 3 backups exit: {:#?}",
+        c.audit.events()
+    );
     let mut client = etcd.client().await.unwrap();
     assert!(
         client.leases().await.unwrap().leases().is_empty(),
@@ -522,7 +527,7 @@ async fn garbage_under_the_jobs_keys_is_rejected_not_obeyed() {
         ("tasks/99/primary", "{}"),
         ("tasks/zero/primary", "{}"),
         ("nodes/fake", "[1,2,3]"),
-        ("whatever/else", "\u{0}"),
+        ("whatever/else", "\u{1}"),
     ] {
         etcd.etcdctl(["put", &format!("{p}{k}"), v]).await.unwrap();
     }

@@ -261,6 +261,9 @@ impl Store {
     ) -> Result<Option<i64>, EtcdError> {
         let value = serde_json::to_string(holder).unwrap_or_default();
         extra.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
+        // Only while the job runs: a running epoch is a decimal number, which sorts below
+        // `done` (bytewise), a finished one is `done <n>`.
+        extra.push(Compare::value(self.keys.epoch(), CompareOp::Less, "done"));
         let mut ops = vec![TxnOp::put(
             key.clone(),
             value,
