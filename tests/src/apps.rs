@@ -48,11 +48,14 @@ pub enum Event {
     },
 }
 
+/// A callback run for every recorded event.
+pub type OnEvent = dyn Fn(&str, &Event) + Send + Sync;
+
 /// The audit trail shared by every task of an in-process cluster.
 #[derive(Clone, Default)]
 pub struct Audit {
     events: Arc<Mutex<Vec<(String, Event)>>>,
-    on_event: Option<Arc<dyn Fn(&str, &Event) + Send + Sync>>,
+    on_event: Option<Arc<OnEvent>>,
 }
 
 impl std::fmt::Debug for Audit {
