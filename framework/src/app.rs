@@ -199,9 +199,12 @@ impl Context {
         let slot = *self.inner.slot.borrow();
         match slot.primary {
             Some(term) if self.inner.lease.borrow().valid_now() => Ok(term),
-            other => Err(ContextError::NotPrimary {
+            Some(_) => Err(ContextError::Suspended {
                 task: self.inner.task,
-                term: other.unwrap_or(0),
+            }),
+            None => Err(ContextError::NotPrimary {
+                task: self.inner.task,
+                term: 0,
             }),
         }
     }
@@ -211,7 +214,8 @@ impl Context {
     /// does nothing. Every primary then enters the new epoch.
     ///
     /// Errors: [`ContextError::NotPrimary`] (do nothing: the new primary carries on),
-    /// [`ContextError::Etcd`] (back off and retry with the same `from`).
+    /// [`ContextError::Suspended`] and [`ContextError::Etcd`] (back off and retry with the same
+    /// `from`).
     pub async fn inc_epoch(&self, from: Epoch) -> Result<bool, ContextError> {
         let term = self.acting_term()?;
         let moved = self
@@ -219,11 +223,9 @@ impl Context {
             .store
             .inc_epoch(self.inner.task, term as i64, from)
             .await?;
-        if !moved && self.acting_term().is_err() {
-            return Err(ContextError::NotPrimary {
-                task: self.inner.task,
-                term,
-            });
+        if !moved {
+            // A stale `from`, or the fence failed because this node was deposed meanwhile.
+            self.acting_term()?;
         }
         Ok(moved)
     }

@@ -118,6 +118,17 @@ pub enum ContextError {
         /// The term the caller held.
         term: u64,
     },
+    /// This node is the task's primary on paper, but its lease is past its local deadline
+    /// (etcd unreachable, or the process was paused), so it must not act. Retry later: if the
+    /// lease is renewed the slot is still this node's; if it expired, the slot is lost, the
+    /// task's spawned work is aborted, and the new primary carries on.
+    #[error(
+        "task {task}: the node's lease is past its local deadline; not acting until it is renewed"
+    )]
+    Suspended {
+        /// The task.
+        task: u32,
+    },
     /// The job has finished.
     #[error("the job has finished")]
     JobFinished,

@@ -226,6 +226,7 @@ async fn run(
         status,
         requests_tx,
         await_change: false,
+        observed: Vec::new(),
     };
     let result = node.main_loop(events, requests, stop).await;
     if let Some(t) = node.lease_task.take() {
@@ -260,6 +261,8 @@ struct Node {
     requests_tx: mpsc::UnboundedSender<LoopRequest>,
     /// A claim failed on the current view: wait for the next change before claiming again.
     await_change: bool,
+    /// Running epochs observed since the task last entered one, in order.
+    observed: Vec<Epoch>,
 }
 
 enum Flow {
@@ -388,8 +391,17 @@ impl Node {
         });
     }
 
-    /// Applies one watch event to the view.
+    /// Applies one watch event to the view, remembering every running epoch it reveals.
     fn apply(&mut self, ev: JobEvent) {
+        self.apply_event(ev);
+        if let Some(EpochValue::Running(n)) = self.view.as_ref().and_then(|v| v.epoch) {
+            if self.observed.last().is_none_or(|last| *last < n) {
+                self.observed.push(n);
+            }
+        }
+    }
+
+    fn apply_event(&mut self, ev: JobEvent) {
         let keys = self.store.keys().clone();
         match ev {
             JobEvent::Snapshot { kvs, revision } => {
@@ -531,6 +543,7 @@ impl Node {
     async fn lose_slot(&mut self) {
         if let Some(mut slot) = self.slot.take() {
             info!(task = slot.ctx.task(), "slot lost");
+            slot.state.send_modify(|st| st.primary = None);
             slot.ctx.abort_spawned();
             slot.task.exit(&slot.ctx, ExitReason::SlotLost).await;
         }
@@ -719,8 +732,12 @@ impl Node {
         };
         let primary = matches!(self.mine, MySlot::Primary { .. });
         let acting = self.lease_valid();
-        let Some(s) = self.slot.as_mut() else { return };
+        let Some(s) = self.slot.as_mut() else {
+            self.observed.clear();
+            return;
+        };
         if !primary {
+            self.observed.clear();
             s.state.send_if_modified(|st| {
                 let changed = st.epoch != current;
                 st.epoch = current;
@@ -728,18 +745,39 @@ impl Node {
             });
             return;
         }
-        if !acting || s.entered.is_some_and(|e| e >= current) {
+        if !acting {
             return;
         }
-        s.entered = Some(current);
-        s.state.send_modify(|st| st.epoch = current);
-        debug!(task = s.ctx.task(), epoch = current, "entering epoch");
-        s.task.enter_epoch(&s.ctx, current).await;
+        // A primary enters every epoch it observed, once and in order; a new primary starts at
+        // the current one.
+        let mut todo: Vec<Epoch> = match s.entered {
+            None => vec![current],
+            Some(entered) => self
+                .observed
+                .iter()
+                .copied()
+                .filter(|e| *e > entered && *e <= current)
+                .collect(),
+        };
+        if todo.last().is_none_or(|last| *last < current) && s.entered.is_none_or(|e| e < current) {
+            todo.push(current);
+        }
+        self.observed.clear();
+        for epoch in todo {
+            if !self.lease.borrow().valid_now() {
+                break;
+            }
+            s.entered = Some(epoch);
+            s.state.send_modify(|st| st.epoch = epoch);
+            debug!(task = s.ctx.task(), epoch, "entering epoch");
+            s.task.enter_epoch(&s.ctx, epoch).await;
+        }
     }
 
     /// Runs the task's `exit` and revokes the lease.
     async fn clean_stop(&mut self, reason: ExitReason, exit: NodeExit) -> NodeExit {
         if let Some(mut slot) = self.slot.take() {
+            slot.state.send_modify(|st| st.primary = None);
             slot.ctx.abort_spawned();
             slot.task.exit(&slot.ctx, reason).await;
         }

@@ -52,10 +52,21 @@ pub enum Event {
 pub type OnEvent = dyn Fn(&str, &Event) + Send + Sync;
 
 /// The audit trail shared by every task of an in-process cluster.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Audit {
     events: Arc<Mutex<Vec<(String, Event)>>>,
     on_event: Option<Arc<OnEvent>>,
+    gate: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Audit {
+            events: Arc::default(),
+            on_event: None,
+            gate: Arc::new(tokio::sync::watch::channel(true).0),
+        }
+    }
 }
 
 impl std::fmt::Debug for Audit {
@@ -70,9 +81,22 @@ impl Audit {
     /// An audit trail that also calls `f` for every event (e.g. to print it).
     pub fn with_callback(f: impl Fn(&str, &Event) + Send + Sync + 'static) -> Self {
         Audit {
-            events: Arc::default(),
             on_event: Some(Arc::new(f)),
+            ..Audit::default()
         }
+    }
+    /// Holds every driver back until [`Audit::open_gate`] (so a test can start all its nodes
+    /// before the job moves).
+    pub fn close_gate(&self) {
+        self.gate.send_replace(false);
+    }
+    /// Lets drivers move the job on.
+    pub fn open_gate(&self) {
+        self.gate.send_replace(true);
+    }
+    async fn gate_open(&self) {
+        let mut rx = self.gate.subscribe();
+        let _ = rx.wait_for(|open| *open).await;
     }
     /// Records `event` seen on `node`.
     pub fn record(&self, node: &str, event: Event) {
@@ -151,6 +175,7 @@ impl Task for AuditTask {
         );
         // Move on from the background, as a real task would after its epoch's work.
         ctx.clone().spawn(async move {
+            audit.gate_open().await;
             tokio::time::sleep(pace).await;
             // Retry while etcd is unreachable; stop when no longer primary.
             let mut delay = std::time::Duration::from_millis(20);
@@ -173,8 +198,11 @@ impl Task for AuditTask {
                 };
                 match result {
                     Ok(()) => return,
-                    Err(taskgraph::ContextError::Etcd(e)) => {
-                        tracing::info!(error = %e, epoch, "driver could not reach etcd, retrying");
+                    Err(
+                        e @ (taskgraph::ContextError::Etcd(_)
+                        | taskgraph::ContextError::Suspended { .. }),
+                    ) => {
+                        tracing::info!(error = %e, epoch, "driver cannot act now, retrying");
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(std::time::Duration::from_millis(500));
                     }

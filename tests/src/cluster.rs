@@ -80,6 +80,23 @@ impl Cluster {
         Ok(c)
     }
 
+    /// Starts `n` nodes and waits until every slot is filled (`replicas` nodes per task)
+    /// before letting the drivers move the job.
+    pub async fn start_staffed(config: ClusterConfig, n: usize) -> Result<Self, String> {
+        let (tasks, backups) = (config.tasks, config.replicas.saturating_sub(1) as usize);
+        let mut c = Cluster::new(config);
+        c.audit.close_gate();
+        for _ in 0..n {
+            c.add_node().await.map_err(|e| e.to_string())?;
+        }
+        c.wait_until("every slot is filled", Duration::from_secs(30), |s| {
+            fully_staffed(tasks, backups, s)
+        })
+        .await?;
+        c.audit.open_gate();
+        Ok(c)
+    }
+
     /// Starts one more node; returns its index.
     pub async fn add_node(&mut self) -> Result<usize, taskgraph::Error> {
         let i = self.nodes.len();
