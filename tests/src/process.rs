@@ -74,6 +74,7 @@ pub struct ProcessNode {
     child: Child,
     pid: i32,
     lines: watch::Receiver<Vec<Line>>,
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ProcessNode {
@@ -105,7 +106,7 @@ impl ProcessNode {
             .take()
             .ok_or_else(|| std::io::Error::other("no stdout"))?;
         let (tx, lines) = watch::channel(Vec::new());
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut reader = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = reader.next_line().await {
                 match serde_json::from_str::<Line>(&line) {
@@ -114,7 +115,12 @@ impl ProcessNode {
                 }
             }
         });
-        Ok(ProcessNode { child, pid, lines })
+        Ok(ProcessNode {
+            child,
+            pid,
+            lines,
+            reader: Some(reader),
+        })
     }
 
     /// The process id.
@@ -187,7 +193,13 @@ impl ProcessNode {
         timeout: Duration,
     ) -> Result<std::process::ExitStatus, String> {
         match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(Ok(s)) => Ok(s),
+            Ok(Ok(s)) => {
+                // Read everything the process printed before it exited.
+                if let Some(r) = self.reader.take() {
+                    let _ = tokio::time::timeout(timeout, r).await;
+                }
+                Ok(s)
+            }
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("pid {} still running after {timeout:?}", self.pid)),
         }
