@@ -23,6 +23,7 @@ use crate::etcd::lease::{self, LeaseState};
 use crate::etcd::watch::{self as jobwatch, JobEvent};
 use crate::etcd::{Kv, Store};
 use crate::roles::{decide, Decision, JobView, MySlot, SlotKey};
+use crate::wire::{self, CallError, Inbound, Peers, PingReply, Rejection, SlotInfo};
 use crate::{Epoch, TaskId, Term};
 
 /// How a node ended.
@@ -204,8 +205,27 @@ async fn run(
     let mut background = JoinSet::new();
     let (events_tx, events) = mpsc::channel(4096);
     background.spawn(jobwatch::run(store.clone(), events_tx));
-    // The listener stays bound for the node's lifetime so its address is its own.
-    let _listener = listener;
+    // The node's gRPC server: owned by `background`, so a crash (abort) closes the port at once.
+    let (inbound_tx, inbound) = mpsc::channel(1024);
+    let server_config = wire::ServerConfig {
+        job: config.job.clone(),
+        num_tasks: config.tasks,
+        max_frame_bytes: config.max_frame_bytes,
+    };
+    let server_stop = CancellationToken::new();
+    let _server_stop_on_return = server_stop.clone().drop_guard();
+    background.spawn(
+        async move {
+            let stopped = server_stop.cancelled_owned();
+            if let Err(e) = wire::serve(listener, server_config, inbound_tx, stopped).await {
+                warn!(error = %e, "the node's gRPC server failed");
+            }
+        }
+        .instrument(tracing::Span::current()),
+    );
+    let mut client = wire::ClientConfig::new(config.job.clone());
+    client.connect_timeout = MONITOR_TIMEOUT;
+    client.max_frame_bytes = config.max_frame_bytes;
 
     let (requests_tx, requests) = mpsc::unbounded_channel();
     let (lease_tx, lease_rx) = watch::channel(LeaseState::Expired { id: 0 });
@@ -227,8 +247,13 @@ async fn run(
         requests_tx,
         await_change: false,
         observed: Vec::new(),
+        peers: Peers::new(client),
+        monitor: None,
     };
-    let result = node.main_loop(events, requests, stop).await;
+    let result = node.main_loop(events, requests, inbound, stop).await;
+    if let Some(m) = node.monitor.take() {
+        m.task.abort();
+    }
     if let Some(t) = node.lease_task.take() {
         t.abort();
     }
@@ -263,6 +288,48 @@ struct Node {
     await_change: bool,
     /// Running epochs observed since the task last entered one, in order.
     observed: Vec<Epoch>,
+    /// Calls to other nodes.
+    peers: Peers,
+    /// As a backup: the watch on the primary's liveness.
+    monitor: Option<Monitor>,
+}
+
+/// How often a backup checks that its primary's process is alive, and how long a check may
+/// take. A check that is merely slow proves nothing and is left to the lease.
+const MONITOR_INTERVAL: Duration = Duration::from_millis(50);
+const MONITOR_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A backup's watch on one primary (identified by node and lease).
+struct Monitor {
+    node: String,
+    lease: i64,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Pings the primary at `addr` until there is evidence that its process is gone: the port
+/// refuses connections, another node answers at that address, or the node answers that it is
+/// shutting down. Then ends the primary's lease, so the backup takes over at once instead of
+/// after the TTL. A wrong suspicion is harmless: the primary only loses its slot, and fencing
+/// drops anything it sends under its old term.
+async fn watch_primary(peers: Peers, store: Store, addr: String, node: String, lease: i64) {
+    loop {
+        tokio::time::sleep(MONITOR_INTERVAL).await;
+        let evidence = match tokio::time::timeout(MONITOR_TIMEOUT, peers.ping(&addr)).await {
+            Ok(Ok(reply)) if reply.node_id == node => continue,
+            Ok(Ok(reply)) => format!("{addr} is now answered by node {}", reply.node_id),
+            Ok(Err(e)) if e.is_refused() => format!("{addr} refuses connections"),
+            Ok(Err(CallError::Rejected(Rejection::ShuttingDown))) => {
+                format!("{addr} is shutting down")
+            }
+            // Slow, unreachable, or garbage: no evidence of death; the lease decides.
+            Ok(Err(_)) | Err(_) => continue,
+        };
+        warn!(primary = %node, evidence, "the primary's process is gone: ending its lease");
+        match store.revoke_lease(lease).await {
+            Ok(()) => return,
+            Err(e) => debug!(error = %e, "could not end the dead primary's lease; retrying"),
+        }
+    }
 }
 
 enum Flow {
@@ -275,6 +342,7 @@ impl Node {
         &mut self,
         mut events: mpsc::Receiver<JobEvent>,
         mut requests: mpsc::UnboundedReceiver<LoopRequest>,
+        mut inbound: mpsc::Receiver<Inbound>,
         stop: CancellationToken,
     ) -> Result<NodeExit, Error> {
         self.new_lease(&stop).await?;
@@ -304,6 +372,7 @@ impl Node {
                     }
                     None => return Err(Error::Garbage { key: String::new(), reason: "job watch ended".into() }),
                 },
+                Some(msg) = inbound.recv() => { self.on_inbound(msg); Flow::Continue }
                 changed = self.lease.changed() => {
                     if changed.is_err() { Flow::Continue } else { self.on_lease(&stop).await? }
                 },
@@ -354,6 +423,86 @@ impl Node {
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }
             }
+        }
+    }
+
+    /// Answers a message from another node. Data pulls, metas and replication are not served
+    /// yet (the task API has no handlers for them): they are refused with a status.
+    fn on_inbound(&mut self, msg: Inbound) {
+        let my_primary = match self.mine {
+            MySlot::Primary { task, .. } if self.lease_valid() => Some(task),
+            _ => None,
+        };
+        let refuse = |task: TaskId, method: &str| match my_primary {
+            Some(t) if t == task => Rejection::UnknownMethod {
+                method: method.to_owned(),
+            },
+            _ => Rejection::NotPrimary { task },
+        };
+        match msg {
+            Inbound::Ping(reply) => {
+                let slots = match (self.mine, &self.slot) {
+                    (MySlot::Spare, _) | (_, None) => vec![],
+                    (MySlot::Primary { task, term }, Some(s)) => vec![SlotInfo {
+                        task,
+                        primary: true,
+                        term: term as u64,
+                        epoch: s.entered.unwrap_or(0),
+                    }],
+                    (MySlot::Backup { task, .. }, Some(s)) => vec![SlotInfo {
+                        task,
+                        primary: false,
+                        term: 0,
+                        epoch: s.state.borrow().epoch,
+                    }],
+                };
+                let _ = reply.send(PingReply {
+                    job: self.config.job.clone(),
+                    node_id: self.holder.node.clone(),
+                    slots,
+                });
+            }
+            Inbound::Pull(req, reply) => {
+                let _ = reply.send(Err(refuse(req.header.to_task, &req.method)));
+            }
+            Inbound::Meta(msg, reply) => {
+                let _ = reply.send(Err(refuse(msg.header.to_task, "meta")));
+            }
+            Inbound::Replicate(msg, reply) => {
+                let _ = reply.send(Err(refuse(msg.header.to_task, "replicate")));
+            }
+        }
+    }
+
+    /// As a backup, keeps a liveness watch on the task's current primary; otherwise none.
+    fn update_monitor(&mut self) {
+        let target = match (self.mine, self.view.as_ref()) {
+            (MySlot::Backup { task, .. }, Some(view)) => view
+                .primaries
+                .get(&task)
+                .filter(|p| p.lease != 0 && p.holder.node != self.holder.node)
+                .map(|p| (p.holder.node.clone(), p.holder.addr.clone(), p.lease)),
+            _ => None,
+        };
+        let current = self.monitor.as_ref().map(|m| (m.node.clone(), m.lease));
+        if current == target.as_ref().map(|(n, _, l)| (n.clone(), *l)) {
+            return;
+        }
+        if let Some(m) = self.monitor.take() {
+            m.task.abort();
+        }
+        if let Some((node, addr, lease)) = target {
+            let task = tokio::spawn(
+                watch_primary(
+                    self.peers.clone(),
+                    self.store.clone(),
+                    addr,
+                    node.clone(),
+                    lease,
+                )
+                .instrument(tracing::Span::current()),
+            );
+            self.monitor = Some(Monitor { node, lease, task });
         }
     }
 
@@ -580,6 +729,7 @@ impl Node {
             let tasks_replicas = self.config.replicas;
             match decision {
                 Decision::Stay => {
+                    self.update_monitor();
                     self.enter_current_epoch().await;
                     self.publish();
                     return Ok(Flow::Continue);

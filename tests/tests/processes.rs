@@ -472,3 +472,79 @@ async fn spare_process_takes_over_when_task_has_no_backup() {
     nodes.remove(victim);
     terminate_all(&mut nodes).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_primary_process_is_replaced_long_before_its_lease_expires() {
+    let etcd = etcd().await;
+    // A 10 s lease: only the evidence of death (the dead process's port refuses) can explain a
+    // takeover before the deadline below.
+    let args = node_args(&etcd, &job_name("evident"), 1, 2, 10);
+    let mut nodes = spawn_nodes(&args, 2);
+    let st = wait_staffed(&nodes, 1).await;
+    let victim = st.iter().position(|s| s.primary_of(0).is_some()).unwrap();
+    let backup = 1 - victim;
+    let old_term = st[victim].primary_of(0).unwrap();
+
+    info!(
+        "--- kill -9 the primary (pid {}); its lease stays in etcd",
+        nodes[victim].pid()
+    );
+    let t0 = Instant::now();
+    nodes[victim].kill9().unwrap();
+    wait_all(
+        &[&nodes[backup]],
+        "the backup is acting primary with a higher term",
+        Duration::from_secs(5),
+        |all| statuses(&all[0]).any(|s| s.primary_of(0).is_some_and(|t| t > old_term)),
+    )
+    .await;
+    println!(
+        "takeover after kill -9 with a 10 s lease (evident death): {:?}",
+        t0.elapsed()
+    );
+    nodes.remove(victim);
+    terminate_all(&mut nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn briefly_paused_primary_is_not_replaced() {
+    let etcd = etcd().await;
+    // A 5 s lease and a 1 s pause: the primary is slow, not dead. Its port still accepts
+    // connections (the kernel answers), so the backup has no evidence and must wait for the
+    // lease, which the primary renews after the pause.
+    let args = node_args(&etcd, &job_name("slow"), 1, 2, 5);
+    let mut nodes = spawn_nodes(&args, 2);
+    let st = wait_staffed(&nodes, 1).await;
+    let victim = st.iter().position(|s| s.primary_of(0).is_some()).unwrap();
+    let backup = 1 - victim;
+    let term = st[victim].primary_of(0).unwrap();
+
+    info!("--- SIGSTOP the primary for 1 s (the fault itself), then SIGCONT");
+    nodes[victim].pause().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    nodes[victim].resume().unwrap();
+    // The resumed primary answers pings again: ask the etcd key who is primary now, after the
+    // backup has had many monitor rounds (every 50 ms) against the resumed node.
+    let mut client = etcd.client().await.unwrap();
+    let key = format!("/taskgraph/jobs/{}/tasks/0/primary", args.job);
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        let kv = client.get(key.clone(), None).await.unwrap();
+        let rev = kv.kvs().first().map(|kv| kv.create_revision() as u64);
+        assert_eq!(rev, Some(term), "the primary's term must not change");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let backup_lines = nodes[backup].lines();
+    assert!(
+        statuses(&backup_lines).all(|s| s.role != "primary"),
+        "the backup never became primary{}",
+        dump(&[&nodes[backup]])
+    );
+    assert_eq!(
+        last_status(&nodes[victim].lines()).and_then(|s| s.primary_of(0)),
+        Some(term),
+        "{}",
+        dump(&[&nodes[victim]])
+    );
+    terminate_all(&mut nodes).await;
+}
