@@ -737,44 +737,31 @@ impl Node {
                 Decision::Lost => self.lose_slot().await,
                 _ if self.await_change => return Ok(Flow::Continue),
                 Decision::ClaimPrimary(t) => {
-                    match self
+                    let won = self
                         .store
                         .claim_primary(t, tasks_replicas, &self.holder, lease)
-                        .await
-                    {
-                        Ok(Some(term)) => {
-                            info!(task = t, term, "became primary");
-                            self.mine = MySlot::Primary { task: t, term };
-                            self.note_own_key(true, t, 0, term, lease);
-                            self.take_slot(t).await?;
-                            self.promoted(term).await;
-                        }
-                        Ok(None) => self.await_change = true,
-                        Err(e) => {
-                            warn!(error = %e, task = t, "claim failed");
-                            self.await_change = true;
-                        }
+                        .await;
+                    if let Some(term) = self.won("claim primary", t, won) {
+                        info!(task = t, term, "became primary");
+                        self.mine = MySlot::Primary { task: t, term };
+                        self.note_own_key(true, t, 0, term, lease);
+                        self.take_slot(t).await?;
+                        self.promoted(term).await;
                     }
                 }
                 Decision::ClaimBackup(t, k) => {
-                    match self.store.claim_backup(t, k, &self.holder, lease).await {
-                        Ok(Some(rev)) => {
-                            info!(task = t, slot = k, "became backup");
-                            self.mine = MySlot::Backup {
-                                task: t,
-                                k,
-                                create_revision: rev,
-                            };
-                            self.note_own_key(false, t, k, rev, lease);
-                            self.take_slot(t).await?;
-                            if let Some(s) = self.slot.as_mut() {
-                                s.task.became_backup(&s.ctx).await;
-                            }
-                        }
-                        Ok(None) => self.await_change = true,
-                        Err(e) => {
-                            warn!(error = %e, task = t, "claim failed");
-                            self.await_change = true;
+                    let won = self.store.claim_backup(t, k, &self.holder, lease).await;
+                    if let Some(rev) = self.won("claim backup", t, won) {
+                        info!(task = t, slot = k, "became backup");
+                        self.mine = MySlot::Backup {
+                            task: t,
+                            k,
+                            create_revision: rev,
+                        };
+                        self.note_own_key(false, t, k, rev, lease);
+                        self.take_slot(t).await?;
+                        if let Some(s) = self.slot.as_mut() {
+                            s.task.became_backup(&s.ctx).await;
                         }
                     }
                 }
@@ -787,30 +774,40 @@ impl Node {
                     else {
                         return Ok(Flow::Continue);
                     };
-                    match self
+                    let won = self
                         .store
                         .promote(task, k, create_revision, &self.holder, lease)
-                        .await
-                    {
-                        Ok(Some(term)) => {
-                            info!(task, term, "backup promoted to primary");
-                            self.mine = MySlot::Primary { task, term };
-                            if let Some(v) = self.view.as_mut() {
-                                v.backups.remove(&(task, k));
-                            }
-                            self.note_own_key(true, task, 0, term, lease);
-                            self.promoted(term).await;
+                        .await;
+                    if let Some(term) = self.won("promotion", task, won) {
+                        info!(task, term, "backup promoted to primary");
+                        self.mine = MySlot::Primary { task, term };
+                        if let Some(v) = self.view.as_mut() {
+                            v.backups.remove(&(task, k));
                         }
-                        Ok(None) => self.await_change = true,
-                        Err(e) => {
-                            warn!(error = %e, task, "promotion failed");
-                            self.await_change = true;
-                        }
+                        self.note_own_key(true, task, 0, term, lease);
+                        self.promoted(term).await;
                     }
                 }
             }
             self.publish();
         }
+    }
+
+    /// The revision of a won claim. A lost race or an etcd error means the view was stale or
+    /// etcd is away: wait for the next change before claiming again.
+    fn won(
+        &mut self,
+        what: &'static str,
+        task: TaskId,
+        outcome: Result<Option<i64>, crate::error::EtcdError>,
+    ) -> Option<i64> {
+        match outcome {
+            Ok(Some(rev)) => return Some(rev),
+            Ok(None) => debug!(task, what, "lost the race; waiting for the next change"),
+            Err(e) => warn!(error = %e, task, what, "failed; waiting for the next change"),
+        }
+        self.await_change = true;
+        None
     }
 
     /// Records a key this node just wrote, so the view agrees before the watch reports it.
