@@ -6,12 +6,20 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use taskgraph_topology::Links;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::data::{
+    encode, Answer, Checkpoint, DataReply, DataRequest, PullError, PullId, ServeKey,
+};
 use crate::error::ContextError;
-use crate::etcd::lease::LeaseState;
-use crate::etcd::Store;
+use crate::exchange::replication::{ship, Replicator, Shipped};
+use crate::exchange::{lock, EpochBook, PendingPull, SlotEnv};
+use crate::wire::ReplicateKind;
 use crate::{Epoch, TaskId, Term};
 
 /// An error a task handler reports. Returned from [`Task::init`], it stops the node.
@@ -66,6 +74,54 @@ pub trait Task: Send + 'static {
     /// node was not primary, is skipped).
     async fn enter_epoch(&mut self, _ctx: &Context, _epoch: Epoch) {}
 
+    /// A task value built afresh to take over as primary gets the task's last checkpoint
+    /// (see [`Context::checkpoint`]) here, after [`init`](Task::init) and before
+    /// [`became_primary`](Task::became_primary). Not called when there is no checkpoint, nor on
+    /// a promoted backup (it has the primary's replicated state instead).
+    async fn restore(&mut self, _ctx: &Context, _checkpoint: Checkpoint) {}
+
+    /// Answers a pull from another task (or this one). Called at most once per request on a
+    /// given primary, only while this node is the task's acting primary and in the request's
+    /// epoch; retries of the request get the same answer without calling it again. Answer with
+    /// [`DataRequest::reply`] now or later (keep the request until the data is there). The
+    /// default refuses every method.
+    async fn serve_data(&mut self, _ctx: &Context, request: DataRequest) {
+        request.unknown_method();
+    }
+
+    /// The answer to a [`Context::data_request`] of this task: called exactly once per request,
+    /// while the task is still in the request's epoch (requests of an epoch the task has left
+    /// are cancelled and never answered).
+    async fn data_ready(&mut self, _ctx: &Context, _reply: DataReply) {}
+
+    /// A neighbour flagged `meta` on `link` (the link as the *sender* named it) in this task's
+    /// current epoch. Called once per (sender, link, meta, epoch), however often the sender
+    /// flags it and whatever fails in between.
+    async fn meta_ready(&mut self, _ctx: &Context, _from: TaskId, _link: &str, _meta: &str) {}
+
+    /// `neighbour`, a neighbour of this task in `link` at the current epoch, lost its primary.
+    /// Called once per incident (and per link the neighbour is in), always before the matching
+    /// [`neighbour_restarted`](Task::neighbour_restarted). Pulls to it keep being retried.
+    async fn neighbour_failed(&mut self, _ctx: &Context, _link: &str, _neighbour: TaskId) {}
+
+    /// A new primary serves `neighbour` (after [`neighbour_failed`](Task::neighbour_failed)).
+    /// It starts at the job's current epoch with its backup's replicated state or its last
+    /// checkpoint.
+    async fn neighbour_restarted(&mut self, _ctx: &Context, _link: &str, _neighbour: TaskId) {}
+
+    /// As a backup: apply an update the primary shipped with [`Context::replicate`]. Updates
+    /// arrive once each, in the order the primary replicated them, after a snapshot.
+    async fn apply_update(&mut self, _ctx: &Context, _update: Bytes) {}
+
+    /// As primary: the task's whole replicated state, shipped to a backup that joins (or to
+    /// every backup after a failover) before any further update. The default is empty.
+    fn snapshot(&self, _ctx: &Context) -> Bytes {
+        Bytes::new()
+    }
+
+    /// As a backup: replace the task's state by a primary's [`snapshot`](Task::snapshot).
+    async fn apply_snapshot(&mut self, _ctx: &Context, _snapshot: Bytes) {}
+
     /// The task's slot on this node ends. No other handler is called afterwards.
     async fn exit(&mut self, _ctx: &Context, _reason: ExitReason) {}
 }
@@ -96,11 +152,26 @@ pub(crate) struct SlotState {
     pub epoch: Epoch,
 }
 
-/// Requests from a task to its node's event loop.
+/// Requests from a task (its context, its spawned work, the framework's work on its behalf) to
+/// its node's event loop. Each names the slot it comes from; the loop ignores requests of a
+/// slot that has ended.
 #[derive(Debug)]
 pub(crate) enum LoopRequest {
     /// Die now, without revoking the lease (as if the process were killed).
     Kill,
+    /// The task answered (or dropped) a [`DataRequest`].
+    Answer {
+        slot: u64,
+        key: ServeKey,
+        answer: Answer,
+    },
+    /// The answer to one of the task's pulls arrived.
+    Pulled {
+        slot: u64,
+        id: PullId,
+        server_term: Term,
+        result: Result<Bytes, PullError>,
+    },
 }
 
 /// A task's handle on the framework: who it is, where the job is, and the verbs it may call.
@@ -111,57 +182,53 @@ pub struct Context {
 }
 
 struct Inner {
-    task: TaskId,
-    num_tasks: u32,
+    env: Arc<SlotEnv>,
     links: Links,
-    store: Store,
-    lease: watch::Receiver<LeaseState>,
     slot: watch::Receiver<SlotState>,
-    requests: mpsc::UnboundedSender<LoopRequest>,
+    book: Arc<Mutex<EpochBook>>,
+    replicator: tokio::sync::Mutex<Replicator>,
     spawned: Mutex<JoinSet<()>>,
 }
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
-            .field("task", &self.inner.task)
+            .field("task", &self.inner.env.task)
             .field("slot", &*self.inner.slot.borrow())
             .finish_non_exhaustive()
     }
 }
 
 impl Context {
-    pub(crate) fn new(
-        task: TaskId,
-        num_tasks: u32,
-        links: Links,
-        store: Store,
-        lease: watch::Receiver<LeaseState>,
-        slot: watch::Receiver<SlotState>,
-        requests: mpsc::UnboundedSender<LoopRequest>,
-    ) -> Self {
+    pub(crate) fn new(env: Arc<SlotEnv>, links: Links, slot: watch::Receiver<SlotState>) -> Self {
         Context {
             inner: Arc::new(Inner {
-                task,
-                num_tasks,
+                env,
                 links,
-                store,
-                lease,
                 slot,
-                requests,
+                book: Arc::default(),
+                replicator: tokio::sync::Mutex::default(),
                 spawned: Mutex::new(JoinSet::new()),
             }),
         }
     }
 
+    pub(crate) fn env(&self) -> &Arc<SlotEnv> {
+        &self.inner.env
+    }
+
+    pub(crate) fn replicator(&self) -> &tokio::sync::Mutex<Replicator> {
+        &self.inner.replicator
+    }
+
     /// This task's id.
     pub fn task(&self) -> TaskId {
-        self.inner.task
+        self.inner.env.task
     }
 
     /// Number of tasks in the job.
     pub fn num_tasks(&self) -> u32 {
-        self.inner.num_tasks
+        self.inner.env.num_tasks
     }
 
     /// The epoch this task is in: the last one it entered as primary, or observed as backup.
@@ -173,7 +240,7 @@ impl Context {
     /// primary — also while its lease is past its local deadline.
     pub fn term(&self) -> Option<Term> {
         let term = self.inner.slot.borrow().primary?;
-        self.inner.lease.borrow().valid_now().then_some(term)
+        self.inner.env.lease.borrow().valid_now().then_some(term)
     }
 
     /// Whether this node acts as the task's primary right now.
@@ -191,19 +258,19 @@ impl Context {
         self.inner
             .links
             .get(link)
-            .map(|t| t.neighbours(self.inner.task, self.epoch()))
+            .map(|t| t.neighbours(self.inner.env.task, self.epoch()))
             .unwrap_or_default()
     }
 
     fn acting_term(&self) -> Result<Term, ContextError> {
         let slot = *self.inner.slot.borrow();
         match slot.primary {
-            Some(term) if self.inner.lease.borrow().valid_now() => Ok(term),
+            Some(term) if self.inner.env.lease.borrow().valid_now() => Ok(term),
             Some(_) => Err(ContextError::Suspended {
-                task: self.inner.task,
+                task: self.inner.env.task,
             }),
             None => Err(ContextError::NotPrimary {
-                task: self.inner.task,
+                task: self.inner.env.task,
                 term: 0,
             }),
         }
@@ -220,8 +287,9 @@ impl Context {
         let term = self.acting_term()?;
         let moved = self
             .inner
+            .env
             .store
-            .inc_epoch(self.inner.task, term as i64, from)
+            .inc_epoch(self.inner.env.task, term as i64, from)
             .await?;
         if !moved {
             // A stale `from`, or the fence failed because this node was deposed meanwhile.
@@ -236,22 +304,290 @@ impl Context {
         let term = self.acting_term()?;
         match self
             .inner
+            .env
             .store
-            .finish(self.inner.task, term as i64)
+            .finish(self.inner.env.task, term as i64)
             .await?
         {
             Some(epoch) => Ok(epoch),
             None => Err(ContextError::NotPrimary {
-                task: self.inner.task,
+                task: self.inner.env.task,
                 term,
             }),
         }
     }
 
+    /// Asks task `to` for data: calls method `method` of its current primary's
+    /// [`Task::serve_data`] with `input`. Returns at once with the request's id; the answer
+    /// arrives exactly once as [`Task::data_ready`] while this task is still in the current
+    /// epoch. The framework retries across connection errors, restarts and failovers of `to`
+    /// (following its current primary), and cancels the request when the epoch moves on.
+    ///
+    /// Errors: [`ContextError::NotPrimary`] / [`ContextError::Suspended`] (only an acting
+    /// primary pulls), [`ContextError::UnknownTask`].
+    pub fn data_request(
+        &self,
+        to: TaskId,
+        method: &str,
+        input: impl Into<Bytes>,
+    ) -> Result<PullId, ContextError> {
+        self.start_pull(to, method, input.into(), None)
+    }
+
+    /// [`data_request`](Context::data_request) with a typed argument (encoded with postcard;
+    /// decode it on the serving side with [`DataRequest::decode`]).
+    pub fn data_request_with<T: Serialize + ?Sized>(
+        &self,
+        to: TaskId,
+        method: &str,
+        input: &T,
+    ) -> Result<PullId, ContextError> {
+        let input = encode(input).map_err(|e| ContextError::Codec(e.0))?;
+        self.start_pull(to, method, input, None)
+    }
+
+    /// Asks task `to` for data and waits for the typed answer: the awaitable form of
+    /// [`data_request`](Context::data_request), with the same retries and exactly-once
+    /// guarantee; the answer is returned here instead of going to [`Task::data_ready`].
+    ///
+    /// Await it in work started with [`Context::spawn`], not inside a handler: while a handler
+    /// waits, the node's event loop waits too (it cannot serve pulls or follow failovers).
+    /// Returns [`PullError::EpochMoved`] when the task leaves the epoch first.
+    pub async fn request<T, R>(&self, to: TaskId, method: &str, input: &T) -> Result<R, PullError>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let input = encode(input)?;
+        let (tx, rx) = oneshot::channel();
+        let id =
+            self.start_pull(to, method, input, Some(tx))
+                .map_err(|_| PullError::NotPrimary {
+                    task: self.inner.env.task,
+                })?;
+        match rx.await {
+            Ok(reply) => reply.decode(),
+            Err(_) => Err(PullError::EpochMoved(id)),
+        }
+    }
+
+    fn start_pull(
+        &self,
+        to: TaskId,
+        method: &str,
+        input: Bytes,
+        waiter: Option<oneshot::Sender<DataReply>>,
+    ) -> Result<PullId, ContextError> {
+        let term = self.acting_term()?;
+        let env = &self.inner.env;
+        if to >= env.num_tasks {
+            return Err(ContextError::UnknownTask {
+                task: to,
+                num_tasks: env.num_tasks,
+            });
+        }
+        let mut book = lock(&self.inner.book);
+        let id = book.next_id(env.task, to);
+        book.pending.insert(
+            id,
+            PendingPull {
+                method: method.to_owned(),
+                input: input.clone(),
+                term,
+                waiter,
+            },
+        );
+        book.spawn(crate::exchange::fetch(
+            env.clone(),
+            Arc::downgrade(&self.inner.book),
+            id,
+            term,
+            method.to_owned(),
+            input,
+        ));
+        Ok(id)
+    }
+
+    /// Starts fetching a pending pull again (its answer was fenced off at delivery).
+    pub(crate) fn refetch(&self, id: PullId) {
+        let mut book = lock(&self.inner.book);
+        if book.epoch != id.epoch {
+            return;
+        }
+        let Some(p) = book.pending.get(&id) else {
+            return;
+        };
+        let work = crate::exchange::fetch(
+            self.inner.env.clone(),
+            Arc::downgrade(&self.inner.book),
+            id,
+            p.term,
+            p.method.clone(),
+            p.input.clone(),
+        );
+        book.spawn(work);
+    }
+
+    /// Takes a pending pull of the current epoch for delivery (`None`: already delivered, or
+    /// of another epoch).
+    pub(crate) fn take_pending(&self, id: PullId) -> Option<PendingPull> {
+        let mut book = lock(&self.inner.book);
+        if book.epoch != id.epoch {
+            return None;
+        }
+        book.pending.remove(&id)
+    }
+
+    /// Starts `epoch` on the requesting side: pulls and metas of other epochs are cancelled.
+    pub(crate) fn begin_epoch(&self, epoch: Epoch) {
+        let mut book = lock(&self.inner.book);
+        if book.epoch != epoch {
+            book.reset(epoch);
+        }
+    }
+
+    /// Raises `meta` towards every neighbour of `link` at the current epoch. Each of them gets
+    /// [`Task::meta_ready`] exactly once in this epoch — also a neighbour whose primary changes
+    /// later in the epoch; flagging the same meta again in the epoch (for instance by a new
+    /// primary of this task) delivers nothing more. Metas travel node to node (no etcd
+    /// writes).
+    ///
+    /// Errors: [`ContextError::NotPrimary`] / [`ContextError::Suspended`],
+    /// [`ContextError::UnknownLink`].
+    pub fn flag_meta(&self, link: &str, meta: &str) -> Result<(), ContextError> {
+        let term = self.acting_term()?;
+        let env = &self.inner.env;
+        let epoch = self.epoch();
+        let Some(topology) = self.inner.links.get(link) else {
+            return Err(ContextError::UnknownLink {
+                link: link.to_owned(),
+            });
+        };
+        let mut book = lock(&self.inner.book);
+        if book.epoch != epoch {
+            book.reset(epoch);
+        }
+        if !book.flagged.insert((link.to_owned(), meta.to_owned())) {
+            return Ok(());
+        }
+        for to in topology.neighbours(env.task, epoch) {
+            let entry = (link.to_owned(), meta.to_owned());
+            if let Some(outbox) = book.outboxes.get(&to) {
+                outbox.send_modify(|v| v.push(entry));
+                continue;
+            }
+            let (tx, rx) = watch::channel(vec![entry]);
+            book.outboxes.insert(to, tx);
+            book.spawn(crate::exchange::send_metas(
+                env.clone(),
+                epoch,
+                term,
+                to,
+                rx,
+            ));
+        }
+        Ok(())
+    }
+
+    /// As primary, ships `update` to every live backup and returns once each has applied it
+    /// ([`Task::apply_update`]), so a backup promoted later starts from this state. Call it
+    /// from the handler that changes the state the update describes (snapshots for joining
+    /// backups are taken between handlers). A backup that cannot apply it within the lease TTL
+    /// is removed from its slot first (it rejoins and gets a snapshot).
+    ///
+    /// Errors: [`ContextError::NotPrimary`] (deposed meanwhile: the update may not be
+    /// everywhere; the new primary carries on), [`ContextError::Suspended`].
+    pub async fn replicate(&self, update: impl Into<Bytes>) -> Result<(), ContextError> {
+        let term = self.acting_term()?;
+        let data = update.into();
+        let env = &self.inner.env;
+        let mut r = self.inner.replicator.lock().await;
+        r.for_term(term);
+        r.index += 1;
+        let index = r.index;
+        let epoch = self.epoch();
+        let shipped = futures::future::join_all(r.members.iter().map(|m| {
+            ship(
+                env,
+                term,
+                epoch,
+                m,
+                ReplicateKind::Update,
+                index,
+                data.clone(),
+            )
+        }))
+        .await;
+        let mut deposed = false;
+        let members = std::mem::take(&mut r.members);
+        for (m, outcome) in members.into_iter().zip(shipped) {
+            match outcome {
+                Shipped::Applied => r.members.push(m),
+                Shipped::Gone => {}
+                Shipped::Deposed => deposed = true,
+            }
+        }
+        if deposed {
+            return Err(ContextError::NotPrimary {
+                task: env.task,
+                term,
+            });
+        }
+        Ok(())
+    }
+
+    /// Stores `data` as this task's checkpoint in etcd, tagged with the current epoch. A task
+    /// value built afresh to take over the task (all its nodes died) gets the last one in
+    /// [`Task::restore`]. Keep it small: it is refused above the configured limit (default
+    /// 1 MiB, see `FrameworkBuilder::max_checkpoint_bytes`); every call is one etcd write.
+    ///
+    /// Errors: [`ContextError::TooLarge`], [`ContextError::NotPrimary`] (also when a newer
+    /// primary exists: the write is fenced by this primary's term), [`ContextError::Suspended`],
+    /// [`ContextError::Etcd`].
+    pub async fn checkpoint(&self, data: impl Into<Bytes>) -> Result<(), ContextError> {
+        let data: Bytes = data.into();
+        let env = &self.inner.env;
+        if data.len() > env.max_checkpoint_bytes {
+            return Err(ContextError::TooLarge {
+                what: "checkpoint",
+                size: data.len(),
+                limit: env.max_checkpoint_bytes,
+            });
+        }
+        let term = self.acting_term()?;
+        let value = crate::etcd::keys::StoredCheckpoint {
+            epoch: self.epoch(),
+            data: data.to_vec(),
+        }
+        .encode();
+        if env
+            .store
+            .put_checkpoint(env.task, term as i64, value)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(ContextError::NotPrimary {
+                task: env.task,
+                term,
+            })
+        }
+    }
+
+    /// [`checkpoint`](Context::checkpoint) of a typed value (postcard); read it back with
+    /// [`Checkpoint::decode`].
+    pub async fn checkpoint_with<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+    ) -> Result<(), ContextError> {
+        let data = encode(value).map_err(|e| ContextError::Codec(e.0))?;
+        self.checkpoint(data).await
+    }
+
     /// Kills this node as if its process died: no handler runs any more, and the lease is
     /// *not* revoked, so other nodes notice only when it expires. For failure drills and tests.
     pub fn kill(&self) {
-        let _ = self.inner.requests.send(LoopRequest::Kill);
+        let _ = self.inner.env.loop_tx.send(LoopRequest::Kill);
     }
 
     /// Runs `work` in the background, owned by this task's slot: it is aborted when the slot
@@ -267,10 +603,11 @@ impl Context {
         }
     }
 
-    /// Aborts every piece of spawned work.
+    /// Aborts every piece of spawned work, and the framework's work for this slot.
     pub(crate) fn abort_spawned(&self) {
         if let Ok(mut set) = self.inner.spawned.lock() {
             set.abort_all();
         }
+        lock(&self.inner.book).reset(u64::MAX);
     }
 }

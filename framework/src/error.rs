@@ -148,4 +148,21 @@ pub enum ContextError {
     /// The node is stopping.
     #[error("the node is stopping")]
     Stopping,
+    /// No such task in the job.
+    #[error("unknown task {task}: the job has {num_tasks} tasks")]
+    UnknownTask {
+        /// The task asked for.
+        task: u32,
+        /// Number of tasks.
+        num_tasks: u32,
+    },
+    /// No such link in the application's topology.
+    #[error("unknown link {link:?}")]
+    UnknownLink {
+        /// The link asked for.
+        link: String,
+    },
+    /// A typed payload could not be encoded.
+    #[error("payload codec: {0}")]
+    Codec(String),
 }

@@ -188,6 +188,18 @@ impl FrameworkBuilder {
         self.etcd_connect_timeout = t;
         self
     }
+    /// Largest checkpoint a task may store in etcd (default 1 MiB; etcd refuses requests over
+    /// 1.5 MiB by default).
+    pub fn max_checkpoint_bytes(mut self, bytes: usize) -> Self {
+        self.max_checkpoint_bytes = bytes;
+        self
+    }
+    /// Largest gRPC frame (pull, answer, meta, replication entry) a node sends or accepts
+    /// (default 64 MiB). Larger ones are refused with a clear status.
+    pub fn max_frame_bytes(mut self, bytes: usize) -> Self {
+        self.max_frame_bytes = bytes;
+        self
+    }
     /// A readable prefix for the node's id (e.g. the pod name); a random suffix is added.
     pub fn node_name(mut self, name: impl Into<String>) -> Self {
         self.node_name = Some(name.into());

@@ -44,15 +44,19 @@
 
 mod app;
 mod config;
+mod data;
 mod error;
 pub mod etcd;
+mod exchange;
 mod framework;
 mod node;
 mod roles;
 
 pub use app::{Context, ExitReason, Task, TaskBuilder, TaskError};
 pub use async_trait::async_trait;
+pub use bytes::Bytes;
 pub use config::{validate_job_name, Config, JobSpec, MAX_REPLICAS, MAX_TASKS};
+pub use data::{decode, encode, Checkpoint, CodecError, DataReply, DataRequest, PullError, PullId};
 pub use error::{ConfigError, ContextError, Error, EtcdCause, EtcdError};
 pub use framework::{Framework, FrameworkBuilder};
 pub use node::{NodeExit, NodeHandle, NodeStatus, Role};

@@ -17,13 +17,21 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::app::{Context, ExitReason, LoopRequest, SlotState, Task, TaskBuilder};
 use crate::config::Config;
+use crate::data::{Checkpoint, DataReply, DataRequest, Responder, ServeKey};
 use crate::error::Error;
-use crate::etcd::keys::{EpochValue, Holder, JobKey};
+use crate::etcd::keys::{EpochValue, Holder, JobKey, StoredCheckpoint};
 use crate::etcd::lease::{self, LeaseState};
 use crate::etcd::watch::{self as jobwatch, JobEvent};
 use crate::etcd::{Kv, Store};
+use crate::exchange::neighbours::{Incident, NeighbourTracker};
+use crate::exchange::replication::{ship, Member, Shipped};
+use crate::exchange::serve::{Lookup, Reply, ServeBook};
+use crate::exchange::{Fence, SlotEnv};
 use crate::roles::{decide, Decision, JobView, MySlot, SlotKey};
-use crate::wire::{self, CallError, Inbound, Peers, PingReply, Rejection, SlotInfo};
+use crate::wire::{
+    self, CallError, Inbound, Meta, Peers, PingReply, PullRequest, Rejection, Replicate,
+    ReplicateKind, SlotInfo,
+};
 use crate::{Epoch, TaskId, Term};
 
 /// How a node ended.
@@ -249,6 +257,9 @@ async fn run(
         observed: Vec::new(),
         peers: Peers::new(client),
         monitor: None,
+        view_tx: watch::channel(Arc::new(JobView::default())).0,
+        fence: Fence::default(),
+        slots_taken: 0,
     };
     let result = node.main_loop(events, requests, inbound, stop).await;
     if let Some(m) = node.monitor.take() {
@@ -268,6 +279,14 @@ struct SlotRuntime {
     state: watch::Sender<SlotState>,
     /// Last epoch entered as primary under the current term.
     entered: Option<Epoch>,
+    /// Identifies this slot among the ones the node has taken.
+    id: u64,
+    /// As primary: answers and early arrivals of the current epoch.
+    serve: ServeBook,
+    /// As primary: the neighbours' primaries, for neighbour incidents.
+    neighbours: NeighbourTracker,
+    /// As backup: the primary term and last index of the replication stream applied.
+    replica: Option<(Term, u64)>,
 }
 
 struct Node {
@@ -292,6 +311,12 @@ struct Node {
     peers: Peers,
     /// As a backup: the watch on the primary's liveness.
     monitor: Option<Monitor>,
+    /// The view, for the slot's background work (pull fetchers, meta senders, replication).
+    view_tx: watch::Sender<Arc<JobView>>,
+    /// Highest term seen per task.
+    fence: Fence,
+    /// Slots taken so far (ids of [`SlotRuntime`]).
+    slots_taken: u64,
 }
 
 /// How often a backup checks that its primary's process is alive, and how long a check may
@@ -332,6 +357,43 @@ async fn watch_primary(peers: Peers, store: Store, addr: String, node: String, l
     }
 }
 
+/// Reads task `t`'s last checkpoint; garbage is logged and ignored.
+async fn load_checkpoint(
+    store: Store,
+    lease: watch::Receiver<LeaseState>,
+    t: TaskId,
+) -> Option<Checkpoint> {
+    let key = store.keys().checkpoint(t);
+    let mut delays = crate::exchange::backoff();
+    // Retry while the slot can still be this node's: starting without a checkpoint that
+    // exists would lose the task's state.
+    while !matches!(*lease.borrow(), LeaseState::Expired { .. }) {
+        match store.get(&key).await {
+            Ok(None) => return None,
+            Ok(Some(kv)) => {
+                return match StoredCheckpoint::decode(&kv.value) {
+                    Ok(cp) => Some(Checkpoint {
+                        epoch: cp.epoch,
+                        data: cp.data.into(),
+                    }),
+                    Err(reason) => {
+                        warn!(
+                            key,
+                            reason, "the task's checkpoint is garbage; starting without it"
+                        );
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, key, "cannot read the task's checkpoint yet; retrying");
+                tokio::time::sleep(delays.next().unwrap_or(Duration::from_millis(500))).await;
+            }
+        }
+    }
+    None
+}
+
 enum Flow {
     Continue,
     Exit(NodeExit),
@@ -359,6 +421,7 @@ impl Node {
                         warn!("killed by its task: leaving without revoking the lease");
                         return Ok(NodeExit::Killed);
                     }
+                    other => { self.on_request(other).await; Flow::Continue }
                 },
                 ev = events.recv() => match ev {
                     Some(ev) => {
@@ -368,11 +431,12 @@ impl Node {
                         while let Ok(ev) = events.try_recv() {
                             self.apply(ev);
                         }
+                        self.publish_view();
                         self.step().await?
                     }
                     None => return Err(Error::Garbage { key: String::new(), reason: "job watch ended".into() }),
                 },
-                Some(msg) = inbound.recv() => { self.on_inbound(msg); Flow::Continue }
+                Some(msg) = inbound.recv() => { self.on_inbound(msg).await; Flow::Continue }
                 changed = self.lease.changed() => {
                     if changed.is_err() { Flow::Continue } else { self.on_lease(&stop).await? }
                 },
@@ -426,54 +490,372 @@ impl Node {
         }
     }
 
-    /// Answers a message from another node. Data pulls, metas and replication are not served
-    /// yet (the task API has no handlers for them): they are refused with a status.
-    fn on_inbound(&mut self, msg: Inbound) {
-        let my_primary = match self.mine {
-            MySlot::Primary { task, .. } if self.lease_valid() => Some(task),
+    /// The task this node acts for as primary right now, with its term.
+    fn acting_primary(&self) -> Option<(TaskId, Term)> {
+        match self.mine {
+            MySlot::Primary { task, term } if self.lease_valid() => Some((task, term as Term)),
             _ => None,
-        };
-        let refuse = |task: TaskId, method: &str| match my_primary {
-            Some(t) if t == task => Rejection::UnknownMethod {
-                method: method.to_owned(),
-            },
-            _ => Rejection::NotPrimary { task },
-        };
+        }
+    }
+
+    /// Answers a message from another node.
+    async fn on_inbound(&mut self, msg: Inbound) {
         match msg {
             Inbound::Ping(reply) => {
-                let slots = match (self.mine, &self.slot) {
-                    (MySlot::Spare, _) | (_, None) => vec![],
-                    (MySlot::Primary { task, term }, Some(s)) => vec![SlotInfo {
-                        task,
-                        primary: true,
-                        term: term as u64,
-                        epoch: s.entered.unwrap_or(0),
-                    }],
-                    (MySlot::Backup { task, .. }, Some(s)) => vec![SlotInfo {
-                        task,
-                        primary: false,
-                        term: 0,
-                        epoch: s.state.borrow().epoch,
-                    }],
-                };
-                let _ = reply.send(PingReply {
-                    job: self.config.job.clone(),
-                    node_id: self.holder.node.clone(),
-                    slots,
-                });
+                let _ = reply.send(self.ping_reply());
             }
-            Inbound::Pull(req, reply) => {
-                let _ = reply.send(Err(refuse(req.header.to_task, &req.method)));
-            }
+            Inbound::Pull(req, reply) => self.on_pull(req, reply).await,
             Inbound::Meta(msg, reply) => {
-                let _ = reply.send(Err(refuse(msg.header.to_task, "meta")));
+                let outcome = self.on_meta(msg).await;
+                let _ = reply.send(outcome);
             }
             Inbound::Replicate(msg, reply) => {
-                let _ = reply.send(Err(refuse(msg.header.to_task, "replicate")));
+                let outcome = self.on_replicate(msg).await;
+                let _ = reply.send(outcome);
             }
         }
     }
 
+    fn ping_reply(&self) -> PingReply {
+        let slots = match (self.mine, &self.slot) {
+            (MySlot::Spare, _) | (_, None) => vec![],
+            (MySlot::Primary { task, term }, Some(s)) => vec![SlotInfo {
+                task,
+                primary: true,
+                term: term as u64,
+                epoch: s.entered.unwrap_or(0),
+            }],
+            (MySlot::Backup { task, .. }, Some(s)) => vec![SlotInfo {
+                task,
+                primary: false,
+                term: 0,
+                epoch: s.state.borrow().epoch,
+            }],
+        };
+        PingReply {
+            job: self.config.job.clone(),
+            node_id: self.holder.node.clone(),
+            slots,
+        }
+    }
+
+    /// Checks the sender's term against the fence: a lower term than one seen for the sending
+    /// task means it was deposed.
+    fn fence_sender(&self, task: TaskId, term: Term) -> Result<(), Rejection> {
+        if term == 0 || !self.fence.admit(task, term) {
+            return Err(Rejection::StaleTerm {
+                task,
+                term,
+                seen: self.fence.seen(task),
+            });
+        }
+        Ok(())
+    }
+
+    /// A pull for this node's task: answered only by the acting primary, in the request's
+    /// epoch; early requests wait for the epoch, late ones are told it moved.
+    async fn on_pull(&mut self, req: PullRequest, reply: Reply) {
+        let to = req.header.to_task;
+        let Some((task, term)) = self.acting_primary().filter(|(t, _)| *t == to) else {
+            let _ = reply.send(Err(Rejection::NotPrimary { task: to }));
+            return;
+        };
+        if let Err(r) = self.fence_sender(req.header.from_task, req.header.term) {
+            let _ = reply.send(Err(r));
+            return;
+        }
+        let Some(s) = self.slot.as_mut() else {
+            let _ = reply.send(Err(Rejection::NotPrimary { task: to }));
+            return;
+        };
+        let current = match s.serve.epoch() {
+            Some(e) if s.entered == Some(e) => e,
+            _ => {
+                let _ = reply.send(Err(Rejection::NotReady {
+                    task,
+                    epoch: req.header.epoch,
+                }));
+                return;
+            }
+        };
+        let epoch = req.header.epoch;
+        if epoch < current {
+            let _ = reply.send(Err(Rejection::EpochMoved {
+                request_epoch: epoch,
+                current_epoch: current,
+            }));
+            return;
+        }
+        if epoch > current {
+            if let Err((_, reply)) = s.serve.hold_pull(req, reply) {
+                let _ = reply.send(Err(Rejection::NotReady { task, epoch }));
+            }
+            return;
+        }
+        Self::serve_pull(s, req, reply, term, &self.requests_tx).await;
+    }
+
+    /// Runs the task's `serve_data` for a pull of its current epoch, unless this request was
+    /// already handed to it.
+    async fn serve_pull(
+        s: &mut SlotRuntime,
+        req: PullRequest,
+        reply: Reply,
+        _term: Term,
+        requests: &mpsc::UnboundedSender<LoopRequest>,
+    ) {
+        let id = crate::data::PullId {
+            epoch: req.header.epoch,
+            from: req.header.from_task,
+            to: req.header.to_task,
+            seq: req.seq,
+        };
+        let key = ServeKey {
+            id,
+            requester_term: req.header.term,
+        };
+        if let Lookup::New = s.serve.lookup(key, reply) {
+            let request = DataRequest {
+                id,
+                method: req.method,
+                input: req.payload,
+                responder: Some(Responder {
+                    slot: s.id,
+                    key,
+                    tx: requests.clone(),
+                }),
+            };
+            s.task.serve_data(&s.ctx, request).await;
+        }
+    }
+
+    /// A meta for this node's task: delivered once per (sender, link, meta) in the task's
+    /// epoch; early ones wait for the epoch.
+    async fn on_meta(&mut self, msg: Meta) -> Result<(), Rejection> {
+        let to = msg.header.to_task;
+        if self.acting_primary().is_none_or(|(t, _)| t != to) {
+            return Err(Rejection::NotPrimary { task: to });
+        }
+        self.fence_sender(msg.header.from_task, msg.header.term)?;
+        let Some(s) = self.slot.as_mut() else {
+            return Err(Rejection::NotPrimary { task: to });
+        };
+        let current = match s.serve.epoch() {
+            Some(e) if s.entered == Some(e) => e,
+            _ => {
+                return Err(Rejection::NotReady {
+                    task: to,
+                    epoch: msg.header.epoch,
+                })
+            }
+        };
+        let epoch = msg.header.epoch;
+        if epoch < current {
+            return Err(Rejection::EpochMoved {
+                request_epoch: epoch,
+                current_epoch: current,
+            });
+        }
+        if epoch > current {
+            return if s.serve.hold_meta(msg) {
+                Ok(())
+            } else {
+                Err(Rejection::NotReady { task: to, epoch })
+            };
+        }
+        Self::deliver_meta(s, msg).await;
+        Ok(())
+    }
+
+    async fn deliver_meta(s: &mut SlotRuntime, msg: Meta) {
+        if s.serve
+            .first_meta(msg.header.from_task, &msg.link, &msg.meta)
+        {
+            s.task
+                .meta_ready(&s.ctx, msg.header.from_task, &msg.link, &msg.meta)
+                .await;
+        }
+    }
+
+    /// A replication entry for this node's task, as its backup.
+    async fn on_replicate(&mut self, msg: Replicate) -> Result<(), Rejection> {
+        let task = msg.header.to_task;
+        let is_backup = matches!(self.mine, MySlot::Backup { task: t, .. } if t == task);
+        if !is_backup || !self.lease_valid() {
+            return Err(Rejection::NotPrimary { task });
+        }
+        self.fence_sender(task, msg.header.term)?;
+        let Some(s) = self.slot.as_mut() else {
+            return Err(Rejection::NotPrimary { task });
+        };
+        let term = msg.header.term;
+        match msg.kind {
+            ReplicateKind::Snapshot => {
+                s.task.apply_snapshot(&s.ctx, msg.data).await;
+                s.replica = Some((term, msg.index));
+                Ok(())
+            }
+            ReplicateKind::Update => match s.replica {
+                Some((t, last)) if t == term && msg.index == last + 1 => {
+                    s.task.apply_update(&s.ctx, msg.data).await;
+                    s.replica = Some((t, msg.index));
+                    Ok(())
+                }
+                // A repeat of an entry already applied.
+                Some((t, last)) if t == term && msg.index <= last => Ok(()),
+                _ => Err(Rejection::NotReady {
+                    task,
+                    epoch: msg.header.epoch,
+                }),
+            },
+        }
+    }
+
+    /// Requests from the task's side: answers to pulls it served, answers to its pulls.
+    async fn on_request(&mut self, req: LoopRequest) {
+        let term = self.acting_primary().map(|(_, t)| t);
+        let Some(s) = self.slot.as_mut() else {
+            return;
+        };
+        match req {
+            LoopRequest::Kill => {}
+            LoopRequest::Answer { slot, key, answer } => {
+                if slot == s.id {
+                    s.serve.answer(key, answer, term.unwrap_or(0));
+                }
+            }
+            LoopRequest::Pulled {
+                slot,
+                id,
+                server_term,
+                result,
+            } => {
+                if slot != s.id || term.is_none() || s.entered != Some(id.epoch) {
+                    return;
+                }
+                if result.is_ok() && server_term < self.fence.seen(id.to) {
+                    // A newer primary of the pulled task is known now: ask it instead.
+                    s.ctx.refetch(id);
+                    return;
+                }
+                let Some(pending) = s.ctx.take_pending(id) else {
+                    return;
+                };
+                let reply = DataReply {
+                    id,
+                    method: pending.method,
+                    server_term,
+                    result,
+                };
+                s.task.data_ready(&s.ctx, reply).await;
+            }
+        }
+    }
+
+    /// Publishes the view to the slot's background work, and raises the fence to every term
+    /// it shows.
+    fn publish_view(&mut self) {
+        let Some(view) = self.view.as_ref() else {
+            return;
+        };
+        for (t, p) in &view.primaries {
+            self.fence.admit(*t, p.create_revision as Term);
+        }
+        self.view_tx.send_replace(Arc::new(view.clone()));
+    }
+
+    /// As acting primary: brings new backups in step (a snapshot, then every update) and
+    /// forgets the ones that left.
+    async fn sync_backups(&mut self) {
+        let Some((task, term)) = self.acting_primary() else {
+            return;
+        };
+        let (Some(view), Some(s)) = (self.view.as_ref(), self.slot.as_mut()) else {
+            return;
+        };
+        let wanted = Member::all_in(view, task, &self.holder.node);
+        let ctx = s.ctx.clone();
+        let mut r = ctx.replicator().lock().await;
+        r.for_term(term);
+        r.members.retain(|m| wanted.contains(m));
+        let new: Vec<Member> = wanted
+            .into_iter()
+            .filter(|m| !r.members.contains(m))
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        let snapshot = s.task.snapshot(&s.ctx);
+        let index = r.index;
+        let epoch = s.entered.unwrap_or(0);
+        let env = ctx.env();
+        let shipped = futures::future::join_all(new.iter().map(|m| {
+            ship(
+                env,
+                term,
+                epoch,
+                m,
+                ReplicateKind::Snapshot,
+                index,
+                snapshot.clone(),
+            )
+        }))
+        .await;
+        for (m, outcome) in new.into_iter().zip(shipped) {
+            if outcome == Shipped::Applied {
+                debug!(task, backup = m.node, index, "backup in step");
+                r.members.push(m);
+            }
+        }
+    }
+
+    /// As acting primary in an epoch: tells the task about neighbours that lost or regained a
+    /// primary since it last looked.
+    async fn neighbour_incidents(&mut self) {
+        if self.acting_primary().is_none() {
+            return;
+        }
+        let (Some(view), Some(s)) = (self.view.as_ref(), self.slot.as_mut()) else {
+            return;
+        };
+        let Some(epoch) = s.entered else {
+            return;
+        };
+        let task = s.ctx.task();
+        let mut by_link: Vec<(String, std::collections::BTreeSet<TaskId>)> = Vec::new();
+        let mut all = std::collections::BTreeSet::new();
+        for (name, topology) in self.config.links.iter() {
+            let set: std::collections::BTreeSet<TaskId> =
+                topology.neighbours(task, epoch).into_iter().collect();
+            all.extend(set.iter().copied());
+            by_link.push((name.to_owned(), set));
+        }
+        let incidents = s
+            .neighbours
+            .update(&all, |n| view.primaries.get(&n).map(|p| p.create_revision));
+        for incident in incidents {
+            let n = match incident {
+                Incident::Failed(n) | Incident::Restarted(n) => n,
+            };
+            for (link, set) in &by_link {
+                if !set.contains(&n) {
+                    continue;
+                }
+                match incident {
+                    Incident::Failed(_) => {
+                        info!(task, neighbour = n, link, "neighbour failed");
+                        s.task.neighbour_failed(&s.ctx, link, n).await;
+                    }
+                    Incident::Restarted(_) => {
+                        info!(task, neighbour = n, link, "neighbour restarted");
+                        s.task.neighbour_restarted(&s.ctx, link, n).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads task `t`'s last checkpoint; garbage is logged and ignored.
     /// As a backup, keeps a liveness watch on the task's current primary; otherwise none.
     fn update_monitor(&mut self) {
         let target = match (self.mine, self.view.as_ref()) {
@@ -731,6 +1113,8 @@ impl Node {
                 Decision::Stay => {
                     self.update_monitor();
                     self.enter_current_epoch().await;
+                    self.sync_backups().await;
+                    self.neighbour_incidents().await;
                     self.publish();
                     return Ok(Flow::Continue);
                 }
@@ -745,7 +1129,7 @@ impl Node {
                         info!(task = t, term, "became primary");
                         self.mine = MySlot::Primary { task: t, term };
                         self.note_own_key(true, t, 0, term, lease);
-                        self.take_slot(t).await?;
+                        self.take_slot(t, true).await?;
                         self.promoted(term).await;
                     }
                 }
@@ -759,7 +1143,7 @@ impl Node {
                             create_revision: rev,
                         };
                         self.note_own_key(false, t, k, rev, lease);
-                        self.take_slot(t).await?;
+                        self.take_slot(t, false).await?;
                         if let Some(s) = self.slot.as_mut() {
                             s.task.became_backup(&s.ctx).await;
                         }
@@ -785,6 +1169,20 @@ impl Node {
                             v.backups.remove(&(task, k));
                         }
                         self.note_own_key(true, task, 0, term, lease);
+                        self.publish_view();
+                        // A backup that never got the primary's state starts like a spare
+                        // would: from the task's last checkpoint.
+                        let unsynced = self.slot.as_ref().is_some_and(|s| s.replica.is_none());
+                        if unsynced {
+                            if let Some(cp) =
+                                load_checkpoint(self.store.clone(), self.lease.clone(), task).await
+                            {
+                                if let Some(s) = self.slot.as_mut() {
+                                    info!(task, epoch = cp.epoch, "promoted before getting the primary's state: restoring the checkpoint");
+                                    s.task.restore(&s.ctx, cp).await;
+                                }
+                            }
+                        }
                         self.promoted(term).await;
                     }
                 }
@@ -826,8 +1224,9 @@ impl Node {
         }
     }
 
-    /// Builds and initialises the task value for a slot just taken as a spare.
-    async fn take_slot(&mut self, t: TaskId) -> Result<(), Error> {
+    /// Builds and initialises the task value for a slot just taken as a spare; a primary's
+    /// gets the task's last checkpoint.
+    async fn take_slot(&mut self, t: TaskId, primary: bool) -> Result<(), Error> {
         let epoch = self
             .view
             .as_ref()
@@ -837,15 +1236,21 @@ impl Node {
             primary: None,
             epoch,
         });
-        let ctx = Context::new(
-            t,
-            self.config.tasks,
-            self.config.links.clone(),
-            self.store.clone(),
-            self.lease.clone(),
-            state_rx,
-            self.requests_tx.clone(),
-        );
+        self.slots_taken += 1;
+        let env = SlotEnv {
+            slot: self.slots_taken,
+            task: t,
+            num_tasks: self.config.tasks,
+            peers: self.peers.clone(),
+            store: self.store.clone(),
+            view: self.view_tx.subscribe(),
+            fence: self.fence.clone(),
+            loop_tx: self.requests_tx.clone(),
+            lease: self.lease.clone(),
+            lease_ttl: self.config.lease_ttl,
+            max_checkpoint_bytes: self.config.max_checkpoint_bytes,
+        };
+        let ctx = Context::new(Arc::new(env), self.config.links.clone(), state_rx);
         let mut task = self.builder.build(t);
         if let Err(e) = task.init(&ctx).await {
             return Err(Error::Task {
@@ -853,11 +1258,25 @@ impl Node {
                 reason: e.to_string(),
             });
         }
+        if primary {
+            if let Some(cp) = load_checkpoint(self.store.clone(), self.lease.clone(), t).await {
+                info!(
+                    task = t,
+                    epoch = cp.epoch,
+                    "restoring the task's checkpoint"
+                );
+                task.restore(&ctx, cp).await;
+            }
+        }
         self.slot = Some(SlotRuntime {
             task,
             ctx,
             state,
             entered: None,
+            id: self.slots_taken,
+            serve: ServeBook::default(),
+            neighbours: NeighbourTracker::default(),
+            replica: None,
         });
         Ok(())
     }
@@ -910,14 +1329,26 @@ impl Node {
             todo.push(current);
         }
         self.observed.clear();
+        let term = match self.mine {
+            MySlot::Primary { term, .. } => term as Term,
+            _ => 0,
+        };
         for epoch in todo {
             if !self.lease.borrow().valid_now() {
                 break;
             }
             s.entered = Some(epoch);
             s.state.send_modify(|st| st.epoch = epoch);
+            s.ctx.begin_epoch(epoch);
+            let (early_pulls, early_metas) = s.serve.enter(epoch);
             debug!(task = s.ctx.task(), epoch, "entering epoch");
             s.task.enter_epoch(&s.ctx, epoch).await;
+            for meta in early_metas {
+                Self::deliver_meta(s, meta).await;
+            }
+            for (req, reply) in early_pulls {
+                Self::serve_pull(s, req, reply, term, &self.requests_tx).await;
+            }
         }
     }
 

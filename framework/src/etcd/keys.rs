@@ -9,6 +9,7 @@
 //! | `nodes/<node>` | [`NodeRecord`] as JSON | each node, at start | the node's |
 //! | `tasks/<t>/primary` | [`Holder`] as JSON; its create revision is the task's **term** | the node that wins the election (create-if-absent) | the node's |
 //! | `tasks/<t>/backup/<k>` (`k` in `1..replicas`) | [`Holder`] as JSON | a node taking backup slot `k` (create-if-absent) | the node's |
+//! | `tasks/<t>/checkpoint` | [`StoredCheckpoint`] (binary) | the task's primary (`Context::checkpoint`, fenced by its term) | none |
 //!
 //! A node holds at most one slot (one `primary` or one `backup/<k>` key) at a time. All keys
 //! written with a lease vanish when the node's lease ends (crash, partition, clean stop).
@@ -96,6 +97,43 @@ impl JobKeys {
     }
 }
 
+/// A task's checkpoint as stored in etcd: the magic `tgcp1`, the epoch (8 bytes, little
+/// endian), then the application's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCheckpoint {
+    /// The epoch the primary was in.
+    pub epoch: u64,
+    /// The application's bytes.
+    pub data: Vec<u8>,
+}
+
+impl StoredCheckpoint {
+    const MAGIC: &'static [u8] = b"tgcp1";
+
+    /// The stored form.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(Self::MAGIC.len() + 8 + self.data.len());
+        v.extend_from_slice(Self::MAGIC);
+        v.extend_from_slice(&self.epoch.to_le_bytes());
+        v.extend_from_slice(&self.data);
+        v
+    }
+
+    /// Parses a stored value; an error names what is wrong.
+    pub fn decode(v: &[u8]) -> Result<Self, String> {
+        let rest = v
+            .strip_prefix(Self::MAGIC)
+            .ok_or_else(|| "not a taskgraph checkpoint (bad magic)".to_owned())?;
+        let (epoch, data) = rest
+            .split_first_chunk::<8>()
+            .ok_or_else(|| "truncated checkpoint (no epoch)".to_owned())?;
+        Ok(StoredCheckpoint {
+            epoch: u64::from_le_bytes(*epoch),
+            data: data.to_vec(),
+        })
+    }
+}
+
 /// Who holds a slot: stored as the value of `primary` and `backup/<k>` keys.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
@@ -149,6 +187,22 @@ impl EpochValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checkpoints_round_trip_and_garbage_is_refused() {
+        let cp = StoredCheckpoint {
+            epoch: 7,
+            data: b"state".to_vec(),
+        };
+        assert_eq!(StoredCheckpoint::decode(&cp.encode()), Ok(cp));
+        assert!(StoredCheckpoint::decode(b"garbage").is_err());
+        assert!(StoredCheckpoint::decode(b"tgcp1\x01\x02").is_err());
+        let empty = StoredCheckpoint {
+            epoch: 0,
+            data: vec![],
+        };
+        assert_eq!(StoredCheckpoint::decode(&empty.encode()), Ok(empty));
+    }
 
     #[test]
     fn keys_round_trip() {

@@ -438,4 +438,51 @@ impl Store {
             // The epoch moved between the read and the transaction: read again.
         }
     }
+    /// Stores task `t`'s checkpoint (see [`keys::StoredCheckpoint`]) if `term` is still the
+    /// task's term (fencing: a deposed primary cannot overwrite its successor's checkpoint).
+    /// Returns whether it was stored.
+    pub async fn put_checkpoint(
+        &self,
+        t: TaskId,
+        term: i64,
+        value: Vec<u8>,
+    ) -> Result<bool, EtcdError> {
+        let key = self.keys.checkpoint(t);
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                self.keys.primary(t),
+                CompareOp::Equal,
+                term,
+            )])
+            .and_then([TxnOp::put(key.clone(), value, None)]);
+        let mut c = self.client.clone();
+        Ok(self
+            .timed("txn put checkpoint", &key, c.txn(txn))
+            .await?
+            .succeeded())
+    }
+
+    /// Removes backup slot `k` of task `t` if it is still the key created at `create_revision`
+    /// and `term` is still the task's term: a primary ends a backup that cannot keep up. The
+    /// backup sees its slot gone and rejoins as a spare. Returns whether it was removed.
+    pub async fn eject_backup(
+        &self,
+        t: TaskId,
+        k: u32,
+        create_revision: i64,
+        term: i64,
+    ) -> Result<bool, EtcdError> {
+        let key = self.keys.backup(t, k);
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(key.clone(), CompareOp::Equal, create_revision),
+                Compare::create_revision(self.keys.primary(t), CompareOp::Equal, term),
+            ])
+            .and_then([TxnOp::delete(key.clone(), None)]);
+        let mut c = self.client.clone();
+        Ok(self
+            .timed("txn eject backup", &key, c.txn(txn))
+            .await?
+            .succeeded())
+    }
 }

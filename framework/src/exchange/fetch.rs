@@ -1,0 +1,137 @@
+//! The requesting side of a pull: one background fetcher per request, retrying with backoff
+//! across connection errors, restarts and failovers of the serving task (re-resolving its
+//! primary from the watched view), until the answer is delivered or the epoch ends.
+
+use std::sync::{Arc, Mutex, Weak};
+
+use bytes::Bytes;
+
+use super::{
+    backoff, end_dead_primary, lock, pause, primary_changed, primary_of, verdict, EpochBook,
+    SlotEnv, Verdict,
+};
+use crate::app::LoopRequest;
+use crate::data::{DataReply, PullError, PullId};
+use crate::wire::{Header, PullRequest};
+use crate::Term;
+
+/// Fetches the answer to `id` and hands it over (see [`deliver`]). Runs in the slot's
+/// [`EpochBook`]: aborted when the requester leaves the epoch.
+pub(crate) async fn fetch(
+    env: Arc<SlotEnv>,
+    book: Weak<Mutex<EpochBook>>,
+    id: PullId,
+    term: Term,
+    method: String,
+    input: Bytes,
+) {
+    let mut view = env.view.clone();
+    let mut delays = backoff();
+    loop {
+        let target = primary_of(&view.borrow_and_update(), id.to);
+        let Some((addr, their_term, lease)) = target else {
+            // No primary right now: wait for one.
+            if view.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let request = PullRequest {
+            header: Header {
+                job: String::new(),
+                epoch: id.epoch,
+                from_task: id.from,
+                to_task: id.to,
+                term,
+            },
+            seq: id.seq,
+            method: method.clone(),
+            payload: input.clone(),
+        };
+        let outcome = tokio::select! {
+            r = env.peers.pull(&addr, request) => r,
+            // The pulled task failed over while its old primary held the call: ask the new one.
+            () = primary_changed(&mut view, id.to, their_term) => continue,
+        };
+        let delay = delays
+            .next()
+            .unwrap_or(std::time::Duration::from_millis(500));
+        match outcome {
+            Ok(answer) => {
+                if deliver(&env, &book, id, Ok(answer.payload), answer.server_term) {
+                    return;
+                }
+                tracing::debug!(%id, server_term = answer.server_term, "dropped an answer from a deposed primary");
+                pause(&mut view, id.to, their_term, delay).await;
+            }
+            Err(e) => match verdict(e) {
+                Verdict::Retry => pause(&mut view, id.to, their_term, delay).await,
+                Verdict::Dead => {
+                    end_dead_primary(&env, id.to, their_term, lease).await;
+                    pause(&mut view, id.to, their_term, delay).await;
+                }
+                Verdict::Stop => return,
+                Verdict::Fail(reason) => {
+                    let _ = deliver(
+                        &env,
+                        &book,
+                        id,
+                        Err(PullError::Refused {
+                            task: id.to,
+                            reason,
+                        }),
+                        0,
+                    );
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// Hands an outcome over: to the waiter of [`Context::request`](crate::Context::request)
+/// directly, otherwise to the event loop (which calls `data_ready`). Returns `false` when the
+/// answer comes from a term lower than one already seen for the serving task (fencing): it is
+/// dropped and the fetcher keeps trying.
+pub(crate) fn deliver(
+    env: &SlotEnv,
+    book: &Weak<Mutex<EpochBook>>,
+    id: PullId,
+    result: Result<Bytes, PullError>,
+    server_term: Term,
+) -> bool {
+    if result.is_ok() && !env.fence.admit(id.to, server_term) {
+        return false;
+    }
+    let Some(book) = book.upgrade() else {
+        return true;
+    };
+    let mut book = lock(&book);
+    if book.epoch != id.epoch {
+        return true;
+    }
+    let has_waiter = match book.pending.get(&id) {
+        None => return true,
+        Some(p) => p.waiter.is_some(),
+    };
+    if has_waiter {
+        if let Some(p) = book.pending.remove(&id) {
+            if let Some(w) = p.waiter {
+                let _ = w.send(DataReply {
+                    id,
+                    method: p.method,
+                    server_term,
+                    result,
+                });
+            }
+        }
+    } else {
+        let _ = env.loop_tx.send(LoopRequest::Pulled {
+            slot: env.slot,
+            id,
+            server_term,
+            result,
+        });
+    }
+    true
+}

@@ -1,0 +1,229 @@
+//! Task-to-task exchange on top of the wire: the requesting side of pulls, metas on their way
+//! to neighbours, replication to backups, the term fence, and neighbour incidents.
+//!
+//! Everything here runs beside the event loop (in tasks owned by a slot) or is pure state the
+//! loop consults; only the loop calls application handlers.
+
+pub(crate) mod fetch;
+pub(crate) mod metas;
+pub(crate) mod neighbours;
+pub(crate) mod replication;
+pub(crate) mod serve;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+
+use crate::app::LoopRequest;
+use crate::data::{DataReply, PullId};
+use crate::etcd::Store;
+use crate::roles::JobView;
+use crate::wire::{CallError, Peers, Rejection};
+
+use crate::{Epoch, TaskId, Term};
+pub(crate) use fetch::fetch;
+pub(crate) use metas::send_metas;
+
+/// The highest term this node has seen per task, from etcd and from messages. Anything carrying
+/// a lower term comes from a deposed primary and is dropped.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Fence(Arc<Mutex<HashMap<TaskId, Term>>>);
+
+impl Fence {
+    fn map(&self) -> MutexGuard<'_, HashMap<TaskId, Term>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+    /// The highest term seen for `task` (0 if none).
+    pub(crate) fn seen(&self, task: TaskId) -> Term {
+        self.map().get(&task).copied().unwrap_or(0)
+    }
+    /// Records `term` for `task`; `false` (and nothing recorded) if a higher term was seen.
+    pub(crate) fn admit(&self, task: TaskId, term: Term) -> bool {
+        let mut map = self.map();
+        let seen = map.entry(task).or_insert(0);
+        if term < *seen {
+            return false;
+        }
+        *seen = term;
+        true
+    }
+}
+
+/// What a slot's background work needs: who it is, how to reach others, the job as seen in
+/// etcd, and the way back to the event loop.
+#[derive(Debug)]
+pub(crate) struct SlotEnv {
+    /// Identifies the slot on this node (a counter): messages from a slot that has ended are
+    /// ignored.
+    pub(crate) slot: u64,
+    pub(crate) task: TaskId,
+    pub(crate) num_tasks: u32,
+    pub(crate) peers: Peers,
+    pub(crate) store: Store,
+    pub(crate) view: watch::Receiver<Arc<JobView>>,
+    pub(crate) fence: Fence,
+    pub(crate) loop_tx: mpsc::UnboundedSender<LoopRequest>,
+    pub(crate) lease: watch::Receiver<crate::etcd::lease::LeaseState>,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) max_checkpoint_bytes: usize,
+}
+
+/// A pull waiting for its answer.
+#[derive(Debug)]
+pub(crate) struct PendingPull {
+    pub(crate) method: String,
+    pub(crate) input: Bytes,
+    pub(crate) term: Term,
+    /// For [`Context::request`](crate::Context::request): the answer goes here instead of to
+    /// `data_ready`.
+    pub(crate) waiter: Option<oneshot::Sender<DataReply>>,
+}
+
+/// The requesting side's state of one epoch: pulls waiting for answers, metas flagged, and the
+/// background work delivering them. Reset (work aborted) when the task enters another epoch
+/// or its slot ends.
+#[derive(Debug, Default)]
+pub(crate) struct EpochBook {
+    pub(crate) epoch: Epoch,
+    next_seq: u64,
+    pub(crate) pending: HashMap<PullId, PendingPull>,
+    pub(crate) flagged: HashSet<(String, String)>,
+    pub(crate) outboxes: HashMap<TaskId, watch::Sender<Vec<(String, String)>>>,
+    work: JoinSet<()>,
+}
+
+impl EpochBook {
+    /// Starts epoch `epoch`: everything of the previous one is cancelled.
+    pub(crate) fn reset(&mut self, epoch: Epoch) {
+        self.work.abort_all();
+        self.pending.clear();
+        self.flagged.clear();
+        self.outboxes.clear();
+        self.next_seq = 0;
+        self.epoch = epoch;
+    }
+
+    /// The next pull id of this epoch.
+    pub(crate) fn next_id(&mut self, from: TaskId, to: TaskId) -> PullId {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        PullId {
+            epoch: self.epoch,
+            from,
+            to,
+            seq,
+        }
+    }
+
+    /// Runs `work` until the epoch ends.
+    pub(crate) fn spawn(&mut self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        while self.work.try_join_next().is_some() {}
+        self.work.spawn(work);
+    }
+}
+
+/// Locks a book, whatever a panicking holder left behind.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Delays between retries: exponential from 5 ms to 500 ms with jitter, without end (the
+/// caller stops on its own conditions: epoch moved, slot ended, deadline).
+pub(crate) fn backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(5))
+        .with_max_delay(Duration::from_millis(500))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// What a caller should do after a failed call to another node.
+#[derive(Debug)]
+pub(crate) enum Verdict {
+    /// Wait (back off, or until the target's primary changes) and retry.
+    Retry,
+    /// The target's process is evidently gone (its port refuses): end its lease, then retry.
+    Dead,
+    /// Give up quietly: this sender was deposed, or the receiver has left the epoch.
+    Stop,
+    /// Give up and report: the receiver refuses this message for good.
+    Fail(String),
+}
+
+pub(crate) fn verdict(err: CallError) -> Verdict {
+    match err {
+        CallError::Refused { .. } => Verdict::Dead,
+        CallError::Unreachable { .. } | CallError::Protocol { .. } => Verdict::Retry,
+        CallError::Rejected(r) => match r {
+            Rejection::NotPrimary { .. } | Rejection::NotReady { .. } | Rejection::ShuttingDown => {
+                Verdict::Retry
+            }
+            Rejection::EpochMoved { .. } | Rejection::StaleTerm { .. } => Verdict::Stop,
+            other => Verdict::Fail(other.to_string()),
+        },
+    }
+}
+
+/// The current primary of `task` in the view: address, term, lease.
+pub(crate) fn primary_of(view: &JobView, task: TaskId) -> Option<(String, i64, i64)> {
+    view.primaries
+        .get(&task)
+        .map(|p| (p.holder.addr.clone(), p.create_revision, p.lease))
+}
+
+/// Completes when the view shows another primary for `task` than the one at `term` (or none).
+pub(crate) async fn primary_changed(
+    view: &mut watch::Receiver<Arc<JobView>>,
+    task: TaskId,
+    term: i64,
+) {
+    let gone = view
+        .wait_for(|v| v.primaries.get(&task).map(|p| p.create_revision) != Some(term))
+        .await
+        .is_err();
+    if gone {
+        // The node is going away; its work is aborted with it.
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Waits `delay`, or less if `task`'s primary changes meanwhile.
+pub(crate) async fn pause(
+    view: &mut watch::Receiver<Arc<JobView>>,
+    task: TaskId,
+    term: i64,
+    delay: Duration,
+) {
+    tokio::select! {
+        () = tokio::time::sleep(delay) => {}
+        () = primary_changed(view, task, term) => {}
+    }
+}
+
+/// Ends the lease of a primary whose process is evidently gone, if the view still shows it.
+pub(crate) async fn end_dead_primary(env: &SlotEnv, task: TaskId, term: i64, lease: i64) {
+    let still = env
+        .view
+        .borrow()
+        .primaries
+        .get(&task)
+        .is_some_and(|p| p.create_revision == term);
+    if !still || lease == 0 {
+        return;
+    }
+    tracing::warn!(
+        task,
+        term,
+        "the primary's port refuses connections: ending its lease"
+    );
+    if let Err(e) = env.store.revoke_lease(lease).await {
+        tracing::debug!(error = %e, "could not end a dead primary's lease");
+    }
+}

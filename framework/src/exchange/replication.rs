@@ -1,0 +1,191 @@
+//! Hot standby, the primary's side: the backups it keeps in step, and shipping one entry
+//! (snapshot or update) to one backup until it is applied — or until the backup is shown to be
+//! gone, in which case it is removed from etcd so it can never be promoted with stale state.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::{backoff, verdict, SlotEnv, Verdict};
+use crate::roles::JobView;
+use crate::wire::{CallError, Header, Rejection, Replicate, ReplicateKind};
+use crate::{Epoch, Term};
+
+/// A backup slot as the primary keeps it in step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Member {
+    pub(crate) k: u32,
+    pub(crate) create_revision: i64,
+    pub(crate) node: String,
+    pub(crate) addr: String,
+    pub(crate) lease: i64,
+}
+
+impl Member {
+    /// The backups of `env.task` in the view, except `me`.
+    pub(crate) fn all_in(view: &JobView, task: crate::TaskId, me: &str) -> Vec<Member> {
+        view.backups_of(task)
+            .filter(|(_, s)| s.holder.node != me && s.lease != 0)
+            .map(|(k, s)| Member {
+                k,
+                create_revision: s.create_revision,
+                node: s.holder.node.clone(),
+                addr: s.holder.addr.clone(),
+                lease: s.lease,
+            })
+            .collect()
+    }
+
+    fn in_view(&self, view: &JobView, task: crate::TaskId) -> bool {
+        view.backups
+            .get(&(task, self.k))
+            .is_some_and(|b| b.create_revision == self.create_revision)
+    }
+}
+
+/// The primary's replication stream under one term: the last index shipped, and the backups
+/// that have everything up to it.
+#[derive(Debug, Default)]
+pub(crate) struct Replicator {
+    pub(crate) term: Term,
+    pub(crate) index: u64,
+    pub(crate) members: Vec<Member>,
+}
+
+impl Replicator {
+    /// Starts afresh when the primary's term is new (every backup first gets a snapshot).
+    pub(crate) fn for_term(&mut self, term: Term) {
+        if self.term != term {
+            *self = Replicator {
+                term,
+                ..Replicator::default()
+            };
+        }
+    }
+}
+
+/// How shipping an entry to a backup ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shipped {
+    /// The backup applied it.
+    Applied,
+    /// The backup is gone (its slot is no longer in etcd, or was removed now).
+    Gone,
+    /// This node is no longer the task's acting primary.
+    Deposed,
+}
+
+/// Ships one entry to `member` until it is applied. A backup that cannot apply it within the
+/// lease TTL (unreachable, paused, or out of step) is removed from etcd first, so that it can
+/// never be promoted without the entry.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn ship(
+    env: &SlotEnv,
+    term: Term,
+    epoch: Epoch,
+    member: &Member,
+    kind: ReplicateKind,
+    index: u64,
+    data: Bytes,
+) -> Shipped {
+    let deadline = Instant::now() + env.lease_ttl;
+    let mut delays = backoff();
+    let mut view = env.view.clone();
+    loop {
+        if !env.lease.borrow().valid_now() {
+            return Shipped::Deposed;
+        }
+        if !member.in_view(&view.borrow_and_update(), env.task) {
+            return Shipped::Gone;
+        }
+        let msg = Replicate {
+            header: Header {
+                job: String::new(),
+                epoch,
+                from_task: env.task,
+                to_task: env.task,
+                term,
+            },
+            index,
+            kind,
+            data: data.clone(),
+        };
+        let sent = tokio::select! {
+            r = env.peers.replicate(&member.addr, msg) => r,
+            () = tokio::time::sleep_until(deadline) => Err(CallError::Unreachable {
+                addr: member.addr.clone(),
+                reason: "no answer within the lease TTL".into(),
+            }),
+        };
+        let give_up = match sent {
+            Ok(()) => return Shipped::Applied,
+            Err(CallError::Rejected(Rejection::StaleTerm { .. })) => return Shipped::Deposed,
+            Err(CallError::Rejected(Rejection::NotReady { .. })) => {
+                Some("the backup is out of step")
+            }
+            Err(e) => match verdict(e) {
+                Verdict::Dead => {
+                    tracing::warn!(
+                        backup = member.node,
+                        "the backup's port refuses connections: ending its lease"
+                    );
+                    match env.store.revoke_lease(member.lease).await {
+                        Ok(()) => return Shipped::Gone,
+                        Err(_) => Some("the backup's process is gone"),
+                    }
+                }
+                Verdict::Retry | Verdict::Stop if Instant::now() < deadline => None,
+                Verdict::Retry | Verdict::Stop => {
+                    Some("the backup did not apply the entry within the lease TTL")
+                }
+                Verdict::Fail(_) => Some("the backup refused the entry"),
+            },
+        };
+        if let Some(reason) = give_up {
+            if let Some(outcome) = eject(env, term, member, reason).await {
+                return outcome;
+            }
+        }
+        let delay = delays.next().unwrap_or(Duration::from_millis(500));
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = view.changed() => {}
+        }
+    }
+}
+
+/// Removes `member`'s slot from etcd (fenced by the primary's term). `None`: etcd did not
+/// answer; the caller retries.
+async fn eject(env: &SlotEnv, term: Term, member: &Member, reason: &str) -> Option<Shipped> {
+    tracing::warn!(
+        backup = member.node,
+        reason,
+        "removing the backup from its slot"
+    );
+    match env
+        .store
+        .eject_backup(env.task, member.k, member.create_revision, term as i64)
+        .await
+    {
+        Ok(true) => Some(Shipped::Gone),
+        Ok(false) => {
+            // Either the backup's key is gone already, or this node is no longer primary.
+            let primary = env
+                .view
+                .borrow()
+                .primaries
+                .get(&env.task)
+                .is_some_and(|p| p.create_revision == term as i64);
+            Some(if primary {
+                Shipped::Gone
+            } else {
+                Shipped::Deposed
+            })
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "could not remove a backup; retrying");
+            None
+        }
+    }
+}

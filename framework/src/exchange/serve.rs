@@ -1,0 +1,255 @@
+//! The serving side's memory of one epoch: answers per pull (so a retried pull gets the same
+//! answer and the handler runs at most once per request), requests and metas that arrived
+//! before this task entered their epoch, and the metas already delivered.
+
+use std::collections::{HashMap, HashSet};
+
+use tokio::sync::oneshot;
+
+use crate::data::{Answer, ServeKey};
+use crate::wire::{Meta, PullAnswer, PullRequest, Rejection};
+use crate::{Epoch, TaskId, Term};
+
+/// Where the answer to one call of a pull goes.
+pub(crate) type Reply = oneshot::Sender<Result<PullAnswer, Rejection>>;
+
+/// Requests and metas of later epochs held at most (beyond, senders are told to retry).
+pub(crate) const MAX_EARLY: usize = 4096;
+
+#[derive(Debug)]
+enum Served {
+    /// The handler has the request; these calls wait for its answer.
+    Waiting(Vec<Reply>),
+    Done(Result<PullAnswer, Rejection>),
+    /// The handler dropped the request without answering.
+    Abandoned,
+}
+
+/// What to do with a pull that reached the task in its epoch.
+#[derive(Debug)]
+pub(crate) enum Lookup {
+    /// Answered from memory, or queued behind the handler already running for it.
+    Handled,
+    /// New: run the handler.
+    New,
+}
+
+/// The serving side's state of the epoch the task is in.
+#[derive(Debug, Default)]
+pub(crate) struct ServeBook {
+    epoch: Option<Epoch>,
+    answers: HashMap<ServeKey, Served>,
+    early_pulls: Vec<(PullRequest, Reply)>,
+    early_metas: Vec<Meta>,
+    metas_seen: HashSet<(TaskId, String, String)>,
+}
+
+impl ServeBook {
+    /// The epoch the task is in, if it entered one.
+    pub(crate) fn epoch(&self) -> Option<Epoch> {
+        self.epoch
+    }
+
+    /// The task enters `epoch`: calls waiting on older epochs are told the epoch moved, and
+    /// what arrived early for `epoch` is returned to be handled now (later ones stay held).
+    pub(crate) fn enter(&mut self, epoch: Epoch) -> (Vec<(PullRequest, Reply)>, Vec<Meta>) {
+        let previous = self.epoch.replace(epoch);
+        if previous != Some(epoch) {
+            for (key, served) in self.answers.drain() {
+                if let Served::Waiting(replies) = served {
+                    for r in replies {
+                        let _ = r.send(Err(Rejection::EpochMoved {
+                            request_epoch: key.id.epoch,
+                            current_epoch: epoch,
+                        }));
+                    }
+                }
+            }
+            self.metas_seen.clear();
+        }
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.early_pulls)
+            .into_iter()
+            .filter(|(r, _)| r.header.epoch >= epoch)
+            .partition(|(r, _)| r.header.epoch == epoch);
+        self.early_pulls = later;
+        let (metas_now, metas_later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.early_metas)
+            .into_iter()
+            .filter(|m| m.header.epoch >= epoch)
+            .partition(|m| m.header.epoch == epoch);
+        self.early_metas = metas_later;
+        (now, metas_now)
+    }
+
+    /// Holds a pull of a later epoch; gives it back when too many are held.
+    pub(crate) fn hold_pull(
+        &mut self,
+        request: PullRequest,
+        reply: Reply,
+    ) -> Result<(), (PullRequest, Reply)> {
+        if self.early_pulls.len() >= MAX_EARLY {
+            return Err((request, reply));
+        }
+        self.early_pulls.push((request, reply));
+        Ok(())
+    }
+
+    /// Holds a meta of a later epoch; `false` when too many are held.
+    pub(crate) fn hold_meta(&mut self, meta: Meta) -> bool {
+        if self.early_metas.len() >= MAX_EARLY {
+            return false;
+        }
+        self.early_metas.push(meta);
+        true
+    }
+
+    /// Whether this is the first time (in this epoch) that `from` flags `meta` on `link`.
+    pub(crate) fn first_meta(&mut self, from: TaskId, link: &str, meta: &str) -> bool {
+        self.metas_seen
+            .insert((from, link.to_owned(), meta.to_owned()))
+    }
+
+    /// A pull of the current epoch: answers it from memory, queues it behind the running
+    /// handler, or says it is new (then it is recorded as waiting for the handler).
+    pub(crate) fn lookup(&mut self, key: ServeKey, reply: Reply) -> Lookup {
+        match self.answers.get_mut(&key) {
+            Some(Served::Done(answer)) => {
+                let _ = reply.send(answer.clone());
+                Lookup::Handled
+            }
+            Some(Served::Waiting(replies)) => {
+                replies.push(reply);
+                Lookup::Handled
+            }
+            Some(Served::Abandoned) => {
+                let _ = reply.send(Err(Rejection::NotReady {
+                    task: key.id.to,
+                    epoch: key.id.epoch,
+                }));
+                Lookup::Handled
+            }
+            None => {
+                self.answers.insert(key, Served::Waiting(vec![reply]));
+                Lookup::New
+            }
+        }
+    }
+
+    /// The handler answered `key`: remember the answer and send it to every waiting call.
+    pub(crate) fn answer(&mut self, key: ServeKey, answer: Answer, term: Term) {
+        let Some(entry) = self.answers.get_mut(&key) else {
+            // Of an epoch already left.
+            return;
+        };
+        let replies = match std::mem::replace(entry, Served::Abandoned) {
+            Served::Waiting(replies) => replies,
+            done => {
+                *entry = done;
+                return;
+            }
+        };
+        let result = match answer {
+            Answer::Data(payload) => Ok(PullAnswer {
+                payload,
+                server_term: term,
+            }),
+            Answer::Refused(r) => Err(r),
+            Answer::Abandoned => {
+                tracing::warn!(id = %key.id, "the task dropped a data request without answering it");
+                for r in replies {
+                    let _ = r.send(Err(Rejection::NotReady {
+                        task: key.id.to,
+                        epoch: key.id.epoch,
+                    }));
+                }
+                return;
+            }
+        };
+        for r in replies {
+            let _ = r.send(result.clone());
+        }
+        *entry = Served::Done(result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::PullId;
+    use crate::wire::Header;
+    use bytes::Bytes;
+
+    fn key(epoch: Epoch, seq: u64) -> ServeKey {
+        ServeKey {
+            id: PullId {
+                epoch,
+                from: 1,
+                to: 0,
+                seq,
+            },
+            requester_term: 5,
+        }
+    }
+
+    fn pull(epoch: Epoch) -> PullRequest {
+        PullRequest {
+            header: Header {
+                epoch,
+                ..Header::default()
+            },
+            seq: 0,
+            method: "m".into(),
+            payload: Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn a_retried_pull_gets_the_same_answer_and_the_handler_runs_once() {
+        let mut book = ServeBook::default();
+        book.enter(3);
+        let (tx1, mut rx1) = oneshot::channel();
+        assert!(matches!(book.lookup(key(3, 0), tx1), Lookup::New));
+        let (tx2, mut rx2) = oneshot::channel();
+        assert!(matches!(book.lookup(key(3, 0), tx2), Lookup::Handled));
+        book.answer(key(3, 0), Answer::Data(Bytes::from_static(b"x")), 9);
+        let a1 = rx1.try_recv().ok().and_then(Result::ok);
+        let a2 = rx2.try_recv().ok().and_then(Result::ok);
+        assert_eq!(a1, a2);
+        assert_eq!(a1.map(|a| a.server_term), Some(9));
+        let (tx3, mut rx3) = oneshot::channel();
+        assert!(matches!(book.lookup(key(3, 0), tx3), Lookup::Handled));
+        assert_eq!(rx3.try_recv().ok().and_then(Result::ok), a2);
+    }
+
+    #[test]
+    fn entering_an_epoch_refuses_waiting_calls_and_releases_early_requests() {
+        let mut book = ServeBook::default();
+        book.enter(3);
+        let (tx, mut rx) = oneshot::channel();
+        book.lookup(key(3, 0), tx);
+        let (early, _r) = oneshot::channel();
+        assert!(book.hold_pull(pull(4), early).is_ok());
+        let (later, _r2) = oneshot::channel();
+        assert!(book.hold_pull(pull(5), later).is_ok());
+        let (now, _) = book.enter(4);
+        assert_eq!(now.len(), 1);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Err(Rejection::EpochMoved {
+                request_epoch: 3,
+                current_epoch: 4
+            }))
+        ));
+        let (now, _) = book.enter(5);
+        assert_eq!(now.len(), 1);
+    }
+
+    #[test]
+    fn metas_are_first_once_per_epoch() {
+        let mut book = ServeBook::default();
+        book.enter(1);
+        assert!(book.first_meta(2, "children", "done"));
+        assert!(!book.first_meta(2, "children", "done"));
+        book.enter(2);
+        assert!(book.first_meta(2, "children", "done"));
+    }
+}
