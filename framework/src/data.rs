@@ -96,7 +96,8 @@ impl DataReply {
     pub fn id(&self) -> PullId {
         self.id
     }
-    /// The task that answered.
+    /// The task that answered (the request's target).
+    #[allow(clippy::misnamed_getters)]
     pub fn from(&self) -> TaskId {
         self.id.to
     }

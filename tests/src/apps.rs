@@ -39,6 +39,85 @@ pub enum Event {
         /// The mover's term.
         term: Term,
     },
+    /// `data_ready` (dataflow app): `at_epoch` is the task's epoch at delivery.
+    Data {
+        /// Receiving task.
+        task: TaskId,
+        /// Its term.
+        term: Term,
+        /// Epoch at delivery.
+        at_epoch: Epoch,
+        /// Epoch of the request.
+        epoch: Epoch,
+        /// Answering task.
+        from: TaskId,
+        /// Sequence number of the request.
+        seq: u64,
+        /// Method.
+        method: String,
+        /// Decoded answer.
+        value: Option<u64>,
+        /// Term of the answering primary.
+        server_term: Term,
+    },
+    /// `meta_ready` (dataflow app).
+    Meta {
+        /// Receiving task.
+        task: TaskId,
+        /// Its term.
+        term: Term,
+        /// Epoch at delivery.
+        epoch: Epoch,
+        /// Sender.
+        from: TaskId,
+        /// Link (sender's name).
+        link: String,
+        /// The meta.
+        meta: String,
+    },
+    /// `neighbour_failed` (`failed`) or `neighbour_restarted`.
+    Neighbour {
+        /// Receiving task.
+        task: TaskId,
+        /// Its term.
+        term: Term,
+        /// Link.
+        link: String,
+        /// The neighbour.
+        neighbour: TaskId,
+        /// Failed (true) or restarted.
+        failed: bool,
+    },
+    /// The replicated counter: at `became_primary` (`epoch: None`) or after replicating it on
+    /// entering `epoch`.
+    Counter {
+        /// Task.
+        task: TaskId,
+        /// Term.
+        term: Term,
+        /// Epoch, or `None` at `became_primary`.
+        epoch: Option<Epoch>,
+        /// Value.
+        value: u64,
+    },
+    /// `restore` got a checkpoint.
+    Restored {
+        /// Task.
+        task: TaskId,
+        /// Checkpoint's epoch.
+        epoch: Epoch,
+        /// Counter in it.
+        counter: u64,
+    },
+    /// The root's result for an epoch.
+    Result {
+        /// Epoch.
+        epoch: Epoch,
+        /// Value.
+        value: u64,
+        /// Root's term.
+        term: Term,
+    },
     /// `exit`.
     Exit {
         /// Task.
@@ -94,7 +173,8 @@ impl Audit {
     pub fn open_gate(&self) {
         self.gate.send_replace(true);
     }
-    async fn gate_open(&self) {
+    /// Waits until the gate is open.
+    pub async fn gate_open(&self) {
         let mut rx = self.gate.subscribe();
         let _ = rx.wait_for(|open| *open).await;
     }

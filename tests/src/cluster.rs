@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use taskgraph::{Framework, Links, NodeExit, NodeHandle, NodeStatus, TaskId, Term, Tree};
+use taskgraph::{
+    Framework, Links, NodeExit, NodeHandle, NodeStatus, TaskBuilder, TaskId, Term, Tree,
+};
 use tokio::sync::watch;
 
 use crate::apps::{Audit, AuditBuilder, Behaviour};
@@ -21,8 +23,26 @@ pub struct ClusterConfig {
     pub replicas: u32,
     /// Lease TTL.
     pub ttl: Duration,
-    /// What the tasks do.
+    /// What the tasks do (audit app).
     pub behaviour: Behaviour,
+    /// Which application the nodes run.
+    pub app: App,
+}
+
+/// The application a cluster's nodes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum App {
+    /// [`AuditTask`](crate::apps::AuditTask), driven by [`Behaviour`].
+    #[default]
+    Audit,
+    /// [`DataflowTask`](crate::dataflow::DataflowTask): the root shuts the job down on
+    /// entering `until`, pausing `pace_ms` before moving each epoch on.
+    Dataflow {
+        /// Last epoch.
+        until: u64,
+        /// Pause per epoch.
+        pace_ms: u64,
+    },
 }
 
 impl ClusterConfig {
@@ -35,6 +55,7 @@ impl ClusterConfig {
             replicas,
             ttl: Duration::from_secs(1),
             behaviour: Behaviour::default(),
+            app: App::Audit,
         }
     }
 
@@ -100,11 +121,26 @@ impl Cluster {
     /// Starts one more node; returns its index.
     pub async fn add_node(&mut self) -> Result<usize, taskgraph::Error> {
         let i = self.nodes.len();
-        let builder = AuditBuilder {
-            node: format!("n{i}"),
-            audit: self.audit.clone(),
-            behaviour: self.config.behaviour,
-        };
+        let builder: Box<dyn Fn(TaskId) -> Box<dyn taskgraph::Task> + Send + Sync> =
+            match self.config.app {
+                App::Audit => {
+                    let b = AuditBuilder {
+                        node: format!("n{i}"),
+                        audit: self.audit.clone(),
+                        behaviour: self.config.behaviour,
+                    };
+                    Box::new(move |t| b.build(t))
+                }
+                App::Dataflow { until, pace_ms } => {
+                    let b = crate::dataflow::DataflowBuilder {
+                        node: format!("n{i}"),
+                        audit: self.audit.clone(),
+                        until,
+                        pace: Duration::from_millis(pace_ms),
+                    };
+                    Box::new(move |t| b.build(t))
+                }
+            };
         let handle = Framework::builder()
             .etcd(self.config.etcd.clone())
             .job(self.config.job.clone())

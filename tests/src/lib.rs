@@ -2,6 +2,7 @@
 
 pub mod apps;
 pub mod cluster;
+pub mod dataflow;
 pub mod etcd;
 pub mod process;
 

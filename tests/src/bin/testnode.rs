@@ -6,7 +6,8 @@ use std::time::Duration;
 use clap::Parser;
 use taskgraph::{Framework, Role};
 use taskgraph_tests::apps::{Audit, AuditBuilder, Behaviour};
-use taskgraph_tests::cluster::ClusterConfig;
+use taskgraph_tests::cluster::{App, ClusterConfig};
+use taskgraph_tests::dataflow::DataflowBuilder;
 use taskgraph_tests::process::{Line, StatusLine};
 
 #[derive(Debug, Parser)]
@@ -25,6 +26,9 @@ struct Args {
     drive_until: Option<u64>,
     #[arg(long, default_value_t = 0)]
     pace_ms: u64,
+    /// Run the dataflow app (instead of the audit app) until this epoch.
+    #[arg(long)]
+    dataflow_until: Option<u64>,
 }
 
 fn print(line: &Line) {
@@ -48,6 +52,7 @@ async fn main() -> std::process::ExitCode {
             all_drive: false,
             pace_ms: args.pace_ms,
         },
+        app: App::Audit,
     };
     let audit = Audit::with_callback(|_, e| print(&Line::Event(e.clone())));
     let framework = Framework::builder()
@@ -57,13 +62,21 @@ async fn main() -> std::process::ExitCode {
         .replicas(args.replicas)
         .links(cluster.links())
         .lease_ttl(cluster.ttl)
-        .node_name("proc")
-        .task_builder(AuditBuilder {
+        .node_name("proc");
+    let framework = match args.dataflow_until {
+        Some(until) => framework.task_builder(DataflowBuilder {
+            node: "proc".into(),
+            audit,
+            until,
+            pace: Duration::from_millis(args.pace_ms),
+        }),
+        None => framework.task_builder(AuditBuilder {
             node: "proc".into(),
             audit,
             behaviour: cluster.behaviour,
-        })
-        .build();
+        }),
+    }
+    .build();
     let framework = match framework {
         Ok(f) => f,
         Err(e) => {

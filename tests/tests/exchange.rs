@@ -1,0 +1,204 @@
+//! Promises 3, 5, 6, 7 and 8 of the design against a real etcd and real sockets: exactly-once
+//! pulls and metas, neighbour incidents, fencing, hot standby, checkpoints — checked on the
+//! audit trail of the dataflow app (see `taskgraph_tests::dataflow`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use taskgraph::NodeExit;
+use taskgraph_tests::apps::Event;
+use taskgraph_tests::cluster::{App, Cluster, ClusterConfig};
+use taskgraph_tests::dataflow::{check_trail, expected_result};
+use taskgraph_tests::etcd::Etcd;
+use taskgraph_tests::{init_logs, job_name};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn etcd() -> Etcd {
+    init_logs();
+    Etcd::start().await.expect("start etcd")
+}
+
+fn dataflow(etcd: &Etcd, name: &str, tasks: u32, replicas: u32, until: u64) -> ClusterConfig {
+    let mut cfg = ClusterConfig::new(etcd.endpoints(), &job_name(name), tasks, replicas);
+    cfg.app = App::Dataflow { until, pace_ms: 0 };
+    cfg
+}
+
+/// Waits until every live node has ended and returns how they ended.
+async fn wait_all(c: &mut Cluster) -> Vec<NodeExit> {
+    let mut out = Vec::new();
+    for i in 0..c.len() {
+        if let Some(r) = tokio::time::timeout(WAIT, c.wait(i))
+            .await
+            .expect("node ends")
+        {
+            out.push(r.expect("node ok"));
+        }
+    }
+    out
+}
+
+fn assert_trail(events: &[(String, Event)], tasks: u32, until: u64) {
+    let bad = check_trail(events, tasks, until);
+    assert!(
+        bad.is_empty(),
+        "{} violations:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+}
+
+fn count(events: &[(String, Event)], f: impl Fn(&Event) -> bool) -> usize {
+    events.iter().filter(|(_, e)| f(e)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tree_pulls_and_metas_are_exactly_once_over_20_epochs() {
+    let etcd = etcd().await;
+    let (tasks, until) = (7, 20);
+    let cfg = dataflow(&etcd, "tree", tasks, 2, until);
+    let mut c = Cluster::start_staffed(cfg, 14).await.unwrap();
+    let exits = wait_all(&mut c).await;
+    assert!(exits
+        .iter()
+        .all(|e| *e == NodeExit::JobFinished { epoch: until }));
+    let ev = c.audit.events();
+    assert_trail(&ev, tasks, until);
+    // Every epoch (the last one, `until`, included: the root shuts down once it has its
+    // result): 6 param answers, 6 grad answers, 6 metas; no failures, so no incidents.
+    let epochs = until as usize + 1;
+    let data = count(&ev, |e| matches!(e, Event::Data { .. }));
+    let metas = count(&ev, |e| matches!(e, Event::Meta { .. }));
+    assert_eq!(data, 12 * epochs, "data events");
+    assert_eq!(metas, 6 * epochs, "meta events");
+    assert_eq!(count(&ev, |e| matches!(e, Event::Neighbour { .. })), 0);
+    let results: Vec<u64> = ev
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::Result { value, .. } => Some(*value),
+            _ => None,
+        })
+        .collect();
+    let want: Vec<u64> = (0..=until).map(|e| expected_result(tasks, e)).collect();
+    assert_eq!(results, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashing_a_middle_primary_every_few_epochs_changes_nothing() {
+    let etcd = etcd().await;
+    let (tasks, until) = (7, 20);
+    let mut cfg = dataflow(&etcd, "crash", tasks, 2, until);
+    cfg.app = App::Dataflow { until, pace_ms: 20 };
+    let mut c = Cluster::start_staffed(cfg, 14).await.unwrap();
+    let mut crashes = 0;
+    for at in [3, 7, 11, 15] {
+        // Wait for the epoch, crash task 1's primary (its lease is not revoked), and start a
+        // replacement node so the task gets a backup again.
+        let st = c
+            .wait_until(&format!("epoch {at}"), WAIT, |s| {
+                s.iter().any(|(_, s)| s.epoch.is_some_and(|e| e >= at))
+            })
+            .await
+            .unwrap();
+        if st.iter().any(|(_, s)| s.finished) {
+            break;
+        }
+        let (victim, term) = c.primary_of(1).expect("task 1 has a primary");
+        c.crash(victim);
+        crashes += 1;
+        c.wait_until("a new primary for task 1", WAIT, |s| {
+            s.iter()
+                .any(|(_, s)| s.primary_of(1).is_some_and(|t| t > term))
+        })
+        .await
+        .unwrap();
+        c.add_node().await.unwrap();
+    }
+    let exits = wait_all(&mut c).await;
+    assert!(exits
+        .iter()
+        .all(|e| *e == NodeExit::JobFinished { epoch: until }));
+    let ev = c.audit.events();
+    assert_trail(&ev, tasks, until);
+    assert_eq!(crashes, 4);
+    // Task 1's neighbours (0 through `children`, 3 and 4 through `parents`) saw each incident:
+    // a failure, then a restart.
+    for n in [0, 3, 4] {
+        let failed = count(
+            &ev,
+            |e| matches!(e, Event::Neighbour { task, neighbour: 1, failed: true, .. } if *task == n),
+        );
+        let restarted = count(
+            &ev,
+            |e| matches!(e, Event::Neighbour { task, neighbour: 1, failed: false, .. } if *task == n),
+        );
+        assert!(
+            failed >= crashes && restarted >= crashes,
+            "task {n}: {failed} failures, {restarted} restarts for {crashes} crashes"
+        );
+    }
+    // The replicated counter went on: task 1's new primaries started from the count.
+    let starts: Vec<u64> = ev
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::Counter {
+                task: 1,
+                epoch: None,
+                value,
+                ..
+            } => Some(*value),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(starts.len(), crashes + 1, "{starts:?}");
+    assert!(starts[1..].iter().all(|v| *v > 0), "{starts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spare_restores_the_checkpoint_when_every_node_of_a_task_died() {
+    let etcd = etcd().await;
+    let (tasks, until) = (3, 12);
+    let mut cfg = dataflow(&etcd, "ckpt", tasks, 2, until);
+    cfg.app = App::Dataflow { until, pace_ms: 30 };
+    let mut c = Cluster::start_staffed(cfg, 6).await.unwrap();
+    c.wait_until("epoch 4", WAIT, |s| {
+        s.iter().any(|(_, s)| s.epoch.is_some_and(|e| e >= 4))
+    })
+    .await
+    .unwrap();
+    // Kill both nodes of task 2 at once, then add a spare.
+    let nodes: Vec<usize> = c
+        .live_statuses()
+        .into_iter()
+        .filter(|(_, s)| match s.role {
+            taskgraph::Role::Primary { task, .. } | taskgraph::Role::Backup { task } => task == 2,
+            taskgraph::Role::Spare => false,
+        })
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(nodes.len(), 2);
+    for i in nodes {
+        c.crash(i);
+    }
+    c.add_node().await.unwrap();
+    let exits = wait_all(&mut c).await;
+    assert!(exits
+        .iter()
+        .all(|e| *e == NodeExit::JobFinished { epoch: until }));
+    let ev = c.audit.events();
+    assert_trail(&ev, tasks, until);
+    let restored: Vec<(u64, u64)> = ev
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::Restored {
+                task: 2,
+                epoch,
+                counter,
+            } => Some((*epoch, *counter)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(restored.len(), 1, "{restored:?}");
+    assert!(restored[0].0 >= 3 && restored[0].1 >= 4, "{restored:?}");
+}
