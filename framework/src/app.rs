@@ -48,12 +48,16 @@ pub enum ExitReason {
 /// concurrently. A handler must not block the loop: await only short operations (the
 /// context's verbs); run long work with [`Context::spawn`] and act on its result from there.
 ///
-/// Order of calls on a task value: [`init`](Task::init) once, then [`became_primary`](Task::became_primary)
-/// or [`became_backup`](Task::became_backup) (a backup may later become primary), then, as
-/// primary, [`enter_epoch`](Task::enter_epoch) once for every epoch it observes in increasing
-/// order — first the job's current epoch right after `became_primary` — and finally
-/// [`exit`](Task::exit). A task value is built afresh by the [`TaskBuilder`] whenever a node
-/// takes a slot as a spare.
+/// Order of calls on a task value: [`init`](Task::init) once; [`restore`](Task::restore) if the
+/// value was built to take over as primary and the task has a checkpoint; then
+/// [`became_primary`](Task::became_primary) or [`became_backup`](Task::became_backup) (a backup
+/// gets [`apply_snapshot`](Task::apply_snapshot) and [`apply_update`](Task::apply_update)s, and
+/// may later become primary); then, as primary, [`enter_epoch`](Task::enter_epoch) once for
+/// every epoch it observes in increasing order — first the job's current epoch right after
+/// `became_primary` — with [`serve_data`](Task::serve_data), [`data_ready`](Task::data_ready),
+/// [`meta_ready`](Task::meta_ready) and the neighbour events of that epoch in between; and
+/// finally [`exit`](Task::exit). A task value is built afresh by the [`TaskBuilder`] whenever a
+/// node takes a slot as a spare.
 #[async_trait]
 pub trait Task: Send + 'static {
     /// Called once after the task value is built, before any other handler. An error stops the

@@ -115,6 +115,22 @@ impl Config {
                 reason: "must be positive".into(),
             });
         }
+        // etcd refuses requests over 1.5 MiB by default (`--max-request-bytes`).
+        if self.max_checkpoint_bytes == 0 || self.max_checkpoint_bytes > 1_400_000 {
+            return Err(ConfigError::Invalid {
+                setting: "max checkpoint bytes",
+                reason: format!(
+                    "1 to 1400000 (etcd refuses requests over 1.5 MiB by default); got {}",
+                    self.max_checkpoint_bytes
+                ),
+            });
+        }
+        if self.max_frame_bytes < 4096 || self.max_frame_bytes > (1 << 31) {
+            return Err(ConfigError::Invalid {
+                setting: "max frame bytes",
+                reason: format!("4 KiB to 2 GiB; got {}", self.max_frame_bytes),
+            });
+        }
         self.links.validate(self.tasks)?;
         Ok(())
     }

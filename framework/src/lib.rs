@@ -7,33 +7,79 @@
 //! [`Links`] of its topology, and runs each node with [`Framework::start`].
 //!
 //! ```no_run
-//! use std::time::Duration;
-//! use taskgraph::{async_trait, Context, Epoch, Framework, Links, Task, TaskId, Tree};
+//! use taskgraph::{async_trait, Bytes, Context, DataReply, DataRequest, Epoch, Task, TaskId};
 //!
-//! struct Counter;
+//! /// Sums `epoch · id` over a tree: every task asks its children for their sums.
+//! struct Sum { epoch: Epoch, sums: Vec<u64>, waiting: Vec<DataRequest>, counter: u64 }
 //!
 //! #[async_trait]
-//! impl Task for Counter {
+//! impl Task for Sum {
 //!     async fn enter_epoch(&mut self, ctx: &Context, epoch: Epoch) {
-//!         // Task 0 drives the job: ten epochs, then done.
+//!         self.epoch = epoch;
+//!         self.sums.clear();
+//!         // Hot standby: the backups apply this before `replicate` returns.
+//!         self.counter += 1;
+//!         let _ = ctx.replicate(taskgraph::encode(&self.counter).unwrap_or_default()).await;
+//!         for child in ctx.neighbours("children") {
+//!             // Returns at once; the answer comes exactly once to `data_ready`, retried through
+//!             // failures of the child, cancelled if the epoch moves on.
+//!             let _ = ctx.data_request_with(child, "sum", &epoch);
+//!         }
+//!         self.answer_if_ready(ctx);
+//!     }
+//!     async fn serve_data(&mut self, ctx: &Context, request: DataRequest) {
+//!         match request.method() {
+//!             // Keep the request until we can answer it.
+//!             "sum" => self.waiting.push(request),
+//!             _ => request.unknown_method(),
+//!         }
+//!         self.answer_if_ready(ctx);
+//!     }
+//!     async fn data_ready(&mut self, ctx: &Context, reply: DataReply) {
+//!         if let Ok(sum) = reply.decode::<u64>() { self.sums.push(sum); }
+//!         self.answer_if_ready(ctx);
+//!     }
+//!     async fn neighbour_failed(&mut self, _ctx: &Context, link: &str, id: TaskId) {
+//!         tracing::info!(link, id, "neighbour lost its primary; its pulls are retried");
+//!     }
+//!     async fn apply_update(&mut self, _ctx: &Context, update: Bytes) {
+//!         self.counter = taskgraph::decode(&update).unwrap_or(self.counter);
+//!     }
+//!     fn snapshot(&self, _ctx: &Context) -> Bytes {
+//!         taskgraph::encode(&self.counter).unwrap_or_default()
+//!     }
+//!     async fn apply_snapshot(&mut self, _ctx: &Context, snapshot: Bytes) {
+//!         self.counter = taskgraph::decode(&snapshot).unwrap_or(0);
+//!     }
+//! }
+//!
+//! impl Sum {
+//!     fn answer_if_ready(&mut self, ctx: &Context) {
+//!         if self.sums.len() < ctx.neighbours("children").len() { return; }
+//!         let total = self.epoch * u64::from(ctx.task()) + self.sums.iter().sum::<u64>();
+//!         for r in self.waiting.drain(..) { let _ = r.reply_with(&total); }
 //!         if ctx.task() == 0 {
-//!             let result = if epoch < 10 { ctx.inc_epoch(epoch).await.map(|_| ()) } else { ctx.shutdown_job().await.map(|_| ()) };
-//!             if let Err(e) = result { tracing::warn!(error = %e, "could not move the job on"); }
+//!             let (ctx, epoch) = (ctx.clone(), self.epoch);
+//!             ctx.clone().spawn(async move { let _ = ctx.inc_epoch(epoch).await; });
+//!         } else {
+//!             let _ = ctx.flag_meta("parents", "done"); // exactly once to the parent
 //!         }
 //!     }
 //! }
 //!
 //! #[tokio::main]
 //! async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//!     let tree = Tree::new(3, 2)?;
-//!     let exit = Framework::builder()
+//!     let tree = taskgraph::Tree::new(7, 2)?;
+//!     let exit = taskgraph::Framework::builder()
 //!         .etcd(["http://127.0.0.1:2379"])
-//!         .job("counter")
-//!         .tasks(3)
+//!         .job("sum")
+//!         .tasks(7)
 //!         .replicas(2)
-//!         .links(Links::new().link("parents", tree.parents()).link("children", tree.children()).pair("parents", "children"))
-//!         .lease_ttl(Duration::from_secs(2))
-//!         .task_builder(|_task: TaskId| Box::new(Counter) as Box<dyn Task>)
+//!         .links(tree.links())
+//!         .lease_ttl(std::time::Duration::from_secs(2))
+//!         .task_builder(|_task: TaskId| {
+//!             Box::new(Sum { epoch: 0, sums: vec![], waiting: vec![], counter: 0 }) as Box<dyn Task>
+//!         })
 //!         .build()?
 //!         .start()
 //!         .await?;

@@ -202,3 +202,51 @@ async fn a_spare_restores_the_checkpoint_when_every_node_of_a_task_died() {
     assert_eq!(restored.len(), 1, "{restored:?}");
     assert!(restored[0].0 >= 3 && restored[0].1 >= 4, "{restored:?}");
 }
+
+/// A task that tries an oversized checkpoint, then a small one, then ends the job.
+struct CheckpointProbe {
+    results: tokio::sync::mpsc::UnboundedSender<Result<(), String>>,
+}
+
+#[taskgraph::async_trait]
+impl taskgraph::Task for CheckpointProbe {
+    async fn enter_epoch(&mut self, ctx: &taskgraph::Context, _epoch: u64) {
+        let too_big = ctx.checkpoint(vec![7u8; 4097]).await;
+        let _ = self.results.send(too_big.map_err(|e| e.to_string()));
+        let small = ctx.checkpoint(vec![7u8; 4096]).await;
+        let _ = self.results.send(small.map_err(|e| e.to_string()));
+        let _ = ctx.shutdown_job().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_checkpoint_is_refused_with_a_clear_error() {
+    let etcd = etcd().await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let node = taskgraph::Framework::builder()
+        .etcd(etcd.endpoints())
+        .job(job_name("ckpt-size"))
+        .tasks(1)
+        .replicas(1)
+        .max_checkpoint_bytes(4096)
+        .lease_ttl(Duration::from_secs(1))
+        .task_builder(move |_| {
+            Box::new(CheckpointProbe {
+                results: tx.clone(),
+            }) as Box<dyn taskgraph::Task>
+        })
+        .build()
+        .unwrap()
+        .spawn()
+        .await
+        .unwrap();
+    let too_big = rx.recv().await.unwrap();
+    let small = rx.recv().await.unwrap();
+    assert_eq!(
+        too_big,
+        Err("checkpoint is 4097 bytes, more than the limit of 4096".to_owned())
+    );
+    assert_eq!(small, Ok(()));
+    let exit = tokio::time::timeout(WAIT, node.wait()).await.unwrap();
+    assert!(matches!(exit, Ok(NodeExit::JobFinished { .. })), "{exit:?}");
+}
