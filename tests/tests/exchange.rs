@@ -250,3 +250,89 @@ async fn an_oversized_checkpoint_is_refused_with_a_clear_error() {
     let exit = tokio::time::timeout(WAIT, node.wait()).await.unwrap();
     assert!(matches!(exit, Ok(NodeExit::JobFinished { .. })), "{exit:?}");
 }
+
+/// Waits until the audit trail has an event matching `f` (polling the trail).
+async fn wait_event(c: &Cluster, why: &str, f: impl Fn(&str, &Event) -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if c.audit.events().iter().any(|(n, e)| f(n, e)) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {why}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metas_reach_a_new_receiver_once_and_a_restarted_sender_is_not_repeated() {
+    let etcd = etcd().await;
+    let (tasks, until) = (3, 2);
+    let cfg = dataflow(&etcd, "metas", tasks, 2, until);
+    // The gate stays closed: the root does not move epoch 0 on until the test says so.
+    let mut c = Cluster::new(cfg);
+    c.audit.close_gate();
+    for _ in 0..6 {
+        c.add_node().await.unwrap();
+    }
+    c.wait_until("staffed", WAIT, |s| {
+        taskgraph_tests::cluster::fully_staffed(tasks, 1, s)
+    })
+    .await
+    .unwrap();
+    let meta_from = |from_task: u32, term: u64| {
+        move |_: &str, e: &Event| {
+            matches!(e, Event::Meta { task: 0, from, term: t, meta, .. }
+                if *from == from_task && *t == term && meta == "done")
+        }
+    };
+    let (_, root_term) = c.primary_of(0).unwrap();
+    wait_event(&c, "done from 1 at the root", meta_from(1, root_term)).await;
+    // The sender restarts: task 1's new primary re-enters epoch 0 and flags `done` again.
+    let (victim, t1) = c.primary_of(1).unwrap();
+    c.crash(victim);
+    c.wait_until("task 1 fails over", WAIT, |s| {
+        s.iter()
+            .any(|(_, s)| s.primary_of(1).is_some_and(|t| t > t1))
+    })
+    .await
+    .unwrap();
+    let (_, t1_new) = c.primary_of(1).unwrap();
+    wait_event(
+        &c,
+        "task 1's new primary got its parameter",
+        |_, e| matches!(e, Event::Data { task: 1, term, .. } if *term == t1_new),
+    )
+    .await;
+    // The receiver restarts: the root's new primary must get `done` from both children once.
+    let (root, _) = c.primary_of(0).unwrap();
+    c.crash(root);
+    c.wait_until("the root fails over", WAIT, |s| {
+        s.iter()
+            .any(|(_, s)| s.primary_of(0).is_some_and(|t| t > root_term))
+    })
+    .await
+    .unwrap();
+    let (_, root_new) = c.primary_of(0).unwrap();
+    wait_event(&c, "done from 1 at the new root", meta_from(1, root_new)).await;
+    wait_event(&c, "done from 2 at the new root", meta_from(2, root_new)).await;
+    c.add_node().await.unwrap();
+    c.add_node().await.unwrap();
+    c.audit.open_gate();
+    let exits = wait_all(&mut c).await;
+    assert!(exits
+        .iter()
+        .all(|e| *e == NodeExit::JobFinished { epoch: until }));
+    let ev = c.audit.events();
+    assert_trail(&ev, tasks, until);
+    // Exactly one `done` from task 1 per root primary in epoch 0, whatever was re-flagged.
+    for term in [root_term, root_new] {
+        let n = count(
+            &ev,
+            |e| matches!(e, Event::Meta { task: 0, from: 1, epoch: 0, term: t, .. } if *t == term),
+        );
+        assert_eq!(n, 1, "root term {term}: {n} deliveries of task 1's meta");
+    }
+}
