@@ -539,17 +539,25 @@ impl Node {
         }
     }
 
-    /// Checks the sender's term against the fence: a lower term than one seen for the sending
-    /// task means it was deposed.
+    /// Checks a sender's claimed term for `task`. Only terms etcd has shown count: a lower term
+    /// than the highest seen, or the term of a primary whose key is gone, is refused as stale;
+    /// a higher term than any seen is not believed (it would let one forged message fence off
+    /// the real primary) — it is refused as "not primary yet", and the sender retries until
+    /// this node's watch has caught up with its election.
     fn fence_sender(&self, task: TaskId, term: Term) -> Result<(), Rejection> {
-        if term == 0 || !self.fence.admit(task, term) {
-            return Err(Rejection::StaleTerm {
-                task,
-                term,
-                seen: self.fence.seen(task),
-            });
+        let seen = self.fence.seen(task);
+        let current = self
+            .view
+            .as_ref()
+            .and_then(|v| v.primaries.get(&task))
+            .map(|p| p.create_revision as Term);
+        if term != 0 && current == Some(term) && term >= seen {
+            return Ok(());
         }
-        Ok(())
+        if term > seen {
+            return Err(Rejection::NotPrimary { task });
+        }
+        Err(Rejection::StaleTerm { task, term, seen })
     }
 
     /// A pull for this node's task: answered only by the acting primary, in the request's

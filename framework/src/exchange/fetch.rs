@@ -58,7 +58,11 @@ pub(crate) async fn fetch(
             .unwrap_or(std::time::Duration::from_millis(500));
         match outcome {
             Ok(answer) => {
-                if deliver(&env, &book, id, Ok(answer.payload), answer.server_term) {
+                // Only the primary this request was sent to, under the term etcd shows for it,
+                // may answer (a node claiming another term is either deposed or lying).
+                if answer.server_term == their_term as Term
+                    && deliver(&env, &book, id, Ok(answer.payload), answer.server_term)
+                {
                     return;
                 }
                 tracing::debug!(%id, server_term = answer.server_term, "dropped an answer from a deposed primary");
@@ -91,8 +95,8 @@ pub(crate) async fn fetch(
 
 /// Hands an outcome over: to the waiter of [`Context::request`](crate::Context::request)
 /// directly, otherwise to the event loop (which calls `data_ready`). Returns `false` when the
-/// answer comes from a term lower than one already seen for the serving task (fencing): it is
-/// dropped and the fetcher keeps trying.
+/// answer comes from a term lower than one already seen in etcd for the serving task
+/// (fencing): it is dropped and the fetcher keeps trying.
 pub(crate) fn deliver(
     env: &SlotEnv,
     book: &Weak<Mutex<EpochBook>>,
@@ -100,7 +104,7 @@ pub(crate) fn deliver(
     result: Result<Bytes, PullError>,
     server_term: Term,
 ) -> bool {
-    if result.is_ok() && !env.fence.admit(id.to, server_term) {
+    if result.is_ok() && server_term < env.fence.seen(id.to) {
         return false;
     }
     let Some(book) = book.upgrade() else {

@@ -29,8 +29,9 @@ use crate::{Epoch, TaskId, Term};
 pub(crate) use fetch::fetch;
 pub(crate) use metas::send_metas;
 
-/// The highest term this node has seen per task, from etcd and from messages. Anything carrying
-/// a lower term comes from a deposed primary and is dropped.
+/// The highest term this node has seen per task in etcd (raised only from the watched view:
+/// a term claimed by a message is never believed on its own). Anything carrying a lower term
+/// comes from a deposed primary and is dropped.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Fence(Arc<Mutex<HashMap<TaskId, Term>>>);
 
