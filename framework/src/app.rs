@@ -537,7 +537,15 @@ impl Context {
                 term,
             });
         }
-        Ok(())
+        // Only an acting primary's replication counts: if the lease lapsed meanwhile (etcd
+        // away, process paused), a backup may have been promoted without this entry.
+        match self.acting_term()? {
+            t if t == term => Ok(()),
+            _ => Err(ContextError::NotPrimary {
+                task: env.task,
+                term,
+            }),
+        }
     }
 
     /// Stores `data` as this task's checkpoint in etcd, tagged with the current epoch. A task

@@ -192,15 +192,17 @@ impl Task for DataflowTask {
             tracing::info!(error = %e, "replicate failed");
             return;
         }
-        if let Err(e) = ctx.checkpoint_with(&self.counter).await {
-            tracing::info!(error = %e, "checkpoint failed");
+        // Recorded only once replicated and checkpointed: a deposed primary (whose checkpoint
+        // is fenced off) records nothing.
+        match ctx.checkpoint_with(&self.counter).await {
+            Ok(()) => self.record(Event::Counter {
+                task: self.task,
+                term,
+                epoch: Some(epoch),
+                value: self.counter,
+            }),
+            Err(e) => tracing::info!(error = %e, "checkpoint failed"),
         }
-        self.record(Event::Counter {
-            task: self.task,
-            term,
-            epoch: Some(epoch),
-            value: self.counter,
-        });
         for p in ctx.neighbours(PARENTS) {
             if let Err(e) = ctx.data_request(p, "param", Bytes::new()) {
                 tracing::info!(error = %e, "cannot pull");

@@ -69,9 +69,18 @@ async fn tree_pulls_and_metas_are_exactly_once_over_20_epochs() {
     // result): 6 param answers, 6 grad answers, 6 metas; no failures, so no incidents.
     let epochs = until as usize + 1;
     let data = count(&ev, |e| matches!(e, Event::Data { .. }));
-    let metas = count(&ev, |e| matches!(e, Event::Meta { .. }));
+    // Metas: only the root waits for its children's, so in the last epoch a leaf's meta to its
+    // parent may still be on its way when the job ends.
+    let metas = count(
+        &ev,
+        |e| matches!(e, Event::Meta { epoch, .. } if *epoch < until),
+    );
     assert_eq!(data, 12 * epochs, "data events");
-    assert_eq!(metas, 6 * epochs, "meta events");
+    assert_eq!(
+        metas,
+        6 * until as usize,
+        "meta events before the last epoch"
+    );
     assert_eq!(count(&ev, |e| matches!(e, Event::Neighbour { .. })), 0);
     let results: Vec<u64> = ev
         .iter()

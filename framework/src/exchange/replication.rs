@@ -143,6 +143,11 @@ pub(crate) async fn ship(
             },
         };
         if let Some(reason) = give_up {
+            // After this process was paused the deadline has passed at once: whether this
+            // node may still act decides first.
+            if !env.lease.borrow().valid_now() {
+                return Shipped::Deposed;
+            }
             if let Some(outcome) = eject(env, term, member, reason).await {
                 return outcome;
             }
@@ -171,12 +176,13 @@ async fn eject(env: &SlotEnv, term: Term, member: &Member, reason: &str) -> Opti
         Ok(true) => Some(Shipped::Gone),
         Ok(false) => {
             // Either the backup's key is gone already, or this node is no longer primary.
-            let primary = env
-                .view
-                .borrow()
-                .primaries
-                .get(&env.task)
-                .is_some_and(|p| p.create_revision == term as i64);
+            let primary = env.lease.borrow().valid_now()
+                && env
+                    .view
+                    .borrow()
+                    .primaries
+                    .get(&env.task)
+                    .is_some_and(|p| p.create_revision == term as i64);
             Some(if primary {
                 Shipped::Gone
             } else {

@@ -1,0 +1,687 @@
+//! The data exchange (pulls, metas, neighbour incidents, replication, checkpoints) across
+//! process-level faults: every node of a dataflow job (`taskgraph_tests::dataflow`) runs as a
+//! `testnode --dataflow-until N` child process; a primary is paused past its lease (SIGSTOP,
+//! SIGCONT) or killed (SIGKILL). Each process prints its events; the events of every process,
+//! labelled `p0`, `p1`…, merged in the order the test read them (each process's own in the
+//! order it printed them), are checked by [`check_trail`]. Every wait is on printed lines,
+//! with a deadline; every child is killed when the test ends, pass or fail (`kill_on_drop`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use taskgraph_tests::apps::Event;
+use taskgraph_tests::dataflow::{check_trail, expected_result};
+use taskgraph_tests::etcd::Etcd;
+use taskgraph_tests::process::{Line, StatusLine};
+use taskgraph_tests::{init_logs, job_name};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::info;
+
+const BIN: &str = env!("CARGO_BIN_EXE_testnode");
+/// Deadline for things that are not the subject of a test (start-up, staffing, the job's end).
+const WAIT: Duration = Duration::from_secs(30);
+
+/// One dataflow job's settings, shared by all its processes.
+#[derive(Debug, Clone)]
+struct Job {
+    etcd: Vec<String>,
+    name: String,
+    tasks: u32,
+    replicas: u32,
+    ttl_secs: u64,
+    until: u64,
+    pace_ms: u64,
+}
+
+/// Numbers every line any child prints, in the order this process reads them: the merged
+/// trail follows it (each child's own lines stay in the order it printed them).
+#[derive(Debug, Clone, Default)]
+struct Arrivals(Arc<AtomicU64>);
+
+/// A `testnode --dataflow-until …` child process. (`taskgraph_tests::process::ProcessNode`
+/// cannot pass `--dataflow-until`: its `NodeArgs` has no such field.)
+#[derive(Debug)]
+struct Proc {
+    /// The node label of this process's events in the merged trail.
+    name: String,
+    child: Child,
+    pid: i32,
+    lines: watch::Receiver<Vec<Line>>,
+    /// The arrival number of each line in `lines`.
+    seqs: watch::Receiver<Vec<u64>>,
+    reader: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proc {
+    fn spawn(job: &Job, name: String, arrivals: &Arrivals) -> Proc {
+        let mut child = Command::new(BIN)
+            .arg("--etcd")
+            .arg(job.etcd.join(","))
+            .arg("--job")
+            .arg(&job.name)
+            .arg("--tasks")
+            .arg(job.tasks.to_string())
+            .arg("--replicas")
+            .arg(job.replicas.to_string())
+            .arg("--ttl-secs")
+            .arg(job.ttl_secs.to_string())
+            .arg("--pace-ms")
+            .arg(job.pace_ms.to_string())
+            .arg("--dataflow-until")
+            .arg(job.until.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn testnode");
+        let pid = child.id().map_or(-1, |p| p as i32);
+        let stdout = child.stdout.take().expect("testnode's stdout");
+        let (tx, lines) = watch::channel(Vec::new());
+        let (seq_tx, seqs) = watch::channel(Vec::new());
+        let label = name.clone();
+        let counter = arrivals.0.clone();
+        let reader = tokio::spawn(async move {
+            let mut reader = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                match serde_json::from_str::<Line>(&line) {
+                    Ok(l) => {
+                        // Numbered before it is published, so `seqs` always covers `lines`.
+                        let n = counter.fetch_add(1, Ordering::SeqCst);
+                        seq_tx.send_modify(|v| v.push(n));
+                        tx.send_modify(|v| v.push(l));
+                    }
+                    Err(_) => eprintln!("testnode {label} [{pid}]: {line}"),
+                }
+            }
+        });
+        Proc {
+            name,
+            child,
+            pid,
+            lines,
+            seqs,
+            reader: Some(reader),
+        }
+    }
+
+    fn lines(&self) -> Vec<Line> {
+        self.lines.borrow().clone()
+    }
+
+    fn signal(&self, sig: &str) {
+        // Through the `kill` command: the crate forbids `unsafe`.
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} {} ({})", self.pid, self.name);
+    }
+
+    /// Waits for the process to exit and for everything it printed to be read.
+    async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{} (pid {}) still running after {timeout:?}{}",
+                    self.name,
+                    self.pid,
+                    dump(&[&*self])
+                )
+            })
+            .expect("wait for testnode");
+        if let Some(r) = self.reader.take() {
+            tokio::time::timeout(timeout, r)
+                .await
+                .expect("the reader of the child's stdout ends")
+                .unwrap();
+        }
+        status
+    }
+}
+
+fn job(etcd: &Etcd, test: &str, tasks: u32, ttl_secs: u64, until: u64, pace_ms: u64) -> Job {
+    Job {
+        etcd: etcd.endpoints(),
+        name: job_name(test),
+        tasks,
+        replicas: 2,
+        ttl_secs,
+        until,
+        pace_ms,
+    }
+}
+
+fn spawn_all(job: &Job) -> Vec<Proc> {
+    let arrivals = Arrivals::default();
+    (0..job.tasks * job.replicas)
+        .map(|i| Proc::spawn(job, format!("p{i}"), &arrivals))
+        .collect()
+}
+
+fn statuses(lines: &[Line]) -> impl Iterator<Item = &StatusLine> {
+    lines.iter().filter_map(|l| match l {
+        Line::Status(s) => Some(s),
+        _ => None,
+    })
+}
+
+fn events(lines: &[Line]) -> impl Iterator<Item = &Event> {
+    lines.iter().filter_map(|l| match l {
+        Line::Event(e) => Some(e),
+        _ => None,
+    })
+}
+
+fn last_status(lines: &[Line]) -> Option<&StatusLine> {
+    statuses(lines).last()
+}
+
+fn exit_line(lines: &[Line]) -> Option<&str> {
+    lines.iter().find_map(|l| match l {
+        Line::Exit(e) => Some(e.as_str()),
+        _ => None,
+    })
+}
+
+/// Whether a node's latest status shows it holding a slot: acting primary, or backup.
+fn holds_slot(lines: &[Line]) -> bool {
+    last_status(lines).is_some_and(|s| {
+        (s.role == "primary" && s.acting && s.task.is_some())
+            || (s.role == "backup" && s.task.is_some())
+    })
+}
+
+/// The last 30 lines of every node, for failure messages.
+fn dump(nodes: &[&Proc]) -> String {
+    let mut out = String::new();
+    for n in nodes {
+        let lines = n.lines();
+        let skip = lines.len().saturating_sub(30);
+        out.push_str(&format!(
+            "\n--- {} (pid {}, {} lines, last {}):\n",
+            n.name,
+            n.pid,
+            lines.len(),
+            lines.len() - skip
+        ));
+        for l in &lines[skip..] {
+            out.push_str(&format!("  {l:?}\n"));
+        }
+    }
+    out
+}
+
+/// Waits until the lines printed so far by `nodes` (one `Vec` per node, in order) satisfy
+/// `cond`, re-checking whenever any node prints a line. Panics with the nodes' last lines
+/// after `timeout`, or once no node can print any more. Returns the lines that satisfied
+/// `cond`.
+async fn wait_all(
+    nodes: &[&Proc],
+    why: &str,
+    timeout: Duration,
+    mut cond: impl FnMut(&[Vec<Line>]) -> bool,
+) -> Vec<Vec<Line>> {
+    let deadline = Instant::now() + timeout;
+    let mut rxs: Vec<watch::Receiver<Vec<Line>>> = nodes.iter().map(|n| n.lines.clone()).collect();
+    loop {
+        let snap: Vec<Vec<Line>> = rxs
+            .iter_mut()
+            .map(|r| r.borrow_and_update().clone())
+            .collect();
+        if cond(&snap) {
+            return snap;
+        }
+        // Wake up as soon as any node prints a line past what `cond` saw (or at the deadline).
+        let open: Vec<_> = rxs
+            .iter_mut()
+            .filter(|r| r.has_changed().is_ok())
+            .map(|r| Box::pin(r.changed()))
+            .collect();
+        let more = async {
+            if open.is_empty() {
+                // Every reader has ended: nothing will change any more.
+                return false;
+            }
+            let _ = futures::future::select_all(open).await;
+            true
+        };
+        match tokio::time::timeout_at(deadline, more).await {
+            Ok(true) => {}
+            Ok(false) => panic!(
+                "every node has stopped printing and still not {why}{}",
+                dump(nodes)
+            ),
+            Err(_) => panic!(
+                "timed out after {timeout:?} waiting until {why}{}",
+                dump(nodes)
+            ),
+        }
+    }
+}
+
+/// Waits until every node holds a slot and the job has entered `epoch` (a node reports it),
+/// checks that each task has exactly one acting primary and that the job is still running.
+/// Returns each node's status.
+async fn wait_staffed_at(nodes: &[Proc], tasks: u32, epoch: u64) -> Vec<StatusLine> {
+    let refs: Vec<&Proc> = nodes.iter().collect();
+    let snap = wait_all(
+        &refs,
+        &format!("every node holds a slot and the job is in epoch {epoch}"),
+        WAIT,
+        |all| {
+            all.iter().all(|l| holds_slot(l))
+                && all
+                    .iter()
+                    .any(|l| last_status(l).is_some_and(|s| s.epoch.is_some_and(|e| e >= epoch)))
+        },
+    )
+    .await;
+    let st: Vec<StatusLine> = snap
+        .iter()
+        .map(|l| last_status(l).unwrap().clone())
+        .collect();
+    for t in 0..tasks {
+        assert_eq!(
+            st.iter().filter(|s| s.primary_of(t).is_some()).count(),
+            1,
+            "one acting primary of task {t}: {st:#?}"
+        );
+    }
+    assert!(
+        st.iter().all(|s| !s.finished),
+        "the job must still be running: {st:#?}"
+    );
+    st
+}
+
+/// The merged audit trail: every process's events labelled with its name, in the order this
+/// test read them (so each process's events stay in the order it printed them, and events of
+/// different processes far apart in time keep their order, as `check_trail`'s check of the
+/// replicated counter across primaries needs).
+fn trail(nodes: &[&Proc]) -> Vec<(String, Event)> {
+    let mut all: Vec<(u64, String, Event)> = Vec::new();
+    for n in nodes {
+        let lines = n.lines();
+        let seqs = n.seqs.borrow().clone();
+        for (l, seq) in lines.iter().zip(seqs) {
+            if let Line::Event(e) = l {
+                all.push((seq, n.name.clone(), e.clone()));
+            }
+        }
+    }
+    all.sort_by_key(|(seq, _, _)| *seq);
+    all.into_iter().map(|(_, n, e)| (n, e)).collect()
+}
+
+fn assert_trail(events: &[(String, Event)], tasks: u32, until: u64) {
+    let bad = check_trail(events, tasks, until);
+    assert!(
+        bad.is_empty(),
+        "{} violations:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+}
+
+/// The root's results, in the order recorded: exactly one per epoch `0..=until`, each right.
+fn assert_results(events: &[(String, Event)], tasks: u32, until: u64) {
+    let results: Vec<(u64, u64)> = events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::Result { epoch, value, .. } => Some((*epoch, *value)),
+            _ => None,
+        })
+        .collect();
+    let want: Vec<(u64, u64)> = (0..=until)
+        .map(|e| (e, expected_result(tasks, e)))
+        .collect();
+    assert_eq!(results, want, "the root's results");
+}
+
+/// Waits for every process in `nodes` to exit successfully with the job finished at `until`.
+async fn assert_all_finish(nodes: &mut [&mut Proc], until: u64) {
+    let want = format!("Ok(JobFinished {{ epoch: {until} }})");
+    for n in nodes.iter_mut() {
+        let status = n.wait_exit(WAIT).await;
+        let lines = n.lines();
+        assert!(
+            status.success(),
+            "{} (pid {}) exited with {status}{}",
+            n.name,
+            n.pid,
+            dump(&[&**n])
+        );
+        assert_eq!(
+            exit_line(&lines),
+            Some(want.as_str()),
+            "{} (pid {}) ended{}",
+            n.name,
+            n.pid,
+            dump(&[&**n])
+        );
+    }
+}
+
+/// Whether `events` show, for task `task`, a `neighbour_failed` of `neighbour` followed later
+/// by its `neighbour_restarted`. Returns (failed, restarted) counts and whether one restart
+/// follows a failure.
+fn incident(events: &[(String, Event)], task: u32, neighbour: u32) -> (usize, usize, bool) {
+    let mut failed = 0;
+    let mut restarted = 0;
+    let mut ordered = false;
+    for (_, e) in events {
+        if let Event::Neighbour {
+            task: t,
+            neighbour: n,
+            failed: f,
+            ..
+        } = e
+        {
+            if *t != task || *n != neighbour {
+                continue;
+            }
+            if *f {
+                failed += 1;
+            } else {
+                restarted += 1;
+                ordered |= failed > 0;
+            }
+        }
+    }
+    (failed, restarted, ordered)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_primary_is_fenced_after_its_term() {
+    init_logs();
+    let etcd = Etcd::start().await.expect("start etcd");
+    // 1 s leases; the root moves on every 50 ms (plus the epoch's exchanges), so the job is
+    // still running when the paused node comes back.
+    let (tasks, until) = (3, 40);
+    let job = job(&etcd, "dfpause", tasks, 1, until, 50);
+    let mut nodes = spawn_all(&job);
+    let st = wait_staffed_at(&nodes, tasks, 3).await;
+    let p = st.iter().position(|s| s.primary_of(1).is_some()).unwrap();
+    let old_term = st[p].primary_of(1).unwrap();
+    let b = st
+        .iter()
+        .position(|s| s.role == "backup" && s.task == Some(1))
+        .unwrap_or_else(|| panic!("a backup of task 1: {st:#?}"));
+
+    info!(
+        "--- SIGSTOP the primary of task 1 ({}, pid {}, term {old_term}) for 2.5 s",
+        nodes[p].name, nodes[p].pid
+    );
+    let t0 = Instant::now();
+    nodes[p].signal("STOP");
+    // The fault itself is a pause longer than the TTL; meanwhile the backup must take over,
+    // which it can only do once etcd has expired the paused node's lease.
+    let snap = wait_all(
+        &[&nodes[b]],
+        "the backup acts as primary of task 1 with a higher term",
+        Duration::from_secs(10),
+        |all| statuses(&all[0]).any(|s| s.primary_of(1).is_some_and(|t| t > old_term)),
+    )
+    .await;
+    let took = t0.elapsed();
+    let new_term = statuses(&snap[0])
+        .find_map(|s| s.primary_of(1).filter(|t| *t > old_term))
+        .unwrap();
+    println!("takeover from a paused primary (TTL 1 s): {took:?}");
+    tokio::time::sleep_until(t0 + Duration::from_millis(2500)).await;
+    // The premise: the paused node comes back into a running job.
+    let finished: Vec<&str> = nodes
+        .iter()
+        .filter(|n| last_status(&n.lines()).is_some_and(|s| s.finished))
+        .map(|n| n.name.as_str())
+        .collect();
+    assert!(
+        finished.is_empty(),
+        "the job finished during the pause ({finished:?}); lengthen it"
+    );
+    let before_resume = nodes[p].lines().len();
+    info!("--- SIGCONT {}", nodes[p].name);
+    nodes[p].signal("CONT");
+
+    info!("--- the job runs to its end under the new primary (term {new_term})");
+    {
+        let mut all: Vec<&mut Proc> = nodes.iter_mut().collect();
+        assert_all_finish(&mut all, until).await;
+    }
+    let refs: Vec<&Proc> = nodes.iter().collect();
+    let ev = trail(&refs);
+    assert_trail(&ev, tasks, until);
+    assert_results(&ev, tasks, until);
+
+    let old_lines = nodes[p].lines();
+    let after_resume = &old_lines[before_resume..];
+    // (a) Once resumed, the node never reports acting as primary under its old term.
+    let stale: Vec<_> = statuses(after_resume)
+        .filter(|s| s.primary_of(1) == Some(old_term))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "the resumed node reported acting as primary of term {old_term}: {stale:#?}"
+    );
+    // (b) …and the framework delivers nothing to its task under that term: no answer, no
+    // meta, no epoch entered, no neighbour incident (so no result either).
+    let around =
+        &old_lines[before_resume.saturating_sub(8)..(before_resume + 12).min(old_lines.len())];
+    let late: Vec<&Event> = events(after_resume)
+        .filter(|e| match e {
+            Event::Data { term, .. }
+            | Event::Meta { term, .. }
+            | Event::Result { term, .. }
+            | Event::Enter { term, .. }
+            | Event::Neighbour { term, .. } => *term == old_term,
+            _ => false,
+        })
+        .collect();
+    assert!(
+        late.is_empty(),
+        "the resumed node handled events under its old term {old_term}: {late:#?}\n\
+         its lines around the resume (SIGCONT after line {before_resume}): {around:#?}"
+    );
+    // (c) `replicate` and `checkpoint` never report success once the lease has lapsed: the
+    // app records `Counter { epoch: Some(e), .. }` only after both returned `Ok`, so the
+    // resumed node records none under its old term.
+    let new_lines = nodes[b].lines();
+    let start = events(&new_lines).find_map(|e| match e {
+        Event::Counter {
+            task: 1,
+            term,
+            epoch: None,
+            value,
+        } if *term == new_term => Some(*value),
+        _ => None,
+    });
+    let late_counters: Vec<u64> = events(after_resume)
+        .filter_map(|e| match e {
+            Event::Counter {
+                term,
+                epoch: Some(_),
+                value,
+                ..
+            } if *term == old_term => Some(*value),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        late_counters.is_empty(),
+        "after SIGCONT the paused primary's replicate()/checkpoint() succeeded under its old \
+         term for counter values {late_counters:?} (the new primary started from {start:?})\n\
+         its lines around the resume (SIGCONT after line {before_resume}): {around:#?}"
+    );
+    // (d) It gave its slot up (the task's `exit(SlotLost)`), took a slot again as a backup or
+    // stayed a spare, and ended with the job.
+    assert!(
+        events(after_resume)
+            .any(|e| matches!(e, Event::Exit { task: 1, reason } if reason == "SlotLost")),
+        "the resumed node ran exit(SlotLost) for task 1{}",
+        dump(&[&nodes[p]])
+    );
+    let mut roles: Vec<(String, Option<u32>, bool)> = statuses(after_resume)
+        .map(|s| (s.role.clone(), s.task, s.acting))
+        .collect();
+    roles.dedup();
+    println!("roles (role, task, acting) of the resumed node after SIGCONT: {roles:?}");
+    // (e) The new primary took over the task's state and continued the epochs in order.
+    assert!(
+        start.is_some_and(|v| v >= 3),
+        "the new primary starts from the replicated counter, got {start:?}"
+    );
+    let entered: Vec<u64> = events(&new_lines)
+        .filter_map(|e| match e {
+            Event::Enter {
+                task: 1,
+                epoch,
+                term,
+            } if *term == new_term => Some(*epoch),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !entered.is_empty() && entered.windows(2).all(|w| w[1] == w[0] + 1),
+        "the new primary's epochs: {entered:?}"
+    );
+    assert_eq!(
+        entered.last(),
+        Some(&until),
+        "the new primary reached the last epoch"
+    );
+    // No task got an answer of task 1 from the old term for an epoch the new primary owned.
+    let stale_answers: Vec<&(String, Event)> = ev
+        .iter()
+        .filter(|(_, e)| {
+            matches!(e, Event::Data { from: 1, server_term, epoch, .. }
+                if *server_term == old_term && *epoch >= entered[0])
+        })
+        .collect();
+    assert!(
+        stale_answers.is_empty(),
+        "answers of the old term {old_term} in epochs from {}: {stale_answers:#?}",
+        entered[0]
+    );
+    // (f) Task 0 saw the incident of its child 1: failed, then restarted.
+    let (failed, restarted, ordered) = incident(&ev, 0, 1);
+    assert!(
+        failed >= 1 && restarted >= 1 && ordered,
+        "task 0: {failed} failures and {restarted} restarts of task 1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_a_primary_with_backup_keeps_the_dataflow_exact() {
+    init_logs();
+    let etcd = Etcd::start().await.expect("start etcd");
+    // 10 s leases: a takeover long before that can only come from the evidence of death (the
+    // killed process's port refuses, so the backup ends its lease).
+    let (tasks, until) = (7, 30);
+    let job = job(&etcd, "dfkill", tasks, 10, until, 50);
+    let mut nodes = spawn_all(&job);
+    let st = wait_staffed_at(&nodes, tasks, 3).await;
+    let victim = st.iter().position(|s| s.primary_of(1).is_some()).unwrap();
+    let old_term = st[victim].primary_of(1).unwrap();
+    let b = st
+        .iter()
+        .position(|s| s.role == "backup" && s.task == Some(1))
+        .unwrap_or_else(|| panic!("a backup of task 1: {st:#?}"));
+
+    info!(
+        "--- kill -9 the primary of task 1 ({}, pid {}, term {old_term}); its lease stays in etcd",
+        nodes[victim].name, nodes[victim].pid
+    );
+    let t0 = Instant::now();
+    nodes[victim].signal("KILL");
+    // A behaviour bound, half the TTL: the backup must not be waiting for the lease.
+    let snap = wait_all(
+        &[&nodes[b]],
+        "the backup acts as primary of task 1 with a higher term",
+        Duration::from_secs(5),
+        |all| statuses(&all[0]).any(|s| s.primary_of(1).is_some_and(|t| t > old_term)),
+    )
+    .await;
+    println!(
+        "takeover after kill -9 with a 10 s lease, mid-job: {:?}",
+        t0.elapsed()
+    );
+    let new_term = statuses(&snap[0])
+        .find_map(|s| s.primary_of(1).filter(|t| *t > old_term))
+        .unwrap();
+
+    let status = nodes[victim].wait_exit(WAIT).await;
+    assert!(!status.success(), "the killed node exited with {status}");
+    assert_eq!(
+        exit_line(&nodes[victim].lines()),
+        None,
+        "kill -9 prints no exit"
+    );
+    info!("--- the job runs to its end under the new primary (term {new_term})");
+    {
+        let mut rest: Vec<&mut Proc> = nodes
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| *i != victim)
+            .map(|(_, n)| n)
+            .collect();
+        assert_all_finish(&mut rest, until).await;
+    }
+    let refs: Vec<&Proc> = nodes.iter().collect();
+    let ev = trail(&refs);
+    assert_trail(&ev, tasks, until);
+    assert_results(&ev, tasks, until);
+    // Task 1's neighbours (0 through `children`, 3 and 4 through `parents`) saw the incident:
+    // a failure, then a restart.
+    for n in [0, 3, 4] {
+        let (failed, restarted, ordered) = incident(&ev, n, 1);
+        assert!(
+            failed >= 1 && restarted >= 1 && ordered,
+            "task {n}: {failed} failures and {restarted} restarts of task 1"
+        );
+    }
+    // The promoted backup continued from the replicated counter and reached the last epoch.
+    let new_lines = nodes[b].lines();
+    let start = events(&new_lines).find_map(|e| match e {
+        Event::Counter {
+            task: 1,
+            term,
+            epoch: None,
+            value,
+        } if *term == new_term => Some(*value),
+        _ => None,
+    });
+    assert!(
+        start.is_some_and(|v| v >= 3),
+        "the new primary starts from the replicated counter, got {start:?}"
+    );
+    let entered: Vec<u64> = events(&new_lines)
+        .filter_map(|e| match e {
+            Event::Enter {
+                task: 1,
+                epoch,
+                term,
+            } if *term == new_term => Some(*epoch),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !entered.is_empty() && entered.windows(2).all(|w| w[1] == w[0] + 1),
+        "the new primary's epochs: {entered:?}"
+    );
+    assert_eq!(
+        entered.last(),
+        Some(&until),
+        "the new primary reached the last epoch"
+    );
+}
