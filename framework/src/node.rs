@@ -336,9 +336,20 @@ struct Monitor {
 /// shutting down. Then ends the primary's lease, so the backup takes over at once instead of
 /// after the TTL. A wrong suspicion is harmless: the primary only loses its slot, and fencing
 /// drops anything it sends under its old term.
-async fn watch_primary(peers: Peers, store: Store, addr: String, node: String, lease: i64) {
+async fn watch_primary(
+    peers: Peers,
+    store: Store,
+    view: watch::Receiver<Arc<JobView>>,
+    addr: String,
+    node: String,
+    lease: i64,
+) {
     loop {
         tokio::time::sleep(MONITOR_INTERVAL).await;
+        if view.borrow().finished() {
+            // Every node is stopping on its own: a primary going away is not a death.
+            return;
+        }
         let evidence = match tokio::time::timeout(MONITOR_TIMEOUT, peers.ping(&addr)).await {
             Ok(Ok(reply)) if reply.node_id == node => continue,
             Ok(Ok(reply)) => format!("{addr} is now answered by node {}", reply.node_id),
@@ -886,6 +897,7 @@ impl Node {
                 watch_primary(
                     self.peers.clone(),
                     self.store.clone(),
+                    self.view_tx.subscribe(),
                     addr,
                     node.clone(),
                     lease,
@@ -1362,6 +1374,9 @@ impl Node {
 
     /// Runs the task's `exit` and revokes the lease.
     async fn clean_stop(&mut self, reason: ExitReason, exit: NodeExit) -> NodeExit {
+        if let Some(m) = self.monitor.take() {
+            m.task.abort();
+        }
         if let Some(mut slot) = self.slot.take() {
             slot.state.send_modify(|st| st.primary = None);
             slot.ctx.abort_spawned();

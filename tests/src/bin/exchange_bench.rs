@@ -891,7 +891,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         Duration::from_secs(2)
     };
     let payload: Vec<u8> = (0..args.payload).map(|i| (i % 251) as u8).collect();
-    // What travels in both cases: the postcard encoding of the payload.
+    // What travels in all three variants: the postcard encoding of the payload.
     let wire_payload = taskgraph::encode(&payload[..])?;
 
     let etcd = Etcd::start().await?;
@@ -909,7 +909,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     let (bare, request, data_ready) = (stats(&bare), stats(&request), stats(&data_ready));
     println!(
         "{:<44} {:>6} {:>10} {:>10} {:>10} {:>10} {:>9}",
-        "variant (interleaved in blocks of 100)",
+        format!("variant (interleaved in blocks of {BLOCK})"),
         "n",
         "median µs",
         "p90 µs",
