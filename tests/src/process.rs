@@ -2,6 +2,8 @@
 //! SIGTERM. The child prints one JSON line per status change and per task event.
 
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -66,6 +68,8 @@ pub struct NodeArgs {
     pub drive_until: Option<u64>,
     /// Milliseconds the driver waits before moving each epoch on.
     pub pace_ms: u64,
+    /// Run the dataflow app (instead of the audit app) until this epoch.
+    pub dataflow_until: Option<u64>,
 }
 
 /// A `testnode` child process.
@@ -74,12 +78,27 @@ pub struct ProcessNode {
     child: Child,
     pid: i32,
     lines: watch::Receiver<Vec<Line>>,
+    seqs: watch::Receiver<Vec<u64>>,
     reader: Option<tokio::task::JoinHandle<()>>,
 }
+
+/// Numbers the lines of several children in the order this process reads them, so their
+/// trails can be merged (each child's own lines keep the order it printed them in).
+#[derive(Debug, Clone, Default)]
+pub struct Arrivals(Arc<AtomicU64>);
 
 impl ProcessNode {
     /// Starts `testnode` (pass `env!("CARGO_BIN_EXE_testnode")` as `bin`).
     pub fn spawn(bin: &str, args: &NodeArgs) -> std::io::Result<Self> {
+        Self::spawn_numbered(bin, args, &Arrivals::default())
+    }
+
+    /// Starts `testnode`, numbering its lines with the shared counter `arrivals`.
+    pub fn spawn_numbered(
+        bin: &str,
+        args: &NodeArgs,
+        arrivals: &Arrivals,
+    ) -> std::io::Result<Self> {
         let mut cmd = Command::new(bin);
         cmd.arg("--etcd")
             .arg(args.etcd.join(","))
@@ -95,6 +114,9 @@ impl ProcessNode {
             cmd.arg("--drive-until").arg(d.to_string());
         }
         cmd.arg("--pace-ms").arg(args.pace_ms.to_string());
+        if let Some(u) = args.dataflow_until {
+            cmd.arg("--dataflow-until").arg(u.to_string());
+        }
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .stdin(Stdio::null())
@@ -106,11 +128,18 @@ impl ProcessNode {
             .take()
             .ok_or_else(|| std::io::Error::other("no stdout"))?;
         let (tx, lines) = watch::channel(Vec::new());
+        let (seq_tx, seqs) = watch::channel(Vec::new());
+        let counter = arrivals.0.clone();
         let reader = tokio::spawn(async move {
             let mut reader = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = reader.next_line().await {
                 match serde_json::from_str::<Line>(&line) {
-                    Ok(l) => tx.send_modify(|v| v.push(l)),
+                    Ok(l) => {
+                        // Numbered before it is published, so `seqs` always covers `lines`.
+                        let n = counter.fetch_add(1, Ordering::SeqCst);
+                        seq_tx.send_modify(|v| v.push(n));
+                        tx.send_modify(|v| v.push(l));
+                    }
                     Err(_) => eprintln!("testnode[{pid}]: {line}"),
                 }
             }
@@ -119,6 +148,7 @@ impl ProcessNode {
             child,
             pid,
             lines,
+            seqs,
             reader: Some(reader),
         })
     }
@@ -158,6 +188,16 @@ impl ProcessNode {
     /// Every line printed so far.
     pub fn lines(&self) -> Vec<Line> {
         self.lines.borrow().clone()
+    }
+
+    /// A receiver of the lines printed so far, updated on every new line.
+    pub fn subscribe(&self) -> watch::Receiver<Vec<Line>> {
+        self.lines.clone()
+    }
+
+    /// The arrival number (see [`Arrivals`]) of each line printed so far.
+    pub fn seqs(&self) -> Vec<u64> {
+        self.seqs.borrow().clone()
     }
 
     /// The latest status printed.

@@ -7,19 +7,13 @@
 //! with a deadline; every child is killed when the test ends, pass or fail (`kill_on_drop`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use taskgraph_tests::apps::Event;
 use taskgraph_tests::dataflow::{check_trail, expected_result};
 use taskgraph_tests::etcd::Etcd;
-use taskgraph_tests::process::{Line, StatusLine};
+use taskgraph_tests::process::{Arrivals, Line, NodeArgs, ProcessNode, StatusLine};
 use taskgraph_tests::{init_logs, job_name};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::info;
 
@@ -39,114 +33,52 @@ struct Job {
     pace_ms: u64,
 }
 
-/// Numbers every line any child prints, in the order this process reads them: the merged
-/// trail follows it (each child's own lines stay in the order it printed them).
-#[derive(Debug, Clone, Default)]
-struct Arrivals(Arc<AtomicU64>);
-
-/// A `testnode --dataflow-until …` child process. (`taskgraph_tests::process::ProcessNode`
-/// cannot pass `--dataflow-until`: its `NodeArgs` has no such field.)
+/// A `testnode --dataflow-until …` child process with its label in the merged trail.
 #[derive(Debug)]
 struct Proc {
     /// The node label of this process's events in the merged trail.
     name: String,
-    child: Child,
+    node: ProcessNode,
     pid: i32,
-    lines: watch::Receiver<Vec<Line>>,
-    /// The arrival number of each line in `lines`.
-    seqs: watch::Receiver<Vec<u64>>,
-    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Proc {
     fn spawn(job: &Job, name: String, arrivals: &Arrivals) -> Proc {
-        let mut child = Command::new(BIN)
-            .arg("--etcd")
-            .arg(job.etcd.join(","))
-            .arg("--job")
-            .arg(&job.name)
-            .arg("--tasks")
-            .arg(job.tasks.to_string())
-            .arg("--replicas")
-            .arg(job.replicas.to_string())
-            .arg("--ttl-secs")
-            .arg(job.ttl_secs.to_string())
-            .arg("--pace-ms")
-            .arg(job.pace_ms.to_string())
-            .arg("--dataflow-until")
-            .arg(job.until.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn testnode");
-        let pid = child.id().map_or(-1, |p| p as i32);
-        let stdout = child.stdout.take().expect("testnode's stdout");
-        let (tx, lines) = watch::channel(Vec::new());
-        let (seq_tx, seqs) = watch::channel(Vec::new());
-        let label = name.clone();
-        let counter = arrivals.0.clone();
-        let reader = tokio::spawn(async move {
-            let mut reader = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                match serde_json::from_str::<Line>(&line) {
-                    Ok(l) => {
-                        // Numbered before it is published, so `seqs` always covers `lines`.
-                        let n = counter.fetch_add(1, Ordering::SeqCst);
-                        seq_tx.send_modify(|v| v.push(n));
-                        tx.send_modify(|v| v.push(l));
-                    }
-                    Err(_) => eprintln!("testnode {label} [{pid}]: {line}"),
-                }
-            }
-        });
-        Proc {
-            name,
-            child,
-            pid,
-            lines,
-            seqs,
-            reader: Some(reader),
-        }
+        let args = NodeArgs {
+            etcd: job.etcd.clone(),
+            job: job.name.clone(),
+            tasks: job.tasks,
+            replicas: job.replicas,
+            ttl_secs: job.ttl_secs,
+            drive_until: None,
+            pace_ms: job.pace_ms,
+            dataflow_until: Some(job.until),
+        };
+        let node = ProcessNode::spawn_numbered(BIN, &args, arrivals).expect("spawn testnode");
+        let pid = node.pid();
+        Proc { name, node, pid }
     }
 
     fn lines(&self) -> Vec<Line> {
-        self.lines.borrow().clone()
+        self.node.lines()
     }
 
     fn signal(&self, sig: &str) {
-        // Through the `kill` command: the crate forbids `unsafe`.
-        let ok = std::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "kill -{sig} {} ({})", self.pid, self.name);
+        let sent = match sig {
+            "STOP" => self.node.pause(),
+            "CONT" => self.node.resume(),
+            "KILL" => self.node.kill9(),
+            _ => self.node.terminate(),
+        };
+        assert!(sent.is_ok(), "kill -{sig} {} ({})", self.pid, self.name);
     }
 
     /// Waits for the process to exit and for everything it printed to be read.
     async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let status = tokio::time::timeout(timeout, self.child.wait())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "{} (pid {}) still running after {timeout:?}{}",
-                    self.name,
-                    self.pid,
-                    dump(&[&*self])
-                )
-            })
-            .expect("wait for testnode");
-        if let Some(r) = self.reader.take() {
-            tokio::time::timeout(timeout, r)
-                .await
-                .expect("the reader of the child's stdout ends")
-                .unwrap();
+        match self.node.wait_exit(timeout).await {
+            Ok(status) => status,
+            Err(e) => panic!("{}: {e}{}", self.name, dump(&[&*self])),
         }
-        status
     }
 }
 
@@ -233,7 +165,7 @@ async fn wait_all(
     mut cond: impl FnMut(&[Vec<Line>]) -> bool,
 ) -> Vec<Vec<Line>> {
     let deadline = Instant::now() + timeout;
-    let mut rxs: Vec<watch::Receiver<Vec<Line>>> = nodes.iter().map(|n| n.lines.clone()).collect();
+    let mut rxs: Vec<_> = nodes.iter().map(|n| n.node.subscribe()).collect();
     loop {
         let snap: Vec<Vec<Line>> = rxs
             .iter_mut()
@@ -313,7 +245,7 @@ fn trail(nodes: &[&Proc]) -> Vec<(String, Event)> {
     let mut all: Vec<(u64, String, Event)> = Vec::new();
     for n in nodes {
         let lines = n.lines();
-        let seqs = n.seqs.borrow().clone();
+        let seqs = n.node.seqs();
         for (l, seq) in lines.iter().zip(seqs) {
             if let Line::Event(e) = l {
                 all.push((seq, n.name.clone(), e.clone()));

@@ -31,6 +31,7 @@ fn node_args(etcd: &Etcd, job: &str, tasks: u32, replicas: u32, ttl_secs: u64) -
         ttl_secs,
         drive_until: None,
         pace_ms: 0,
+        dataflow_until: None,
     }
 }
 

@@ -113,6 +113,7 @@ async fn process_trial(etcd: &Etcd, bin: &str, ttl_secs: u64) -> Result<Duration
         ttl_secs,
         drive_until: None,
         pace_ms: 0,
+        dataflow_until: None,
     };
     let mut nodes = Vec::new();
     for _ in 0..2 {
