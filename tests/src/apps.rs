@@ -135,7 +135,8 @@ pub type OnEvent = dyn Fn(&str, &Event) + Send + Sync;
 pub struct Audit {
     events: Arc<Mutex<Vec<(String, Event)>>>,
     on_event: Option<Arc<OnEvent>>,
-    gate: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Drivers may move the job on from epoch `e` only while `e` is below this.
+    gate: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Default for Audit {
@@ -143,7 +144,7 @@ impl Default for Audit {
         Audit {
             events: Arc::default(),
             on_event: None,
-            gate: Arc::new(tokio::sync::watch::channel(true).0),
+            gate: Arc::new(tokio::sync::watch::channel(u64::MAX).0),
         }
     }
 }
@@ -167,16 +168,20 @@ impl Audit {
     /// Holds every driver back until [`Audit::open_gate`] (so a test can start all its nodes
     /// before the job moves).
     pub fn close_gate(&self) {
-        self.gate.send_replace(false);
+        self.gate.send_replace(0);
     }
     /// Lets drivers move the job on.
     pub fn open_gate(&self) {
-        self.gate.send_replace(true);
+        self.gate.send_replace(u64::MAX);
     }
-    /// Waits until the gate is open.
-    pub async fn gate_open(&self) {
+    /// Lets drivers move the job on up to epoch `epoch`, and holds them there.
+    pub fn open_gate_until(&self, epoch: u64) {
+        self.gate.send_replace(epoch);
+    }
+    /// Waits until drivers may move the job on from `epoch`.
+    pub async fn gate_open(&self, epoch: u64) {
         let mut rx = self.gate.subscribe();
-        let _ = rx.wait_for(|open| *open).await;
+        let _ = rx.wait_for(|until| epoch < *until).await;
     }
     /// Records `event` seen on `node`.
     pub fn record(&self, node: &str, event: Event) {
@@ -255,7 +260,7 @@ impl Task for AuditTask {
         );
         // Move on from the background, as a real task would after its epoch's work.
         ctx.clone().spawn(async move {
-            audit.gate_open().await;
+            audit.gate_open(epoch).await;
             tokio::time::sleep(pace).await;
             // Retry while etcd is unreachable; stop when no longer primary.
             let mut delay = std::time::Duration::from_millis(20);

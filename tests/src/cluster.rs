@@ -137,6 +137,7 @@ impl Cluster {
                         audit: self.audit.clone(),
                         until,
                         pace: Duration::from_millis(pace_ms),
+                        state: true,
                     };
                     Box::new(move |t| b.build(t))
                 }

@@ -34,6 +34,7 @@ pub struct DataflowTask {
     audit: Audit,
     until: Epoch,
     pace: Duration,
+    state: bool,
     epoch: Epoch,
     param: Option<u64>,
     grads: BTreeMap<TaskId, u64>,
@@ -58,6 +59,29 @@ impl DataflowTask {
         } else {
             None
         }
+    }
+
+    /// Counts the epoch in the replicated, checkpointed counter; `false` when this node may no
+    /// longer act (replication failed).
+    async fn keep_state(&mut self, ctx: &Context, term: Term, epoch: Epoch) -> bool {
+        self.counter += 1;
+        let encoded = taskgraph::encode(&self.counter).unwrap_or_default();
+        if let Err(e) = ctx.replicate(encoded).await {
+            tracing::info!(error = %e, "replicate failed");
+            return false;
+        }
+        // Recorded only once replicated and checkpointed: a deposed primary (whose checkpoint
+        // is fenced off) records nothing.
+        match ctx.checkpoint_with(&self.counter).await {
+            Ok(()) => self.record(Event::Counter {
+                task: self.task,
+                term,
+                epoch: Some(epoch),
+                value: self.counter,
+            }),
+            Err(e) => tracing::info!(error = %e, "checkpoint failed"),
+        }
+        true
     }
 
     fn record(&self, event: Event) {
@@ -105,7 +129,7 @@ impl DataflowTask {
             self.pace,
         );
         ctx.clone().spawn(async move {
-            audit.gate_open().await;
+            audit.gate_open(epoch).await;
             tokio::time::sleep(pace).await;
             let mut delay = Duration::from_millis(20);
             loop {
@@ -186,22 +210,8 @@ impl Task for DataflowTask {
         self.done_from.clear();
         self.flagged = false;
         self.moved = false;
-        self.counter += 1;
-        let encoded = taskgraph::encode(&self.counter).unwrap_or_default();
-        if let Err(e) = ctx.replicate(encoded).await {
-            tracing::info!(error = %e, "replicate failed");
+        if self.state && !self.keep_state(ctx, term, epoch).await {
             return;
-        }
-        // Recorded only once replicated and checkpointed: a deposed primary (whose checkpoint
-        // is fenced off) records nothing.
-        match ctx.checkpoint_with(&self.counter).await {
-            Ok(()) => self.record(Event::Counter {
-                task: self.task,
-                term,
-                epoch: Some(epoch),
-                value: self.counter,
-            }),
-            Err(e) => tracing::info!(error = %e, "checkpoint failed"),
         }
         for p in ctx.neighbours(PARENTS) {
             if let Err(e) = ctx.data_request(p, "param", Bytes::new()) {
@@ -318,6 +328,9 @@ pub struct DataflowBuilder {
     pub until: Epoch,
     /// Pause before the root moves the job on.
     pub pace: Duration,
+    /// Whether tasks keep the replicated and checkpointed epoch counter (one `replicate` and
+    /// one etcd write per task and epoch); off to measure the framework's own cost.
+    pub state: bool,
 }
 
 impl TaskBuilder for DataflowBuilder {
@@ -328,6 +341,7 @@ impl TaskBuilder for DataflowBuilder {
             audit: self.audit.clone(),
             until: self.until,
             pace: self.pace,
+            state: self.state,
             epoch: 0,
             param: None,
             grads: BTreeMap::new(),

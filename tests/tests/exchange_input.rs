@@ -334,6 +334,7 @@ async fn bad_frames_are_refused_and_the_node_keeps_serving() {
             audit: c.audit.clone(),
             until: UNTIL,
             pace: Duration::from_millis(PACE_MS),
+            state: true,
         })
         .build()
         .unwrap()

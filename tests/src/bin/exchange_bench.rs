@@ -28,9 +28,13 @@
 //! Output: a readable table on stdout, then one JSON line with every figure. `RUST_LOG`
 //! (default `warn`) sets the log level on stderr.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+use taskgraph::TaskBuilder;
+use taskgraph_tests::apps::{Audit, Event};
+use taskgraph_tests::dataflow::DataflowBuilder;
 
 use clap::Parser;
 use serde_json::{json, Value};
@@ -531,164 +535,6 @@ async fn pull_rtt(
 // ---------------------------------------------------------------------------------------------
 // Part 2: etcd writes per epoch
 
-/// Shared state of one sum job.
-#[derive(Debug)]
-struct EpochProbe {
-    /// The root moves on from epoch `e` only once this is `> e`.
-    allowance: watch::Receiver<u64>,
-    /// The root shuts the job down (instead of moving on) from this epoch.
-    until: Epoch,
-    /// The root's epoch entries.
-    entries: mpsc::UnboundedSender<(Epoch, Instant)>,
-}
-
-/// A sum over a binary tree: the parameter flows down, the gradients up (held by the serving
-/// side until it has them), a `done` meta goes to the parent. No checkpoint, no replication.
-struct SumTask {
-    task: TaskId,
-    probe: Arc<EpochProbe>,
-    epoch: Epoch,
-    param: Option<u64>,
-    grads: BTreeMap<TaskId, u64>,
-    held_param: Vec<DataRequest>,
-    held_grad: Vec<DataRequest>,
-    done_from: BTreeSet<TaskId>,
-    flagged: bool,
-    moved: bool,
-}
-
-impl SumTask {
-    fn new(task: TaskId, probe: Arc<EpochProbe>) -> Self {
-        SumTask {
-            task,
-            probe,
-            epoch: 0,
-            param: None,
-            grads: BTreeMap::new(),
-            held_param: Vec::new(),
-            held_grad: Vec::new(),
-            done_from: BTreeSet::new(),
-            flagged: false,
-            moved: false,
-        }
-    }
-
-    fn grad(&self, ctx: &Context) -> Option<u64> {
-        self.param?;
-        let children = ctx.neighbours("children");
-        children
-            .iter()
-            .all(|c| self.grads.contains_key(c))
-            .then(|| self.epoch * u64::from(self.task) + self.grads.values().sum::<u64>())
-    }
-
-    fn progress(&mut self, ctx: &Context) {
-        if let Some(p) = self.param {
-            for r in self.held_param.drain(..) {
-                let _ = r.reply_with(&p);
-            }
-        }
-        let Some(grad) = self.grad(ctx) else {
-            return;
-        };
-        for r in self.held_grad.drain(..) {
-            let _ = r.reply_with(&grad);
-        }
-        if self.task != 0 {
-            if !self.flagged {
-                self.flagged = true;
-                if let Err(e) = ctx.flag_meta("parents", "done") {
-                    tracing::warn!(error = %e, "cannot flag done");
-                }
-            }
-            return;
-        }
-        let children: BTreeSet<TaskId> = ctx.neighbours("children").into_iter().collect();
-        if self.moved || self.done_from != children {
-            return;
-        }
-        self.moved = true;
-        let (ctx2, probe, epoch) = (ctx.clone(), self.probe.clone(), self.epoch);
-        ctx.spawn(async move {
-            let mut allowance = probe.allowance.clone();
-            if allowance.wait_for(|a| *a > epoch).await.is_err() {
-                return;
-            }
-            let until = probe.until;
-            let r = retry_verb(|| {
-                let ctx = ctx2.clone();
-                async move {
-                    if epoch < until {
-                        ctx.inc_epoch(epoch).await.map(|_| ())
-                    } else {
-                        ctx.shutdown_job().await.map(|_| ())
-                    }
-                }
-            })
-            .await;
-            if let Err(e) = r {
-                tracing::warn!(error = %e, epoch, "the root could not move the job on");
-            }
-        });
-    }
-}
-
-#[async_trait]
-impl Task for SumTask {
-    async fn enter_epoch(&mut self, ctx: &Context, epoch: Epoch) {
-        if self.task == 0 {
-            let _ = self.probe.entries.send((epoch, Instant::now()));
-        }
-        self.epoch = epoch;
-        self.param = (self.task == 0).then_some(epoch);
-        self.grads.clear();
-        self.held_param.clear();
-        self.held_grad.clear();
-        self.done_from.clear();
-        self.flagged = false;
-        self.moved = false;
-        for p in ctx.neighbours("parents") {
-            if let Err(e) = ctx.data_request(p, "param", Bytes::new()) {
-                tracing::warn!(error = %e, "cannot pull");
-            }
-        }
-        for c in ctx.neighbours("children") {
-            if let Err(e) = ctx.data_request_with(c, "grad", &epoch) {
-                tracing::warn!(error = %e, "cannot pull");
-            }
-        }
-        self.progress(ctx);
-    }
-
-    async fn serve_data(&mut self, ctx: &Context, request: DataRequest) {
-        match request.method() {
-            "param" => self.held_param.push(request),
-            "grad" => self.held_grad.push(request),
-            _ => request.unknown_method(),
-        }
-        self.progress(ctx);
-    }
-
-    async fn data_ready(&mut self, ctx: &Context, reply: DataReply) {
-        match (reply.method(), reply.decode::<u64>()) {
-            ("param", Ok(v)) => self.param = Some(v),
-            ("grad", Ok(v)) => {
-                self.grads.insert(reply.from(), v);
-            }
-            (m, r) => tracing::warn!(method = m, result = ?r, "unexpected answer"),
-        }
-        self.progress(ctx);
-    }
-
-    async fn meta_ready(&mut self, ctx: &Context, from: TaskId, _link: &str, meta: &str) {
-        if meta == "done" {
-            self.done_from.insert(from);
-        }
-        self.progress(ctx);
-    }
-}
-
-/// etcd's counters that matter here, read from its Prometheus `/metrics`.
 async fn etcd_metrics(url: &str) -> Result<BTreeMap<String, f64>, BoxError> {
     let rest = url
         .strip_prefix("http://")
@@ -810,20 +656,24 @@ async fn etcd_per_epoch(
     idle: Duration,
 ) -> Result<EpochFigures, BoxError> {
     let job = taskgraph_tests::job_name(&format!("sum{tasks}"));
-    let (allow_tx, allowance) = watch::channel(0u64);
+    // The dataflow test app without its replicated, checkpointed counter: pulls to parent and
+    // children, a meta to the parent, the root moves the epoch. The gate holds the root.
     let (entries_tx, mut entries) = mpsc::unbounded_channel();
-    let probe = Arc::new(EpochProbe {
-        allowance,
-        until: warm + epochs,
-        entries: entries_tx,
+    let audit = Audit::with_callback(move |_, e| {
+        if let Event::Enter { task: 0, epoch, .. } = e {
+            let _ = entries_tx.send((*epoch, Instant::now()));
+        }
     });
-    let p = probe.clone();
+    audit.close_gate();
+    let builder = DataflowBuilder {
+        node: "bench".into(),
+        audit: audit.clone(),
+        until: warm + epochs,
+        pace: Duration::ZERO,
+        state: false,
+    };
     let t0 = Instant::now();
-    let nodes = start_nodes(etcd, &job, tasks, replicas, move |task| {
-        Box::new(SumTask::new(task, p.clone())) as Box<dyn Task>
-    })
-    .await?;
-    drop(probe);
+    let nodes = start_nodes(etcd, &job, tasks, replicas, move |task| builder.build(task)).await?;
     wait_staffed(&nodes, tasks, replicas).await?;
     let staffing = t0.elapsed();
     let mut client = etcd.client().await?;
@@ -838,19 +688,19 @@ async fn etcd_per_epoch(
 
     let mut at = BTreeMap::new();
     // Warm-up epochs, then the measured window.
-    allow_tx.send_replace(warm);
+    audit.open_gate_until(warm);
     wait_for_root(&mut entries, &mut at, warm).await?;
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Revision read outside the metrics window, so that the bench's own `get`s are not counted.
     let r0 = revision(&mut client).await?;
     let m0 = etcd_metrics(&url).await?;
     let w0 = Instant::now();
-    allow_tx.send_replace(warm + epochs);
+    audit.open_gate_until(warm + epochs);
     wait_for_root(&mut entries, &mut at, warm + epochs).await?;
     let window = w0.elapsed();
     let m1 = etcd_metrics(&url).await?;
     let r1 = revision(&mut client).await?;
-    allow_tx.send_replace(u64::MAX);
+    audit.open_gate();
     wait_nodes(nodes).await?;
 
     // Root entry to root entry. The first epoch of the window is left out: the root entered it

@@ -69,6 +69,7 @@ async fn main() -> std::process::ExitCode {
             audit,
             until,
             pace: Duration::from_millis(args.pace_ms),
+            state: true,
         }),
         None => framework.task_builder(AuditBuilder {
             node: "proc".into(),
