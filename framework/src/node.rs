@@ -405,6 +405,14 @@ async fn load_checkpoint(
     None
 }
 
+/// When an admitted pull or meta reaches the task.
+enum When {
+    /// It is of the task's epoch.
+    Now,
+    /// It is of a later epoch: held until the task enters it.
+    Later,
+}
+
 enum Flow {
     Continue,
     Exit(NodeExit),
@@ -574,44 +582,49 @@ impl Node {
     /// A pull for this node's task: answered only by the acting primary, in the request's
     /// epoch; early requests wait for the epoch, late ones are told it moved.
     async fn on_pull(&mut self, req: PullRequest, reply: Reply) {
-        let to = req.header.to_task;
-        let Some((task, term)) = self.acting_primary().filter(|(t, _)| *t == to) else {
-            let _ = reply.send(Err(Rejection::NotPrimary { task: to }));
-            return;
-        };
-        if let Err(r) = self.fence_sender(req.header.from_task, req.header.term) {
-            let _ = reply.send(Err(r));
-            return;
-        }
+        let (to, epoch) = (req.header.to_task, req.header.epoch);
+        let when = self.admit(&req.header);
         let Some(s) = self.slot.as_mut() else {
             let _ = reply.send(Err(Rejection::NotPrimary { task: to }));
             return;
         };
-        let current = match s.serve.epoch() {
-            Some(e) if s.entered == Some(e) => e,
-            _ => {
-                let _ = reply.send(Err(Rejection::NotReady {
-                    task,
-                    epoch: req.header.epoch,
-                }));
-                return;
+        match when {
+            Ok(When::Now) => Self::serve_pull(s, req, reply, &self.requests_tx).await,
+            Ok(When::Later) => {
+                if let Err((_, reply)) = s.serve.hold_pull(req, reply) {
+                    let _ = reply.send(Err(Rejection::NotReady { task: to, epoch }));
+                }
             }
+            Err(r) => {
+                let _ = reply.send(Err(r));
+            }
+        }
+    }
+
+    /// Whether a pull or meta with `header` may reach this node's task: only its acting
+    /// primary, from a sender whose term etcd shows, and now if it is of the task's epoch,
+    /// later if of a later one.
+    fn admit(&self, header: &wire::Header) -> Result<When, Rejection> {
+        let to = header.to_task;
+        if self.acting_primary().is_none_or(|(t, _)| t != to) {
+            return Err(Rejection::NotPrimary { task: to });
+        }
+        self.fence_sender(header.from_task, header.term)?;
+        let Some(s) = self.slot.as_ref() else {
+            return Err(Rejection::NotPrimary { task: to });
         };
-        let epoch = req.header.epoch;
-        if epoch < current {
-            let _ = reply.send(Err(Rejection::EpochMoved {
-                request_epoch: epoch,
-                current_epoch: current,
-            }));
-            return;
+        let epoch = header.epoch;
+        match s.serve.epoch() {
+            Some(current) if s.entered == Some(current) => match epoch.cmp(&current) {
+                std::cmp::Ordering::Less => Err(Rejection::EpochMoved {
+                    request_epoch: epoch,
+                    current_epoch: current,
+                }),
+                std::cmp::Ordering::Equal => Ok(When::Now),
+                std::cmp::Ordering::Greater => Ok(When::Later),
+            },
+            _ => Err(Rejection::NotReady { task: to, epoch }),
         }
-        if epoch > current {
-            if let Err((_, reply)) = s.serve.hold_pull(req, reply) {
-                let _ = reply.send(Err(Rejection::NotReady { task, epoch }));
-            }
-            return;
-        }
-        Self::serve_pull(s, req, reply, term, &self.requests_tx).await;
     }
 
     /// Runs the task's `serve_data` for a pull of its current epoch, unless this request was
@@ -620,7 +633,6 @@ impl Node {
         s: &mut SlotRuntime,
         req: PullRequest,
         reply: Reply,
-        _term: Term,
         requests: &mpsc::UnboundedSender<LoopRequest>,
     ) {
         let id = crate::data::PullId {
@@ -651,38 +663,16 @@ impl Node {
     /// A meta for this node's task: delivered once per (sender, link, meta) in the task's
     /// epoch; early ones wait for the epoch.
     async fn on_meta(&mut self, msg: Meta) -> Result<(), Rejection> {
-        let to = msg.header.to_task;
-        if self.acting_primary().is_none_or(|(t, _)| t != to) {
-            return Err(Rejection::NotPrimary { task: to });
-        }
-        self.fence_sender(msg.header.from_task, msg.header.term)?;
+        let (to, epoch) = (msg.header.to_task, msg.header.epoch);
+        let when = self.admit(&msg.header)?;
         let Some(s) = self.slot.as_mut() else {
             return Err(Rejection::NotPrimary { task: to });
         };
-        let current = match s.serve.epoch() {
-            Some(e) if s.entered == Some(e) => e,
-            _ => {
-                return Err(Rejection::NotReady {
-                    task: to,
-                    epoch: msg.header.epoch,
-                })
-            }
-        };
-        let epoch = msg.header.epoch;
-        if epoch < current {
-            return Err(Rejection::EpochMoved {
-                request_epoch: epoch,
-                current_epoch: current,
-            });
+        match when {
+            When::Now => Self::deliver_meta(s, msg).await,
+            When::Later if s.serve.hold_meta(msg) => {}
+            When::Later => return Err(Rejection::NotReady { task: to, epoch }),
         }
-        if epoch > current {
-            return if s.serve.hold_meta(msg) {
-                Ok(())
-            } else {
-                Err(Rejection::NotReady { task: to, epoch })
-            };
-        }
-        Self::deliver_meta(s, msg).await;
         Ok(())
     }
 
@@ -1349,10 +1339,6 @@ impl Node {
             todo.push(current);
         }
         self.observed.clear();
-        let term = match self.mine {
-            MySlot::Primary { term, .. } => term as Term,
-            _ => 0,
-        };
         for epoch in todo {
             if !self.lease.borrow().valid_now() {
                 break;
@@ -1367,7 +1353,7 @@ impl Node {
                 Self::deliver_meta(s, meta).await;
             }
             for (req, reply) in early_pulls {
-                Self::serve_pull(s, req, reply, term, &self.requests_tx).await;
+                Self::serve_pull(s, req, reply, &self.requests_tx).await;
             }
         }
     }
