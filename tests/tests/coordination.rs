@@ -449,6 +449,22 @@ fn invalid_configuration_is_refused_before_etcd() {
     assert!(err.to_string().contains("lease TTL"), "{err}");
     let err = builder(vec![], "j", 3, 1).build().unwrap_err();
     assert!(err.to_string().contains("etcd"), "{err}");
+    // Checkpoints must fit in one etcd request; frames must hold at least a small message.
+    let err = builder(e.clone(), "j", 3, 1)
+        .max_checkpoint_bytes(2 << 20)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("max checkpoint bytes"), "{err}");
+    let err = builder(e.clone(), "j", 3, 1)
+        .max_checkpoint_bytes(0)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("max checkpoint bytes"), "{err}");
+    let err = builder(e, "j", 3, 1)
+        .max_frame_bytes(100)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("max frame bytes"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -345,3 +345,44 @@ async fn metas_reach_a_new_receiver_once_and_a_restarted_sender_is_not_repeated(
         assert_eq!(n, 1, "root term {term}: {n} deliveries of task 1's meta");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_checkpoint_is_ignored_and_a_valid_one_restored() {
+    let etcd = etcd().await;
+    let (tasks, until) = (3, 4);
+    let cfg = dataflow(&etcd, "ckpt-garbage", tasks, 1, until);
+    let prefix = format!("/taskgraph/jobs/{}/tasks", cfg.job);
+    let valid = taskgraph::etcd::keys::StoredCheckpoint {
+        epoch: 9,
+        data: taskgraph::encode(&41u64).unwrap().to_vec(),
+    }
+    .encode();
+    let mut client = etcd.client().await.unwrap();
+    client
+        .put(format!("{prefix}/1/checkpoint"), valid, None)
+        .await
+        .unwrap();
+    client
+        .put(format!("{prefix}/2/checkpoint"), "garbage", None)
+        .await
+        .unwrap();
+    let mut c = Cluster::start_staffed(cfg, 3).await.unwrap();
+    let exits = wait_all(&mut c).await;
+    assert!(exits
+        .iter()
+        .all(|e| *e == NodeExit::JobFinished { epoch: until }));
+    let ev = c.audit.events();
+    assert_trail(&ev, tasks, until);
+    let restored: Vec<(u32, u64, u64)> = ev
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::Restored {
+                task,
+                epoch,
+                counter,
+            } => Some((*task, *epoch, *counter)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(restored, vec![(1, 9, 41)]);
+}
