@@ -304,13 +304,39 @@ impl Context {
 
     /// Ends the job everywhere: marks it finished in etcd (fenced by this primary's term); every
     /// node then calls [`Task::exit`], revokes its lease and stops. Returns the final epoch.
+    /// Calling it again, or after another primary ended the job, returns the same epoch.
+    ///
+    /// Errors: [`ContextError::NotPrimary`] (a newer primary exists: let it decide),
+    /// [`ContextError::Suspended`] and [`ContextError::Etcd`] (back off and retry).
     pub async fn shutdown_job(&self) -> Result<Epoch, ContextError> {
+        self.finish_job(None).await
+    }
+
+    /// [`shutdown_job`](Context::shutdown_job), storing `result` under the job's `result` key
+    /// in the same etcd transaction: whoever watches the job (a launcher, the `taskgraph`
+    /// CLI, [`JobClient::result`](crate::JobClient::result)) reads the job's outcome there.
+    /// Only the call that ends the job stores its result. Refused with
+    /// [`ContextError::TooLarge`] above the checkpoint limit.
+    pub async fn shutdown_job_with(&self, result: impl Into<Bytes>) -> Result<Epoch, ContextError> {
+        let result: Bytes = result.into();
+        let limit = self.inner.env.max_checkpoint_bytes;
+        if result.len() > limit {
+            return Err(ContextError::TooLarge {
+                what: "job result",
+                size: result.len(),
+                limit,
+            });
+        }
+        self.finish_job(Some(result.to_vec())).await
+    }
+
+    async fn finish_job(&self, result: Option<Vec<u8>>) -> Result<Epoch, ContextError> {
         let term = self.acting_term()?;
         match self
             .inner
             .env
             .store
-            .finish(self.inner.env.task, term as i64)
+            .finish(self.inner.env.task, term as i64, result)
             .await?
         {
             Some(epoch) => Ok(epoch),

@@ -42,6 +42,9 @@ pub struct Config {
     pub max_checkpoint_bytes: usize,
     /// Largest gRPC frame a node sends or accepts.
     pub max_frame_bytes: usize,
+    /// The application's own job parameters (e.g. a seed, a learning rate): stored with the
+    /// spec, so every node of a job must be started with the same ones.
+    pub params: BTreeMap<String, String>,
 }
 
 impl Config {
@@ -131,6 +134,17 @@ impl Config {
                 reason: format!("4 KiB to 2 GiB; got {}", self.max_frame_bytes),
             });
         }
+        for (k, v) in &self.params {
+            let ok = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+            if k.is_empty() || k.len() > 63 || !k.chars().all(ok) || v.len() > 4096 {
+                return Err(ConfigError::Invalid {
+                    setting: "job parameter",
+                    reason: format!(
+                        "{k:?}: names are 1 to 63 characters of A-Z, a-z, 0-9, '-', '_', '.', values at most 4096 bytes"
+                    ),
+                });
+            }
+        }
         self.links.validate(self.tasks)?;
         Ok(())
     }
@@ -142,6 +156,7 @@ impl Config {
             tasks: self.tasks,
             replicas: self.replicas,
             links: self.links.describe(),
+            params: self.params.clone(),
         }
     }
 }
@@ -176,6 +191,9 @@ pub struct JobSpec {
     pub replicas: u32,
     /// Each link's description, plus `pair:<a>` → `<b>` entries.
     pub links: BTreeMap<String, String>,
+    /// The application's job parameters (see [`FrameworkBuilder::param`](crate::FrameworkBuilder::param)).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, String>,
 }
 
 impl JobSpec {
@@ -234,6 +252,18 @@ impl JobSpec {
                 )),
             }
         }
+        let keys: std::collections::BTreeSet<&String> =
+            stored.params.keys().chain(mine.params.keys()).collect();
+        for k in keys {
+            match (stored.params.get(k), mine.params.get(k)) {
+                (Some(a), Some(b)) if a == b => {}
+                (a, b) => diffs.push(format!(
+                    "parameter {k}: etcd has {}, this node has {}",
+                    a.map_or("nothing".to_owned(), |s| format!("{s:?}")),
+                    b.map_or("nothing".to_owned(), |s| format!("{s:?}"))
+                )),
+            }
+        }
         (!diffs.is_empty()).then(|| diffs.join("; "))
     }
 }
@@ -250,6 +280,7 @@ mod tests {
             tasks,
             replicas,
             links: Links::new().link("parents", tree.parents()).describe(),
+            params: BTreeMap::new(),
         }
     }
 
@@ -260,6 +291,10 @@ mod tests {
         assert!(d.contains("tasks: etcd has 3, this node has 7"), "{d}");
         assert!(d.contains("replicas: etcd has 2, this node has 1"), "{d}");
         assert!(d.contains("link parents"), "{d}");
+        let mut seeded = spec(3, 2);
+        seeded.params.insert("seed".into(), "7".into());
+        let d = JobSpec::difference(&spec(3, 2), &seeded).unwrap_or_default();
+        assert_eq!(d, "parameter seed: etcd has nothing, this node has \"7\"");
     }
 
     #[test]
@@ -268,7 +303,12 @@ mod tests {
         assert!(JobSpec::decode(br#"{"version":1,"tasks":0,"replicas":1,"links":{}}"#).is_err());
         assert!(JobSpec::decode(br#"{"version":9,"tasks":1,"replicas":1,"links":{}}"#).is_err());
         let s = spec(3, 2);
-        assert_eq!(JobSpec::decode(s.encode().as_bytes()), Ok(s));
+        assert_eq!(JobSpec::decode(s.encode().as_bytes()), Ok(s.clone()));
+        // Specs stored before parameters existed still decode.
+        assert!(!s.encode().contains("params"));
+        let mut p = spec(3, 2);
+        p.params.insert("lr".into(), "0.5".into());
+        assert_eq!(JobSpec::decode(p.encode().as_bytes()), Ok(p));
     }
 
     #[test]

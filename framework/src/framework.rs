@@ -1,6 +1,7 @@
 //! The entry point of a driver: configure a node with [`Framework::builder`], then run it with
 //! [`Framework::start`] (or [`Framework::spawn`] to keep a handle).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +45,7 @@ pub struct FrameworkBuilder {
     max_frame_bytes: usize,
     builder: Option<Arc<dyn TaskBuilder>>,
     node_name: Option<String>,
+    params: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for FrameworkBuilder {
@@ -73,6 +75,7 @@ impl Framework {
             max_frame_bytes: 64 << 20,
             builder: None,
             node_name: None,
+            params: BTreeMap::new(),
         }
     }
 
@@ -205,6 +208,14 @@ impl FrameworkBuilder {
         self.node_name = Some(name.into());
         self
     }
+    /// An application parameter of the job (a seed, a learning rate, a data set's name...).
+    /// Parameters are stored with the job's spec: a node started with different ones is
+    /// refused with [`Error::SpecConflict`](crate::Error::SpecConflict) naming the difference,
+    /// so all nodes of a job compute with the same settings.
+    pub fn param(mut self, name: impl Into<String>, value: impl ToString) -> Self {
+        self.params.insert(name.into(), value.to_string());
+        self
+    }
     /// The application's task builder.
     pub fn task_builder(mut self, builder: impl TaskBuilder) -> Self {
         self.builder = Some(Arc::new(builder));
@@ -226,6 +237,7 @@ impl FrameworkBuilder {
             etcd_connect_timeout: self.etcd_connect_timeout,
             max_checkpoint_bytes: self.max_checkpoint_bytes,
             max_frame_bytes: self.max_frame_bytes,
+            params: self.params,
         };
         config.validate()?;
         let builder = self.builder.ok_or(ConfigError::Missing("task builder"))?;

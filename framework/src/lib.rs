@@ -89,6 +89,7 @@
 //! ```
 
 mod app;
+mod client;
 mod config;
 mod data;
 mod error;
@@ -101,6 +102,7 @@ mod roles;
 pub use app::{Context, ExitReason, Task, TaskBuilder, TaskError};
 pub use async_trait::async_trait;
 pub use bytes::Bytes;
+pub use client::{JobClient, JobState};
 pub use config::{validate_job_name, Config, JobSpec, MAX_REPLICAS, MAX_TASKS};
 pub use data::{decode, encode, Checkpoint, CodecError, DataReply, DataRequest, PullError, PullId};
 pub use error::{ConfigError, ContextError, Error, EtcdCause, EtcdError};

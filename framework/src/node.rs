@@ -1051,7 +1051,7 @@ impl Node {
                     );
                 }
             }
-            Some(JobKey::Node(_)) | Some(JobKey::Checkpoint(_)) => {}
+            Some(JobKey::Node(_) | JobKey::Checkpoint(_) | JobKey::Result) => {}
             None => debug!(key, "ignoring unknown key under the job's prefix"),
         }
     }

@@ -10,6 +10,7 @@
 //! | `tasks/<t>/primary` | [`Holder`] as JSON; its create revision is the task's **term** | the node that wins the election (create-if-absent) | the node's |
 //! | `tasks/<t>/backup/<k>` (`k` in `1..replicas`) | [`Holder`] as JSON | a node taking backup slot `k` (create-if-absent) | the node's |
 //! | `tasks/<t>/checkpoint` | [`StoredCheckpoint`] (binary) | the task's primary (`Context::checkpoint`, fenced by its term) | none |
+//! | `result` | the application's bytes | the primary that ends the job with `Context::shutdown_job_with`, in the same transaction as `done <n>` | none |
 //!
 //! A node holds at most one slot (one `primary` or one `backup/<k>` key) at a time. All keys
 //! written with a lease vanish when the node's lease ends (crash, partition, clean stop).
@@ -42,6 +43,8 @@ pub enum JobKey {
     Backup(TaskId, u32),
     /// `tasks/<t>/checkpoint`
     Checkpoint(TaskId),
+    /// `result`
+    Result,
 }
 
 impl JobKeys {
@@ -75,6 +78,10 @@ impl JobKeys {
     pub fn backup(&self, t: TaskId, k: u32) -> String {
         format!("{}tasks/{t}/backup/{k}", self.prefix)
     }
+    /// The job's result (written once, when the job finishes).
+    pub fn result(&self) -> String {
+        format!("{}result", self.prefix)
+    }
     /// The checkpoint of task `t`.
     pub fn checkpoint(&self, t: TaskId) -> String {
         format!("{}tasks/{t}/checkpoint", self.prefix)
@@ -88,6 +95,7 @@ impl JobKeys {
         match parts.as_slice() {
             ["spec"] => Some(JobKey::Spec),
             ["epoch"] => Some(JobKey::Epoch),
+            ["result"] => Some(JobKey::Result),
             ["nodes", node] if !node.is_empty() => Some(JobKey::Node((*node).to_owned())),
             ["tasks", t, "primary"] => Some(JobKey::Primary(t.parse().ok()?)),
             ["tasks", t, "checkpoint"] => Some(JobKey::Checkpoint(t.parse().ok()?)),
@@ -209,6 +217,7 @@ mod tests {
         let k = JobKeys::new("j1");
         assert_eq!(k.parse(k.spec().as_bytes()), Some(JobKey::Spec));
         assert_eq!(k.parse(k.epoch().as_bytes()), Some(JobKey::Epoch));
+        assert_eq!(k.parse(k.result().as_bytes()), Some(JobKey::Result));
         assert_eq!(k.parse(k.primary(7).as_bytes()), Some(JobKey::Primary(7)));
         assert_eq!(
             k.parse(k.backup(7, 2).as_bytes()),

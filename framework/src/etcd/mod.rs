@@ -387,9 +387,15 @@ impl Store {
             .succeeded())
     }
 
-    /// Marks the job finished at its current epoch, fenced by task `t`'s term. Returns the
-    /// final epoch, or `None` if the caller is no longer primary.
-    pub async fn finish(&self, t: TaskId, term: i64) -> Result<Option<u64>, EtcdError> {
+    /// Marks the job finished at its current epoch, fenced by task `t`'s term, and stores
+    /// `result` (if any) under the `result` key in the same transaction. Returns the final
+    /// epoch, or `None` if the caller is no longer primary.
+    pub async fn finish(
+        &self,
+        t: TaskId,
+        term: i64,
+        result: Option<Vec<u8>>,
+    ) -> Result<Option<u64>, EtcdError> {
         let key = self.keys.epoch();
         loop {
             let current = self.get(&key).await?;
@@ -418,7 +424,15 @@ impl Store {
                     compare,
                     Compare::create_revision(self.keys.primary(t), CompareOp::Equal, term),
                 ])
-                .and_then([TxnOp::put(key.clone(), value.encode(), None)])
+                .and_then(
+                    std::iter::once(TxnOp::put(key.clone(), value.encode(), None))
+                        .chain(
+                            result
+                                .clone()
+                                .map(|r| TxnOp::put(self.keys.result(), r, None)),
+                        )
+                        .collect::<Vec<_>>(),
+                )
                 .or_else([TxnOp::get(self.keys.primary(t), None)]);
             let mut c = self.client.clone();
             let resp = self.timed("txn finish", &key, c.txn(txn)).await?;
