@@ -157,6 +157,10 @@ impl Config {
             replicas: self.replicas,
             links: self.links.describe(),
             params: self.params.clone(),
+            created_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_millis() as u64),
         }
     }
 }
@@ -194,6 +198,10 @@ pub struct JobSpec {
     /// The application's job parameters (see [`FrameworkBuilder::param`](crate::FrameworkBuilder::param)).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub params: BTreeMap<String, String>,
+    /// When the job was created (milliseconds since the UNIX epoch, by the clock of the node
+    /// that created it). Informative only: not compared between nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_ms: Option<u64>,
 }
 
 impl JobSpec {
@@ -281,6 +289,7 @@ mod tests {
             replicas,
             links: Links::new().link("parents", tree.parents()).describe(),
             params: BTreeMap::new(),
+            created_ms: None,
         }
     }
 
@@ -291,6 +300,9 @@ mod tests {
         assert!(d.contains("tasks: etcd has 3, this node has 7"), "{d}");
         assert!(d.contains("replicas: etcd has 2, this node has 1"), "{d}");
         assert!(d.contains("link parents"), "{d}");
+        let mut later = spec(3, 2);
+        later.created_ms = Some(1);
+        assert_eq!(JobSpec::difference(&spec(3, 2), &later), None);
         let mut seeded = spec(3, 2);
         seeded.params.insert("seed".into(), "7".into());
         let d = JobSpec::difference(&spec(3, 2), &seeded).unwrap_or_default();
