@@ -1,25 +1,152 @@
 //! [`JobClient`]: a handle on a job for programs that watch or wait for it without running a
 //! node (launchers, operators' tools, a Kubernetes Job waiting for the result).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
+use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::config::{validate_job_name, JobSpec};
-use crate::error::Error;
-use crate::etcd::keys::{EpochValue, JobKeys, StoredCheckpoint};
+use crate::error::{Error, EtcdError};
+use crate::etcd::admin::Change;
+use crate::etcd::keys::{EpochValue, Holder, JobKey, JobKeys, NodeRecord, StoredCheckpoint};
 use crate::etcd::watch::{self, JobEvent};
 use crate::etcd::Store;
-use crate::{Epoch, TaskId};
+use crate::{Epoch, TaskId, Term};
 
 /// Where a job stands, from its `epoch` key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct JobState {
     /// The job's current (or, once finished, final) epoch.
     pub epoch: Epoch,
     /// Whether a primary ended the job.
     pub finished: bool,
+}
+
+/// How a task stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// A primary and every backup slot filled.
+    Healthy,
+    /// A primary, but fewer backups than the job asks for: one more failure is an outage of
+    /// the task until a spare restores it from its checkpoint.
+    Degraded,
+    /// No primary: the task is failing over (a backup promotes itself at once) or waits for
+    /// a node.
+    Down,
+    /// The job finished.
+    Finished,
+}
+
+/// A node holding a slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SlotHolder {
+    /// The node's id.
+    pub node: String,
+    /// Where it answers gRPC.
+    pub addr: String,
+    /// The slot: 0 for the primary, `k` for backup slot `k`.
+    pub slot: u32,
+    /// The slot key's create revision (for the primary: the term).
+    pub revision: i64,
+}
+
+/// One task's slots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TaskStatus {
+    /// The task.
+    pub task: TaskId,
+    /// The primary's node id, if any.
+    pub primary: Option<String>,
+    /// The primary's address.
+    pub addr: Option<String>,
+    /// The primary's term.
+    pub term: Option<Term>,
+    /// The backups' node ids, by slot.
+    pub backups: Vec<String>,
+    /// The task's health.
+    pub health: Health,
+    /// The slot holders in detail (primary first, then backups by slot).
+    pub holders: Vec<SlotHolder>,
+}
+
+/// A node of the job that holds no slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SpareNode {
+    /// The node's id.
+    pub node: String,
+    /// Where it answers gRPC.
+    pub addr: String,
+}
+
+/// Every slot of a job at one etcd revision.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobStatus {
+    /// The job.
+    pub job: String,
+    /// The etcd revision this status was read at.
+    pub revision: i64,
+    /// Tasks and nodes per task.
+    pub tasks_total: u32,
+    /// Nodes per task the job asks for.
+    pub replicas: u32,
+    /// The job's epoch and whether it finished (`None`: no epoch key).
+    pub state: Option<JobState>,
+    /// When the job was created (ms since the UNIX epoch), if recorded.
+    pub created_ms: Option<u64>,
+    /// One entry per task.
+    pub tasks: Vec<TaskStatus>,
+    /// Registered nodes holding no slot.
+    pub spares: Vec<SpareNode>,
+    /// Registered nodes in all.
+    pub nodes: usize,
+    /// Whether the job stored a result.
+    pub has_result: bool,
+    /// Keys whose values could not be understood (named, then ignored).
+    pub garbage: Vec<String>,
+}
+
+/// A handover made by [`JobClient::hand_over`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handover {
+    /// The primary that was asked to leave.
+    pub from: SlotHolder,
+    /// The backup expected to take over.
+    pub to: SlotHolder,
+}
+
+/// Why [`JobClient::hand_over`] did nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    /// No such task in the job.
+    #[error("task {task} does not exist: the job has {tasks} tasks (0 to {})", tasks.saturating_sub(1))]
+    UnknownTask {
+        /// The task asked for.
+        task: TaskId,
+        /// The job's number of tasks.
+        tasks: u32,
+    },
+    /// The job does not exist.
+    #[error("job {0:?} does not exist")]
+    UnknownJob(String),
+    /// The job finished.
+    #[error("job {0:?} has finished")]
+    Finished(String),
+    /// The task has no primary now.
+    #[error("task {0} has no primary right now (it is failing over or waiting for a node)")]
+    NoPrimary(TaskId),
+    /// The task has no backup to hand over to.
+    #[error("task {0} has no backup to hand over to (the job runs it with no live backup)")]
+    NoBackup(TaskId),
+    /// The slots changed while the handover was prepared.
+    #[error("task {0}'s slots changed meanwhile; nothing was done, try again")]
+    Raced(TaskId),
+    /// etcd failed.
+    #[error(transparent)]
+    Etcd(#[from] Error),
 }
 
 impl From<EpochValue> for JobState {
@@ -122,6 +249,75 @@ impl JobClient {
         }
     }
 
+    /// The names of every job in the etcd at `endpoints`.
+    pub async fn job_names(endpoints: &[String]) -> Result<Vec<String>, Error> {
+        let client = Self::connect(endpoints, "probe").await?;
+        Ok(client.store.job_names().await?)
+    }
+
+    /// Every slot of the job, read at one revision (checkpoint values are not read).
+    pub async fn status(&self) -> Result<JobStatus, Error> {
+        let (kvs, revision) = self.store.load_light().await?;
+        Ok(build_status(&self.job, self.keys(), &kvs, revision))
+    }
+
+    /// Hands task `task` over from its primary to a backup (a failover drill): the primary's
+    /// key is deleted in a transaction that checks both slots are unchanged; the backup
+    /// promotes itself at once, and the old primary stops acting and rejoins as a spare.
+    /// Refused when the task has no primary or no backup.
+    pub async fn hand_over(&self, task: TaskId) -> Result<Handover, HandoverError> {
+        let status = self.status().await?;
+        if status.state.is_none() {
+            return Err(HandoverError::UnknownJob(self.job.clone()));
+        }
+        if status.state.is_some_and(|s| s.finished) {
+            return Err(HandoverError::Finished(self.job.clone()));
+        }
+        let Some(t) = status.tasks.iter().find(|t| t.task == task) else {
+            return Err(HandoverError::UnknownTask {
+                task,
+                tasks: status.tasks_total,
+            });
+        };
+        let Some(from) = t.holders.iter().find(|h| h.slot == 0).cloned() else {
+            return Err(HandoverError::NoPrimary(task));
+        };
+        let Some(to) = t.holders.iter().find(|h| h.slot > 0).cloned() else {
+            return Err(HandoverError::NoBackup(task));
+        };
+        match self
+            .store
+            .hand_over(task, from.revision, to.slot, to.revision)
+            .await
+            .map_err(Error::from)?
+        {
+            true => Ok(Handover { from, to }),
+            false => Err(HandoverError::Raced(task)),
+        }
+    }
+
+    /// Ends the job as an operator (every node runs `exit` and stops). Returns the final
+    /// epoch, or `None` if the job does not exist. Ending a finished job does nothing.
+    pub async fn shutdown(&self) -> Result<Option<Epoch>, Error> {
+        Ok(self.store.finish_by_operator().await?)
+    }
+
+    /// Deletes every key of the job; returns how many. Check first that it is finished: a
+    /// running job's nodes would recreate some keys and lose their coordination.
+    pub async fn delete(&self) -> Result<i64, Error> {
+        Ok(self.store.delete_job().await?)
+    }
+
+    /// Replays the job's changes from etcd revision `from` (while etcd keeps that history)
+    /// and follows new ones. The receiver gets an `Err` once when the history is compacted
+    /// away or etcd is lost, then ends.
+    pub async fn history(
+        &self,
+        from: i64,
+    ) -> Result<mpsc::Receiver<Result<Change, EtcdError>>, Error> {
+        Ok(self.store.history(from).await?)
+    }
+
     /// Watches every key of the job: first a [`JobEvent::Snapshot`], then each change. The
     /// watch survives etcd restarts (it resumes from the last revision seen, or sends a new
     /// snapshot if etcd compacted it away) and ends when the receiver is dropped.
@@ -129,5 +325,117 @@ impl JobClient {
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(watch::run(self.store.clone(), tx));
         rx
+    }
+}
+
+/// Builds a job's status from its keys (pure; the keys were read at `revision`).
+pub fn build_status(
+    job: &str,
+    keys: &JobKeys,
+    kvs: &[crate::etcd::Kv],
+    revision: i64,
+) -> JobStatus {
+    let mut spec: Option<JobSpec> = None;
+    let mut state = None;
+    let mut garbage = Vec::new();
+    let mut primaries: BTreeMap<TaskId, SlotHolder> = BTreeMap::new();
+    let mut backups: BTreeMap<TaskId, Vec<SlotHolder>> = BTreeMap::new();
+    let mut nodes: BTreeMap<String, String> = BTreeMap::new();
+    let mut has_result = false;
+    for kv in kvs {
+        let name = String::from_utf8_lossy(&kv.key).into_owned();
+        let holder = |slot: u32| match serde_json::from_slice::<Holder>(&kv.value) {
+            Ok(h) => Some(SlotHolder {
+                node: h.node,
+                addr: h.addr,
+                slot,
+                revision: kv.create_revision,
+            }),
+            Err(_) => None,
+        };
+        match keys.parse(&kv.key) {
+            Some(JobKey::Spec) => match JobSpec::decode(&kv.value) {
+                Ok(s) => spec = Some(s),
+                Err(e) => garbage.push(format!("{name}: {e}")),
+            },
+            Some(JobKey::Epoch) => match EpochValue::parse(&kv.value) {
+                Ok(v) => state = Some(JobState::from(v)),
+                Err(e) => garbage.push(format!("{name}: {e}")),
+            },
+            Some(JobKey::Primary(t)) => match holder(0) {
+                Some(h) => {
+                    primaries.insert(t, h);
+                }
+                None => garbage.push(format!("{name}: not a slot holder")),
+            },
+            Some(JobKey::Backup(t, k)) => match holder(k) {
+                Some(h) => backups.entry(t).or_default().push(h),
+                None => garbage.push(format!("{name}: not a slot holder")),
+            },
+            Some(JobKey::Node(n)) => match serde_json::from_slice::<NodeRecord>(&kv.value) {
+                Ok(r) => {
+                    nodes.insert(n, r.addr);
+                }
+                Err(_) => garbage.push(format!("{name}: not a node record")),
+            },
+            Some(JobKey::Result) => has_result = true,
+            Some(JobKey::Checkpoint(_)) | None => {}
+        }
+    }
+    let (tasks_total, replicas) = spec.as_ref().map_or((0, 0), |s| (s.tasks, s.replicas));
+    let finished = state.is_some_and(|s: JobState| s.finished);
+    let mut holding: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
+    let tasks = (0..tasks_total)
+        .map(|t| {
+            let primary = primaries.get(&t);
+            let mut bs = backups.get(&t).cloned().unwrap_or_default();
+            bs.sort_by_key(|h| h.slot);
+            let health = if finished {
+                Health::Finished
+            } else if primary.is_none() {
+                Health::Down
+            } else if (bs.len() as u32) + 1 < replicas {
+                Health::Degraded
+            } else {
+                Health::Healthy
+            };
+            let mut holders: Vec<SlotHolder> = primary.cloned().into_iter().collect();
+            holders.extend(bs.iter().cloned());
+            TaskStatus {
+                task: t,
+                primary: primary.map(|h| h.node.clone()),
+                addr: primary.map(|h| h.addr.clone()),
+                term: primary.map(|h| h.revision as Term),
+                backups: bs.iter().map(|h| h.node.clone()).collect(),
+                health,
+                holders,
+            }
+        })
+        .collect::<Vec<_>>();
+    for t in &tasks {
+        for h in &t.holders {
+            holding.insert(h.node.as_str());
+        }
+    }
+    let spares = nodes
+        .iter()
+        .filter(|(n, _)| !holding.contains(n.as_str()))
+        .map(|(n, a)| SpareNode {
+            node: n.clone(),
+            addr: a.clone(),
+        })
+        .collect();
+    JobStatus {
+        job: job.to_owned(),
+        revision,
+        tasks_total,
+        replicas,
+        state,
+        created_ms: spec.as_ref().and_then(|s| s.created_ms),
+        tasks,
+        spares,
+        nodes: nodes.len(),
+        has_result,
+        garbage,
     }
 }

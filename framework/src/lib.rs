@@ -102,7 +102,10 @@ mod roles;
 pub use app::{Context, ExitReason, Task, TaskBuilder, TaskError};
 pub use async_trait::async_trait;
 pub use bytes::Bytes;
-pub use client::{JobClient, JobState};
+pub use client::{
+    Handover, HandoverError, Health, JobClient, JobState, JobStatus, SlotHolder, SpareNode,
+    TaskStatus,
+};
 pub use config::{validate_job_name, Config, JobSpec, MAX_REPLICAS, MAX_TASKS};
 pub use data::{decode, encode, Checkpoint, CodecError, DataReply, DataRequest, PullError, PullId};
 pub use error::{ConfigError, ContextError, Error, EtcdCause, EtcdError};

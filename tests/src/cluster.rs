@@ -174,6 +174,14 @@ impl Cluster {
         self.statuses[i].borrow().clone()
     }
 
+    /// The id of node `i` (as it appears in etcd), while it runs.
+    pub fn node_id(&self, i: usize) -> Option<String> {
+        self.nodes
+            .get(i)
+            .and_then(|n| n.as_ref())
+            .map(|h| h.id().to_owned())
+    }
+
     /// The statuses of the nodes still running.
     pub fn live_statuses(&self) -> Vec<(usize, NodeStatus)> {
         (0..self.nodes.len())

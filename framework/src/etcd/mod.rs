@@ -1,6 +1,7 @@
 //! Everything that talks to etcd: the key layout, the node's lease, slot elections, the
 //! epoch, the job spec, and the job watch. No other module uses `etcd_client`.
 
+pub mod admin;
 pub mod keys;
 pub mod lease;
 pub mod watch;

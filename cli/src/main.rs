@@ -1,0 +1,202 @@
+//! `taskgraph`: the operator's view of taskgraph jobs in etcd.
+//!
+//! Every command reads (or, for `failover`, `shutdown` and `gc`, changes) the job's keys in
+//! etcd through [`taskgraph::JobClient`]; none needs a node of the job to answer. Errors are
+//! one `error:` line and a non-zero exit.
+
+mod events;
+mod graph;
+mod render;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use taskgraph::{JobClient, TaskId};
+
+/// Watch and steer taskgraph jobs.
+#[derive(Debug, Parser)]
+#[command(name = "taskgraph", version)]
+struct Cli {
+    /// etcd endpoints (repeat the flag or separate with commas).
+    #[arg(
+        long,
+        global = true,
+        env = "TASKGRAPH_ETCD",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    etcd: Vec<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The jobs in etcd: state, epoch, tasks, age.
+    Jobs {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One row per task: primary, address, term, backups, health; spares; a summary.
+    Status {
+        /// The job.
+        job: String,
+        /// Print JSON (an object with a `tasks` array) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Redraw on every change until the job finishes (Ctrl-C to leave).
+        #[arg(long)]
+        watch: bool,
+    },
+    /// A live stream of what happens: epochs, elections, failovers, lost primaries (which
+    /// their neighbours see as failures), backups, nodes, checkpoints, shutdown. Ends when the
+    /// job finishes.
+    Events {
+        /// The job.
+        job: String,
+        /// Replay from this etcd revision (while etcd still keeps that history).
+        #[arg(long)]
+        since_revision: Option<i64>,
+    },
+    /// Failover drill: the task's primary hands over to a backup.
+    Failover {
+        /// The job.
+        job: String,
+        /// The task.
+        task: TaskId,
+        /// How long to wait for the backup to take over.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        wait: Duration,
+    },
+    /// Ends the job: every node finishes and stops.
+    Shutdown {
+        /// The job.
+        job: String,
+    },
+    /// Deletes a finished job's keys.
+    Gc {
+        /// The job.
+        job: String,
+        /// Delete even if the job is still running (its nodes lose their coordination).
+        #[arg(long)]
+        force: bool,
+    },
+    /// The job's topology at its current epoch as Graphviz DOT, nodes coloured by health.
+    Graph {
+        /// The job.
+        job: String,
+        /// Also render an SVG with Graphviz `dot` (if installed) into this file.
+        #[arg(long)]
+        svg: Option<std::path::PathBuf>,
+    },
+    /// Prints the job's result (what its application stored when it ended the job).
+    Result {
+        /// The job.
+        job: String,
+        /// Wait until the job finishes.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes.
+            eprintln!("error: {}", e.replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Connects for `job` and checks the job exists.
+async fn existing(etcd: &[String], job: &str) -> Result<JobClient, String> {
+    let client = JobClient::connect(etcd, job)
+        .await
+        .map_err(|e| e.to_string())?;
+    if client.spec().await.map_err(|e| e.to_string())?.is_none() {
+        return Err(format!(
+            "job {job:?} does not exist (`taskgraph jobs` lists the jobs)"
+        ));
+    }
+    Ok(client)
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let etcd = cli.etcd;
+    match cli.command {
+        Command::Jobs { json } => render::jobs(&etcd, json).await,
+        Command::Status { job, json, watch } => {
+            let client = existing(&etcd, &job).await?;
+            if watch {
+                render::status_watch(&client).await
+            } else {
+                render::status(&client, json).await
+            }
+        }
+        Command::Events {
+            job,
+            since_revision,
+        } => {
+            let client = existing(&etcd, &job).await?;
+            events::stream(&client, since_revision).await
+        }
+        Command::Failover { job, task, wait } => {
+            let client = existing(&etcd, &job).await?;
+            render::failover(&client, task, wait).await
+        }
+        Command::Shutdown { job } => {
+            let client = existing(&etcd, &job).await?;
+            match client.shutdown().await.map_err(|e| e.to_string())? {
+                Some(epoch) => {
+                    println!("job {job} ends at epoch {epoch}");
+                    Ok(())
+                }
+                None => Err(format!(
+                    "job {job:?} has no epoch key: it is not a taskgraph job"
+                )),
+            }
+        }
+        Command::Gc { job, force } => {
+            let client = existing(&etcd, &job).await?;
+            let state = client.state().await.map_err(|e| e.to_string())?;
+            if !force && state.is_some_and(|s| !s.finished) {
+                return Err(format!(
+                    "job {job:?} is still running (epoch {}); `taskgraph shutdown {job}` first, or --force",
+                    state.map_or(0, |s| s.epoch)
+                ));
+            }
+            let n = client.delete().await.map_err(|e| e.to_string())?;
+            println!("deleted {n} keys of job {job}");
+            Ok(())
+        }
+        Command::Graph { job, svg } => {
+            let client = existing(&etcd, &job).await?;
+            graph::graph(&client, svg.as_deref()).await
+        }
+        Command::Result { job, wait } => {
+            let client = existing(&etcd, &job).await?;
+            render::result(&client, wait).await
+        }
+    }
+}

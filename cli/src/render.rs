@@ -1,0 +1,262 @@
+//! Tables and one-shot commands.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use comfy_table::presets::UTF8_BORDERS_ONLY;
+use comfy_table::{Cell, Color, Table};
+use serde::Serialize;
+use taskgraph::etcd::watch::JobEvent;
+use taskgraph::{Health, JobClient, JobStatus, TaskId};
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    t
+}
+
+fn age(created_ms: Option<u64>) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    match created_ms {
+        Some(c) if now >= c => {
+            humantime::format_duration(Duration::from_secs((now - c) / 1000)).to_string()
+        }
+        _ => "-".into(),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct JobRow {
+    job: String,
+    state: String,
+    epoch: Option<u64>,
+    tasks: Option<u32>,
+    replicas: Option<u32>,
+    age_secs: Option<u64>,
+}
+
+/// `taskgraph jobs`.
+pub async fn jobs(etcd: &[String], json: bool) -> Result<(), String> {
+    let names = JobClient::job_names(etcd)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    for name in names {
+        let row = match JobClient::connect(etcd, &name).await {
+            // Names that are not valid job names are not taskgraph jobs.
+            Err(_) => continue,
+            Ok(c) => {
+                let spec = c.spec().await.ok().flatten();
+                let state = c.state().await.ok().flatten();
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                JobRow {
+                    job: name,
+                    state: match state {
+                        Some(s) if s.finished => "finished".into(),
+                        Some(_) => "running".into(),
+                        None => "unknown".into(),
+                    },
+                    epoch: state.map(|s| s.epoch),
+                    tasks: spec.as_ref().map(|s| s.tasks),
+                    replicas: spec.as_ref().map(|s| s.replicas),
+                    age_secs: spec
+                        .as_ref()
+                        .and_then(|s| s.created_ms)
+                        .map(|c| now.saturating_sub(c) / 1000),
+                }
+            }
+        };
+        rows.push(row);
+    }
+    if json {
+        let out = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
+        println!("{out}");
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no jobs");
+        return Ok(());
+    }
+    let mut t = table(&["JOB", "STATE", "EPOCH", "TASKS", "REPLICAS", "AGE"]);
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    for r in rows {
+        t.add_row(vec![
+            r.job,
+            r.state,
+            opt(r.epoch.map(|e| e.to_string())),
+            opt(r.tasks.map(|e| e.to_string())),
+            opt(r.replicas.map(|e| e.to_string())),
+            match r.age_secs {
+                Some(s) => humantime::format_duration(Duration::from_secs(s)).to_string(),
+                None => "-".into(),
+            },
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+fn health_cell(h: Health) -> Cell {
+    let (text, colour) = match h {
+        Health::Healthy => ("healthy", Color::Green),
+        Health::Degraded => ("degraded", Color::Yellow),
+        Health::Down => ("down", Color::Red),
+        Health::Finished => ("finished", Color::Blue),
+    };
+    Cell::new(text).fg(colour)
+}
+
+/// The status as a table and a summary line.
+pub fn status_text(s: &JobStatus) -> String {
+    let mut t = table(&[
+        "TASK", "PRIMARY", "ADDRESS", "TERM", "BACKUPS", "HEALTH", "EPOCH",
+    ]);
+    let epoch = s
+        .state
+        .map_or_else(|| "-".to_owned(), |st| st.epoch.to_string());
+    for task in &s.tasks {
+        t.add_row(vec![
+            Cell::new(task.task),
+            Cell::new(task.primary.clone().unwrap_or_else(|| "-".into())),
+            Cell::new(task.addr.clone().unwrap_or_else(|| "-".into())),
+            Cell::new(task.term.map_or_else(|| "-".into(), |t| t.to_string())),
+            Cell::new(if task.backups.is_empty() {
+                "-".to_owned()
+            } else {
+                task.backups.join(", ")
+            }),
+            health_cell(task.health),
+            Cell::new(&epoch),
+        ]);
+    }
+    let count = |h: Health| s.tasks.iter().filter(|t| t.health == h).count();
+    let state = match s.state {
+        Some(st) if st.finished => format!("finished at epoch {}", st.epoch),
+        Some(st) => format!("running, epoch {}", st.epoch),
+        None => "no epoch key".into(),
+    };
+    let mut out = format!("{t}\n");
+    if !s.spares.is_empty() {
+        let names: Vec<&str> = s.spares.iter().map(|n| n.node.as_str()).collect();
+        out += &format!("spares waiting: {}\n", names.join(", "));
+    }
+    out += &format!(
+        "job {}: {state}; {} tasks × {} replicas; {} healthy, {} degraded, {} down; {} nodes ({} spare); age {}; etcd revision {}",
+        s.job,
+        s.tasks_total,
+        s.replicas,
+        count(Health::Healthy),
+        count(Health::Degraded),
+        count(Health::Down),
+        s.nodes,
+        s.spares.len(),
+        age(s.created_ms),
+        s.revision
+    );
+    for g in &s.garbage {
+        out += &format!("\nwarning: garbage in etcd: {g}");
+    }
+    out
+}
+
+/// `taskgraph status`.
+pub async fn status(client: &JobClient, json: bool) -> Result<(), String> {
+    let s = client.status().await.map_err(|e| e.to_string())?;
+    if json {
+        let out = serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?;
+        println!("{out}");
+    } else {
+        println!("{}", status_text(&s));
+    }
+    Ok(())
+}
+
+/// `taskgraph status --watch`: redraws on every change of the job's keys.
+pub async fn status_watch(client: &JobClient) -> Result<(), String> {
+    let mut events = client.watch();
+    loop {
+        let s = client.status().await.map_err(|e| e.to_string())?;
+        // Clear the screen and draw from the top.
+        println!("\x1b[2J\x1b[H{}", status_text(&s));
+        if s.state.is_some_and(|st| st.finished) {
+            return Ok(());
+        }
+        tokio::select! {
+            e = events.recv() => match e {
+                Some(JobEvent::Disconnected) => eprintln!("(etcd unreachable; retrying)"),
+                Some(_) => {
+                    // Let a burst of changes settle into one redraw.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    while events.try_recv().is_ok() {}
+                }
+                None => return Err("the watch of the job ended".into()),
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// `taskgraph failover`: hands over, then waits for the new primary.
+pub async fn failover(client: &JobClient, task: TaskId, wait: Duration) -> Result<(), String> {
+    let mut events = client.watch();
+    let handover = client.hand_over(task).await.map_err(|e| e.to_string())?;
+    println!(
+        "task {task}: primary {} (term {}) hands over to backup {}",
+        handover.from.node, handover.from.revision, handover.to.node
+    );
+    let deadline = tokio::time::sleep(wait);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            e = events.recv() => {
+                if e.is_none() {
+                    return Err("the watch of the job ended".into());
+                }
+                let s = client.status().await.map_err(|e| e.to_string())?;
+                let now = s.tasks.iter().find(|t| t.task == task);
+                if let Some((node, term)) = now.and_then(|t| t.primary.clone().zip(t.term)) {
+                    if term > handover.from.revision as u64 {
+                        println!("task {task}: new primary {node} (term {term})");
+                        return Ok(());
+                    }
+                }
+            }
+            () = &mut deadline => {
+                return Err(format!(
+                    "task {task} has no new primary after {}",
+                    humantime::format_duration(wait)
+                ));
+            }
+        }
+    }
+}
+
+/// `taskgraph result`.
+pub async fn result(client: &JobClient, wait: bool) -> Result<(), String> {
+    let mut events = wait.then(|| client.watch());
+    loop {
+        let state = client.state().await.map_err(|e| e.to_string())?;
+        if state.is_some_and(|s| s.finished) {
+            return match client.result().await.map_err(|e| e.to_string())? {
+                Some(bytes) => {
+                    println!("{}", String::from_utf8_lossy(&bytes));
+                    Ok(())
+                }
+                None => Err(format!("job {:?} finished without a result", client.job())),
+            };
+        }
+        let Some(ev) = events.as_mut() else {
+            return Err(format!(
+                "job {:?} is still running (epoch {}); add --wait to wait for it",
+                client.job(),
+                state.map_or(0, |s| s.epoch)
+            ));
+        };
+        if ev.recv().await.is_none() {
+            return Err("the watch of the job ended".into());
+        }
+    }
+}
