@@ -56,23 +56,33 @@
 //!
 //! [`to_dot`] (or [`Links::to_dot`]) renders a set of links at one epoch as a Graphviz DOT
 //! graph, one edge colour per link; its documentation shows the DOT text of a 7-task tree and
-//! of an 8-task butterfly at epoch 0.
+//! of an 8-task butterfly at epoch 0. [`to_dot_with`] adds attributes to each task's node
+//! (colours, labels), with [`dot_quote`] to quote text from outside.
+//!
+//! # Descriptions
+//!
+//! [`Links::describe`] writes a stable description of a set of links (stored in a job
+//! spec); [`Links::from_description`] rebuilds the links of the standard topologies from
+//! it, and [`Links::from_description_lenient`] rebuilds what it can and lists the links of
+//! other topology types, e.g. for a tool that draws a running job's links.
 
 mod butterfly;
 mod dot;
 mod grid;
 mod links;
 mod mesh;
+mod rebuild;
 mod ring;
 mod servers;
 mod star;
 mod tree;
 
 pub use butterfly::{Butterfly, ButterflyStep};
-pub use dot::to_dot;
+pub use dot::{dot_quote, to_dot, to_dot_with};
 pub use grid::Grid;
 pub use links::{Links, TopologyError};
 pub use mesh::FullMesh;
+pub use rebuild::RebuiltLinks;
 pub use ring::Ring;
 pub use servers::ParameterServers;
 pub use star::Star;

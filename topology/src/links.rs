@@ -123,6 +123,29 @@ pub enum TopologyError {
         /// Last epoch whose edges were included.
         last_epoch: Epoch,
     },
+    /// An entry of a description (see [`Links::from_description`]) names a topology that
+    /// is not one of this crate's standard topologies: typically an application's own
+    /// [`Topology`] type, which only the application can rebuild.
+    #[error("link {link:?}: {description:?} does not describe a standard topology")]
+    UnknownDescription {
+        /// The link.
+        link: String,
+        /// Its description.
+        description: String,
+    },
+    /// An entry of a description (see [`Links::from_description`]) is malformed: a standard
+    /// topology with missing, misspelled or out-of-range parameters or an unknown link, a
+    /// description not in the exact form [`Topology::describe`] writes, or a `self:` entry
+    /// whose value is not `allowed`.
+    #[error("description entry {key:?} = {value:?} is invalid: {reason}")]
+    InvalidDescription {
+        /// The key of the entry: a link name, `pair:<link>` or `self:<link>`.
+        key: String,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 fn epochs_text(first: Epoch, last: Epoch) -> String {
@@ -308,7 +331,16 @@ impl Links {
         self.self_links_allowed.contains(name)
     }
 
-    /// A stable description of every link and pair, as stored in the job spec.
+    /// A stable description of every link, pair and allowed self link, as stored in the job
+    /// spec. Its entries:
+    ///
+    /// - `<link>` → the link's [`Topology::describe`], e.g. `tree(tasks=15,fanout=2)/parents`;
+    /// - `pair:<a>` → `<b>` for each pair `(a, b)` (one per `a`: a later pair with the same
+    ///   `a` replaces an earlier one);
+    /// - `self:<link>` → `allowed` for each [`Links::allow_self_links`].
+    ///
+    /// The connectivity requirement ([`Links::require_connected`]) is not recorded.
+    /// [`Links::from_description`] rebuilds the links of the standard topologies from it.
     pub fn describe(&self) -> BTreeMap<String, String> {
         let mut out: BTreeMap<String, String> = self
             .links
@@ -327,6 +359,17 @@ impl Links {
     /// The links at `epoch` as a Graphviz DOT graph; see [`to_dot`](crate::to_dot).
     pub fn to_dot(&self, num_tasks: u32, epoch: Epoch) -> String {
         crate::to_dot(self, num_tasks, epoch)
+    }
+
+    /// The links at `epoch` as a Graphviz DOT graph with extra attributes for each task's
+    /// node; see [`to_dot_with`](crate::to_dot_with).
+    pub fn to_dot_with(
+        &self,
+        num_tasks: u32,
+        epoch: Epoch,
+        node_attrs: impl FnMut(TaskId) -> Option<String>,
+    ) -> String {
+        crate::to_dot_with(self, num_tasks, epoch, node_attrs)
     }
 
     /// Checks every link for `num_tasks` tasks and returns the first error found, which
