@@ -90,6 +90,20 @@ async fn status_lists_every_task_with_exactly_one_primary() {
         .unwrap_or_else(|| panic!("{}", show(&out)));
     assert_eq!(row["state"], "running", "{row}");
     assert_eq!(row["tasks"], 7, "{row}");
+    // `graph`: the tree's DOT text, every task filled with its health's colour and labelled
+    // with its primary.
+    let out = cli(&etcd, &["graph", &job]).await;
+    let dot = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(dot.contains("digraph"), "{dot}");
+    assert_eq!(dot.matches("fillcolor=palegreen").count(), 7, "{dot}");
+    assert_eq!(
+        dot.matches(" -> ").count(),
+        6,
+        "a 7-task tree has 6 edges: {dot}"
+    );
+    let primary0 = tasks[0]["primary"].as_str().unwrap_or_default();
+    assert!(dot.contains(primary0), "{dot}");
     c.stop_all().await;
 }
 

@@ -106,6 +106,10 @@ pub struct NodeArgs {
     /// A readable prefix of the node's id (e.g. the pod name).
     #[arg(long, env = "TASKGRAPH_NODE_NAME")]
     pub node_name: Option<String>,
+    /// Address to serve Prometheus metrics (`/metrics`), liveness (`/healthz`) and readiness
+    /// (`/readyz`) on over HTTP, e.g. `0.0.0.0:9100`. No HTTP server without it.
+    #[arg(long, env = "TASKGRAPH_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Log format on stderr: `text` or `json`. Filter with `RUST_LOG` (default `info`).
     #[arg(long, value_enum, default_value = "text", env = "TASKGRAPH_LOG_FORMAT")]
     pub log_format: LogFormat,

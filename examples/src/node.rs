@@ -45,6 +45,9 @@ pub async fn run(node: NodeArgs, job: JobArgs) -> Result<(), String> {
     if let Some(n) = &node.node_name {
         builder = builder.node_name(n);
     }
+    if let Some(m) = node.metrics_addr {
+        builder = builder.metrics_addr(m);
+    }
     let framework = builder.build().map_err(|e| e.to_string())?;
     let handle = framework.spawn().await.map_err(|e| e.to_string())?;
     let stop = async move {

@@ -266,6 +266,18 @@ impl Context {
             .unwrap_or_default()
     }
 
+    /// The term of this slot's election, whether or not the lease is confirmed right now (for
+    /// work that waits for the confirmation before it leaves the node: pulls and metas).
+    fn elected_term(&self) -> Result<Term, ContextError> {
+        match self.inner.slot.borrow().primary {
+            Some(term) => Ok(term),
+            None => Err(ContextError::NotPrimary {
+                task: self.inner.env.task,
+                term: 0,
+            }),
+        }
+    }
+
     fn acting_term(&self) -> Result<Term, ContextError> {
         let slot = *self.inner.slot.borrow();
         match slot.primary {
@@ -352,9 +364,12 @@ impl Context {
     /// arrives exactly once as [`Task::data_ready`] while this task is still in the current
     /// epoch. The framework retries across connection errors, restarts and failovers of `to`
     /// (following its current primary), and cancels the request when the epoch moves on.
+    /// While this node's lease is past its local deadline (etcd slow or unreachable) the
+    /// request waits, and is sent once the lease is renewed; an answer that arrives meanwhile
+    /// is delivered after the renewal.
     ///
-    /// Errors: [`ContextError::NotPrimary`] / [`ContextError::Suspended`] (only an acting
-    /// primary pulls), [`ContextError::UnknownTask`].
+    /// Errors: [`ContextError::NotPrimary`] (only a primary pulls),
+    /// [`ContextError::UnknownTask`].
     pub fn data_request(
         &self,
         to: TaskId,
@@ -408,7 +423,7 @@ impl Context {
         input: Bytes,
         waiter: Option<oneshot::Sender<DataReply>>,
     ) -> Result<PullId, ContextError> {
-        let term = self.acting_term()?;
+        let term = self.elected_term()?;
         let env = &self.inner.env;
         if to >= env.num_tasks {
             return Err(ContextError::UnknownTask {
@@ -425,8 +440,10 @@ impl Context {
                 input: input.clone(),
                 term,
                 waiter,
+                started: tokio::time::Instant::now(),
             },
         );
+        env.metrics.pull_sent(env.task);
         book.spawn(crate::exchange::fetch(
             env.clone(),
             Arc::downgrade(&self.inner.book),
@@ -472,7 +489,11 @@ impl Context {
     pub(crate) fn begin_epoch(&self, epoch: Epoch) {
         let mut book = lock(&self.inner.book);
         if book.epoch != epoch {
-            book.reset(epoch);
+            let cancelled = book.reset(epoch);
+            self.inner
+                .env
+                .metrics
+                .pulls_cancelled(self.inner.env.task, cancelled);
         }
     }
 
@@ -480,12 +501,12 @@ impl Context {
     /// [`Task::meta_ready`] exactly once in this epoch — also a neighbour whose primary changes
     /// later in the epoch; flagging the same meta again in the epoch (for instance by a new
     /// primary of this task) delivers nothing more. Metas travel node to node (no etcd
-    /// writes).
+    /// writes). While this node's lease is past its local deadline the metas wait, and are sent
+    /// once it is renewed.
     ///
-    /// Errors: [`ContextError::NotPrimary`] / [`ContextError::Suspended`],
-    /// [`ContextError::UnknownLink`].
+    /// Errors: [`ContextError::NotPrimary`], [`ContextError::UnknownLink`].
     pub fn flag_meta(&self, link: &str, meta: &str) -> Result<(), ContextError> {
-        let term = self.acting_term()?;
+        let term = self.elected_term()?;
         let env = &self.inner.env;
         let epoch = self.epoch();
         let Some(topology) = self.inner.links.get(link) else {
@@ -495,7 +516,8 @@ impl Context {
         };
         let mut book = lock(&self.inner.book);
         if book.epoch != epoch {
-            book.reset(epoch);
+            let cancelled = book.reset(epoch);
+            env.metrics.pulls_cancelled(env.task, cancelled);
         }
         if !book.flagged.insert((link.to_owned(), meta.to_owned())) {
             return Ok(());
@@ -629,7 +651,8 @@ impl Context {
     }
 
     /// Runs `work` in the background, owned by this task's slot: it is aborted when the slot
-    /// ends on this node (exit, slot lost, node stopped or killed).
+    /// ends on this node (exit, slot lost, node stopped or killed). It runs in the caller's
+    /// tracing span, so its log lines carry the node, task, term and epoch as the handler's do.
     pub fn spawn<F>(&self, work: F)
     where
         F: Future<Output = ()> + Send + 'static,
@@ -637,7 +660,7 @@ impl Context {
         if let Ok(mut set) = self.inner.spawned.lock() {
             // Reap finished work so the set does not grow without bound.
             while set.try_join_next().is_some() {}
-            set.spawn(work);
+            set.spawn(tracing::Instrument::in_current_span(work));
         }
     }
 
@@ -646,6 +669,10 @@ impl Context {
         if let Ok(mut set) = self.inner.spawned.lock() {
             set.abort_all();
         }
-        lock(&self.inner.book).reset(u64::MAX);
+        let cancelled = lock(&self.inner.book).reset(u64::MAX);
+        self.inner
+            .env
+            .metrics
+            .pulls_cancelled(self.inner.env.task, cancelled);
     }
 }

@@ -34,6 +34,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The `host:port` other nodes use to reach this one; defaults to `listen`.
     pub advertise: Option<String>,
+    /// Where the node serves its Prometheus metrics, `/healthz` and `/readyz` over HTTP
+    /// (see [`crate::metrics`]); `None` for no HTTP server.
+    pub metrics_addr: Option<SocketAddr>,
     /// Deadline for one etcd request.
     pub etcd_request_timeout: Duration,
     /// How long to try to reach etcd at start before giving up.
@@ -109,6 +112,21 @@ impl Config {
                 return Err(ConfigError::Invalid {
                     setting: "advertise address",
                     reason: format!("expected host:port, got {a:?}"),
+                });
+            }
+        }
+        if let Some(m) = self.metrics_addr {
+            let same_port = m.port() != 0 && m.port() == self.listen.port();
+            let overlap = m.ip() == self.listen.ip()
+                || m.ip().is_unspecified()
+                || self.listen.ip().is_unspecified();
+            if same_port && overlap {
+                return Err(ConfigError::Invalid {
+                    setting: "metrics address",
+                    reason: format!(
+                        "{m} would share its port with the gRPC listen address {}",
+                        self.listen
+                    ),
                 });
             }
         }

@@ -39,6 +39,7 @@ pub struct FrameworkBuilder {
     lease_ttl: Duration,
     listen: SocketAddr,
     advertise: Option<String>,
+    metrics_addr: Option<SocketAddr>,
     etcd_request_timeout: Duration,
     etcd_connect_timeout: Duration,
     max_checkpoint_bytes: usize,
@@ -69,6 +70,7 @@ impl Framework {
             lease_ttl: Duration::from_secs(5),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise: None,
+            metrics_addr: None,
             etcd_request_timeout: Duration::from_secs(2),
             etcd_connect_timeout: Duration::from_secs(10),
             max_checkpoint_bytes: 1 << 20,
@@ -84,15 +86,10 @@ impl Framework {
         &self.config
     }
 
-    /// Binds the listener and runs the node in the background; returns a handle to watch,
-    /// stop or crash it.
+    /// Binds the listener (and the metrics listener, if configured) and runs the node in the
+    /// background; returns a handle to watch, stop or crash it.
     pub async fn spawn(self) -> Result<NodeHandle, Error> {
-        let listener = tokio::net::TcpListener::bind(self.config.listen)
-            .await
-            .map_err(|source| Error::Listen {
-                addr: self.config.listen.to_string(),
-                source,
-            })?;
+        let listener = bind(self.config.listen).await?;
         let mut config = (*self.config).clone();
         if config.advertise.is_none() {
             // Port 0 means "any": advertise the port actually bound.
@@ -100,12 +97,17 @@ impl Framework {
                 config.advertise = Some(addr.to_string());
             }
         }
+        let metrics_listener = match self.config.metrics_addr {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         let base = self.node_name.unwrap_or_else(|| "node".to_owned());
         let node_id = format!("{base}-{:016x}", rand::random::<u64>());
         Ok(node::spawn(
             Arc::new(config),
             self.builder,
             listener,
+            metrics_listener,
             node_id,
         ))
     }
@@ -116,6 +118,15 @@ impl Framework {
         let handle = self.spawn().await?;
         handle.stop_on(stop_signal()).await
     }
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: addr.to_string(),
+            source,
+        })
 }
 
 /// Completes on SIGTERM or Ctrl-C.
@@ -181,6 +192,15 @@ impl FrameworkBuilder {
         self.advertise = Some(addr.into());
         self
     }
+    /// Serves the node's Prometheus metrics (`GET /metrics`), liveness (`GET /healthz`) and
+    /// readiness (`GET /readyz`) over HTTP on `addr` (port 0: any free port; see
+    /// [`NodeHandle::metrics_addr`](crate::NodeHandle::metrics_addr)). Default: no HTTP server.
+    /// The metrics and both checks are described in [`crate::metrics`]. Refused by
+    /// [`build`](FrameworkBuilder::build) if it would share the gRPC listen port.
+    pub fn metrics_addr(mut self, addr: SocketAddr) -> Self {
+        self.metrics_addr = Some(addr);
+        self
+    }
     /// Deadline of one etcd request (default 2 s).
     pub fn etcd_request_timeout(mut self, t: Duration) -> Self {
         self.etcd_request_timeout = t;
@@ -233,6 +253,7 @@ impl FrameworkBuilder {
             lease_ttl: self.lease_ttl,
             listen: self.listen,
             advertise: self.advertise,
+            metrics_addr: self.metrics_addr,
             etcd_request_timeout: self.etcd_request_timeout,
             etcd_connect_timeout: self.etcd_connect_timeout,
             max_checkpoint_bytes: self.max_checkpoint_bytes,

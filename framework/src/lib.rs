@@ -96,6 +96,8 @@ mod error;
 pub mod etcd;
 mod exchange;
 mod framework;
+mod health;
+pub mod metrics;
 mod node;
 mod roles;
 

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, error_span, info, warn, Instrument, Span};
 
 use crate::app::{Context, ExitReason, LoopRequest, SlotState, Task, TaskBuilder};
 use crate::config::Config;
@@ -27,6 +27,8 @@ use crate::exchange::neighbours::{Incident, NeighbourTracker};
 use crate::exchange::replication::{ship, Member, Shipped};
 use crate::exchange::serve::{Lookup, Reply, ServeBook};
 use crate::exchange::{Fence, SlotEnv};
+use crate::health::{readiness, Health, Phase};
+use crate::metrics::{self, Metrics, NeighbourEvent};
 use crate::roles::{decide, Decision, JobView, MySlot, SlotKey};
 use crate::wire::{
     self, CallError, Inbound, Meta, Peers, PingReply, PullRequest, Rejection, Replicate,
@@ -98,6 +100,7 @@ impl NodeStatus {
 #[derive(Debug)]
 pub struct NodeHandle {
     node_id: String,
+    metrics_addr: Option<std::net::SocketAddr>,
     status: watch::Receiver<NodeStatus>,
     stop: CancellationToken,
     join: tokio::task::JoinHandle<Result<NodeExit, Error>>,
@@ -107,6 +110,12 @@ impl NodeHandle {
     /// The node's id.
     pub fn id(&self) -> &str {
         &self.node_id
+    }
+    /// The address the node serves its metrics, `/healthz` and `/readyz` on (the bound one:
+    /// with port 0 configured, the port actually taken), or `None` without
+    /// [`FrameworkBuilder::metrics_addr`](crate::FrameworkBuilder::metrics_addr).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
     }
     /// The node's status, updated on every change.
     pub fn status(&self) -> watch::Receiver<NodeStatus> {
@@ -151,11 +160,13 @@ impl NodeHandle {
     }
 }
 
-/// Spawns a node on the current tokio runtime. `listener` is the node's bound gRPC listener.
+/// Spawns a node on the current tokio runtime. `listener` is the node's bound gRPC listener,
+/// `metrics_listener` the bound listener of its HTTP endpoints, if any.
 pub(crate) fn spawn(
     config: Arc<Config>,
     builder: Arc<dyn TaskBuilder>,
     listener: tokio::net::TcpListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
     node_id: String,
 ) -> NodeHandle {
     let stop = CancellationToken::new();
@@ -166,12 +177,17 @@ pub(crate) fn spawn(
         epoch: None,
         finished: false,
     });
-    let span = info_span!("node", job = %config.job, node = %node_id);
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    // Spans at ERROR level: a span's level only decides whether it exists, and the node's,
+    // slot's and epoch's spans must exist whenever any line is logged (`RUST_LOG=warn`
+    // included), so that every line carries the job, node, task, term and epoch.
+    let span = error_span!("node", job = %config.job, node = %node_id);
     let join = tokio::spawn(
         run(
             config,
             builder,
             listener,
+            metrics_listener,
             node_id.clone(),
             status_tx,
             stop.clone(),
@@ -180,27 +196,46 @@ pub(crate) fn spawn(
     );
     NodeHandle {
         node_id,
+        metrics_addr,
         status,
         stop,
         join,
     }
 }
 
+/// How long the event loop may stay busy with one event before `/healthz` fails: three
+/// lease TTLs plus the etcd request timeout (a handler may legitimately wait for a replication
+/// to a slow backup, up to a TTL, and for etcd).
+fn stall_limit(config: &Config) -> Duration {
+    config.lease_ttl * 3 + config.etcd_request_timeout
+}
+
 async fn run(
     config: Arc<Config>,
     builder: Arc<dyn TaskBuilder>,
     listener: tokio::net::TcpListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
     node_id: String,
     status: watch::Sender<NodeStatus>,
     stop: CancellationToken,
 ) -> Result<NodeExit, Error> {
+    let metrics = Metrics::new(&config.job, &node_id);
+    let health = Arc::new(Health::new(stall_limit(&config)));
+    let _ended = health.end_on_drop();
+    // The HTTP endpoints answer from the start (the node is "starting") and end with the node
+    // (the set is dropped, and its task aborted, when `run` returns or is aborted).
+    let mut http = JoinSet::new();
+    if let Some(l) = metrics_listener {
+        http.spawn(metrics::serve(l, metrics.clone(), health.clone()).instrument(Span::current()));
+    }
     let store = Store::connect(
         &config.etcd_endpoints,
         &config.job,
         config.etcd_connect_timeout,
         config.etcd_request_timeout,
     )
-    .await?;
+    .await?
+    .with_metrics(metrics.clone());
     let created = store.ensure_spec(&config.job, &config.spec()).await?;
     info!(
         created,
@@ -260,6 +295,9 @@ async fn run(
         view_tx: watch::channel(Arc::new(JobView::default())).0,
         fence: Fence::default(),
         slots_taken: 0,
+        metrics,
+        health: health.clone(),
+        node_span: Span::current(),
     };
     let result = node.main_loop(events, requests, inbound, stop).await;
     if let Some(m) = node.monitor.take() {
@@ -287,6 +325,20 @@ struct SlotRuntime {
     neighbours: NeighbourTracker,
     /// As backup: the primary term and last index of the replication stream applied.
     replica: Option<(Term, u64)>,
+    /// As primary: answers to the task's pulls that arrived while the lease was past its local
+    /// deadline; delivered once it is renewed (or dropped with the slot).
+    deferred: Vec<LoopRequest>,
+    /// The slot's span (task, role, term), child of the node's.
+    span: Span,
+    /// As primary: the span of the epoch the task is in (child of `span`).
+    epoch_span: Option<Span>,
+}
+
+impl SlotRuntime {
+    /// The innermost span of the slot: its epoch's, or its own.
+    fn span(&self) -> Span {
+        self.epoch_span.clone().unwrap_or_else(|| self.span.clone())
+    }
 }
 
 struct Node {
@@ -317,6 +369,10 @@ struct Node {
     fence: Fence,
     /// Slots taken so far (ids of [`SlotRuntime`]).
     slots_taken: u64,
+    metrics: Metrics,
+    health: Arc<Health>,
+    /// The node's span (job, node): the parent of every slot's.
+    node_span: Span,
 }
 
 /// How often a backup checks that its primary's process is alive, and how long a check may
@@ -372,10 +428,13 @@ async fn watch_primary(
 async fn load_checkpoint(
     store: Store,
     lease: watch::Receiver<LeaseState>,
+    health: Arc<Health>,
     t: TaskId,
 ) -> Option<Checkpoint> {
     let key = store.keys().checkpoint(t);
     let mut delays = crate::exchange::backoff();
+    // While etcd does not answer, the loop waits here: `/healthz` says so instead of failing.
+    let mut waiting = None;
     // Retry while the slot can still be this node's: starting without a checkpoint that
     // exists would lose the task's state.
     while !matches!(*lease.borrow(), LeaseState::Expired { .. }) {
@@ -397,6 +456,7 @@ async fn load_checkpoint(
                 }
             }
             Err(e) => {
+                waiting.get_or_insert_with(|| health.waiting_for_etcd());
                 warn!(error = %e, key, "cannot read the task's checkpoint yet; retrying");
                 tokio::time::sleep(delays.next().unwrap_or(Duration::from_millis(500))).await;
             }
@@ -418,6 +478,19 @@ enum Flow {
     Exit(NodeExit),
 }
 
+/// What woke the event loop.
+enum Wake {
+    Stop,
+    Request(LoopRequest),
+    Event(JobEvent),
+    WatchEnded,
+    Inbound(Inbound),
+    /// The lease changed (`false`: its keeper is gone).
+    Lease(bool),
+    /// The lease's local deadline passed.
+    Deadline,
+}
+
 impl Node {
     async fn main_loop(
         &mut self,
@@ -426,44 +499,106 @@ impl Node {
         mut inbound: mpsc::Receiver<Inbound>,
         stop: CancellationToken,
     ) -> Result<NodeExit, Error> {
+        self.health.set_phase(Phase::Running);
         self.new_lease(&stop).await?;
         loop {
             let deadline = match *self.lease.borrow() {
                 LeaseState::Alive { deadline, .. } => deadline,
                 _ => Instant::now() + Duration::from_secs(3600),
             };
-            let flow = tokio::select! {
+            self.health.idle();
+            let wake = tokio::select! {
                 biased;
-                _ = stop.cancelled() => return Ok(self.clean_stop(ExitReason::Stopped, NodeExit::Stopped).await),
-                Some(req) = requests.recv() => match req {
-                    LoopRequest::Kill => {
-                        warn!("killed by its task: leaving without revoking the lease");
-                        return Ok(NodeExit::Killed);
-                    }
-                    other => { self.on_request(other).await; Flow::Continue }
-                },
+                _ = stop.cancelled() => Wake::Stop,
+                Some(req) = requests.recv() => Wake::Request(req),
                 ev = events.recv() => match ev {
-                    Some(ev) => {
-                        // Catch up with everything already queued before deciding anything, so
-                        // decisions are made on the freshest view available.
-                        self.apply(ev);
-                        while let Ok(ev) = events.try_recv() {
-                            self.apply(ev);
-                        }
-                        self.publish_view();
-                        self.step().await?
-                    }
-                    None => return Err(Error::Garbage { key: String::new(), reason: "job watch ended".into() }),
+                    Some(ev) => Wake::Event(ev),
+                    None => Wake::WatchEnded,
                 },
-                Some(msg) = inbound.recv() => { self.on_inbound(msg).await; Flow::Continue }
-                changed = self.lease.changed() => {
-                    if changed.is_err() { Flow::Continue } else { self.on_lease(&stop).await? }
-                },
-                _ = tokio::time::sleep_until(deadline) => { self.publish(); Flow::Continue }
+                Some(msg) = inbound.recv() => Wake::Inbound(msg),
+                changed = self.lease.changed() => Wake::Lease(changed.is_ok()),
+                _ = tokio::time::sleep_until(deadline) => Wake::Deadline,
             };
+            self.health.busy();
+            // Everything the loop does for this event is logged in the slot's current span.
+            let span = self.span();
+            let flow = self
+                .handle(wake, &mut events, &stop)
+                .instrument(span)
+                .await?;
             if let Flow::Exit(exit) = flow {
                 return Ok(exit);
             }
+        }
+    }
+
+    /// Handles one event of the loop.
+    async fn handle(
+        &mut self,
+        wake: Wake,
+        events: &mut mpsc::Receiver<JobEvent>,
+        stop: &CancellationToken,
+    ) -> Result<Flow, Error> {
+        Ok(match wake {
+            Wake::Stop => Flow::Exit(
+                self.clean_stop(ExitReason::Stopped, NodeExit::Stopped)
+                    .await,
+            ),
+            Wake::Request(LoopRequest::Kill) => {
+                warn!("killed by its task: leaving without revoking the lease");
+                Flow::Exit(NodeExit::Killed)
+            }
+            Wake::Request(other) => {
+                self.on_request(other).await;
+                Flow::Continue
+            }
+            Wake::Event(ev) => {
+                // Catch up with everything already queued before deciding anything, so
+                // decisions are made on the freshest view available.
+                self.apply(ev);
+                while let Ok(ev) = events.try_recv() {
+                    self.apply(ev);
+                }
+                self.publish_view();
+                self.step().await?
+            }
+            Wake::WatchEnded => {
+                return Err(Error::Garbage {
+                    key: String::new(),
+                    reason: "job watch ended".into(),
+                })
+            }
+            Wake::Inbound(msg) => {
+                self.on_inbound(msg).await;
+                Flow::Continue
+            }
+            Wake::Lease(true) => self.on_lease(stop).await?,
+            Wake::Lease(false) => Flow::Continue,
+            Wake::Deadline => {
+                self.publish();
+                Flow::Continue
+            }
+        })
+    }
+
+    /// The innermost span of the node's current slot (its epoch's, or the slot's), or the
+    /// node's span while it has none.
+    fn span(&self) -> Span {
+        self.slot
+            .as_ref()
+            .map_or_else(|| self.node_span.clone(), SlotRuntime::span)
+    }
+
+    /// A new span for the slot this node holds (task, role, term), child of the node's.
+    fn slot_span(&self) -> Span {
+        match self.mine {
+            MySlot::Primary { task, term } => {
+                error_span!(parent: &self.node_span, "slot", task, role = "primary", term)
+            }
+            MySlot::Backup { task, .. } => {
+                error_span!(parent: &self.node_span, "slot", task, role = "backup")
+            }
+            MySlot::Spare => self.node_span.clone(),
         }
     }
 
@@ -473,6 +608,9 @@ impl Node {
             t.abort();
         }
         let mut delay = Duration::from_millis(50);
+        // While etcd does not answer, the loop waits here: `/healthz` says so instead of failing.
+        let health = self.health.clone();
+        let mut waiting = None;
         loop {
             let granted_at = Instant::now();
             let attempt = async {
@@ -486,11 +624,12 @@ impl Node {
                 Ok((id, ttl)) => {
                     let ttl = Duration::from_secs(ttl.max(1) as u64);
                     info!(lease = format!("{id:x}"), ?ttl, "lease granted");
+                    self.metrics.lease_granted();
                     let (tx, rx) = (self.lease_tx.clone(), self.lease_tx.subscribe());
                     self.lease = rx;
                     self.lease_task = Some(tokio::spawn(
                         lease::keep_alive(self.store.clone(), id, ttl, granted_at, tx)
-                            .instrument(tracing::Span::current()),
+                            .instrument(self.node_span.clone()),
                     ));
                     // Let the keeper publish `Alive` before deciding anything.
                     let _ = self.lease.wait_for(|s| s.id() == id).await;
@@ -498,6 +637,7 @@ impl Node {
                     return Ok(());
                 }
                 Err(e) => {
+                    waiting.get_or_insert_with(|| health.waiting_for_etcd());
                     warn!(error = %e, "cannot get a lease from etcd, retrying");
                     tokio::select! {
                         _ = stop.cancelled() => return Ok(()),
@@ -529,8 +669,14 @@ impl Node {
                 let _ = reply.send(outcome);
             }
             Inbound::Replicate(msg, reply) => {
+                let in_step = |n: &Node| n.slot.as_ref().is_some_and(|s| s.replica.is_some());
+                let was_in_step = in_step(self);
                 let outcome = self.on_replicate(msg).await;
                 let _ = reply.send(outcome);
+                if !was_in_step && in_step(self) {
+                    // The backup can take over now: it is ready.
+                    self.publish();
+                }
             }
         }
     }
@@ -680,6 +826,7 @@ impl Node {
         if s.serve
             .first_meta(msg.header.from_task, &msg.link, &msg.meta)
         {
+            s.ctx.env().metrics.meta_received(s.ctx.task());
             s.task
                 .meta_ready(&s.ctx, msg.header.from_task, &msg.link, &msg.meta)
                 .await;
@@ -723,14 +870,29 @@ impl Node {
     /// Requests from the task's side: answers to pulls it served, answers to its pulls.
     async fn on_request(&mut self, req: LoopRequest) {
         let term = self.acting_primary().map(|(_, t)| t);
+        // The term this node was elected with, valid lease or not: an answer is stamped with
+        // it, and sent only while the lease is valid.
+        let elected = match self.mine {
+            MySlot::Primary { term, .. } => Some(term as Term),
+            _ => None,
+        };
         let Some(s) = self.slot.as_mut() else {
             return;
         };
         match req {
             LoopRequest::Kill => {}
             LoopRequest::Answer { slot, key, answer } => {
-                if slot == s.id {
-                    s.serve.answer(key, answer, term.unwrap_or(0));
+                if slot != s.id {
+                    return;
+                }
+                let Some(elected) = elected else {
+                    // Not this slot's primary any more: the calls retry against the new one.
+                    s.serve
+                        .abandon(key, Rejection::NotPrimary { task: key.id.to });
+                    return;
+                };
+                if s.serve.answer(key, answer, elected, term.is_some()) {
+                    s.ctx.env().metrics.pull_served(s.ctx.task());
                 }
             }
             LoopRequest::Pulled {
@@ -739,7 +901,20 @@ impl Node {
                 server_term,
                 result,
             } => {
-                if slot != s.id || term.is_none() || s.entered != Some(id.epoch) {
+                if slot != s.id || s.entered != Some(id.epoch) {
+                    return;
+                }
+                if term.is_none() {
+                    if elected.is_some() {
+                        // Still this node's slot, but the lease is not confirmed: the answer
+                        // waits for the renewal (a task acts only while its lease is valid).
+                        s.deferred.push(LoopRequest::Pulled {
+                            slot,
+                            id,
+                            server_term,
+                            result,
+                        });
+                    }
                     return;
                 }
                 if result.is_ok() && server_term < self.fence.seen(id.to) {
@@ -750,6 +925,11 @@ impl Node {
                 let Some(pending) = s.ctx.take_pending(id) else {
                     return;
                 };
+                s.ctx.env().metrics.pull_delivered(
+                    id.from,
+                    pending.started.elapsed(),
+                    result.is_ok(),
+                );
                 let reply = DataReply {
                     id,
                     method: pending.method,
@@ -758,6 +938,20 @@ impl Node {
                 };
                 s.task.data_ready(&s.ctx, reply).await;
             }
+        }
+    }
+
+    /// As acting primary: delivers the answers that arrived while the lease was unconfirmed.
+    async fn deliver_deferred(&mut self) {
+        if self.acting_primary().is_none() {
+            return;
+        }
+        let deferred = match self.slot.as_mut() {
+            Some(s) => std::mem::take(&mut s.deferred),
+            None => return,
+        };
+        for req in deferred {
+            self.on_request(req).await;
         }
     }
 
@@ -853,10 +1047,13 @@ impl Node {
                 match incident {
                     Incident::Failed(_) => {
                         info!(task, neighbour = n, link, "neighbour failed");
+                        self.metrics.neighbour_event(task, NeighbourEvent::Failed);
                         s.task.neighbour_failed(&s.ctx, link, n).await;
                     }
                     Incident::Restarted(_) => {
                         info!(task, neighbour = n, link, "neighbour restarted");
+                        self.metrics
+                            .neighbour_event(task, NeighbourEvent::Restarted);
                         s.task.neighbour_restarted(&s.ctx, link, n).await;
                     }
                 }
@@ -918,6 +1115,20 @@ impl Node {
             _ => None,
         };
         let finished = self.view.as_ref().is_some_and(JobView::finished);
+        self.metrics.node_state(role, acting);
+        let ready = readiness(
+            self.view.as_ref(),
+            &self.holder.node,
+            self.mine,
+            self.slot.as_ref().and_then(|s| s.entered),
+            self.slot.as_ref().is_some_and(|s| s.replica.is_some()),
+            acting,
+        );
+        let until = match *self.lease.borrow() {
+            LeaseState::Alive { deadline, .. } => Some(deadline),
+            _ => None,
+        };
+        self.health.set_ready(ready, until);
         self.status.send_if_modified(|s| {
             let new = NodeStatus {
                 node_id: s.node_id.clone(),
@@ -935,6 +1146,10 @@ impl Node {
     /// Applies one watch event to the view, remembering every running epoch it reveals.
     fn apply(&mut self, ev: JobEvent) {
         self.apply_event(ev);
+        if let Some(epoch) = self.view.as_ref().and_then(|v| v.epoch) {
+            self.metrics
+                .job_epoch(epoch.epoch(), matches!(epoch, EpochValue::Done(_)));
+        }
         if let Some(EpochValue::Running(n)) = self.view.as_ref().and_then(|v| v.epoch) {
             if self.observed.last().is_none_or(|last| *last < n) {
                 self.observed.push(n);
@@ -1095,21 +1310,32 @@ impl Node {
     /// Decides and acts until nothing is left to do on the current view.
     async fn step(&mut self) -> Result<Flow, Error> {
         loop {
+            // Each decision in the span of the slot as it is then.
+            let span = self.span();
+            if let Some(flow) = self.step_once().instrument(span).await? {
+                return Ok(flow);
+            }
+        }
+    }
+
+    /// Decides and acts once: `Some(flow)` when done for now, `None` to decide again.
+    async fn step_once(&mut self) -> Result<Option<Flow>, Error> {
+        {
             let Some(view) = self.view.as_ref() else {
-                return Ok(Flow::Continue);
+                return Ok(Some(Flow::Continue));
             };
             if let Some(EpochValue::Done(epoch)) = view.epoch {
-                return Ok(Flow::Exit(
+                return Ok(Some(Flow::Exit(
                     self.clean_stop(
                         ExitReason::JobFinished { epoch },
                         NodeExit::JobFinished { epoch },
                     )
                     .await,
-                ));
+                )));
             }
             if !self.lease_valid() {
                 self.publish();
-                return Ok(Flow::Continue);
+                return Ok(Some(Flow::Continue));
             }
             let decision = {
                 let mut rng = rand::rng();
@@ -1123,20 +1349,26 @@ impl Node {
                 Decision::Stay => {
                     self.update_monitor();
                     self.enter_current_epoch().await;
+                    self.deliver_deferred().await;
                     self.sync_backups().await;
                     self.neighbour_incidents().await;
                     self.publish();
-                    return Ok(Flow::Continue);
+                    return Ok(Some(Flow::Continue));
                 }
                 Decision::Lost => self.lose_slot().await,
-                _ if self.await_change => return Ok(Flow::Continue),
+                _ if self.await_change => return Ok(Some(Flow::Continue)),
                 Decision::ClaimPrimary(t) => {
+                    // Taking over a task whose earlier primary this node saw is a failover.
+                    let earlier = self.fence.seen(t) > 0;
                     let won = self
                         .store
                         .claim_primary(t, tasks_replicas, &self.holder, lease)
                         .await;
                     if let Some(term) = self.won("claim primary", t, won) {
                         info!(task = t, term, "became primary");
+                        if earlier {
+                            self.metrics.failover(t);
+                        }
                         self.mine = MySlot::Primary { task: t, term };
                         self.note_own_key(true, t, 0, term, lease);
                         self.take_slot(t, true).await?;
@@ -1155,7 +1387,8 @@ impl Node {
                         self.note_own_key(false, t, k, rev, lease);
                         self.take_slot(t, false).await?;
                         if let Some(s) = self.slot.as_mut() {
-                            s.task.became_backup(&s.ctx).await;
+                            let span = s.span();
+                            s.task.became_backup(&s.ctx).instrument(span).await;
                         }
                     }
                 }
@@ -1166,7 +1399,7 @@ impl Node {
                         create_revision,
                     } = self.mine
                     else {
-                        return Ok(Flow::Continue);
+                        return Ok(Some(Flow::Continue));
                     };
                     let won = self
                         .store
@@ -1174,6 +1407,7 @@ impl Node {
                         .await;
                     if let Some(term) = self.won("promotion", task, won) {
                         info!(task, term, "backup promoted to primary");
+                        self.metrics.failover(task);
                         self.mine = MySlot::Primary { task, term };
                         if let Some(v) = self.view.as_mut() {
                             v.backups.remove(&(task, k));
@@ -1184,8 +1418,13 @@ impl Node {
                         // would: from the task's last checkpoint.
                         let unsynced = self.slot.as_ref().is_some_and(|s| s.replica.is_none());
                         if unsynced {
-                            if let Some(cp) =
-                                load_checkpoint(self.store.clone(), self.lease.clone(), task).await
+                            if let Some(cp) = load_checkpoint(
+                                self.store.clone(),
+                                self.lease.clone(),
+                                self.health.clone(),
+                                task,
+                            )
+                            .await
                             {
                                 if let Some(s) = self.slot.as_mut() {
                                     info!(task, epoch = cp.epoch, "promoted before getting the primary's state: restoring the checkpoint");
@@ -1198,6 +1437,7 @@ impl Node {
                 }
             }
             self.publish();
+            Ok(None)
         }
     }
 
@@ -1259,23 +1499,32 @@ impl Node {
             lease: self.lease.clone(),
             lease_ttl: self.config.lease_ttl,
             max_checkpoint_bytes: self.config.max_checkpoint_bytes,
+            metrics: self.metrics.clone(),
         };
         let ctx = Context::new(Arc::new(env), self.config.links.clone(), state_rx);
+        let span = self.slot_span();
         let mut task = self.builder.build(t);
-        if let Err(e) = task.init(&ctx).await {
+        if let Err(e) = task.init(&ctx).instrument(span.clone()).await {
             return Err(Error::Task {
                 task: t,
                 reason: e.to_string(),
             });
         }
         if primary {
-            if let Some(cp) = load_checkpoint(self.store.clone(), self.lease.clone(), t).await {
+            if let Some(cp) = load_checkpoint(
+                self.store.clone(),
+                self.lease.clone(),
+                self.health.clone(),
+                t,
+            )
+            .await
+            {
                 info!(
                     task = t,
                     epoch = cp.epoch,
                     "restoring the task's checkpoint"
                 );
-                task.restore(&ctx, cp).await;
+                task.restore(&ctx, cp).instrument(span.clone()).await;
             }
         }
         self.slot = Some(SlotRuntime {
@@ -1287,16 +1536,25 @@ impl Node {
             serve: ServeBook::default(),
             neighbours: NeighbourTracker::default(),
             replica: None,
+            deferred: Vec::new(),
+            span,
+            epoch_span: None,
         });
         Ok(())
     }
 
     /// The node just became primary with `term`: tell the task, then enter the current epoch.
     async fn promoted(&mut self, term: i64) {
+        let span = self.slot_span();
         if let Some(s) = self.slot.as_mut() {
             s.entered = None;
+            s.span = span.clone();
+            s.epoch_span = None;
             s.state.send_modify(|st| st.primary = Some(term as Term));
-            s.task.became_primary(&s.ctx, term as Term).await;
+            s.task
+                .became_primary(&s.ctx, term as Term)
+                .instrument(span)
+                .await;
         }
         self.enter_current_epoch().await;
     }
@@ -1339,6 +1597,7 @@ impl Node {
             todo.push(current);
         }
         self.observed.clear();
+        let requests_tx = &self.requests_tx;
         for epoch in todo {
             if !self.lease.borrow().valid_now() {
                 break;
@@ -1346,15 +1605,24 @@ impl Node {
             s.entered = Some(epoch);
             s.state.send_modify(|st| st.epoch = epoch);
             s.ctx.begin_epoch(epoch);
+            self.metrics.epoch_entered(s.ctx.task());
+            // Everything of this epoch (handlers, pulls and metas started from them, spawned
+            // work) is logged in its span.
+            let span = error_span!(parent: &s.span, "epoch", epoch);
+            s.epoch_span = Some(span.clone());
             let (early_pulls, early_metas) = s.serve.enter(epoch);
-            debug!(task = s.ctx.task(), epoch, "entering epoch");
-            s.task.enter_epoch(&s.ctx, epoch).await;
-            for meta in early_metas {
-                Self::deliver_meta(s, meta).await;
+            async {
+                debug!("entering epoch");
+                s.task.enter_epoch(&s.ctx, epoch).await;
+                for meta in early_metas {
+                    Self::deliver_meta(s, meta).await;
+                }
+                for (req, reply) in early_pulls {
+                    Self::serve_pull(s, req, reply, requests_tx).await;
+                }
             }
-            for (req, reply) in early_pulls {
-                Self::serve_pull(s, req, reply, &self.requests_tx).await;
-            }
+            .instrument(span)
+            .await;
         }
     }
 

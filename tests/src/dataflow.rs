@@ -61,14 +61,16 @@ impl DataflowTask {
         }
     }
 
-    /// Counts the epoch in the replicated, checkpointed counter; `false` when this node may no
-    /// longer act (replication failed).
-    async fn keep_state(&mut self, ctx: &Context, term: Term, epoch: Epoch) -> bool {
+    /// Counts the epoch in the replicated, checkpointed counter. When replication fails (the
+    /// lease is unconfirmed, or this node was deposed) the count is shipped with the next one;
+    /// the epoch's pulls go on either way (the framework holds them until the lease is
+    /// confirmed, and refuses them once the slot is gone).
+    async fn keep_state(&mut self, ctx: &Context, term: Term, epoch: Epoch) {
         self.counter += 1;
         let encoded = taskgraph::encode(&self.counter).unwrap_or_default();
         if let Err(e) = ctx.replicate(encoded).await {
             tracing::info!(error = %e, "replicate failed");
-            return false;
+            return;
         }
         // Recorded only once replicated and checkpointed: a deposed primary (whose checkpoint
         // is fenced off) records nothing.
@@ -81,7 +83,6 @@ impl DataflowTask {
             }),
             Err(e) => tracing::info!(error = %e, "checkpoint failed"),
         }
-        true
     }
 
     fn record(&self, event: Event) {
@@ -210,8 +211,8 @@ impl Task for DataflowTask {
         self.done_from.clear();
         self.flagged = false;
         self.moved = false;
-        if self.state && !self.keep_state(ctx, term, epoch).await {
-            return;
+        if self.state {
+            self.keep_state(ctx, term, epoch).await;
         }
         for p in ctx.neighbours(PARENTS) {
             if let Err(e) = ctx.data_request(p, "param", Bytes::new()) {

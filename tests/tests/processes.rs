@@ -1,7 +1,9 @@
 //! Process-level faults against a real etcd: nodes run as `testnode` child processes and are
 //! paused (SIGSTOP/SIGCONT), killed (SIGKILL) or stopped (SIGTERM). Every wait is on lines the
 //! children print, with a deadline; every child is killed when the test ends, pass or fail
-//! (the nodes live in a `Vec<ProcessNode>` whose children are `kill_on_drop`).
+//! (the nodes live in a `Vec<ProcessNode>` whose children are `kill_on_drop`). What a process
+//! printed after a signal is told by the wall-clock stamp of each line (see
+//! `taskgraph_tests::process::Stamped`), never by how many lines the test had read by then.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -9,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use taskgraph_tests::apps::Event;
 use taskgraph_tests::etcd::Etcd;
-use taskgraph_tests::process::{Line, NodeArgs, ProcessNode, StatusLine};
+use taskgraph_tests::process::{printed_after, Line, NodeArgs, ProcessNode, StatusLine};
 use taskgraph_tests::{init_logs, job_name};
 use tracing::info;
 
@@ -197,6 +199,12 @@ async fn paused_primary_stops_acting_and_its_late_work_is_fenced() {
     // Timed from just before the signal (the `kill` command takes a few ms itself).
     let t0 = Instant::now();
     nodes[p].pause().unwrap();
+    // Every line the node stamped up to `stopped_at` it printed before the pause, every line
+    // stamped later after the resume, however late this test reads them.
+    let stopped_at = nodes[p]
+        .wait_stopped(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("SIGSTOP: {e}"));
     // The backup can only take over once etcd has expired the paused node's lease, i.e. once
     // the pause has lasted longer than the TTL.
     let snap = wait_all(
@@ -215,16 +223,17 @@ async fn paused_primary_stops_acting_and_its_late_work_is_fenced() {
         .unwrap();
 
     info!("--- resume the paused node");
-    let before_resume = nodes[p].lines().len();
     nodes[p].resume().unwrap();
     wait_all(
         &[&nodes[p]],
         "the resumed node reports that it no longer acts as primary",
         Duration::from_secs(10),
         |all| {
-            statuses(&all[0][before_resume..]).any(|s| {
+            let after = printed_after(&all[0], &nodes[p].stamps(), stopped_at);
+            let released = statuses(&after).any(|s| {
                 !(s.role == "primary" && s.acting && s.task == Some(0) && s.term == Some(old_term))
-            })
+            });
+            released
         },
     )
     .await;
@@ -233,7 +242,7 @@ async fn paused_primary_stops_acting_and_its_late_work_is_fenced() {
         "the resumed node gave up its slot and rejoined as backup",
         WAIT,
         |all| {
-            let after = &all[0][before_resume..];
+            let after = &printed_after(&all[0], &nodes[p].stamps(), stopped_at)[..];
             events(after)
                 .any(|e| matches!(e, Event::Exit { task: 0, reason } if reason == "SlotLost"))
                 && last_status(after).is_some_and(|s| s.role == "backup")
@@ -259,7 +268,7 @@ async fn paused_primary_stops_acting_and_its_late_work_is_fenced() {
 
     let old_lines = nodes[p].lines();
     let new_lines = nodes[b].lines();
-    let after_resume = &old_lines[before_resume..];
+    let after_resume = &nodes[p].lines_after(stopped_at)[..];
     // (a) Once resumed, the node never claims to act as primary under its old term.
     let stale: Vec<_> = statuses(after_resume)
         .filter(|s| s.primary_of(0) == Some(old_term))

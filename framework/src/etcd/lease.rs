@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::Store;
+use crate::metrics::{LeaseLoss, Outcome};
 
 /// The lease as the node knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,8 +95,21 @@ pub async fn keep_alive(
             .saturating_duration_since(sent)
             .max(interval)
             .min(ttl);
-        match tokio::time::timeout(wait, attempt).await {
+        let outcome = tokio::time::timeout(wait, attempt).await;
+        store.record(
+            "lease keep-alive",
+            match &outcome {
+                Ok(Ok(_)) => Outcome::Ok,
+                Ok(Err(_)) => Outcome::Error,
+                Err(_) => Outcome::Timeout,
+            },
+            sent,
+        );
+        match outcome {
             Ok(Ok(granted)) if granted > 0 => {
+                if let Some(m) = store.metrics() {
+                    m.lease_renewed();
+                }
                 deadline = sent + Duration::from_secs(granted as u64) - margin;
                 tx.send_if_modified(|s| {
                     let new = LeaseState::Alive { id, deadline };
@@ -106,6 +120,9 @@ pub async fn keep_alive(
             }
             Ok(Ok(_)) => {
                 tracing::warn!(lease = format!("{id:x}"), "etcd reports the lease expired");
+                if let Some(m) = store.metrics() {
+                    m.lease_lost(LeaseLoss::Expired);
+                }
                 let _ = tx.send(LeaseState::Expired { id });
                 return;
             }
@@ -119,7 +136,7 @@ pub async fn keep_alive(
             }
         }
         if Instant::now() >= deadline {
-            tx.send_if_modified(|s| {
+            let suspended = tx.send_if_modified(|s| {
                 let changed = matches!(s, LeaseState::Alive { .. });
                 if changed {
                     tracing::warn!(
@@ -130,6 +147,11 @@ pub async fn keep_alive(
                 }
                 changed
             });
+            if suspended {
+                if let Some(m) = store.metrics() {
+                    m.lease_lost(LeaseLoss::Suspended);
+                }
+            }
         }
         if tx.is_closed() {
             return;

@@ -9,12 +9,15 @@ pub mod watch;
 use std::future::Future;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
 };
 
 use crate::config::JobSpec;
 use crate::error::{Error, EtcdCause, EtcdError};
+use crate::metrics::{Metrics, Outcome};
 use crate::TaskId;
 use keys::{EpochValue, Holder, JobKeys, NodeRecord};
 
@@ -51,6 +54,8 @@ pub struct Store {
     client: Client,
     keys: JobKeys,
     timeout: Duration,
+    /// Where every request is counted (a node's store; a `JobClient`'s has none).
+    metrics: Option<Metrics>,
 }
 
 impl std::fmt::Debug for Store {
@@ -95,6 +100,7 @@ impl Store {
                     client,
                     keys: keys.clone(),
                     timeout: request_timeout,
+                    metrics: None,
                 };
                 store.get(&store.keys.spec()).await?;
                 Ok::<_, EtcdError>(store)
@@ -136,16 +142,44 @@ impl Store {
         self.client.clone()
     }
 
+    /// Counts this store's requests in `metrics` (`taskgraph_etcd_requests_total` and
+    /// `taskgraph_etcd_request_duration_seconds`).
+    pub(crate) fn with_metrics(mut self, metrics: Metrics) -> Store {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The metrics this store counts its requests in, if any.
+    pub(crate) fn metrics(&self) -> Option<&Metrics> {
+        self.metrics.as_ref()
+    }
+
+    /// Counts one request made outside [`Store::timed`] (the lease keeper's, the watch's).
+    pub(crate) fn record(&self, op: &'static str, outcome: Outcome, started: Instant) {
+        if let Some(m) = &self.metrics {
+            m.etcd_request(op, outcome, started.elapsed());
+        }
+    }
+
+    /// Runs one etcd request `op` on `key` under the request deadline: every request of the
+    /// framework goes through here, and is counted by operation and outcome.
     async fn timed<T, E: Into<EtcdCause>>(
         &self,
         op: &'static str,
         key: &str,
         fut: impl Future<Output = Result<T, E>>,
     ) -> Result<T, EtcdError> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(r) => r.map_err(|e| err(op, key, e)),
-            Err(_) => Err(err(op, key, EtcdCause::Timeout(self.timeout))),
-        }
+        let started = Instant::now();
+        let (result, outcome) = match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(v)) => (Ok(v), Outcome::Ok),
+            Ok(Err(e)) => (Err(err(op, key, e)), Outcome::Error),
+            Err(_) => (
+                Err(err(op, key, EtcdCause::Timeout(self.timeout))),
+                Outcome::Timeout,
+            ),
+        };
+        self.record(op, outcome, started);
+        result
     }
 
     /// Reads one key.

@@ -11,6 +11,7 @@ use etcd_client::{EventType, WatchOptions};
 use tokio::sync::mpsc;
 
 use super::{Kv, Store};
+use crate::metrics::Outcome;
 
 /// What the watch reports to the event loop.
 #[derive(Debug, Clone)]
@@ -69,7 +70,14 @@ pub async fn run(store: Store, tx: mpsc::Sender<JobEvent>) {
         next = Some(start);
         let mut client = store.client();
         let options = WatchOptions::new().with_prefix().with_start_revision(start);
-        let mut stream = match client.watch(prefix.clone(), Some(options)).await {
+        let opened = tokio::time::Instant::now();
+        let stream = client.watch(prefix.clone(), Some(options)).await;
+        let outcome = match stream {
+            Ok(_) => Outcome::Ok,
+            Err(_) => Outcome::Error,
+        };
+        store.record("watch", outcome, opened);
+        let mut stream = match stream {
             Ok(s) => s,
             Err(e) => {
                 if !announced_down {

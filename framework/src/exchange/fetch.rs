@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, Weak};
 use bytes::Bytes;
 
 use super::{
-    backoff, end_dead_primary, lock, pause, primary_changed, primary_of, verdict, EpochBook,
-    SlotEnv, Verdict,
+    backoff, end_dead_primary, lease_confirmed, lock, pause, primary_changed, primary_of, verdict,
+    EpochBook, SlotEnv, Verdict,
 };
 use crate::app::LoopRequest;
 use crate::data::{DataReply, PullError, PullId};
@@ -27,6 +27,7 @@ pub(crate) async fn fetch(
 ) {
     let mut view = env.view.clone();
     let mut delays = backoff();
+    let mut attempts = 0u64;
     loop {
         let target = primary_of(&view.borrow_and_update(), id.to);
         let Some((addr, their_term, lease)) = target else {
@@ -48,6 +49,11 @@ pub(crate) async fn fetch(
             method: method.clone(),
             payload: input.clone(),
         };
+        lease_confirmed(&env).await;
+        if attempts > 0 {
+            env.metrics.pull_retried(id.from);
+        }
+        attempts += 1;
         let outcome = tokio::select! {
             r = env.peers.pull(&addr, request) => r,
             // The pulled task failed over while its old primary held the call: ask the new one.
@@ -120,6 +126,8 @@ pub(crate) fn deliver(
     };
     if has_waiter {
         if let Some(p) = book.pending.remove(&id) {
+            env.metrics
+                .pull_delivered(id.from, p.started.elapsed(), result.is_ok());
             if let Some(w) = p.waiter {
                 let _ = w.send(DataReply {
                     id,

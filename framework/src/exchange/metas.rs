@@ -7,7 +7,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::{
-    backoff, end_dead_primary, pause, primary_changed, primary_of, verdict, SlotEnv, Verdict,
+    backoff, end_dead_primary, lease_confirmed, pause, primary_changed, primary_of, verdict,
+    SlotEnv, Verdict,
 };
 use crate::wire::{Header, Meta};
 use crate::{Epoch, TaskId, Term};
@@ -26,6 +27,7 @@ pub(crate) async fn send_metas(
     let mut acked: Option<(i64, usize)> = None;
     let mut delays = backoff();
     loop {
+        lease_confirmed(&env).await;
         let target = primary_of(&view.borrow_and_update(), to);
         let metas = outbox.borrow_and_update().clone();
         let Some((addr, their_term, lease)) = target else {
@@ -64,7 +66,10 @@ pub(crate) async fn send_metas(
                 () = primary_changed(&mut view, to, their_term) => break,
             };
             match sent {
-                Ok(()) => done += 1,
+                Ok(()) => {
+                    env.metrics.meta_sent(env.task);
+                    done += 1;
+                }
                 Err(e) => {
                     failure = Some(e);
                     break;

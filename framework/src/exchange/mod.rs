@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 use crate::app::LoopRequest;
 use crate::data::{DataReply, PullId};
 use crate::etcd::Store;
+use crate::metrics::Metrics;
 use crate::roles::JobView;
 use crate::wire::{CallError, Peers, Rejection};
 
@@ -72,6 +73,7 @@ pub(crate) struct SlotEnv {
     pub(crate) lease: watch::Receiver<crate::etcd::lease::LeaseState>,
     pub(crate) lease_ttl: Duration,
     pub(crate) max_checkpoint_bytes: usize,
+    pub(crate) metrics: Metrics,
 }
 
 /// A pull waiting for its answer.
@@ -83,6 +85,8 @@ pub(crate) struct PendingPull {
     /// For [`Context::request`](crate::Context::request): the answer goes here instead of to
     /// `data_ready`.
     pub(crate) waiter: Option<oneshot::Sender<DataReply>>,
+    /// When the task asked (for `taskgraph_pull_duration_seconds`).
+    pub(crate) started: tokio::time::Instant,
 }
 
 /// The requesting side's state of one epoch: pulls waiting for answers, metas flagged, and the
@@ -99,14 +103,17 @@ pub(crate) struct EpochBook {
 }
 
 impl EpochBook {
-    /// Starts epoch `epoch`: everything of the previous one is cancelled.
-    pub(crate) fn reset(&mut self, epoch: Epoch) {
+    /// Starts epoch `epoch`: everything of the previous one is cancelled. Returns the number
+    /// of pulls cancelled without their answer.
+    pub(crate) fn reset(&mut self, epoch: Epoch) -> usize {
         self.work.abort_all();
+        let cancelled = self.pending.len();
         self.pending.clear();
         self.flagged.clear();
         self.outboxes.clear();
         self.next_seq = 0;
         self.epoch = epoch;
+        cancelled
     }
 
     /// The next pull id of this epoch.
@@ -121,10 +128,10 @@ impl EpochBook {
         }
     }
 
-    /// Runs `work` until the epoch ends.
+    /// Runs `work` until the epoch ends, in the current span (the task's slot and epoch).
     pub(crate) fn spawn(&mut self, work: impl std::future::Future<Output = ()> + Send + 'static) {
         while self.work.try_join_next().is_some() {}
-        self.work.spawn(work);
+        self.work.spawn(tracing::Instrument::in_current_span(work));
     }
 }
 
@@ -192,6 +199,21 @@ pub(crate) async fn primary_changed(
     if gone {
         // The node is going away; its work is aborted with it.
         std::future::pending::<()>().await;
+    }
+}
+
+/// Waits until this node's lease is confirmed (within its local deadline): nothing leaves a
+/// primary whose lease may have ended. Never returns once the lease keeper is gone (the slot
+/// ends then, and its work is aborted).
+pub(crate) async fn lease_confirmed(env: &SlotEnv) {
+    let mut lease = env.lease.clone();
+    loop {
+        if lease.borrow_and_update().valid_now() {
+            return;
+        }
+        if lease.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 

@@ -134,17 +134,36 @@ impl ServeBook {
         }
     }
 
-    /// The handler answered `key`: remember the answer and send it to every waiting call.
-    pub(crate) fn answer(&mut self, key: ServeKey, answer: Answer, term: Term) {
+    /// The request `key` cannot be answered by this node: its waiting calls get `rejection`.
+    pub(crate) fn abandon(&mut self, key: ServeKey, rejection: Rejection) {
+        if let Some(Served::Waiting(replies)) = self.answers.insert(key, Served::Abandoned) {
+            for r in replies {
+                let _ = r.send(Err(rejection.clone()));
+            }
+        }
+    }
+
+    /// The handler answered `key`: remember the answer, stamped with `term` (the term of the
+    /// election this task's primary holds), and send it to every waiting call — but only when
+    /// `acting` (the lease is valid now): otherwise the calls are told to retry, and a retry
+    /// after the lease is confirmed gets the remembered answer. Returns whether this answered
+    /// the request with data (the first answer of a request of the current epoch).
+    pub(crate) fn answer(
+        &mut self,
+        key: ServeKey,
+        answer: Answer,
+        term: Term,
+        acting: bool,
+    ) -> bool {
         let Some(entry) = self.answers.get_mut(&key) else {
             // Of an epoch already left.
-            return;
+            return false;
         };
         let replies = match std::mem::replace(entry, Served::Abandoned) {
             Served::Waiting(replies) => replies,
             done => {
                 *entry = done;
-                return;
+                return false;
             }
         };
         let result = match answer {
@@ -161,13 +180,19 @@ impl ServeBook {
                         epoch: key.id.epoch,
                     }));
                 }
-                return;
+                return false;
             }
         };
         for r in replies {
-            let _ = r.send(result.clone());
+            let _ = r.send(if acting {
+                result.clone()
+            } else {
+                Err(Rejection::NotPrimary { task: key.id.to })
+            });
         }
+        let data = result.is_ok();
         *entry = Served::Done(result);
+        data
     }
 }
 
@@ -210,7 +235,7 @@ mod tests {
         assert!(matches!(book.lookup(key(3, 0), tx1), Lookup::New));
         let (tx2, mut rx2) = oneshot::channel();
         assert!(matches!(book.lookup(key(3, 0), tx2), Lookup::Handled));
-        book.answer(key(3, 0), Answer::Data(Bytes::from_static(b"x")), 9);
+        book.answer(key(3, 0), Answer::Data(Bytes::from_static(b"x")), 9, true);
         let a1 = rx1.try_recv().ok().and_then(Result::ok);
         let a2 = rx2.try_recv().ok().and_then(Result::ok);
         assert_eq!(a1, a2);
@@ -218,6 +243,37 @@ mod tests {
         let (tx3, mut rx3) = oneshot::channel();
         assert!(matches!(book.lookup(key(3, 0), tx3), Lookup::Handled));
         assert_eq!(rx3.try_recv().ok().and_then(Result::ok), a2);
+    }
+
+    #[test]
+    fn an_answer_given_while_the_lease_is_suspended_is_kept_with_its_term_and_not_sent() {
+        let mut book = ServeBook::default();
+        book.enter(3);
+        let (tx1, mut rx1) = oneshot::channel();
+        assert!(matches!(book.lookup(key(3, 0), tx1), Lookup::New));
+        book.answer(key(3, 0), Answer::Data(Bytes::from_static(b"x")), 9, false);
+        assert!(matches!(
+            rx1.try_recv(),
+            Ok(Err(Rejection::NotPrimary { task: 0 }))
+        ));
+        // Once the lease is confirmed, the retry gets the answer, stamped with the real term.
+        let (tx2, mut rx2) = oneshot::channel();
+        assert!(matches!(book.lookup(key(3, 0), tx2), Lookup::Handled));
+        let a = rx2.try_recv().ok().and_then(Result::ok);
+        assert_eq!(a.map(|a| a.server_term), Some(9));
+    }
+
+    #[test]
+    fn an_abandoned_request_tells_its_calls_to_retry() {
+        let mut book = ServeBook::default();
+        book.enter(3);
+        let (tx, mut rx) = oneshot::channel();
+        assert!(matches!(book.lookup(key(3, 0), tx), Lookup::New));
+        book.abandon(key(3, 0), Rejection::NotPrimary { task: 0 });
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Err(Rejection::NotPrimary { task: 0 }))
+        ));
     }
 
     #[test]

@@ -1,0 +1,686 @@
+//! Prometheus metrics of a node, and the HTTP endpoints that serve them with the node's health.
+//!
+//! Every node keeps its own registry (several nodes may share a process, as in tests). When the
+//! node is given an address with
+//! [`FrameworkBuilder::metrics_addr`](crate::FrameworkBuilder::metrics_addr), it serves
+//! over HTTP/1.1:
+//!
+//! | path | answer |
+//! | --- | --- |
+//! | `GET /metrics` | the metrics below in the OpenMetrics text format ([`CONTENT_TYPE`]), which Prometheus scrapes natively |
+//! | `GET /healthz` | liveness: `200` while the node's event loop is alive and responsive, `503` with a one-line reason otherwise (see below) |
+//! | `GET /readyz` | readiness: `200` while the node takes its full part in the job, `503` with a one-line reason otherwise (see below) |
+//!
+//! The server lives as long as the node: once the node has ended (job finished, stopped,
+//! crashed), its port refuses connections.
+//!
+//! # Liveness (`/healthz`)
+//!
+//! `200` while the node connects to etcd at start (bounded by the etcd connect timeout, after
+//! which the node fails), while it waits for etcd to grant it a lease or to answer a read it
+//! cannot go on without, and while its event loop is idle or busy with one event for less than
+//! the *stall limit*: three lease TTLs plus the etcd request timeout. `503` when the loop has
+//! been busy with one event for longer (a task handler blocks it: the node holds its slot but
+//! cannot act in it; restarting the process hands the slot over), or when the node has ended.
+//!
+//! # Readiness (`/readyz`)
+//!
+//! `200` when the node's lease is within its local deadline, it has read the job from etcd, the
+//! job is running, and:
+//!
+//! * as **primary**: the task has entered the job's current epoch;
+//! * as **backup**: it has applied its primary's state (it could take over now);
+//! * as **spare**: no slot is free for it to take — every task has its primary and backups, so
+//!   the spare is a healthy reserve. A spare that still has a slot to claim is not ready yet.
+//!
+//! Spares count as ready so that a StatefulSet's ordered start and rolling updates, which wait
+//! for each pod to be ready, never stall on the reserve. Otherwise `503` with the reason:
+//! starting, no lease (etcd unreachable), job finished, the epoch not entered yet, the
+//! primary's state not received yet, a slot still to claim.
+//!
+//! # Metrics
+//!
+//! Every series carries the label `job` (the job's name). Prometheus renames a scraped `job`
+//! label to `exported_job` unless the scrape configuration sets `honor_labels: true`. `task` is
+//! the id of the task the node serves (as primary, or as backup where noted).
+//!
+//! | name | type | labels | meaning |
+//! | --- | --- | --- | --- |
+//! | `taskgraph_node_info` | info | `node` | the node's id (its key under `nodes/` in etcd); value 1 |
+//! | `taskgraph_epoch` | gauge | | the job's epoch as the node last saw it in etcd (the final epoch once finished) |
+//! | `taskgraph_job_finished` | gauge | | 1 once the node has seen the job finish |
+//! | `taskgraph_acting` | gauge | | 1 while the node's lease is within its local deadline (it may act in its slot) |
+//! | `taskgraph_role` | gauge | `role`, `task` | 1 for the slot the node holds: `role` is `primary`, `backup` or `spare` (`task` empty); one series at a time |
+//! | `taskgraph_term` | gauge | `task` | the node's fencing term while it is the task's primary |
+//! | `taskgraph_epochs_entered_total` | counter | `task` | epochs the task entered as primary on this node |
+//! | `taskgraph_failovers_total` | counter | `task` | times this node took the task over as primary after an earlier primary: a backup promoted, or a spare (or restarted node) taking a task whose earlier primary it had seen in etcd. Counted on the node that takes over, so sum over nodes for a job-wide count |
+//! | `taskgraph_neighbour_events_total` | counter | `task`, `event` | neighbour incidents delivered to the task: `event` is `failed` or `restarted` (once per link the neighbour is in) |
+//! | `taskgraph_pulls_sent_total` | counter | `task` | data requests the task made |
+//! | `taskgraph_pulls_retried_total` | counter | `task` | requests sent again after an attempt failed (connection error, no primary yet, failover of the serving task, answer from a deposed primary) |
+//! | `taskgraph_pulls_failed_total` | counter | `task` | requests whose delivered outcome is an error (the serving task refused them) |
+//! | `taskgraph_pulls_cancelled_total` | counter | `task` | requests never delivered because the task left their epoch or its slot ended |
+//! | `taskgraph_pull_duration_seconds` | histogram | `task` | from the data request to the delivery of its outcome |
+//! | `taskgraph_pulls_served_total` | counter | `task` | requests the task answered with data (once per request: retries answered from memory are not counted) |
+//! | `taskgraph_metas_sent_total` | counter | `task` | metas a neighbour's primary acknowledged (a meta is sent again to each new primary of the neighbour) |
+//! | `taskgraph_metas_received_total` | counter | `task` | metas delivered to the task (`meta_ready`) |
+//! | `taskgraph_lease_grants_total` | counter | | leases etcd granted the node (one at start, one more after each expiry) |
+//! | `taskgraph_lease_renewals_total` | counter | | lease keep-alives etcd acknowledged |
+//! | `taskgraph_lease_losses_total` | counter | `reason` | `suspended`: the local deadline passed without a renewal (the node stops acting); `expired`: etcd reports the lease gone (the node gives its slot up) |
+//! | `taskgraph_etcd_requests_total` | counter | `op`, `outcome` | etcd requests by operation (`get`, `txn claim primary`, `lease keep-alive`, `watch`…); `outcome` is `ok`, `error` or `timeout` |
+//! | `taskgraph_etcd_request_duration_seconds` | histogram | `op` | latency of etcd requests by operation, whatever their outcome |
+
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::health::Health;
+use crate::node::Role;
+use crate::{Epoch, TaskId};
+
+/// The content type of `GET /metrics`: the OpenMetrics text format.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TaskLabel {
+    task: TaskId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RoleLabels {
+    role: &'static str,
+    task: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct NeighbourLabels {
+    task: TaskId,
+    event: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OpLabel {
+    op: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    op: &'static str,
+    outcome: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// 0.5 ms to 16 s.
+fn pull_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// 0.5 ms to 4 s.
+fn etcd_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+}
+
+/// How an etcd request ended, for `taskgraph_etcd_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Ok,
+    Error,
+    Timeout,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error => "error",
+            Outcome::Timeout => "timeout",
+        }
+    }
+}
+
+/// A neighbour incident, for `taskgraph_neighbour_events_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NeighbourEvent {
+    Failed,
+    Restarted,
+}
+
+/// A lease loss, for `taskgraph_lease_losses_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LeaseLoss {
+    Suspended,
+    Expired,
+}
+
+/// One node's metrics: a registry of its own and handles on every metric in it. Cheap to
+/// clone; all clones update the same registry.
+#[derive(Clone)]
+pub(crate) struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    epoch: Gauge,
+    job_finished: Gauge,
+    acting: Gauge,
+    role: Family<RoleLabels, Gauge>,
+    term: Family<TaskLabel, Gauge>,
+    epochs_entered: Family<TaskLabel, Counter>,
+    failovers: Family<TaskLabel, Counter>,
+    neighbour_events: Family<NeighbourLabels, Counter>,
+    pulls_sent: Family<TaskLabel, Counter>,
+    pulls_retried: Family<TaskLabel, Counter>,
+    pulls_failed: Family<TaskLabel, Counter>,
+    pulls_cancelled: Family<TaskLabel, Counter>,
+    pull_duration: Histograms<TaskLabel>,
+    pulls_served: Family<TaskLabel, Counter>,
+    metas_sent: Family<TaskLabel, Counter>,
+    metas_received: Family<TaskLabel, Counter>,
+    lease_grants: Counter,
+    lease_renewals: Counter,
+    lease_losses: Family<ReasonLabel, Counter>,
+    etcd_requests: Family<RequestLabels, Counter>,
+    etcd_duration: Histograms<OpLabel>,
+    /// The role series published last (removed when the role changes), with the task whose
+    /// term series is published.
+    published: Mutex<(Option<RoleLabels>, Option<TaskId>)>,
+}
+
+fn to_gauge(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Metrics {
+    /// A fresh registry for node `node` of `job`.
+    pub(crate) fn new(job: &str, node: &str) -> Self {
+        let labels = [(Cow::Borrowed("job"), Cow::Owned(job.to_owned()))];
+        let mut r = Registry::with_prefix_and_labels("taskgraph", labels.into_iter());
+        r.register(
+            "node",
+            "The node's id",
+            Info::new(vec![("node".to_owned(), node.to_owned())]),
+        );
+        let inner = Inner {
+            epoch: Gauge::default(),
+            job_finished: Gauge::default(),
+            acting: Gauge::default(),
+            role: Family::default(),
+            term: Family::default(),
+            epochs_entered: Family::default(),
+            failovers: Family::default(),
+            neighbour_events: Family::default(),
+            pulls_sent: Family::default(),
+            pulls_retried: Family::default(),
+            pulls_failed: Family::default(),
+            pulls_cancelled: Family::default(),
+            pull_duration: Family::new_with_constructor(pull_histogram as fn() -> Histogram),
+            pulls_served: Family::default(),
+            metas_sent: Family::default(),
+            metas_received: Family::default(),
+            lease_grants: Counter::default(),
+            lease_renewals: Counter::default(),
+            lease_losses: Family::default(),
+            etcd_requests: Family::default(),
+            etcd_duration: Family::new_with_constructor(etcd_histogram as fn() -> Histogram),
+            published: Mutex::new((None, None)),
+            registry: Registry::default(),
+        };
+        r.register(
+            "epoch",
+            "The job's epoch as this node last saw it in etcd",
+            inner.epoch.clone(),
+        );
+        r.register(
+            "job_finished",
+            "1 once this node has seen the job finish",
+            inner.job_finished.clone(),
+        );
+        r.register(
+            "acting",
+            "1 while the node's lease is within its local deadline",
+            inner.acting.clone(),
+        );
+        r.register(
+            "role",
+            "1 for the slot this node holds (primary, backup or spare)",
+            inner.role.clone(),
+        );
+        r.register(
+            "term",
+            "This node's fencing term as the task's primary",
+            inner.term.clone(),
+        );
+        r.register(
+            "epochs_entered",
+            "Epochs the task entered as primary on this node",
+            inner.epochs_entered.clone(),
+        );
+        r.register(
+            "failovers",
+            "Times this node took the task over as primary after an earlier primary",
+            inner.failovers.clone(),
+        );
+        r.register(
+            "neighbour_events",
+            "Neighbour incidents delivered to the task",
+            inner.neighbour_events.clone(),
+        );
+        r.register(
+            "pulls_sent",
+            "Data requests the task made",
+            inner.pulls_sent.clone(),
+        );
+        r.register(
+            "pulls_retried",
+            "Data requests sent again after a failed attempt",
+            inner.pulls_retried.clone(),
+        );
+        r.register(
+            "pulls_failed",
+            "Data requests delivered as an error",
+            inner.pulls_failed.clone(),
+        );
+        r.register(
+            "pulls_cancelled",
+            "Data requests never delivered because the task left their epoch",
+            inner.pulls_cancelled.clone(),
+        );
+        r.register_with_unit(
+            "pull_duration",
+            "Time from a data request to the delivery of its outcome",
+            Unit::Seconds,
+            inner.pull_duration.clone(),
+        );
+        r.register(
+            "pulls_served",
+            "Data requests the task answered with data",
+            inner.pulls_served.clone(),
+        );
+        r.register(
+            "metas_sent",
+            "Metas acknowledged by a neighbour's primary",
+            inner.metas_sent.clone(),
+        );
+        r.register(
+            "metas_received",
+            "Metas delivered to the task",
+            inner.metas_received.clone(),
+        );
+        r.register(
+            "lease_grants",
+            "Leases etcd granted this node",
+            inner.lease_grants.clone(),
+        );
+        r.register(
+            "lease_renewals",
+            "Lease keep-alives etcd acknowledged",
+            inner.lease_renewals.clone(),
+        );
+        r.register(
+            "lease_losses",
+            "Leases suspended (local deadline passed) or expired (etcd dropped them)",
+            inner.lease_losses.clone(),
+        );
+        r.register(
+            "etcd_requests",
+            "etcd requests by operation and outcome",
+            inner.etcd_requests.clone(),
+        );
+        r.register_with_unit(
+            "etcd_request_duration",
+            "Latency of etcd requests by operation",
+            Unit::Seconds,
+            inner.etcd_duration.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry: r,
+                ..inner
+            }),
+        }
+    }
+
+    /// The registry in the OpenMetrics text format.
+    pub(crate) fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)?;
+        Ok(out)
+    }
+
+    /// The job's epoch as the node sees it in etcd, and whether the job has finished.
+    pub(crate) fn job_epoch(&self, epoch: Epoch, finished: bool) {
+        self.inner.epoch.set(to_gauge(epoch));
+        self.inner.job_finished.set(i64::from(finished));
+    }
+
+    /// Publishes the node's state: its role (one series), term and lease.
+    pub(crate) fn node_state(&self, role: Role, acting: bool) {
+        let i = &self.inner;
+        i.acting.set(i64::from(acting));
+        let (labels, term) = match role {
+            Role::Spare => (
+                RoleLabels {
+                    role: "spare",
+                    task: String::new(),
+                },
+                None,
+            ),
+            Role::Primary { task, term } => (
+                RoleLabels {
+                    role: "primary",
+                    task: task.to_string(),
+                },
+                Some((task, term)),
+            ),
+            Role::Backup { task } => (
+                RoleLabels {
+                    role: "backup",
+                    task: task.to_string(),
+                },
+                None,
+            ),
+        };
+        let mut published = i.published.lock().unwrap_or_else(PoisonError::into_inner);
+        if published.0.as_ref() != Some(&labels) {
+            if let Some(old) = published.0.take() {
+                i.role.remove(&old);
+            }
+            i.role.get_or_create(&labels).set(1);
+            published.0 = Some(labels);
+        }
+        let term_task = term.map(|(t, _)| t);
+        if published.1 != term_task {
+            if let Some(old) = published.1.take() {
+                i.term.remove(&TaskLabel { task: old });
+            }
+            published.1 = term_task;
+        }
+        if let Some((task, term)) = term {
+            i.term
+                .get_or_create(&TaskLabel { task })
+                .set(to_gauge(term));
+        }
+    }
+
+    pub(crate) fn epoch_entered(&self, task: TaskId) {
+        self.inner
+            .epochs_entered
+            .get_or_create(&TaskLabel { task })
+            .inc();
+    }
+
+    pub(crate) fn failover(&self, task: TaskId) {
+        self.inner
+            .failovers
+            .get_or_create(&TaskLabel { task })
+            .inc();
+    }
+
+    pub(crate) fn neighbour_event(&self, task: TaskId, event: NeighbourEvent) {
+        let event = match event {
+            NeighbourEvent::Failed => "failed",
+            NeighbourEvent::Restarted => "restarted",
+        };
+        self.inner
+            .neighbour_events
+            .get_or_create(&NeighbourLabels { task, event })
+            .inc();
+    }
+
+    pub(crate) fn pull_sent(&self, task: TaskId) {
+        self.inner
+            .pulls_sent
+            .get_or_create(&TaskLabel { task })
+            .inc();
+    }
+
+    pub(crate) fn pull_retried(&self, task: TaskId) {
+        self.inner
+            .pulls_retried
+            .get_or_create(&TaskLabel { task })
+            .inc();
+    }
+
+    /// A pull's outcome was delivered `elapsed` after the request; `ok` if it is data.
+    pub(crate) fn pull_delivered(&self, task: TaskId, elapsed: Duration, ok: bool) {
+        let label = TaskLabel { task };
+        self.inner
+            .pull_duration
+            .get_or_create(&label)
+            .observe(elapsed.as_secs_f64());
+        if !ok {
+            self.inner.pulls_failed.get_or_create(&label).inc();
+        }
+    }
+
+    pub(crate) fn pulls_cancelled(&self, task: TaskId, n: usize) {
+        if n > 0 {
+            self.inner
+                .pulls_cancelled
+                .get_or_create(&TaskLabel { task })
+                .inc_by(n as u64);
+        }
+    }
+
+    pub(crate) fn pull_served(&self, task: TaskId) {
+        self.inner
+            .pulls_served
+            .get_or_create(&TaskLabel { task })
+            .inc();
+    }
+
+    pub(crate) fn meta_sent(&self, task: TaskId) {
+        self.inner
+            .metas_sent
+            .get_or_create(&TaskLabel { task })
+            .inc();
+    }
+
+    pub(crate) fn meta_received(&self, task: TaskId) {
+        self.inner
+            .metas_received
+            .get_or_create(&TaskLabel { task })
+            .inc();
+    }
+
+    pub(crate) fn lease_granted(&self) {
+        self.inner.lease_grants.inc();
+    }
+
+    pub(crate) fn lease_renewed(&self) {
+        self.inner.lease_renewals.inc();
+    }
+
+    pub(crate) fn lease_lost(&self, loss: LeaseLoss) {
+        let reason = match loss {
+            LeaseLoss::Suspended => "suspended",
+            LeaseLoss::Expired => "expired",
+        };
+        self.inner
+            .lease_losses
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// One etcd request of operation `op`.
+    pub(crate) fn etcd_request(&self, op: &'static str, outcome: Outcome, elapsed: Duration) {
+        self.inner
+            .etcd_requests
+            .get_or_create(&RequestLabels {
+                op,
+                outcome: outcome.label(),
+            })
+            .inc();
+        self.inner
+            .etcd_duration
+            .get_or_create(&OpLabel { op })
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+#[derive(Clone)]
+struct Endpoints {
+    metrics: Metrics,
+    health: Arc<Health>,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until aborted.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    health: Arc<Health>,
+) {
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(Endpoints { metrics, health });
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::warn!(error = %e, "the metrics server failed");
+    }
+}
+
+async fn scrape(State(s): State<Endpoints>) -> Response {
+    match s.metrics.encode() {
+        Ok(body) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot encode the metrics\n",
+        )
+            .into_response(),
+    }
+}
+
+fn verdict(outcome: Result<String, String>) -> Response {
+    let (code, line) = match outcome {
+        Ok(line) => (StatusCode::OK, line),
+        Err(line) => (StatusCode::SERVICE_UNAVAILABLE, line),
+    };
+    (
+        code,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        format!("{line}\n"),
+    )
+        .into_response()
+}
+
+async fn healthz(State(s): State<Endpoints>) -> Response {
+    verdict(s.health.live())
+}
+
+async fn readyz(State(s): State<Endpoints>) -> Response {
+    verdict(s.health.ready())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+    }
+
+    #[test]
+    fn one_role_series_at_a_time_and_a_term_only_while_primary() {
+        let m = Metrics::new("j", "n0");
+        m.node_state(Role::Spare, true);
+        m.job_epoch(0, false);
+        let t = m.encode().unwrap_or_default();
+        assert_eq!(
+            sample(&t, r#"taskgraph_role{job="j",role="spare",task=""}"#),
+            Some(1.0),
+            "{t}"
+        );
+        m.node_state(Role::Primary { task: 3, term: 42 }, true);
+        m.job_epoch(5, false);
+        let t = m.encode().unwrap_or_default();
+        assert_eq!(
+            sample(&t, r#"taskgraph_role{job="j",role="primary",task="3"}"#),
+            Some(1.0),
+            "{t}"
+        );
+        assert_eq!(t.matches("taskgraph_role{").count(), 1, "{t}");
+        assert_eq!(
+            sample(&t, r#"taskgraph_term{job="j",task="3"}"#),
+            Some(42.0)
+        );
+        assert_eq!(sample(&t, r#"taskgraph_epoch{job="j"}"#), Some(5.0));
+        m.node_state(Role::Backup { task: 1 }, false);
+        m.job_epoch(6, true);
+        let t = m.encode().unwrap_or_default();
+        assert!(!t.contains("taskgraph_term{"), "{t}");
+        assert_eq!(t.matches("taskgraph_role{").count(), 1, "{t}");
+        assert_eq!(sample(&t, r#"taskgraph_acting{job="j"}"#), Some(0.0));
+        assert_eq!(sample(&t, r#"taskgraph_job_finished{job="j"}"#), Some(1.0));
+        assert_eq!(
+            sample(&t, r#"taskgraph_node_info{job="j",node="n0"}"#),
+            Some(1.0),
+            "{t}"
+        );
+        assert!(t.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn counters_and_histograms_carry_their_labels() {
+        let m = Metrics::new("j", "n0");
+        m.pull_sent(2);
+        m.pull_delivered(2, Duration::from_millis(3), false);
+        m.etcd_request("get", Outcome::Timeout, Duration::from_secs(2));
+        m.neighbour_event(2, NeighbourEvent::Restarted);
+        m.lease_lost(LeaseLoss::Suspended);
+        let t = m.encode().unwrap_or_default();
+        for (series, value) in [
+            (r#"taskgraph_pulls_sent_total{job="j",task="2"}"#, 1.0),
+            (r#"taskgraph_pulls_failed_total{job="j",task="2"}"#, 1.0),
+            (
+                r#"taskgraph_pull_duration_seconds_count{job="j",task="2"}"#,
+                1.0,
+            ),
+            (
+                r#"taskgraph_etcd_requests_total{job="j",op="get",outcome="timeout"}"#,
+                1.0,
+            ),
+            (
+                r#"taskgraph_etcd_request_duration_seconds_sum{job="j",op="get"}"#,
+                2.0,
+            ),
+            (
+                r#"taskgraph_neighbour_events_total{job="j",task="2",event="restarted"}"#,
+                1.0,
+            ),
+            (
+                r#"taskgraph_lease_losses_total{job="j",reason="suspended"}"#,
+                1.0,
+            ),
+        ] {
+            assert_eq!(sample(&t, series), Some(value), "{series} in\n{t}");
+        }
+    }
+}

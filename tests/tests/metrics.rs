@@ -1,0 +1,1078 @@
+//! Operating a node (issue 6): Prometheus metrics scraped over real HTTP from running nodes,
+//! `/healthz` and `/readyz` through a node's life, and the tracing spans on its log lines.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use taskgraph::{
+    async_trait, Context, Epoch, Framework, FrameworkBuilder, NodeHandle, NodeStatus, Role, Task,
+    TaskId,
+};
+use taskgraph_tests::apps::{Audit, AuditBuilder, Behaviour};
+use taskgraph_tests::cluster::{fully_staffed, ClusterConfig};
+use taskgraph_tests::dataflow::DataflowBuilder;
+use taskgraph_tests::etcd::Etcd;
+use taskgraph_tests::{init_logs, job_name};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tracing::info;
+
+const WAIT: Duration = Duration::from_secs(30);
+/// Between two polls of an HTTP endpoint while waiting for a condition.
+const POLL: Duration = Duration::from_millis(50);
+
+async fn etcd() -> Etcd {
+    init_logs();
+    Etcd::start().await.expect("start etcd")
+}
+
+// ----- a bare HTTP/1.1 client -----
+
+#[derive(Debug, Clone)]
+struct HttpResponse {
+    status: u16,
+    content_type: String,
+    body: String,
+}
+
+/// `GET path` from `addr` over a fresh connection.
+async fn http_get(addr: SocketAddr, path: &str) -> Result<HttpResponse, String> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        let mut raw = Vec::new();
+        stream
+            .read_to_end(&mut raw)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        parse_http(&raw)
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| format!("GET {path} from {addr}: no answer within 10 s"))?
+}
+
+fn parse_http(raw: &[u8]) -> Result<HttpResponse, String> {
+    let text = String::from_utf8(raw.to_vec()).map_err(|e| format!("not UTF-8: {e}"))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no end of headers in {text:?}"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let headers: BTreeMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let body = if headers
+        .get("transfer-encoding")
+        .is_some_and(|t| t.eq_ignore_ascii_case("chunked"))
+    {
+        dechunk(body)?
+    } else {
+        body.to_owned()
+    };
+    if let Some(len) = headers.get("content-length") {
+        let len: usize = len.parse().map_err(|_| format!("content-length {len}"))?;
+        if len != body.len() {
+            return Err(format!("content-length {len}, body of {}", body.len()));
+        }
+    }
+    Ok(HttpResponse {
+        status,
+        content_type: headers.get("content-type").cloned().unwrap_or_default(),
+        body,
+    })
+}
+
+fn dechunk(mut rest: &str) -> Result<String, String> {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest
+            .split_once("\r\n")
+            .ok_or("truncated chunk size".to_owned())?;
+        let size = usize::from_str_radix(size.trim(), 16).map_err(|e| format!("chunk: {e}"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = after.get(..size).ok_or("truncated chunk".to_owned())?;
+        out.push_str(chunk);
+        rest = after
+            .get(size + 2..)
+            .ok_or("truncated chunk end".to_owned())?;
+    }
+}
+
+// ----- the Prometheus text format -----
+
+#[derive(Debug, Clone, PartialEq)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// One scrape: every sample, and the declared type of every metric family.
+#[derive(Debug, Clone, Default)]
+struct Scrape {
+    samples: Vec<Sample>,
+    types: BTreeMap<String, String>,
+}
+
+impl Scrape {
+    /// Parses the text format (`name{label="value",...} value` lines and `# TYPE` comments).
+    fn parse(text: &str) -> Result<Scrape, String> {
+        let mut scrape = Scrape::default();
+        for line in text.lines() {
+            if let Some(comment) = line.strip_prefix('#') {
+                let mut words = comment.split_whitespace();
+                if words.next() == Some("TYPE") {
+                    if let (Some(name), Some(kind)) = (words.next(), words.next()) {
+                        scrape.types.insert(name.to_owned(), kind.to_owned());
+                    }
+                }
+                continue;
+            }
+            if line.trim().is_empty() {
+                continue;
+            }
+            scrape
+                .samples
+                .push(parse_sample(line).map_err(|e| format!("{e} in line {line:?}"))?);
+        }
+        Ok(scrape)
+    }
+
+    /// The value of the one sample of `name` whose labels include `labels`.
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let found: Vec<f64> = self.matching(name, labels).map(|s| s.value).collect();
+        match found.as_slice() {
+            [v] => Some(*v),
+            _ => None,
+        }
+    }
+
+    /// The sum over the samples of `name` whose labels include `labels` (0 if none).
+    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.matching(name, labels).map(|s| s.value).sum()
+    }
+
+    fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = &'a Sample> + 'a {
+        self.samples.iter().filter(move |s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+    }
+}
+
+fn parse_sample(line: &str) -> Result<Sample, String> {
+    let name_end = line
+        .find(|c: char| c == '{' || c.is_whitespace())
+        .ok_or("no value")?;
+    let name = line[..name_end].to_owned();
+    let mut rest = &line[name_end..];
+    let mut labels = BTreeMap::new();
+    if let Some(after) = rest.strip_prefix('{') {
+        let mut chars = after.char_indices().peekable();
+        loop {
+            // key
+            let start = match chars.peek() {
+                Some((_, '}')) => {
+                    let (i, _) = chars.next().ok_or("unclosed labels")?;
+                    rest = &after[i + 1..];
+                    break;
+                }
+                Some((i, _)) => *i,
+                None => return Err("unclosed labels".into()),
+            };
+            let mut eq = None;
+            for (i, c) in chars.by_ref() {
+                if c == '=' {
+                    eq = Some(i);
+                    break;
+                }
+            }
+            let eq = eq.ok_or("label without '='")?;
+            let key = after[start..eq].trim().to_owned();
+            if chars.next().map(|(_, c)| c) != Some('"') {
+                return Err(format!("label {key} without a quoted value"));
+            }
+            let mut value = String::new();
+            loop {
+                match chars.next().ok_or("unterminated label value")?.1 {
+                    '"' => break,
+                    '\\' => match chars.next().ok_or("dangling escape")?.1 {
+                        'n' => value.push('\n'),
+                        c => value.push(c),
+                    },
+                    c => value.push(c),
+                }
+            }
+            labels.insert(key, value);
+            if let Some((_, ',')) = chars.peek() {
+                chars.next();
+            }
+        }
+    }
+    let value = rest
+        .split_whitespace()
+        .next()
+        .ok_or("no value")?
+        .parse::<f64>()
+        .map_err(|e| format!("value: {e}"))?;
+    Ok(Sample {
+        name,
+        labels,
+        value,
+    })
+}
+
+async fn scrape(addr: SocketAddr) -> Result<Scrape, String> {
+    let r = http_get(addr, "/metrics").await?;
+    if r.status != 200 {
+        return Err(format!("/metrics answered {}: {}", r.status, r.body));
+    }
+    if !r.content_type.starts_with("application/openmetrics-text") {
+        return Err(format!("/metrics content type {:?}", r.content_type));
+    }
+    if !r.body.ends_with("# EOF\n") {
+        return Err("/metrics does not end with # EOF".into());
+    }
+    Scrape::parse(&r.body)
+}
+
+/// Scrapes `addr` until `cond` holds; the error shows the last scrape.
+async fn wait_scrape(
+    addr: SocketAddr,
+    why: &str,
+    cond: impl Fn(&Scrape) -> bool,
+) -> Result<Scrape, String> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let last = scrape(addr).await;
+        if let Ok(s) = &last {
+            if cond(s) {
+                return Ok(s.clone());
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "timed out after {WAIT:?} waiting until {why}; last scrape: {last:#?}"
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// GETs `path` from `addr` until the answer has status `code`; the error shows the last
+/// answer.
+async fn wait_http(
+    addr: SocketAddr,
+    path: &str,
+    code: u16,
+    why: &str,
+) -> Result<HttpResponse, String> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let last = http_get(addr, path).await;
+        if let Ok(r) = &last {
+            if r.status == code {
+                return Ok(r.clone());
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "timed out after {WAIT:?} waiting until {why}; last answer to {path}: {last:#?}"
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits until `addr` refuses connections.
+async fn wait_refused(addr: SocketAddr) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let last = http_get(addr, "/healthz").await;
+        if last.is_err() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("{addr} still answers after {WAIT:?}: {last:#?}"));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+// ----- in-process nodes serving metrics -----
+
+/// In-process nodes of one job, each serving its metrics on a port of its own.
+struct Nodes {
+    config: ClusterConfig,
+    audit: Audit,
+    handles: Vec<Option<NodeHandle>>,
+    statuses: Vec<watch::Receiver<NodeStatus>>,
+}
+
+impl Nodes {
+    fn new(config: ClusterConfig) -> Self {
+        Nodes {
+            config,
+            audit: Audit::default(),
+            handles: Vec::new(),
+            statuses: Vec::new(),
+        }
+    }
+
+    fn builder(&self, i: usize) -> FrameworkBuilder {
+        Framework::builder()
+            .etcd(self.config.etcd.clone())
+            .job(self.config.job.clone())
+            .tasks(self.config.tasks)
+            .replicas(self.config.replicas)
+            .links(self.config.links())
+            .lease_ttl(self.config.ttl)
+            .node_name(format!("n{i}"))
+            .metrics_addr(SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    async fn add(&mut self, builder: FrameworkBuilder) -> usize {
+        let handle = builder.build().unwrap().spawn().await.unwrap();
+        assert!(handle.metrics_addr().is_some_and(|a| a.port() != 0));
+        self.statuses.push(handle.status());
+        self.handles.push(Some(handle));
+        self.handles.len() - 1
+    }
+
+    /// A node running the dataflow app (every task pulls every epoch).
+    async fn add_dataflow(&mut self, until: Epoch, pace: Duration) -> usize {
+        let i = self.handles.len();
+        let app = DataflowBuilder {
+            node: format!("n{i}"),
+            audit: self.audit.clone(),
+            until,
+            pace,
+            state: true,
+        };
+        self.add(self.builder(i).task_builder(app)).await
+    }
+
+    /// The audit app (nobody moves the epoch) for the next node.
+    fn audit_app(&self) -> AuditBuilder {
+        AuditBuilder {
+            node: format!("n{}", self.handles.len()),
+            audit: self.audit.clone(),
+            behaviour: Behaviour::default(),
+        }
+    }
+
+    /// A node running the audit app.
+    async fn add_audit(&mut self) -> usize {
+        let builder = self
+            .builder(self.handles.len())
+            .task_builder(self.audit_app());
+        self.add(builder).await
+    }
+
+    fn addr(&self, i: usize) -> SocketAddr {
+        self.handles[i]
+            .as_ref()
+            .and_then(NodeHandle::metrics_addr)
+            .expect("a live node with a metrics address")
+    }
+
+    fn id(&self, i: usize) -> String {
+        self.statuses[i].borrow().node_id.clone()
+    }
+
+    fn live(&self) -> Vec<(usize, NodeStatus)> {
+        (0..self.handles.len())
+            .filter(|i| self.handles[*i].as_ref().is_some_and(|h| !h.is_finished()))
+            .map(|i| (i, self.statuses[i].borrow().clone()))
+            .collect()
+    }
+
+    fn primary_of(&self, task: TaskId) -> Option<(usize, u64)> {
+        self.live()
+            .into_iter()
+            .find_map(|(i, s)| s.primary_of(task).map(|t| (i, t)))
+    }
+
+    fn backup_of(&self, task: TaskId) -> Option<usize> {
+        self.live()
+            .into_iter()
+            .find(|(_, s)| s.acting && s.role == Role::Backup { task })
+            .map(|(i, _)| i)
+    }
+
+    /// Waits until `cond` holds for the live nodes' statuses, re-checking on every change.
+    async fn wait_until(
+        &self,
+        why: &str,
+        mut cond: impl FnMut(&[(usize, NodeStatus)]) -> bool,
+    ) -> Vec<(usize, NodeStatus)> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut rx = self.statuses.clone();
+        loop {
+            let now = self.live();
+            if cond(&now) {
+                return now;
+            }
+            let changes = futures::future::select_all(rx.iter_mut().map(|r| Box::pin(r.changed())));
+            tokio::select! {
+                _ = changes => {}
+                // Nodes ending also count as a change worth re-checking.
+                _ = tokio::time::sleep(POLL) => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    panic!("timed out after {WAIT:?} waiting until {why}; last statuses: {:#?}", self.live());
+                }
+            }
+        }
+    }
+
+    fn crash(&mut self, i: usize) {
+        if let Some(h) = self.handles[i].take() {
+            h.crash();
+        }
+    }
+
+    async fn stop_all(&mut self) {
+        for h in self.handles.iter_mut() {
+            if let Some(h) = h.take() {
+                let _ = h.stop().await;
+            }
+        }
+    }
+}
+
+fn task(t: TaskId) -> String {
+    t.to_string()
+}
+
+// ----- tests -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_move_across_epochs_and_etcd_requests_are_counted() {
+    let etcd = etcd().await;
+    let job = job_name("metrics");
+    let mut config = ClusterConfig::new(etcd.endpoints(), &job, 3, 1);
+    // No lease needs to lapse here: a long one keeps a loaded machine from deposing anyone.
+    config.ttl = Duration::from_secs(5);
+    let mut nodes = Nodes::new(config);
+    nodes.audit.close_gate();
+    for _ in 0..3 {
+        nodes
+            .add_dataflow(1_000_000, Duration::from_millis(20))
+            .await;
+    }
+    nodes
+        .wait_until("every task has its primary", |s| fully_staffed(3, 0, s))
+        .await;
+    nodes.audit.open_gate();
+    let (root, term) = nodes.primary_of(0).unwrap();
+    let (leaf, _) = nodes.primary_of(1).unwrap();
+    let addr = nodes.addr(root);
+    let t0 = task(0);
+    let root_task = [("task", t0.as_str())];
+
+    // Every kind of etcd request the root makes, each counted once it has been answered.
+    let ops = [
+        "lease grant",
+        "txn create spec",
+        "txn claim primary",
+        "txn inc epoch",
+        "txn put checkpoint",
+        "lease keep-alive",
+        "watch",
+    ];
+    let counted = |s: &Scrape, op: &str| {
+        s.sum(
+            "taskgraph_etcd_requests_total",
+            &[("op", op), ("outcome", "ok")],
+        ) >= 1.0
+    };
+    info!("--- scrape the root once it is in epoch 2 and has made every kind of etcd request");
+    let a = wait_scrape(addr, "the root is in epoch 2", |s| {
+        s.value("taskgraph_epochs_entered_total", &root_task) >= Some(3.0)
+            && ops.iter().all(|op| counted(s, op))
+    })
+    .await
+    .unwrap();
+    let job_label = [("job", job.as_str())];
+    assert!(
+        a.samples.iter().all(|s| s.labels.get("job") == Some(&job)),
+        "every series carries the job: {a:#?}"
+    );
+    assert_eq!(
+        a.value(
+            "taskgraph_node_info",
+            &[("job", job.as_str()), ("node", nodes.id(root).as_str())]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        a.value(
+            "taskgraph_role",
+            &[("role", "primary"), ("task", t0.as_str())]
+        ),
+        Some(1.0),
+        "{a:#?}"
+    );
+    assert_eq!(
+        a.samples
+            .iter()
+            .filter(|s| s.name == "taskgraph_role")
+            .count(),
+        1,
+        "one role at a time"
+    );
+    assert_eq!(a.value("taskgraph_term", &root_task), Some(term as f64));
+    assert_eq!(
+        a.value("taskgraph_lease_grants_total", &job_label),
+        Some(1.0)
+    );
+    assert!(a.value("taskgraph_epoch", &job_label) >= Some(2.0));
+    for op in ops {
+        assert!(
+            a.value(
+                "taskgraph_etcd_request_duration_seconds_count",
+                &[("op", op)]
+            ) >= Some(1.0),
+            "etcd latency of {op:?}"
+        );
+    }
+    assert_eq!(
+        a.types.get("taskgraph_pulls_served").map(String::as_str),
+        Some("counter")
+    );
+    assert_eq!(
+        a.types
+            .get("taskgraph_pull_duration_seconds")
+            .map(String::as_str),
+        Some("histogram")
+    );
+    assert_eq!(a.sum("taskgraph_pulls_failed_total", &[]), 0.0);
+
+    info!("--- two epochs later, every exchange counter of the root has moved");
+    let entered_a = a
+        .value("taskgraph_epochs_entered_total", &root_task)
+        .unwrap();
+    let b = wait_scrape(addr, "the root entered two more epochs", |s| {
+        s.value("taskgraph_epochs_entered_total", &root_task) >= Some(entered_a + 2.0)
+    })
+    .await
+    .unwrap();
+    for name in [
+        // Two `param` pulls from the children per epoch.
+        "taskgraph_pulls_served_total",
+        // Two `grad` pulls to the children per epoch.
+        "taskgraph_pulls_sent_total",
+        "taskgraph_pull_duration_seconds_count",
+        // `done` from both children per epoch.
+        "taskgraph_metas_received_total",
+    ] {
+        let (before, after) = (a.sum(name, &root_task), b.sum(name, &root_task));
+        assert!(after > before, "{name} of the root: {before} then {after}");
+    }
+    assert!(
+        b.value("taskgraph_epoch", &job_label) > a.value("taskgraph_epoch", &job_label),
+        "the epoch gauge follows the job"
+    );
+    assert!(
+        b.sum("taskgraph_pulls_served_total", &root_task)
+            >= a.sum("taskgraph_pulls_served_total", &root_task) + 2.0,
+        "at least one more epoch of the children's pulls was served"
+    );
+    info!("--- a leaf serves its gradient and sends its meta every epoch");
+    let t1 = task(1);
+    let leaf_task = [("task", t1.as_str())];
+    // An acknowledgement may arrive after the leaf moved on (its sender is then cancelled):
+    // wait for the counts rather than assume them.
+    wait_scrape(nodes.addr(leaf), "the leaf served and flagged twice", |s| {
+        s.sum("taskgraph_pulls_served_total", &leaf_task) >= 2.0
+            && s.sum("taskgraph_metas_sent_total", &leaf_task) >= 2.0
+    })
+    .await
+    .unwrap();
+
+    info!("--- the lease keeps being renewed");
+    let renewals = b
+        .value("taskgraph_lease_renewals_total", &job_label)
+        .unwrap_or(0.0);
+    wait_scrape(addr, "one more lease renewal", |s| {
+        s.value("taskgraph_lease_renewals_total", &job_label) > Some(renewals)
+    })
+    .await
+    .unwrap();
+
+    let health = http_get(addr, "/healthz").await.unwrap();
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+    let ready = http_get(addr, "/readyz").await.unwrap();
+    assert_eq!(ready.status, 200, "{ready:?}");
+    assert!(ready.body.starts_with("primary of task 0"), "{ready:?}");
+    assert!(ready.content_type.starts_with("text/plain"), "{ready:?}");
+    assert_eq!(http_get(addr, "/nothing").await.unwrap().status, 404);
+    nodes.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_backup_counts_the_failover_and_neighbours_count_the_incident() {
+    let etcd = etcd().await;
+    let mut config = ClusterConfig::new(etcd.endpoints(), &job_name("failover"), 3, 2);
+    // The crashed primary's port refuses at once, so its backup ends its lease at once: a long
+    // TTL only keeps a loaded machine from deposing anyone else.
+    config.ttl = Duration::from_secs(5);
+    let mut nodes = Nodes::new(config);
+    nodes.audit.close_gate();
+    for _ in 0..6 {
+        nodes
+            .add_dataflow(1_000_000, Duration::from_millis(20))
+            .await;
+    }
+    nodes
+        .wait_until("every task has a primary and a backup", |s| {
+            fully_staffed(3, 1, s)
+        })
+        .await;
+    nodes.audit.open_gate();
+    let (victim, old_term) = nodes.primary_of(1).unwrap();
+    let backup = nodes.backup_of(1).unwrap();
+    let (root, _) = nodes.primary_of(0).unwrap();
+    let t1 = task(1);
+    let task1 = [("task", t1.as_str())];
+    // The root must have looked at its children in an epoch before the crash: a primary that
+    // first sees a neighbour after its failover has no incident to report.
+    let t0 = task(0);
+    wait_scrape(nodes.addr(root), "the root is in its second epoch", |s| {
+        s.value("taskgraph_epochs_entered_total", &[("task", t0.as_str())]) >= Some(2.0)
+    })
+    .await
+    .unwrap();
+    let before = scrape(nodes.addr(backup)).await.unwrap();
+    assert_eq!(
+        before.value(
+            "taskgraph_role",
+            &[("role", "backup"), ("task", t1.as_str())]
+        ),
+        Some(1.0),
+        "{before:#?}"
+    );
+    assert_eq!(before.sum("taskgraph_failovers_total", &[]), 0.0);
+
+    info!("--- crash the primary of task 1 (node {victim}); its backup (node {backup}) takes over");
+    nodes.crash(victim);
+    let st = nodes
+        .wait_until("the backup is primary of task 1 with a higher term", |s| {
+            s.iter()
+                .any(|(i, s)| *i == backup && s.primary_of(1).is_some_and(|t| t > old_term))
+        })
+        .await;
+    let new_term = st
+        .iter()
+        .find_map(|(i, s)| (*i == backup).then(|| s.primary_of(1)).flatten())
+        .unwrap();
+    let addr = nodes.addr(backup);
+    let after = wait_scrape(addr, "the promoted backup publishes its new role", |s| {
+        s.value(
+            "taskgraph_role",
+            &[("role", "primary"), ("task", t1.as_str())],
+        ) == Some(1.0)
+    })
+    .await
+    .unwrap();
+    assert_eq!(after.value("taskgraph_failovers_total", &task1), Some(1.0));
+    assert_eq!(after.value("taskgraph_term", &task1), Some(new_term as f64));
+    assert_eq!(
+        after
+            .samples
+            .iter()
+            .filter(|s| s.name == "taskgraph_role")
+            .count(),
+        1
+    );
+    wait_http(addr, "/readyz", 200, "the new primary is ready")
+        .await
+        .unwrap();
+
+    info!("--- no other node counted a failover");
+    let mut total = 0.0;
+    for (i, _) in nodes.live() {
+        total += scrape(nodes.addr(i))
+            .await
+            .unwrap()
+            .sum("taskgraph_failovers_total", &[]);
+    }
+    assert_eq!(total, 1.0, "one failover in the whole job");
+
+    info!("--- the parent of task 1 counted its neighbour's failure and restart");
+    let root_incidents = wait_scrape(nodes.addr(root), "the root saw the incident", |s| {
+        s.value(
+            "taskgraph_neighbour_events_total",
+            &[("task", t0.as_str()), ("event", "restarted")],
+        ) >= Some(1.0)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        root_incidents.value(
+            "taskgraph_neighbour_events_total",
+            &[("task", t0.as_str()), ("event", "failed")]
+        ),
+        root_incidents.value(
+            "taskgraph_neighbour_events_total",
+            &[("task", t0.as_str()), ("event", "restarted")]
+        ),
+        "each failure is followed by its restart"
+    );
+    nodes.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_readiness_of_a_starting_node_a_primary_a_spare_and_an_etcd_outage() {
+    let etcd = etcd().await;
+    info!("--- a node that cannot reach etcd is alive but not ready, and serves its metrics");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut lost = Nodes::new(ClusterConfig::new(
+        vec![format!("http://{closed}")],
+        &job_name("nowhere"),
+        1,
+        1,
+    ));
+    let builder = lost
+        .builder(0)
+        .etcd_connect_timeout(Duration::from_secs(120))
+        .task_builder(lost.audit_app());
+    let i = lost.add(builder).await;
+    let addr = lost.addr(i);
+    let live = http_get(addr, "/healthz").await.unwrap();
+    assert_eq!(
+        (live.status, live.body.as_str()),
+        (200, "starting: connecting to etcd\n")
+    );
+    let ready = http_get(addr, "/readyz").await.unwrap();
+    assert_eq!(
+        (ready.status, ready.body.as_str()),
+        (503, "starting: connecting to etcd\n")
+    );
+    let s = scrape(addr).await.unwrap();
+    assert_eq!(s.sum("taskgraph_node_info", &[]), 1.0);
+    info!("--- crashed, the node's HTTP port closes with it");
+    lost.crash(i);
+    wait_refused(addr).await.unwrap();
+
+    info!("--- one task, one replica, two nodes: a primary and a spare in reserve, both ready");
+    let mut nodes = Nodes::new(ClusterConfig::new(
+        etcd.endpoints(),
+        &job_name("ready"),
+        1,
+        1,
+    ));
+    nodes.add_audit().await;
+    nodes.add_audit().await;
+    nodes
+        .wait_until("a primary and a spare", |s| {
+            fully_staffed(1, 0, s) && s.iter().any(|(_, s)| s.role == Role::Spare && s.acting)
+        })
+        .await;
+    let (primary, term) = nodes.primary_of(0).unwrap();
+    let spare = 1 - primary;
+    let ready = wait_http(nodes.addr(primary), "/readyz", 200, "the primary is ready")
+        .await
+        .unwrap();
+    assert_eq!(
+        ready.body,
+        format!("primary of task 0 (term {term}) in epoch 0\n")
+    );
+    let ready = wait_http(nodes.addr(spare), "/readyz", 200, "the spare is ready")
+        .await
+        .unwrap();
+    assert_eq!(
+        ready.body,
+        "spare: every slot is taken; waiting to take over\n"
+    );
+    let s = scrape(nodes.addr(spare)).await.unwrap();
+    assert_eq!(
+        s.value("taskgraph_role", &[("role", "spare"), ("task", "")]),
+        Some(1.0),
+        "{s:#?}"
+    );
+
+    info!("--- etcd killed: leases lapse; the nodes stay alive but are not ready");
+    etcd.kill().await.unwrap();
+    nodes
+        .wait_until("no node acts any more", |s| {
+            s.iter().all(|(_, s)| !s.acting)
+        })
+        .await;
+    for i in [primary, spare] {
+        let addr = nodes.addr(i);
+        let r = wait_http(addr, "/readyz", 503, "not ready without a lease")
+            .await
+            .unwrap();
+        assert!(r.body.contains("lease"), "node {i}: {r:?}");
+        let live = http_get(addr, "/healthz").await.unwrap();
+        assert_eq!(
+            live.status, 200,
+            "node {i}: the loop still answers: {live:?}"
+        );
+        // The lease keeper counts its loss once its keep-alive has failed: maybe just after
+        // the loop noticed the deadline.
+        wait_scrape(
+            addr,
+            "the suspension and failed keep-alives are counted",
+            |s| {
+                let failed = s.sum(
+                    "taskgraph_etcd_requests_total",
+                    &[("op", "lease keep-alive"), ("outcome", "error")],
+                ) + s.sum(
+                    "taskgraph_etcd_requests_total",
+                    &[("op", "lease keep-alive"), ("outcome", "timeout")],
+                );
+                s.value("taskgraph_acting", &[]) == Some(0.0)
+                    && s.value("taskgraph_lease_losses_total", &[("reason", "suspended")])
+                        >= Some(1.0)
+                    && failed >= 1.0
+            },
+        )
+        .await
+        .unwrap();
+    }
+
+    info!("--- etcd back: the task has a ready primary again");
+    etcd.restart().await.unwrap();
+    nodes
+        .wait_until("task 0 has an acting primary again", |s| {
+            fully_staffed(1, 0, s)
+        })
+        .await;
+    let (primary, _) = nodes.primary_of(0).unwrap();
+    wait_http(
+        nodes.addr(primary),
+        "/readyz",
+        200,
+        "the primary is ready again",
+    )
+    .await
+    .unwrap();
+    nodes.stop_all().await;
+}
+
+/// A task whose first `enter_epoch` waits until the test releases it: it blocks its node's
+/// event loop, as a buggy handler would.
+struct Stuck {
+    release: watch::Receiver<bool>,
+}
+
+#[async_trait]
+impl Task for Stuck {
+    async fn enter_epoch(&mut self, _ctx: &Context, _epoch: Epoch) {
+        let _ = self.release.wait_for(|r| *r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_event_loop_fails_healthz_until_it_is_released() {
+    let etcd = etcd().await;
+    let mut nodes = Nodes::new(ClusterConfig::new(
+        etcd.endpoints(),
+        &job_name("stuck"),
+        1,
+        1,
+    ));
+    let (release, rx) = watch::channel(false);
+    let builder = nodes
+        .builder(0)
+        .task_builder(move |_t: TaskId| -> Box<dyn Task> {
+            Box::new(Stuck {
+                release: rx.clone(),
+            })
+        });
+    let i = nodes.add(builder).await;
+    let addr = nodes.addr(i);
+    info!("--- the handler blocks the loop: liveness fails after the stall limit");
+    let r = wait_http(addr, "/healthz", 503, "the stalled loop is reported")
+        .await
+        .unwrap();
+    assert!(r.body.contains("busy"), "{r:?}");
+    let ready = http_get(addr, "/readyz").await.unwrap();
+    assert_eq!(ready.status, 503, "{ready:?}");
+    info!("--- released, the loop answers again and the primary is ready");
+    release.send_replace(true);
+    wait_http(addr, "/healthz", 200, "the loop is live again")
+        .await
+        .unwrap();
+    wait_http(addr, "/readyz", 200, "the primary is ready")
+        .await
+        .unwrap();
+    nodes.stop_all().await;
+}
+
+/// Log lines collected in memory.
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A task that logs from its handler and from work it spawns.
+struct Chatty {
+    logged: watch::Sender<bool>,
+}
+
+#[async_trait]
+impl Task for Chatty {
+    async fn enter_epoch(&mut self, ctx: &Context, _epoch: Epoch) {
+        tracing::info!("hello from the handler");
+        let logged = self.logged.clone();
+        ctx.spawn(async move {
+            tracing::info!("hello from spawned work");
+            logged.send_replace(true);
+        });
+    }
+}
+
+/// Single-threaded, so that the subscriber set for this thread sees every line of the node.
+#[tokio::test(flavor = "current_thread")]
+async fn log_lines_carry_job_node_task_term_and_epoch() {
+    let etcd = Etcd::start().await.expect("start etcd");
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "warn,taskgraph=debug,metrics=info",
+        ))
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let job = job_name("logs");
+    let mut nodes = Nodes::new(ClusterConfig::new(etcd.endpoints(), &job, 1, 1));
+    let (logged, mut logged_rx) = watch::channel(false);
+    let builder = nodes
+        .builder(0)
+        .task_builder(move |_t: TaskId| -> Box<dyn Task> {
+            Box::new(Chatty {
+                logged: logged.clone(),
+            })
+        });
+    let i = nodes.add(builder).await;
+    tokio::time::timeout(WAIT, logged_rx.wait_for(|l| *l))
+        .await
+        .expect("the task logged from its spawned work")
+        .unwrap();
+    let (_, term) = nodes.primary_of(0).unwrap();
+    let node = nodes.id(i);
+    nodes.stop_all().await;
+
+    let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let spans_of = |message: &str| -> Vec<serde_json::Value> {
+        let r = records
+            .iter()
+            .find(|r| r["fields"]["message"] == message)
+            .unwrap_or_else(|| panic!("no line {message:?} in:\n{text}"));
+        r["spans"].as_array().cloned().unwrap_or_default()
+    };
+    let field = |span: &serde_json::Value, f: &str| match &span[f] {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    for message in [
+        "hello from the handler",
+        "hello from spawned work",
+        "entering epoch",
+    ] {
+        let spans = spans_of(message);
+        let names: Vec<String> = spans.iter().map(|s| field(s, "name")).collect();
+        assert_eq!(names, ["node", "slot", "epoch"], "{message:?}: {spans:?}");
+        assert_eq!(field(&spans[0], "job"), job, "{message:?}");
+        assert_eq!(field(&spans[0], "node"), node, "{message:?}");
+        assert_eq!(field(&spans[1], "task"), "0", "{message:?}");
+        assert_eq!(field(&spans[1], "role"), "primary", "{message:?}");
+        assert_eq!(field(&spans[1], "term"), term.to_string(), "{message:?}");
+        assert_eq!(field(&spans[2], "epoch"), "0", "{message:?}");
+    }
+}
+
+#[test]
+fn a_metrics_address_on_the_grpc_port_is_refused() {
+    let addr = SocketAddr::from(([127, 0, 0, 1], 7777));
+    let err = Framework::builder()
+        .etcd(["http://127.0.0.1:1"])
+        .job("j")
+        .tasks(1)
+        .listen(addr)
+        .metrics_addr(addr)
+        .task_builder(|_t: TaskId| -> Box<dyn Task> {
+            Box::new(Chatty {
+                logged: watch::channel(false).0,
+            })
+        })
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("metrics address"), "{err}");
+    // Port 0 means any free port for both: no clash.
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    assert!(Framework::builder()
+        .etcd(["http://127.0.0.1:1"])
+        .job("j")
+        .tasks(1)
+        .listen(any)
+        .metrics_addr(any)
+        .task_builder(|_t: TaskId| -> Box<dyn Task> {
+            Box::new(Chatty {
+                logged: watch::channel(false).0,
+            })
+        })
+        .build()
+        .is_ok());
+}
+
+#[test]
+fn the_text_parser_reads_labels_escapes_and_types() {
+    let s = Scrape::parse(
+        "# HELP x_total A counter.\n# TYPE x counter\nx_total{job=\"a,b\",task=\"\\\"1\\\"\"} 3\nplain 2.5\n# EOF\n",
+    )
+    .unwrap();
+    assert_eq!(s.types.get("x").map(String::as_str), Some("counter"));
+    assert_eq!(
+        s.value("x_total", &[("job", "a,b"), ("task", "\"1\"")]),
+        Some(3.0)
+    );
+    assert_eq!(s.value("plain", &[]), Some(2.5));
+    assert!(Scrape::parse("broken{job=\"x} 1\n").is_err());
+}
