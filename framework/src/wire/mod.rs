@@ -47,7 +47,7 @@ pub use error::{CallError, WireError};
 pub use rejection::{Rejection, MAX_REJECTION_TEXT, REJECTION_METADATA_KEY};
 pub use server::{
     bind, serve, Inbound, ServerConfig, SERVER_HTTP2_KEEPALIVE_INTERVAL,
-    SERVER_HTTP2_KEEPALIVE_TIMEOUT,
+    SERVER_HTTP2_KEEPALIVE_TIMEOUT, TLS_HANDSHAKE_TIMEOUT,
 };
 pub use types::{
     Header, Meta, PingReply, PullAnswer, PullRequest, Replicate, ReplicateKind, SlotInfo,

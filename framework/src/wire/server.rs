@@ -15,7 +15,7 @@ use tonic::body::Body;
 use tonic::codegen::{http, Service};
 use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
+use tonic::transport::{Server, ServerTlsConfig};
 use tonic::{Code, Request, Response, Status};
 
 use super::error::WireError;
@@ -24,12 +24,16 @@ use super::proto::taskgraph_server::{Taskgraph, TaskgraphServer};
 use super::rejection::{tonic_size_limit, Rejection};
 use super::types::{Header, Meta, PingReply, PullAnswer, PullRequest, Replicate};
 use super::DEFAULT_MAX_FRAME_BYTES;
+use crate::security::LoadedTls;
 
 /// Interval of the server's HTTP/2 keepalive pings (detects dead clients holding pulls).
 pub const SERVER_HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// How long the server waits for a keepalive ping to be acknowledged before closing the
 /// connection.
 pub const SERVER_HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long a connecting peer may take to complete the TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Configuration of [`serve`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +49,10 @@ pub struct ServerConfig {
     /// with [`Rejection::TooLarge`] (`ResourceExhausted`); so are answers from the loop that
     /// would exceed it. Default [`DEFAULT_MAX_FRAME_BYTES`].
     pub max_frame_bytes: usize,
+    /// Mutual TLS: the server presents `identity` (required) and accepts only connections
+    /// whose client certificate chains to `ca_pem`. `None` (the default): plain text, logged
+    /// as a warning.
+    pub tls: Option<LoadedTls>,
 }
 
 impl Default for ServerConfig {
@@ -53,6 +61,7 @@ impl Default for ServerConfig {
             job: String::new(),
             num_tasks: 0,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            tls: None,
         }
     }
 }
@@ -99,6 +108,10 @@ pub async fn bind(addr: impl ToSocketAddrs) -> Result<TcpListener, WireError> {
 /// decodability/required fields ([`Rejection::Malformed`]). Everything else is forwarded on
 /// `inbound`; a closed `inbound` channel refuses with [`Rejection::ShuttingDown`].
 ///
+/// With [`ServerConfig::tls`], every connection must complete a TLS handshake presenting a
+/// client certificate that chains to the configured CA; others are dropped during the
+/// handshake, before any message is read.
+///
 /// When `shutdown` completes, the listening socket is closed at once, calls still waiting for
 /// the loop are refused with `ShuttingDown`, and the function returns once the open
 /// connections have drained.
@@ -113,6 +126,7 @@ pub async fn serve(
     // Also release held calls if we return for any other reason.
     let _stop_on_return = stop.clone().drop_guard();
     let limit = config.max_frame_bytes;
+    let tls = config.tls.clone();
     let node = Node {
         job: config.job,
         num_tasks: config.num_tasks,
@@ -128,10 +142,31 @@ pub async fn serve(
         shutdown.await;
         stop.cancel();
     };
-    tracing::debug!(%local, "wire server listening");
-    let result = Server::builder()
+    let mut server = Server::builder()
         .http2_keepalive_interval(Some(SERVER_HTTP2_KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(SERVER_HTTP2_KEEPALIVE_TIMEOUT))
+        .http2_keepalive_timeout(Some(SERVER_HTTP2_KEEPALIVE_TIMEOUT));
+    match &tls {
+        Some(tls) => {
+            let identity = tls.tonic_identity().ok_or_else(|| {
+                WireError::Tls("a TLS server needs a certificate and its key".into())
+            })?;
+            let tls_config = ServerTlsConfig::new()
+                .identity(identity)
+                .client_ca_root(tls.tonic_ca())
+                .timeout(TLS_HANDSHAKE_TIMEOUT);
+            server = server
+                .tls_config(tls_config)
+                .map_err(|e| WireError::Tls(e.to_string()))?;
+            tracing::info!(%local, "node transport: mutual TLS (peers need a certificate from the job's CA)");
+        }
+        None => tracing::warn!(
+            %local,
+            "node transport: PLAIN TEXT, no TLS; anyone who can reach this port can pull data \
+             (use peer TLS outside local development)"
+        ),
+    }
+    tracing::debug!(%local, "wire server listening");
+    let result = server
         .add_service(SizeLimitStatus { inner: grpc })
         .serve_with_incoming_shutdown(incoming, signal)
         .await
