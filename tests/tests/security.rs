@@ -26,13 +26,16 @@ const GUARD: Duration = Duration::from_secs(60);
 /// An etcd with a TLS listener requiring client certificates from `ca`, and auth enabled.
 async fn secure_etcd(ca: &TestCa) -> Result<Etcd, Box<dyn std::error::Error>> {
     let server = ca.issue("etcd-server", &["127.0.0.1", "localhost"])?;
-    let etcd = Etcd::start_with(EtcdOptions::default().with_tls(EtcdServerTls {
-        cert_file: server.cert_path().to_owned(),
-        key_file: server.key_path().to_owned(),
-        client_ca_file: ca.cert_path(),
-        client_cert_auth: true,
-    }))
-    .await?;
+    // Tokens expire after 1 s (default 300 s): the clients must renew them on the way.
+    let options = EtcdOptions::default()
+        .with_tls(EtcdServerTls {
+            cert_file: server.cert_path().to_owned(),
+            key_file: server.key_path().to_owned(),
+            client_ca_file: ca.cert_path(),
+            client_cert_auth: true,
+        })
+        .with_arg("--auth-token-ttl=1");
+    let etcd = Etcd::start_with(options).await?;
     etcd.enable_auth(ROOT_PW).await?;
     Ok(etcd)
 }
@@ -47,6 +50,17 @@ fn loaded(ca: &TestCa, id: Option<&Issued>, name: Option<&str>) -> LoadedTls {
 
 /// A dataflow node of a 3-task binary tree ending at epoch `until`.
 fn dataflow_node(endpoints: Vec<String>, job: &str, until: u64, audit: &Audit) -> FrameworkBuilder {
+    dataflow_node_paced(endpoints, job, until, Duration::ZERO, audit)
+}
+
+/// [`dataflow_node`] whose root pauses `pace` before moving each epoch on.
+fn dataflow_node_paced(
+    endpoints: Vec<String>,
+    job: &str,
+    until: u64,
+    pace: Duration,
+    audit: &Audit,
+) -> FrameworkBuilder {
     let tree = Tree::new(3, 2).unwrap_or_else(|e| panic!("{e}"));
     Framework::builder()
         .etcd(endpoints)
@@ -65,7 +79,7 @@ fn dataflow_node(endpoints: Vec<String>, job: &str, until: u64, audit: &Audit) -
             node: "n".into(),
             audit: audit.clone(),
             until,
-            pace: Duration::ZERO,
+            pace,
             state: true,
         })
 }
@@ -106,25 +120,32 @@ async fn job_runs_end_to_end_with_etcd_tls_auth_and_peer_mtls() -> TestResult {
     let mut builders = Vec::new();
     for i in 0..6 {
         let cert = job_ca.issue(&format!("node{i}"), &["127.0.0.1"])?;
+        // 25 epochs of at least 150 ms: the etcd tokens (1 s) expire several times.
         builders.push(
-            dataflow_node(etcd.tls_endpoints(), &job, 4, &audit)
-                .etcd_tls(etcd_tls.clone())
-                .etcd_auth(auth.clone())
-                .peer_tls(PeerTls::new(
-                    job_ca.cert_path(),
-                    cert.cert_path(),
-                    cert.key_path(),
-                )),
+            dataflow_node_paced(
+                etcd.tls_endpoints(),
+                &job,
+                25,
+                Duration::from_millis(150),
+                &audit,
+            )
+            .etcd_tls(etcd_tls.clone())
+            .etcd_auth(auth.clone())
+            .peer_tls(PeerTls::new(
+                job_ca.cert_path(),
+                cert.cert_path(),
+                cert.key_path(),
+            )),
         );
     }
     let exits = run_to_end(builders).await?;
     assert!(
         exits
             .iter()
-            .all(|e| matches!(e, NodeExit::JobFinished { epoch: 4 })),
+            .all(|e| matches!(e, NodeExit::JobFinished { epoch: 25 })),
         "{exits:?}"
     );
-    let bad = check_trail(&audit.events(), 3, 4);
+    let bad = check_trail(&audit.events(), 3, 25);
     assert!(bad.is_empty(), "audit trail violations: {bad:?}");
     let client = JobClient::connect_secure(
         &etcd.tls_endpoints(),
@@ -136,7 +157,7 @@ async fn job_runs_end_to_end_with_etcd_tls_auth_and_peer_mtls() -> TestResult {
     .await?;
     let state = client.state().await?;
     assert!(
-        state.is_some_and(|s| s.finished && s.epoch == 4),
+        state.is_some_and(|s| s.finished && s.epoch == 25),
         "{state:?}"
     );
     Ok(())

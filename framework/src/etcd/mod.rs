@@ -118,7 +118,11 @@ impl Store {
             options = options.with_tls(tls.client_config());
         }
         if let Some(auth) = &security.auth {
-            options = options.with_user(auth.user.clone(), auth.password.expose());
+            // etcd's tokens expire (`--auth-token-ttl`, 300 s by default): a request refused
+            // for an expired token re-authenticates and is sent again.
+            options = options
+                .with_user(auth.user.clone(), auth.password.expose())
+                .with_auto_token_refresh(true);
         }
         let keys = JobKeys::new(job);
         let deadline = tokio::time::Instant::now() + connect_timeout;
