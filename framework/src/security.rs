@@ -9,7 +9,8 @@
 //! * [`PeerTls`]: the node-to-node transport's mutual TLS. Every node presents a certificate
 //!   issued by the job's CA and accepts pulls, metas, replication and pings only from peers
 //!   whose certificate chains to that CA; it checks the certificate of every node it calls
-//!   the same way, and against [`PeerTls::server_name`] when set.
+//!   the same way; with [`PeerTls::server_name`], certificates must also carry that name,
+//!   both ways.
 //!
 //! All files are PEM. They are read once, when the [`FrameworkBuilder`](crate::FrameworkBuilder)
 //! builds (a missing or unreadable file is a [`ConfigError`] before anything touches etcd).
@@ -181,10 +182,13 @@ pub struct PeerTls {
     pub cert_file: PathBuf,
     /// PEM file of its private key.
     pub key_file: PathBuf,
-    /// The name every node's certificate carries (e.g. `<job>.taskgraph`): a node checks the
-    /// certificate of each peer it calls against it. Without it, the peer's advertised host
-    /// (usually an IP address) is checked instead, so certificates must name each node's
-    /// address — impractical where addresses change (Kubernetes pods), so set this there.
+    /// The name every node's certificate of the job carries (e.g. `<job>.taskgraph`), checked
+    /// both ways: a node checks the certificate of each peer it calls against it, and refuses
+    /// calls whose client certificate is not valid for it (so one CA can serve several jobs,
+    /// each with its own name). Without it, a server's certificate is checked against the
+    /// peer's advertised host (usually an IP address), so certificates must name each node's
+    /// address — impractical where addresses change (Kubernetes pods): set it there — and
+    /// callers are checked only for chaining to the CA.
     pub server_name: Option<String>,
 }
 
@@ -226,7 +230,8 @@ pub struct LoadedTls {
     pub ca_pem: Vec<u8>,
     /// The certificate and key presented, if any.
     pub identity: Option<(Vec<u8>, Secret)>,
-    /// The name to check the server's certificate against, if not its host.
+    /// The name to check the server's certificate against, if not its host; for the node
+    /// transport, also the name every caller's certificate must be valid for.
     pub server_name: Option<String>,
 }
 

@@ -511,5 +511,31 @@ async fn mtls_refuses_peers_without_a_certificate_from_the_jobs_ca() -> TestResu
         r.is_err(),
         "the client accepted a certificate without the job's name: {r:?}"
     );
+
+    // A server with a configured name refuses callers from the same CA without that name
+    // (another job sharing the CA), before the call reaches its loop.
+    let mut strict =
+        tls_server(loaded(&job_ca, Some(&server_cert), Some("job-a.taskgraph"))).await?;
+    let r = try_pull(&strict, &named).await;
+    assert!(
+        r.as_ref()
+            .is_err_and(|e| e.contains("peer certificate refused")),
+        "a caller without the job's name was served: {r:?}"
+    );
+    assert!(
+        strict.seen.try_recv().is_err(),
+        "a refused peer reached the node's loop"
+    );
+    let member = job_ca.issue("member", &["127.0.0.1", "job-a.taskgraph"])?;
+    let member = peers(Some(loaded(
+        &job_ca,
+        Some(&member),
+        Some("job-a.taskgraph"),
+    )));
+    assert_eq!(
+        try_pull(&strict, &member).await?,
+        Bytes::from_static(b"secret training data")
+    );
+    assert_eq!(strict.seen.recv().await, Some("pull"));
     Ok(())
 }

@@ -50,8 +50,9 @@ pub struct ServerConfig {
     /// would exceed it. Default [`DEFAULT_MAX_FRAME_BYTES`].
     pub max_frame_bytes: usize,
     /// Mutual TLS: the server presents `identity` (required) and accepts only connections
-    /// whose client certificate chains to `ca_pem`. `None` (the default): plain text, logged
-    /// as a warning.
+    /// whose client certificate chains to `ca_pem`; with a `server_name`, every call's client
+    /// certificate must also be valid for that name (else `PermissionDenied`). `None` (the
+    /// default): plain text, logged as a warning.
     pub tls: Option<LoadedTls>,
 }
 
@@ -128,6 +129,7 @@ pub async fn serve(
     let limit = config.max_frame_bytes;
     let tls = config.tls.clone();
     let node = Node {
+        peer_name: tls.as_ref().and_then(|t| t.server_name.clone()),
         job: config.job,
         num_tasks: config.num_tasks,
         max_frame_bytes: limit,
@@ -178,6 +180,8 @@ pub async fn serve(
 /// The generated service's implementation.
 #[derive(Debug)]
 struct Node {
+    /// With TLS: the name every caller's certificate must be valid for.
+    peer_name: Option<String>,
     job: String,
     num_tasks: u32,
     max_frame_bytes: usize,
@@ -186,6 +190,36 @@ struct Node {
 }
 
 impl Node {
+    /// With TLS and a configured peer name: the caller's certificate (already verified to
+    /// chain to the job's CA during the handshake) must be valid for that name.
+    fn check_peer<T>(&self, rpc: &'static str, request: &Request<T>) -> Result<(), Status> {
+        let Some(name) = &self.peer_name else {
+            return Ok(());
+        };
+        let refuse = |why: String| {
+            tracing::debug!(rpc, peer = ?request.remote_addr(), %why, "wire: refusing peer");
+            Err(Status::permission_denied(format!(
+                "peer certificate refused: {why}"
+            )))
+        };
+        let Some(certs) = request.peer_certs() else {
+            return refuse("no client certificate".into());
+        };
+        let Some(leaf) = certs.first() else {
+            return refuse("no client certificate".into());
+        };
+        let server_name = match rustls_pki_types::ServerName::try_from(name.as_str()) {
+            Ok(n) => n,
+            Err(e) => return refuse(format!("invalid peer name {name:?}: {e}")),
+        };
+        match webpki::EndEntityCert::try_from(leaf)
+            .and_then(|cert| cert.verify_is_valid_for_subject_name(&server_name))
+        {
+            Ok(()) => Ok(()),
+            Err(e) => refuse(format!("not valid for {name:?}: {e}")),
+        }
+    }
+
     fn check_job(&self, job: &str) -> Result<(), Rejection> {
         if job == self.job {
             Ok(())
@@ -254,6 +288,7 @@ impl Taskgraph for Node {
         &self,
         request: Request<proto::PullRequest>,
     ) -> Result<Response<proto::PullAnswer>, Status> {
+        self.check_peer("pull", &request)?;
         let answer = async {
             let req = PullRequest::try_from(request.into_inner())?;
             self.check_header(&req.header)?;
@@ -272,6 +307,7 @@ impl Taskgraph for Node {
         &self,
         request: Request<proto::MetaRequest>,
     ) -> Result<Response<proto::Ack>, Status> {
+        self.check_peer("meta", &request)?;
         let done = async {
             let msg = Meta::try_from(request.into_inner())?;
             self.check_header(&msg.header)?;
@@ -286,6 +322,7 @@ impl Taskgraph for Node {
         &self,
         request: Request<proto::ReplicateRequest>,
     ) -> Result<Response<proto::Ack>, Status> {
+        self.check_peer("replicate", &request)?;
         let done = async {
             let msg = Replicate::try_from(request.into_inner())?;
             self.check_header(&msg.header)?;
@@ -300,6 +337,7 @@ impl Taskgraph for Node {
         &self,
         request: Request<proto::PingRequest>,
     ) -> Result<Response<proto::PingReply>, Status> {
+        self.check_peer("ping", &request)?;
         let reply = async {
             let job = request.into_inner().job;
             // An empty job asks "who are you" without claiming a job.
