@@ -257,6 +257,43 @@ async fn etcd_refusals_are_clear_and_not_retried() -> TestResult {
     Ok(())
 }
 
+/// An unreachable TLS etcd is not a refusal: the client keeps trying until etcd is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_secure_etcd_is_retried_not_refused() -> TestResult {
+    init_logs();
+    let etcd_ca = TestCa::new("etcd")?;
+    let etcd = secure_etcd(&etcd_ca).await?;
+    let job = job_name("retried");
+    etcd.add_job_user(ROOT_PW, &job, "alice", "alice-pw")
+        .await?;
+    let cert = etcd_ca.issue("alice-client", &[])?;
+    let tls = EtcdTls::new(etcd_ca.cert_path()).identity(cert.cert_path(), cert.key_path());
+    let auth = EtcdAuth::new("alice", Secret::new("alice-pw"));
+    let eps = etcd.tls_endpoints();
+    etcd.kill().await?;
+    // Down for good: unreachable (after the timeout), not refused.
+    let down =
+        JobClient::connect_secure(&eps, &job, Duration::from_secs(1), Some(&tls), Some(&auth))
+            .await;
+    assert!(
+        matches!(down, Err(taskgraph::Error::EtcdUnreachable { .. })),
+        "{down:?}"
+    );
+    // Back while the client is still trying: it connects.
+    let connecting = tokio::spawn({
+        let (eps, job, tls, auth) = (eps.clone(), job.clone(), tls.clone(), auth.clone());
+        async move {
+            JobClient::connect_secure(&eps, &job, Duration::from_secs(30), Some(&tls), Some(&auth))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    });
+    etcd.restart().await?;
+    connecting.await??;
+    Ok(())
+}
+
 /// Two jobs, two users, each with a role granting readwrite on its own job's prefix only:
 /// both jobs run; each user is refused on the other's job, by the framework (a clear error)
 /// and by etcdctl.
