@@ -1,5 +1,5 @@
 //! The regression example secured end to end — etcd over TLS with a client certificate and a
-//! job-scoped user, nodes on mutual TLS — and a `grep` of every log of the run (launcher and
+//! job-scoped user, nodes on mutual TLS, nodes killed and replaced — and a `grep` of every log of the run (launcher and
 //! nodes, at `RUST_LOG=debug`) for the password and key material.
 
 use std::path::Path;
@@ -76,6 +76,7 @@ async fn a_secured_run_works_and_its_debug_logs_hold_no_secret() {
         .unwrap_or_else(|e| panic!("{e}"));
     let logs = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let node_logs = logs.path().join("nodes");
+    let report = logs.path().join("report.json");
     let path = |p: &Path| p.display().to_string();
 
     let out = tokio::task::spawn_blocking({
@@ -83,8 +84,11 @@ async fn a_secured_run_works_and_its_debug_logs_hold_no_secret() {
             "--quiet".to_owned(),
             "--workload=sum".into(),
             "--tasks=3".into(),
-            "--epochs=3".into(),
-            "--spares=0".into(),
+            "--epochs=20".into(),
+            "--compute-ms=50".into(),
+            // Failovers over mTLS too: a node is killed every 400 ms and replaced.
+            "--chaos-kill-every=400ms".into(),
+            format!("--report={}", path(&report)),
             format!("--etcd={}", etcd.tls_endpoints().join(",")),
             format!("--job={job}"),
             format!("--etcd-ca={}", path(&etcd_ca.cert_path())),
@@ -111,9 +115,13 @@ async fn a_secured_run_works_and_its_debug_logs_hold_no_secret() {
     let launcher = text(&out);
     assert!(out.status.success(), "{launcher}");
     assert!(
-        launcher.contains("sums: epoch 1 = 3, epoch 3 = 9"),
+        launcher.contains("sums: epoch 1 = 3, epoch 20 = 60"),
         "{launcher}"
     );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap_or_else(|e| panic!("{e}")))
+            .unwrap_or_else(|e| panic!("{e}"));
+    assert!(report["kills"].as_u64().unwrap_or(0) >= 1, "{report}");
 
     let nodes = all_logs(&node_logs);
     // The run did use what is under test, and logged at debug level.
