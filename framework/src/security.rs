@@ -154,6 +154,12 @@ impl EtcdTls {
 
     /// Reads and checks the files.
     pub(crate) fn load(&self) -> Result<LoadedTls, ConfigError> {
+        let loaded = self.read()?;
+        loaded.check_client("etcd TLS")?;
+        Ok(loaded)
+    }
+
+    fn read(&self) -> Result<LoadedTls, ConfigError> {
         let identity = match (&self.cert_file, &self.key_file) {
             (Some(c), Some(k)) => Some(load_identity("etcd", c, k)?),
             (None, None) => None,
@@ -215,11 +221,14 @@ impl PeerTls {
 
     /// Reads and checks the files.
     pub(crate) fn load(&self) -> Result<LoadedTls, ConfigError> {
-        Ok(LoadedTls {
+        let loaded = LoadedTls {
             ca_pem: read_pem("peer CA file", &self.ca_file, "CERTIFICATE")?,
             identity: Some(load_identity("peer", &self.cert_file, &self.key_file)?),
             server_name: checked_name("peer TLS server name", &self.server_name)?,
-        })
+        };
+        loaded.check_client("peer TLS")?;
+        loaded.check_server("peer TLS")?;
+        Ok(loaded)
     }
 }
 
@@ -247,6 +256,38 @@ impl LoadedTls {
             identity: identity.map(|(c, k)| (c, Secret::new(k))),
             server_name,
         }
+    }
+
+    /// Builds the client side once, so that unusable PEM (a certificate or key that does not
+    /// parse, a key that does not match) is a [`ConfigError`] at build time.
+    pub(crate) fn check_client(&self, setting: &'static str) -> Result<(), ConfigError> {
+        tonic::transport::Endpoint::from_static("https://localhost")
+            .tls_config(self.client_config())
+            .map(|_| ())
+            .map_err(|e| ConfigError::Invalid {
+                setting,
+                reason: format!("unusable certificate, key or CA: {}", error_chain(&e)),
+            })
+    }
+
+    /// Builds the server side once (see [`LoadedTls::check_client`]).
+    pub(crate) fn check_server(&self, setting: &'static str) -> Result<(), ConfigError> {
+        let Some(identity) = self.tonic_identity() else {
+            return Err(ConfigError::Invalid {
+                setting,
+                reason: "a server needs a certificate and its key".into(),
+            });
+        };
+        let config = tonic::transport::ServerTlsConfig::new()
+            .identity(identity)
+            .client_ca_root(self.tonic_ca());
+        tonic::transport::Server::builder()
+            .tls_config(config)
+            .map(|_| ())
+            .map_err(|e| ConfigError::Invalid {
+                setting,
+                reason: format!("unusable certificate, key or CA: {}", error_chain(&e)),
+            })
     }
 
     pub(crate) fn tonic_identity(&self) -> Option<tonic::transport::Identity> {
@@ -280,6 +321,19 @@ impl fmt::Debug for LoadedTls {
             .field("server_name", &self.server_name)
             .finish()
     }
+}
+
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut next = err.source();
+    while let Some(e) = next {
+        let t = e.to_string();
+        if !parts.last().is_some_and(|l| l.contains(&t)) {
+            parts.push(t);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
 }
 
 fn read_pem(setting: &'static str, path: &Path, label: &str) -> Result<Vec<u8>, ConfigError> {

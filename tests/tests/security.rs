@@ -257,6 +257,61 @@ async fn etcd_refusals_are_clear_and_not_retried() -> TestResult {
     Ok(())
 }
 
+/// TLS files that cannot be used are refused when the node is built, naming the setting.
+#[tokio::test]
+async fn unusable_tls_files_are_refused_at_build() -> TestResult {
+    let ca = TestCa::new("job")?;
+    let node = ca.issue("node", &["127.0.0.1"])?;
+    let other = ca.issue("other", &["127.0.0.1"])?;
+    let garbage = ca.dir().join("garbage-key.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
+    )?;
+    let not_pem = ca.dir().join("not-pem.txt");
+    std::fs::write(&not_pem, "hello")?;
+    let audit = Audit::default();
+    let build = |tls: PeerTls| {
+        dataflow_node(vec!["http://127.0.0.1:1".into()], "j", 1, &audit)
+            .peer_tls(tls)
+            .build()
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    assert!(build(PeerTls::new(
+        ca.cert_path(),
+        node.cert_path(),
+        node.key_path()
+    ))
+    .is_ok());
+    for (tls, needle) in [
+        (
+            PeerTls::new(ca.cert_path(), node.cert_path(), &garbage),
+            "unusable",
+        ),
+        (
+            PeerTls::new(ca.cert_path(), node.cert_path(), other.key_path()),
+            "unusable",
+        ),
+        (
+            PeerTls::new(&not_pem, node.cert_path(), node.key_path()),
+            "no PEM CERTIFICATE",
+        ),
+        (
+            PeerTls::new(ca.cert_path(), node.cert_path(), ca.dir().join("nope.pem")),
+            "cannot read",
+        ),
+    ] {
+        let r = build(tls);
+        assert!(
+            r.as_ref()
+                .is_err_and(|e| e.contains("peer") && e.contains(needle)),
+            "{r:?} lacks {needle:?}"
+        );
+    }
+    Ok(())
+}
+
 /// An unreachable TLS etcd is not a refusal: the client keeps trying until etcd is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_secure_etcd_is_retried_not_refused() -> TestResult {
