@@ -7,11 +7,13 @@
 mod events;
 mod graph;
 mod render;
+mod security;
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use security::EtcdConn;
 use taskgraph::{JobClient, TaskId};
 
 /// Watch and steer taskgraph jobs.
@@ -27,6 +29,8 @@ struct Cli {
         default_value = "http://127.0.0.1:2379"
     )]
     etcd: Vec<String>,
+    #[command(flatten)]
+    security: security::EtcdSecurityArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -130,10 +134,8 @@ fn main() -> ExitCode {
 }
 
 /// Connects for `job` and checks the job exists.
-async fn existing(etcd: &[String], job: &str) -> Result<JobClient, String> {
-    let client = JobClient::connect(etcd, job)
-        .await
-        .map_err(|e| e.to_string())?;
+async fn existing(etcd: &EtcdConn, job: &str) -> Result<JobClient, String> {
+    let client = etcd.connect(job).await.map_err(|e| e.to_string())?;
     if client.spec().await.map_err(|e| e.to_string())?.is_none() {
         return Err(format!(
             "job {job:?} does not exist (`taskgraph jobs` lists the jobs)"
@@ -143,7 +145,7 @@ async fn existing(etcd: &[String], job: &str) -> Result<JobClient, String> {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
-    let etcd = cli.etcd;
+    let etcd = EtcdConn::new(cli.etcd, &cli.security)?;
     match cli.command {
         Command::Jobs { json } => render::jobs(&etcd, json).await,
         Command::Status { job, json, watch } => {

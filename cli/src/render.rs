@@ -6,6 +6,8 @@ use comfy_table::presets::UTF8_BORDERS_ONLY;
 use comfy_table::{Cell, Color, Table};
 use serde::Serialize;
 use taskgraph::etcd::watch::JobEvent;
+
+use crate::security::EtcdConn;
 use taskgraph::{Health, JobClient, JobStatus, TaskId};
 
 fn table(header: &[&str]) -> Table {
@@ -37,13 +39,11 @@ struct JobRow {
 }
 
 /// `taskgraph jobs`.
-pub async fn jobs(etcd: &[String], json: bool) -> Result<(), String> {
-    let names = JobClient::job_names(etcd)
-        .await
-        .map_err(|e| e.to_string())?;
+pub async fn jobs(etcd: &EtcdConn, json: bool) -> Result<(), String> {
+    let names = etcd.job_names().await.map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
     for name in names {
-        let row = match JobClient::connect(etcd, &name).await {
+        let row = match etcd.connect(&name).await {
             // Names that are not valid job names are not taskgraph jobs.
             Err(_) => continue,
             Ok(c) => {

@@ -89,16 +89,30 @@ async fn run_on(local: &LocalArgs, job: &mut JobArgs) -> Result<(Report, JobResu
         .job
         .get_or_insert_with(|| format!("regression-{:08x}", rand::random::<u32>()))
         .clone();
-    let client = JobClient::connect_with(&job.etcd, &name, Duration::from_secs(5))
-        .await
-        .map_err(|e| e.to_string())?;
+    let client = JobClient::connect_secure(
+        &job.etcd,
+        &name,
+        Duration::from_secs(5),
+        job.security.etcd_tls().as_ref(),
+        job.security.etcd_auth()?.as_ref(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     refuse_existing(&client, job, &name).await?;
 
     let logs = tempfile::Builder::new()
         .prefix("regression-logs-")
         .tempdir()
         .map_err(|e| format!("cannot create a folder for the node logs: {e}"))?;
-    let mut fleet = Fleet::new(job.clone(), logs.path().to_owned())?;
+    let logs_dir = match &local.node_logs {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            dir.clone()
+        }
+        None => logs.path().to_owned(),
+    };
+    let mut fleet = Fleet::new(job.clone(), logs_dir.clone())?;
     let total = job.tasks * job.replicas + local.spares;
     let started = Instant::now();
     for _ in 0..total {
@@ -167,7 +181,10 @@ async fn run_on(local: &LocalArgs, job: &mut JobArgs) -> Result<(Report, JobResu
     let result = match result {
         Ok(r) => r,
         Err(e) => {
-            let kept = logs.keep();
+            let kept = match &local.node_logs {
+                Some(_) => logs_dir,
+                None => logs.keep(),
+            };
             return Err(format!("{e}\nnode logs: {}", kept.display()));
         }
     };

@@ -24,6 +24,7 @@ pub fn framework(job: &JobArgs, job_name: &str) -> Result<FrameworkBuilder, Stri
     for (name, value) in job.params() {
         builder = builder.param(name, value);
     }
+    let builder = job.security.apply(builder)?;
     let task_workload = Arc::clone(&workload);
     Ok(builder.task_builder(move |task: TaskId| {
         Box::new(RegressionTask::new(task, task_workload.clone(), compute)) as Box<dyn Task>

@@ -14,6 +14,7 @@ use crate::etcd::admin::Change;
 use crate::etcd::keys::{EpochValue, Holder, JobKey, JobKeys, NodeRecord, StoredCheckpoint};
 use crate::etcd::watch::{self, JobEvent};
 use crate::etcd::Store;
+use crate::security::{EtcdAuth, EtcdSecurity, EtcdTls};
 use crate::{Epoch, TaskId, Term};
 
 /// Where a job stands, from its `epoch` key.
@@ -188,11 +189,40 @@ impl JobClient {
         job: &str,
         timeout: Duration,
     ) -> Result<JobClient, Error> {
+        Self::connect_secure(endpoints, job, timeout, None, None).await
+    }
+
+    /// [`connect_with`](JobClient::connect_with) over TLS (`https://` endpoints) and/or as an
+    /// etcd user. The files are read here: a missing one is an [`Error::Config`]; a wrong
+    /// password, a user without access to the job's prefix or a TLS failure is an
+    /// [`Error::EtcdRefused`] at once, without retrying.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), taskgraph::Error> {
+    /// use taskgraph::{EtcdAuth, EtcdTls, JobClient, Secret};
+    /// let tls = EtcdTls::new("/etc/taskgraph/etcd/ca.pem");
+    /// let auth = EtcdAuth::new("job-sum", Secret::from_env("TASKGRAPH_ETCD_PASSWORD")?);
+    /// let client = JobClient::connect_secure(
+    ///     &["https://etcd:2379".into()], "sum", std::time::Duration::from_secs(5),
+    ///     Some(&tls), Some(&auth),
+    /// ).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_secure(
+        endpoints: &[String],
+        job: &str,
+        timeout: Duration,
+        tls: Option<&EtcdTls>,
+        auth: Option<&EtcdAuth>,
+    ) -> Result<JobClient, Error> {
         validate_job_name(job)?;
         if endpoints.is_empty() {
             return Err(crate::ConfigError::Missing("etcd endpoints").into());
         }
-        let store = Store::connect(endpoints, job, timeout, Duration::from_secs(2)).await?;
+        let security = EtcdSecurity::load(endpoints, tls, auth)?;
+        let store =
+            Store::connect_secure(endpoints, job, &security, timeout, Duration::from_secs(2))
+                .await?;
         Ok(JobClient {
             store,
             job: job.to_owned(),
@@ -251,7 +281,18 @@ impl JobClient {
 
     /// The names of every job in the etcd at `endpoints`.
     pub async fn job_names(endpoints: &[String]) -> Result<Vec<String>, Error> {
-        let client = Self::connect(endpoints, "probe").await?;
+        Self::job_names_secure(endpoints, None, None).await
+    }
+
+    /// [`job_names`](JobClient::job_names) over TLS and/or as an etcd user, who needs read
+    /// access to all of `/taskgraph/jobs/` (an operator's role, not a job's).
+    pub async fn job_names_secure(
+        endpoints: &[String],
+        tls: Option<&EtcdTls>,
+        auth: Option<&EtcdAuth>,
+    ) -> Result<Vec<String>, Error> {
+        let client =
+            Self::connect_secure(endpoints, "probe", Duration::from_secs(5), tls, auth).await?;
         Ok(client.store.job_names().await?)
     }
 

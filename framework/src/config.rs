@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use taskgraph_topology::Links;
 
 use crate::error::ConfigError;
+use crate::security::{EtcdAuth, EtcdSecurity, EtcdTls, LoadedTls, PeerTls};
 
 /// The largest number of tasks a job may have.
 pub const MAX_TASKS: u32 = 1 << 20;
@@ -48,6 +49,12 @@ pub struct Config {
     /// The application's own job parameters (e.g. a seed, a learning rate): stored with the
     /// spec, so every node of a job must be started with the same ones.
     pub params: BTreeMap<String, String>,
+    /// TLS to etcd (`https://` endpoints); `None` for plain text.
+    pub etcd_tls: Option<EtcdTls>,
+    /// The etcd user and password; `None` for etcd without authentication.
+    pub etcd_auth: Option<EtcdAuth>,
+    /// Mutual TLS between the job's nodes; `None` for plain text (local development only).
+    pub peer_tls: Option<PeerTls>,
 }
 
 impl Config {
@@ -63,7 +70,22 @@ impl Config {
         self.lease_ttl.as_secs() as i64
     }
 
-    /// Checks every setting; nothing is written to etcd before this passes.
+    /// The etcd TLS files, read, and the etcd user.
+    pub fn etcd_security(&self) -> Result<EtcdSecurity, ConfigError> {
+        EtcdSecurity::load(
+            &self.etcd_endpoints,
+            self.etcd_tls.as_ref(),
+            self.etcd_auth.as_ref(),
+        )
+    }
+
+    /// The node-to-node TLS files, read; `None` for plain text.
+    pub fn peer_tls_loaded(&self) -> Result<Option<LoadedTls>, ConfigError> {
+        self.peer_tls.as_ref().map(PeerTls::load).transpose()
+    }
+
+    /// Checks every setting (and reads the TLS files); nothing is written to etcd before this
+    /// passes.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.etcd_endpoints.is_empty() {
             return Err(ConfigError::Missing("etcd endpoints"));
@@ -164,6 +186,8 @@ impl Config {
             }
         }
         self.links.validate(self.tasks)?;
+        self.etcd_security()?;
+        self.peer_tls_loaded()?;
         Ok(())
     }
 

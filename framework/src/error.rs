@@ -66,6 +66,16 @@ pub enum Error {
         #[source]
         source: EtcdError,
     },
+    /// etcd refused this process: wrong user or password, a role without access to the job's
+    /// prefix, or a TLS failure (etcd's certificate not from the given CA, this process's
+    /// client certificate refused or missing). Retrying does not help; fix the settings.
+    #[error("etcd at {endpoints:?} refused this process: {reason}")]
+    EtcdRefused {
+        /// The endpoints tried.
+        endpoints: Vec<String>,
+        /// What was refused, and what to check.
+        reason: String,
+    },
     /// The job in etcd was created with a different spec; this node's configuration differs.
     #[error("job {job:?} already exists with a different spec: {difference}")]
     SpecConflict {

@@ -12,6 +12,7 @@ use crate::app::TaskBuilder;
 use crate::config::Config;
 use crate::error::{ConfigError, Error};
 use crate::node::{self, NodeExit, NodeHandle};
+use crate::security::{EtcdAuth, EtcdTls, PeerTls};
 
 /// One node of a job, configured and validated, ready to start.
 pub struct Framework {
@@ -47,6 +48,9 @@ pub struct FrameworkBuilder {
     builder: Option<Arc<dyn TaskBuilder>>,
     node_name: Option<String>,
     params: BTreeMap<String, String>,
+    etcd_tls: Option<EtcdTls>,
+    etcd_auth: Option<EtcdAuth>,
+    peer_tls: Option<PeerTls>,
 }
 
 impl std::fmt::Debug for FrameworkBuilder {
@@ -78,6 +82,9 @@ impl Framework {
             builder: None,
             node_name: None,
             params: BTreeMap::new(),
+            etcd_tls: None,
+            etcd_auth: None,
+            peer_tls: None,
         }
     }
 
@@ -236,6 +243,31 @@ impl FrameworkBuilder {
         self.params.insert(name.into(), value.to_string());
         self
     }
+    /// Talks to etcd over TLS (the endpoints must be `https://`): verifies etcd's certificate
+    /// with the CA in [`EtcdTls::ca_file`] and, if given, presents a client certificate (for
+    /// an etcd started with `--client-cert-auth`). See [`crate::security`].
+    pub fn etcd_tls(mut self, tls: EtcdTls) -> Self {
+        self.etcd_tls = Some(tls);
+        self
+    }
+    /// Authenticates to etcd as `auth.user` with its password (read it with
+    /// [`Secret::from_file`](crate::Secret::from_file) or
+    /// [`Secret::from_env`](crate::Secret::from_env); it is never logged). A wrong password,
+    /// or a user whose roles do not grant readwrite on the job's prefix, fails the start with
+    /// [`Error::EtcdRefused`](crate::Error::EtcdRefused).
+    pub fn etcd_auth(mut self, auth: EtcdAuth) -> Self {
+        self.etcd_auth = Some(auth);
+        self
+    }
+    /// Mutual TLS between the job's nodes: this node presents [`PeerTls::cert_file`], accepts
+    /// calls only from peers whose certificate chains to [`PeerTls::ca_file`], and checks the
+    /// certificate of every peer it calls. All nodes of a job must use it (a plain-text node
+    /// cannot talk to a TLS one). Without it the transport is plain text, logged as a warning
+    /// at start.
+    pub fn peer_tls(mut self, tls: PeerTls) -> Self {
+        self.peer_tls = Some(tls);
+        self
+    }
     /// The application's task builder.
     pub fn task_builder(mut self, builder: impl TaskBuilder) -> Self {
         self.builder = Some(Arc::new(builder));
@@ -259,6 +291,9 @@ impl FrameworkBuilder {
             max_checkpoint_bytes: self.max_checkpoint_bytes,
             max_frame_bytes: self.max_frame_bytes,
             params: self.params,
+            etcd_tls: self.etcd_tls,
+            etcd_auth: self.etcd_auth,
+            peer_tls: self.peer_tls,
         };
         config.validate()?;
         let builder = self.builder.ok_or(ConfigError::Missing("task builder"))?;

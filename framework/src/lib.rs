@@ -100,6 +100,7 @@ mod health;
 pub mod metrics;
 mod node;
 mod roles;
+pub mod security;
 
 pub use app::{Context, ExitReason, Task, TaskBuilder, TaskError};
 pub use async_trait::async_trait;
@@ -113,6 +114,7 @@ pub use data::{decode, encode, Checkpoint, CodecError, DataReply, DataRequest, P
 pub use error::{ConfigError, ContextError, Error, EtcdCause, EtcdError};
 pub use framework::{Framework, FrameworkBuilder};
 pub use node::{NodeExit, NodeHandle, NodeStatus, Role};
+pub use security::{EtcdAuth, EtcdTls, PeerTls, Secret};
 pub use taskgraph_topology as topology;
 pub use taskgraph_topology::{Links, Topology, Tree};
 

@@ -228,9 +228,14 @@ async fn run(
     if let Some(l) = metrics_listener {
         http.spawn(metrics::serve(l, metrics.clone(), health.clone()).instrument(Span::current()));
     }
-    let store = Store::connect(
+    // TLS files are read again here (validated by the builder); a file gone since is an error.
+    let security = config.etcd_security()?;
+    let peer_tls = config.peer_tls_loaded()?;
+    info!(etcd = %security.describe(), peer_tls = peer_tls.is_some(), "connecting to etcd");
+    let store = Store::connect_secure(
         &config.etcd_endpoints,
         &config.job,
+        &security,
         config.etcd_connect_timeout,
         config.etcd_request_timeout,
     )
@@ -254,6 +259,7 @@ async fn run(
         job: config.job.clone(),
         num_tasks: config.tasks,
         max_frame_bytes: config.max_frame_bytes,
+        tls: peer_tls.clone(),
     };
     let server_stop = CancellationToken::new();
     let _server_stop_on_return = server_stop.clone().drop_guard();
@@ -269,6 +275,7 @@ async fn run(
     let mut client = wire::ClientConfig::new(config.job.clone());
     client.connect_timeout = MONITOR_TIMEOUT;
     client.max_frame_bytes = config.max_frame_bytes;
+    client.tls = peer_tls;
 
     let (requests_tx, requests) = mpsc::unbounded_channel();
     let (lease_tx, lease_rx) = watch::channel(LeaseState::Expired { id: 0 });

@@ -173,6 +173,25 @@ pub struct EtcdOptions {
     pub env: Vec<(String, String)>,
     /// How long a start or restart may take before it fails. Default 10 s.
     pub ready_timeout: Duration,
+    /// A second, TLS client listener (single-member [`Etcd`] only; ignored by
+    /// [`EtcdCluster`]). The plain `http://` listener stays, for the harness's
+    /// readiness probe; tests of TLS use [`Etcd::tls_endpoints`]. Default none.
+    pub tls: Option<EtcdServerTls>,
+}
+
+/// The PEM files of an etcd TLS client listener (`--cert-file`, `--key-file`,
+/// `--trusted-ca-file`, `--client-cert-auth`). Make them with
+/// [`TestCa`](crate::certs::TestCa).
+#[derive(Debug, Clone)]
+pub struct EtcdServerTls {
+    /// The server's certificate (`--cert-file`); it must name `127.0.0.1`.
+    pub cert_file: PathBuf,
+    /// Its key (`--key-file`).
+    pub key_file: PathBuf,
+    /// The CA that client certificates must chain to (`--trusted-ca-file`).
+    pub client_ca_file: PathBuf,
+    /// Whether a client certificate is required (`--client-cert-auth`).
+    pub client_cert_auth: bool,
 }
 
 impl Default for EtcdOptions {
@@ -184,6 +203,7 @@ impl Default for EtcdOptions {
             extra_args: Vec::new(),
             env: Vec::new(),
             ready_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -215,6 +235,13 @@ impl EtcdOptions {
     #[must_use]
     pub fn with_ready_timeout(mut self, timeout: Duration) -> Self {
         self.ready_timeout = timeout;
+        self
+    }
+
+    /// Adds a TLS client listener (see [`EtcdOptions::tls`]).
+    #[must_use]
+    pub fn with_tls(mut self, tls: EtcdServerTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 }
@@ -468,6 +495,8 @@ struct Member {
     name: String,
     binary: PathBuf,
     client_url: String,
+    /// The TLS client listener's URL, if any.
+    tls_url: Option<String>,
     data_dir: PathBuf,
     log_path: PathBuf,
     args: Vec<String>,
@@ -483,12 +512,19 @@ impl Member {
         dir: &Path,
         name: &str,
         client_port: u16,
+        tls_port: Option<u16>,
         peer_port: u16,
         initial_cluster: &str,
         cluster_token: &str,
         options: &EtcdOptions,
     ) -> Member {
         let client_url = format!("http://127.0.0.1:{client_port}");
+        let tls = tls_port.zip(options.tls.as_ref());
+        let tls_url = tls.map(|(port, _)| format!("https://127.0.0.1:{port}"));
+        let client_urls = match &tls_url {
+            Some(t) => format!("{client_url},{t}"),
+            None => client_url.clone(),
+        };
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         let data_dir = dir.join(format!("{name}.data"));
         let log_path = dir.join(format!("{name}.log"));
@@ -498,9 +534,9 @@ impl Member {
             "--data-dir",
             &data_dir.to_string_lossy(),
             "--listen-client-urls",
-            &client_url,
+            &client_urls,
             "--advertise-client-urls",
-            &client_url,
+            &client_urls,
             "--listen-peer-urls",
             &peer_url,
             "--initial-advertise-peer-urls",
@@ -525,11 +561,23 @@ impl Member {
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
+        if let Some((_, tls)) = tls {
+            args.extend([
+                "--cert-file".to_owned(),
+                tls.cert_file.to_string_lossy().into_owned(),
+                "--key-file".to_owned(),
+                tls.key_file.to_string_lossy().into_owned(),
+                "--trusted-ca-file".to_owned(),
+                tls.client_ca_file.to_string_lossy().into_owned(),
+                format!("--client-cert-auth={}", tls.client_cert_auth),
+            ]);
+        }
         args.extend(options.extra_args.iter().cloned());
         Member {
             name: name.to_owned(),
             binary: binary.to_owned(),
             client_url,
+            tls_url,
             data_dir,
             log_path,
             args,
@@ -905,9 +953,10 @@ impl Etcd {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let ports = pick_ports(2)?;
-            let (client_port, peer_port) = match ports[..] {
-                [c, p] => (c, p),
+            let ports = pick_ports(if options.tls.is_some() { 3 } else { 2 })?;
+            let (client_port, peer_port, tls_port) = match ports[..] {
+                [c, p] => (c, p, None),
+                [c, p, t] => (c, p, Some(t)),
                 _ => return Err(FixtureError::InvalidArgument("port picking failed".into())),
             };
             let initial_cluster = format!("etcd0=http://127.0.0.1:{peer_port}");
@@ -916,6 +965,7 @@ impl Etcd {
                 dir.path(),
                 "etcd0",
                 client_port,
+                tls_port,
                 peer_port,
                 &initial_cluster,
                 &unique_token(),
@@ -951,6 +1001,62 @@ impl Etcd {
     /// The client URL, e.g. `http://127.0.0.1:23456`.
     pub fn endpoint(&self) -> &str {
         &self.member.client_url
+    }
+
+    /// The TLS client URLs (`https://127.0.0.1:<port>`), empty unless
+    /// started with [`EtcdOptions::tls`].
+    pub fn tls_endpoints(&self) -> Vec<String> {
+        self.member.tls_url.iter().cloned().collect()
+    }
+
+    /// Turns on etcd's authentication: adds user `root` (role `root`) with
+    /// `root_password`, then `etcdctl auth enable`. From then on every request
+    /// needs a user (pass `--user=root:<password>` to [`Etcd::etcdctl`]).
+    ///
+    /// # Errors
+    /// As [`etcdctl`].
+    pub async fn enable_auth(&self, root_password: &str) -> Result<(), FixtureError> {
+        let pw = format!("--new-user-password={root_password}");
+        self.etcdctl(["user", "add", "root", pw.as_str()]).await?;
+        self.etcdctl(["auth", "enable"]).await?;
+        Ok(())
+    }
+
+    /// Creates role `job-<job>` granting read and write on the job's prefix
+    /// `/taskgraph/jobs/<job>/` only, and user `user` with `password` holding
+    /// just that role — the commands the README's security section shows.
+    /// Needs auth enabled with [`Etcd::enable_auth`] (`root_password`).
+    ///
+    /// # Errors
+    /// As [`etcdctl`].
+    pub async fn add_job_user(
+        &self,
+        root_password: &str,
+        job: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<(), FixtureError> {
+        let root = format!("--user=root:{root_password}");
+        let role = format!("job-{job}");
+        let prefix = format!("/taskgraph/jobs/{job}/");
+        let pw = format!("--new-user-password={password}");
+        for args in [
+            vec!["role", "add", role.as_str()],
+            vec![
+                "role",
+                "grant-permission",
+                "--prefix=true",
+                role.as_str(),
+                "readwrite",
+                prefix.as_str(),
+            ],
+            vec!["user", "add", user, pw.as_str()],
+            vec!["user", "grant-role", user, role.as_str()],
+        ] {
+            self.etcdctl(std::iter::once(root.as_str()).chain(args))
+                .await?;
+        }
+        Ok(())
     }
 
     /// A client for this etcd with [`connect_options`].
@@ -1122,6 +1228,7 @@ impl EtcdCluster {
                         dir.path(),
                         name,
                         *c,
+                        None,
                         *p,
                         &initial_cluster,
                         &token,

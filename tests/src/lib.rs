@@ -1,6 +1,7 @@
 //! Test fixtures for taskgraph: a private etcd, in-process nodes, nodes as child processes.
 
 pub mod apps;
+pub mod certs;
 pub mod cluster;
 pub mod dataflow;
 pub mod etcd;

@@ -18,6 +18,7 @@ use etcd_client::{
 use crate::config::JobSpec;
 use crate::error::{Error, EtcdCause, EtcdError};
 use crate::metrics::{Metrics, Outcome};
+use crate::security::EtcdSecurity;
 use crate::TaskId;
 use keys::{EpochValue, Holder, JobKeys, NodeRecord};
 
@@ -75,19 +76,54 @@ fn err(op: &'static str, key: impl Into<String>, source: impl Into<EtcdCause>) -
 }
 
 impl Store {
-    /// Connects to etcd and checks that it answers, retrying until `connect_timeout`.
+    /// Connects to etcd in plain text without a user and checks that it answers, retrying
+    /// until `connect_timeout`. See [`Store::connect_secure`].
     pub async fn connect(
         endpoints: &[String],
         job: &str,
         connect_timeout: Duration,
         request_timeout: Duration,
     ) -> Result<Store, Error> {
+        Self::connect_secure(
+            endpoints,
+            job,
+            &EtcdSecurity::default(),
+            connect_timeout,
+            request_timeout,
+        )
+        .await
+    }
+
+    /// Connects to etcd with `security` (TLS, user) and checks that it answers by reading the
+    /// job's spec key, retrying until `connect_timeout` while etcd is unreachable.
+    ///
+    /// A refusal that retrying cannot cure — wrong user or password, a role without access to
+    /// the job's prefix, etcd's certificate not chaining to the given CA, etcd refusing this
+    /// process's client certificate (or its absence) — fails at once with
+    /// [`Error::EtcdRefused`], without retrying.
+    pub async fn connect_secure(
+        endpoints: &[String],
+        job: &str,
+        security: &EtcdSecurity,
+        connect_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<Store, Error> {
         // HTTP/2 keep-alive pings more often than etcd's --grpc-keepalive-min-time (5 s by
         // default) make etcd drop the connection; 10 s still notices a silent partition.
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(request_timeout.min(connect_timeout))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(true);
+        if let Some(tls) = &security.tls {
+            options = options.with_tls(tls.client_config());
+        }
+        if let Some(auth) = &security.auth {
+            // etcd's tokens expire (`--auth-token-ttl`, 300 s by default): a request refused
+            // for an expired token re-authenticates and is sent again.
+            options = options
+                .with_user(auth.user.clone(), auth.password.expose())
+                .with_auto_token_refresh(true);
+        }
         let keys = JobKeys::new(job);
         let deadline = tokio::time::Instant::now() + connect_timeout;
         let mut delay = Duration::from_millis(50);
@@ -117,14 +153,20 @@ impl Store {
                 };
             match result {
                 Ok(store) => return Ok(store),
-                Err(source) if tokio::time::Instant::now() + delay >= deadline => {
-                    return Err(Error::EtcdUnreachable {
-                        endpoints: endpoints.to_vec(),
-                        source,
-                    });
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "etcd not reachable yet, retrying");
+                Err(source) => {
+                    if let Some(reason) = refusal(&source, security, keys.prefix()) {
+                        return Err(Error::EtcdRefused {
+                            endpoints: endpoints.to_vec(),
+                            reason,
+                        });
+                    }
+                    if tokio::time::Instant::now() + delay >= deadline {
+                        return Err(Error::EtcdUnreachable {
+                            endpoints: endpoints.to_vec(),
+                            source,
+                        });
+                    }
+                    tracing::debug!(error = %source, "etcd not reachable yet, retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }
@@ -534,4 +576,85 @@ impl Store {
             .await?
             .succeeded())
     }
+}
+
+/// Why etcd refused this process in a way retrying cannot cure, or `None` for an error that
+/// may pass (etcd down, a leader election, a timeout).
+fn refusal(e: &EtcdError, security: &EtcdSecurity, prefix: &str) -> Option<String> {
+    let EtcdCause::Client(client) = &e.source else {
+        return None;
+    };
+    let user = security
+        .auth
+        .as_ref()
+        .map_or_else(|| "no user".to_owned(), |a| format!("user {:?}", a.user));
+    match client {
+        etcd_client::Error::GRpcStatus(status) => {
+            use tonic::Code;
+            let msg = status.message();
+            match status.code() {
+                Code::PermissionDenied if security.auth.is_none() => Some(format!(
+                    "permission denied: etcd has authentication enabled; give a user and its \
+                     password (etcd: {msg})"
+                )),
+                Code::PermissionDenied => Some(format!(
+                    "permission denied ({user}): the user's roles must grant readwrite on the \
+                     job's prefix {prefix:?} (etcd: {msg})"
+                )),
+                Code::InvalidArgument if msg.contains("authentication failed") => Some(format!(
+                    "wrong etcd user or password ({user}; etcd: {msg})"
+                )),
+                Code::InvalidArgument if msg.contains("user name") => Some(format!(
+                    "etcd requires a user and password ({user}; etcd: {msg})"
+                )),
+                Code::FailedPrecondition if msg.contains("authentication is not enabled") => {
+                    Some(format!(
+                        "an etcd user was given but etcd's authentication is not enabled (etcd: {msg})"
+                    ))
+                }
+                Code::Unauthenticated => Some(format!(
+                    "etcd did not accept the credentials ({user}; etcd: {msg})"
+                )),
+                _ => std::error::Error::source(status).and_then(tls_problem),
+            }
+        }
+        etcd_client::Error::TransportError(t) => tls_problem(t),
+        etcd_client::Error::InvalidArgs(m) => Some(format!("invalid etcd settings: {m}")),
+        _ => None,
+    }
+}
+
+/// A TLS failure somewhere in `err`'s chain (a certificate not chaining to the trusted CA, a
+/// client certificate refused or missing), described.
+fn tls_problem(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut texts = Vec::new();
+    let mut next = Some(err);
+    let mut push = |t: String| {
+        // Wrapping errors often repeat their cause's text.
+        if !texts.last().is_some_and(|l: &String| l.contains(&t)) {
+            texts.push(t);
+        }
+    };
+    while let Some(e) = next {
+        push(e.to_string());
+        // An io::Error hides its inner error from `source()`.
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            push(inner.to_string());
+        }
+        next = e.source();
+    }
+    let text = texts.join(": ");
+    let lower = text.to_ascii_lowercase();
+    ["certificate", "fatal alert", "handshake", "tls"]
+        .iter()
+        .any(|w| lower.contains(w))
+        .then(|| {
+            format!(
+                "TLS failed: {text} (check the etcd CA file, and the client certificate if etcd \
+                 requires one)"
+            )
+        })
 }

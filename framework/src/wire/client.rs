@@ -19,6 +19,7 @@ use super::proto::taskgraph_client::TaskgraphClient;
 use super::rejection::{tonic_size_limit, Rejection};
 use super::types::{Meta, PingReply, PullAnswer, PullRequest, Replicate};
 use super::DEFAULT_MAX_FRAME_BYTES;
+use crate::security::LoadedTls;
 
 /// Configuration of [`Peers`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +40,10 @@ pub struct ClientConfig {
     /// Interval of HTTP/2 keepalive pings on a connection with calls in flight; a peer that
     /// does not acknowledge within 20 s is considered dead. Default 10 s (should stay >= 6 s).
     pub http2_keepalive: Duration,
+    /// TLS: peers' certificates must chain to `ca_pem` (and match `server_name` if set, else
+    /// the address's host); `identity` is presented as the client certificate. `None` (the
+    /// default): plain text.
+    pub tls: Option<LoadedTls>,
 }
 
 /// Default of [`ClientConfig::connect_timeout`].
@@ -54,6 +59,7 @@ impl Default for ClientConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             request_timeout: None,
             http2_keepalive: DEFAULT_HTTP2_KEEPALIVE,
+            tls: None,
         }
     }
 }
@@ -196,11 +202,23 @@ impl Peers {
 
     fn endpoint(&self, addr: &str) -> Result<Endpoint, CallError> {
         let config = &self.inner.config;
-        let endpoint =
-            Endpoint::from_shared(uri_of(addr)).map_err(|err| CallError::Unreachable {
-                addr: addr.to_owned(),
-                reason: format!("invalid address: {err}"),
-            })?;
+        let uri = match &config.tls {
+            Some(_) => tls_uri_of(addr),
+            None => uri_of(addr),
+        };
+        let mut endpoint = Endpoint::from_shared(uri).map_err(|err| CallError::Unreachable {
+            addr: addr.to_owned(),
+            reason: format!("invalid address: {err}"),
+        })?;
+        if let Some(tls) = &config.tls {
+            endpoint =
+                endpoint
+                    .tls_config(tls.client_config())
+                    .map_err(|err| CallError::Unreachable {
+                        addr: addr.to_owned(),
+                        reason: format!("TLS settings: {err}"),
+                    })?;
+        }
         let endpoint = endpoint
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)
@@ -278,11 +296,26 @@ fn uri_of(addr: &str) -> String {
     }
 }
 
+/// The `https://` URI of an address (a given `http://` scheme is replaced: TLS is not
+/// optional once configured).
+fn tls_uri_of(addr: &str) -> String {
+    match addr.split_once("://") {
+        Some((_, rest)) => format!("https://{rest}"),
+        None => format!("https://{addr}"),
+    }
+}
+
 /// `host:port` of an address, for a raw TCP connect.
 fn socket_target(addr: &str) -> Option<String> {
     let uri: Uri = uri_of(addr).parse().ok()?;
     let host = uri.host()?;
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
     Some(format!("{host}:{port}"))
 }
 

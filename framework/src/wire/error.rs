@@ -74,4 +74,7 @@ pub enum WireError {
     /// The gRPC server failed.
     #[error("transport server failed: {0}")]
     Serve(#[source] tonic::transport::Error),
+    /// The TLS settings cannot be used (e.g. no certificate for the server).
+    #[error("TLS settings: {0}")]
+    Tls(String),
 }

@@ -18,6 +18,12 @@
 //! [`REJECTION_METADATA_KEY`] holds the encoded variant with its fields, so the caller gets
 //! back exactly the `Rejection` produced by the server ([`CallError::Rejected`]).
 //!
+//! With [`ServerConfig::tls`] and [`ClientConfig::tls`] (both from
+//! [`PeerTls`](crate::PeerTls)) every connection is mutual TLS: the server completes the
+//! handshake only with clients whose certificate chains to the job's CA (and, with a configured
+//! name, checks every call's client certificate against it); the client verifies the server
+//! the same way. Without them the transport is plain text and [`serve`] logs a warning.
+//!
 //! The generated protobuf types (`proto/taskgraph.proto`) stay private to this module; the
 //! rest of the crate sees only the domain types re-exported here.
 
@@ -47,7 +53,7 @@ pub use error::{CallError, WireError};
 pub use rejection::{Rejection, MAX_REJECTION_TEXT, REJECTION_METADATA_KEY};
 pub use server::{
     bind, serve, Inbound, ServerConfig, SERVER_HTTP2_KEEPALIVE_INTERVAL,
-    SERVER_HTTP2_KEEPALIVE_TIMEOUT,
+    SERVER_HTTP2_KEEPALIVE_TIMEOUT, TLS_HANDSHAKE_TIMEOUT,
 };
 pub use types::{
     Header, Meta, PingReply, PullAnswer, PullRequest, Replicate, ReplicateKind, SlotInfo,

@@ -15,7 +15,7 @@ use tonic::body::Body;
 use tonic::codegen::{http, Service};
 use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
+use tonic::transport::{Server, ServerTlsConfig};
 use tonic::{Code, Request, Response, Status};
 
 use super::error::WireError;
@@ -24,12 +24,16 @@ use super::proto::taskgraph_server::{Taskgraph, TaskgraphServer};
 use super::rejection::{tonic_size_limit, Rejection};
 use super::types::{Header, Meta, PingReply, PullAnswer, PullRequest, Replicate};
 use super::DEFAULT_MAX_FRAME_BYTES;
+use crate::security::LoadedTls;
 
 /// Interval of the server's HTTP/2 keepalive pings (detects dead clients holding pulls).
 pub const SERVER_HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// How long the server waits for a keepalive ping to be acknowledged before closing the
 /// connection.
 pub const SERVER_HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long a connecting peer may take to complete the TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Configuration of [`serve`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +49,11 @@ pub struct ServerConfig {
     /// with [`Rejection::TooLarge`] (`ResourceExhausted`); so are answers from the loop that
     /// would exceed it. Default [`DEFAULT_MAX_FRAME_BYTES`].
     pub max_frame_bytes: usize,
+    /// Mutual TLS: the server presents `identity` (required) and accepts only connections
+    /// whose client certificate chains to `ca_pem`; with a `server_name`, every call's client
+    /// certificate must also be valid for that name (else `PermissionDenied`). `None` (the
+    /// default): plain text, logged as a warning.
+    pub tls: Option<LoadedTls>,
 }
 
 impl Default for ServerConfig {
@@ -53,6 +62,7 @@ impl Default for ServerConfig {
             job: String::new(),
             num_tasks: 0,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            tls: None,
         }
     }
 }
@@ -99,6 +109,10 @@ pub async fn bind(addr: impl ToSocketAddrs) -> Result<TcpListener, WireError> {
 /// decodability/required fields ([`Rejection::Malformed`]). Everything else is forwarded on
 /// `inbound`; a closed `inbound` channel refuses with [`Rejection::ShuttingDown`].
 ///
+/// With [`ServerConfig::tls`], every connection must complete a TLS handshake presenting a
+/// client certificate that chains to the configured CA; others are dropped during the
+/// handshake, before any message is read.
+///
 /// When `shutdown` completes, the listening socket is closed at once, calls still waiting for
 /// the loop are refused with `ShuttingDown`, and the function returns once the open
 /// connections have drained.
@@ -113,7 +127,9 @@ pub async fn serve(
     // Also release held calls if we return for any other reason.
     let _stop_on_return = stop.clone().drop_guard();
     let limit = config.max_frame_bytes;
+    let tls = config.tls.clone();
     let node = Node {
+        peer_name: tls.as_ref().and_then(|t| t.server_name.clone()),
         job: config.job,
         num_tasks: config.num_tasks,
         max_frame_bytes: limit,
@@ -128,10 +144,31 @@ pub async fn serve(
         shutdown.await;
         stop.cancel();
     };
-    tracing::debug!(%local, "wire server listening");
-    let result = Server::builder()
+    let mut server = Server::builder()
         .http2_keepalive_interval(Some(SERVER_HTTP2_KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(SERVER_HTTP2_KEEPALIVE_TIMEOUT))
+        .http2_keepalive_timeout(Some(SERVER_HTTP2_KEEPALIVE_TIMEOUT));
+    match &tls {
+        Some(tls) => {
+            let identity = tls.tonic_identity().ok_or_else(|| {
+                WireError::Tls("a TLS server needs a certificate and its key".into())
+            })?;
+            let tls_config = ServerTlsConfig::new()
+                .identity(identity)
+                .client_ca_root(tls.tonic_ca())
+                .timeout(TLS_HANDSHAKE_TIMEOUT);
+            server = server
+                .tls_config(tls_config)
+                .map_err(|e| WireError::Tls(e.to_string()))?;
+            tracing::info!(%local, "node transport: mutual TLS (peers need a certificate from the job's CA)");
+        }
+        None => tracing::warn!(
+            %local,
+            "node transport: PLAIN TEXT, no TLS; anyone who can reach this port can pull data \
+             (use peer TLS outside local development)"
+        ),
+    }
+    tracing::debug!(%local, "wire server listening");
+    let result = server
         .add_service(SizeLimitStatus { inner: grpc })
         .serve_with_incoming_shutdown(incoming, signal)
         .await
@@ -143,6 +180,8 @@ pub async fn serve(
 /// The generated service's implementation.
 #[derive(Debug)]
 struct Node {
+    /// With TLS: the name every caller's certificate must be valid for.
+    peer_name: Option<String>,
     job: String,
     num_tasks: u32,
     max_frame_bytes: usize,
@@ -151,6 +190,36 @@ struct Node {
 }
 
 impl Node {
+    /// With TLS and a configured peer name: the caller's certificate (already verified to
+    /// chain to the job's CA during the handshake) must be valid for that name.
+    fn check_peer<T>(&self, rpc: &'static str, request: &Request<T>) -> Result<(), Status> {
+        let Some(name) = &self.peer_name else {
+            return Ok(());
+        };
+        let refuse = |why: String| {
+            tracing::debug!(rpc, peer = ?request.remote_addr(), %why, "wire: refusing peer");
+            Err(Status::permission_denied(format!(
+                "peer certificate refused: {why}"
+            )))
+        };
+        let Some(certs) = request.peer_certs() else {
+            return refuse("no client certificate".into());
+        };
+        let Some(leaf) = certs.first() else {
+            return refuse("no client certificate".into());
+        };
+        let server_name = match rustls_pki_types::ServerName::try_from(name.as_str()) {
+            Ok(n) => n,
+            Err(e) => return refuse(format!("invalid peer name {name:?}: {e}")),
+        };
+        match webpki::EndEntityCert::try_from(leaf)
+            .and_then(|cert| cert.verify_is_valid_for_subject_name(&server_name))
+        {
+            Ok(()) => Ok(()),
+            Err(e) => refuse(format!("not valid for {name:?}: {e}")),
+        }
+    }
+
     fn check_job(&self, job: &str) -> Result<(), Rejection> {
         if job == self.job {
             Ok(())
@@ -219,6 +288,7 @@ impl Taskgraph for Node {
         &self,
         request: Request<proto::PullRequest>,
     ) -> Result<Response<proto::PullAnswer>, Status> {
+        self.check_peer("pull", &request)?;
         let answer = async {
             let req = PullRequest::try_from(request.into_inner())?;
             self.check_header(&req.header)?;
@@ -237,6 +307,7 @@ impl Taskgraph for Node {
         &self,
         request: Request<proto::MetaRequest>,
     ) -> Result<Response<proto::Ack>, Status> {
+        self.check_peer("meta", &request)?;
         let done = async {
             let msg = Meta::try_from(request.into_inner())?;
             self.check_header(&msg.header)?;
@@ -251,6 +322,7 @@ impl Taskgraph for Node {
         &self,
         request: Request<proto::ReplicateRequest>,
     ) -> Result<Response<proto::Ack>, Status> {
+        self.check_peer("replicate", &request)?;
         let done = async {
             let msg = Replicate::try_from(request.into_inner())?;
             self.check_header(&msg.header)?;
@@ -265,6 +337,7 @@ impl Taskgraph for Node {
         &self,
         request: Request<proto::PingRequest>,
     ) -> Result<Response<proto::PingReply>, Status> {
+        self.check_peer("ping", &request)?;
         let reply = async {
             let job = request.into_inner().job;
             // An empty job asks "who are you" without claiming a job.
