@@ -144,7 +144,7 @@ async fn sigterm_hands_the_primary_over_at_once_and_the_job_stays_exact() {
     let etcd = Etcd::start().await.unwrap_or_else(|e| panic!("{e}"));
     let endpoint = etcd.endpoint().to_owned();
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let client = JobClient::connect(&[endpoint.clone()], JOB)
+    let client = JobClient::connect(&etcd.endpoints(), JOB)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let mut events = client.watch();
