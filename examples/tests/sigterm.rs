@@ -185,8 +185,10 @@ async fn sigterm_hands_the_primary_over_at_once_and_the_job_stays_exact() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let lease = match got.kvs().first() {
-        Some(kv) if kv.lease() != 0 => kv.lease(),
-        other => panic!("the root's primary key has no lease: {other:?}"),
+        Some(kv) if kv.lease() != 0 && u64::try_from(kv.create_revision()) == Ok(old_term) => {
+            kv.lease()
+        }
+        other => panic!("the root's primary key is not {old_primary}'s with a lease: {other:?}"),
     };
 
     // When the old primary's key goes (its lease revoked): for the figures only.
