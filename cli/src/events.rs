@@ -36,7 +36,7 @@ pub async fn stream(client: &JobClient, since: Option<i64>) -> Result<(), String
                 }
             }
             if status.state.is_some_and(|s| s.finished) {
-                println!("{}  job {} has finished", now(), client.job());
+                out!("{}  job {} has finished", now(), client.job());
                 return Ok(());
             }
             status.revision + 1
@@ -47,7 +47,7 @@ pub async fn stream(client: &JobClient, since: Option<i64>) -> Result<(), String
         let change = change.map_err(|e| e.to_string())?;
         let (revision, line, finished) = describe(client.keys(), &change, &mut memory);
         if let Some(line) = line {
-            println!("{}  rev {revision:<8} {line}", now());
+            out!("{}  rev {revision:<8} {line}", now());
         }
         if finished {
             return Ok(());

@@ -48,7 +48,7 @@ pub async fn graph(client: &JobClient, svg: Option<&Path>) -> Result<(), String>
             dot_quote(&label)
         ))
     });
-    println!("{dot}");
+    out!("{dot}");
     if let Some(path) = svg {
         render_svg(&dot, path)?;
         eprintln!("wrote {}", path.display());

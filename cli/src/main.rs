@@ -4,6 +4,27 @@
 //! etcd through [`taskgraph::JobClient`]; none needs a node of the job to answer. Errors are
 //! one `error:` line and a non-zero exit.
 
+/// `println!` for the command's output, which may go to a pipe that closes early (`taskgraph
+/// status JOB | head`): a closed pipe ends the process quietly with success, as for other Unix
+/// tools; any other write error is one `error:` line.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            $crate::stdout_failed(&e)
+        }
+    }};
+}
+
+/// Ends the process after a failed write to stdout.
+pub(crate) fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: cannot write the output: {e}");
+    std::process::exit(1)
+}
+
 mod events;
 mod graph;
 mod render;
@@ -171,7 +192,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             let client = existing(&etcd, &job).await?;
             match client.shutdown().await.map_err(|e| e.to_string())? {
                 Some(epoch) => {
-                    println!("job {job} ends at epoch {epoch}");
+                    out!("job {job} ends at epoch {epoch}");
                     Ok(())
                 }
                 None => Err(format!(
@@ -189,7 +210,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 ));
             }
             let n = client.delete().await.map_err(|e| e.to_string())?;
-            println!("deleted {n} keys of job {job}");
+            out!("deleted {n} keys of job {job}");
             Ok(())
         }
         Command::Graph { job, svg } => {

@@ -73,11 +73,11 @@ pub async fn jobs(etcd: &EtcdConn, json: bool) -> Result<(), String> {
     }
     if json {
         let out = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
-        println!("{out}");
+        out!("{out}");
         return Ok(());
     }
     if rows.is_empty() {
-        println!("no jobs");
+        out!("no jobs");
         return Ok(());
     }
     let mut t = table(&["JOB", "STATE", "EPOCH", "TASKS", "REPLICAS", "AGE"]);
@@ -95,7 +95,7 @@ pub async fn jobs(etcd: &EtcdConn, json: bool) -> Result<(), String> {
             },
         ]);
     }
-    println!("{t}");
+    out!("{t}");
     Ok(())
 }
 
@@ -167,9 +167,9 @@ pub async fn status(client: &JobClient, json: bool) -> Result<(), String> {
     let s = client.status().await.map_err(|e| e.to_string())?;
     if json {
         let out = serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?;
-        println!("{out}");
+        out!("{out}");
     } else {
-        println!("{}", status_text(&s));
+        out!("{}", status_text(&s));
     }
     Ok(())
 }
@@ -180,7 +180,7 @@ pub async fn status_watch(client: &JobClient) -> Result<(), String> {
     loop {
         let s = client.status().await.map_err(|e| e.to_string())?;
         // Clear the screen and draw from the top.
-        println!("\x1b[2J\x1b[H{}", status_text(&s));
+        out!("\x1b[2J\x1b[H{}", status_text(&s));
         if s.state.is_some_and(|st| st.finished) {
             return Ok(());
         }
@@ -203,9 +203,11 @@ pub async fn status_watch(client: &JobClient) -> Result<(), String> {
 pub async fn failover(client: &JobClient, task: TaskId, wait: Duration) -> Result<(), String> {
     let mut events = client.watch();
     let handover = client.hand_over(task).await.map_err(|e| e.to_string())?;
-    println!(
+    out!(
         "task {task}: primary {} (term {}) hands over to backup {}",
-        handover.from.node, handover.from.revision, handover.to.node
+        handover.from.node,
+        handover.from.revision,
+        handover.to.node
     );
     let deadline = tokio::time::sleep(wait);
     tokio::pin!(deadline);
@@ -219,7 +221,7 @@ pub async fn failover(client: &JobClient, task: TaskId, wait: Duration) -> Resul
                 let now = s.tasks.iter().find(|t| t.task == task);
                 if let Some((node, term)) = now.and_then(|t| t.primary.clone().zip(t.term)) {
                     if term > handover.from.revision as u64 {
-                        println!("task {task}: new primary {node} (term {term})");
+                        out!("task {task}: new primary {node} (term {term})");
                         return Ok(());
                     }
                 }
@@ -242,7 +244,7 @@ pub async fn result(client: &JobClient, wait: bool) -> Result<(), String> {
         if state.is_some_and(|s| s.finished) {
             return match client.result().await.map_err(|e| e.to_string())? {
                 Some(bytes) => {
-                    println!("{}", String::from_utf8_lossy(&bytes));
+                    out!("{}", String::from_utf8_lossy(&bytes));
                     Ok(())
                 }
                 None => Err(format!("job {:?} finished without a result", client.job())),

@@ -104,6 +104,20 @@ async fn status_lists_every_task_with_exactly_one_primary() {
     );
     let primary0 = tasks[0]["primary"].as_str().unwrap_or_default();
     assert!(dot.contains(primary0), "{dot}");
+    // Output into a pipe closed early (`taskgraph status JOB | head -1`): a quiet success.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_taskgraph"))
+        .args(["--etcd", &etcd.endpoint(), "status", &job])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run taskgraph: {e}"));
+    drop(child.stdout.take());
+    let out = child
+        .wait_with_output()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(out.stderr.is_empty(), "{}", show(&out));
     c.stop_all().await;
 }
 
