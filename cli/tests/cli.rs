@@ -106,7 +106,7 @@ async fn status_lists_every_task_with_exactly_one_primary() {
     assert!(dot.contains(primary0), "{dot}");
     // Output into a pipe closed early (`taskgraph status JOB | head -1`): a quiet success.
     let mut child = Command::new(env!("CARGO_BIN_EXE_taskgraph"))
-        .args(["--etcd", &etcd.endpoint(), "status", &job])
+        .args(["--etcd", etcd.endpoint(), "status", &job])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
