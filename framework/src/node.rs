@@ -272,6 +272,7 @@ async fn run(
 
     let (requests_tx, requests) = mpsc::unbounded_channel();
     let (lease_tx, lease_rx) = watch::channel(LeaseState::Expired { id: 0 });
+    background.spawn(step_down_at_deadline(lease_tx.subscribe(), status.clone()));
     let mut node = Node {
         holder: Holder {
             node: node_id.clone(),
@@ -308,6 +309,40 @@ async fn run(
     }
     background.abort_all();
     result
+}
+
+/// Publishes `acting: false` as soon as the lease passes its local deadline, also while the
+/// event loop is busy with one event (e.g. awaiting etcd across a partition): the loop only
+/// publishes between events, so without this the status would claim the node acts past its
+/// deadline, while another node may already have taken its slot. (What the node *does* is
+/// gated on the lease by the loop itself; this keeps what it *shows* as strict.)
+async fn step_down_at_deadline(
+    mut lease: watch::Receiver<LeaseState>,
+    status: watch::Sender<NodeStatus>,
+) {
+    loop {
+        let deadline = match *lease.borrow_and_update() {
+            LeaseState::Alive { deadline, .. } => Some(deadline),
+            LeaseState::Suspended { .. } | LeaseState::Expired { .. } => None,
+        };
+        if let Some(deadline) = deadline {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {}
+                changed = lease.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        if !lease.borrow().valid_now() {
+            status.send_if_modified(|s| std::mem::replace(&mut s.acting, false));
+        }
+        if lease.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// The task value this node holds, with its context and the channel feeding the context.
@@ -1129,11 +1164,14 @@ impl Node {
             _ => None,
         };
         self.health.set_ready(ready, until);
+        let lease = self.lease.clone();
         self.status.send_if_modified(|s| {
             let new = NodeStatus {
                 node_id: s.node_id.clone(),
                 role,
-                acting,
+                // Checked again under the status's lock: the deadline may have passed since
+                // (see `step_down_at_deadline`).
+                acting: acting && lease.borrow().valid_now(),
                 epoch,
                 finished,
             };
