@@ -201,12 +201,7 @@ pub async fn wait_staffed_at(nodes: &[&Proc], epoch: u64) -> Vec<StatusLine> {
     )
     .await;
     snap.iter()
-        .map(|l| {
-            statuses(l)
-                .last()
-                .cloned()
-                .unwrap_or_else(no_status)
-        })
+        .map(|l| statuses(l).last().cloned().unwrap_or_else(no_status))
         .collect()
 }
 
