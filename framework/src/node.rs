@@ -1259,7 +1259,15 @@ impl Node {
                     Ok(h) => h,
                     Err(e) => {
                         warn!(key, error = %e, "rejected garbage slot value; the slot counts as taken until its key goes");
-                        if kv.lease == 0 {
+                        let mine = kv.lease != 0 && kv.lease == self.lease.borrow().id();
+                        if mine {
+                            // Garbage under this node's own slot key (its lease holds it): the
+                            // node gives the slot up (its holder is not there any more) and
+                            // must delete the key, or its live lease would keep the slot
+                            // blocked for ever.
+                            warn!(key, "garbage under this node's own slot key: giving the slot up and deleting the key");
+                        }
+                        if kv.lease == 0 || mine {
                             // No node writes a slot without a lease: nobody owns this one.
                             let store = self.store.clone();
                             let key = key.clone();
