@@ -4,6 +4,8 @@
 //! The isolated primary must stop acting by its local deadline, a backup must take over with a
 //! higher term, healing must not produce two primaries, and the job must finish with an exact
 //! audit trail. Needs root (CI runs as root): a namespace that cannot be made fails the test.
+//! A second test cuts the primary off from etcd alone (through a forwarder the test cuts):
+//! its peers still reach it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -28,15 +30,39 @@ fn etcd_addr(etcd: &Etcd) -> SocketAddr {
         .unwrap_or_else(|e| panic!("etcd endpoint {url}: {e}"))
 }
 
+/// How the test cuts the primary off.
+enum Isolation {
+    /// Its own network namespace: cut off from etcd and from every peer.
+    Netns(Netns),
+    /// etcd reached through a forwarder that is cut: peers still reach the node.
+    EtcdOnly,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_isolated_primary_stops_acting_a_backup_takes_over_and_healing_makes_no_second_primary()
 {
     init_logs();
-    let etcd = Etcd::start().await.expect("start etcd");
     let ns = Netns::create()
         .unwrap_or_else(|e| panic!("this test needs network namespaces (root and `ip`); {e}"));
-    // The node in the namespace reaches etcd through a forwarder on the host's end of the link.
-    let proxy = Proxy::start(SocketAddr::new(ns.host_ip().into(), 0), etcd_addr(&etcd))
+    isolate_a_primary(Isolation::Netns(ns)).await;
+}
+
+/// The same with the primary cut off from etcd alone (its peers still reach it and it them):
+/// it must step down all the same, and rejoin once etcd is back. Needs no root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_cut_off_from_etcd_alone_steps_down_and_rejoins() {
+    init_logs();
+    isolate_a_primary(Isolation::EtcdOnly).await;
+}
+
+async fn isolate_a_primary(isolation: Isolation) {
+    let etcd = Etcd::start().await.expect("start etcd");
+    let host_ip: std::net::IpAddr = match &isolation {
+        Isolation::Netns(ns) => ns.host_ip().into(),
+        Isolation::EtcdOnly => std::net::Ipv4Addr::LOCALHOST.into(),
+    };
+    // The isolated node reaches etcd through a forwarder (on the host's end of the link).
+    let proxy = Proxy::start(SocketAddr::new(host_ip, 0), etcd_addr(&etcd))
         .await
         .expect("start the etcd forwarder");
     let (tasks, until) = (3, 400);
@@ -54,13 +80,18 @@ async fn an_isolated_primary_stops_acting_a_backup_takes_over_and_healing_makes_
     let arrivals = Arrivals::default();
     // Host nodes listen on the host's end of the link, so the isolated node can reach them
     // (before the cut) and they it.
-    let on_host = Placement {
-        netns: None,
-        listen: Some(format!("{}:0", ns.host_ip())),
-    };
-    let in_ns = Placement {
-        netns: Some(ns.name().to_owned()),
-        listen: Some(format!("{}:0", ns.ns_ip())),
+    let (on_host, in_ns) = match &isolation {
+        Isolation::Netns(ns) => (
+            Placement {
+                netns: None,
+                listen: Some(format!("{}:0", ns.host_ip())),
+            },
+            Placement {
+                netns: Some(ns.name().to_owned()),
+                listen: Some(format!("{}:0", ns.ns_ip())),
+            },
+        ),
+        Isolation::EtcdOnly => (Placement::default(), Placement::default()),
     };
 
     info!("--- start the node in the namespace first: it takes a primary slot");
@@ -101,8 +132,12 @@ async fn an_isolated_primary_stops_acting_a_backup_takes_over_and_healing_makes_
 
     info!("--- cut the link: the primary of task {task} (term {old_term}) is isolated");
     let cut_at = now_us();
-    ns.cut()
-        .unwrap_or_else(|e| panic!("cannot cut the link: {e}"));
+    match &isolation {
+        Isolation::Netns(ns) => ns
+            .cut()
+            .unwrap_or_else(|e| panic!("cannot cut the link: {e}")),
+        Isolation::EtcdOnly => proxy.cut(),
+    }
     let snap = wait_all(
         &[&isolated],
         "the isolated primary stops acting",
@@ -146,8 +181,12 @@ async fn an_isolated_primary_stops_acting_a_backup_takes_over_and_healing_makes_
     assert!(!acting_late, "the isolated node acted again: {after:#?}");
 
     info!("--- heal the link");
-    ns.heal()
-        .unwrap_or_else(|e| panic!("cannot heal the link: {e}"));
+    match &isolation {
+        Isolation::Netns(ns) => ns
+            .heal()
+            .unwrap_or_else(|e| panic!("cannot heal the link: {e}")),
+        Isolation::EtcdOnly => proxy.heal(),
+    }
     wait_all(
         &[&isolated],
         "the healed node holds a slot again, not its old term",
