@@ -13,6 +13,9 @@
 //!
 //! (`cargo test`, not `cargo nextest`: the long soak outlasts nextest's slow-test limit.)
 //!
+//! The long soak also runs the job against a three-member etcd whose leader is killed twice
+//! (`chaos_with_etcd_leader_failures_is_still_bit_identical`).
+//!
 //! Every run prints its chaos seed, kill interval, kills and failovers, so a failing run can be
 //! repeated with `regression --chaos-seed S --chaos-kill-every I` and the same job flags.
 
@@ -140,4 +143,107 @@ fn chaos_soak_results_are_bit_identical_to_the_calm_run() {
         plan.seeds.len(),
         plan.epochs
     );
+}
+
+/// Waits until the job stored in etcd reached `epoch` (polling etcd; a member may be down).
+async fn wait_epoch(etcd: &taskgraph_tests::etcd::EtcdCluster, job: &str, epoch: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let key = taskgraph::etcd::keys::JobKeys::new(job).epoch();
+        let stored = match etcd.client().await {
+            Ok(mut client) => client.get(key, None).await.ok().and_then(|r| {
+                let kv = r.kvs().first()?;
+                taskgraph::etcd::keys::EpochValue::parse(kv.value()).ok()
+            }),
+            Err(_) => None,
+        };
+        if let Some(e) = stored.map(taskgraph::etcd::keys::EpochValue::epoch) {
+            if e >= epoch {
+                return e;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the job never reached epoch {epoch}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Chaos on the nodes and on etcd at once: the regression job runs against a three-member etcd
+/// cluster with a node SIGKILLed every 300 ms, while the test kills the etcd leader with
+/// SIGKILL, restarts it, then kills the next leader and restarts it. The result must still be
+/// bit-identical to the calm run's.
+///
+/// Part of the long soak only (`TASKGRAPH_SOAK=1`) for now: about one run in three fails after
+/// the job finished, because the launcher's final read of the result (`JobClient::result`, one
+/// `Store::get`) fails on the first transport error of the etcd client's connection to a member
+/// that was killed and restarted, instead of retrying (a bug in `framework/src/etcd/mod.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_with_etcd_leader_failures_is_still_bit_identical() {
+    if !std::env::var("TASKGRAPH_SOAK").is_ok_and(|v| !v.is_empty() && v != "0") {
+        eprintln!("soak: chaos with etcd leader failures runs with TASKGRAPH_SOAK=1 only");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let job_args: Vec<String> = [
+        "--workload",
+        "linreg",
+        "--tasks",
+        "15",
+        "--compute-ms",
+        "50",
+        "--seed",
+        "11",
+        "--epochs",
+        "100",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let calm = {
+        let (dir, args) = (dir.path().to_owned(), job_args.clone());
+        tokio::task::spawn_blocking(move || run_job(&dir, "calm-etcd", &args))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let etcd = taskgraph_tests::etcd::EtcdCluster::start(3)
+        .await
+        .unwrap_or_else(|e| panic!("start a 3-member etcd: {e}"));
+    let job = taskgraph_tests::job_name("soaketcd");
+    let mut args = job_args.clone();
+    args.extend([
+        "--etcd".to_owned(),
+        etcd.endpoints().join(","),
+        "--job".to_owned(),
+        job.clone(),
+        "--chaos-kill-every".to_owned(),
+        "300ms".to_owned(),
+        "--chaos-seed".to_owned(),
+        "7".to_owned(),
+    ]);
+    let runner = {
+        let (dir, args) = (dir.path().to_owned(), args.clone());
+        tokio::task::spawn_blocking(move || run_job(&dir, "chaos-etcd", &args))
+    };
+    let mut at = wait_epoch(&etcd, &job, 5).await;
+    for round in 0..2 {
+        let leader = etcd
+            .wait_for_leader(std::time::Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("soak: kill -9 the etcd leader (member {leader}) at epoch {at}, round {round}");
+        etcd.kill(leader).await.unwrap_or_else(|e| panic!("{e}"));
+        at = wait_epoch(&etcd, &job, at + 5).await;
+        etcd.restart(leader).await.unwrap_or_else(|e| panic!("{e}"));
+        at = wait_epoch(&etcd, &job, at + 3).await;
+    }
+    let chaotic = runner.await.unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "soak: with etcd leader failures: {} kills, {} failovers",
+        chaotic["kills"], chaotic["failovers"]
+    );
+    assert!(chaotic["kills"].as_u64().unwrap_or(0) >= 3, "{chaotic}");
+    assert_eq!(chaotic["per_epoch"], calm["per_epoch"]);
+    assert_eq!(chaotic["weights"], calm["weights"]);
 }

@@ -203,6 +203,24 @@ pub(crate) fn spawn(
     }
 }
 
+/// Creates the job's spec or checks it against this node's, retrying etcd errors (an etcd
+/// member down, a leader election under way: the client may pick a dead endpoint first) until
+/// the etcd connect timeout; a conflicting or garbage spec is final at once.
+async fn ensure_spec(store: &Store, config: &Config) -> Result<bool, Error> {
+    let deadline = Instant::now() + config.etcd_connect_timeout;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match store.ensure_spec(&config.job, &config.spec()).await {
+            Err(Error::Etcd(e)) if Instant::now() + delay < deadline => {
+                warn!(error = %e, "etcd did not take the job's spec; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// How long the event loop may stay busy with one event before `/healthz` fails: three
 /// lease TTLs plus the etcd request timeout (a handler may legitimately wait for a replication
 /// to a slow backup, up to a TTL, and for etcd).
@@ -236,7 +254,7 @@ async fn run(
     )
     .await?
     .with_metrics(metrics.clone());
-    let created = store.ensure_spec(&config.job, &config.spec()).await?;
+    let created = ensure_spec(&store, &config).await?;
     info!(
         created,
         tasks = config.tasks,
