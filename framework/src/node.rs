@@ -203,6 +203,24 @@ pub(crate) fn spawn(
     }
 }
 
+/// Creates the job's spec or checks it against this node's, retrying etcd errors (an etcd
+/// member down, a leader election under way: the client may pick a dead endpoint first) until
+/// the etcd connect timeout; a conflicting or garbage spec is final at once.
+async fn ensure_spec(store: &Store, config: &Config) -> Result<bool, Error> {
+    let deadline = Instant::now() + config.etcd_connect_timeout;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match store.ensure_spec(&config.job, &config.spec()).await {
+            Err(Error::Etcd(e)) if Instant::now() + delay < deadline => {
+                warn!(error = %e, "etcd did not take the job's spec; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// How long the event loop may stay busy with one event before `/healthz` fails: three
 /// lease TTLs plus the etcd request timeout (a handler may legitimately wait for a replication
 /// to a slow backup, up to a TTL, and for etcd).
@@ -241,7 +259,7 @@ async fn run(
     )
     .await?
     .with_metrics(metrics.clone());
-    let created = store.ensure_spec(&config.job, &config.spec()).await?;
+    let created = ensure_spec(&store, &config).await?;
     info!(
         created,
         tasks = config.tasks,
@@ -279,6 +297,7 @@ async fn run(
 
     let (requests_tx, requests) = mpsc::unbounded_channel();
     let (lease_tx, lease_rx) = watch::channel(LeaseState::Expired { id: 0 });
+    background.spawn(step_down_at_deadline(lease_tx.subscribe(), status.clone()));
     let mut node = Node {
         holder: Holder {
             node: node_id.clone(),
@@ -315,6 +334,40 @@ async fn run(
     }
     background.abort_all();
     result
+}
+
+/// Publishes `acting: false` as soon as the lease passes its local deadline, also while the
+/// event loop is busy with one event (e.g. awaiting etcd across a partition): the loop only
+/// publishes between events, so without this the status would claim the node acts past its
+/// deadline, while another node may already have taken its slot. (What the node *does* is
+/// gated on the lease by the loop itself; this keeps what it *shows* as strict.)
+async fn step_down_at_deadline(
+    mut lease: watch::Receiver<LeaseState>,
+    status: watch::Sender<NodeStatus>,
+) {
+    loop {
+        let deadline = match *lease.borrow_and_update() {
+            LeaseState::Alive { deadline, .. } => Some(deadline),
+            LeaseState::Suspended { .. } | LeaseState::Expired { .. } => None,
+        };
+        if let Some(deadline) = deadline {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {}
+                changed = lease.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        if !lease.borrow().valid_now() {
+            status.send_if_modified(|s| std::mem::replace(&mut s.acting, false));
+        }
+        if lease.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// The task value this node holds, with its context and the channel feeding the context.
@@ -1136,11 +1189,14 @@ impl Node {
             _ => None,
         };
         self.health.set_ready(ready, until);
+        let lease = self.lease.clone();
         self.status.send_if_modified(|s| {
             let new = NodeStatus {
                 node_id: s.node_id.clone(),
                 role,
-                acting,
+                // Checked again under the status's lock: the deadline may have passed since
+                // (see `step_down_at_deadline`).
+                acting: acting && lease.borrow().valid_now(),
                 epoch,
                 finished,
             };
@@ -1228,7 +1284,15 @@ impl Node {
                     Ok(h) => h,
                     Err(e) => {
                         warn!(key, error = %e, "rejected garbage slot value; the slot counts as taken until its key goes");
-                        if kv.lease == 0 {
+                        let mine = kv.lease != 0 && kv.lease == self.lease.borrow().id();
+                        if mine {
+                            // Garbage under this node's own slot key (its lease holds it): the
+                            // node gives the slot up (its holder is not there any more) and
+                            // must delete the key, or its live lease would keep the slot
+                            // blocked for ever.
+                            warn!(key, "garbage under this node's own slot key: giving the slot up and deleting the key");
+                        }
+                        if kv.lease == 0 || mine {
                             // No node writes a slot without a lease: nobody owns this one.
                             let store = self.store.clone();
                             let key = key.clone();

@@ -5,7 +5,10 @@ pub mod certs;
 pub mod cluster;
 pub mod dataflow;
 pub mod etcd;
+pub mod fleet;
+pub mod netfault;
 pub mod process;
+pub mod proxy;
 
 /// Installs a test log subscriber once (respects `RUST_LOG`; quiet by default).
 pub fn init_logs() {

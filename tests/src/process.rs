@@ -117,6 +117,16 @@ pub struct NodeArgs {
     pub dataflow_until: Option<u64>,
 }
 
+/// Where a `testnode` runs, besides its [`NodeArgs`]: in a network namespace, on a given
+/// listen address (see [`crate::netfault`]).
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    /// Run the process inside this network namespace (`ip netns exec NAME …`; needs root).
+    pub netns: Option<String>,
+    /// The node's gRPC listen address (`ip:port`, port 0 for any); default `127.0.0.1:0`.
+    pub listen: Option<String>,
+}
+
 /// A `testnode` child process.
 #[derive(Debug)]
 pub struct ProcessNode {
@@ -146,7 +156,7 @@ impl ProcessNode {
         args: &NodeArgs,
         arrivals: &Arrivals,
     ) -> std::io::Result<Self> {
-        Self::start(bin, args, arrivals, None)
+        Self::start(bin, args, arrivals, None, &Placement::default())
     }
 
     /// As [`spawn_numbered`](Self::spawn_numbered), with the node's drivers held at epoch
@@ -158,7 +168,19 @@ impl ProcessNode {
         arrivals: &Arrivals,
         hold_at: u64,
     ) -> std::io::Result<Self> {
-        Self::start(bin, args, arrivals, Some(hold_at))
+        Self::start(bin, args, arrivals, Some(hold_at), &Placement::default())
+    }
+
+    /// As [`spawn_numbered`](Self::spawn_numbered) (or [`spawn_held`](Self::spawn_held) with
+    /// `hold_at`), placed as `placement` says.
+    pub fn spawn_placed(
+        bin: &str,
+        args: &NodeArgs,
+        arrivals: &Arrivals,
+        hold_at: Option<u64>,
+        placement: &Placement,
+    ) -> std::io::Result<Self> {
+        Self::start(bin, args, arrivals, hold_at, placement)
     }
 
     fn start(
@@ -166,8 +188,20 @@ impl ProcessNode {
         args: &NodeArgs,
         arrivals: &Arrivals,
         hold_at: Option<u64>,
+        placement: &Placement,
     ) -> std::io::Result<Self> {
-        let mut cmd = Command::new(bin);
+        let mut cmd = match &placement.netns {
+            // `ip netns exec` execs the program in place: the child's pid is the node's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.as_str(), bin]);
+                c
+            }
+            None => Command::new(bin),
+        };
+        if let Some(listen) = &placement.listen {
+            cmd.arg("--listen").arg(listen);
+        }
         cmd.arg("--etcd")
             .arg(args.etcd.join(","))
             .arg("--job")

@@ -53,6 +53,10 @@ impl LeaseState {
     }
 }
 
+/// The message of the error etcd-client returns when opening a keep-alive stream for a lease
+/// etcd no longer knows (`LeaseKeepAliveError`).
+const LEASE_NOT_FOUND: &str = "lease not found";
+
 /// The local safety margin for a TTL: a fifth of it, at least 100 ms.
 pub fn margin(ttl: Duration) -> Duration {
     (ttl / 5).max(Duration::from_millis(100)).min(ttl / 2)
@@ -77,7 +81,18 @@ pub async fn keep_alive(
         let attempt = async {
             if stream.is_none() {
                 let mut c = store.client();
-                stream = Some(c.lease_keep_alive(id).await?);
+                match c.lease_keep_alive(id).await {
+                    Ok(s) => stream = Some(s),
+                    // Opening the stream sends a first keep-alive; etcd-client turns an answer
+                    // of TTL 0 (etcd no longer knows the lease) into this error. It is the
+                    // lease's expiry, not a transient failure: a node that lost its
+                    // connection for longer than the TTL (a partition) must learn it, or it
+                    // would retry forever and never rejoin.
+                    Err(etcd_client::Error::LeaseKeepAliveError(m)) if m == LEASE_NOT_FOUND => {
+                        return Ok(0)
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             let Some((keeper, responses)) = stream.as_mut() else {
                 return Err(etcd_client::Error::LeaseKeepAliveError("no stream".into()));

@@ -38,6 +38,9 @@ struct Args {
     /// it there) until the line `release` arrives on stdin.
     #[arg(long)]
     hold_at: Option<u64>,
+    /// The gRPC listen address (default `127.0.0.1:0`); the node advertises the bound one.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
 }
 
 /// Prints `line` stamped with `at_us`: take the stamp first thing where the line's event is
@@ -95,6 +98,10 @@ async fn main() -> std::process::ExitCode {
         .links(cluster.links())
         .lease_ttl(cluster.ttl)
         .node_name("proc");
+    let framework = match args.listen {
+        Some(addr) => framework.listen(addr),
+        None => framework,
+    };
     let framework = match args.dataflow_until {
         Some(until) => framework.task_builder(DataflowBuilder {
             node: "proc".into(),

@@ -1,0 +1,255 @@
+//! Bad input under every kind of key a running job uses, written with `etcdctl` behind the
+//! framework's back (see `taskgraph::etcd::keys` for the layout): empty, truncated, wrong-type
+//! (valid JSON of another shape), binary and non-UTF-8 values; a stale (lower) epoch. The
+//! job (a dataflow over in-process nodes, audited) must keep running and finish with an exact
+//! trail; no node may fail and nothing may panic. `coordination.rs` covers a garbage spec at
+//! join, a garbage primary key before the job, a garbage epoch and unknown keys; `exchange.rs`
+//! a garbage checkpoint at restore. This file covers the rest, while the job runs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use taskgraph::NodeExit;
+use taskgraph_tests::cluster::{App, Cluster, ClusterConfig};
+use taskgraph_tests::dataflow::check_trail;
+use taskgraph_tests::etcd::{etcdctl_binary, Etcd};
+use taskgraph_tests::{init_logs, job_name};
+use tracing::info;
+
+const WAIT: Duration = Duration::from_secs(60);
+const TASKS: u32 = 7;
+const UNTIL: u64 = 80;
+
+/// Counts panics on any thread of this test process (the nodes run in it), keeping the
+/// default report.
+fn count_panics() -> Arc<AtomicUsize> {
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        default(info);
+    }));
+    count
+}
+
+/// `etcdctl put KEY VALUE [flags]` with a value of arbitrary bytes; a value holding a NUL
+/// (which no command-line argument can) or too long for one goes through the etcd client.
+async fn put(etcd: &Etcd, key: &str, value: &[u8], flags: &[&str]) {
+    if value.contains(&0) || value.len() > 100_000 {
+        let mut client = etcd.client().await.unwrap();
+        let options = flags
+            .contains(&"--ignore-lease")
+            .then(|| etcd_client::PutOptions::new().with_ignore_lease());
+        client.put(key, value, options).await.unwrap();
+        return;
+    }
+    let bin = etcdctl_binary().unwrap();
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", etcd.endpoint()))
+        .arg("put")
+        .args(flags)
+        .arg("--")
+        .arg(key)
+        .arg(OsString::from_vec(value.to_vec()));
+    let out = cmd.output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "etcdctl put {key}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn get(etcd: &Etcd, key: &str) -> Vec<u8> {
+    let mut client = etcd.client().await.unwrap();
+    let r = client.get(key, None).await.unwrap();
+    r.kvs()
+        .first()
+        .map(|kv| kv.value().to_vec())
+        .unwrap_or_else(|| panic!("no value under {key}"))
+}
+
+/// Garbage in every shape for a key whose real value is `real`.
+fn garbage(real: &[u8]) -> Vec<Vec<u8>> {
+    let mut v: Vec<Vec<u8>> = vec![
+        b"".to_vec(),
+        b"{".to_vec(),
+        b"null".to_vec(),
+        b"[1,2,3]".to_vec(),
+        b"\"a string\"".to_vec(),
+        b"{\"node\":5,\"addr\":[]}".to_vec(),
+        b"-1".to_vec(),
+        b"18446744073709551616".to_vec(),
+        b"done".to_vec(),
+        b"done x".to_vec(),
+        b"tgcp1".to_vec(),
+        b"tgcp1\x01\x02\x03".to_vec(),
+        vec![0xff, 0xfe, 0xfd, b'{'],
+        vec![0x01; 4096],
+        vec![b'x'; 200_000],
+    ];
+    // The real value cut short, and with a byte flipped.
+    for cut in [1, real.len() / 2, real.len().saturating_sub(1)] {
+        v.push(real[..cut.min(real.len())].to_vec());
+    }
+    if let Some((first, rest)) = real.split_first() {
+        let mut flipped = vec![first ^ 0x55];
+        flipped.extend_from_slice(rest);
+        v.push(flipped);
+    }
+    v.push(vec![0; 16]);
+    v
+}
+
+fn max_epoch(c: &Cluster) -> u64 {
+    c.live_statuses()
+        .iter()
+        .filter_map(|(_, s)| s.epoch)
+        .max()
+        .unwrap_or(0)
+}
+
+async fn moves_on(c: &Cluster, by: u64, why: &str) {
+    let at = max_epoch(c);
+    c.wait_until(why, WAIT, |s| {
+        s.iter()
+            .any(|(_, s)| s.epoch.is_some_and(|e| e >= at + by) || s.finished)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_under_every_key_of_a_running_job_is_not_obeyed() {
+    init_logs();
+    let panics = count_panics();
+    let etcd = Etcd::start().await.expect("start etcd");
+    let mut cfg = ClusterConfig::new(etcd.endpoints(), &job_name("etcdinput"), TASKS, 2);
+    cfg.app = App::Dataflow {
+        until: UNTIL,
+        pace_ms: 20,
+    };
+    let p = format!("/taskgraph/jobs/{}/", cfg.job);
+    let mut c = Cluster::start_staffed(cfg, (TASKS * 2) as usize)
+        .await
+        .unwrap();
+    moves_on(&c, 3, "the job runs").await;
+    let mut tried = 0usize;
+
+    // Keys held by live nodes keep their lease (`--ignore-lease`): only the value is bad.
+    let node_id = c.node_id(0).unwrap();
+    for (what, key, flags) in [
+        ("spec", format!("{p}spec"), &[][..]),
+        (
+            "a live node's record",
+            format!("{p}nodes/{node_id}"),
+            &["--ignore-lease"][..],
+        ),
+        ("a checkpoint", format!("{p}tasks/3/checkpoint"), &[][..]),
+        (
+            "a leaf's checkpoint",
+            format!("{p}tasks/6/checkpoint"),
+            &[][..],
+        ),
+    ] {
+        info!("--- garbage under {what} ({key})");
+        let real = get(&etcd, &key).await;
+        for g in garbage(&real) {
+            put(&etcd, &key, &g, flags).await;
+            tried += 1;
+        }
+        put(&etcd, &key, &real, flags).await;
+        moves_on(
+            &c,
+            2,
+            &format!("the job moves on after garbage under {what}"),
+        )
+        .await;
+    }
+
+    info!("--- garbage under the result key, before the job wrote one");
+    for g in garbage(b"{\"result\":1}") {
+        put(&etcd, &format!("{p}result"), &g, &[]).await;
+        tried += 1;
+    }
+    moves_on(&c, 2, "the job moves on after garbage under result").await;
+
+    info!("--- garbage and a stale value under the epoch, with the job held at one epoch");
+    c.audit.close_gate();
+    let held = max_epoch(&c);
+    // Every primary has entered the held epoch: the root moves no further.
+    c.wait_until("every primary is in the held epoch", WAIT, |s| {
+        s.iter()
+            .filter(|(_, s)| matches!(s.role, taskgraph::Role::Primary { .. }))
+            .all(|(_, s)| s.epoch >= Some(held))
+    })
+    .await
+    .unwrap();
+    let key = format!("{p}epoch");
+    let real = get(&etcd, &key).await;
+    let mut values = garbage(&real);
+    let current: u64 = String::from_utf8_lossy(&real).trim().parse().unwrap_or(0);
+    values.push(current.saturating_sub(1).to_string().into_bytes());
+    values.push(b"0".to_vec());
+    for g in values {
+        put(&etcd, &key, &g, &[]).await;
+        tried += 1;
+    }
+    put(&etcd, &key, &real, &[]).await;
+    c.audit.open_gate();
+    moves_on(&c, 2, "the job moves on after garbage under epoch").await;
+
+    info!("--- garbage under a live primary's and a live backup's key (value only)");
+    // The node holding the key gives its slot up and deletes the key; another node takes the
+    // slot (a new key), and the next garbage goes under that one.
+    for key in [
+        format!("{p}tasks/2/primary"),
+        format!("{p}tasks/5/backup/1"),
+    ] {
+        for g in garbage(b"{}").into_iter().step_by(4) {
+            c.wait_until(&format!("{key} is held"), WAIT, |s| {
+                taskgraph_tests::cluster::fully_staffed(TASKS, 1, s)
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+            put(&etcd, &key, &g, &["--ignore-lease"]).await;
+            tried += 1;
+            moves_on(
+                &c,
+                2,
+                &format!("the job moves on after garbage under {key}"),
+            )
+            .await;
+        }
+    }
+    info!("{tried} bad values written");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(100);
+    for i in 0..c.len() {
+        match tokio::time::timeout_at(deadline, c.wait(i)).await {
+            Ok(Some(r)) => assert_eq!(
+                r.unwrap_or_else(|e| panic!("node {i} failed: {e}")),
+                NodeExit::JobFinished { epoch: UNTIL },
+                "node {i}"
+            ),
+            Ok(None) => {}
+            Err(_) => {
+                let statuses: Vec<_> = (0..c.len()).map(|j| (j, c.status(j))).collect();
+                panic!("the job did not end: {statuses:#?}");
+            }
+        }
+    }
+    let bad = check_trail(&c.audit.events(), TASKS, UNTIL);
+    assert!(
+        bad.is_empty(),
+        "{} violations:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+    assert_eq!(panics.load(Ordering::SeqCst), 0, "something panicked");
+}
