@@ -181,3 +181,43 @@ async fn etcd_down_longer_than_the_ttl_no_node_acts_and_the_job_resumes() {
     etcd.restart().await.unwrap();
     finish_exactly(&mut c).await;
 }
+
+/// An operator's reads (`JobClient`) while an etcd member is down and right after it was
+/// restarted: the client's connection to it is refused before the client moves on; every read
+/// must still answer (reads that never reached etcd are sent again within the request
+/// deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_right_after_etcd_members_restart_answer() {
+    init_logs();
+    let cluster = EtcdCluster::start(3).await.unwrap();
+    let cfg = dataflow(cluster.endpoints(), "readsbounce");
+    let job = cfg.job.clone();
+    let mut c = Cluster::start_staffed(cfg, 14)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = taskgraph::JobClient::connect(&cluster.endpoints(), &job)
+        .await
+        .unwrap();
+    for round in 0..3 {
+        for i in 0..cluster.len() {
+            cluster.kill(i).await.unwrap();
+            // Two of three members keep the quorum: reads go on while one is down…
+            for _ in 0..5 {
+                let state = client.state().await;
+                assert!(state.is_ok(), "round {round}, member {i} down: {state:?}");
+            }
+            cluster.restart(i).await.unwrap();
+            // …and right after it is back.
+            for _ in 0..5 {
+                let state = client.state().await;
+                assert!(
+                    state.is_ok(),
+                    "round {round}, member {i} restarted: {state:?}"
+                );
+                let spec = client.spec().await;
+                assert!(spec.is_ok(), "round {round}, member {i}: {spec:?}");
+            }
+        }
+    }
+    c.stop_all().await;
+}

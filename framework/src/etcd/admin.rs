@@ -29,12 +29,11 @@ pub enum Change {
 impl Store {
     /// The names of every job under the root prefix.
     pub async fn job_names(&self) -> Result<Vec<String>, EtcdError> {
-        let mut c = self.client.clone();
         let resp = self
-            .timed(
+            .read(
                 "get keys",
                 ROOT,
-                c.get(ROOT, Some(GetOptions::new().with_prefix().with_keys_only())),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
             )
             .await?;
         let mut names: Vec<String> = resp
@@ -57,15 +56,11 @@ impl Store {
     /// Returns the keys and the revision they were read at.
     pub async fn load_light(&self) -> Result<(Vec<Kv>, i64), EtcdError> {
         let prefix = self.keys.prefix().to_owned();
-        let mut c = self.client.clone();
         let listing = self
-            .timed(
+            .read(
                 "get keys",
                 &prefix,
-                c.get(
-                    prefix.as_str(),
-                    Some(GetOptions::new().with_prefix().with_keys_only()),
-                ),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
             )
             .await?;
         let revision = listing.header().map_or(0, |h| h.revision());

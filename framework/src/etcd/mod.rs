@@ -67,6 +67,34 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Whether a read that failed with `e` may succeed if sent again soon: etcd (or the connection
+/// to one member) is unavailable for now.
+fn read_again(e: &etcd_client::Error) -> bool {
+    if let etcd_client::Error::GRpcStatus(status) = e {
+        if status.code() == tonic::Code::Unavailable {
+            return true;
+        }
+    }
+    never_sent(e)
+}
+
+/// Whether `e` says the request never left this process: the connection to the member was
+/// refused or could not be made, so sending it again cannot apply it twice.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    use std::error::Error as _;
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    let text = text.to_ascii_lowercase();
+    text.contains("tcp connect error")
+        || text.contains("connection refused")
+        || text.contains("error trying to connect")
+}
+
 fn err(op: &'static str, key: impl Into<String>, source: impl Into<EtcdCause>) -> EtcdError {
     EtcdError {
         op,
@@ -224,23 +252,54 @@ impl Store {
         result
     }
 
+    /// A read (`get` of `key` with `options`) under the request deadline, sent again while
+    /// etcd is briefly unavailable: the client's connection to a member that is down or was
+    /// just restarted is refused before the client moves on, and a member answers
+    /// `Unavailable` ("leader changed", "no leader") while its cluster elects a leader. Only
+    /// reads are sent again: a write whose answer was lost may have been applied.
+    pub(crate) async fn read(
+        &self,
+        op: &'static str,
+        key: &str,
+        options: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse, EtcdError> {
+        let deadline = Instant::now() + self.timeout;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let mut c = self.client.clone();
+            let started = Instant::now();
+            let attempt = tokio::time::timeout_at(deadline, c.get(key, options.clone())).await;
+            let (result, outcome) = match attempt {
+                Ok(Ok(v)) => (Ok(v), Outcome::Ok),
+                Ok(Err(e)) if read_again(&e) && Instant::now() + pause < deadline => {
+                    self.record(op, Outcome::Error, started);
+                    tracing::debug!(op, key, error = %e, "etcd read not sent; sending again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                    continue;
+                }
+                Ok(Err(e)) => (Err(err(op, key, e)), Outcome::Error),
+                Err(_) => (
+                    Err(err(op, key, EtcdCause::Timeout(self.timeout))),
+                    Outcome::Timeout,
+                ),
+            };
+            self.record(op, outcome, started);
+            return result;
+        }
+    }
+
     /// Reads one key.
     pub async fn get(&self, key: &str) -> Result<Option<Kv>, EtcdError> {
-        let mut c = self.client.clone();
-        let resp = self.timed("get", key, c.get(key, None)).await?;
+        let resp = self.read("get", key, None).await?;
         Ok(resp.kvs().first().map(Kv::from))
     }
 
     /// Reads every key of the job, and the revision the read was taken at.
     pub async fn load(&self) -> Result<(Vec<Kv>, i64), EtcdError> {
-        let mut c = self.client.clone();
         let prefix = self.keys.prefix();
         let resp = self
-            .timed(
-                "get prefix",
-                prefix,
-                c.get(prefix, Some(GetOptions::new().with_prefix())),
-            )
+            .read("get prefix", prefix, Some(GetOptions::new().with_prefix()))
             .await?;
         let rev = resp.header().map_or(0, |h| h.revision());
         Ok((resp.kvs().iter().map(Kv::from).collect(), rev))
