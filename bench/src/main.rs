@@ -115,7 +115,7 @@ impl Plan {
                 (None, true) => vec![128],
                 (None, false) => vec![256, 1024],
             },
-            scale_epochs: if q { 3 } else { 10 },
+            scale_epochs: if q { 5 } else { 10 },
             scale_staff: Duration::from_secs(args.scale_staff_secs.unwrap_or(if q {
                 60
             } else {
@@ -331,6 +331,65 @@ async fn pulls_scenario(plan: &Plan, sink: Sink) -> Result<(), BoxError> {
     r
 }
 
+/// The scale scenario, one child process (this executable with `--scale-tasks`) per size: a
+/// fresh process makes the RSS delta the nodes' own, and a size that hangs is stopped with
+/// its process.
+async fn scale_in_children(plan: &Plan, sink: Sink) -> Result<(), BoxError> {
+    let me = std::env::current_exe()?;
+    let dir = tempdir()?;
+    let mut first_error = None;
+    for &n in &plan.scale_sizes {
+        let json = dir.join(format!("scale-{n}.json"));
+        let mut cmd = tokio::process::Command::new(&me);
+        cmd.arg("--only")
+            .arg("scale")
+            .arg("--scale-tasks")
+            .arg(n.to_string())
+            .arg("--scale-staff-secs")
+            .arg(plan.scale_staff.as_secs().to_string())
+            .arg("--json")
+            .arg(&json)
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        if plan.quick {
+            cmd.arg("--quick");
+        }
+        let status = cmd.status().await?;
+        let doc: Option<Value> = std::fs::read(&json)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let child = doc
+            .as_ref()
+            .and_then(|d| d.get("scenarios")?.get(0))
+            .cloned();
+        let Some(child) = child else {
+            first_error.get_or_insert(format!(
+                "{n} tasks: the child bench exited with {status} and no report"
+            ));
+            continue;
+        };
+        if let Some(rows) = child.get("rows").cloned() {
+            sink.rows(serde_json::from_value::<Vec<Row>>(rows).unwrap_or_default());
+        }
+        sink.detail(
+            &format!("tasks_{n}"),
+            child
+                .get("details")
+                .and_then(|d| d.get(format!("tasks_{n}")))
+                .cloned()
+                .unwrap_or(Value::Null),
+        );
+        if let Some(e) = child.get("error").and_then(Value::as_str) {
+            first_error.get_or_insert(e.to_owned());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    match first_error {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
 async fn scale_scenario(plan: &Plan, sink: Sink) -> Result<(), BoxError> {
     let mut first_error = None;
     for &n in &plan.scale_sizes {
@@ -532,7 +591,13 @@ async fn run(args: Args) -> Result<bool, BoxError> {
                 ""
             }
         );
-        reports.push(scenario("scale", setup, secs(300, 60), |s| scale_scenario(&plan, s)).await);
+        let limit = plan.scale_staff * plan.scale_sizes.len() as u32 + secs(120, 30);
+        let r = if args.scale_tasks.is_some() {
+            scenario("scale", setup, limit, |s| scale_scenario(&plan, s)).await
+        } else {
+            scenario("scale", setup, limit, |s| scale_in_children(&plan, s)).await
+        };
+        reports.push(r);
     }
     if wanted("regression") {
         let setup = format!(

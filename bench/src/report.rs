@@ -1,11 +1,11 @@
 //! Figures, the printed table and the JSON report.
 
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, ContentArrangement, Table};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Order statistics of repeated trials of one figure.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Stats {
     /// Trials.
     pub n: usize,
@@ -51,7 +51,7 @@ impl Stats {
 }
 
 /// One line of the table.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     /// What is measured, e.g. `sum epoch, 15 tasks`.
     pub figure: String,
