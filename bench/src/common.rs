@@ -33,6 +33,7 @@ pub fn ms(d: Duration) -> f64 {
 #[derive(Debug, Default)]
 pub struct Fleet {
     nodes: Vec<NodeHandle>,
+    replicas: u32,
 }
 
 /// How to start the nodes of a fleet.
@@ -57,7 +58,10 @@ impl Fleet {
         builder: impl TaskBuilder + Clone,
     ) -> Result<Self, BoxError> {
         let links = tree_links(spec.tasks)?;
-        let mut fleet = Fleet::default();
+        let mut fleet = Fleet {
+            nodes: Vec::new(),
+            replicas: spec.replicas,
+        };
         for i in 0..spec.tasks * spec.replicas {
             let handle = Framework::builder()
                 .etcd(spec.etcd.clone())
@@ -74,6 +78,31 @@ impl Fleet {
             fleet.nodes.push(handle);
         }
         Ok(fleet)
+    }
+
+    /// Takes the nodes that have ended out of the fleet and says how they ended: each distinct
+    /// outcome with its count, most frequent first.
+    pub async fn reap_finished(&mut self) -> Vec<(usize, String)> {
+        let (done, running): (Vec<NodeHandle>, Vec<NodeHandle>) = std::mem::take(&mut self.nodes)
+            .into_iter()
+            .partition(|h| h.is_finished());
+        self.nodes = running;
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for h in done {
+            let text = match h.wait().await {
+                Ok(exit) => format!("{exit:?}"),
+                Err(e) => format!("error: {e}"),
+            };
+            *counts.entry(text).or_insert(0) += 1;
+        }
+        let mut v: Vec<(usize, String)> = counts.into_iter().map(|(t, n)| (n, t)).collect();
+        v.sort_by(|a, b| b.0.cmp(&a.0));
+        v
+    }
+
+    /// Nodes per task.
+    pub fn replicas(&self) -> u32 {
+        self.replicas
     }
 
     /// Number of nodes started.
@@ -116,10 +145,18 @@ impl Fleet {
                         st.acting && matches!(st.role, taskgraph::Role::Backup { .. })
                     })
                     .count();
-                // The first tasks lacking an acting primary, with every node that holds a
-                // slot of theirs.
+                // The first tasks lacking an acting primary or a backup, with every node that
+                // holds a slot of theirs.
                 let lacking: Vec<String> = (0..tasks)
-                    .filter(|t| !s.iter().any(|(_, st)| st.primary_of(*t).is_some()))
+                    .filter(|t| {
+                        let b = s
+                            .iter()
+                            .filter(|(_, st)| {
+                                st.acting && st.role == taskgraph::Role::Backup { task: *t }
+                            })
+                            .count();
+                        !s.iter().any(|(_, st)| st.primary_of(*t).is_some()) || b < backups
+                    })
                     .take(3)
                     .map(|t| {
                         let holders: Vec<String> = s

@@ -239,7 +239,19 @@ pub async fn run_sum(etcd: &Etcd, run: &SumRun, out: &mut SumFigures) -> Result<
     }
     if let Err(e) = staffed {
         let keys = lacking_keys(etcd, &spec.job, &fleet, run.tasks).await;
-        return Err(format!("{e}; in etcd: {keys}").into());
+        let mut fleet = fleet;
+        let ended: Vec<String> = fleet
+            .reap_finished()
+            .await
+            .into_iter()
+            .take(3)
+            .map(|(n, how)| format!("{n}× {how}"))
+            .collect();
+        return Err(format!(
+            "{e}; in etcd: {keys}; nodes that ended: [{}]",
+            ended.join("; ")
+        )
+        .into());
     }
     out.staffing = Some(t0.elapsed());
     out.rss_staffed = rss_bytes();
@@ -358,12 +370,20 @@ async fn limit_model(
     Ok(())
 }
 
-/// What etcd holds for the first tasks without an acting primary (for the error of a failed
-/// staffing): each slot key with its lease and value.
+/// What etcd holds for the first tasks without an acting primary or without every backup (for
+/// the error of a failed staffing): each slot key with its lease, its value, and what the node
+/// named in it says it is.
 async fn lacking_keys(etcd: &Etcd, job: &str, fleet: &Fleet, tasks: u32) -> String {
     let s = fleet.statuses();
+    let backups = fleet.replicas().saturating_sub(1) as usize;
     let lacking: Vec<u32> = (0..tasks)
-        .filter(|t| !s.iter().any(|(_, st)| st.primary_of(*t).is_some()))
+        .filter(|t| {
+            let acting_backups = s
+                .iter()
+                .filter(|(_, st)| st.acting && st.role == taskgraph::Role::Backup { task: *t })
+                .count();
+            !s.iter().any(|(_, st)| st.primary_of(*t).is_some()) || acting_backups < backups
+        })
         .take(3)
         .collect();
     let Ok(mut client) = etcd.client().await else {
