@@ -96,7 +96,7 @@ impl Fleet {
             *counts.entry(text).or_insert(0) += 1;
         }
         let mut v: Vec<(usize, String)> = counts.into_iter().map(|(t, n)| (n, t)).collect();
-        v.sort_by(|a, b| b.0.cmp(&a.0));
+        v.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
         v
     }
 
