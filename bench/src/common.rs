@@ -249,6 +249,19 @@ pub async fn etcd_metrics(url: &str) -> Result<BTreeMap<String, f64>, BoxError> 
         .await?;
     let mut body = String::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut body)).await??;
+    let out = parse_counters(&body);
+    if !out.contains_key("etcd_mvcc_put_total")
+        && !out.contains_key("etcd_debugging_mvcc_put_total")
+    {
+        return Err(
+            format!("no etcd_mvcc_put_total nor etcd_debugging_mvcc_put_total in {url}").into(),
+        );
+    }
+    Ok(out)
+}
+
+/// The counters of a Prometheus text page, keyed as [`etcd_metrics`] keys them.
+pub fn parse_counters(body: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     for line in body.lines() {
         if line.starts_with('#') {
@@ -274,14 +287,7 @@ pub async fn etcd_metrics(url: &str) -> Result<BTreeMap<String, f64>, BoxError> 
         };
         *out.entry(key).or_insert(0.0) += value;
     }
-    if !out.contains_key("etcd_mvcc_put_total")
-        && !out.contains_key("etcd_debugging_mvcc_put_total")
-    {
-        return Err(
-            format!("no etcd_mvcc_put_total nor etcd_debugging_mvcc_put_total in {url}").into(),
-        );
-    }
-    Ok(out)
+    out
 }
 
 fn label<'a>(labels: &'a str, label: &str) -> Option<&'a str> {
@@ -417,5 +423,58 @@ impl Echoer {
             return Err(format!("echo answered {} bytes, sent {len}", answer.data.len()).into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_summed_over_labels_but_method_and_type() {
+        let body = "\
+# HELP etcd_mvcc_put_total Total number of puts seen by this member.
+# TYPE etcd_mvcc_put_total counter
+etcd_mvcc_put_total 8
+etcd_debugging_mvcc_current_revision 2
+grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Txn\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 5
+grpc_server_handled_total{grpc_code=\"Unavailable\",grpc_method=\"Txn\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 2
+grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Range\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 1
+etcd_disk_wal_write_bytes_total 1.5e+03
+garbage line
+";
+        let c = parse_counters(body);
+        assert_eq!(c.get("etcd_mvcc_put_total"), Some(&8.0));
+        assert_eq!(c.get("grpc_server_handled_total{Txn,unary}"), Some(&7.0));
+        assert_eq!(c.get("grpc_server_handled_total{Range,unary}"), Some(&1.0));
+        assert_eq!(c.get("etcd_disk_wal_write_bytes_total"), Some(&1500.0));
+        // Gauges are left out.
+        assert!(!c.contains_key("etcd_debugging_mvcc_current_revision"));
+        assert_eq!(c.len(), 4);
+    }
+
+    #[test]
+    fn delta_keeps_changed_counters_only() {
+        let before = BTreeMap::from([("a".to_owned(), 1.0), ("b".to_owned(), 2.0)]);
+        let after = BTreeMap::from([
+            ("a".to_owned(), 1.0),
+            ("b".to_owned(), 5.0),
+            ("c".to_owned(), 4.0),
+        ]);
+        let d = delta(&before, &after);
+        assert_eq!(
+            d,
+            BTreeMap::from([("b".to_owned(), 3.0), ("c".to_owned(), 4.0)])
+        );
+    }
+
+    #[test]
+    fn depth_of_binary_trees() {
+        assert_eq!(tree_depth(1), 0);
+        assert_eq!(tree_depth(2), 1);
+        assert_eq!(tree_depth(15), 3);
+        assert_eq!(tree_depth(16), 4);
+        assert_eq!(tree_depth(255), 7);
+        assert_eq!(tree_depth(1024), 10);
     }
 }

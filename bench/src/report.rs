@@ -202,3 +202,45 @@ fn first_line(s: &str, max: usize) -> String {
         line.to_owned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_of_odd_and_even_counts_and_nans() {
+        let s = Stats::of(&[3.0, 1.0, 2.0]).map(|s| (s.n, s.median, s.min, s.max));
+        assert_eq!(s, Some((3, 2.0, 1.0, 3.0)));
+        let s = Stats::of(&[4.0, 1.0, 2.0, 3.0, f64::NAN]).map(|s| (s.n, s.median, s.min, s.max));
+        assert_eq!(s, Some((4, 2.5, 1.0, 4.0)));
+        assert!(Stats::of(&[]).is_none());
+        assert!(Stats::of(&[f64::NAN]).is_none());
+    }
+
+    #[test]
+    fn ratios_need_both_figures_and_a_divisor() {
+        assert_eq!(ratio(Some(3.0), Some(2.0)), Some(1.5));
+        assert_eq!(ratio(Some(3.0), Some(0.0)), None);
+        assert_eq!(ratio(None, Some(2.0)), None);
+        assert_eq!(ratio_text("÷ bare", Some(3.0), Some(2.0)), "÷ bare 1.50×");
+        assert_eq!(ratio_text("÷ bare", Some(3.0), None), "÷ bare -");
+    }
+
+    #[test]
+    fn a_failed_scenario_is_shown_with_its_rows() {
+        let r = ScenarioReport {
+            name: "scale".into(),
+            setup: String::new(),
+            ok: false,
+            error: Some("not staffed after 1s\nmore".into()),
+            seconds: 1.0,
+            rows: vec![Row::new("sum epoch", "ms", &[1.0, 2.0, 3.0]).versus("÷ limit 2.00×")],
+            details: Value::Null,
+        };
+        let text = table(&[r]).to_string();
+        assert!(text.contains("FAILED: not staffed after 1s"), "{text}");
+        assert!(!text.contains("more"), "{text}");
+        assert!(text.contains("÷ limit 2.00×"), "{text}");
+        assert!(text.contains("2.00"), "{text}");
+    }
+}
