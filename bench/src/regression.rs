@@ -63,15 +63,16 @@ pub async fn run_once(
             msg = stream.message() => {
                 if let Ok(Some(resp)) = msg {
                     let now = Instant::now();
-                    for ev in resp.events() {
-                        if let Some(kv) = ev.kv() {
-                            let v = kv.value_str().unwrap_or_default();
-                            let n = v.trim_start_matches("done ").trim().parse::<u64>().ok();
-                            if let Some(n) = n {
-                                if changes.last().is_none_or(|(e, _)| *e != n) {
-                                    changes.push((n, now));
-                                }
-                            }
+                    // One response may carry several epoch moves: keep the last.
+                    let newest = resp
+                        .events()
+                        .iter()
+                        .filter_map(|ev| ev.kv()?.value_str().ok())
+                        .filter_map(|v| v.trim_start_matches("done ").trim().parse::<u64>().ok())
+                        .max();
+                    if let Some(n) = newest {
+                        if changes.last().is_none_or(|(e, _)| *e < n) {
+                            changes.push((n, now));
                         }
                     }
                 }
@@ -99,10 +100,14 @@ pub async fn run_once(
     let parsed: Option<Value> = std::fs::read(&report)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
+    // Epochs seen moving together (in one watch response) share the interval evenly.
     let epoch_ms = changes
         .windows(2)
         .filter(|w| w[0].0 >= 1)
-        .map(|w| ms(w[1].1 - w[0].1))
+        .flat_map(|w| {
+            let moved = (w[1].0 - w[0].0).max(1);
+            std::iter::repeat_n(ms(w[1].1 - w[0].1) / moved as f64, moved as usize)
+        })
         .collect();
     Ok(RunFigures {
         wall_ms,
