@@ -57,7 +57,7 @@ struct Args {
     /// Tasks of the scale scenario (default 256 then 1024, 128 with --quick).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     scale_tasks: Option<u32>,
-    /// Limit on staffing in the scale scenario, in seconds (default 150, 60 with --quick).
+    /// Limit on staffing in the scale scenario, in seconds (default 90, 30 with --quick).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
     scale_staff_secs: Option<u64>,
 }
@@ -119,9 +119,9 @@ impl Plan {
             },
             scale_epochs: if q { 5 } else { 10 },
             scale_staff: Duration::from_secs(args.scale_staff_secs.unwrap_or(if q {
-                60
+                30
             } else {
-                150
+                90
             })),
             regression_runs: if q { 2 } else { 10 },
             regression_flags: Vec::new(),
@@ -220,7 +220,7 @@ async fn epoch_scenario(plan: &Plan, sink: Sink) -> Result<(), BoxError> {
             ttl: Duration::from_secs(2),
             warm: 3,
             epochs: plan.epochs,
-            staff_timeout: Duration::from_secs(120),
+            staff_timeout: Duration::from_secs(if plan.quick { 20 } else { 60 }),
             epoch_timeout: Duration::from_secs(20),
             limit_trials: plan.limit_trials,
         };
