@@ -1,0 +1,430 @@
+//! The `sum` workload with in-process nodes: epoch latency, etcd cost per epoch, and the limit
+//! model measured against the same etcd (scenarios `epoch` and `scale`).
+//!
+//! The workload is the dataflow test app (`taskgraph_tests::dataflow`) without its replicated
+//! counter: in epoch `e` every task pulls the parameter `e` from its parent and the sums of its
+//! children (a serving task holds a pull until it can answer it), answers its parent with
+//! `e·id` plus its children's sums, and flags `done` to its parent; the root moves the job on
+//! with `inc_epoch` once it has every child's sum and `done`. So the work of an epoch is the
+//! framework's own: no `replicate`, no checkpoints.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use taskgraph::Epoch;
+use taskgraph_tests::apps::{Audit, Event};
+use taskgraph_tests::dataflow::DataflowBuilder;
+use taskgraph_tests::etcd::Etcd;
+use tokio::sync::mpsc;
+
+use crate::common::{
+    cpu_time, delta, echo_server, etcd_metrics, ms, revision, rss_bytes, tree_depth, BoxError,
+    Echoer, Fleet, FleetSpec,
+};
+
+/// Settings of one run of the sum workload.
+#[derive(Debug, Clone)]
+pub struct SumRun {
+    /// Tasks (binary tree).
+    pub tasks: u32,
+    /// Nodes per task.
+    pub replicas: u32,
+    /// Lease TTL.
+    pub ttl: Duration,
+    /// Epochs run before the measured window.
+    pub warm: u64,
+    /// Epochs in the measured window.
+    pub epochs: u64,
+    /// Limit on staffing.
+    pub staff_timeout: Duration,
+    /// Limit on any one epoch.
+    pub epoch_timeout: Duration,
+    /// Trials of the limit model (0: not measured).
+    pub limit_trials: usize,
+}
+
+/// What one run measured.
+#[derive(Debug, Default)]
+pub struct SumFigures {
+    /// From the first node's start until every slot is filled.
+    pub staffing: Option<Duration>,
+    /// Resident memory before the nodes started and once staffed.
+    pub rss_before: Option<u64>,
+    /// Resident memory once staffed.
+    pub rss_staffed: Option<u64>,
+    /// Nodes started.
+    pub nodes: usize,
+    /// etcd's counters from before the first node started until every slot was filled (or
+    /// staffing gave up).
+    pub staffing_metrics: BTreeMap<String, f64>,
+    /// Root entry to root entry, per epoch of the window, in ms.
+    pub epoch_ms: Vec<f64>,
+    /// Epochs in the window.
+    pub epochs: u64,
+    /// Window length.
+    pub window: Option<Duration>,
+    /// CPU time of this process (every node) over the window.
+    pub window_cpu: Option<Duration>,
+    /// etcd's revision delta over the window.
+    pub revision_delta: Option<i64>,
+    /// etcd's counters over the window.
+    pub metrics: BTreeMap<String, f64>,
+    /// Limit model trials: one etcd CAS then 2·depth bare tonic round trips, in ms.
+    pub limit_ms: Vec<f64>,
+    /// The CAS alone, per trial, in ms.
+    pub cas_ms: Vec<f64>,
+    /// One bare round trip, every one of the trials, in ms.
+    pub rtt_ms: Vec<f64>,
+    /// Bare tonic calls per second with 64 in flight on one connection, per block.
+    pub bare_calls_per_s: Vec<f64>,
+    /// Node-to-node calls of one epoch (pulls and metas).
+    pub calls_per_epoch: u64,
+}
+
+impl SumFigures {
+    /// Writes per epoch: etcd's revision delta over the window ÷ epochs.
+    pub fn writes_per_epoch(&self) -> Option<f64> {
+        self.revision_delta.map(|d| d as f64 / self.epochs as f64)
+    }
+
+    /// Unary gRPC requests etcd handled over the window ÷ epochs (streams' messages apart).
+    pub fn requests_per_epoch(&self) -> Option<f64> {
+        if self.metrics.is_empty() || self.epochs == 0 {
+            return None;
+        }
+        let unary: f64 = self
+            .metrics
+            .iter()
+            .filter(|(k, _)| k.starts_with("grpc_server_handled_total{") && k.ends_with(",unary}"))
+            .map(|(_, v)| v)
+            .sum();
+        Some(unary / self.epochs as f64)
+    }
+
+    /// Per-method unary requests per epoch.
+    pub fn requests_by_method(&self) -> BTreeMap<String, f64> {
+        self.metrics
+            .iter()
+            .filter_map(|(k, v)| {
+                let m = k
+                    .strip_prefix("grpc_server_handled_total{")?
+                    .strip_suffix(",unary}")?;
+                Some((m.to_owned(), v / self.epochs.max(1) as f64))
+            })
+            .collect()
+    }
+
+    /// Messages etcd received on a stream method (`LeaseKeepAlive`, `Watch`) per second.
+    pub fn stream_msgs_per_s(&self, method: &str) -> Option<f64> {
+        let w = self.window?.as_secs_f64();
+        let v = self
+            .metrics
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("grpc_server_msg_received_total{{{method},")))
+            .map(|(_, v)| v)
+            .sum::<f64>();
+        (w > 0.0).then_some(v / w)
+    }
+
+    /// The throughput limit of an epoch on this machine, per block of the bare throughput
+    /// measurement: the epoch's node-to-node calls made one after another at the bare tonic
+    /// rate (all nodes share this process's cores), in ms.
+    pub fn cpu_limit_ms(&self) -> Vec<f64> {
+        self.bare_calls_per_s
+            .iter()
+            .map(|r| self.calls_per_epoch as f64 / r * 1e3)
+            .collect()
+    }
+
+    /// CPU time of this process (all nodes) per epoch of the window, in ms.
+    pub fn cpu_ms_per_epoch(&self) -> Option<f64> {
+        Some(ms(self.window_cpu?) / self.epochs.max(1) as f64)
+    }
+
+    /// The raw figures as JSON.
+    pub fn json(&self) -> Value {
+        json!({
+            "nodes": self.nodes,
+            "staffing_s": self.staffing.map(|d| d.as_secs_f64()),
+            "staffing_etcd_counters_delta": self.staffing_metrics,
+            "rss_before_bytes": self.rss_before,
+            "rss_staffed_bytes": self.rss_staffed,
+            "epochs": self.epochs,
+            "epoch_ms": self.epoch_ms,
+            "window_s": self.window.map(|d| d.as_secs_f64()),
+            "process_cpu_ms_per_epoch": self.cpu_ms_per_epoch(),
+            "etcd_cpu_ms_per_epoch": self.metrics.get("process_cpu_seconds_total").map(|s| s * 1e3 / self.epochs.max(1) as f64),
+            "revision_delta": self.revision_delta,
+            "writes_per_epoch": self.writes_per_epoch(),
+            "requests_per_epoch": self.requests_per_epoch(),
+            "requests_per_epoch_by_method": self.requests_by_method(),
+            "lease_keepalive_msgs_per_s": self.stream_msgs_per_s("LeaseKeepAlive"),
+            "etcd_counters_delta": self.metrics,
+            "limit_ms": self.limit_ms,
+            "cas_ms": self.cas_ms,
+            "rtt_ms": self.rtt_ms,
+            "bare_calls_per_s": self.bare_calls_per_s,
+            "calls_per_epoch": self.calls_per_epoch,
+            "cpu_limit_ms": self.cpu_limit_ms(),
+        })
+    }
+}
+
+/// Collects the root's epoch entries until it has entered epoch `e`.
+async fn wait_for_root(
+    entries: &mut mpsc::UnboundedReceiver<(Epoch, Instant)>,
+    at: &mut BTreeMap<Epoch, Instant>,
+    e: Epoch,
+    timeout: Duration,
+) -> Result<(), BoxError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !at.contains_key(&e) {
+        match tokio::time::timeout_at(deadline, entries.recv()).await {
+            Ok(Some((epoch, when))) => {
+                at.insert(epoch, when);
+            }
+            Ok(None) => return Err(format!("the root is gone before epoch {e}").into()),
+            Err(_) => {
+                let last = at.keys().next_back().copied();
+                return Err(format!(
+                    "the root did not reach epoch {e} within {timeout:?} (last entered: {last:?})"
+                )
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the sum workload once; fills `out` as it goes, so a failure keeps what was measured.
+pub async fn run_sum(etcd: &Etcd, run: &SumRun, out: &mut SumFigures) -> Result<(), BoxError> {
+    let job = taskgraph_tests::job_name(&format!("sum{}", run.tasks));
+    let (entries_tx, mut entries) = mpsc::unbounded_channel();
+    let audit = Audit::with_callback(move |_, e| {
+        if let Event::Enter { task: 0, epoch, .. } = e {
+            let _ = entries_tx.send((*epoch, Instant::now()));
+        }
+    });
+    audit.close_gate();
+    let until = run.warm + run.epochs;
+    let builder = DataflowBuilder {
+        node: "bench".into(),
+        audit: audit.clone(),
+        until,
+        pace: Duration::ZERO,
+        state: false,
+    };
+    let spec = FleetSpec {
+        etcd: etcd.endpoints(),
+        job,
+        tasks: run.tasks,
+        replicas: run.replicas,
+        ttl: run.ttl,
+    };
+    let url = etcd.metrics_url();
+    let before = etcd_metrics(&url).await?;
+    out.rss_before = rss_bytes();
+    let t0 = Instant::now();
+    let fleet = Fleet::start(&spec, builder).await?;
+    out.nodes = fleet.len();
+    let staffed = fleet
+        .wait_staffed(run.tasks, run.replicas, run.staff_timeout)
+        .await;
+    if let Ok(after) = etcd_metrics(&url).await {
+        out.staffing_metrics = delta(&before, &after);
+    }
+    if let Err(e) = staffed {
+        let keys = lacking_keys(etcd, &spec.job, &fleet, run.tasks).await;
+        let mut fleet = fleet;
+        let ended: Vec<String> = fleet
+            .reap_finished()
+            .await
+            .into_iter()
+            .take(3)
+            .map(|(n, how)| format!("{n}× {how}"))
+            .collect();
+        return Err(format!(
+            "{e}; in etcd: {keys}; nodes that ended: [{}]",
+            ended.join("; ")
+        )
+        .into());
+    }
+    out.staffing = Some(t0.elapsed());
+    out.rss_staffed = rss_bytes();
+
+    let mut client = etcd.client().await?;
+    let mut at = BTreeMap::new();
+    audit.open_gate_until(run.warm);
+    wait_for_root(
+        &mut entries,
+        &mut at,
+        run.warm,
+        run.epoch_timeout * run.warm.max(1) as u32,
+    )
+    .await?;
+    // The revision is read outside the counters' window, so the bench's own reads are not
+    // counted as the framework's requests.
+    let r0 = revision(&mut client).await?;
+    let m0 = etcd_metrics(&url).await?;
+    let w0 = Instant::now();
+    let c0 = cpu_time();
+    out.epochs = run.epochs;
+    audit.open_gate_until(until);
+    let window = wait_for_root(
+        &mut entries,
+        &mut at,
+        until,
+        run.epoch_timeout * run.epochs as u32,
+    )
+    .await;
+    // Epochs entered so far, root entry to root entry; the first epoch of the window is left
+    // out (the root entered it before the window opened and waited at the gate).
+    out.epoch_ms = (run.warm + 1..until)
+        .filter_map(|e| Some(ms(*at.get(&(e + 1))? - *at.get(&e)?)))
+        .collect();
+    window?;
+    out.window = Some(w0.elapsed());
+    out.window_cpu = match (c0, cpu_time()) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
+    let m1 = etcd_metrics(&url).await?;
+    let r1 = revision(&mut client).await?;
+    out.metrics = delta(&m0, &m1);
+    out.revision_delta = Some(r1 - r0);
+
+    // The limit, against the same etcd while the nodes sit idle at the gate (their leases are
+    // still kept alive, as during the epochs).
+    if run.limit_trials > 0 {
+        limit_model(&mut client, run.tasks, run.limit_trials, out).await?;
+    }
+
+    audit.open_gate();
+    fleet
+        .finish(run.epoch_timeout.max(Duration::from_secs(30)))
+        .await
+}
+
+/// The limit of one epoch: one etcd compare-and-swap (the epoch's move) plus 2·depth
+/// sequential bare tonic round trips (the parameter down the tree and the sums back up), each
+/// trial timed end to end.
+async fn limit_model(
+    client: &mut etcd_client::Client,
+    tasks: u32,
+    trials: usize,
+    out: &mut SumFigures,
+) -> Result<(), BoxError> {
+    let server = echo_server().await?;
+    let echo = Echoer::connect(&server.addr).await?;
+    let key = format!("taskgraph-bench-limit-{:08x}", rand::random::<u32>());
+    client.put(key.as_str(), "0", None).await?;
+    // What a pull of the sum carries: one postcard-encoded u64.
+    let payload = Bytes::from(taskgraph::encode(&7u64)?.to_vec());
+    let hops = 2 * tree_depth(tasks) as usize;
+    // Warm the connection and etcd.
+    for _ in 0..3 {
+        echo.echo(payload.clone()).await?;
+    }
+    for value in (0u64..).take(trials) {
+        let t0 = Instant::now();
+        let txn = Txn::new()
+            .when([Compare::value(
+                key.as_str(),
+                CompareOp::Equal,
+                value.to_string(),
+            )])
+            .and_then([TxnOp::put(key.as_str(), (value + 1).to_string(), None)]);
+        let r = client.txn(txn).await?;
+        if !r.succeeded() {
+            return Err("limit model: the compare-and-swap failed".into());
+        }
+        let cas = t0.elapsed();
+        for _ in 0..hops {
+            let t = Instant::now();
+            echo.echo(payload.clone()).await?;
+            out.rtt_ms.push(ms(t.elapsed()));
+        }
+        out.limit_ms.push(ms(t0.elapsed()));
+        out.cas_ms.push(ms(cas));
+    }
+    client.delete(key.as_str(), None).await?;
+    // Per edge of the tree, an epoch makes three calls: the child's pull of the parameter,
+    // the parent's pull of the child's sum, the child's `done` meta.
+    out.calls_per_epoch = 3 * u64::from(tasks.saturating_sub(1));
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let calls = 1000;
+        let results: Vec<Result<(), BoxError>> = futures::stream::iter(0..calls)
+            .map(|_| echo.echo(payload.clone()))
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        results.into_iter().collect::<Result<Vec<()>, _>>()?;
+        out.bare_calls_per_s
+            .push(f64::from(calls) / t0.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+/// What etcd holds for the first tasks without an acting primary or without every backup (for
+/// the error of a failed staffing): each slot key with its lease, its value, and what the node
+/// named in it says it is.
+async fn lacking_keys(etcd: &Etcd, job: &str, fleet: &Fleet, tasks: u32) -> String {
+    let s = fleet.statuses();
+    let backups = fleet.replicas().saturating_sub(1) as usize;
+    let lacking: Vec<u32> = (0..tasks)
+        .filter(|t| {
+            let acting_backups = s
+                .iter()
+                .filter(|(_, st)| st.acting && st.role == taskgraph::Role::Backup { task: *t })
+                .count();
+            !s.iter().any(|(_, st)| st.primary_of(*t).is_some()) || acting_backups < backups
+        })
+        .take(3)
+        .collect();
+    let Ok(mut client) = etcd.client().await else {
+        return "etcd unreachable".into();
+    };
+    let mut out = Vec::new();
+    for t in lacking {
+        let prefix = format!("/taskgraph/jobs/{job}/tasks/{t}/");
+        match client
+            .get(
+                prefix.as_str(),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+        {
+            Ok(r) => {
+                let kvs: Vec<String> = r
+                    .kvs()
+                    .iter()
+                    .map(|kv| {
+                        let value = kv.value_str().unwrap_or("?");
+                        // That node's own view of its role.
+                        let view = s
+                            .iter()
+                            .find(|(_, st)| value.contains(&format!("\"{}\"", st.node_id)))
+                            .map(|(_, st)| {
+                                format!("{:?} acting={} epoch={:?}", st.role, st.acting, st.epoch)
+                            })
+                            .unwrap_or_else(|| "not running".into());
+                        format!(
+                            "{} lease={:x} create_rev={} = {value} (its status: {view})",
+                            kv.key_str().unwrap_or("?").trim_start_matches(&prefix),
+                            kv.lease(),
+                            kv.create_revision(),
+                        )
+                    })
+                    .collect();
+                out.push(format!("task {t}: [{}]", kvs.join(", ")));
+            }
+            Err(e) => out.push(format!("task {t}: {e}")),
+        }
+    }
+    out.join("; ")
+}

@@ -1,0 +1,676 @@
+//! `bench`: the benchmark suite of taskgraph. Every figure is printed, never asserted.
+//!
+//! Run it through `ci/bench` (builds in release, raises the open-files limit, writes
+//! `target/bench/report.json`); `ci/bench --quick` is the short smoke run CI uses. Scenarios,
+//! each against a private etcd of its own started on free loopback ports:
+//!
+//! * `epoch`: epoch latency of the `sum` workload with in-process nodes (15, 63, 255 tasks)
+//!   against a limit model measured in the same run (one etcd compare-and-swap plus 2·depth
+//!   bare tonic round trips), and etcd's writes and requests per epoch from its `/metrics`;
+//! * `failover`: nodes as processes, SIGKILL and SIGTERM of a primary with one backup, at
+//!   lease TTLs of 1 s and 5 s;
+//! * `pulls`: pull latency and throughput, 1 KiB at 1 and 16 in flight and 16 MiB, framework
+//!   vs a bare tonic echo service;
+//! * `scale`: 1,024 tasks × 2 replicas in-process against one etcd (128 with `--quick`);
+//! * `regression`: the regression example's default run end to end.
+//!
+//! Each scenario has a time limit; one that fails or runs out of time is reported as FAILED
+//! with what it saw (its nodes are stopped) and the suite goes on. The exit code is non-zero
+//! when a scenario failed.
+
+mod common;
+mod epoch;
+mod failover;
+mod pulls;
+mod regression;
+mod report;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::{json, Value};
+use taskgraph_tests::etcd::Etcd;
+
+use crate::common::BoxError;
+use crate::report::{ratio_text, Row, ScenarioReport};
+
+#[derive(Debug, Parser)]
+#[command(about = "taskgraph's benchmark suite: prints a table, writes a JSON report")]
+struct Args {
+    /// The short smoke run (under 2 minutes): fewer trials and epochs, 128 tasks at scale.
+    #[arg(long)]
+    quick: bool,
+    /// Run only these scenarios (epoch, failover, pulls, scale, regression).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "target/bench/report.json")]
+    json: PathBuf,
+    /// The `testnode` binary of taskgraph-tests (default: next to this executable).
+    #[arg(long)]
+    testnode: Option<PathBuf>,
+    /// The `regression` binary of taskgraph-examples (default: next to this executable).
+    #[arg(long)]
+    regression: Option<PathBuf>,
+    /// Tasks of the scale scenario (default 256 then 1024, 128 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    scale_tasks: Option<u32>,
+    /// Limit on staffing in the scale scenario, in seconds (default 90, 30 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    scale_staff_secs: Option<u64>,
+}
+
+/// Settings of one suite run.
+#[derive(Debug, Clone)]
+struct Plan {
+    quick: bool,
+    sizes: Vec<u32>,
+    epoch_replicas: u32,
+    epochs: u64,
+    limit_trials: usize,
+    failover_trials: usize,
+    failover_ttls: Vec<u64>,
+    pull_rounds: usize,
+    pull_cases: Vec<pulls::Case>,
+    scale_sizes: Vec<u32>,
+    scale_epochs: u64,
+    scale_staff: Duration,
+    regression_runs: usize,
+    regression_flags: Vec<String>,
+}
+
+impl Plan {
+    fn new(args: &Args) -> Plan {
+        let q = args.quick;
+        Plan {
+            quick: q,
+            sizes: vec![15, 63, 255],
+            // The epoch's own cost: backups take no part in an epoch of this workload (no
+            // `replicate`); replicated nodes are measured by the scale scenario.
+            epoch_replicas: 1,
+            epochs: if q { 8 } else { 30 },
+            limit_trials: if q { 10 } else { 30 },
+            failover_trials: if q { 3 } else { 20 },
+            failover_ttls: vec![1, 5],
+            pull_rounds: if q { 3 } else { 10 },
+            pull_cases: vec![
+                pulls::Case {
+                    bytes: 1024,
+                    concurrency: 1,
+                    per_block: if q { 100 } else { 300 },
+                },
+                pulls::Case {
+                    bytes: 1024,
+                    concurrency: 16,
+                    per_block: if q { 400 } else { 1600 },
+                },
+                pulls::Case {
+                    bytes: 16 << 20,
+                    concurrency: 1,
+                    per_block: if q { 2 } else { 4 },
+                },
+            ],
+            scale_sizes: match (args.scale_tasks, q) {
+                (Some(n), _) => vec![n],
+                (None, true) => vec![128],
+                (None, false) => vec![256, 1024],
+            },
+            scale_epochs: if q { 5 } else { 10 },
+            scale_staff: Duration::from_secs(args.scale_staff_secs.unwrap_or(if q {
+                30
+            } else {
+                90
+            })),
+            regression_runs: if q { 2 } else { 10 },
+            regression_flags: Vec::new(),
+        }
+    }
+}
+
+/// Runs one scenario under a time limit; `body` fills `rows` and `details` as it measures, so
+/// a failure keeps what was measured before it.
+async fn scenario<F, Fut>(name: &str, setup: String, limit: Duration, body: F) -> ScenarioReport
+where
+    F: FnOnce(Sink) -> Fut,
+    Fut: Future<Output = Result<(), BoxError>>,
+{
+    eprintln!("bench: {name}: {setup}");
+    let t0 = Instant::now();
+    let sink = Sink::default();
+    let result = tokio::time::timeout(limit, body(sink.clone())).await;
+    let error = match result {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some(format!(
+            "did not finish within {limit:?} (stopped; figures so far kept)"
+        )),
+    };
+    if let Some(e) = &error {
+        eprintln!("bench: {name}: FAILED: {e}");
+    }
+    let (rows, details) = sink.take();
+    ScenarioReport {
+        name: name.to_owned(),
+        setup,
+        ok: error.is_none(),
+        error,
+        seconds: t0.elapsed().as_secs_f64(),
+        rows,
+        details,
+    }
+}
+
+/// Where a scenario puts its figures as soon as it has them.
+#[derive(Debug, Clone, Default)]
+struct Sink(std::sync::Arc<std::sync::Mutex<Collected>>);
+
+/// Rows and details collected by a scenario.
+type Collected = (Vec<Row>, serde_json::Map<String, Value>);
+
+impl Sink {
+    fn rows(&self, rows: impl IntoIterator<Item = Row>) {
+        if let Ok(mut g) = self.0.lock() {
+            g.0.extend(rows);
+        }
+    }
+    fn detail(&self, key: &str, v: Value) {
+        if let Ok(mut g) = self.0.lock() {
+            g.1.insert(key.to_owned(), v);
+        }
+    }
+    fn take(&self) -> (Vec<Row>, Value) {
+        match self.0.lock() {
+            Ok(mut g) => (
+                std::mem::take(&mut g.0),
+                Value::Object(std::mem::take(&mut g.1)),
+            ),
+            Err(_) => (Vec::new(), Value::Null),
+        }
+    }
+}
+
+fn next_to_me(name: &str, given: &Option<PathBuf>, build: &str) -> Result<PathBuf, BoxError> {
+    if let Some(p) = given {
+        return Ok(p.clone());
+    }
+    let me = std::env::current_exe()?;
+    let path = me.with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if !path.is_file() {
+        return Err(format!(
+            "no {name} binary at {} (build it with `{build}`, or pass --{name})",
+            path.display()
+        )
+        .into());
+    }
+    Ok(path)
+}
+
+async fn epoch_scenario(plan: &Plan, sink: Sink) -> Result<(), BoxError> {
+    let etcd = Etcd::start().await?;
+    let mut base_requests = None;
+    let mut first_error = None;
+    let mut all_cas = Vec::new();
+    let mut all_rtt = Vec::new();
+    for &n in &plan.sizes {
+        let run = epoch::SumRun {
+            tasks: n,
+            replicas: plan.epoch_replicas,
+            ttl: Duration::from_secs(2),
+            warm: 3,
+            epochs: plan.epochs,
+            staff_timeout: Duration::from_secs(if plan.quick { 20 } else { 60 }),
+            epoch_timeout: Duration::from_secs(20),
+            limit_trials: plan.limit_trials,
+        };
+        let mut f = epoch::SumFigures::default();
+        let r = epoch::run_sum(&etcd, &run, &mut f).await;
+        let d = common::tree_depth(n);
+        let fw = Row::new(
+            format!("sum epoch, {n} tasks × {}", run.replicas),
+            "ms",
+            &f.epoch_ms,
+        );
+        let fw_median = fw.median();
+        let limit = Row::new(
+            format!("limit: 1 CAS + {} bare RTTs (depth {d})", 2 * d),
+            "ms",
+            &f.limit_ms,
+        );
+        let cpu = Row::new(
+            format!("limit, CPU-bound: {} bare calls", f.calls_per_epoch),
+            "ms",
+            &f.cpu_limit_ms(),
+        );
+        let vs = format!(
+            "{}, {}",
+            ratio_text("÷ limit", fw.median(), limit.median()),
+            ratio_text("÷ CPU-bound", fw.median(), cpu.median())
+        );
+        let requests = f.requests_per_epoch();
+        if base_requests.is_none() {
+            base_requests = requests;
+        }
+        let mut rows = vec![fw.versus(vs), limit, cpu];
+        if let Some(w) = f.writes_per_epoch() {
+            rows.push(Row::single(
+                format!("etcd writes per epoch, {n} tasks"),
+                "writes",
+                w,
+            ));
+        }
+        if let Some(q) = requests {
+            rows.push(
+                Row::single(format!("etcd requests per epoch, {n} tasks"), "requests", q).versus(
+                    ratio_text(
+                        &format!("÷ {} tasks", plan.sizes[0]),
+                        Some(q),
+                        base_requests,
+                    ),
+                ),
+            );
+        }
+        if let Some(c) = f.cpu_ms_per_epoch() {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            rows.push(
+                Row::single(format!("CPU of all nodes per epoch, {n} tasks"), "ms", c).versus(
+                    ratio_text(
+                        &format!("÷ (epoch × {cores} cores)"),
+                        Some(c),
+                        fw_median.map(|m| m * cores),
+                    ),
+                ),
+            );
+        }
+        if let Some(ev) = f.metrics.get("etcd_debugging_mvcc_events_total") {
+            rows.push(
+                Row::single(
+                    format!("etcd watch events sent per epoch, {n} tasks"),
+                    "events",
+                    ev / f.epochs.max(1) as f64,
+                )
+                .versus(format!(
+                    "÷ nodes {:.2}",
+                    ev / f.epochs.max(1) as f64 / f.nodes.max(1) as f64
+                )),
+            );
+        }
+        sink.rows(rows);
+        all_cas.extend_from_slice(&f.cas_ms);
+        all_rtt.extend_from_slice(&f.rtt_ms);
+        sink.detail(&format!("tasks_{n}"), f.json());
+        if let Err(e) = r {
+            // The next size still runs; the scenario reports the first failure.
+            eprintln!("bench: epoch: {n} tasks: {e}");
+            first_error.get_or_insert(format!("{n} tasks: {e}"));
+        }
+    }
+    sink.rows([
+        Row::new("etcd CAS (txn) alone", "ms", &all_cas),
+        Row::new("bare tonic round trip, 8 B", "ms", &all_rtt),
+    ]);
+    match first_error {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+async fn failover_scenario(plan: &Plan, bin: PathBuf, sink: Sink) -> Result<(), BoxError> {
+    let etcd = Etcd::start().await?;
+    let bin = bin.to_string_lossy().into_owned();
+    for &ttl in &plan.failover_ttls {
+        let mut trials = Vec::new();
+        let r = failover::run(&etcd, &bin, ttl, plan.failover_trials, &mut trials).await;
+        sink.rows(failover::rows(ttl, &trials));
+        sink.detail(&format!("ttl_{ttl}s"), failover::json(ttl, &trials));
+        r?;
+    }
+    Ok(())
+}
+
+async fn pulls_scenario(plan: &Plan, sink: Sink) -> Result<(), BoxError> {
+    let etcd = Etcd::start().await?;
+    let mut figures = Vec::new();
+    let r = pulls::run(&etcd, &plan.pull_cases, plan.pull_rounds, &mut figures).await;
+    sink.rows(pulls::rows(&plan.pull_cases, &figures));
+    sink.detail(
+        "pulls",
+        pulls::json(&plan.pull_cases, &figures, plan.pull_rounds),
+    );
+    r
+}
+
+/// The scale scenario, one child process (this executable with `--scale-tasks`) per size: a
+/// fresh process makes the RSS delta the nodes' own, and a size that hangs is stopped with
+/// its process.
+async fn scale_in_children(plan: &Plan, sink: Sink) -> Result<(), BoxError> {
+    let me = std::env::current_exe()?;
+    let dir = tempdir()?;
+    let mut first_error = None;
+    for &n in &plan.scale_sizes {
+        let json = dir.join(format!("scale-{n}.json"));
+        let mut cmd = tokio::process::Command::new(&me);
+        cmd.arg("--only")
+            .arg("scale")
+            .arg("--scale-tasks")
+            .arg(n.to_string())
+            .arg("--scale-staff-secs")
+            .arg(plan.scale_staff.as_secs().to_string())
+            .arg("--json")
+            .arg(&json)
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        if plan.quick {
+            cmd.arg("--quick");
+        }
+        let status = cmd.status().await?;
+        let doc: Option<Value> = std::fs::read(&json)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let child = doc
+            .as_ref()
+            .and_then(|d| d.get("scenarios")?.get(0))
+            .cloned();
+        let Some(child) = child else {
+            first_error.get_or_insert(format!(
+                "{n} tasks: the child bench exited with {status} and no report"
+            ));
+            continue;
+        };
+        if let Some(rows) = child.get("rows").cloned() {
+            sink.rows(serde_json::from_value::<Vec<Row>>(rows).unwrap_or_default());
+        }
+        sink.detail(
+            &format!("tasks_{n}"),
+            child
+                .get("details")
+                .and_then(|d| d.get(format!("tasks_{n}")))
+                .cloned()
+                .unwrap_or(Value::Null),
+        );
+        if let Some(e) = child.get("error").and_then(Value::as_str) {
+            first_error.get_or_insert(e.to_owned());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    match first_error {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+async fn scale_scenario(plan: &Plan, sink: Sink) -> Result<(), BoxError> {
+    let mut first_error = None;
+    for &n in &plan.scale_sizes {
+        // A fresh etcd per size: what a failed size left behind does not weigh on the next.
+        let etcd = Etcd::start().await?;
+        let run = epoch::SumRun {
+            tasks: n,
+            replicas: 2,
+            ttl: Duration::from_secs(5),
+            warm: 2,
+            epochs: plan.scale_epochs,
+            staff_timeout: plan.scale_staff,
+            epoch_timeout: Duration::from_secs(30),
+            limit_trials: plan.limit_trials,
+        };
+        let mut f = epoch::SumFigures::default();
+        let r = epoch::run_sum(&etcd, &run, &mut f).await;
+        let nodes = f.nodes.max(1) as f64;
+        let mut rows = Vec::new();
+        match (f.staffing, &r) {
+            (Some(s), _) => rows.push(Row::single(
+                format!("{n} tasks × 2: every slot filled"),
+                "s",
+                s.as_secs_f64(),
+            )),
+            (None, Err(_)) => rows.push(
+                Row::new(format!("{n} tasks × 2: every slot filled"), "s", &[])
+                    .versus(format!("not within {} s", plan.scale_staff.as_secs())),
+            ),
+            (None, Ok(())) => {}
+        }
+        if let Some(events) = f.staffing_metrics.get("etcd_debugging_mvcc_events_total") {
+            rows.push(
+                Row::single(
+                    format!("{n} tasks × 2: etcd watch events until then"),
+                    "events",
+                    *events,
+                )
+                .versus(format!("÷ nodes² {:.2}", events / (nodes * nodes))),
+            );
+        }
+        if let (Some(a), Some(b)) = (f.rss_before, f.rss_staffed.or_else(common::rss_bytes)) {
+            rows.push(Row::single(
+                format!("{n} tasks × 2: memory per node (RSS Δ ÷ {} nodes)", f.nodes),
+                "KiB",
+                (b.saturating_sub(a)) as f64 / nodes / 1024.0,
+            ));
+        }
+        let fw = Row::new(format!("sum epoch, {n} tasks × 2"), "ms", &f.epoch_ms);
+        let d = common::tree_depth(n);
+        let limit = Row::new(
+            format!("limit: 1 CAS + {} bare RTTs (depth {d})", 2 * d),
+            "ms",
+            &f.limit_ms,
+        );
+        let cpu = Row::new(
+            format!("limit, CPU-bound: {} bare calls", f.calls_per_epoch),
+            "ms",
+            &f.cpu_limit_ms(),
+        );
+        let vs = format!(
+            "{}, {}",
+            ratio_text("÷ limit", fw.median(), limit.median()),
+            ratio_text("÷ CPU-bound", fw.median(), cpu.median())
+        );
+        if !f.epoch_ms.is_empty() {
+            rows.push(fw.versus(vs));
+            rows.push(limit);
+            rows.push(cpu);
+        }
+        if let Some(q) = f.requests_per_epoch() {
+            rows.push(Row::single(
+                format!("etcd requests per epoch, {n} tasks"),
+                "requests",
+                q,
+            ));
+        }
+        sink.rows(rows);
+        sink.detail(&format!("tasks_{n}"), f.json());
+        if let Err(e) = r {
+            eprintln!("bench: scale: {n} tasks: {e}");
+            first_error.get_or_insert(format!("{n} tasks: {e}"));
+        }
+    }
+    match first_error {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+async fn regression_scenario(plan: &Plan, bin: PathBuf, sink: Sink) -> Result<(), BoxError> {
+    let etcd = Etcd::start().await?;
+    let dir = tempdir()?;
+    let mut runs = Vec::new();
+    let limit = Duration::from_secs(if plan.quick { 60 } else { 150 });
+    let mut result = Ok(());
+    for _ in 0..plan.regression_runs {
+        match regression::run_once(&etcd, &bin, &plan.regression_flags, &dir, limit).await {
+            Ok(r) => runs.push(r),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let wall: Vec<f64> = runs.iter().map(|r| r.wall_ms / 1e3).collect();
+    let per_epoch: Vec<f64> = runs
+        .iter()
+        .flat_map(|r| r.epoch_ms.iter().copied())
+        .collect();
+    let epochs = runs.first().and_then(|r| r.epochs).unwrap_or(0);
+    sink.rows([
+        Row::new(
+            format!("default run ({epochs} epochs): wall time"),
+            "s",
+            &wall,
+        ),
+        Row::new("per epoch (epoch key changes)", "ms", &per_epoch),
+    ]);
+    sink.detail(
+        "regression",
+        regression::json(&runs, &plan.regression_flags),
+    );
+    result
+}
+
+fn tempdir() -> Result<PathBuf, BoxError> {
+    let dir = std::env::temp_dir().join(format!("taskgraph-bench-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn machine() -> Value {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let etcd = std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_owned));
+    json!({
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "loadavg_at_start": load.trim(),
+        "etcd": etcd,
+        "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+    })
+}
+
+async fn run(args: Args) -> Result<bool, BoxError> {
+    let plan = Plan::new(&args);
+    let wanted = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
+    let machine = machine();
+    let started = Instant::now();
+    let mut reports = Vec::new();
+    let q = plan.quick;
+    let secs = |full: u64, quick: u64| Duration::from_secs(if q { quick } else { full });
+    if wanted("epoch") {
+        let setup = format!(
+            "sum workload, binary tree, {:?} tasks × {} replicas in-process, {} epochs after 3; limit model {} trials",
+            plan.sizes, plan.epoch_replicas, plan.epochs, plan.limit_trials
+        );
+        reports.push(scenario("epoch", setup, secs(240, 60), |s| epoch_scenario(&plan, s)).await);
+    }
+    if wanted("failover") {
+        let setup = format!(
+            "2 tasks × 2 replicas as testnode processes, {} trials per signal at TTL {:?} s, task 0 pausing {} ms per epoch",
+            plan.failover_trials, plan.failover_ttls, failover::PACE_MS
+        );
+        let r = match next_to_me(
+            "testnode",
+            &args.testnode,
+            "cargo build --release -p taskgraph-tests --bin testnode",
+        ) {
+            Ok(bin) => {
+                scenario("failover", setup, secs(300, 60), |s| {
+                    failover_scenario(&plan, bin, s)
+                })
+                .await
+            }
+            Err(e) => scenario("failover", setup, secs(1, 1), |_| async move { Err(e) }).await,
+        };
+        reports.push(r);
+    }
+    if wanted("pulls") {
+        let setup = format!(
+            "2 tasks × 1 in-process, Context::request vs bare tonic echo, {} rounds",
+            plan.pull_rounds
+        );
+        reports.push(scenario("pulls", setup, secs(120, 40), |s| pulls_scenario(&plan, s)).await);
+    }
+    if wanted("scale") {
+        let setup = format!(
+            "{:?} tasks × 2 replicas in-process against one etcd each, lease TTL 5 s{}",
+            plan.scale_sizes,
+            if q {
+                " (--quick: smaller than the full run's 1,024)"
+            } else {
+                ""
+            }
+        );
+        let limit = plan.scale_staff * plan.scale_sizes.len() as u32 + secs(120, 30);
+        let r = if args.scale_tasks.is_some() {
+            scenario("scale", setup, limit, |s| scale_scenario(&plan, s)).await
+        } else {
+            scenario("scale", setup, limit, |s| scale_in_children(&plan, s)).await
+        };
+        reports.push(r);
+    }
+    if wanted("regression") {
+        let setup = format!(
+            "regression (default flags) as processes, {} runs",
+            plan.regression_runs
+        );
+        let r = match next_to_me(
+            "regression",
+            &args.regression,
+            "cargo build --release -p taskgraph-examples --bin regression",
+        ) {
+            Ok(bin) => {
+                scenario("regression", setup, secs(400, 60), |s| {
+                    regression_scenario(&plan, bin, s)
+                })
+                .await
+            }
+            Err(e) => scenario("regression", setup, secs(1, 1), |_| async move { Err(e) }).await,
+        };
+        reports.push(r);
+    }
+    let total = started.elapsed().as_secs_f64();
+    println!("{}", report::table(&reports));
+    println!(
+        "taskgraph bench{}: {total:.0} s; medians over repeated trials with min and max; ratios measured in the same run; report: {}",
+        if q { " --quick" } else { "" },
+        args.json.display()
+    );
+    let ok = reports.iter().all(|r| r.ok);
+    let doc = json!({
+        "quick": q,
+        "machine": machine,
+        "total_s": total,
+        "ok": ok,
+        "scenarios": reports,
+    });
+    if let Some(dir) = args.json.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir)?;
+        }
+    }
+    std::fs::write(&args.json, serde_json::to_vec_pretty(&doc)?)?;
+    Ok(ok)
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    match run(Args::parse()).await {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("bench: some scenarios FAILED (see the table)");
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! Pull throughput and latency, framework vs bare tonic (scenario `pulls`).
+//!
+//! A job of 2 tasks, 1 replica each, in-process: task 1 answers every `echo` pull with its
+//! input; task 0's spawned work pulls with the awaitable `Context::request` (payload bytes,
+//! postcard-encoded as every typed pull is). The bare side is a tonic echo service of its own
+//! (`proto/echo.proto`, no event loop, no etcd), called over one HTTP/2 connection with the
+//! same encoded payload. Each round runs every case as two blocks, bare and framework (their
+//! order alternating between rounds, so drift of a shared machine weighs on both), then moves
+//! the job to the next epoch, which frees the answers the serving side keeps per epoch for
+//! retries.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use taskgraph::{async_trait, Context, ContextError, DataRequest, Epoch, Task, TaskId};
+use taskgraph_tests::etcd::Etcd;
+use tokio::sync::watch;
+
+use crate::common::{echo_server, BoxError, Echoer, Fleet, FleetSpec};
+use crate::report::{ratio, ratio_text, Row, Stats};
+
+/// One case: payload size, pulls in flight, pulls per block.
+#[derive(Debug, Clone, Copy)]
+pub struct Case {
+    /// Payload bytes.
+    pub bytes: usize,
+    /// Pulls in flight.
+    pub concurrency: usize,
+    /// Pulls per block.
+    pub per_block: usize,
+}
+
+impl Case {
+    fn name(&self) -> String {
+        let size = if self.bytes >= 1 << 20 {
+            format!("{} MiB", self.bytes >> 20)
+        } else {
+            format!("{} KiB", self.bytes >> 10)
+        };
+        format!("{size} × {} in flight", self.concurrency)
+    }
+}
+
+/// Per case: latencies of every pull (µs) and throughput of every block (pulls/s), bare and
+/// framework.
+#[derive(Debug, Default, Clone)]
+pub struct CaseFigures {
+    /// Bare latencies, µs.
+    pub bare_us: Vec<f64>,
+    /// Framework latencies, µs.
+    pub fw_us: Vec<f64>,
+    /// Bare blocks, pulls/s.
+    pub bare_rate: Vec<f64>,
+    /// Framework blocks, pulls/s.
+    pub fw_rate: Vec<f64>,
+}
+
+#[derive(Debug)]
+struct Probe {
+    cases: Vec<Case>,
+    rounds: usize,
+    bare: Echoer,
+    gate: watch::Receiver<bool>,
+    entered: watch::Sender<Epoch>,
+    figures: Mutex<Vec<CaseFigures>>,
+    result: watch::Sender<Option<Result<(), String>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Probe {
+    async fn block(
+        &self,
+        ctx: &Context,
+        case: Case,
+        payload: &Bytes,
+        raw: &[u8],
+        framework: bool,
+    ) -> Result<(Vec<f64>, f64), String> {
+        let t0 = Instant::now();
+        let lat: Vec<Result<f64, String>> = futures::stream::iter(0..case.per_block)
+            .map(|_| async move {
+                let t = Instant::now();
+                if framework {
+                    let answer: Vec<u8> = ctx
+                        .request::<[u8], Vec<u8>>(1, "echo", raw)
+                        .await
+                        .map_err(|e| format!("framework pull: {e}"))?;
+                    if answer.len() != raw.len() {
+                        return Err(format!("framework pull answered {} bytes", answer.len()));
+                    }
+                } else {
+                    self.bare
+                        .echo(payload.clone())
+                        .await
+                        .map_err(|e| format!("bare pull: {e}"))?;
+                }
+                Ok(t.elapsed().as_secs_f64() * 1e6)
+            })
+            .buffer_unordered(case.concurrency)
+            .collect()
+            .await;
+        let took = t0.elapsed().as_secs_f64();
+        let lat = lat.into_iter().collect::<Result<Vec<_>, _>>()?;
+        Ok((lat, case.per_block as f64 / took))
+    }
+
+    async fn measure(&self, ctx: &Context) -> Result<(), String> {
+        let payloads: Vec<(Vec<u8>, Bytes)> = self
+            .cases
+            .iter()
+            .map(|c| {
+                let raw: Vec<u8> = (0..c.bytes).map(|i| (i % 251) as u8).collect();
+                let encoded = taskgraph::encode(&raw[..]).map_err(|e| e.to_string())?;
+                Ok((raw, encoded))
+            })
+            .collect::<Result<_, String>>()?;
+        let mut entered = self.entered.subscribe();
+        // Round 0 warms both sides up and is not recorded.
+        for round in 0..=self.rounds {
+            for (i, case) in self.cases.iter().enumerate() {
+                let (raw, encoded) = &payloads[i];
+                let order = if round % 2 == 0 {
+                    [false, true]
+                } else {
+                    [true, false]
+                };
+                for framework in order {
+                    let (lat, rate) = self.block(ctx, *case, encoded, raw, framework).await?;
+                    if round > 0 {
+                        let mut f = lock(&self.figures);
+                        let f = &mut f[i];
+                        if framework {
+                            f.fw_us.extend(lat);
+                            f.fw_rate.push(rate);
+                        } else {
+                            f.bare_us.extend(lat);
+                            f.bare_rate.push(rate);
+                        }
+                    }
+                }
+            }
+            // Next epoch: the serving side forgets this epoch's answers.
+            let epoch = ctx.epoch();
+            retry(|| async { ctx.inc_epoch(epoch).await.map(|_| ()) })
+                .await
+                .map_err(|e| format!("inc_epoch: {e}"))?;
+            tokio::time::timeout(Duration::from_secs(30), entered.wait_for(|e| *e > epoch))
+                .await
+                .map_err(|_| format!("task 0 did not enter epoch {} within 30 s", epoch + 1))?
+                .map_err(|_| "the probe is gone".to_owned())?;
+        }
+        Ok(())
+    }
+}
+
+/// Retries a verb through etcd hiccups.
+async fn retry<F, Fut>(mut verb: F) -> Result<(), ContextError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), ContextError>>,
+{
+    let mut delay = Duration::from_millis(10);
+    for _ in 0..20 {
+        match verb().await {
+            Err(ContextError::Etcd(_) | ContextError::Suspended { .. }) => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(500));
+            }
+            r => return r,
+        }
+    }
+    verb().await
+}
+
+struct PullTask {
+    task: TaskId,
+    probe: Arc<Probe>,
+    started: bool,
+}
+
+#[async_trait]
+impl Task for PullTask {
+    async fn enter_epoch(&mut self, ctx: &Context, epoch: Epoch) {
+        if self.task != 0 {
+            return;
+        }
+        self.probe.entered.send_replace(epoch);
+        if self.started {
+            return;
+        }
+        self.started = true;
+        let (ctx, probe) = (ctx.clone(), self.probe.clone());
+        ctx.clone().spawn(async move {
+            let mut gate = probe.gate.clone();
+            if gate.wait_for(|open| *open).await.is_err() {
+                return;
+            }
+            let r = probe.measure(&ctx).await;
+            // Tell the bench first: ending the job aborts this slot's spawned work.
+            probe.result.send_replace(Some(r));
+            let _ = retry(|| async { ctx.shutdown_job().await.map(|_| ()) }).await;
+        });
+    }
+
+    async fn serve_data(&mut self, _ctx: &Context, request: DataRequest) {
+        if request.method() == "echo" {
+            let input = request.input().clone();
+            request.reply(input);
+        } else {
+            request.unknown_method();
+        }
+    }
+}
+
+/// Runs every case for `rounds` rounds.
+pub async fn run(
+    etcd: &Etcd,
+    cases: &[Case],
+    rounds: usize,
+    out: &mut Vec<CaseFigures>,
+) -> Result<(), BoxError> {
+    let server = echo_server().await?;
+    let bare = Echoer::connect(&server.addr).await?;
+    let (gate_tx, gate) = watch::channel(false);
+    let (result, mut result_rx) = watch::channel(None);
+    let probe = Arc::new(Probe {
+        cases: cases.to_vec(),
+        rounds,
+        bare,
+        gate,
+        entered: watch::Sender::new(0),
+        figures: Mutex::new(vec![CaseFigures::default(); cases.len()]),
+        result,
+    });
+    let spec = FleetSpec {
+        etcd: etcd.endpoints(),
+        job: taskgraph_tests::job_name("pulls"),
+        tasks: 2,
+        replicas: 1,
+        ttl: Duration::from_secs(2),
+    };
+    let p = probe.clone();
+    let fleet = Fleet::start(&spec, move |task| {
+        Box::new(PullTask {
+            task,
+            probe: p.clone(),
+            started: false,
+        }) as Box<dyn Task>
+    })
+    .await?;
+    fleet.wait_staffed(2, 1, Duration::from_secs(60)).await?;
+    gate_tx.send_replace(true);
+    let waited = result_rx.wait_for(|r| r.is_some()).await.map(|r| r.clone());
+    *out = lock(&probe.figures).clone();
+    match waited {
+        Ok(Some(Ok(()))) => {}
+        Ok(Some(Err(e))) => return Err(e.into()),
+        _ => return Err("the measuring task is gone".into()),
+    }
+    fleet.finish(Duration::from_secs(30)).await
+}
+
+/// Rows of the measured cases.
+pub fn rows(cases: &[Case], figures: &[CaseFigures]) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (case, f) in cases.iter().zip(figures) {
+        let name = case.name();
+        let bare_lat = Row::new(format!("{name}: bare tonic latency"), "µs", &f.bare_us);
+        let fw_lat = Row::new(format!("{name}: framework latency"), "µs", &f.fw_us);
+        let lat_vs = ratio_text("÷ bare", fw_lat.median(), bare_lat.median());
+        rows.push(bare_lat);
+        rows.push(fw_lat.versus(lat_vs));
+        let (unit, scale) = if case.bytes >= 1 << 20 {
+            ("MiB/s", case.bytes as f64 / f64::from(1 << 20))
+        } else {
+            ("pulls/s", 1.0)
+        };
+        let scaled = |v: &[f64]| v.iter().map(|x| x * scale).collect::<Vec<_>>();
+        let bare_rate = Row::new(
+            format!("{name}: bare tonic throughput"),
+            unit,
+            &scaled(&f.bare_rate),
+        );
+        let fw_rate = Row::new(
+            format!("{name}: framework throughput"),
+            unit,
+            &scaled(&f.fw_rate),
+        );
+        let rate_vs = ratio_text("÷ bare", fw_rate.median(), bare_rate.median());
+        rows.push(bare_rate);
+        rows.push(fw_rate.versus(rate_vs));
+    }
+    rows
+}
+
+/// The figures as JSON.
+pub fn json(cases: &[Case], figures: &[CaseFigures], rounds: usize) -> Value {
+    json!({
+        "rounds": rounds,
+        "cases": cases.iter().zip(figures).map(|(c, f)| {
+            let (b, w) = (Stats::of(&f.bare_us), Stats::of(&f.fw_us));
+            json!({
+                "payload_bytes": c.bytes,
+                "concurrency": c.concurrency,
+                "pulls_per_block": c.per_block,
+                "bare_latency_us": b,
+                "framework_latency_us": w,
+                "latency_ratio": ratio(w.map(|s| s.median), b.map(|s| s.median)),
+                "bare_pulls_per_s": Stats::of(&f.bare_rate),
+                "framework_pulls_per_s": Stats::of(&f.fw_rate),
+                "throughput_ratio": ratio(Stats::of(&f.fw_rate).map(|s| s.median), Stats::of(&f.bare_rate).map(|s| s.median)),
+            })
+        }).collect::<Vec<_>>(),
+    })
+}
