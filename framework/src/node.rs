@@ -315,6 +315,8 @@ async fn run(
         status,
         requests_tx,
         await_change: false,
+        retry_at: None,
+        retry_pause: RETRY_PAUSE,
         observed: Vec::new(),
         peers: Peers::new(client),
         monitor: None,
@@ -417,6 +419,11 @@ struct Node {
     requests_tx: mpsc::UnboundedSender<LoopRequest>,
     /// A claim failed on the current view: wait for the next change before claiming again.
     await_change: bool,
+    /// A claim failed because etcd did not answer: decide again at this time even if nothing
+    /// changes (in a quiet job no change would come, and the slot would stay free).
+    retry_at: Option<Instant>,
+    /// Pause before the next such retry (doubles up to a second; reset by a won claim).
+    retry_pause: Duration,
     /// Running epochs observed since the task last entered one, in order.
     observed: Vec<Epoch>,
     /// Calls to other nodes.
@@ -538,6 +545,17 @@ enum Flow {
     Exit(NodeExit),
 }
 
+/// Completes at `at`, or never when there is no time.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The first pause before deciding again after a claim etcd did not answer.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
 /// What woke the event loop.
 enum Wake {
     Stop,
@@ -549,6 +567,8 @@ enum Wake {
     Lease(bool),
     /// The lease's local deadline passed.
     Deadline,
+    /// Time to claim again after etcd did not answer a claim.
+    Retry,
 }
 
 impl Node {
@@ -567,6 +587,7 @@ impl Node {
                 _ => Instant::now() + Duration::from_secs(3600),
             };
             self.health.idle();
+            let retry_at = self.retry_at;
             let wake = tokio::select! {
                 biased;
                 _ = stop.cancelled() => Wake::Stop,
@@ -578,6 +599,7 @@ impl Node {
                 Some(msg) = inbound.recv() => Wake::Inbound(msg),
                 changed = self.lease.changed() => Wake::Lease(changed.is_ok()),
                 _ = tokio::time::sleep_until(deadline) => Wake::Deadline,
+                _ = sleep_until_some(retry_at) => Wake::Retry,
             };
             self.health.busy();
             // Everything the loop does for this event is logged in the slot's current span.
@@ -637,6 +659,11 @@ impl Node {
             Wake::Deadline => {
                 self.publish();
                 Flow::Continue
+            }
+            Wake::Retry => {
+                self.retry_at = None;
+                self.await_change = false;
+                self.step().await?
             }
         })
     }
@@ -1296,8 +1323,9 @@ impl Node {
                             // No node writes a slot without a lease: nobody owns this one.
                             let store = self.store.clone();
                             let key = key.clone();
+                            let (raw, rev) = (kv.key.clone(), kv.mod_revision);
                             tokio::spawn(async move {
-                                match store.delete_orphan(&kv.key, kv.mod_revision).await {
+                                match store.delete_orphan(&raw, rev).await {
                                     Ok(true) => {
                                         warn!(key, "deleted a garbage slot key that had no lease")
                                     }
@@ -1314,6 +1342,21 @@ impl Node {
                         }
                     }
                 };
+                if holder.node == self.holder.node && self.stray_key(&k, &kv) {
+                    warn!(
+                        key,
+                        "a slot key under this node's lease that is not its slot (a claim whose \
+                         answer was lost): deleting it"
+                    );
+                    let store = self.store.clone();
+                    let key = key.clone();
+                    let (raw, rev) = (kv.key.clone(), kv.mod_revision);
+                    tokio::spawn(async move {
+                        if let Err(e) = store.delete_orphan(&raw, rev).await {
+                            warn!(key, error = %e, "could not delete a stray slot key");
+                        }
+                    });
+                }
                 let slot = SlotKey {
                     holder,
                     create_revision: kv.create_revision,
@@ -1512,8 +1555,11 @@ impl Node {
         }
     }
 
-    /// The revision of a won claim. A lost race or an etcd error means the view was stale or
-    /// etcd is away: wait for the next change before claiming again.
+    /// The revision of a won claim. A lost race means the view was stale: wait for the next
+    /// change before claiming again. An etcd error leaves the outcome unknown: decide again
+    /// after a pause (or sooner, on a change). Had the claim been applied, its key — under this
+    /// node's lease, but not the slot this node holds — is deleted when the watch shows it
+    /// (see `Node::stray_key`).
     fn won(
         &mut self,
         what: &'static str,
@@ -1521,12 +1567,44 @@ impl Node {
         outcome: Result<Option<i64>, crate::error::EtcdError>,
     ) -> Option<i64> {
         match outcome {
-            Ok(Some(rev)) => return Some(rev),
+            Ok(Some(rev)) => {
+                self.retry_pause = RETRY_PAUSE;
+                return Some(rev);
+            }
             Ok(None) => debug!(task, what, "lost the race; waiting for the next change"),
-            Err(e) => warn!(error = %e, task, what, "failed; waiting for the next change"),
+            Err(e) => {
+                let pause = self.retry_pause;
+                warn!(error = %e, task, what, ?pause, "failed; deciding again after a pause");
+                self.retry_at = Some(Instant::now() + pause);
+                self.retry_pause = (pause * 2).min(Duration::from_secs(1));
+            }
         }
         self.await_change = true;
         None
+    }
+
+    /// Whether a slot key under this node's current lease is not the slot the node holds: a
+    /// claim whose answer was lost although etcd applied it, or a slot the node gave up while
+    /// its key stayed. Such a key blocks the slot for as long as the node lives.
+    fn stray_key(&self, key: &JobKey, kv: &Kv) -> bool {
+        let lease = self.lease.borrow().id();
+        if kv.lease == 0 || kv.lease != lease {
+            return false;
+        }
+        match (key, self.mine) {
+            (&JobKey::Primary(t), MySlot::Primary { task, term }) => {
+                !(t == task && kv.create_revision == term)
+            }
+            (
+                &JobKey::Backup(t, k),
+                MySlot::Backup {
+                    task,
+                    k: mk,
+                    create_revision,
+                },
+            ) => !(t == task && k == mk && kv.create_revision == create_revision),
+            _ => true,
+        }
     }
 
     /// Records a key this node just wrote, so the view agrees before the watch reports it.

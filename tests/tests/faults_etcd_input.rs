@@ -253,3 +253,82 @@ async fn garbage_under_every_key_of_a_running_job_is_not_obeyed() {
     );
     assert_eq!(panics.load(Ordering::SeqCst), 0, "something panicked");
 }
+
+/// The task a node acts as primary of.
+fn acting_primary(s: &taskgraph::NodeStatus) -> Option<u32> {
+    match s.role {
+        taskgraph::Role::Primary { task, .. } if s.acting => Some(task),
+        _ => None,
+    }
+}
+
+/// A claim etcd applied but whose answer the node never got (its request timed out): a valid
+/// slot key under the node's live lease that is not the node's slot. The node must delete it,
+/// or the task has a "primary" that never acts, and a spare never takes it, for as long as the
+/// node lives. Here such a key is planted for a free task under a running primary's lease;
+/// a spare that joins afterwards must get the task and the job must run to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_applied_without_an_answer_does_not_block_its_slot() {
+    init_logs();
+    let etcd = Etcd::start().await.unwrap();
+    let job = job_name("stray");
+    let mut cfg = ClusterConfig::new(etcd.endpoints(), &job, 3, 1);
+    cfg.app = App::Dataflow {
+        until: 30,
+        pace_ms: 10,
+    };
+    // Two nodes for three tasks: task 2 (or another) stays free until a third node comes.
+    let mut c = Cluster::new(cfg);
+    for _ in 0..2 {
+        c.add_node().await.unwrap();
+    }
+    let st = c
+        .wait_until("two tasks have a primary", WAIT, |s| {
+            s.iter()
+                .filter(|(_, s)| acting_primary(s).is_some())
+                .count()
+                == 2
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let served: Vec<u32> = st.iter().filter_map(|(_, s)| acting_primary(s)).collect();
+    let free = (0..3).find(|t| !served.contains(t)).unwrap();
+    // The holder record and lease of node 0, as its claim would have written them.
+    let keys = taskgraph::etcd::keys::JobKeys::new(&job);
+    let node = c.node_id(0).unwrap();
+    let mut client = etcd.client().await.unwrap();
+    let record = client.get(keys.node(&node), None).await.unwrap();
+    let record = record.kvs().first().expect("node 0's record");
+    let addr: serde_json::Value = serde_json::from_slice(record.value()).unwrap();
+    let holder = serde_json::json!({ "node": node, "addr": addr["addr"] });
+    info!(
+        free,
+        node,
+        lease = record.lease(),
+        "planting a claim without an answer"
+    );
+    client
+        .put(
+            keys.primary(free),
+            serde_json::to_vec(&holder).unwrap(),
+            Some(etcd_client::PutOptions::new().with_lease(record.lease())),
+        )
+        .await
+        .unwrap();
+    // A spare joins: it can take the task only once node 0 has deleted the stray key.
+    let spare = c.add_node().await.unwrap();
+    c.wait_until("the new node serves the free task", WAIT, |s| {
+        s.iter()
+            .any(|(i, s)| *i == spare && s.primary_of(free).is_some())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..c.len() {
+        let exit = tokio::time::timeout(WAIT, c.wait(i)).await.unwrap();
+        assert_eq!(
+            exit.map(|r| r.unwrap_or_else(|e| panic!("node {i}: {e}"))),
+            Some(NodeExit::JobFinished { epoch: 30 }),
+            "node {i}"
+        );
+    }
+}

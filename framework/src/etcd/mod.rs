@@ -70,12 +70,18 @@ impl std::fmt::Debug for Store {
 /// Whether a read that failed with `e` may succeed if sent again soon: etcd (or the connection
 /// to one member) is unavailable for now.
 fn read_again(e: &etcd_client::Error) -> bool {
-    if let etcd_client::Error::GRpcStatus(status) = e {
-        if status.code() == tonic::Code::Unavailable {
-            return true;
+    use std::error::Error as _;
+    match e {
+        // A member unavailable (down, no leader, leader changed), or the connection to it
+        // broken under the request (a read has no effect, so it may be sent again).
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::Unavailable
+                || (status.code() == tonic::Code::Unknown && status.source().is_some())
+                || never_sent(e)
         }
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => never_sent(e),
     }
-    never_sent(e)
 }
 
 /// Whether `e` says the request never left this process: the connection to the member was
@@ -254,7 +260,7 @@ impl Store {
 
     /// A read (`get` of `key` with `options`) under the request deadline, sent again while
     /// etcd is briefly unavailable: the client's connection to a member that is down or was
-    /// just restarted is refused before the client moves on, and a member answers
+    /// just restarted is refused or broken before the client moves on, and a member answers
     /// `Unavailable` ("leader changed", "no leader") while its cluster elects a leader. Only
     /// reads are sent again: a write whose answer was lost may have been applied.
     pub(crate) async fn read(
