@@ -631,3 +631,164 @@ async fn mtls_refuses_peers_without_a_certificate_from_the_jobs_ca() -> TestResu
     assert_eq!(strict.seen.recv().await, Some("pull"));
     Ok(())
 }
+
+/// The body of `GET /metrics` at `addr` (HTTP/1.0, read to the end).
+async fn get_metrics(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut conn) = tokio::net::TcpStream::connect(addr).await else {
+        return String::new();
+    };
+    let _ = conn
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
+        .await;
+    let mut body = String::new();
+    let _ = conn.read_to_string(&mut body).await;
+    body
+}
+
+/// A claim that etcd refuses (here: the job's role may not write task 2's primary key) is not
+/// final: the node decides again after a pause, without waiting for a change in the job —
+/// in a quiet job none may come. Once the permission is granted (an auth change, invisible to
+/// the job's watch), the waiting node takes the task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_etcd_refused_is_tried_again_without_a_change_in_the_job() -> TestResult {
+    init_logs();
+    let etcd = Etcd::start().await?;
+    etcd.enable_auth(ROOT_PW).await?;
+    let job = job_name("denied");
+    let root = format!("--user=root:{ROOT_PW}");
+    let role = format!("job-{job}");
+    let prefix = format!("/taskgraph/jobs/{job}/");
+    let end = format!("/taskgraph/jobs/{job}0");
+    let denied = format!("{prefix}tasks/2/primary");
+    let after = format!("{prefix}tasks/2/primary0");
+    let pw = "--new-user-password=carol-pw".to_owned();
+    // Read and write on the whole prefix except task 2's primary key, which is read-only.
+    for args in [
+        vec!["role", "add", role.as_str()],
+        vec![
+            "role",
+            "grant-permission",
+            role.as_str(),
+            "readwrite",
+            prefix.as_str(),
+            denied.as_str(),
+        ],
+        vec![
+            "role",
+            "grant-permission",
+            role.as_str(),
+            "read",
+            denied.as_str(),
+            after.as_str(),
+        ],
+        vec![
+            "role",
+            "grant-permission",
+            role.as_str(),
+            "readwrite",
+            after.as_str(),
+            end.as_str(),
+        ],
+        vec!["user", "add", "carol", pw.as_str()],
+        vec!["user", "grant-role", "carol", role.as_str()],
+    ] {
+        etcd.etcdctl(std::iter::once(root.as_str()).chain(args))
+            .await?;
+    }
+    let auth = EtcdAuth::new("carol", Secret::new("carol-pw"));
+    let audit = Audit::default();
+    // The root paces its epochs for ever: once staffed, nothing in the job changes by itself.
+    let node = || {
+        dataflow_node_paced(
+            etcd.endpoints(),
+            &job,
+            1_000,
+            Duration::from_secs(3600),
+            &audit,
+        )
+        .etcd_auth(auth.clone())
+    };
+    let mut handles = Vec::new();
+    for _ in 0..2 {
+        handles.push(node().build()?.spawn().await?);
+    }
+    let deadline = tokio::time::Instant::now() + GUARD;
+    // Tasks 0 and 1 get their primaries; task 2 cannot.
+    loop {
+        let serving: Vec<_> = handles
+            .iter()
+            .filter_map(|h| match h.status().borrow().role {
+                taskgraph::Role::Primary { task, .. } => Some(task),
+                _ => None,
+            })
+            .collect();
+        if serving.len() == 2 {
+            assert!(!serving.contains(&2), "{serving:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not staffed: {serving:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let third = node()
+        .metrics_addr("127.0.0.1:0".parse()?)
+        .build()?
+        .spawn()
+        .await?;
+    let addr = third.metrics_addr().ok_or("no metrics address")?;
+    // The third node tries task 2 and is refused: its claims are counted as etcd errors…
+    let refused = r#"taskgraph_etcd_requests_total{job=""#;
+    tokio::time::timeout(GUARD, async {
+        loop {
+            let text = get_metrics(addr).await;
+            if text.lines().any(|l| {
+                l.starts_with(refused)
+                    && l.contains(r#"op="txn claim primary""#)
+                    && l.contains(r#"outcome="error""#)
+            }) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .map_err(|_| "the third node never tried task 2")?;
+    let free = etcd
+        .etcdctl([root.as_str(), "get", denied.as_str()])
+        .await?;
+    assert!(free.trim().is_empty(), "task 2 was claimed: {free}");
+    let mut status = third.status();
+    // …until the permission is granted.
+    etcd.etcdctl([
+        root.as_str(),
+        "role",
+        "grant-permission",
+        role.as_str(),
+        "readwrite",
+        denied.as_str(),
+        after.as_str(),
+    ])
+    .await?;
+    tokio::time::timeout(GUARD, async {
+        loop {
+            if matches!(
+                status.borrow().role,
+                taskgraph::Role::Primary { task: 2, .. }
+            ) {
+                break;
+            }
+            if status.changed().await.is_err() {
+                panic!("the third node ended");
+            }
+        }
+    })
+    .await
+    .map_err(|_| "the third node never took task 2 after the grant")?;
+    for h in handles.into_iter().chain([third]) {
+        h.stop().await;
+    }
+    Ok(())
+}
