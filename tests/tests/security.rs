@@ -788,7 +788,8 @@ async fn a_claim_etcd_refused_is_tried_again_without_a_change_in_the_job() -> Te
     .await
     .map_err(|_| "the third node never took task 2 after the grant")?;
     for h in handles.into_iter().chain([third]) {
-        h.stop().await;
+        let exit = h.stop().await?;
+        assert_eq!(exit, NodeExit::Stopped, "a node did not stop cleanly");
     }
     Ok(())
 }
