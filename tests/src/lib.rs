@@ -9,6 +9,7 @@ pub mod fleet;
 pub mod netfault;
 pub mod process;
 pub mod proxy;
+pub mod raw_grpc;
 
 /// Installs a test log subscriber once (respects `RUST_LOG`; quiet by default).
 pub fn init_logs() {

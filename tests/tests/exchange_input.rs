@@ -636,10 +636,10 @@ mod raw_grpc {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use bytes::{Buf, BufMut, Bytes};
+    use bytes::Bytes;
     use taskgraph::wire::Rejection;
+    use taskgraph_tests::raw_grpc::RawCodec;
     use tonic::body::Body;
-    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
     use tonic::codegen::http::uri::PathAndQuery;
     use tonic::codegen::http::{Request, Response, StatusCode};
     use tonic::codegen::{BoxFuture, Context, Poll, Service};
@@ -648,44 +648,6 @@ mod raw_grpc {
 
     /// Bound on the whole call (only reached when something is broken).
     const TIMEOUT: Duration = Duration::from_secs(10);
-
-    /// Sends and receives message bodies as raw bytes.
-    #[derive(Debug, Clone, Copy, Default)]
-    struct RawCodec;
-
-    impl Codec for RawCodec {
-        type Encode = Bytes;
-        type Decode = Bytes;
-        type Encoder = RawCodec;
-        type Decoder = RawCodec;
-
-        fn encoder(&mut self) -> RawCodec {
-            RawCodec
-        }
-
-        fn decoder(&mut self) -> RawCodec {
-            RawCodec
-        }
-    }
-
-    impl Encoder for RawCodec {
-        type Item = Bytes;
-        type Error = Status;
-
-        fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-            dst.put(item);
-            Ok(())
-        }
-    }
-
-    impl Decoder for RawCodec {
-        type Item = Bytes;
-        type Error = Status;
-
-        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-            Ok(Some(src.copy_to_bytes(src.remaining())))
-        }
-    }
 
     /// A channel that remembers the HTTP status of the last response (tonic's `Status` does
     /// not carry it).

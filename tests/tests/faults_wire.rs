@@ -262,44 +262,11 @@ async fn forged_terms_and_future_epochs_are_refused_and_the_job_stays_exact() {
 
 /// Raw gRPC frames: bodies sent as they are, answers read as bytes.
 mod raw {
-    use bytes::{Buf, BufMut, Bytes};
-    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    use bytes::Bytes;
+    use taskgraph_tests::raw_grpc::RawCodec;
     use tonic::codegen::http::uri::PathAndQuery;
     use tonic::transport::Channel;
     use tonic::Status;
-
-    #[derive(Debug, Clone, Copy, Default)]
-    struct RawCodec;
-
-    impl Codec for RawCodec {
-        type Encode = Bytes;
-        type Decode = Bytes;
-        type Encoder = RawCodec;
-        type Decoder = RawCodec;
-        fn encoder(&mut self) -> RawCodec {
-            RawCodec
-        }
-        fn decoder(&mut self) -> RawCodec {
-            RawCodec
-        }
-    }
-
-    impl Encoder for RawCodec {
-        type Item = Bytes;
-        type Error = Status;
-        fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-            dst.put(item);
-            Ok(())
-        }
-    }
-
-    impl Decoder for RawCodec {
-        type Item = Bytes;
-        type Error = Status;
-        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-            Ok(Some(src.copy_to_bytes(src.remaining())))
-        }
-    }
 
     /// Sends `body` as one unary call to `path` at `addr`.
     pub async fn unary(
