@@ -92,6 +92,25 @@ impl Proc {
             panic!("release {} (pid {}): {e}", self.name, self.pid);
         }
     }
+
+    /// Sends `sig` (`STOP`, `CONT`, `KILL`, anything else: `TERM`) to the process.
+    pub fn signal(&self, sig: &str) {
+        let sent = match sig {
+            "STOP" => self.node.pause(),
+            "CONT" => self.node.resume(),
+            "KILL" => self.node.kill9(),
+            _ => self.node.terminate(),
+        };
+        assert!(sent.is_ok(), "kill -{sig} {} ({})", self.pid, self.name);
+    }
+
+    /// Waits for the process to exit and for everything it printed to be read.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        match self.node.wait_exit(timeout).await {
+            Ok(status) => status,
+            Err(e) => panic!("{}: {e}{}", self.name, dump(&[&*self])),
+        }
+    }
 }
 
 /// The status lines of `lines`.
@@ -262,10 +281,7 @@ pub fn assert_trail(nodes: &[&Proc], tasks: u32, until: u64) {
 pub async fn assert_all_finish(nodes: &mut [&mut Proc], until: u64) {
     let want = format!("Ok(JobFinished {{ epoch: {until} }})");
     for n in nodes.iter_mut() {
-        let status = match n.node.wait_exit(WAIT).await {
-            Ok(s) => s,
-            Err(e) => panic!("{}: {e}{}", n.name, dump(&[&**n])),
-        };
+        let status = n.wait_exit(WAIT).await;
         let lines = n.lines();
         assert!(
             status.success(),

@@ -16,7 +16,10 @@ use taskgraph::etcd::keys::{JobKeys, StoredCheckpoint};
 use taskgraph_tests::apps::Event;
 use taskgraph_tests::dataflow::{check_trail, expected_result};
 use taskgraph_tests::etcd::Etcd;
-use taskgraph_tests::process::{printed_after, Arrivals, Line, NodeArgs, ProcessNode, StatusLine};
+use taskgraph_tests::fleet::{
+    assert_all_finish, dump, exit_line, holds_slot, statuses, trail, wait_all, Job, Proc,
+};
+use taskgraph_tests::process::{printed_after, Arrivals, Line, Placement, StatusLine};
 use taskgraph_tests::{init_logs, job_name};
 use tokio::time::Instant;
 use tracing::info;
@@ -25,84 +28,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_testnode");
 /// Deadline for things that are not the subject of a test (start-up, staffing, the job's end).
 const WAIT: Duration = Duration::from_secs(30);
 
-/// One dataflow job's settings, shared by all its processes.
-#[derive(Debug, Clone)]
-struct Job {
-    etcd: Vec<String>,
-    name: String,
-    tasks: u32,
-    replicas: u32,
-    ttl_secs: u64,
-    until: u64,
-    pace_ms: u64,
-    /// Whether the processes' drivers hold the job at `until`, not ending it before the test
-    /// [releases](Proc::release) them.
-    held: bool,
-}
-
-/// A `testnode --dataflow-until …` child process with its label in the merged trail.
-#[derive(Debug)]
-struct Proc {
-    /// The node label of this process's events in the merged trail.
-    name: String,
-    node: ProcessNode,
-    pid: i32,
-}
-
-impl Proc {
-    fn spawn(job: &Job, name: String, arrivals: &Arrivals) -> Proc {
-        let args = NodeArgs {
-            etcd: job.etcd.clone(),
-            job: job.name.clone(),
-            tasks: job.tasks,
-            replicas: job.replicas,
-            ttl_secs: job.ttl_secs,
-            drive_until: None,
-            pace_ms: job.pace_ms,
-            dataflow_until: Some(job.until),
-        };
-        let node = if job.held {
-            ProcessNode::spawn_held(BIN, &args, arrivals, job.until)
-        } else {
-            ProcessNode::spawn_numbered(BIN, &args, arrivals)
-        }
-        .expect("spawn testnode");
-        let pid = node.pid();
-        Proc { name, node, pid }
-    }
-
-    fn lines(&self) -> Vec<Line> {
-        self.node.lines()
-    }
-
-    /// Lets a held job end (see [`Job::held`]).
-    async fn release(&mut self) {
-        if let Err(e) = self.node.release().await {
-            panic!("release {} (pid {}): {e}", self.name, self.pid);
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let sent = match sig {
-            "STOP" => self.node.pause(),
-            "CONT" => self.node.resume(),
-            "KILL" => self.node.kill9(),
-            _ => self.node.terminate(),
-        };
-        assert!(sent.is_ok(), "kill -{sig} {} ({})", self.pid, self.name);
-    }
-
-    /// Waits for the process to exit and for everything it printed to be read.
-    async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        match self.node.wait_exit(timeout).await {
-            Ok(status) => status,
-            Err(e) => panic!("{}: {e}{}", self.name, dump(&[&*self])),
-        }
-    }
-}
-
 fn job(etcd: &Etcd, test: &str, tasks: u32, ttl_secs: u64, until: u64, pace_ms: u64) -> Job {
     Job {
+        bin: BIN.to_owned(),
         etcd: etcd.endpoints(),
         name: job_name(test),
         tasks,
@@ -117,15 +45,8 @@ fn job(etcd: &Etcd, test: &str, tasks: u32, ttl_secs: u64, until: u64, pace_ms: 
 fn spawn_all(job: &Job) -> Vec<Proc> {
     let arrivals = Arrivals::default();
     (0..job.tasks * job.replicas)
-        .map(|i| Proc::spawn(job, format!("p{i}"), &arrivals))
+        .map(|i| Proc::spawn(job, format!("p{i}"), &arrivals, &Placement::default(), None))
         .collect()
-}
-
-fn statuses(lines: &[Line]) -> impl Iterator<Item = &StatusLine> {
-    lines.iter().filter_map(|l| match l {
-        Line::Status(s) => Some(s),
-        _ => None,
-    })
 }
 
 fn events(lines: &[Line]) -> impl Iterator<Item = &Event> {
@@ -137,89 +58,6 @@ fn events(lines: &[Line]) -> impl Iterator<Item = &Event> {
 
 fn last_status(lines: &[Line]) -> Option<&StatusLine> {
     statuses(lines).last()
-}
-
-fn exit_line(lines: &[Line]) -> Option<&str> {
-    lines.iter().find_map(|l| match l {
-        Line::Exit(e) => Some(e.as_str()),
-        _ => None,
-    })
-}
-
-/// Whether a node's latest status shows it holding a slot: acting primary, or backup.
-fn holds_slot(lines: &[Line]) -> bool {
-    last_status(lines).is_some_and(|s| {
-        (s.role == "primary" && s.acting && s.task.is_some())
-            || (s.role == "backup" && s.task.is_some())
-    })
-}
-
-/// The last 30 lines of every node, for failure messages.
-fn dump(nodes: &[&Proc]) -> String {
-    let mut out = String::new();
-    for n in nodes {
-        let lines = n.lines();
-        let skip = lines.len().saturating_sub(30);
-        out.push_str(&format!(
-            "\n--- {} (pid {}, {} lines, last {}):\n",
-            n.name,
-            n.pid,
-            lines.len(),
-            lines.len() - skip
-        ));
-        for l in &lines[skip..] {
-            out.push_str(&format!("  {l:?}\n"));
-        }
-    }
-    out
-}
-
-/// Waits until the lines printed so far by `nodes` (one `Vec` per node, in order) satisfy
-/// `cond`, re-checking whenever any node prints a line. Panics with the nodes' last lines
-/// after `timeout`, or once no node can print any more. Returns the lines that satisfied
-/// `cond`.
-async fn wait_all(
-    nodes: &[&Proc],
-    why: &str,
-    timeout: Duration,
-    mut cond: impl FnMut(&[Vec<Line>]) -> bool,
-) -> Vec<Vec<Line>> {
-    let deadline = Instant::now() + timeout;
-    let mut rxs: Vec<_> = nodes.iter().map(|n| n.node.subscribe()).collect();
-    loop {
-        let snap: Vec<Vec<Line>> = rxs
-            .iter_mut()
-            .map(|r| r.borrow_and_update().clone())
-            .collect();
-        if cond(&snap) {
-            return snap;
-        }
-        // Wake up as soon as any node prints a line past what `cond` saw (or at the deadline).
-        let open: Vec<_> = rxs
-            .iter_mut()
-            .filter(|r| r.has_changed().is_ok())
-            .map(|r| Box::pin(r.changed()))
-            .collect();
-        let more = async {
-            if open.is_empty() {
-                // Every reader has ended: nothing will change any more.
-                return false;
-            }
-            let _ = futures::future::select_all(open).await;
-            true
-        };
-        match tokio::time::timeout_at(deadline, more).await {
-            Ok(true) => {}
-            Ok(false) => panic!(
-                "every node has stopped printing and still not {why}{}",
-                dump(nodes)
-            ),
-            Err(_) => panic!(
-                "timed out after {timeout:?} waiting until {why}{}",
-                dump(nodes)
-            ),
-        }
-    }
 }
 
 /// Waits until every node holds a slot and the job has entered `epoch` (a node reports it),
@@ -335,25 +173,6 @@ async fn checkpoint_history(etcd: &Etcd, job: &str, task: u32) -> Vec<StoredCoun
     out
 }
 
-/// The merged audit trail: every process's events labelled with its name, in the order this
-/// test read them (so each process's events stay in the order it printed them, and events of
-/// different processes far apart in time keep their order, as `check_trail`'s check of the
-/// replicated counter across primaries needs).
-fn trail(nodes: &[&Proc]) -> Vec<(String, Event)> {
-    let mut all: Vec<(u64, String, Event)> = Vec::new();
-    for n in nodes {
-        let lines = n.lines();
-        let seqs = n.node.seqs();
-        for (l, seq) in lines.iter().zip(seqs) {
-            if let Line::Event(e) = l {
-                all.push((seq, n.name.clone(), e.clone()));
-            }
-        }
-    }
-    all.sort_by_key(|(seq, _, _)| *seq);
-    all.into_iter().map(|(_, n, e)| (n, e)).collect()
-}
-
 fn assert_trail(events: &[(String, Event)], tasks: u32, until: u64) {
     let bad = check_trail(events, tasks, until);
     assert!(
@@ -377,30 +196,6 @@ fn assert_results(events: &[(String, Event)], tasks: u32, until: u64) {
         .map(|e| (e, expected_result(tasks, e)))
         .collect();
     assert_eq!(results, want, "the root's results");
-}
-
-/// Waits for every process in `nodes` to exit successfully with the job finished at `until`.
-async fn assert_all_finish(nodes: &mut [&mut Proc], until: u64) {
-    let want = format!("Ok(JobFinished {{ epoch: {until} }})");
-    for n in nodes.iter_mut() {
-        let status = n.wait_exit(WAIT).await;
-        let lines = n.lines();
-        assert!(
-            status.success(),
-            "{} (pid {}) exited with {status}{}",
-            n.name,
-            n.pid,
-            dump(&[&**n])
-        );
-        assert_eq!(
-            exit_line(&lines),
-            Some(want.as_str()),
-            "{} (pid {}) ended{}",
-            n.name,
-            n.pid,
-            dump(&[&**n])
-        );
-    }
 }
 
 /// Whether `events` show, for task `task`, a `neighbour_failed` of `neighbour` followed later
