@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use taskgraph::{EtcdAuth, EtcdTls, Framework, NodeExit, Secret, Tree};
 use taskgraph_tests::apps::Audit;
-use taskgraph_tests::certs::TestCa;
+use taskgraph_tests::certs::{secured_etcd, TestCa};
 use taskgraph_tests::dataflow::DataflowBuilder;
-use taskgraph_tests::etcd::{Etcd, EtcdOptions, EtcdServerTls};
+use taskgraph_tests::etcd::EtcdOptions;
 use taskgraph_tests::job_name;
 use tokio::process::Command;
 
@@ -28,21 +28,10 @@ fn show(out: &Output) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_reads_a_secured_etcd_and_explains_refusals() {
     let ca = TestCa::new("etcd").unwrap_or_else(|e| panic!("{e}"));
-    let server = ca
-        .issue("etcd-server", &["127.0.0.1"])
-        .unwrap_or_else(|e| panic!("{e}"));
     let client = ca
         .issue("alice-client", &[])
         .unwrap_or_else(|e| panic!("{e}"));
-    let etcd = Etcd::start_with(EtcdOptions::default().with_tls(EtcdServerTls {
-        cert_file: server.cert_path().to_owned(),
-        key_file: server.key_path().to_owned(),
-        client_ca_file: ca.cert_path(),
-        client_cert_auth: true,
-    }))
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    etcd.enable_auth(ROOT_PW)
+    let etcd = secured_etcd(&ca, ROOT_PW, EtcdOptions::default())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let job = job_name("cli-secure");

@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use taskgraph_tests::certs::TestCa;
-use taskgraph_tests::etcd::{Etcd, EtcdOptions, EtcdServerTls};
+use taskgraph_tests::certs::{secured_etcd, TestCa};
+use taskgraph_tests::etcd::EtcdOptions;
 
 const ROOT_PW: &str = "Root-Secret-9d1c7a";
 const PASSWORD: &str = "Alice-Secret-4be2f0";
@@ -49,21 +49,10 @@ fn all_logs(dir: &Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secured_run_works_and_its_debug_logs_hold_no_secret() {
     let etcd_ca = TestCa::new("etcd").unwrap_or_else(|e| panic!("{e}"));
-    let server = etcd_ca
-        .issue("etcd-server", &["127.0.0.1"])
-        .unwrap_or_else(|e| panic!("{e}"));
     let client = etcd_ca
         .issue("alice-client", &[])
         .unwrap_or_else(|e| panic!("{e}"));
-    let etcd = Etcd::start_with(EtcdOptions::default().with_tls(EtcdServerTls {
-        cert_file: server.cert_path().to_owned(),
-        key_file: server.key_path().to_owned(),
-        client_ca_file: etcd_ca.cert_path(),
-        client_cert_auth: true,
-    }))
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    etcd.enable_auth(ROOT_PW)
+    let etcd = secured_etcd(&etcd_ca, ROOT_PW, EtcdOptions::default())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let job = format!("secure-{:08x}", rand::random::<u32>());

@@ -158,3 +158,32 @@ impl TestCa {
         })
     }
 }
+
+/// Starts an etcd whose TLS listener requires client certificates from `ca` (its server
+/// certificate, for 127.0.0.1 and `localhost`, is issued by `ca` and lives as long as it), with
+/// `options` for the rest, and enables authentication with user `root` / `root_password`.
+///
+/// # Errors
+/// A certificate that cannot be issued, an etcd that does not start, or `auth enable` failing.
+pub async fn secured_etcd(
+    ca: &TestCa,
+    root_password: &str,
+    options: crate::etcd::EtcdOptions,
+) -> Result<crate::etcd::Etcd, String> {
+    let server = ca
+        .issue("etcd-server", &["127.0.0.1", "localhost"])
+        .map_err(|e| e.to_string())?;
+    let options = options.with_tls(crate::etcd::EtcdServerTls {
+        cert_file: server.cert_path().to_owned(),
+        key_file: server.key_path().to_owned(),
+        client_ca_file: ca.cert_path(),
+        client_cert_auth: true,
+    });
+    let etcd = crate::etcd::Etcd::start_with(options)
+        .await
+        .map_err(|e| e.to_string())?;
+    etcd.enable_auth(root_password)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(etcd)
+}

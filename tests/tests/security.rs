@@ -13,7 +13,7 @@ use taskgraph::{
 };
 use taskgraph_tests::certs::{Issued, TestCa};
 use taskgraph_tests::dataflow::{check_trail, DataflowBuilder};
-use taskgraph_tests::etcd::{Etcd, EtcdOptions, EtcdServerTls};
+use taskgraph_tests::etcd::{Etcd, EtcdOptions};
 use taskgraph_tests::{apps::Audit, init_logs, job_name};
 use tokio::sync::{mpsc, oneshot};
 
@@ -25,19 +25,9 @@ const GUARD: Duration = Duration::from_secs(60);
 
 /// An etcd with a TLS listener requiring client certificates from `ca`, and auth enabled.
 async fn secure_etcd(ca: &TestCa) -> Result<Etcd, Box<dyn std::error::Error>> {
-    let server = ca.issue("etcd-server", &["127.0.0.1", "localhost"])?;
     // Tokens expire after 1 s (default 300 s): the clients must renew them on the way.
-    let options = EtcdOptions::default()
-        .with_tls(EtcdServerTls {
-            cert_file: server.cert_path().to_owned(),
-            key_file: server.key_path().to_owned(),
-            client_ca_file: ca.cert_path(),
-            client_cert_auth: true,
-        })
-        .with_arg("--auth-token-ttl=1");
-    let etcd = Etcd::start_with(options).await?;
-    etcd.enable_auth(ROOT_PW).await?;
-    Ok(etcd)
+    let options = EtcdOptions::default().with_arg("--auth-token-ttl=1");
+    Ok(taskgraph_tests::certs::secured_etcd(ca, ROOT_PW, options).await?)
 }
 
 fn loaded(ca: &TestCa, id: Option<&Issued>, name: Option<&str>) -> LoadedTls {
