@@ -17,6 +17,8 @@ use crate::data::{
     encode, Answer, Checkpoint, DataReply, DataRequest, PullError, PullId, ServeKey,
 };
 use crate::error::ContextError;
+use crate::etcd::keys::EpochValue;
+use crate::roles::EpochFaultKind;
 use crate::exchange::replication::{ship, Replicator, Shipped};
 use crate::exchange::{lock, EpochBook, PendingPull, SlotEnv};
 use crate::wire::ReplicateKind;
@@ -296,22 +298,95 @@ impl Context {
     /// primary's term). Returns `Ok(false)` when the job is no longer at `from` — a stale call
     /// does nothing. Every primary then enters the new epoch.
     ///
+    /// When the `epoch` key holds a value the framework did not write (garbage, a deleted key,
+    /// an epoch lower than `from`, or one further ahead than any primary entered — an
+    /// operator's typo, a restored backup), and `from` is the epoch this primary is in, the
+    /// call heals the key: it writes `from + 1` over the bad value (guarded by the bad value's
+    /// revision and fenced by this primary's term), logs it at error level and returns
+    /// `Ok(true)`. A job never stalls because one value in etcd went bad.
+    ///
     /// Errors: [`ContextError::NotPrimary`] (do nothing: the new primary carries on),
     /// [`ContextError::Suspended`] and [`ContextError::Etcd`] (back off and retry with the same
     /// `from`).
     pub async fn inc_epoch(&self, from: Epoch) -> Result<bool, ContextError> {
-        let term = self.acting_term()?;
-        let moved = self
-            .inner
-            .env
-            .store
-            .inc_epoch(self.inner.env.task, term as i64, from)
-            .await?;
-        if !moved {
+        let env = &self.inner.env;
+        let key = env.store.keys().epoch();
+        // Each round that neither moves nor heals was overtaken by another write to the key.
+        for _ in 0..8 {
+            let term = self.acting_term()?;
+            let current = match env.store.inc_epoch(env.task, term as i64, from).await? {
+                Ok(()) => return Ok(true),
+                Err(current) => current,
+            };
             // A stale `from`, or the fence failed because this node was deposed meanwhile.
             self.acting_term()?;
+            if self.inner.slot.borrow().epoch != from
+                || env
+                    .view
+                    .borrow()
+                    .epoch
+                    .is_some_and(|last| last.epoch() > from)
+            {
+                return Ok(false);
+            }
+            let (guard, fault) = match &current {
+                None => (0, EpochFaultKind::Missing),
+                Some(kv) => match EpochValue::parse(&kv.value) {
+                    Err(reason) => (kv.mod_revision, EpochFaultKind::Garbage(reason)),
+                    Ok(EpochValue::Done(_)) => return Ok(false),
+                    // Back to `from` meanwhile (healed by another node): move it now.
+                    Ok(EpochValue::Running(n)) if n == from => continue,
+                    Ok(EpochValue::Running(n)) if n == from + 1 => return Ok(false),
+                    Ok(EpochValue::Running(n)) if n < from => {
+                        (kv.mod_revision, EpochFaultKind::Backwards(n))
+                    }
+                    // Further ahead: only the watch, which saw every value in order, can tell
+                    // a run of moves unseen here from a value written by someone else.
+                    Ok(EpochValue::Running(n)) => {
+                        if !self.watch_refused(kv.mod_revision).await {
+                            return Ok(false);
+                        }
+                        (kv.mod_revision, EpochFaultKind::Ahead(n))
+                    }
+                },
+            };
+            env.metrics.bad_value("epoch");
+            let to = EpochValue::Running(from + 1);
+            if env
+                .store
+                .heal(&key, guard, to.encode(), Some((env.task, term as i64)), None)
+                .await?
+            {
+                env.metrics.key_healed("epoch");
+                tracing::error!(
+                    key,
+                    found = %fault,
+                    wrote = %to.encode(),
+                    "the epoch key held a value the framework did not write: healed it and moved the job on"
+                );
+                return Ok(true);
+            }
         }
-        Ok(moved)
+        Ok(false)
+    }
+
+    /// Whether this node's job watch refused the epoch key's value at `mod_revision` as not
+    /// written by the framework. Waits (up to a lease TTL) for the watch to reach that
+    /// revision; `false` if it does not.
+    async fn watch_refused(&self, mod_revision: i64) -> bool {
+        let mut view = self.inner.env.view.clone();
+        let reached = tokio::time::timeout(
+            self.inner.env.lease_ttl,
+            view.wait_for(|v| v.revision >= mod_revision),
+        )
+        .await;
+        match reached {
+            Ok(Ok(v)) => v
+                .epoch_fault
+                .as_ref()
+                .is_some_and(|f| f.mod_revision == mod_revision),
+            _ => false,
+        }
     }
 
     /// Ends the job everywhere: marks it finished in etcd (fenced by this primary's term); every
@@ -348,7 +423,7 @@ impl Context {
             .inner
             .env
             .store
-            .finish(self.inner.env.task, term as i64, result)
+            .finish(self.inner.env.task, term as i64, result, self.epoch())
             .await?
         {
             Some(epoch) => Ok(epoch),
@@ -414,6 +489,27 @@ impl Context {
             Ok(reply) => reply.decode(),
             Err(_) => Err(PullError::EpochMoved(id)),
         }
+    }
+
+    /// Pulls of the current epoch still waiting for their answer after `older_than`: their
+    /// ids, methods and how long they have waited (for stall reports).
+    pub(crate) fn stuck_pulls(
+        &self,
+        now: tokio::time::Instant,
+        older_than: std::time::Duration,
+    ) -> Vec<(PullId, String, std::time::Duration)> {
+        let book = lock(&self.inner.book);
+        let mut stuck: Vec<_> = book
+            .pending
+            .iter()
+            .filter_map(|(id, p)| {
+                let waited = now.saturating_duration_since(p.started);
+                (waited > older_than).then(|| (*id, p.method.clone(), waited))
+            })
+            .collect();
+        stuck.sort_by_key(|(id, _, _)| (id.to, id.seq));
+        stuck.truncate(8);
+        stuck
     }
 
     fn start_pull(

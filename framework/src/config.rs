@@ -31,6 +31,10 @@ pub struct Config {
     /// The node's lease TTL in etcd: whole seconds, at least 1. A primary that cannot renew
     /// its lease steps down before this runs out; a crashed primary is replaced within it.
     pub lease_ttl: Duration,
+    /// After how long without a move of the epoch a node reports a stall (`None`: derived
+    /// from the lease TTL and the slowest epoch seen; see
+    /// [`FrameworkBuilder::stall_after`](crate::FrameworkBuilder::stall_after)).
+    pub stall_after: Option<Duration>,
     /// Where the node's gRPC server listens.
     pub listen: SocketAddr,
     /// The `host:port` other nodes use to reach this one; defaults to `listen`.
@@ -121,6 +125,12 @@ impl Config {
                     "must be a whole number of seconds, at least 1; got {:?}",
                     self.lease_ttl
                 ),
+            });
+        }
+        if self.stall_after.is_some_and(|d| d < Duration::from_secs(1)) {
+            return Err(ConfigError::Invalid {
+                setting: "stall time",
+                reason: format!("at least one second; got {:?}", self.stall_after),
             });
         }
         if self.lease_ttl > Duration::from_secs(3600) {

@@ -93,6 +93,9 @@ pub enum Error {
         /// What is wrong with its value.
         reason: String,
     },
+    /// The node's watch of the job ended (its task is gone): the node cannot follow the job.
+    #[error("the node's watch of the job ended")]
+    WatchEnded,
     /// An etcd operation failed in a way the node could not recover from.
     #[error(transparent)]
     Etcd(#[from] EtcdError),

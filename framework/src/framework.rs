@@ -38,6 +38,7 @@ pub struct FrameworkBuilder {
     replicas: u32,
     links: Links,
     lease_ttl: Duration,
+    stall_after: Option<Duration>,
     listen: SocketAddr,
     advertise: Option<String>,
     metrics_addr: Option<SocketAddr>,
@@ -72,6 +73,7 @@ impl Framework {
             replicas: 1,
             links: Links::new(),
             lease_ttl: Duration::from_secs(5),
+            stall_after: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise: None,
             metrics_addr: None,
@@ -189,6 +191,15 @@ impl FrameworkBuilder {
         self.lease_ttl = ttl;
         self
     }
+    /// After how long without a move of the job's epoch the node reports the job as stalled
+    /// (logged at error level with what it can tell about why, and written into its record in
+    /// etcd for `taskgraph status`, `taskgraph events` and launchers). Default: three lease
+    /// TTLs plus three times the slowest epoch the node has seen. Set it above your longest
+    /// epoch when a first epoch alone may take longer than that. At least one second.
+    pub fn stall_after(mut self, after: Duration) -> Self {
+        self.stall_after = Some(after);
+        self
+    }
     /// Where the node's gRPC server listens (default `127.0.0.1:0`).
     pub fn listen(mut self, addr: SocketAddr) -> Self {
         self.listen = addr;
@@ -283,6 +294,7 @@ impl FrameworkBuilder {
             replicas: self.replicas,
             links: self.links,
             lease_ttl: self.lease_ttl,
+            stall_after: self.stall_after,
             listen: self.listen,
             advertise: self.advertise,
             metrics_addr: self.metrics_addr,

@@ -100,6 +100,7 @@ mod health;
 pub mod metrics;
 mod node;
 mod roles;
+mod stall;
 pub mod security;
 
 pub use app::{Context, ExitReason, Task, TaskBuilder, TaskError};

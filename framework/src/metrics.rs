@@ -66,6 +66,9 @@
 //! | `taskgraph_lease_grants_total` | counter | | leases etcd granted the node (one at start, one more after each expiry) |
 //! | `taskgraph_lease_renewals_total` | counter | | lease keep-alives etcd acknowledged |
 //! | `taskgraph_lease_losses_total` | counter | `reason` | `suspended`: the local deadline passed without a renewal (the node stops acting); `expired`: etcd reports the lease gone (the node gives its slot up) |
+//! | `taskgraph_bad_values_total` | counter | `key` | values under a key the framework owns that it refused: `key` is `epoch`, `spec` or `node` (this node's record); logged at error level with the key and the value's fault |
+//! | `taskgraph_keys_healed_total` | counter | `key` | bad values this node rewrote (a fenced compare-and-swap on the bad value's revision): `epoch`, `spec` or `node` |
+//! | `taskgraph_stalled` | gauge | | 1 while this node sees the job's epoch unmoved for longer than its stall time (see [`FrameworkBuilder::stall_after`](crate::FrameworkBuilder::stall_after)) |
 //! | `taskgraph_etcd_requests_total` | counter | `op`, `outcome` | etcd requests by operation (`get`, `txn claim primary`, `lease keep-alive`, `watch`…); `outcome` is `ok`, `error` or `timeout` |
 //! | `taskgraph_etcd_request_duration_seconds` | histogram | `op` | latency of etcd requests by operation, whatever their outcome |
 
@@ -113,6 +116,11 @@ struct NeighbourLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KeyLabel {
+    key: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -207,6 +215,9 @@ struct Inner {
     lease_losses: Family<ReasonLabel, Counter>,
     etcd_requests: Family<RequestLabels, Counter>,
     etcd_duration: Histograms<OpLabel>,
+    bad_values: Family<KeyLabel, Counter>,
+    keys_healed: Family<KeyLabel, Counter>,
+    stalled: Gauge,
     /// The role series published last (removed when the role changes), with the task whose
     /// term series is published.
     published: Mutex<(Option<RoleLabels>, Option<TaskId>)>,
@@ -248,6 +259,9 @@ impl Metrics {
             lease_losses: Family::default(),
             etcd_requests: Family::default(),
             etcd_duration: Family::new_with_constructor(etcd_histogram as fn() -> Histogram),
+            bad_values: Family::default(),
+            keys_healed: Family::default(),
+            stalled: Gauge::default(),
             published: Mutex::new((None, None)),
             registry: Registry::default(),
         };
@@ -255,6 +269,21 @@ impl Metrics {
             "epoch",
             "The job's epoch as this node last saw it in etcd",
             inner.epoch.clone(),
+        );
+        r.register(
+            "bad_values",
+            "Values under a key the framework owns that it refused",
+            inner.bad_values.clone(),
+        );
+        r.register(
+            "keys_healed",
+            "Bad values under a key the framework owns that this node rewrote",
+            inner.keys_healed.clone(),
+        );
+        r.register(
+            "stalled",
+            "1 while this node sees the job's epoch unmoved for longer than its stall time",
+            inner.stalled.clone(),
         );
         r.register(
             "job_finished",
@@ -526,6 +555,27 @@ impl Metrics {
             .lease_losses
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+
+    /// A bad value refused under `key` (`epoch`, `spec`, `node`).
+    pub(crate) fn bad_value(&self, key: &'static str) {
+        self.inner
+            .bad_values
+            .get_or_create(&KeyLabel { key })
+            .inc();
+    }
+
+    /// A bad value under `key` rewritten by this node.
+    pub(crate) fn key_healed(&self, key: &'static str) {
+        self.inner
+            .keys_healed
+            .get_or_create(&KeyLabel { key })
+            .inc();
+    }
+
+    /// Whether this node sees the job stalled.
+    pub(crate) fn stalled(&self, stalled: bool) {
+        self.inner.stalled.set(i64::from(stalled));
     }
 
     /// One etcd request of operation `op`.

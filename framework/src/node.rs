@@ -13,13 +13,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error_span, info, warn, Instrument, Span};
+use tracing::{debug, error, error_span, info, warn, Instrument, Span};
 
 use crate::app::{Context, ExitReason, LoopRequest, SlotState, Task, TaskBuilder};
 use crate::config::Config;
 use crate::data::{Checkpoint, DataReply, DataRequest, Responder, ServeKey};
 use crate::error::Error;
-use crate::etcd::keys::{EpochValue, Holder, JobKey, StoredCheckpoint};
+use crate::config::JobSpec;
+use crate::etcd::keys::{EpochValue, Holder, JobKey, NodeRecord, StallNote, StallReason, StoredCheckpoint};
 use crate::etcd::lease::{self, LeaseState};
 use crate::etcd::watch::{self as jobwatch, JobEvent};
 use crate::etcd::{Kv, Store};
@@ -29,7 +30,8 @@ use crate::exchange::serve::{Lookup, Reply, ServeBook};
 use crate::exchange::{Fence, SlotEnv};
 use crate::health::{readiness, Health, Phase};
 use crate::metrics::{self, Metrics, NeighbourEvent};
-use crate::roles::{decide, Decision, JobView, MySlot, SlotKey};
+use crate::roles::{decide, judge_epoch, Decision, EpochFault, EpochFaultKind, JobView, MySlot, SlotKey};
+use crate::stall::{view_reasons, StallWatch};
 use crate::wire::{
     self, CallError, Inbound, Meta, Peers, PingReply, PullRequest, Rejection, Replicate,
     ReplicateKind, SlotInfo,
@@ -204,8 +206,9 @@ pub(crate) fn spawn(
 }
 
 /// Creates the job's spec or checks it against this node's, retrying etcd errors (an etcd
-/// member down, a leader election under way: the client may pick a dead endpoint first) until
-/// the etcd connect timeout; a conflicting or garbage spec is final at once.
+/// member down, a leader election under way: the client may pick a dead endpoint first) and a
+/// garbage spec (the job's primary of task 0 rewrites it within milliseconds) until the etcd
+/// connect timeout; a conflicting spec is final at once.
 async fn ensure_spec(store: &Store, config: &Config) -> Result<bool, Error> {
     let deadline = Instant::now() + config.etcd_connect_timeout;
     let mut delay = Duration::from_millis(50);
@@ -213,6 +216,11 @@ async fn ensure_spec(store: &Store, config: &Config) -> Result<bool, Error> {
         match store.ensure_spec(&config.job, &config.spec()).await {
             Err(Error::Etcd(e)) if Instant::now() + delay < deadline => {
                 warn!(error = %e, "etcd did not take the job's spec; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(Error::Garbage { key, reason }) if Instant::now() + delay < deadline => {
+                error!(key, reason, "the job's spec in etcd is garbage; waiting for the job to heal it");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(1));
             }
@@ -298,6 +306,8 @@ async fn run(
     let (requests_tx, requests) = mpsc::unbounded_channel();
     let (lease_tx, lease_rx) = watch::channel(LeaseState::Expired { id: 0 });
     background.spawn(step_down_at_deadline(lease_tx.subscribe(), status.clone()));
+    let (config_spec, node_addr) = (config.spec().encode().into_bytes(), config.advertise_addr());
+    let (stall_ttl, stall_after) = (config.lease_ttl, config.stall_after);
     let mut node = Node {
         holder: Holder {
             node: node_id.clone(),
@@ -323,6 +333,17 @@ async fn run(
         view_tx: watch::channel(Arc::new(JobView::default())).0,
         fence: Fence::default(),
         slots_taken: 0,
+        spec: config_spec,
+        record: NodeRecord {
+            addr: node_addr,
+            stall: None,
+        },
+        registered_at: 0,
+        record_fault: None,
+        record_dirty: false,
+        spec_fault: None,
+        heals_tried: Vec::new(),
+        stall: StallWatch::new(Instant::now(), stall_ttl, stall_after),
         metrics,
         health: health.clone(),
         node_span: Span::current(),
@@ -436,11 +457,32 @@ struct Node {
     fence: Fence,
     /// Slots taken so far (ids of [`SlotRuntime`]).
     slots_taken: u64,
+    /// The job's spec as this node joined it (the stored form): what a bad `spec` key is
+    /// rewritten to.
+    spec: Vec<u8>,
+    /// What this node last wrote under its `nodes/<node>` key.
+    record: NodeRecord,
+    /// The etcd revision of this node's registration with its current lease.
+    registered_at: i64,
+    /// A bad value under this node's record, by the revision to heal over (0: deleted).
+    record_fault: Option<i64>,
+    /// `record` changed (a stall note cleared) and is to be written again.
+    record_dirty: bool,
+    /// A bad value under the `spec` key: why, and the revision to heal over (0: deleted).
+    spec_fault: Option<(String, i64)>,
+    /// Heals tried, by key and guard revision: a heal that failed is not tried again until
+    /// the key changes.
+    heals_tried: Vec<(&'static str, i64)>,
+    /// When the job's epoch last moved, for stall reports.
+    stall: StallWatch,
     metrics: Metrics,
     health: Arc<Health>,
     /// The node's span (job, node): the parent of every slot's.
     node_span: Span,
 }
+
+/// How often the loop looks for a stall (the stall time is seconds at least).
+const STALL_CHECK: Duration = Duration::from_millis(500);
 
 /// How often a backup checks that its primary's process is alive, and how long a check may
 /// take. A check that is merely slow proves nothing and is left to the lease.
@@ -569,6 +611,8 @@ enum Wake {
     Deadline,
     /// Time to claim again after etcd did not answer a claim.
     Retry,
+    /// Time to look for a stall.
+    StallCheck,
 }
 
 impl Node {
@@ -581,6 +625,8 @@ impl Node {
     ) -> Result<NodeExit, Error> {
         self.health.set_phase(Phase::Running);
         self.new_lease(&stop).await?;
+        let mut stall_check = tokio::time::interval(STALL_CHECK);
+        stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = match *self.lease.borrow() {
                 LeaseState::Alive { deadline, .. } => deadline,
@@ -600,6 +646,7 @@ impl Node {
                 changed = self.lease.changed() => Wake::Lease(changed.is_ok()),
                 _ = tokio::time::sleep_until(deadline) => Wake::Deadline,
                 _ = sleep_until_some(retry_at) => Wake::Retry,
+                _ = stall_check.tick() => Wake::StallCheck,
             };
             self.health.busy();
             // Everything the loop does for this event is logged in the slot's current span.
@@ -642,14 +689,10 @@ impl Node {
                     self.apply(ev);
                 }
                 self.publish_view();
+                self.heal().await;
                 self.step().await?
             }
-            Wake::WatchEnded => {
-                return Err(Error::Garbage {
-                    key: String::new(),
-                    reason: "job watch ended".into(),
-                })
-            }
+            Wake::WatchEnded => return Err(Error::WatchEnded),
             Wake::Inbound(msg) => {
                 self.on_inbound(msg).await;
                 Flow::Continue
@@ -664,6 +707,10 @@ impl Node {
                 self.retry_at = None;
                 self.await_change = false;
                 self.step().await?
+            }
+            Wake::StallCheck => {
+                self.check_stall().await;
+                Flow::Continue
             }
         })
     }
@@ -702,13 +749,16 @@ impl Node {
             let granted_at = Instant::now();
             let attempt = async {
                 let (id, ttl) = self.store.grant_lease(self.config.lease_ttl_secs()).await?;
-                self.store
-                    .register_node(&self.holder.node, &self.holder.addr, id)
+                let registered = self
+                    .store
+                    .register_node(&self.holder.node, &self.record, id)
                     .await?;
-                Ok::<_, crate::error::EtcdError>((id, ttl))
+                Ok::<_, crate::error::EtcdError>((id, ttl, registered))
             };
             match attempt.await {
-                Ok((id, ttl)) => {
+                Ok((id, ttl, registered)) => {
+                    self.registered_at = registered;
+                    self.record_fault = None;
                     let ttl = Duration::from_secs(ttl.max(1) as u64);
                     info!(lease = format!("{id:x}"), ?ttl, "lease granted");
                     self.metrics.lease_granted();
@@ -1236,7 +1286,13 @@ impl Node {
     /// Applies one watch event to the view, remembering every running epoch it reveals.
     fn apply(&mut self, ev: JobEvent) {
         self.apply_event(ev);
-        if let Some(epoch) = self.view.as_ref().and_then(|v| v.epoch) {
+        let epoch = self.view.as_ref().and_then(|v| v.epoch);
+        if self.stall.epoch_seen(epoch, Instant::now()) {
+            info!("the job's epoch moves again: the stall is over");
+            self.metrics.stalled(false);
+            self.record_dirty |= self.record.stall.take().is_some();
+        }
+        if let Some(epoch) = epoch {
             self.metrics
                 .job_epoch(epoch.epoch(), matches!(epoch, EpochValue::Done(_)));
         }
@@ -1253,21 +1309,44 @@ impl Node {
             JobEvent::Snapshot { kvs, revision } => {
                 debug!(revision, keys = kvs.len(), "job snapshot");
                 let mut view = JobView::new(self.config.tasks, self.config.replicas);
-                for kv in kvs {
-                    self.apply_put(&mut view, &keys, kv);
+                // The last good epoch survives a new read: a bad value is judged against it.
+                if let Some(old) = self.view.as_ref() {
+                    view.epoch = old.epoch;
                 }
+                let (mut epoch, mut spec, mut record) = (false, false, false);
+                for kv in kvs {
+                    match keys.parse(&kv.key) {
+                        Some(JobKey::Epoch) => epoch = true,
+                        Some(JobKey::Spec) => spec = true,
+                        Some(JobKey::Node(n)) if n == self.holder.node => record = true,
+                        _ => {}
+                    }
+                    self.apply_put(&mut view, &keys, kv, true);
+                }
+                if !epoch {
+                    self.epoch_key_missing(&mut view, &keys);
+                }
+                if !spec {
+                    self.spec_key_missing(&keys);
+                }
+                if !record && revision > self.registered_at && self.registered_at > 0 {
+                    self.own_record_bad(&keys, 0, "deleted");
+                }
+                view.revision = revision;
                 self.view = Some(view);
                 self.await_change = false;
             }
             JobEvent::Put(kv) => {
                 if let Some(mut view) = self.view.take() {
-                    self.apply_put(&mut view, &keys, kv);
+                    view.revision = view.revision.max(kv.mod_revision);
+                    self.apply_put(&mut view, &keys, kv, false);
                     self.view = Some(view);
                 }
                 self.await_change = false;
             }
-            JobEvent::Delete { key, .. } => {
-                if let Some(view) = self.view.as_mut() {
+            JobEvent::Delete { key, revision } => {
+                if let Some(mut view) = self.view.take() {
+                    view.revision = view.revision.max(revision);
                     match keys.parse(&key) {
                         Some(JobKey::Primary(t)) => {
                             view.primaries.remove(&t);
@@ -1275,11 +1354,18 @@ impl Node {
                         Some(JobKey::Backup(t, k)) => {
                             view.backups.remove(&(t, k));
                         }
-                        Some(JobKey::Epoch) => {
-                            warn!("the job's epoch key was deleted; keeping the last epoch seen");
+                        Some(JobKey::Epoch) => self.epoch_key_missing(&mut view, &keys),
+                        Some(JobKey::Spec) => self.spec_key_missing(&keys),
+                        Some(JobKey::Node(n))
+                            if n == self.holder.node && revision > self.registered_at =>
+                        {
+                            // Also when this node's lease ended: then `new_lease` registers it
+                            // again, and the heal (under the old lease) fails harmlessly.
+                            self.own_record_bad(&keys, 0, "deleted");
                         }
                         _ => {}
                     }
+                    self.view = Some(view);
                 }
                 self.await_change = false;
             }
@@ -1289,15 +1375,64 @@ impl Node {
         }
     }
 
-    fn apply_put(&self, view: &mut JobView, keys: &crate::etcd::keys::JobKeys, kv: Kv) {
+    fn epoch_key_missing(&self, view: &mut JobView, keys: &crate::etcd::keys::JobKeys) {
+        error!(
+            key = keys.epoch(),
+            last_good = view.epoch.map(|e| e.encode()),
+            "the job's epoch key is missing; keeping the last epoch seen"
+        );
+        self.metrics.bad_value("epoch");
+        view.epoch_fault = Some(EpochFault {
+            kind: EpochFaultKind::Missing,
+            mod_revision: 0,
+        });
+    }
+
+    fn spec_key_missing(&mut self, keys: &crate::etcd::keys::JobKeys) {
+        error!(key = keys.spec(), "the job's spec key is missing; this node keeps its own");
+        self.metrics.bad_value("spec");
+        self.spec_fault = Some(("deleted".into(), 0));
+    }
+
+    /// This node's own record holds a value it did not write (`guard`: its revision; 0 when
+    /// deleted): the node rewrites it (see [`Node::heal`]).
+    fn own_record_bad(&mut self, keys: &crate::etcd::keys::JobKeys, guard: i64, what: &str) {
+        error!(
+            key = keys.node(&self.holder.node),
+            found = what,
+            "this node's record holds a value it did not write"
+        );
+        self.metrics.bad_value("node");
+        self.record_fault = Some(guard);
+    }
+
+    fn apply_put(
+        &mut self,
+        view: &mut JobView,
+        keys: &crate::etcd::keys::JobKeys,
+        kv: Kv,
+        snapshot: bool,
+    ) {
         let key = String::from_utf8_lossy(&kv.key).into_owned();
         match keys.parse(&kv.key) {
-            Some(JobKey::Epoch) => match EpochValue::parse(&kv.value) {
-                Ok(v) => view.epoch = Some(v),
-                Err(reason) => warn!(
-                    key,
-                    reason, "rejected garbage epoch value; keeping the last epoch seen"
-                ),
+            Some(JobKey::Epoch) => match judge_epoch(view.epoch, &kv.value, snapshot) {
+                Ok(v) => {
+                    view.epoch = Some(v);
+                    view.epoch_fault = None;
+                }
+                Err(kind) => {
+                    error!(
+                        key,
+                        found = %kind,
+                        last_good = view.epoch.map(|e| e.encode()),
+                        "the epoch key holds a value the framework did not write; keeping the last good epoch"
+                    );
+                    self.metrics.bad_value("epoch");
+                    view.epoch_fault = Some(EpochFault {
+                        kind,
+                        mod_revision: kv.mod_revision,
+                    });
+                }
             },
             Some(JobKey::Primary(t)) | Some(JobKey::Backup(t, _)) if t >= view.tasks => {
                 warn!(
@@ -1373,16 +1508,216 @@ impl Node {
                 }
             }
             Some(JobKey::Spec) => {
-                if let Err(reason) = crate::config::JobSpec::decode(&kv.value) {
-                    warn!(
-                        key,
-                        reason, "the job's spec in etcd is garbage; this node keeps its own"
-                    );
+                let fault = match JobSpec::decode(&kv.value) {
+                    Err(reason) => Some(reason),
+                    Ok(stored) => JobSpec::decode(&self.spec)
+                        .ok()
+                        .and_then(|mine| JobSpec::difference(&stored, &mine))
+                        .map(|d| format!("differs from the spec the job runs with: {d}")),
+                };
+                match fault {
+                    Some(reason) => {
+                        error!(key, reason, "the job's spec in etcd is bad; this node keeps its own");
+                        self.metrics.bad_value("spec");
+                        self.spec_fault = Some((reason, kv.mod_revision));
+                    }
+                    None => {
+                        // The spec as stored (with its creation time) is what a heal restores.
+                        self.spec = kv.value;
+                        self.spec_fault = None;
+                    }
+                }
+            }
+            Some(JobKey::Node(n)) if n == self.holder.node => {
+                // Written under another lease (or none), or not this node's record: not this
+                // node's write. (A stall note may lag behind `self.record`: not compared.)
+                let own_lease = kv.lease != 0 && kv.lease == self.lease.borrow().id();
+                match serde_json::from_slice::<NodeRecord>(&kv.value) {
+                    Ok(r) if own_lease && r.addr == self.record.addr => self.record_fault = None,
+                    Ok(_) => self.own_record_bad(keys, kv.mod_revision, "a record it did not write"),
+                    Err(_) => self.own_record_bad(keys, kv.mod_revision, "garbage"),
                 }
             }
             Some(JobKey::Node(_) | JobKey::Checkpoint(_) | JobKey::Result) => {}
             None => debug!(key, "ignoring unknown key under the job's prefix"),
         }
+    }
+
+    /// Whether a heal of `key` over revision `guard` is still to be tried (once per bad value).
+    fn heal_due(&mut self, key: &'static str, guard: i64) -> bool {
+        if self.heals_tried.contains(&(key, guard)) {
+            return false;
+        }
+        if self.heals_tried.len() >= 64 {
+            self.heals_tried.clear();
+        }
+        self.heals_tried.push((key, guard));
+        true
+    }
+
+    /// Rewrites keys the framework owns that hold bad values, where this node knows the truth:
+    /// its own record (any node), and, as the acting primary of task 0, the epoch (to the last
+    /// good epoch) and the spec (to the spec the job runs with). Every rewrite is guarded by
+    /// the bad value's revision, so a newer write is never overwritten, and the epoch's and
+    /// spec's by task 0's term, so a deposed primary writes nothing.
+    async fn heal(&mut self) {
+        if !self.lease_valid() {
+            return;
+        }
+        let keys = self.store.keys().clone();
+        if std::mem::take(&mut self.record_dirty) {
+            let id = self.lease.borrow().id();
+            if let Err(e) = self
+                .store
+                .register_node(&self.holder.node, &self.record, id)
+                .await
+            {
+                warn!(error = %e, "could not clear the stall from this node's record");
+            }
+        }
+        if let Some(guard) = self.record_fault {
+            if self.heal_due("node", guard) {
+                let key = keys.node(&self.holder.node);
+                let value = serde_json::to_vec(&self.record).unwrap_or_default();
+                let lease = self.lease.borrow().id();
+                self.heal_key("node", &key, guard, value, None, Some(lease))
+                    .await;
+            }
+        }
+        let MySlot::Primary { task: 0, term } = self.mine else {
+            return;
+        };
+        let epoch = self.view.as_ref().and_then(|v| {
+            let fault = v.epoch_fault.as_ref()?;
+            match v.epoch? {
+                EpochValue::Running(m) => Some((fault.mod_revision, EpochValue::Running(m))),
+                EpochValue::Done(_) => None,
+            }
+        });
+        if let Some((guard, good)) = epoch {
+            if self.heal_due("epoch", guard) {
+                self.heal_key("epoch", &keys.epoch(), guard, good.encode().into_bytes(), Some((0, term)), None)
+                    .await;
+            }
+        }
+        if let Some((_, guard)) = self.spec_fault.clone() {
+            if self.heal_due("spec", guard) {
+                let spec = self.spec.clone();
+                self.heal_key("spec", &keys.spec(), guard, spec, Some((0, term)), None)
+                    .await;
+            }
+        }
+    }
+
+    async fn heal_key(
+        &mut self,
+        what: &'static str,
+        key: &str,
+        guard: i64,
+        value: Vec<u8>,
+        fence: Option<(TaskId, i64)>,
+        lease: Option<i64>,
+    ) {
+        let text = String::from_utf8_lossy(&value).into_owned();
+        match self.store.heal(key, guard, value, fence, lease).await {
+            Ok(true) => {
+                self.metrics.key_healed(what);
+                error!(key, wrote = text, "healed a key the framework owns: rewrote its last good value");
+            }
+            // Changed meanwhile (healed by another, or a newer write): judged when it arrives.
+            Ok(false) => debug!(key, "the bad value changed before the heal"),
+            Err(e) => warn!(key, error = %e, "could not heal the key"),
+        }
+    }
+
+    /// Reports a stall when one is due: the job's epoch has not moved for longer than the
+    /// stall time. The node logs what it can tell at error level; the acting primary of task
+    /// 0, and any node that sees a cause in its own slot, also writes it into its record in
+    /// etcd (one write per stall time), where operators' tools read it.
+    async fn check_stall(&mut self) {
+        if self.view.as_ref().is_none_or(JobView::finished) {
+            return;
+        }
+        let now = Instant::now();
+        let Some((epoch, still)) = self.stall.due(now) else {
+            return;
+        };
+        let keys = self.store.keys().clone();
+        let own = self.own_stall_reasons(now);
+        let reporter = matches!(self.mine, MySlot::Primary { task: 0, .. });
+        let mut reasons = own.clone();
+        if reporter {
+            if let Some(view) = self.view.as_ref() {
+                let spec = self.spec_fault.as_ref().map(|(r, _)| r.as_str());
+                reasons.extend(view_reasons(view, &keys, spec));
+            }
+        }
+        let text = if reasons.is_empty() {
+            "no cause seen from this node".to_owned()
+        } else {
+            reasons.iter().map(|r| r.text.as_str()).collect::<Vec<_>>().join("; ")
+        };
+        error!(
+            epoch,
+            for_s = still.as_secs_f64(),
+            stall_after_s = self.stall.after().as_secs_f64(),
+            reasons = text,
+            "the job is stalled: its epoch has not moved"
+        );
+        self.metrics.stalled(true);
+        if !(reporter || !own.is_empty()) || !self.lease_valid() {
+            return;
+        }
+        self.record.stall = Some(StallNote {
+            epoch,
+            for_ms: u64::try_from(still.as_millis()).unwrap_or(u64::MAX),
+            after_ms: u64::try_from(self.stall.after().as_millis()).unwrap_or(u64::MAX),
+            reasons,
+        });
+        let id = self.lease.borrow().id();
+        if let Err(e) = self
+            .store
+            .register_node(&self.holder.node, &self.record, id)
+            .await
+        {
+            warn!(error = %e, "could not publish the stall in this node's record");
+        }
+    }
+
+    /// What this node sees in its own slot that holds the job up: a primary past its lease's
+    /// local deadline, pulls retried for longer than half the stall time.
+    fn own_stall_reasons(&self, now: Instant) -> Vec<StallReason> {
+        let mut reasons = Vec::new();
+        let (MySlot::Primary { task, .. }, Some(slot)) = (self.mine, self.slot.as_ref()) else {
+            return reasons;
+        };
+        if !self.lease_valid() {
+            reasons.push(StallReason {
+                task: Some(task),
+                key: None,
+                text: format!(
+                    "task {task}: its primary {} is not acting: its lease is past its local deadline (etcd slow or unreachable from it)",
+                    self.holder.node
+                ),
+            });
+        }
+        let older = self.stall.after() / 2;
+        for (id, method, waited) in slot.ctx.stuck_pulls(now, older) {
+            let target = match self.view.as_ref().and_then(|v| v.primaries.get(&id.to)) {
+                Some(p) => format!("its primary {} at {}", p.holder.node, p.holder.addr),
+                None => "it has no primary".to_owned(),
+            };
+            reasons.push(StallReason {
+                task: Some(id.to),
+                key: None,
+                text: format!(
+                    "task {task}: pull {id} (method {method:?}) to task {} retried for {:.1} s; {target}",
+                    id.to,
+                    waited.as_secs_f64()
+                ),
+            });
+        }
+        reasons
     }
 
     async fn on_lease(&mut self, stop: &CancellationToken) -> Result<Flow, Error> {

@@ -32,8 +32,79 @@ pub struct JobView {
     pub primaries: BTreeMap<TaskId, SlotKey>,
     /// Backup slots `(task, k)` that are taken.
     pub backups: BTreeMap<(TaskId, u32), SlotKey>,
-    /// The epoch key, if it could be read.
+    /// The epoch key's last good value (see [`judge_epoch`]); `None` before one was seen.
     pub epoch: Option<EpochValue>,
+    /// What is wrong with the epoch key right now, if anything: the framework keeps working
+    /// on [`epoch`](Self::epoch) and heals the key (see `node.rs`).
+    pub epoch_fault: Option<EpochFault>,
+    /// The highest etcd revision applied to this view.
+    pub revision: i64,
+}
+
+/// Why the value under the `epoch` key is not one the framework could have written next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EpochFaultKind {
+    /// The value does not parse.
+    Garbage(String),
+    /// The key was deleted.
+    Missing,
+    /// A running epoch lower than the last good one.
+    Backwards(u64),
+    /// A running epoch more than one above the last good one (every move is `+1`).
+    Ahead(u64),
+    /// A running epoch after the job finished.
+    AfterDone(u64),
+}
+
+/// A bad value under the `epoch` key, with the key's mod revision (0: the key is missing):
+/// the guard of the transaction that heals it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochFault {
+    /// What is wrong.
+    pub kind: EpochFaultKind,
+    /// The key's mod revision when the bad value was seen (0 when deleted).
+    pub mod_revision: i64,
+}
+
+impl std::fmt::Display for EpochFaultKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EpochFaultKind::Garbage(reason) => write!(f, "garbage ({reason})"),
+            EpochFaultKind::Missing => write!(f, "deleted"),
+            EpochFaultKind::Backwards(n) => write!(f, "epoch {n}, lower than the job's"),
+            EpochFaultKind::Ahead(n) => write!(f, "epoch {n}, beyond the job's next"),
+            EpochFaultKind::AfterDone(n) => write!(f, "epoch {n} after the job finished"),
+        }
+    }
+}
+
+/// Judges a value written to the `epoch` key, given the last good value `last`. Every epoch
+/// the framework writes is the next one (`inc_epoch`: `n` → `n + 1`), the same one (a heal,
+/// `done n` by `shutdown_job`), or `done` (an operator's shutdown): anything else was written
+/// by someone else (an operator's typo, a restored backup, a buggy tool) and is refused, so
+/// that no primary enters an epoch the job never reached.
+///
+/// `snapshot`: the value comes from a full read (the node's first, or after its watch lost
+/// etcd), so epochs may have moved several times unseen; only going backwards is refused then.
+pub fn judge_epoch(
+    last: Option<EpochValue>,
+    value: &[u8],
+    snapshot: bool,
+) -> Result<EpochValue, EpochFaultKind> {
+    let v = EpochValue::parse(value).map_err(EpochFaultKind::Garbage)?;
+    match (last, v) {
+        (None, v) | (Some(_), v @ EpochValue::Done(_)) => Ok(v),
+        (Some(EpochValue::Done(_)), EpochValue::Running(n)) => Err(EpochFaultKind::AfterDone(n)),
+        (Some(EpochValue::Running(m)), EpochValue::Running(n)) => {
+            if n < m {
+                Err(EpochFaultKind::Backwards(n))
+            } else if n > m + 1 && !snapshot {
+                Err(EpochFaultKind::Ahead(n))
+            } else {
+                Ok(v)
+            }
+        }
+    }
 }
 
 impl JobView {
@@ -245,6 +316,43 @@ mod tests {
         assert_eq!(decide(&v, "me", me, &mut first), Decision::Lost);
         v.primaries.remove(&0);
         assert_eq!(decide(&v, "me", me, &mut first), Decision::Lost);
+    }
+
+    #[test]
+    fn epoch_values_are_judged_against_the_last_good_one() {
+        use EpochValue::{Done, Running};
+        let j = |last, v: &str, snap| judge_epoch(last, v.as_bytes(), snap);
+        // The first value seen is believed (nothing to compare with).
+        assert_eq!(j(None, "7", false), Ok(Running(7)));
+        assert_eq!(j(None, "done 3", false), Ok(Done(3)));
+        // inc_epoch moves by one; a heal rewrites the same value.
+        assert_eq!(j(Some(Running(4)), "5", false), Ok(Running(5)));
+        assert_eq!(j(Some(Running(4)), "4", false), Ok(Running(4)));
+        // A shutdown, by the job or an operator.
+        assert_eq!(j(Some(Running(4)), "done 4", false), Ok(Done(4)));
+        // Third parties.
+        assert!(matches!(
+            j(Some(Running(4)), "garbage", false),
+            Err(EpochFaultKind::Garbage(_))
+        ));
+        assert_eq!(
+            j(Some(Running(4)), "2", false),
+            Err(EpochFaultKind::Backwards(2))
+        );
+        assert_eq!(
+            j(Some(Running(4)), "1000", false),
+            Err(EpochFaultKind::Ahead(1000))
+        );
+        assert_eq!(
+            j(Some(Done(4)), "5", false),
+            Err(EpochFaultKind::AfterDone(5))
+        );
+        // After a full read epochs may have moved unseen, but never backwards.
+        assert_eq!(j(Some(Running(4)), "9", true), Ok(Running(9)));
+        assert_eq!(
+            j(Some(Running(4)), "3", true),
+            Err(EpochFaultKind::Backwards(3))
+        );
     }
 
     #[test]

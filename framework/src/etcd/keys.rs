@@ -156,6 +156,42 @@ pub struct Holder {
 pub struct NodeRecord {
     /// Where the node answers gRPC (`host:port`).
     pub addr: String,
+    /// Set while the node sees the job stalled: the epoch has not moved for longer than the
+    /// stall time, and what the node can tell about why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall: Option<StallNote>,
+}
+
+/// What a node tells about a stalled job (in its [`NodeRecord`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StallNote {
+    /// The epoch the job is stuck in.
+    pub epoch: u64,
+    /// How long the node had seen the epoch unmoved when it wrote the note (ms).
+    pub for_ms: u64,
+    /// The node's stall time: after how long without a move it reports (ms).
+    pub after_ms: u64,
+    /// What the node sees as the causes; empty when it sees none.
+    pub reasons: Vec<StallReason>,
+}
+
+/// One cause of a stall, as far as one node can tell.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StallReason {
+    /// The task concerned, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskId>,
+    /// The key concerned (full etcd key), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// What is wrong, for a person.
+    pub text: String,
+}
+
+impl std::fmt::Display for StallReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
 }
 
 /// The value of the `epoch` key.

@@ -371,15 +371,18 @@ impl Store {
         Ok(())
     }
 
-    /// Registers a node under `nodes/<node>` with its lease.
-    pub async fn register_node(&self, node: &str, addr: &str, lease: i64) -> Result<(), EtcdError> {
+    /// Registers a node under `nodes/<node>` with its lease (again, to update its record).
+    /// Returns the revision of the write.
+    pub async fn register_node(
+        &self,
+        node: &str,
+        record: &NodeRecord,
+        lease: i64,
+    ) -> Result<i64, EtcdError> {
         let key = self.keys.node(node);
-        let value = serde_json::to_string(&NodeRecord {
-            addr: addr.to_owned(),
-        })
-        .unwrap_or_default();
+        let value = serde_json::to_string(record).unwrap_or_default();
         let mut c = self.client.clone();
-        self.timed(
+        let resp = self.timed(
             "put",
             &key,
             c.put(
@@ -389,7 +392,7 @@ impl Store {
             ),
         )
         .await?;
-        Ok(())
+        Ok(resp.header().map_or(0, |h| h.revision()))
     }
 
     async fn create_slot(
@@ -505,8 +508,14 @@ impl Store {
     }
 
     /// Moves the epoch from `from` to `from + 1` if it is `from` and task `t`'s primary key is
-    /// still the one created at `term` (fencing). Returns whether it moved.
-    pub async fn inc_epoch(&self, t: TaskId, term: i64, from: u64) -> Result<bool, EtcdError> {
+    /// still the one created at `term` (fencing). When it did not move, returns the epoch
+    /// key as it is now (`None` inside: the key is missing), read in the same transaction.
+    pub async fn inc_epoch(
+        &self,
+        t: TaskId,
+        term: i64,
+        from: u64,
+    ) -> Result<Result<(), Option<Kv>>, EtcdError> {
         let key = self.keys.epoch();
         let txn = Txn::new()
             .when([
@@ -521,22 +530,62 @@ impl Store {
                 key.clone(),
                 EpochValue::Running(from + 1).encode(),
                 None,
-            )]);
+            )])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        let mut c = self.client.clone();
+        let resp = self.timed("txn inc epoch", &key, c.txn(txn)).await?;
+        if resp.succeeded() {
+            return Ok(Ok(()));
+        }
+        Ok(Err(first_kv(resp)))
+    }
+
+    /// Heals a key the framework owns: writes `value` under `key` if the key is unchanged since
+    /// `guard` (its mod revision when the bad value was seen; 0: the key must be missing), and,
+    /// with `fence = Some((t, term))`, only while task `t`'s primary key is the one created at
+    /// `term`; with `lease`, the key is attached to it. Returns whether it was written.
+    pub async fn heal(
+        &self,
+        key: &str,
+        guard: i64,
+        value: impl Into<Vec<u8>>,
+        fence: Option<(TaskId, i64)>,
+        lease: Option<i64>,
+    ) -> Result<bool, EtcdError> {
+        let mut when = vec![if guard == 0 {
+            Compare::create_revision(key, CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(key, CompareOp::Equal, guard)
+        }];
+        if let Some((t, term)) = fence {
+            when.push(Compare::create_revision(
+                self.keys.primary(t),
+                CompareOp::Equal,
+                term,
+            ));
+        }
+        let options = lease.map(|l| PutOptions::new().with_lease(l));
+        let txn = Txn::new()
+            .when(when)
+            .and_then([TxnOp::put(key, value.into(), options)]);
         let mut c = self.client.clone();
         Ok(self
-            .timed("txn inc epoch", &key, c.txn(txn))
+            .timed("txn heal", key, c.txn(txn))
             .await?
             .succeeded())
     }
 
     /// Marks the job finished at its current epoch, fenced by task `t`'s term, and stores
-    /// `result` (if any) under the `result` key in the same transaction. Returns the final
-    /// epoch, or `None` if the caller is no longer primary.
+    /// `result` under the `result` key in the same transaction (without a result, a `result`
+    /// key someone else left is deleted: the key only ever holds what ended the job). When the
+    /// epoch key holds garbage (or is missing), the job ends at `fallback`, the epoch the
+    /// caller is in. Returns the final epoch, or `None` if the caller is no longer primary.
     pub async fn finish(
         &self,
         t: TaskId,
         term: i64,
         result: Option<Vec<u8>>,
+        fallback: u64,
     ) -> Result<Option<u64>, EtcdError> {
         let key = self.keys.epoch();
         loop {
@@ -549,15 +598,20 @@ impl Store {
                         Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision),
                     ),
                     Err(reason) => {
-                        tracing::warn!(key, reason, "garbage epoch value; finishing at epoch 0");
+                        tracing::error!(
+                            key,
+                            reason,
+                            epoch = fallback,
+                            "garbage epoch value; finishing at the caller's epoch"
+                        );
                         (
-                            EpochValue::Done(0),
+                            EpochValue::Done(fallback),
                             Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision),
                         )
                     }
                 },
                 None => (
-                    EpochValue::Done(0),
+                    EpochValue::Done(fallback),
                     Compare::create_revision(key.clone(), CompareOp::Equal, 0),
                 ),
             };
@@ -566,15 +620,13 @@ impl Store {
                     compare,
                     Compare::create_revision(self.keys.primary(t), CompareOp::Equal, term),
                 ])
-                .and_then(
-                    std::iter::once(TxnOp::put(key.clone(), value.encode(), None))
-                        .chain(
-                            result
-                                .clone()
-                                .map(|r| TxnOp::put(self.keys.result(), r, None)),
-                        )
-                        .collect::<Vec<_>>(),
-                )
+                .and_then([
+                    TxnOp::put(key.clone(), value.encode(), None),
+                    match &result {
+                        Some(r) => TxnOp::put(self.keys.result(), r.clone(), None),
+                        None => TxnOp::delete(self.keys.result(), None),
+                    },
+                ])
                 .or_else([TxnOp::get(self.keys.primary(t), None)]);
             let mut c = self.client.clone();
             let resp = self.timed("txn finish", &key, c.txn(txn)).await?;
@@ -641,6 +693,14 @@ impl Store {
             .await?
             .succeeded())
     }
+}
+
+/// The first key-value of a transaction's first read, if any.
+fn first_kv(resp: etcd_client::TxnResponse) -> Option<Kv> {
+    resp.op_responses().into_iter().find_map(|r| match r {
+        TxnOpResponse::Get(g) => g.kvs().first().map(Kv::from),
+        _ => None,
+    })
 }
 
 /// Why etcd refused this process in a way retrying cannot cure, or `None` for an error that
