@@ -13,6 +13,8 @@ struct Memory {
     primaries: BTreeMap<TaskId, String>,
     lost: BTreeMap<TaskId, String>,
     backups: BTreeMap<(TaskId, u32), String>,
+    /// Nodes that reported a stall not yet over.
+    stalled: std::collections::BTreeSet<String>,
 }
 
 /// Prints the job's events from `since` (or from now) until the job finishes.
@@ -107,6 +109,30 @@ fn describe(keys: &JobKeys, change: &Change, m: &mut Memory) -> (i64, Option<Str
                         Err(_) => format!("node {n} joined (garbage record)"),
                     })
                 }
+                Some(JobKey::Node(n)) => match serde_json::from_slice::<NodeRecord>(&kv.value) {
+                    Ok(NodeRecord {
+                        stall: Some(note), ..
+                    }) => {
+                        let reasons: Vec<&str> =
+                            note.reasons.iter().map(|r| r.text.as_str()).collect();
+                        m.stalled.insert(n.clone());
+                        Some(format!(
+                            "stall: node {n} sees epoch {} unmoved for {:.1} s: {}",
+                            note.epoch,
+                            note.for_ms as f64 / 1000.0,
+                            if reasons.is_empty() {
+                                "no cause seen from it".to_owned()
+                            } else {
+                                reasons.join("; ")
+                            }
+                        ))
+                    }
+                    Ok(_) if m.stalled.remove(&n) => {
+                        Some(format!("stall over: node {n} sees the epoch move again"))
+                    }
+                    Ok(_) => None,
+                    Err(_) => Some(format!("garbage record written for node {n}")),
+                },
                 Some(JobKey::Checkpoint(t)) => Some(match StoredCheckpoint::decode(&kv.value) {
                     Ok(c) => format!(
                         "checkpoint: task {t} at epoch {} ({} bytes)",
@@ -116,7 +142,7 @@ fn describe(keys: &JobKeys, change: &Change, m: &mut Memory) -> (i64, Option<Str
                     Err(e) => format!("garbage checkpoint for task {t}: {e}"),
                 }),
                 Some(JobKey::Result) => Some(format!("result stored ({} bytes)", kv.value.len())),
-                Some(JobKey::Node(_)) | None => None,
+                None => None,
             };
             (rev, line, false)
         }

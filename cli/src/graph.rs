@@ -39,6 +39,7 @@ pub async fn graph(client: &JobClient, svg: Option<&Path>) -> Result<(), String>
             Health::Healthy => "palegreen",
             Health::Degraded => "gold",
             Health::Down => "tomato",
+            Health::Stalled => "orchid",
             Health::Finished => "lightblue",
         };
         let primary = task.primary.as_deref().unwrap_or("no primary");

@@ -104,6 +104,7 @@ fn health_cell(h: Health) -> Cell {
         Health::Healthy => ("healthy", Color::Green),
         Health::Degraded => ("degraded", Color::Yellow),
         Health::Down => ("down", Color::Red),
+        Health::Stalled => ("stalled", Color::Magenta),
         Health::Finished => ("finished", Color::Blue),
     };
     Cell::new(text).fg(colour)
@@ -135,6 +136,10 @@ pub fn status_text(s: &JobStatus) -> String {
     let count = |h: Health| s.tasks.iter().filter(|t| t.health == h).count();
     let state = match s.state {
         Some(st) if st.finished => format!("finished at epoch {}", st.epoch),
+        Some(st) if s.stalled() => {
+            let secs = s.stalls.iter().map(|n| n.note.for_ms).max().unwrap_or(0) as f64 / 1000.0;
+            format!("stalled at epoch {} (unmoved for {secs:.1} s)", st.epoch)
+        }
         Some(st) => format!("running, epoch {}", st.epoch),
         None => "no epoch key".into(),
     };
@@ -158,6 +163,15 @@ pub fn status_text(s: &JobStatus) -> String {
     );
     for g in &s.garbage {
         out += &format!("\nwarning: garbage in etcd: {g}");
+    }
+    if s.stalled() {
+        let reasons = s.stall_reasons();
+        if reasons.is_empty() {
+            out += "\nstalled: no cause seen by the reporting nodes (an epoch longer than the stall time?)";
+        }
+        for r in reasons {
+            out += &format!("\nstalled: {}", r.text);
+        }
     }
     out
 }

@@ -18,7 +18,16 @@ use crate::workload::{Workload, WorkloadKind};
 /// prints a summary, stops everything it started, and exits 0 only if the job finished
 /// correctly.
 #[derive(Debug, Parser)]
-#[command(name = "regression", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "regression",
+    version,
+    args_conflicts_with_subcommands = true,
+    after_help = "Exit codes of the local mode: 0 the job finished with the right answer; \
+                  1 it failed (a wrong answer, a node that failed, the --timeout); 2 bad flags; \
+                  3 the job stalled and did not heal (the error names the key or task); \
+                  4 the job was shut down by an operator (`taskgraph shutdown`) or a task's \
+                  `shutdown_job` before its last epoch."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -84,6 +93,12 @@ pub struct JobArgs {
     /// live backup is replaced within it.
     #[arg(long, default_value = "2s", env = "TASKGRAPH_LEASE_TTL", value_parser = whole_seconds)]
     pub lease_ttl: Duration,
+    /// After how long without a new epoch a node reports the job as stalled, with what it can
+    /// tell about why (e.g. `30s`; default: three lease TTLs plus three times the slowest epoch
+    /// seen). The local launcher prints the reports, and gives up with exit code 3 when the
+    /// job stays stalled for as long again.
+    #[arg(long, env = "TASKGRAPH_STALL_AFTER", value_parser = whole_seconds)]
+    pub stall_after: Option<Duration>,
     /// etcd endpoints (repeat the flag or separate with commas). The local mode starts a
     /// private etcd when none is given.
     #[arg(long, env = "TASKGRAPH_ETCD", value_delimiter = ',')]
@@ -391,6 +406,9 @@ impl JobArgs {
             format!("--compute-ms={}", self.compute_ms),
             format!("--lease-ttl={}s", self.lease_ttl.as_secs()),
         ];
+        if let Some(after) = self.stall_after {
+            v.push(format!("--stall-after={}s", after.as_secs()));
+        }
         if !self.etcd.is_empty() {
             v.push(format!("--etcd={}", self.etcd.join(",")));
         }

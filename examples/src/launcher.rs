@@ -14,7 +14,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use taskgraph::etcd::keys::JobKey;
 use taskgraph::etcd::watch::JobEvent;
-use taskgraph::{JobClient, JobSpec, JobState, Term};
+use taskgraph::etcd::keys::NodeRecord;
+use taskgraph::{JobClient, JobSpec, JobState, StallNote, Term};
 
 use crate::args::{JobArgs, LocalArgs};
 use crate::local_etcd::LocalEtcd;
@@ -64,8 +65,28 @@ pub struct Chaos {
     pub seed: u64,
 }
 
+/// Why a local run did not succeed, with the process's exit code (see `regression --help`).
+#[derive(Debug)]
+pub struct Failure {
+    /// 1: failed; 3: stalled and did not heal; 4: shut down before its last epoch.
+    pub code: u8,
+    /// One line (more for where the node logs are).
+    pub message: String,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure { code: 1, message }
+    }
+}
+
+/// Exit code: the job stalled and did not heal.
+pub const EXIT_STALLED: u8 = 3;
+/// Exit code: the job was shut down before its last epoch.
+pub const EXIT_SHUT_DOWN: u8 = 4;
+
 /// Runs the job; `Ok` only if it finished with a correct result.
-pub async fn run(local: LocalArgs, mut job: JobArgs) -> Result<Report, String> {
+pub async fn run(local: LocalArgs, mut job: JobArgs) -> Result<Report, Failure> {
     let workload = job.workload()?;
     taskgraph::Tree::new(job.tasks, job.fanout).map_err(|e| e.to_string())?;
     let etcd = if job.etcd.is_empty() {
@@ -84,7 +105,7 @@ pub async fn run(local: LocalArgs, mut job: JobArgs) -> Result<Report, String> {
     Ok(report)
 }
 
-async fn run_on(local: &LocalArgs, job: &mut JobArgs) -> Result<(Report, JobResult), String> {
+async fn run_on(local: &LocalArgs, job: &mut JobArgs) -> Result<(Report, JobResult), Failure> {
     let name = job
         .job
         .get_or_insert_with(|| format!("regression-{:08x}", rand::random::<u32>()))
@@ -128,19 +149,30 @@ async fn run_on(local: &LocalArgs, job: &mut JobArgs) -> Result<(Report, JobResu
         tokio::time::interval_at(tokio::time::Instant::now() + chaos_every, chaos_every);
     let deadline = tokio::time::sleep(local.timeout);
     tokio::pin!(deadline);
-    let mut failure: Option<String> = None;
+    let mut failure: Option<Failure> = None;
+    let mut stalls = Stalls::default();
+    let mut stall_check = tokio::time::interval(Duration::from_millis(500));
     let finished = loop {
         tokio::select! {
             event = watch.recv() => {
                 let Some(event) = event else {
-                    failure = Some("the watch of the job ended".into());
+                    failure = Some("the watch of the job ended".to_owned().into());
                     break None;
                 };
-                if let Some(state) = follow(&client, event, &mut terms, &mut failovers) {
+                if let Some(state) = follow(&client, event, &mut terms, &mut failovers, &mut stalls) {
                     progress.update(state, kills, failovers);
                     if state.finished {
                         break Some(state);
                     }
+                }
+                for line in stalls.news() {
+                    progress.bar.suspend(|| eprintln!("{line}"));
+                }
+            }
+            _ = stall_check.tick() => {
+                if let Some(line) = stalls.given_up(&name) {
+                    failure = Some(Failure { code: EXIT_STALLED, message: line });
+                    break None;
                 }
             }
             _ = chaos.tick(), if local.chaos_kill_every.is_some() => {
@@ -151,16 +183,16 @@ async fn run_on(local: &LocalArgs, job: &mut JobArgs) -> Result<(Report, JobResu
             }
             Some((index, status)) = fleet.exits.recv() => {
                 if let Some(problem) = fleet.exited(index, status) {
-                    failure = Some(problem);
+                    failure = Some(problem.into());
                     break None;
                 }
             }
             () = &mut deadline => {
-                failure = Some(format!("the job did not finish within {}", humantime::format_duration(local.timeout)));
+                failure = Some(format!("the job did not finish within {}", humantime::format_duration(local.timeout)).into());
                 break None;
             }
             _ = tokio::signal::ctrl_c() => {
-                failure = Some("interrupted".into());
+                failure = Some("interrupted".to_owned().into());
                 break None;
             }
         }
@@ -168,24 +200,36 @@ async fn run_on(local: &LocalArgs, job: &mut JobArgs) -> Result<(Report, JobResu
     let elapsed = started.elapsed();
     progress.finish();
     let result = match finished {
-        Some(_) => client.result().await.map_err(|e| e.to_string()),
-        None => Err(failure.unwrap_or_default()),
+        Some(_) => client
+            .result()
+            .await
+            .map_err(|e| Failure::from(e.to_string())),
+        None => Err(failure.unwrap_or_else(|| Failure::from(String::new()))),
     };
     let stopped_cleanly = fleet.stop().await;
-    let result = match result {
-        Ok(Some(bytes)) => serde_json::from_slice::<JobResult>(&bytes)
-            .map_err(|e| format!("the job's result is not what the root writes: {e}")),
-        Ok(None) => Err("the job finished without a result".into()),
-        Err(e) => Err(e),
+    let result = match (result, finished) {
+        (Ok(Some(bytes)), _) => serde_json::from_slice::<JobResult>(&bytes)
+            .map_err(|e| format!("the job's result is not what the root writes: {e}").into()),
+        // Ended without a result: not by the root, which always stores one.
+        (Ok(None), Some(state)) => Err(Failure {
+            code: EXIT_SHUT_DOWN,
+            message: format!(
+                "job {name} was shut down at epoch {} (by `taskgraph shutdown` or `shutdown_job`) before its {} epochs",
+                state.epoch, job.epochs
+            ),
+        }),
+        (Ok(None), None) => Err("the job finished without a result".to_owned().into()),
+        (Err(e), _) => Err(e),
     };
     let result = match result {
         Ok(r) => r,
-        Err(e) => {
+        Err(mut e) => {
             let kept = match &local.node_logs {
                 Some(_) => logs_dir,
                 None => logs.keep(),
             };
-            return Err(format!("{e}\nnode logs: {}", kept.display()));
+            e.message = format!("{}\nnode logs: {}", e.message, kept.display());
+            return Err(e);
         }
     };
     if !stopped_cleanly {
@@ -251,6 +295,7 @@ fn follow(
     event: JobEvent,
     terms: &mut BTreeMap<u32, Term>,
     failovers: &mut u64,
+    stalls: &mut Stalls,
 ) -> Option<JobState> {
     let keys = client.keys();
     let mut state = None;
@@ -259,6 +304,12 @@ fn follow(
             if let Ok(v) = taskgraph::etcd::keys::EpochValue::parse(&kv.value) {
                 state = Some(JobState::from(v));
             }
+        }
+        Some(JobKey::Node(node)) => {
+            let note = serde_json::from_slice::<NodeRecord>(&kv.value)
+                .ok()
+                .and_then(|r| r.stall);
+            stalls.note(node, note);
         }
         Some(JobKey::Primary(t)) => {
             let term = kv.create_revision as Term;
@@ -272,9 +323,91 @@ fn follow(
     match &event {
         JobEvent::Snapshot { kvs, .. } => kvs.iter().for_each(|kv| seen(kv, false)),
         JobEvent::Put(kv) => seen(kv, true),
-        JobEvent::Delete { .. } | JobEvent::Disconnected => {}
+        JobEvent::Delete { key, .. } => {
+            if let Some(JobKey::Node(node)) = keys.parse(key) {
+                stalls.note(node, None);
+            }
+        }
+        JobEvent::Disconnected => {}
     }
     state
+}
+
+/// The stall reports of the job's nodes (in their records), as the launcher follows them.
+#[derive(Debug, Default)]
+struct Stalls {
+    notes: BTreeMap<String, StallNote>,
+    /// Since when some node reports a stall.
+    since: Option<Instant>,
+    /// Reasons already printed during this stall.
+    printed: Vec<String>,
+    /// Lines to print.
+    news: Vec<String>,
+}
+
+impl Stalls {
+    fn note(&mut self, node: String, note: Option<StallNote>) {
+        match note {
+            Some(note) => {
+                if self.since.is_none() {
+                    self.since = Some(Instant::now());
+                    self.news.push(format!(
+                        "warning: the job is stalled: epoch {} has not moved for {:.1} s",
+                        note.epoch,
+                        note.for_ms as f64 / 1000.0
+                    ));
+                }
+                for r in &note.reasons {
+                    if !self.printed.contains(&r.text) {
+                        self.printed.push(r.text.clone());
+                        self.news.push(format!("warning: stalled: {}", r.text));
+                    }
+                }
+                self.notes.insert(node, note);
+            }
+            None => {
+                if self.notes.remove(&node).is_some() && self.notes.is_empty() {
+                    self.since = None;
+                    self.printed.clear();
+                    self.news.push("the job moves again".into());
+                }
+            }
+        }
+    }
+
+    fn news(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.news)
+    }
+
+    /// The error line once the job has stayed stalled for as long again as the nodes' stall
+    /// time: it does not heal.
+    fn given_up(&self, job: &str) -> Option<String> {
+        let since = self.since?;
+        let after = self.notes.values().map(|n| n.after_ms).max()?;
+        if since.elapsed() < Duration::from_millis(after) {
+            return None;
+        }
+        let epoch = self.notes.values().map(|n| n.epoch).max().unwrap_or(0);
+        let stalled_for = self.notes.values().map(|n| n.for_ms).max().unwrap_or(0)
+            + since.elapsed().as_millis() as u64;
+        let cause = self
+            .notes
+            .values()
+            .flat_map(|n| &n.reasons)
+            .next()
+            .map_or_else(
+                || "no node sees a cause (an epoch longer than the stall time? see --stall-after)".to_owned(),
+                |r| match (&r.key, r.task) {
+                    (Some(key), _) => format!("{} [key {key}]", r.text),
+                    (None, Some(t)) => format!("{} [task {t}]", r.text),
+                    (None, None) => r.text.clone(),
+                },
+            );
+        Some(format!(
+            "job {job} stalled at epoch {epoch} for {:.1} s and did not heal: {cause}",
+            stalled_for as f64 / 1000.0
+        ))
+    }
 }
 
 /// Checks the job's answer: `sum` must be exact, `linreg` must have learned.

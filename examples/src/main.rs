@@ -30,7 +30,9 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Some(Command::Node { node, job }) => {
             init_logs(node.log_format, "info");
-            runtime.block_on(node::run(node, job))
+            runtime
+                .block_on(node::run(node, job))
+                .map_err(launcher::Failure::from)
         }
         None => {
             init_logs(LogFormat::Text, "warn");
@@ -42,13 +44,13 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
+            eprintln!("error: {}", e.message);
+            ExitCode::from(e.code)
         }
     }
 }
 
-async fn local(local: args::LocalArgs, job: args::JobArgs) -> Result<(), String> {
+async fn local(local: args::LocalArgs, job: args::JobArgs) -> Result<(), launcher::Failure> {
     let report_path = local.report.clone();
     let report = launcher::run(local, job).await?;
     print_summary(&report);

@@ -21,6 +21,9 @@ pub fn framework(job: &JobArgs, job_name: &str) -> Result<FrameworkBuilder, Stri
         .replicas(job.replicas)
         .links(tree.links())
         .lease_ttl(job.lease_ttl);
+    if let Some(after) = job.stall_after {
+        builder = builder.stall_after(after);
+    }
     for (name, value) in job.params() {
         builder = builder.param(name, value);
     }

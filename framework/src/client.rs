@@ -12,6 +12,7 @@ use crate::config::{validate_job_name, JobSpec};
 use crate::error::{Error, EtcdError};
 use crate::etcd::admin::Change;
 use crate::etcd::keys::{EpochValue, Holder, JobKey, JobKeys, NodeRecord, StoredCheckpoint};
+pub use crate::etcd::keys::{StallNote, StallReason};
 use crate::etcd::watch::{self, JobEvent};
 use crate::etcd::Store;
 use crate::security::{EtcdAuth, EtcdSecurity, EtcdTls};
@@ -38,6 +39,9 @@ pub enum Health {
     /// No primary: the task is failing over (a backup promotes itself at once) or waits for
     /// a node.
     Down,
+    /// The job is stalled (see [`JobStatus::stalls`]) and a node names this task as a cause:
+    /// its primary is not acting, or pulls to it go unanswered.
+    Stalled,
     /// The job finished.
     Finished,
 }
@@ -108,6 +112,37 @@ pub struct JobStatus {
     pub has_result: bool,
     /// Keys whose values could not be understood (named, then ignored).
     pub garbage: Vec<String>,
+    /// Nodes that see the job stalled (its epoch unmoved for longer than their stall time),
+    /// with what each can tell about why. Empty while the job moves.
+    pub stalls: Vec<NodeStall>,
+}
+
+/// A node's report of a stalled job (see [`JobStatus::stalls`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeStall {
+    /// The reporting node.
+    pub node: String,
+    /// What it reports.
+    #[serde(flatten)]
+    pub note: StallNote,
+}
+
+impl JobStatus {
+    /// Whether some node reports the job stalled.
+    pub fn stalled(&self) -> bool {
+        !self.stalls.is_empty()
+    }
+
+    /// Every cause the reporting nodes name, once each (the first report's first).
+    pub fn stall_reasons(&self) -> Vec<&StallReason> {
+        let mut out: Vec<&StallReason> = Vec::new();
+        for r in self.stalls.iter().flat_map(|s| &s.note.reasons) {
+            if !out.iter().any(|o| o.text == r.text) {
+                out.push(r);
+            }
+        }
+        out
+    }
 }
 
 /// A handover made by [`JobClient::hand_over`].
@@ -262,10 +297,28 @@ impl JobClient {
     }
 
     /// The result stored by [`Context::shutdown_job_with`](crate::Context::shutdown_job_with),
-    /// or `None` while there is none.
+    /// or `None` while there is none. Only a value written together with the job's end
+    /// counts (one transaction: the same revision as `done <n>`): anything else under the
+    /// `result` key was written by someone else and is refused as [`Error::Garbage`].
     pub async fn result(&self) -> Result<Option<Bytes>, Error> {
         let key = self.keys().result();
-        Ok(self.store.get(&key).await?.map(|kv| Bytes::from(kv.value)))
+        let Some(kv) = self.store.get(&key).await? else {
+            return Ok(None);
+        };
+        let epoch = self.store.get(&self.keys().epoch()).await?;
+        let finished_with_it = epoch.as_ref().is_some_and(|e| {
+            e.mod_revision == kv.mod_revision
+                && matches!(EpochValue::parse(&e.value), Ok(EpochValue::Done(_)))
+        });
+        if !finished_with_it {
+            return Err(Error::Garbage {
+                key,
+                reason: "not written when the job finished (the job writes its result in the same \
+                         transaction as its end)"
+                    .into(),
+            });
+        }
+        Ok(Some(Bytes::from(kv.value)))
     }
 
     /// Task `task`'s last checkpoint: the epoch it was taken in and the application's bytes.
@@ -382,6 +435,7 @@ pub fn build_status(
     let mut primaries: BTreeMap<TaskId, SlotHolder> = BTreeMap::new();
     let mut backups: BTreeMap<TaskId, Vec<SlotHolder>> = BTreeMap::new();
     let mut nodes: BTreeMap<String, String> = BTreeMap::new();
+    let mut stalls: Vec<NodeStall> = Vec::new();
     let mut has_result = false;
     for kv in kvs {
         let name = String::from_utf8_lossy(&kv.key).into_owned();
@@ -415,6 +469,12 @@ pub fn build_status(
             },
             Some(JobKey::Node(n)) => match serde_json::from_slice::<NodeRecord>(&kv.value) {
                 Ok(r) => {
+                    if let Some(note) = r.stall {
+                        stalls.push(NodeStall {
+                            node: n.clone(),
+                            note,
+                        });
+                    }
                     nodes.insert(n, r.addr);
                 }
                 Err(_) => garbage.push(format!("{name}: not a node record")),
@@ -431,10 +491,16 @@ pub fn build_status(
             let primary = primaries.get(&t);
             let mut bs = backups.get(&t).cloned().unwrap_or_default();
             bs.sort_by_key(|h| h.slot);
+            let named = stalls
+                .iter()
+                .flat_map(|s| &s.note.reasons)
+                .any(|r| r.task == Some(t));
             let health = if finished {
                 Health::Finished
             } else if primary.is_none() {
                 Health::Down
+            } else if named {
+                Health::Stalled
             } else if (bs.len() as u32) + 1 < replicas {
                 Health::Degraded
             } else {
@@ -478,5 +544,6 @@ pub fn build_status(
         nodes: nodes.len(),
         has_result,
         garbage,
+        stalls: if finished { Vec::new() } else { stalls },
     }
 }

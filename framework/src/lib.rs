@@ -107,8 +107,8 @@ pub use app::{Context, ExitReason, Task, TaskBuilder, TaskError};
 pub use async_trait::async_trait;
 pub use bytes::Bytes;
 pub use client::{
-    Handover, HandoverError, Health, JobClient, JobState, JobStatus, SlotHolder, SpareNode,
-    TaskStatus,
+    Handover, HandoverError, Health, JobClient, JobState, JobStatus, NodeStall, SlotHolder,
+    SpareNode, StallNote, StallReason, TaskStatus,
 };
 pub use config::{validate_job_name, Config, JobSpec, MAX_REPLICAS, MAX_TASKS};
 pub use data::{decode, encode, Checkpoint, CodecError, DataReply, DataRequest, PullError, PullId};
