@@ -13,8 +13,8 @@ use tokio::process::{ChildStdin, Command};
 use tokio::sync::{mpsc, oneshot};
 
 use taskgraph::etcd::keys::JobKey;
-use taskgraph::etcd::watch::JobEvent;
 use taskgraph::etcd::keys::NodeRecord;
+use taskgraph::etcd::watch::JobEvent;
 use taskgraph::{JobClient, JobSpec, JobState, StallNote, Term};
 
 use crate::args::{JobArgs, LocalArgs};
@@ -396,7 +396,10 @@ impl Stalls {
             .flat_map(|n| &n.reasons)
             .next()
             .map_or_else(
-                || "no node sees a cause (an epoch longer than the stall time? see --stall-after)".to_owned(),
+                || {
+                    "no node sees a cause (an epoch longer than the stall time? see --stall-after)"
+                        .to_owned()
+                },
                 |r| match (&r.key, r.task) {
                     (Some(key), _) => format!("{} [key {key}]", r.text),
                     (None, Some(t)) => format!("{} [task {t}]", r.text),

@@ -18,9 +18,9 @@ use crate::data::{
 };
 use crate::error::ContextError;
 use crate::etcd::keys::EpochValue;
-use crate::roles::EpochFaultKind;
 use crate::exchange::replication::{ship, Replicator, Shipped};
 use crate::exchange::{lock, EpochBook, PendingPull, SlotEnv};
+use crate::roles::EpochFaultKind;
 use crate::wire::ReplicateKind;
 use crate::{Epoch, TaskId, Term};
 
@@ -354,7 +354,13 @@ impl Context {
             let to = EpochValue::Running(from + 1);
             if env
                 .store
-                .heal(&key, guard, to.encode(), Some((env.task, term as i64)), None)
+                .heal(
+                    &key,
+                    guard,
+                    to.encode(),
+                    Some((env.task, term as i64)),
+                    None,
+                )
                 .await?
             {
                 env.metrics.key_healed("epoch");

@@ -100,8 +100,8 @@ mod health;
 pub mod metrics;
 mod node;
 mod roles;
-mod stall;
 pub mod security;
+mod stall;
 
 pub use app::{Context, ExitReason, Task, TaskBuilder, TaskError};
 pub use async_trait::async_trait;

@@ -559,10 +559,7 @@ impl Metrics {
 
     /// A bad value refused under `key` (`epoch`, `spec`, `node`).
     pub(crate) fn bad_value(&self, key: &'static str) {
-        self.inner
-            .bad_values
-            .get_or_create(&KeyLabel { key })
-            .inc();
+        self.inner.bad_values.get_or_create(&KeyLabel { key }).inc();
     }
 
     /// A bad value under `key` rewritten by this node.

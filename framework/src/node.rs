@@ -17,10 +17,12 @@ use tracing::{debug, error, error_span, info, warn, Instrument, Span};
 
 use crate::app::{Context, ExitReason, LoopRequest, SlotState, Task, TaskBuilder};
 use crate::config::Config;
+use crate::config::JobSpec;
 use crate::data::{Checkpoint, DataReply, DataRequest, Responder, ServeKey};
 use crate::error::Error;
-use crate::config::JobSpec;
-use crate::etcd::keys::{EpochValue, Holder, JobKey, NodeRecord, StallNote, StallReason, StoredCheckpoint};
+use crate::etcd::keys::{
+    EpochValue, Holder, JobKey, NodeRecord, StallNote, StallReason, StoredCheckpoint,
+};
 use crate::etcd::lease::{self, LeaseState};
 use crate::etcd::watch::{self as jobwatch, JobEvent};
 use crate::etcd::{Kv, Store};
@@ -30,7 +32,9 @@ use crate::exchange::serve::{Lookup, Reply, ServeBook};
 use crate::exchange::{Fence, SlotEnv};
 use crate::health::{readiness, Health, Phase};
 use crate::metrics::{self, Metrics, NeighbourEvent};
-use crate::roles::{decide, judge_epoch, Decision, EpochFault, EpochFaultKind, JobView, MySlot, SlotKey};
+use crate::roles::{
+    decide, judge_epoch, Decision, EpochFault, EpochFaultKind, JobView, MySlot, SlotKey,
+};
 use crate::stall::{view_reasons, StallWatch};
 use crate::wire::{
     self, CallError, Inbound, Meta, Peers, PingReply, PullRequest, Rejection, Replicate,
@@ -220,7 +224,10 @@ async fn ensure_spec(store: &Store, config: &Config) -> Result<bool, Error> {
                 delay = (delay * 2).min(Duration::from_secs(1));
             }
             Err(Error::Garbage { key, reason }) if Instant::now() + delay < deadline => {
-                error!(key, reason, "the job's spec in etcd is garbage; waiting for the job to heal it");
+                error!(
+                    key,
+                    reason, "the job's spec in etcd is garbage; waiting for the job to heal it"
+                );
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(1));
             }
@@ -1389,7 +1396,10 @@ impl Node {
     }
 
     fn spec_key_missing(&mut self, keys: &crate::etcd::keys::JobKeys) {
-        error!(key = keys.spec(), "the job's spec key is missing; this node keeps its own");
+        error!(
+            key = keys.spec(),
+            "the job's spec key is missing; this node keeps its own"
+        );
         self.metrics.bad_value("spec");
         self.spec_fault = Some(("deleted".into(), 0));
     }
@@ -1517,7 +1527,10 @@ impl Node {
                 };
                 match fault {
                     Some(reason) => {
-                        error!(key, reason, "the job's spec in etcd is bad; this node keeps its own");
+                        error!(
+                            key,
+                            reason, "the job's spec in etcd is bad; this node keeps its own"
+                        );
                         self.metrics.bad_value("spec");
                         self.spec_fault = Some((reason, kv.mod_revision));
                     }
@@ -1534,7 +1547,9 @@ impl Node {
                 let own_lease = kv.lease != 0 && kv.lease == self.lease.borrow().id();
                 match serde_json::from_slice::<NodeRecord>(&kv.value) {
                     Ok(r) if own_lease && r.addr == self.record.addr => self.record_fault = None,
-                    Ok(_) => self.own_record_bad(keys, kv.mod_revision, "a record it did not write"),
+                    Ok(_) => {
+                        self.own_record_bad(keys, kv.mod_revision, "a record it did not write")
+                    }
                     Err(_) => self.own_record_bad(keys, kv.mod_revision, "garbage"),
                 }
             }
@@ -1596,8 +1611,15 @@ impl Node {
         });
         if let Some((guard, good)) = epoch {
             if self.heal_due("epoch", guard) {
-                self.heal_key("epoch", &keys.epoch(), guard, good.encode().into_bytes(), Some((0, term)), None)
-                    .await;
+                self.heal_key(
+                    "epoch",
+                    &keys.epoch(),
+                    guard,
+                    good.encode().into_bytes(),
+                    Some((0, term)),
+                    None,
+                )
+                .await;
             }
         }
         if let Some((_, guard)) = self.spec_fault.clone() {
@@ -1622,7 +1644,11 @@ impl Node {
         match self.store.heal(key, guard, value, fence, lease).await {
             Ok(true) => {
                 self.metrics.key_healed(what);
-                error!(key, wrote = text, "healed a key the framework owns: rewrote its last good value");
+                error!(
+                    key,
+                    wrote = text,
+                    "healed a key the framework owns: rewrote its last good value"
+                );
             }
             // Changed meanwhile (healed by another, or a newer write): judged when it arrives.
             Ok(false) => debug!(key, "the bad value changed before the heal"),
@@ -1655,7 +1681,11 @@ impl Node {
         let text = if reasons.is_empty() {
             "no cause seen from this node".to_owned()
         } else {
-            reasons.iter().map(|r| r.text.as_str()).collect::<Vec<_>>().join("; ")
+            reasons
+                .iter()
+                .map(|r| r.text.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
         };
         error!(
             epoch,
@@ -1665,7 +1695,8 @@ impl Node {
             "the job is stalled: its epoch has not moved"
         );
         self.metrics.stalled(true);
-        if !(reporter || !own.is_empty()) || !self.lease_valid() {
+        let publishes = reporter || !own.is_empty();
+        if !publishes || !self.lease_valid() {
             return;
         }
         self.record.stall = Some(StallNote {
@@ -1711,7 +1742,7 @@ impl Node {
                 task: Some(id.to),
                 key: None,
                 text: format!(
-                    "task {task}: pull {id} (method {method:?}) to task {} retried for {:.1} s; {target}",
+                    "task {task}: {id} (method {method:?}) to task {} retried for {:.1} s; {target}",
                     id.to,
                     waited.as_secs_f64()
                 ),

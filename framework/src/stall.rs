@@ -55,7 +55,9 @@ impl StallWatch {
             return false;
         }
         if self.epoch.is_some() {
-            self.slowest = self.slowest.max(now.saturating_duration_since(self.moved_at));
+            self.slowest = self
+                .slowest
+                .max(now.saturating_duration_since(self.moved_at));
         }
         self.epoch = epoch;
         self.moved_at = now;
@@ -99,9 +101,7 @@ pub(crate) fn view_reasons(
 ) -> Vec<StallReason> {
     let mut reasons = Vec::new();
     if let Some(fault) = &view.epoch_fault {
-        let known = view
-            .epoch
-            .map_or("none seen".to_owned(), |e| e.encode());
+        let known = view.epoch.map_or("none seen".to_owned(), |e| e.encode());
         reasons.push(StallReason {
             task: None,
             key: Some(keys.epoch()),
@@ -139,10 +139,7 @@ pub(crate) fn view_reasons(
         reasons.push(StallReason {
             task: None,
             key: None,
-            text: format!(
-                "{} more tasks have no primary",
-                down.len() - NAMED_TASKS
-            ),
+            text: format!("{} more tasks have no primary", down.len() - NAMED_TASKS),
         });
     }
     reasons
@@ -205,6 +202,8 @@ mod tests {
         assert!(r[0].text.contains("last good value: 4"), "{}", r[0].text);
         assert_eq!(r[1].key.as_deref(), Some("/taskgraph/jobs/j/spec"));
         assert_eq!(r[2].task, Some(0));
-        assert!(r.last().is_some_and(|l| l.text == "4 more tasks have no primary"));
+        assert!(r
+            .last()
+            .is_some_and(|l| l.text == "4 more tasks have no primary"));
     }
 }

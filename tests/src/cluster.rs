@@ -23,6 +23,8 @@ pub struct ClusterConfig {
     pub replicas: u32,
     /// Lease TTL.
     pub ttl: Duration,
+    /// The nodes' stall time (`None`: the framework's default).
+    pub stall_after: Option<Duration>,
     /// What the tasks do (audit app).
     pub behaviour: Behaviour,
     /// Which application the nodes run.
@@ -54,6 +56,7 @@ impl ClusterConfig {
             tasks,
             replicas,
             ttl: Duration::from_secs(1),
+            stall_after: None,
             behaviour: Behaviour::default(),
             app: App::Audit,
         }
@@ -142,7 +145,11 @@ impl Cluster {
                     Box::new(move |t| b.build(t))
                 }
             };
-        let handle = Framework::builder()
+        let mut framework = Framework::builder();
+        if let Some(after) = self.config.stall_after {
+            framework = framework.stall_after(after);
+        }
+        let handle = framework
             .etcd(self.config.etcd.clone())
             .job(self.config.job.clone())
             .tasks(self.config.tasks)

@@ -382,16 +382,17 @@ impl Store {
         let key = self.keys.node(node);
         let value = serde_json::to_string(record).unwrap_or_default();
         let mut c = self.client.clone();
-        let resp = self.timed(
-            "put",
-            &key,
-            c.put(
-                key.clone(),
-                value,
-                Some(PutOptions::new().with_lease(lease)),
-            ),
-        )
-        .await?;
+        let resp = self
+            .timed(
+                "put",
+                &key,
+                c.put(
+                    key.clone(),
+                    value,
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+            )
+            .await?;
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
 
@@ -569,10 +570,7 @@ impl Store {
             .when(when)
             .and_then([TxnOp::put(key, value.into(), options)]);
         let mut c = self.client.clone();
-        Ok(self
-            .timed("txn heal", key, c.txn(txn))
-            .await?
-            .succeeded())
+        Ok(self.timed("txn heal", key, c.txn(txn)).await?.succeeded())
     }
 
     /// Marks the job finished at its current epoch, fenced by task `t`'s term, and stores

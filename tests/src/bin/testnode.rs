@@ -65,6 +65,7 @@ async fn main() -> std::process::ExitCode {
         tasks: args.tasks,
         replicas: args.replicas,
         ttl: Duration::from_secs(args.ttl_secs),
+        stall_after: None,
         behaviour: Behaviour {
             drive_until: args.drive_until,
             all_drive: false,
