@@ -182,6 +182,76 @@ async fn failover_moves_the_primary_and_events_show_it() {
     c.stop_all().await;
 }
 
+/// A job that cannot move on (three tasks, two nodes: one task has no node to run it) shows as
+/// `stalled` in `taskgraph status`, with the reason naming the task, and `taskgraph events`
+/// prints the stall; both go once a third node joins and the job moves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_job_shows_stalled_with_its_reason_and_events_print_it() {
+    let etcd = Etcd::start().await.unwrap_or_else(|e| panic!("{e}"));
+    let job = job_name("clistall");
+    let mut cfg = ClusterConfig::new(etcd.endpoints(), &job, 3, 1);
+    cfg.app = App::Dataflow {
+        until: 100_000,
+        pace_ms: 20,
+    };
+    cfg.stall_after = Some(Duration::from_secs(2));
+    let mut c = Cluster::new(cfg);
+    let mut events = Command::new(env!("CARGO_BIN_EXE_taskgraph"))
+        .args(["--etcd", etcd.endpoint(), "events", &job])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut lines =
+        BufReader::new(events.stdout.take().unwrap_or_else(|| panic!("no stdout"))).lines();
+    for _ in 0..2 {
+        c.add_node().await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let stall = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("stall: node") {
+                return Some(line);
+            }
+        }
+        None
+    })
+    .await;
+    let Ok(Some(stall)) = stall else {
+        panic!("no stall in the event stream: {stall:?}")
+    };
+    assert!(stall.contains("has no primary"), "{stall}");
+
+    let out = cli(&etcd, &["status", &job]).await;
+    assert!(out.status.success(), "{}", show(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("stalled at epoch 0"), "{}", show(&out));
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("stalled: ") && l.contains("has no primary")),
+        "{}",
+        show(&out)
+    );
+    let s = status_json(&etcd, &job).await;
+    assert!(s["stalls"].as_array().is_some_and(|a| !a.is_empty()), "{s}");
+
+    // A third node: the job moves, the stall is over in the events and in the status.
+    c.add_node().await.unwrap_or_else(|e| panic!("{e}"));
+    let over = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("stall over") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(over, Ok(true), "no end of the stall in the event stream");
+    let s = status_json(&etcd, &job).await;
+    assert!(s["stalls"].as_array().is_some_and(|a| a.is_empty()), "{s}");
+    let _ = events.kill().await;
+    c.stop_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_the_job_and_gc_removes_its_keys() {
     let etcd = Etcd::start().await.unwrap_or_else(|e| panic!("{e}"));

@@ -201,3 +201,201 @@ async fn a_job_name_in_use_by_another_spec_is_refused() {
         "already ran",
     );
 }
+
+/// Starts a local run against `etcd` (job `job`) in the background.
+fn spawn_run(etcd: &Etcd, job: &str, args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_regression"))
+        .args(["--quiet", "--etcd", etcd.endpoint(), "--job", job])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run regression: {e}"))
+}
+
+/// Waits (watching the job) until its epoch is at least `epoch`.
+async fn until_epoch(etcd: &Etcd, job: &str, epoch: u64) {
+    let wait = std::time::Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + wait;
+    let client = loop {
+        match taskgraph::JobClient::connect(&etcd.endpoints(), job).await {
+            Ok(c) => break c,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("not yet: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let mut watch = client.watch();
+    loop {
+        if let Ok(Some(s)) = client.state().await {
+            if s.epoch >= epoch {
+                return;
+            }
+        }
+        let next = tokio::time::timeout_at(deadline, watch.recv()).await;
+        assert!(
+            matches!(next, Ok(Some(_))),
+            "job {job} did not reach epoch {epoch}"
+        );
+    }
+}
+
+async fn outcome(child: tokio::process::Child) -> Output {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        child.wait_with_output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the run did not end"))
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Garbage left under the running job's epoch key (an operator's typo): the job heals it and
+/// finishes with the exact sums.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_left_under_the_epoch_heals_and_the_sums_stay_exact() {
+    let etcd = Etcd::start().await.unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let report = dir.path().join("r.json").display().to_string();
+    let job = "tampered";
+    let run = spawn_run(
+        &etcd,
+        job,
+        &[
+            "--workload",
+            "sum",
+            "--tasks",
+            "7",
+            "--epochs",
+            "40",
+            "--compute-ms",
+            "20",
+            "--report",
+            &report,
+        ],
+    );
+    until_epoch(&etcd, job, 5).await;
+    let mut client = etcd.client().await.unwrap_or_else(|e| panic!("{e}"));
+    client
+        .put(format!("/taskgraph/jobs/{job}/epoch"), "garbage", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = outcome(run).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let want: Vec<u64> = (1..=40).map(|e| 21 * e).collect();
+    assert_eq!(r["per_epoch"], serde_json::json!(want), "{r}");
+}
+
+/// `taskgraph shutdown` (here: `JobClient::shutdown`, what it calls) ends the job early: the
+/// launcher says so, with the epoch, and exits 4 — not the exit code of a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_shut_down_by_an_operator_is_told_apart_from_a_failure() {
+    let etcd = Etcd::start().await.unwrap_or_else(|e| panic!("{e}"));
+    let job = "stopped";
+    let run = spawn_run(
+        &etcd,
+        job,
+        &[
+            "--workload",
+            "sum",
+            "--tasks",
+            "3",
+            "--epochs",
+            "200",
+            "--compute-ms",
+            "20",
+        ],
+    );
+    until_epoch(&etcd, job, 3).await;
+    let client = taskgraph::JobClient::connect(&etcd.endpoints(), job)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let at = client
+        .shutdown()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("no job"));
+    let out = outcome(run).await;
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let want = format!(
+        "error: job {job} was shut down at epoch {at} (by `taskgraph shutdown` or `shutdown_job`) before its 200 epochs"
+    );
+    assert!(stderr.contains(&want), "{}", text(&out));
+}
+
+/// A job that cannot heal (a node stopped with SIGSTOP: its task loses its primary, and there
+/// is no spare) is reported while it stalls and ends the run with exit code 3 and one error
+/// line naming the cause, long before the run's own time limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_that_does_not_heal_ends_the_run_with_exit_code_3() {
+    let etcd = Etcd::start().await.unwrap_or_else(|e| panic!("{e}"));
+    let job = "stuck";
+    let run = spawn_run(
+        &etcd,
+        job,
+        &[
+            "--workload",
+            "sum",
+            "--tasks",
+            "3",
+            "--replicas",
+            "1",
+            "--spares",
+            "0",
+            "--epochs",
+            "100000",
+            "--compute-ms",
+            "20",
+            "--lease-ttl",
+            "1s",
+            "--stall-after",
+            "2s",
+            "--timeout",
+            "10m",
+        ],
+    );
+    until_epoch(&etcd, job, 2).await;
+    let pids = Command::new("pgrep")
+        .args(["-f", &format!("regression node .*--job={job}")])
+        .output()
+        .unwrap_or_else(|e| panic!("pgrep: {e}"));
+    let pid = String::from_utf8_lossy(&pids.stdout)
+        .lines()
+        .next()
+        .unwrap_or_else(|| panic!("no node process of {job}"))
+        .trim()
+        .to_owned();
+    let stopped = Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap_or_else(|e| panic!("kill: {e}"));
+    assert!(stopped.success());
+    let out = outcome(run).await;
+    // The launcher killed its nodes (the stopped one too) on its way out.
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: the job is stalled"),
+        "{}",
+        text(&out)
+    );
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line: {}", text(&out)));
+    assert!(
+        error.contains(&format!("job {job} stalled at epoch")) && error.contains("did not heal"),
+        "{error}"
+    );
+    assert!(
+        error.contains("[task ") || error.contains("[key "),
+        "{error}"
+    );
+}
