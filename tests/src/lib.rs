@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod dataflow;
 pub mod etcd;
 pub mod fleet;
+pub mod keywait;
 pub mod netfault;
 pub mod process;
 pub mod proxy;

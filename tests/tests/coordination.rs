@@ -9,6 +9,7 @@ use taskgraph::{ConfigError, Error, Framework, Links, NodeExit, Role, Task, Task
 use taskgraph_tests::apps::{Behaviour, Event};
 use taskgraph_tests::cluster::{fully_staffed, Cluster, ClusterConfig};
 use taskgraph_tests::etcd::Etcd;
+use taskgraph_tests::keywait;
 use taskgraph_tests::{init_logs, job_name};
 use tracing::info;
 
@@ -563,13 +564,33 @@ async fn garbage_under_the_jobs_keys_is_rejected_not_obeyed() {
     ] {
         etcd.etcdctl(["put", &format!("{p}{k}"), v]).await.unwrap();
     }
-    // Nobody obeys the garbage; once a valid epoch is back, every primary enters it.
-    etcd.etcdctl(["put", &format!("{p}epoch"), "5"])
+    // Nobody obeys the garbage: the primary of task 0 puts the last good epoch back, and an
+    // epoch further ahead than the next one, written by someone else, is healed the same way.
+    let epoch = |v: Option<&[u8]>| v.and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok());
+    let mut client = etcd.client().await.unwrap();
+    let key = format!("{p}epoch");
+    keywait::until_value(&mut client, &key, WAIT, "the epoch heals", |v| {
+        epoch(v).is_some()
+    })
+    .await
+    .unwrap();
+    let good = epoch(Some(
+        client.get(key.as_str(), None).await.unwrap().kvs()[0].value(),
+    ))
+    .unwrap();
+    etcd.etcdctl(["put", &key, &(good + 5).to_string()])
         .await
         .unwrap();
-    c.wait_until("both primaries enter the restored epoch 5", WAIT, |s| {
-        s.len() == 2 && s.iter().all(|(_, s)| s.acting && s.epoch == Some(5))
+    keywait::until_value(&mut client, &key, WAIT, "the epoch heals", |v| {
+        epoch(v) == Some(good)
     })
+    .await
+    .unwrap();
+    c.wait_until(
+        "both primaries stay acting in the last good epoch",
+        WAIT,
+        |s| s.len() == 2 && s.iter().all(|(_, s)| s.acting && s.epoch == Some(good)),
+    )
     .await
     .unwrap();
     assert_eq!(c.live_statuses().len(), 2, "no node died");

@@ -6,12 +6,12 @@
 
 use std::time::Duration;
 
-use etcd_client::{EventType, WatchOptions};
 use taskgraph::etcd::keys::{EpochValue, JobKeys, NodeRecord, StoredCheckpoint};
 use taskgraph::{JobClient, JobSpec, NodeExit};
 use taskgraph_tests::cluster::{App, Cluster, ClusterConfig};
 use taskgraph_tests::dataflow::check_trail;
 use taskgraph_tests::etcd::Etcd;
+use taskgraph_tests::keywait;
 use taskgraph_tests::{init_logs, job_name};
 use tokio::time::Instant;
 use tracing::info;
@@ -53,8 +53,8 @@ async fn hold(c: &Cluster) -> u64 {
     held
 }
 
-/// Waits until the value under `key` satisfies `ok` (watching the key, not polling), and
-/// returns how long that took from `since`.
+/// Waits until the value under `key` satisfies `ok` and returns how long that took from
+/// `since`.
 async fn until_value(
     etcd: &Etcd,
     key: &str,
@@ -63,30 +63,9 @@ async fn until_value(
     ok: impl Fn(Option<&[u8]>) -> bool,
 ) -> Duration {
     let mut client = etcd.client().await.unwrap();
-    let got = client.get(key, None).await.unwrap();
-    if ok(got.kvs().first().map(|kv| kv.value())) {
-        return since.elapsed();
-    }
-    let from = got.header().map_or(0, |h| h.revision()) + 1;
-    let mut stream = client
-        .watch(key, Some(WatchOptions::new().with_start_revision(from)))
+    keywait::until_value(&mut client, key, WAIT, why, ok)
         .await
-        .unwrap();
-    let found = tokio::time::timeout(WAIT, async {
-        while let Some(resp) = stream.message().await.unwrap() {
-            for ev in resp.events() {
-                let value = match ev.event_type() {
-                    EventType::Put => ev.kv().map(|kv| kv.value()),
-                    EventType::Delete => None,
-                };
-                if ok(value) {
-                    return;
-                }
-            }
-        }
-    })
-    .await;
-    assert!(found.is_ok(), "{why}: not within {WAIT:?}");
+        .unwrap_or_else(|e| panic!("{e}"));
     since.elapsed()
 }
 
