@@ -308,3 +308,20 @@ async fn a_stall_is_named_in_the_job_status_and_ends_when_the_job_moves() {
         );
     }
 }
+
+/// An operator's shutdown of a job whose epoch key holds garbage (with no node left to heal
+/// it) ends the job at the epoch before the garbage, not at 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_shutdown_over_a_garbage_epoch_keeps_the_epoch_before_it() {
+    init_logs();
+    let etcd = Etcd::start().await.unwrap();
+    let job = job_name("opshutdown");
+    let key = JobKeys::new(&job).epoch();
+    let mut client = etcd.client().await.unwrap();
+    client.put(key.as_str(), "7", None).await.unwrap();
+    client.put(key.as_str(), "garbage", None).await.unwrap();
+    let job = JobClient::connect(&etcd.endpoints(), &job).await.unwrap();
+    assert_eq!(job.shutdown().await.unwrap(), Some(7));
+    let stored = client.get(key.as_str(), None).await.unwrap();
+    assert_eq!(stored.kvs()[0].value(), b"done 7");
+}

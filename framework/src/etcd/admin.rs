@@ -191,8 +191,25 @@ impl Store {
                 Ok(EpochValue::Done(n)) => return Ok(Some(n)),
                 Ok(EpochValue::Running(n)) => n,
                 Err(reason) => {
-                    tracing::warn!(key, reason, "garbage epoch value; finishing at epoch 0");
-                    0
+                    // The value before the garbage (etcd keeps recent history), if any.
+                    let before = self
+                        .read(
+                            "get",
+                            &key,
+                            Some(GetOptions::new().with_revision(kv.mod_revision - 1)),
+                        )
+                        .await
+                        .ok()
+                        .and_then(|r| r.kvs().first().map(|kv| kv.value().to_vec()))
+                        .and_then(|v| EpochValue::parse(&v).ok());
+                    let n = before.map_or(0, EpochValue::epoch);
+                    tracing::warn!(
+                        key,
+                        reason,
+                        epoch = n,
+                        "garbage epoch value; finishing at the epoch before it"
+                    );
+                    n
                 }
             };
             let txn = Txn::new()
