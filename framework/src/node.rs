@@ -282,7 +282,8 @@ async fn run(
         "joined job"
     );
 
-    // Everything spawned here is aborted when `run` returns or is aborted (crash).
+    // Everything spawned here (and everything `node` owns: the lease keeper, the monitor, the
+    // slot's work, etcd chores) is aborted when `run` returns or is aborted (crash).
     let mut background = JoinSet::new();
     let (events_tx, events) = mpsc::channel(4096);
     background.spawn(jobwatch::run(store.clone(), events_tx));
@@ -329,6 +330,7 @@ async fn run(
         lease: lease_rx,
         lease_tx,
         lease_task: None,
+        chores: JoinSet::new(),
         status,
         requests_tx,
         await_change: false,
@@ -355,13 +357,10 @@ async fn run(
         health: health.clone(),
         node_span: Span::current(),
     };
+    // Everything the node runs in the background is owned by `node` or `background`, and
+    // aborted when they drop: on return, and when this future is dropped (a crash).
     let result = node.main_loop(events, requests, inbound, stop).await;
-    if let Some(m) = node.monitor.take() {
-        m.task.abort();
-    }
-    if let Some(t) = node.lease_task.take() {
-        t.abort();
-    }
+    drop(node);
     background.abort_all();
     result
 }
@@ -424,6 +423,15 @@ struct SlotRuntime {
     epoch_span: Option<Span>,
 }
 
+impl Drop for SlotRuntime {
+    /// The slot's work (the task's spawned work, its pulls and metas) ends with the slot, also
+    /// when the node is dropped without stopping (a crash): work that keeps a clone of the
+    /// context must not keep the node's lease alive.
+    fn drop(&mut self) {
+        self.ctx.abort_spawned();
+    }
+}
+
 impl SlotRuntime {
     /// The innermost span of the slot: its epoch's, or its own.
     fn span(&self) -> Span {
@@ -442,7 +450,10 @@ struct Node {
     slot: Option<SlotRuntime>,
     lease: watch::Receiver<LeaseState>,
     lease_tx: watch::Sender<LeaseState>,
-    lease_task: Option<tokio::task::JoinHandle<()>>,
+    /// The lease keeper (aborted with the node).
+    lease_task: Option<AbortOnDrop>,
+    /// Short etcd chores (deleting garbage and stray slot keys), aborted with the node.
+    chores: JoinSet<()>,
     status: watch::Sender<NodeStatus>,
     requests_tx: mpsc::UnboundedSender<LoopRequest>,
     /// A claim failed on the current view: wait for the next change before claiming again.
@@ -500,7 +511,25 @@ const MONITOR_TIMEOUT: Duration = Duration::from_millis(500);
 struct Monitor {
     node: String,
     lease: i64,
-    task: tokio::task::JoinHandle<()>,
+    /// The pinging task: dropping the monitor ends it.
+    _task: AbortOnDrop,
+}
+
+/// Background work owned by a value of the node: aborted when it is dropped, also when the
+/// node's future is dropped without returning (a crash), so nothing outlives the node.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    fn spawn(work: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
+        AbortOnDrop(tokio::spawn(work))
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Pings the primary at `addr` until there is evidence that its process is gone: the port
@@ -745,9 +774,7 @@ impl Node {
 
     /// Grants a fresh lease (retrying while etcd is down), starts its keeper, registers the node.
     async fn new_lease(&mut self, stop: &CancellationToken) -> Result<(), Error> {
-        if let Some(t) = self.lease_task.take() {
-            t.abort();
-        }
+        self.lease_task = None;
         let mut delay = Duration::from_millis(50);
         // While etcd does not answer, the loop waits here: `/healthz` says so instead of failing.
         let health = self.health.clone();
@@ -771,7 +798,7 @@ impl Node {
                     self.metrics.lease_granted();
                     let (tx, rx) = (self.lease_tx.clone(), self.lease_tx.subscribe());
                     self.lease = rx;
-                    self.lease_task = Some(tokio::spawn(
+                    self.lease_task = Some(AbortOnDrop::spawn(
                         lease::keep_alive(self.store.clone(), id, ttl, granted_at, tx)
                             .instrument(self.node_span.clone()),
                     ));
@@ -1220,11 +1247,9 @@ impl Node {
         if current == target.as_ref().map(|(n, _, l)| (n.clone(), *l)) {
             return;
         }
-        if let Some(m) = self.monitor.take() {
-            m.task.abort();
-        }
+        self.monitor = None;
         if let Some((node, addr, lease)) = target {
-            let task = tokio::spawn(
+            let task = AbortOnDrop::spawn(
                 watch_primary(
                     self.peers.clone(),
                     self.store.clone(),
@@ -1235,7 +1260,11 @@ impl Node {
                 )
                 .instrument(tracing::Span::current()),
             );
-            self.monitor = Some(Monitor { node, lease, task });
+            self.monitor = Some(Monitor {
+                node,
+                lease,
+                _task: task,
+            });
         }
     }
 
@@ -1469,7 +1498,7 @@ impl Node {
                             let store = self.store.clone();
                             let key = key.clone();
                             let (raw, rev) = (kv.key.clone(), kv.mod_revision);
-                            tokio::spawn(async move {
+                            self.chores.spawn(async move {
                                 match store.delete_orphan(&raw, rev).await {
                                     Ok(true) => {
                                         warn!(key, "deleted a garbage slot key that had no lease")
@@ -1496,7 +1525,8 @@ impl Node {
                     let store = self.store.clone();
                     let key = key.clone();
                     let (raw, rev) = (kv.key.clone(), kv.mod_revision);
-                    tokio::spawn(async move {
+                    while self.chores.try_join_next().is_some() {}
+                    self.chores.spawn(async move {
                         if let Err(e) = store.delete_orphan(&raw, rev).await {
                             warn!(key, error = %e, "could not delete a stray slot key");
                         }
@@ -2143,17 +2173,13 @@ impl Node {
 
     /// Runs the task's `exit` and revokes the lease.
     async fn clean_stop(&mut self, reason: ExitReason, exit: NodeExit) -> NodeExit {
-        if let Some(m) = self.monitor.take() {
-            m.task.abort();
-        }
+        self.monitor = None;
         if let Some(mut slot) = self.slot.take() {
             slot.state.send_modify(|st| st.primary = None);
             slot.ctx.abort_spawned();
             slot.task.exit(&slot.ctx, reason).await;
         }
-        if let Some(t) = self.lease_task.take() {
-            t.abort();
-        }
+        self.lease_task = None;
         let id = self.lease.borrow().id();
         if id != 0 {
             if let Err(e) = self.store.revoke_lease(id).await {

@@ -597,3 +597,63 @@ async fn garbage_under_the_jobs_keys_is_rejected_not_obeyed() {
     assert!(fully_staffed(2, 0, &c.live_statuses()));
     c.stop_all().await;
 }
+
+/// A task whose primary runs work that never ends, holding a clone of its context.
+struct Busy;
+
+#[taskgraph::async_trait]
+impl Task for Busy {
+    async fn became_primary(&mut self, ctx: &taskgraph::Context, _term: taskgraph::Term) {
+        let ctx2 = ctx.clone();
+        ctx.spawn(async move {
+            loop {
+                // Uses the context, as real work would.
+                let _ = ctx2.epoch();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+    }
+}
+
+/// Crashing an in-process node ends everything it runs: work its task spawned (which holds a
+/// clone of its context, and with it the lease's state) must not keep the lease alive, so the
+/// crashed primary's key goes when its lease expires. (With no backup and no peer pulling from
+/// it, nothing else ends the lease.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_node_leaves_nothing_running_that_keeps_its_lease_alive() {
+    let etcd = etcd().await;
+    let job = job_name("crashowned");
+    let node = Framework::builder()
+        .etcd(etcd.endpoints())
+        .job(job.clone())
+        .tasks(1)
+        .links(Links::new())
+        .lease_ttl(Duration::from_secs(1))
+        .task_builder(|_| Box::new(Busy) as Box<dyn Task>)
+        .build()
+        .unwrap()
+        .spawn()
+        .await
+        .unwrap();
+    let mut status = node.status();
+    tokio::time::timeout(
+        WAIT,
+        status.wait_for(|s| s.primary_of(0).is_some() && s.acting),
+    )
+    .await
+    .expect("the node becomes primary")
+    .unwrap();
+    info!("--- crash the primary: its spawned loop must end with it");
+    node.crash();
+    let mut client = etcd.client().await.unwrap();
+    let key = taskgraph::etcd::keys::JobKeys::new(&job).primary(0);
+    keywait::until_value(
+        &mut client,
+        &key,
+        Duration::from_secs(20),
+        "the crashed primary's key expires with its lease",
+        |v| v.is_none(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+}
