@@ -76,11 +76,6 @@ use std::borrow::Cow;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -89,8 +84,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::health::Health;
-use crate::node::Role;
+use crate::role::Role;
 use crate::{Epoch, TaskId};
 
 /// The content type of `GET /metrics`: the OpenMetrics text format.
@@ -589,60 +583,6 @@ impl Metrics {
             .get_or_create(&OpLabel { op })
             .observe(elapsed.as_secs_f64());
     }
-}
-
-#[derive(Clone)]
-struct Endpoints {
-    metrics: Metrics,
-    health: Arc<Health>,
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until aborted.
-pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Metrics,
-    health: Arc<Health>,
-) {
-    let app = Router::new()
-        .route("/metrics", get(scrape))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(Endpoints { metrics, health });
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::warn!(error = %e, "the metrics server failed");
-    }
-}
-
-async fn scrape(State(s): State<Endpoints>) -> Response {
-    match s.metrics.encode() {
-        Ok(body) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
-        Err(_) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "cannot encode the metrics\n",
-        )
-            .into_response(),
-    }
-}
-
-fn verdict(outcome: Result<String, String>) -> Response {
-    let (code, line) = match outcome {
-        Ok(line) => (StatusCode::OK, line),
-        Err(line) => (StatusCode::SERVICE_UNAVAILABLE, line),
-    };
-    (
-        code,
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        format!("{line}\n"),
-    )
-        .into_response()
-}
-
-async fn healthz(State(s): State<Endpoints>) -> Response {
-    verdict(s.health.live())
-}
-
-async fn readyz(State(s): State<Endpoints>) -> Response {
-    verdict(s.health.ready())
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use crate::exchange::replication::{ship, Member, Shipped};
 use crate::exchange::serve::{Lookup, Reply, ServeBook};
 use crate::exchange::{Fence, SlotEnv};
 use crate::health::{readiness, Health, Phase};
-use crate::metrics::{self, Metrics, NeighbourEvent};
+use crate::metrics::{Metrics, NeighbourEvent};
 use crate::roles::{
     decide, judge_epoch, Decision, EpochFault, EpochFaultKind, JobView, MySlot, SlotKey,
 };
@@ -42,64 +42,7 @@ use crate::wire::{
 };
 use crate::{Epoch, TaskId, Term};
 
-/// How a node ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NodeExit {
-    /// The job finished at `epoch`; the node ran `exit` and revoked its lease.
-    JobFinished {
-        /// The final epoch.
-        epoch: Epoch,
-    },
-    /// The node was stopped cleanly (its lease revoked, so its slot was handed over at once).
-    Stopped,
-    /// The node was killed: it stopped without revoking its lease.
-    Killed,
-}
-
-/// This node's role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// No slot yet: waits for one to open.
-    Spare,
-    /// Primary of `task` with fencing token `term`.
-    Primary {
-        /// The task.
-        task: TaskId,
-        /// The term.
-        term: Term,
-    },
-    /// Hot-standby backup of `task`.
-    Backup {
-        /// The task.
-        task: TaskId,
-    },
-}
-
-/// What a node publishes about itself (see [`NodeHandle::status`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeStatus {
-    /// The node's id (its key under `nodes/` in etcd).
-    pub node_id: String,
-    /// Its slot.
-    pub role: Role,
-    /// Whether its lease is within its local deadline, i.e. it may act in its role. A primary
-    /// whose lease is past the deadline holds the role on paper but does not act.
-    pub acting: bool,
-    /// The last epoch the node's task entered (primary) or the node observed.
-    pub epoch: Option<Epoch>,
-    /// Whether the node has seen the job finish.
-    pub finished: bool,
-}
-
-impl NodeStatus {
-    /// `Some(term)` if the node is acting as primary of `task`.
-    pub fn primary_of(&self, task: TaskId) -> Option<Term> {
-        match self.role {
-            Role::Primary { task: t, term } if t == task && self.acting => Some(term),
-            _ => None,
-        }
-    }
-}
+pub use crate::role::{NodeExit, NodeStatus, Role};
 
 /// A running node. Dropping the handle does not stop the node; call [`NodeHandle::stop`],
 /// [`NodeHandle::crash`] or [`NodeHandle::wait`].
@@ -259,7 +202,9 @@ async fn run(
     // (the set is dropped, and its task aborted, when `run` returns or is aborted).
     let mut http = JoinSet::new();
     if let Some(l) = metrics_listener {
-        http.spawn(metrics::serve(l, metrics.clone(), health.clone()).instrument(Span::current()));
+        http.spawn(
+            crate::http::serve(l, metrics.clone(), health.clone()).instrument(Span::current()),
+        );
     }
     // TLS files are read again here (validated by the builder); a file gone since is an error.
     let security = config.etcd_security()?;
