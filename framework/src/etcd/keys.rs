@@ -14,6 +14,14 @@
 //!
 //! A node holds at most one slot (one `primary` or one `backup/<k>` key) at a time. All keys
 //! written with a lease vanish when the node's lease ends (crash, partition, clean stop).
+//!
+//! The framework owns every key. A value it did not write is never obeyed, and is rewritten
+//! where the framework knows the truth: the `spec` and the `epoch` by the acting primary of
+//! task 0 (to the spec the job runs with, to the last good epoch), the `epoch` also by
+//! `inc_epoch`, a node's record by that node; each rewrite is a compare-and-swap on the bad
+//! value's revision, and the `spec`'s and `epoch`'s are fenced by the healer's term. A bad
+//! checkpoint is never restored and is overwritten by the next one; a `result` counts only when
+//! written in the same transaction as `done <n>`. The README's "etcd key layout" has the table.
 
 use serde::{Deserialize, Serialize};
 
