@@ -96,7 +96,7 @@ pub struct JobArgs {
     /// After how long without a new epoch a node reports the job as stalled, with what it can
     /// tell about why (e.g. `30s`; default: three lease TTLs plus three times the slowest epoch
     /// seen). The local launcher prints the reports, and gives up with exit code 3 when the
-    /// job stays stalled for as long again.
+    /// job stays stalled past `--stall-limit`.
     #[arg(long, env = "TASKGRAPH_STALL_AFTER", value_parser = whole_seconds)]
     pub stall_after: Option<Duration>,
     /// etcd endpoints (repeat the flag or separate with commas). The local mode starts a
@@ -321,6 +321,11 @@ pub struct LocalArgs {
     /// go to a temporary folder, kept only when the job fails.
     #[arg(long)]
     pub node_logs: Option<PathBuf>,
+    /// Give up (exit 3) when the job has stayed stalled this long after the nodes first
+    /// reported it (e.g. `2m`). Default: five times the nodes' stall time, at least a minute —
+    /// a stall under chaos or on a loaded machine often heals by itself.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub stall_limit: Option<Duration>,
     /// Give up (and exit non-zero) if the job has not finished after this long.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,

@@ -170,7 +170,7 @@ async fn run_on(local: &LocalArgs, job: &mut JobArgs) -> Result<(Report, JobResu
                 }
             }
             _ = stall_check.tick() => {
-                if let Some(line) = stalls.given_up(&name) {
+                if let Some(line) = stalls.given_up(&name, local.stall_limit) {
                     failure = Some(Failure { code: EXIT_STALLED, message: line });
                     break None;
                 }
@@ -379,12 +379,14 @@ impl Stalls {
         std::mem::take(&mut self.news)
     }
 
-    /// The error line once the job has stayed stalled for as long again as the nodes' stall
-    /// time: it does not heal.
-    fn given_up(&self, job: &str) -> Option<String> {
+    /// The error line once the job has stayed stalled for `limit` (default: five times the
+    /// nodes' stall time, at least a minute) since the first report: it does not heal.
+    fn given_up(&self, job: &str, limit: Option<Duration>) -> Option<String> {
         let since = self.since?;
         let after = self.notes.values().map(|n| n.after_ms).max()?;
-        if since.elapsed() < Duration::from_millis(after) {
+        let limit = limit
+            .unwrap_or_else(|| (Duration::from_millis(after) * 5).max(Duration::from_secs(60)));
+        if since.elapsed() < limit {
             return None;
         }
         let epoch = self.notes.values().map(|n| n.epoch).max().unwrap_or(0);

@@ -357,6 +357,8 @@ async fn a_stall_that_does_not_heal_ends_the_run_with_exit_code_3() {
             "1s",
             "--stall-after",
             "2s",
+            "--stall-limit",
+            "4s",
             "--timeout",
             "10m",
         ],

@@ -182,6 +182,20 @@ pub(crate) enum LoopRequest {
 
 /// A task's handle on the framework: who it is, where the job is, and the verbs it may call.
 /// Cheap to clone; clones may be moved into spawned work.
+///
+/// # Verbs that write to etcd resolve when decided
+///
+/// [`inc_epoch`](Context::inc_epoch), [`shutdown_job`](Context::shutdown_job),
+/// [`shutdown_job_with`](Context::shutdown_job_with) and [`checkpoint`](Context::checkpoint)
+/// never ask the caller to try again later: while this node's lease is past its local deadline
+/// (etcd slow or unreachable) they wait for its renewal, and they send a request etcd did not
+/// answer again, for as long as this node holds the slot under the same term. They end with
+/// the outcome, or with [`ContextError::NotPrimary`] once the node lost the slot (within the
+/// lease TTL when etcd stays away). Each is fenced by the primary's term in etcd and safe to
+/// repeat. They may be awaited in a handler (the node's other events wait meanwhile) or
+/// spawned with [`spawn`](Context::spawn); a spawned `inc_epoch` whose result is ignored is
+/// correct. [`replicate`](Context::replicate) still returns [`ContextError::Suspended`]
+/// while the lease is unconfirmed: a retried update would reach the backups twice.
 #[derive(Clone)]
 pub struct Context {
     inner: Arc<Inner>,
@@ -305,10 +319,63 @@ impl Context {
     /// revision and fenced by this primary's term), logs it at error level and returns
     /// `Ok(true)`. A job never stalls because one value in etcd went bad.
     ///
-    /// Errors: [`ContextError::NotPrimary`] (do nothing: the new primary carries on),
-    /// [`ContextError::Suspended`] and [`ContextError::Etcd`] (back off and retry with the same
-    /// `from`).
+    /// The call resolves only when decided (see [the verbs that write to etcd](Context#verbs-that-write-to-etcd-resolve-when-decided)):
+    /// `Ok(true)` moved, `Ok(false)` stale (also when an earlier attempt whose answer etcd lost
+    /// had moved it), [`ContextError::NotPrimary`] when this node lost the slot meanwhile (do
+    /// nothing: the new primary carries on). It never asks the caller to try again later, so
+    /// it may be awaited in a handler or spawned and its result ignored.
     pub async fn inc_epoch(&self, from: Epoch) -> Result<bool, ContextError> {
+        self.until_decided(|| self.try_inc_epoch(from)).await
+    }
+
+    /// Runs an etcd-backed verb until it is decided: while this node's lease is past its local
+    /// deadline (etcd slow or unreachable) it waits for the renewal, and an etcd error is tried
+    /// again after a backoff, for as long as this node holds the slot under the same term. If
+    /// the node loses the slot meanwhile (its lease expired, a newer primary), the verb ends
+    /// with [`ContextError::NotPrimary`]: the slot's end bounds the wait by the lease TTL.
+    async fn until_decided<T, F, Fut>(&self, mut op: F) -> Result<T, ContextError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, ContextError>>,
+    {
+        let task = self.inner.env.task;
+        let term = self.elected_term()?;
+        let lost = || ContextError::NotPrimary { task, term };
+        let mut delays = crate::exchange::backoff();
+        loop {
+            match op().await {
+                Err(ContextError::Suspended { .. }) => {
+                    let mut lease = self.inner.env.lease.clone();
+                    let mut slot = self.inner.slot.clone();
+                    loop {
+                        if slot.borrow_and_update().primary != Some(term) {
+                            return Err(lost());
+                        }
+                        if lease.borrow_and_update().valid_now() {
+                            break;
+                        }
+                        tokio::select! {
+                            r = lease.changed() => r.map_err(|_| lost())?,
+                            r = slot.changed() => r.map_err(|_| lost())?,
+                        }
+                    }
+                }
+                Err(ContextError::Etcd(e)) => {
+                    if self.inner.slot.borrow().primary != Some(term) {
+                        return Err(lost());
+                    }
+                    tracing::warn!(error = %e, "etcd did not decide; trying again");
+                    let pause = delays
+                        .next()
+                        .unwrap_or(std::time::Duration::from_millis(500));
+                    tokio::time::sleep(pause).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_inc_epoch(&self, from: Epoch) -> Result<bool, ContextError> {
         let env = &self.inner.env;
         let key = env.store.keys().epoch();
         // Each round that neither moves nor heals was overtaken by another write to the key.
@@ -399,8 +466,8 @@ impl Context {
     /// node then calls [`Task::exit`], revokes its lease and stops. Returns the final epoch.
     /// Calling it again, or after another primary ended the job, returns the same epoch.
     ///
-    /// Errors: [`ContextError::NotPrimary`] (a newer primary exists: let it decide),
-    /// [`ContextError::Suspended`] and [`ContextError::Etcd`] (back off and retry).
+    /// Resolves when decided, like [`inc_epoch`](Context::inc_epoch): the final epoch, or
+    /// [`ContextError::NotPrimary`] (this node lost the slot: let the new primary decide).
     pub async fn shutdown_job(&self) -> Result<Epoch, ContextError> {
         self.finish_job(None).await
     }
@@ -424,6 +491,11 @@ impl Context {
     }
 
     async fn finish_job(&self, result: Option<Vec<u8>>) -> Result<Epoch, ContextError> {
+        self.until_decided(|| self.try_finish_job(result.clone()))
+            .await
+    }
+
+    async fn try_finish_job(&self, result: Option<Vec<u8>>) -> Result<Epoch, ContextError> {
         let term = self.acting_term()?;
         match self
             .inner
@@ -703,11 +775,16 @@ impl Context {
     /// [`Task::restore`]. Keep it small: it is refused above the configured limit (default
     /// 1 MiB, see `FrameworkBuilder::max_checkpoint_bytes`); every call is one etcd write.
     ///
-    /// Errors: [`ContextError::TooLarge`], [`ContextError::NotPrimary`] (also when a newer
-    /// primary exists: the write is fenced by this primary's term), [`ContextError::Suspended`],
-    /// [`ContextError::Etcd`].
+    /// Resolves when decided, like [`inc_epoch`](Context::inc_epoch). Errors:
+    /// [`ContextError::TooLarge`], [`ContextError::NotPrimary`] (also when a newer primary
+    /// exists: the write is fenced by this primary's term).
     pub async fn checkpoint(&self, data: impl Into<Bytes>) -> Result<(), ContextError> {
         let data: Bytes = data.into();
+        self.until_decided(|| self.try_checkpoint(data.clone()))
+            .await
+    }
+
+    async fn try_checkpoint(&self, data: Bytes) -> Result<(), ContextError> {
         let env = &self.inner.env;
         if data.len() > env.max_checkpoint_bytes {
             return Err(ContextError::TooLarge {

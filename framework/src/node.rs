@@ -1310,7 +1310,11 @@ impl Node {
                 if !spec {
                     self.spec_key_missing(&keys);
                 }
-                if !record && revision > self.registered_at && self.registered_at > 0 {
+                if !record
+                    && revision > self.registered_at
+                    && self.registered_at > 0
+                    && self.lease_valid()
+                {
                     self.own_record_bad(&keys, 0, "deleted");
                 }
                 view.revision = revision;
@@ -1338,10 +1342,12 @@ impl Node {
                         Some(JobKey::Epoch) => self.epoch_key_missing(&mut view, &keys),
                         Some(JobKey::Spec) => self.spec_key_missing(&keys),
                         Some(JobKey::Node(n))
-                            if n == self.holder.node && revision > self.registered_at =>
+                            if n == self.holder.node
+                                && revision > self.registered_at
+                                && self.lease_valid() =>
                         {
-                            // Also when this node's lease ended: then `new_lease` registers it
-                            // again, and the heal (under the old lease) fails harmlessly.
+                            // With the lease valid here, etcd did not end it: someone deleted
+                            // the record. (When the lease ended, `new_lease` registers again.)
                             self.own_record_bad(&keys, 0, "deleted");
                         }
                         _ => {}

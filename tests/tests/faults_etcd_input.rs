@@ -158,12 +158,16 @@ async fn garbage_under_every_key_of_a_running_job_is_not_obeyed() {
         ),
     ] {
         info!("--- garbage under {what} ({key})");
+        // The job is held meanwhile, so that it does not run out of epochs while the (slow,
+        // one process each) writes go on.
+        c.audit.close_gate();
         let real = get(&etcd, &key).await;
         for g in garbage(&real) {
             put(&etcd, &key, &g, flags).await;
             tried += 1;
         }
         put(&etcd, &key, &real, flags).await;
+        c.audit.open_gate();
         moves_on(
             &c,
             2,
@@ -173,10 +177,12 @@ async fn garbage_under_every_key_of_a_running_job_is_not_obeyed() {
     }
 
     info!("--- garbage under the result key, before the job wrote one");
+    c.audit.close_gate();
     for g in garbage(b"{\"result\":1}") {
         put(&etcd, &format!("{p}result"), &g, &[]).await;
         tried += 1;
     }
+    c.audit.open_gate();
     moves_on(&c, 2, "the job moves on after garbage under result").await;
 
     info!("--- garbage and a stale value under the epoch, with the job held at one epoch");
