@@ -657,3 +657,83 @@ async fn a_crashed_node_leaves_nothing_running_that_keeps_its_lease_alive() {
     .await
     .unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// A task that moves the epoch the way a newcomer writes it from the README: one spawned
+/// `inc_epoch` per epoch, its result ignored. The first call waits for `go`.
+struct OneShot {
+    go: std::sync::Arc<tokio::sync::Notify>,
+    entered: tokio::sync::mpsc::UnboundedSender<u64>,
+}
+
+#[taskgraph::async_trait]
+impl Task for OneShot {
+    async fn enter_epoch(&mut self, ctx: &taskgraph::Context, epoch: u64) {
+        let _ = self.entered.send(epoch);
+        if epoch >= 2 {
+            return;
+        }
+        let (ctx2, go) = (ctx.clone(), self.go.clone());
+        ctx.spawn(async move {
+            if epoch == 1 {
+                go.notified().await;
+            }
+            let _ = ctx2.inc_epoch(epoch).await;
+        });
+    }
+}
+
+/// Waits until the task reports entering epoch `want`.
+async fn until_entered(want: u64, entered: &mut tokio::sync::mpsc::UnboundedReceiver<u64>) {
+    let reached = tokio::time::timeout(WAIT, async {
+        while let Some(e) = entered.recv().await {
+            if e == want {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(reached, Ok(true), "epoch {want} not entered");
+}
+
+/// `inc_epoch` resolves when decided: called while etcd is away (its request times out, the
+/// lease may pass its local deadline), it waits and tries again once etcd is back, so an
+/// application that ignores its result still moves on. (Before, it returned an error the
+/// README's example ignored, and the job stalled for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inc_epoch_called_while_etcd_is_away_resolves_once_it_is_back() {
+    let etcd = etcd().await;
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+    let (go2, tx2) = (go.clone(), tx.clone());
+    let node = Framework::builder()
+        .etcd(etcd.endpoints())
+        .job(job_name("decided"))
+        .tasks(1)
+        .links(Links::new())
+        .lease_ttl(Duration::from_secs(5))
+        .etcd_request_timeout(Duration::from_millis(500))
+        .task_builder(move |_| {
+            Box::new(OneShot {
+                go: go2.clone(),
+                entered: tx2.clone(),
+            }) as Box<dyn Task>
+        })
+        .build()
+        .unwrap()
+        .spawn()
+        .await
+        .unwrap();
+    until_entered(1, &mut entered).await;
+    info!("--- etcd goes away; the task calls inc_epoch once, and ignores what it returns");
+    etcd.stop().await.unwrap();
+    go.notify_one();
+    // Longer than the request timeout: the first attempt fails, the lease is not renewed.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    info!("--- etcd is back (leases keep their full TTL)");
+    etcd.restart().await.unwrap();
+    // Epoch 2 entered: the call resolved once etcd was back.
+    until_entered(2, &mut entered).await;
+    drop(tx);
+    node.stop().await.unwrap();
+}
