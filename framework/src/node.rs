@@ -23,16 +23,17 @@ use crate::etcd::keys::{EpochValue, Holder, JobKey, StoredCheckpoint};
 use crate::etcd::lease::{self, LeaseState};
 use crate::etcd::watch::{self as jobwatch, JobEvent};
 use crate::etcd::{Kv, Store};
+use crate::exchange::liveness::{self, MONITOR_TIMEOUT};
 use crate::exchange::neighbours::{Incident, NeighbourTracker};
 use crate::exchange::replication::{ship, Member, Shipped};
 use crate::exchange::serve::{Lookup, Reply, ServeBook};
 use crate::exchange::{Fence, SlotEnv};
 use crate::health::{readiness, Health, Phase};
 use crate::metrics::{self, Metrics, NeighbourEvent};
-use crate::roles::{decide, Decision, JobView, MySlot, SlotKey};
+use crate::roles::{decide, watched, Decision, JobView, MySlot, SlotKey, Watched};
 use crate::wire::{
-    self, CallError, Inbound, Meta, Peers, PingReply, PullRequest, Rejection, Replicate,
-    ReplicateKind, SlotInfo,
+    self, Inbound, Meta, Peers, PingReply, PullRequest, Rejection, Replicate, ReplicateKind,
+    SlotInfo,
 };
 use crate::{Epoch, TaskId, Term};
 
@@ -319,7 +320,7 @@ async fn run(
         retry_pause: RETRY_PAUSE,
         observed: Vec::new(),
         peers: Peers::new(client),
-        monitor: None,
+        monitors: std::collections::BTreeMap::new(),
         view_tx: watch::channel(Arc::new(JobView::default())).0,
         fence: Fence::default(),
         slots_taken: 0,
@@ -328,9 +329,7 @@ async fn run(
         node_span: Span::current(),
     };
     let result = node.main_loop(events, requests, inbound, stop).await;
-    if let Some(m) = node.monitor.take() {
-        m.task.abort();
-    }
+    node.monitors.clear();
     if let Some(t) = node.lease_task.take() {
         t.abort();
     }
@@ -428,8 +427,9 @@ struct Node {
     observed: Vec<Epoch>,
     /// Calls to other nodes.
     peers: Peers,
-    /// As a backup: the watch on the primary's liveness.
-    monitor: Option<Monitor>,
+    /// The liveness checks of other slot holders (see [`watched`]); each is aborted when
+    /// dropped, so a crashed node leaves none running.
+    monitors: std::collections::BTreeMap<Watched, Monitor>,
     /// The view, for the slot's background work (pull fetchers, meta senders, replication).
     view_tx: watch::Sender<Arc<JobView>>,
     /// Highest term seen per task.
@@ -442,52 +442,12 @@ struct Node {
     node_span: Span,
 }
 
-/// How often a backup checks that its primary's process is alive, and how long a check may
-/// take. A check that is merely slow proves nothing and is left to the lease.
-const MONITOR_INTERVAL: Duration = Duration::from_millis(50);
-const MONITOR_TIMEOUT: Duration = Duration::from_millis(500);
+/// A liveness check of one slot holder (see [`liveness::watch_holder`]), aborted when dropped.
+struct Monitor(tokio::task::JoinHandle<()>);
 
-/// A backup's watch on one primary (identified by node and lease).
-struct Monitor {
-    node: String,
-    lease: i64,
-    task: tokio::task::JoinHandle<()>,
-}
-
-/// Pings the primary at `addr` until there is evidence that its process is gone: the port
-/// refuses connections, another node answers at that address, or the node answers that it is
-/// shutting down. Then ends the primary's lease, so the backup takes over at once instead of
-/// after the TTL. A wrong suspicion is harmless: the primary only loses its slot, and fencing
-/// drops anything it sends under its old term.
-async fn watch_primary(
-    peers: Peers,
-    store: Store,
-    view: watch::Receiver<Arc<JobView>>,
-    addr: String,
-    node: String,
-    lease: i64,
-) {
-    loop {
-        tokio::time::sleep(MONITOR_INTERVAL).await;
-        if view.borrow().finished() {
-            // Every node is stopping on its own: a primary going away is not a death.
-            return;
-        }
-        let evidence = match tokio::time::timeout(MONITOR_TIMEOUT, peers.ping(&addr)).await {
-            Ok(Ok(reply)) if reply.node_id == node => continue,
-            Ok(Ok(reply)) => format!("{addr} is now answered by node {}", reply.node_id),
-            Ok(Err(e)) if e.is_refused() => format!("{addr} refuses connections"),
-            Ok(Err(CallError::Rejected(Rejection::ShuttingDown))) => {
-                format!("{addr} is shutting down")
-            }
-            // Slow, unreachable, or garbage: no evidence of death; the lease decides.
-            Ok(Err(_)) | Err(_) => continue,
-        };
-        warn!(primary = %node, evidence, "the primary's process is gone: ending its lease");
-        match store.revoke_lease(lease).await {
-            Ok(()) => return,
-            Err(e) => debug!(error = %e, "could not end the dead primary's lease; retrying"),
-        }
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -1148,37 +1108,29 @@ impl Node {
         }
     }
 
-    /// Reads task `t`'s last checkpoint; garbage is logged and ignored.
-    /// As a backup, keeps a liveness watch on the task's current primary; otherwise none.
+    /// Keeps a liveness check on every slot holder this node watches in its role (a backup
+    /// its primary, a primary its backups, a spare the backups of tasks without a primary; see
+    /// [`watched`]): on evidence that the holder's process is gone, its lease is ended at once.
     fn update_monitor(&mut self) {
-        let target = match (self.mine, self.view.as_ref()) {
-            (MySlot::Backup { task, .. }, Some(view)) => view
-                .primaries
-                .get(&task)
-                .filter(|p| p.lease != 0 && p.holder.node != self.holder.node)
-                .map(|p| (p.holder.node.clone(), p.holder.addr.clone(), p.lease)),
-            _ => None,
+        let wanted = match self.view.as_ref() {
+            Some(view) => watched(view, &self.holder.node, self.mine),
+            None => Vec::new(),
         };
-        let current = self.monitor.as_ref().map(|m| (m.node.clone(), m.lease));
-        if current == target.as_ref().map(|(n, _, l)| (n.clone(), *l)) {
-            return;
-        }
-        if let Some(m) = self.monitor.take() {
-            m.task.abort();
-        }
-        if let Some((node, addr, lease)) = target {
+        self.monitors.retain(|w, _| wanted.contains(w));
+        for target in wanted {
+            if self.monitors.contains_key(&target) {
+                continue;
+            }
             let task = tokio::spawn(
-                watch_primary(
+                liveness::watch_holder(
                     self.peers.clone(),
                     self.store.clone(),
                     self.view_tx.subscribe(),
-                    addr,
-                    node.clone(),
-                    lease,
+                    target.clone(),
                 )
                 .instrument(tracing::Span::current()),
             );
-            self.monitor = Some(Monitor { node, lease, task });
+            self.monitors.insert(target, Monitor(task));
         }
     }
 
@@ -1777,9 +1729,7 @@ impl Node {
 
     /// Runs the task's `exit` and revokes the lease.
     async fn clean_stop(&mut self, reason: ExitReason, exit: NodeExit) -> NodeExit {
-        if let Some(m) = self.monitor.take() {
-            m.task.abort();
-        }
+        self.monitors.clear();
         if let Some(mut slot) = self.slot.take() {
             slot.state.send_modify(|st| st.primary = None);
             slot.ctx.abort_spawned();

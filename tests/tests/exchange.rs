@@ -257,6 +257,89 @@ async fn a_spare_restores_the_checkpoint_when_every_node_of_a_task_died() {
     assert!(restored[0].0 >= 3 && restored[0].1 >= 4, "{restored:?}");
 }
 
+/// Issue 22, item 4: when a task's primary and backup die together on live hosts (their ports
+/// refuse, or their servers say their loops are gone), the whole replica set's leases are ended
+/// on that evidence — the primary's by its neighbour's pull, the backup's by the spare that
+/// would otherwise wait for it — and the spare restores the task from its checkpoint without
+/// waiting for a lease to expire. Without it the spare waits for the dead backup's lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_set_crashed_together_is_restored_before_its_leases_could_expire() {
+    let etcd = etcd().await;
+    let (tasks, until) = (3, 12);
+    let ttl = 30;
+    let mut cfg = dataflow(&etcd, "wholeset", tasks, 2, until);
+    cfg.app = App::Dataflow { until, pace_ms: 30 };
+    cfg.ttl = Duration::from_secs(ttl);
+    // Six slots and one spare.
+    let mut c = Cluster::start_staffed(cfg, 7).await.unwrap();
+    c.wait_until("epoch 4", WAIT, |s| {
+        s.iter().any(|(_, s)| s.epoch.is_some_and(|e| e >= 4))
+    })
+    .await
+    .unwrap();
+    let spare = c
+        .live_statuses()
+        .into_iter()
+        .find(|(_, s)| s.role == taskgraph::Role::Spare)
+        .expect("a spare")
+        .0;
+    let nodes: Vec<usize> = c
+        .live_statuses()
+        .into_iter()
+        .filter(|(_, s)| match s.role {
+            taskgraph::Role::Primary { task, .. } | taskgraph::Role::Backup { task } => task == 2,
+            taskgraph::Role::Spare => false,
+        })
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(nodes.len(), 2);
+    // A witness lease granted just before the crash, with half the nodes' TTL. The dead nodes
+    // renewed their leases at most TTL/3 before the crash, so theirs end no earlier than
+    // 2/3 TTL after it: while the witness lives, neither dead lease could have expired.
+    let mut client = etcd.client().await.unwrap();
+    let witness = client.lease_grant(ttl as i64 / 2, None).await.unwrap().id();
+    tracing::info!("--- crash the primary and the backup of task 2 together");
+    for i in nodes {
+        c.crash(i);
+    }
+    c.wait_until(
+        "the spare is primary of task 2",
+        Duration::from_secs(3 * ttl),
+        |s| {
+            s.iter()
+                .any(|(i, s)| *i == spare && s.primary_of(2).is_some())
+        },
+    )
+    .await
+    .unwrap();
+    let left = client
+        .lease_time_to_live(witness, None)
+        .await
+        .unwrap()
+        .ttl();
+    assert!(
+        left > 0,
+        "task 2 was taken over only after the witness lease expired: the dead nodes' leases \
+         were waited out instead of ended"
+    );
+    let exits = wait_all(&mut c).await;
+    assert!(exits
+        .iter()
+        .all(|e| *e == NodeExit::JobFinished { epoch: until }));
+    let ev = c.audit.events();
+    assert_trail(&ev, tasks, until);
+    let restored: Vec<&String> = ev
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::Restored { task: 2, .. }))
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        restored,
+        vec![&format!("n{spare}")],
+        "restored once, by the spare"
+    );
+}
+
 /// A task that tries an oversized checkpoint, then a small one, then ends the job.
 struct CheckpointProbe {
     results: tokio::sync::mpsc::UnboundedSender<Result<(), String>>,

@@ -5,6 +5,7 @@
 //! loop consults; only the loop calls application handlers.
 
 pub(crate) mod fetch;
+pub(crate) mod liveness;
 pub(crate) mod metas;
 pub(crate) mod neighbours;
 pub(crate) mod replication;
@@ -159,6 +160,9 @@ pub(crate) enum Verdict {
     Retry,
     /// The target's process is evidently gone (its port refuses): end its lease, then retry.
     Dead,
+    /// The target answered "shutting down": its process may be gone (its event loop is) or it
+    /// merely dropped a held call; check with a ping (see [`liveness`]), then retry.
+    Suspect,
     /// Give up quietly: this sender was deposed, or the receiver has left the epoch.
     Stop,
     /// Give up and report: the receiver refuses this message for good.
@@ -170,9 +174,8 @@ pub(crate) fn verdict(err: CallError) -> Verdict {
         CallError::Refused { .. } => Verdict::Dead,
         CallError::Unreachable { .. } | CallError::Protocol { .. } => Verdict::Retry,
         CallError::Rejected(r) => match r {
-            Rejection::NotPrimary { .. } | Rejection::NotReady { .. } | Rejection::ShuttingDown => {
-                Verdict::Retry
-            }
+            Rejection::NotPrimary { .. } | Rejection::NotReady { .. } => Verdict::Retry,
+            Rejection::ShuttingDown => Verdict::Suspect,
             Rejection::EpochMoved { .. } | Rejection::StaleTerm { .. } => Verdict::Stop,
             other => Verdict::Fail(other.to_string()),
         },
@@ -244,7 +247,7 @@ pub(crate) async fn end_dead_primary(env: &SlotEnv, task: TaskId, term: i64, lea
     tracing::warn!(
         task,
         term,
-        "the primary's port refuses connections: ending its lease"
+        "the primary's process is gone (its port refuses, or its loop is gone): ending its lease"
     );
     if let Err(e) = env.store.revoke_lease(lease).await {
         tracing::debug!(error = %e, "could not end a dead primary's lease");
