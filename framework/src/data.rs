@@ -96,7 +96,16 @@ impl DataReply {
     pub fn id(&self) -> PullId {
         self.id
     }
-    /// The task that answered (the request's target).
+    /// The task that answered: the request's target (`id().to`; `id().from` is this task,
+    /// the requester).
+    pub fn server(&self) -> TaskId {
+        self.id.to
+    }
+    /// The task that answered. Renamed [`server`](DataReply::server): `from()` read as the
+    /// requester, which `id().from` is.
+    #[deprecated(
+        note = "use `DataReply::server()`: the answering task (`id().from` is the requester)"
+    )]
     #[allow(clippy::misnamed_getters)]
     pub fn from(&self) -> TaskId {
         self.id.to

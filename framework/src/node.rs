@@ -942,6 +942,31 @@ impl Node {
                     s.ctx.env().metrics.pull_served(s.ctx.task());
                 }
             }
+            LoopRequest::WorkDone { slot, done } => {
+                if slot != s.id || s.entered != Some(done.id().epoch) {
+                    return;
+                }
+                if term.is_none() {
+                    if elected.is_some() {
+                        // Delivered once the lease is renewed, like an answer.
+                        s.deferred.push(LoopRequest::WorkDone { slot, done });
+                    }
+                    return;
+                }
+                s.task.work_done(&s.ctx, done).await;
+            }
+            LoopRequest::Timer { slot, epoch, token } => {
+                if slot != s.id || s.entered != Some(epoch) {
+                    return;
+                }
+                if term.is_none() {
+                    if elected.is_some() {
+                        s.deferred.push(LoopRequest::Timer { slot, epoch, token });
+                    }
+                    return;
+                }
+                s.task.timer(&s.ctx, token).await;
+            }
             LoopRequest::Pulled {
                 slot,
                 id,
@@ -1109,8 +1134,7 @@ impl Node {
     }
 
     /// Keeps a liveness check on every slot holder this node watches in its role (a backup
-    /// its primary, a primary its backups, a spare the backups of tasks without a primary; see
-    /// [`watched`]): on evidence that the holder's process is gone, its lease is ended at once.
+    /// its primary, a spare the backups of tasks without a primary; see [`watched`]): on evidence that the holder's process is gone, its lease is ended at once.
     fn update_monitor(&mut self) {
         let wanted = match self.view.as_ref() {
             Some(view) => watched(view, &self.holder.node, self.mine),

@@ -190,7 +190,9 @@ impl Watched {
 /// at once instead of after its TTL:
 ///
 /// - a backup checks its task's primary (it takes over when the primary is gone);
-/// - a primary checks its backups (a spare refills a dead backup's slot);
+/// - a primary checks no one here: it finds a dead backup when it replicates to it (a refused
+///   port, or a "shutting down" confirmed by a ping), which ends that backup's lease at once,
+///   without adding a periodic ping per backup to every primary;
 /// - a spare checks the backups of every task without a primary: it never takes a task that
 ///   still has a backup, so a backup that died with its primary would otherwise keep the task
 ///   from being restored until the backup's lease expires.
@@ -209,11 +211,7 @@ pub fn watched(view: &JobView, me: &str, mine: MySlot) -> Vec<Watched> {
             .map(|s| Watched::of(task, true, s))
             .into_iter()
             .collect(),
-        MySlot::Primary { task, .. } => view
-            .backups_of(task)
-            .filter(|(_, s)| keep(s))
-            .map(|(_, s)| Watched::of(task, false, s))
-            .collect(),
+        MySlot::Primary { .. } => Vec::new(),
         MySlot::Spare => view
             .backups
             .iter()
@@ -349,10 +347,7 @@ mod tests {
             vec![(0, true, "p0".into())]
         );
         let primary = MySlot::Primary { task: 0, term: 5 };
-        assert_eq!(
-            names(watched(&v, "p0", primary)),
-            vec![(0, false, "b0".into())]
-        );
+        assert!(watched(&v, "p0", primary).is_empty());
         // A spare checks only the backups of tasks without a primary: the ones it would
         // otherwise wait for.
         assert_eq!(

@@ -7,10 +7,12 @@
 //! A wrong suspicion is harmless: revoking a lease only ends the suspect's slot (it rejoins
 //! as a spare), and fencing drops anything it sends under its old term.
 //!
-//! Who checks whom (see [`crate::roles::watched`]): a backup its primary, a primary its
-//! backups, a spare the backups of every task that has no primary (a dead backup's lease would
-//! otherwise keep the task from being taken over until the TTL), and a task whose pull or meta
-//! finds its target without a primary checks the target's backups the same way.
+//! Who checks whom: a backup its primary, a spare the backups of every task that has no primary
+//! (a dead backup's lease would otherwise keep the task from being taken over until the TTL;
+//! see [`crate::roles::watched`]), a primary the backups it replicates to (when a call is
+//! refused or answered "shutting down"), a task whose pull or meta to a primary is refused or
+//! answered "shutting down" that primary, and a task whose pull or meta finds its target
+//! without a primary the target's backups.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -97,6 +97,7 @@ pub(crate) struct PendingPull {
 pub(crate) struct EpochBook {
     pub(crate) epoch: Epoch,
     next_seq: u64,
+    next_work: u64,
     pub(crate) pending: HashMap<PullId, PendingPull>,
     pub(crate) flagged: HashSet<(String, String)>,
     pub(crate) outboxes: HashMap<TaskId, watch::Sender<Vec<(String, String)>>>,
@@ -113,6 +114,7 @@ impl EpochBook {
         self.flagged.clear();
         self.outboxes.clear();
         self.next_seq = 0;
+        self.next_work = 0;
         self.epoch = epoch;
         cancelled
     }
@@ -127,6 +129,13 @@ impl EpochBook {
             to,
             seq,
         }
+    }
+
+    /// The next id of work started with `Context::spawn_then` in this epoch.
+    pub(crate) fn next_work(&mut self) -> u64 {
+        let seq = self.next_work;
+        self.next_work += 1;
+        seq
     }
 
     /// Runs `work` until the epoch ends, in the current span (the task's slot and epoch).
