@@ -266,3 +266,28 @@ impl Checkpoint {
         decode(&self.data)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(deprecated)]
+    fn a_reply_names_its_server_and_the_old_name_agrees() {
+        let reply = DataReply {
+            id: PullId {
+                epoch: 3,
+                from: 1,
+                to: 4,
+                seq: 0,
+            },
+            method: "m".into(),
+            server_term: 9,
+            result: Ok(Bytes::new()),
+        };
+        // The answering task is the request's target; the requester is `id().from`.
+        assert_eq!(reply.server(), 4);
+        assert_eq!(reply.id().from, 1);
+        assert_eq!(reply.from(), reply.server());
+    }
+}
