@@ -48,7 +48,8 @@ pub enum ExitReason {
 ///
 /// All handlers of one node are called from one event loop, one at a time, never
 /// concurrently. A handler must not block the loop: await only short operations (the
-/// context's verbs); run long work with [`Context::spawn`] and act on its result from there.
+/// context's verbs); run long work with [`Context::spawn_then`] (its output comes back to
+/// [`work_done`](Task::work_done) in the same epoch) or [`Context::spawn`] (fire and forget).
 ///
 /// Order of calls on a task value: [`init`](Task::init) once; [`restore`](Task::restore) if the
 /// value was built to take over as primary and the task has a checkpoint; then
