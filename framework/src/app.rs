@@ -827,6 +827,10 @@ impl Context {
     /// computations or IO a handler must not wait for; await [`Context::request`] and other
     /// verbs inside it freely. Returns the work's id, which [`WorkDone::id`] repeats.
     ///
+    /// Call it from [`Task::enter_epoch`] or a later handler of the epoch: work started
+    /// before the task entered its first epoch as primary (in `became_primary`, say) belongs to
+    /// no epoch it will be in, and is dropped when it enters one.
+    ///
     /// Errors: [`ContextError::NotPrimary`] (only a primary runs epochs).
     pub fn spawn_then<F, T>(&self, work: F) -> Result<WorkId, ContextError>
     where
@@ -856,7 +860,8 @@ impl Context {
     /// Sets a timer for the task's current epoch: after `delay`, [`Task::timer`] is called once
     /// with `token` (an application-chosen tag, to tell timers apart) if the task is still in
     /// the epoch the timer was set in. A timer of an epoch the task has left, or of a slot that
-    /// ended, never fires.
+    /// ended, never fires. Like [`spawn_then`](Context::spawn_then), set it from
+    /// [`Task::enter_epoch`] or a later handler of the epoch.
     ///
     /// Errors: [`ContextError::NotPrimary`].
     pub fn after(&self, delay: Duration, token: u64) -> Result<(), ContextError> {
