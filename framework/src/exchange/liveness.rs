@@ -44,17 +44,22 @@ pub(crate) async fn evidence_of_death(peers: &Peers, addr: &str, node: &str) -> 
     }
 }
 
-/// Pings `target` every [`MONITOR_INTERVAL`] until there is evidence that its process is gone,
-/// then ends its lease and returns. Stops checking once the job has finished (every node is
-/// stopping on its own then: a holder going away is not a death).
+/// Pings `target` at once and then every [`MONITOR_INTERVAL`] until there is evidence that its
+/// process is gone, then ends its lease and returns. (At once: a spare starts checking a
+/// backup when its task loses its primary, which is when the backup may have died with it.)
+/// Stops checking once the job has finished (every node is stopping on its own then: a holder
+/// going away is not a death).
 pub(crate) async fn watch_holder(
     peers: Peers,
     store: Store,
     view: watch::Receiver<Arc<JobView>>,
     target: Watched,
 ) {
+    let mut first = true;
     loop {
-        tokio::time::sleep(MONITOR_INTERVAL).await;
+        if !std::mem::take(&mut first) {
+            tokio::time::sleep(MONITOR_INTERVAL).await;
+        }
         if view.borrow().finished() {
             return;
         }
@@ -105,8 +110,8 @@ pub(crate) async fn end_dead_backups(env: &SlotEnv, task: TaskId) {
     }
 }
 
-/// Waits until the view changes while `task` has no primary, checking meanwhile (every
-/// [`MONITOR_INTERVAL`]) whether its backups are dead. `false`: the view is gone (the node is
+/// Waits until the view changes while `task` has no primary, checking meanwhile (at once,
+/// then every [`MONITOR_INTERVAL`]) whether its backups are dead. `false`: the view is gone (the node is
 /// stopping).
 pub(crate) async fn await_primary(
     env: &SlotEnv,
@@ -115,8 +120,8 @@ pub(crate) async fn await_primary(
 ) -> bool {
     let check = async {
         loop {
-            tokio::time::sleep(MONITOR_INTERVAL).await;
             end_dead_backups(env, task).await;
+            tokio::time::sleep(MONITOR_INTERVAL).await;
         }
     };
     tokio::select! {
