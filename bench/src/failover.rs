@@ -8,6 +8,11 @@
 //! term, when task 0 gets `neighbour_restarted` for task 1, and when task 0 next gets an answer
 //! from task 1 served by the new primary. Then a fresh process replaces the victim (it becomes
 //! task 1's backup) and the next trial starts once every slot is filled again.
+//!
+//! A second series ([`run_pair`]) adds a spare process and SIGKILLs task 1's primary and its
+//! backup together: with evidence of death applied to the whole replica set (task 0's pull
+//! ends the dead primary's lease, the spare ends the dead backup's), the spare restores task
+//! 1 from its checkpoint without waiting for either lease to expire.
 
 use std::time::Duration;
 
@@ -130,6 +135,15 @@ impl Procs {
             st(p).is_some_and(|s| s.role == "backup" && s.acting && s.task == Some(1))
         })?;
         (primary0 == 1 && backups(0) == 1 && backups(1) == 1).then_some((p1, term, b1))
+    }
+
+    /// Whether some process is an acting spare.
+    fn has_spare(&self) -> bool {
+        self.procs.iter().any(|p| {
+            p.status
+                .as_ref()
+                .is_some_and(|s| s.role == "spare" && s.acting)
+        })
     }
 
     fn describe(&self) -> String {
@@ -283,6 +297,189 @@ pub async fn run(
         let _ = p.node.wait_exit(Duration::from_secs(10)).await;
     }
     Ok(())
+}
+
+/// Runs `trials` trials of SIGKILL to task 1's primary and backup together, in one job of
+/// 2 tasks × 2 replicas plus a spare, with lease TTL `ttl_secs`. A trial's `primary_ms` is
+/// when the spare acts as task 1's primary.
+pub async fn run_pair(
+    etcd: &Etcd,
+    bin: &str,
+    ttl_secs: u64,
+    trials: usize,
+    out: &mut Vec<Trial>,
+) -> Result<(), BoxError> {
+    let args = NodeArgs {
+        etcd: etcd.endpoints(),
+        job: taskgraph_tests::job_name(&format!("failover-pair{ttl_secs}")),
+        tasks: 2,
+        replicas: 2,
+        ttl_secs,
+        drive_until: None,
+        pace_ms: PACE_MS,
+        dataflow_until: Some(1_000_000_000),
+    };
+    let mut procs = Procs {
+        bin: bin.to_owned(),
+        args,
+        procs: Vec::new(),
+    };
+    for _ in 0..5 {
+        procs.spawn()?;
+    }
+    let limit = Duration::from_secs(10 + 3 * ttl_secs);
+    for k in 0..trials {
+        let deadline = tokio::time::Instant::now() + limit;
+        let (victim, term, backup) = loop {
+            procs.scan(|_| false);
+            if let Some(s) = procs.staffed().filter(|_| procs.has_spare()) {
+                break s;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!(
+                    "pair trial {k}: slots and a spare not all there within {limit:?}: {}",
+                    procs.describe()
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let settle = Duration::from_millis(200 + rand::random::<u64>() % 500);
+        tokio::time::sleep(settle).await;
+        procs.scan(|_| false);
+        let still = |i: usize, primary: bool| {
+            procs.procs[i].status.as_ref().is_some_and(|s| {
+                if primary {
+                    s.primary_of(1) == Some(term)
+                } else {
+                    s.role == "backup" && s.acting && s.task == Some(1)
+                }
+            })
+        };
+        if !still(victim, true) || !still(backup, false) {
+            return Err(format!(
+                "pair trial {k}: task 1's replica set changed before the signal: {}",
+                procs.describe()
+            )
+            .into());
+        }
+        let t0 = now_us();
+        for i in [victim, backup] {
+            let node = &procs.procs[i].node;
+            node.kill9()
+                .map_err(|e| format!("pair trial {k}: SIGKILL to pid {}: {e}", node.pid()))?;
+        }
+        let mut trial = Trial::default();
+        let since = |at: Option<u64>| at.filter(|a| *a >= t0).map(|a| (a - t0) as f64 / 1e3);
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let seen = procs.scan(|l| match l {
+                Line::Status(s) => s.primary_of(1).is_some_and(|t| t > term),
+                Line::Event(Event::Neighbour {
+                    task: 0,
+                    neighbour: 1,
+                    ..
+                }) => true,
+                Line::Event(Event::Data {
+                    task: 0,
+                    from: 1,
+                    server_term,
+                    ..
+                }) => *server_term > term,
+                _ => false,
+            });
+            for (p, i, line) in seen {
+                let at = since(procs.stamp(p, i));
+                match line {
+                    Line::Status(_) => trial.primary_ms = trial.primary_ms.or(at),
+                    Line::Event(Event::Neighbour { failed: true, .. }) => {
+                        trial.failed_ms = trial.failed_ms.or(at)
+                    }
+                    Line::Event(Event::Neighbour { failed: false, .. }) => {
+                        trial.restarted_ms = trial.restarted_ms.or(at)
+                    }
+                    Line::Event(Event::Data { .. }) => trial.pull_ms = trial.pull_ms.or(at),
+                    _ => {}
+                }
+            }
+            if trial.primary_ms.is_some() && trial.restarted_ms.is_some() && trial.pull_ms.is_some()
+            {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                out.push(trial);
+                return Err(format!(
+                    "pair trial {k} (TTL {ttl_secs} s): within {limit:?} saw the spare primary \
+                     {:?} ms, neighbour restarted {:?} ms, next pull {:?} ms; {}",
+                    trial.primary_ms,
+                    trial.restarted_ms,
+                    trial.pull_ms,
+                    procs.describe()
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        out.push(trial);
+        // Reap both victims (the higher index first); two fresh processes become task 1's
+        // backup and the next spare.
+        for i in [victim.max(backup), victim.min(backup)] {
+            let mut gone = procs.procs.remove(i);
+            if let Err(e) = gone.node.wait_exit(Duration::from_secs(10)).await {
+                let _ = gone.node.kill9();
+                return Err(format!("pair trial {k}: a victim did not exit: {e}").into());
+            }
+        }
+        procs.spawn()?;
+        procs.spawn()?;
+    }
+    for p in &procs.procs {
+        let _ = p.node.terminate();
+    }
+    for p in procs.procs.iter_mut() {
+        let _ = p.node.wait_exit(Duration::from_secs(10)).await;
+    }
+    Ok(())
+}
+
+/// Rows of the trials of [`run_pair`].
+pub fn pair_rows(ttl_secs: u64, trials: &[Trial]) -> Vec<Row> {
+    let ttl_ms = ttl_secs as f64 * 1e3;
+    let of = |f: fn(&Trial) -> Option<f64>| -> Vec<f64> { trials.iter().filter_map(f).collect() };
+    [
+        ("spare acts as primary", of(|t| t.primary_ms)),
+        ("neighbour restarted", of(|t| t.restarted_ms)),
+        ("next pull answered", of(|t| t.pull_ms)),
+    ]
+    .into_iter()
+    .map(|(what, values)| {
+        let row = Row::new(
+            format!("primary and backup killed together (SIGKILL), TTL {ttl_secs} s: {what}"),
+            "ms",
+            &values,
+        );
+        let vs = row
+            .median()
+            .map(|m| format!("÷ TTL {:.3}×", m / ttl_ms))
+            .unwrap_or_default();
+        row.versus(vs)
+    })
+    .collect()
+}
+
+/// The pair trials as JSON.
+pub fn pair_json(ttl_secs: u64, trials: &[Trial]) -> Value {
+    json!({
+        "ttl_s": ttl_secs,
+        "pace_ms": PACE_MS,
+        "signal": "SIGKILL of the primary and the backup",
+        "trials": trials.iter().map(|t| json!({
+            "spare_primary_ms": t.primary_ms,
+            "neighbour_failed_ms": t.failed_ms,
+            "neighbour_restarted_ms": t.restarted_ms,
+            "next_pull_ms": t.pull_ms,
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// Rows of one TTL's trials.

@@ -8,7 +8,8 @@
 //!   against a limit model measured in the same run (one etcd compare-and-swap plus 2·depth
 //!   bare tonic round trips), and etcd's writes and requests per epoch from its `/metrics`;
 //! * `failover`: nodes as processes, SIGKILL and SIGTERM of a primary with one backup, at
-//!   lease TTLs of 1 s and 5 s;
+//!   lease TTLs of 1 s and 5 s, and SIGKILL of a primary and its backup together (a spare
+//!   restores the task from its checkpoint) at 5 s;
 //! * `pulls`: pull latency and throughput, 1 KiB at 1 and 16 in flight and 16 MiB, framework
 //!   vs a bare tonic echo service;
 //! * `scale`: 1,024 tasks × 2 replicas in-process against one etcd (128 with `--quick`);
@@ -72,6 +73,7 @@ struct Plan {
     limit_trials: usize,
     failover_trials: usize,
     failover_ttls: Vec<u64>,
+    failover_pair_trials: usize,
     pull_rounds: usize,
     pull_cases: Vec<pulls::Case>,
     scale_sizes: Vec<u32>,
@@ -94,6 +96,7 @@ impl Plan {
             limit_trials: if q { 10 } else { 30 },
             failover_trials: if q { 3 } else { 20 },
             failover_ttls: vec![1, 5],
+            failover_pair_trials: if q { 3 } else { 10 },
             pull_rounds: if q { 3 } else { 10 },
             pull_cases: vec![
                 pulls::Case {
@@ -326,7 +329,16 @@ async fn failover_scenario(plan: &Plan, bin: PathBuf, sink: Sink) -> Result<(), 
         sink.detail(&format!("ttl_{ttl}s"), failover::json(ttl, &trials));
         r?;
     }
-    Ok(())
+    // The whole replica set at once, at the longest TTL: ended on evidence, not waited out.
+    let ttl = plan.failover_ttls.iter().copied().max().unwrap_or(5);
+    let mut trials = Vec::new();
+    let r = failover::run_pair(&etcd, &bin, ttl, plan.failover_pair_trials, &mut trials).await;
+    sink.rows(failover::pair_rows(ttl, &trials));
+    sink.detail(
+        &format!("pair_ttl_{ttl}s"),
+        failover::pair_json(ttl, &trials),
+    );
+    r
 }
 
 async fn pulls_scenario(plan: &Plan, sink: Sink) -> Result<(), BoxError> {
@@ -566,8 +578,8 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     }
     if wanted("failover") {
         let setup = format!(
-            "2 tasks × 2 replicas as testnode processes, {} trials per signal at TTL {:?} s, task 0 pausing {} ms per epoch",
-            plan.failover_trials, plan.failover_ttls, failover::PACE_MS
+            "2 tasks × 2 replicas as testnode processes, {} trials per signal at TTL {:?} s, then {} trials of SIGKILL to task 1's primary and backup together (plus a spare), task 0 pausing {} ms per epoch",
+            plan.failover_trials, plan.failover_ttls, plan.failover_pair_trials, failover::PACE_MS
         );
         let r = match next_to_me(
             "testnode",
@@ -575,7 +587,7 @@ async fn run(args: Args) -> Result<bool, BoxError> {
             "cargo build --release -p taskgraph-tests --bin testnode",
         ) {
             Ok(bin) => {
-                scenario("failover", setup, secs(300, 60), |s| {
+                scenario("failover", setup, secs(400, 90), |s| {
                     failover_scenario(&plan, bin, s)
                 })
                 .await

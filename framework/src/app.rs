@@ -1,8 +1,10 @@
 //! The application's side of the contract: [`Task`], [`TaskBuilder`], and the [`Context`]
 //! a task uses to act on the job.
 
+use std::any::Any;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use taskgraph_topology::Links;
@@ -48,7 +50,8 @@ pub enum ExitReason {
 ///
 /// All handlers of one node are called from one event loop, one at a time, never
 /// concurrently. A handler must not block the loop: await only short operations (the
-/// context's verbs); run long work with [`Context::spawn`] and act on its result from there.
+/// context's verbs); run long work with [`Context::spawn_then`] (its output comes back to
+/// [`work_done`](Task::work_done) in the same epoch) or [`Context::spawn`] (fire and forget).
 ///
 /// Order of calls on a task value: [`init`](Task::init) once; [`restore`](Task::restore) if the
 /// value was built to take over as primary and the task has a checkpoint; then
@@ -57,9 +60,18 @@ pub enum ExitReason {
 /// may later become primary); then, as primary, [`enter_epoch`](Task::enter_epoch) once for
 /// every epoch it observes in increasing order — first the job's current epoch right after
 /// `became_primary` — with [`serve_data`](Task::serve_data), [`data_ready`](Task::data_ready),
-/// [`meta_ready`](Task::meta_ready) and the neighbour events of that epoch in between; and
-/// finally [`exit`](Task::exit). A task value is built afresh by the [`TaskBuilder`] whenever a
-/// node takes a slot as a spare.
+/// [`meta_ready`](Task::meta_ready), [`work_done`](Task::work_done), [`timer`](Task::timer)
+/// and the neighbour events of that epoch in between; and finally [`exit`](Task::exit). A task
+/// value is built afresh by the [`TaskBuilder`] whenever a node takes a slot as a spare.
+///
+/// The job's first epoch is `0`: a new job's primaries first enter epoch 0, and every
+/// [`Context::inc_epoch`] moves it by one.
+///
+/// Between `enter_epoch(e)` and the next `enter_epoch`, the handlers of epoch `e` come in the
+/// order their events reach the node's loop; there is no order among different kinds (a
+/// `data_ready` may come before or after a `meta_ready` of the same epoch). Nothing started in
+/// epoch `e` — pulls, metas, [`Context::spawn_then`] work, [`Context::after`] timers — is
+/// delivered in another epoch.
 #[async_trait]
 pub trait Task: Send + 'static {
     /// Called once after the task value is built, before any other handler. An error stops the
@@ -115,6 +127,18 @@ pub trait Task: Send + 'static {
     /// checkpoint.
     async fn neighbour_restarted(&mut self, _ctx: &Context, _link: &str, _neighbour: TaskId) {}
 
+    /// The output of work started with [`Context::spawn_then`] in this task's current epoch:
+    /// called exactly once per piece of work that completes while the task is still in the
+    /// epoch it was started in, on the node that started it. Work of an epoch the task has left,
+    /// or of a slot that ended, is aborted and never delivered. Get the value back with
+    /// [`WorkDone::take`]. The default drops it.
+    async fn work_done(&mut self, _ctx: &Context, _done: WorkDone) {}
+
+    /// A timer set with [`Context::after`] in this task's current epoch fired: called exactly
+    /// once per timer, with its `token`, if the task is still in the epoch the timer was set
+    /// in; timers of an epoch the task has left, or of a slot that ended, never fire.
+    async fn timer(&mut self, _ctx: &Context, _token: u64) {}
+
     /// As a backup: apply an update the primary shipped with [`Context::replicate`]. Updates
     /// arrive once each, in the order the primary replicated them, after a snapshot.
     async fn apply_update(&mut self, _ctx: &Context, _update: Bytes) {}
@@ -135,17 +159,121 @@ pub trait Task: Send + 'static {
 /// Builds the [`Task`] value for a task id. Called every time a node takes a slot (primary or
 /// backup) of that task as a spare; must be cheap and must not do IO that can fail (do that in
 /// [`Task::init`]).
+///
+/// Any `Fn(TaskId) -> T` closure is a task builder, for any [`Task`] type `T` — a concrete
+/// one (`|id| MyTask::new(id)`) or a `Box<dyn Task>` (to pick a task type per id).
 pub trait TaskBuilder: Send + Sync + 'static {
     /// The task value for `task`.
     fn build(&self, task: TaskId) -> Box<dyn Task>;
 }
 
-impl<F> TaskBuilder for F
+impl<F, T> TaskBuilder for F
 where
-    F: Fn(TaskId) -> Box<dyn Task> + Send + Sync + 'static,
+    F: Fn(TaskId) -> T + Send + Sync + 'static,
+    T: Task,
 {
     fn build(&self, task: TaskId) -> Box<dyn Task> {
-        self(task)
+        Box::new(self(task))
+    }
+}
+
+/// A boxed task is a task: every handler is the boxed value's.
+#[async_trait]
+impl Task for Box<dyn Task> {
+    async fn init(&mut self, ctx: &Context) -> Result<(), TaskError> {
+        (**self).init(ctx).await
+    }
+    async fn became_primary(&mut self, ctx: &Context, term: Term) {
+        (**self).became_primary(ctx, term).await
+    }
+    async fn became_backup(&mut self, ctx: &Context) {
+        (**self).became_backup(ctx).await
+    }
+    async fn enter_epoch(&mut self, ctx: &Context, epoch: Epoch) {
+        (**self).enter_epoch(ctx, epoch).await
+    }
+    async fn restore(&mut self, ctx: &Context, checkpoint: Checkpoint) {
+        (**self).restore(ctx, checkpoint).await
+    }
+    async fn serve_data(&mut self, ctx: &Context, request: DataRequest) {
+        (**self).serve_data(ctx, request).await
+    }
+    async fn data_ready(&mut self, ctx: &Context, reply: DataReply) {
+        (**self).data_ready(ctx, reply).await
+    }
+    async fn meta_ready(&mut self, ctx: &Context, from: TaskId, link: &str, meta: &str) {
+        (**self).meta_ready(ctx, from, link, meta).await
+    }
+    async fn neighbour_failed(&mut self, ctx: &Context, link: &str, neighbour: TaskId) {
+        (**self).neighbour_failed(ctx, link, neighbour).await
+    }
+    async fn neighbour_restarted(&mut self, ctx: &Context, link: &str, neighbour: TaskId) {
+        (**self).neighbour_restarted(ctx, link, neighbour).await
+    }
+    async fn work_done(&mut self, ctx: &Context, done: WorkDone) {
+        (**self).work_done(ctx, done).await
+    }
+    async fn timer(&mut self, ctx: &Context, token: u64) {
+        (**self).timer(ctx, token).await
+    }
+    async fn apply_update(&mut self, ctx: &Context, update: Bytes) {
+        (**self).apply_update(ctx, update).await
+    }
+    fn snapshot(&self, ctx: &Context) -> Bytes {
+        (**self).snapshot(ctx)
+    }
+    async fn apply_snapshot(&mut self, ctx: &Context, snapshot: Bytes) {
+        (**self).apply_snapshot(ctx, snapshot).await
+    }
+    async fn exit(&mut self, ctx: &Context, reason: ExitReason) {
+        (**self).exit(ctx, reason).await
+    }
+}
+
+/// Identifies a piece of work started with [`Context::spawn_then`]: the epoch it belongs to
+/// and a sequence number unique within that epoch on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkId {
+    /// The epoch the work was started in (and is delivered in).
+    pub epoch: Epoch,
+    /// Sequence number within the epoch.
+    pub seq: u64,
+}
+
+/// The output of work started with [`Context::spawn_then`], handed to [`Task::work_done`].
+pub struct WorkDone {
+    id: WorkId,
+    output: Box<dyn Any + Send>,
+}
+
+impl std::fmt::Debug for WorkDone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkDone")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkDone {
+    /// Which work this is (as returned by [`Context::spawn_then`]).
+    pub fn id(&self) -> WorkId {
+        self.id
+    }
+    /// Whether the output is a `T`.
+    pub fn is<T: Any>(&self) -> bool {
+        self.output.is::<T>()
+    }
+    /// The output as the type the work returned; `Err(self)` if it is not a `T` (a task that
+    /// spawns work of several output types tells them apart with [`is`](WorkDone::is), or by
+    /// returning one enum from all of them).
+    pub fn take<T: Any>(self) -> Result<T, WorkDone> {
+        match self.output.downcast::<T>() {
+            Ok(value) => Ok(*value),
+            Err(output) => Err(WorkDone {
+                id: self.id,
+                output,
+            }),
+        }
     }
 }
 
@@ -171,6 +299,10 @@ pub(crate) enum LoopRequest {
         key: ServeKey,
         answer: Answer,
     },
+    /// Work started with [`Context::spawn_then`] completed.
+    WorkDone { slot: u64, done: WorkDone },
+    /// A timer set with [`Context::after`] fired.
+    Timer { slot: u64, epoch: Epoch, token: u64 },
     /// The answer to one of the task's pulls arrived.
     Pulled {
         slot: u64,
@@ -208,6 +340,8 @@ struct Inner {
     book: Arc<Mutex<EpochBook>>,
     replicator: tokio::sync::Mutex<Replicator>,
     spawned: Mutex<JoinSet<()>>,
+    /// Undeclared links asked for (warned about once each).
+    unknown_links: Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -229,6 +363,7 @@ impl Context {
                 book: Arc::default(),
                 replicator: tokio::sync::Mutex::default(),
                 spawned: Mutex::new(JoinSet::new()),
+                unknown_links: Mutex::default(),
             }),
         }
     }
@@ -273,13 +408,34 @@ impl Context {
         &self.inner.links
     }
 
-    /// This task's neighbours in `link` at its current epoch; empty for an unknown link.
+    /// This task's neighbours in `link` at its current epoch. A link the application did not
+    /// declare has none: it is logged as a warning (once per link name and slot), since it is
+    /// almost always a typo; use [`try_neighbours`](Context::try_neighbours) to get an error
+    /// instead. (An empty list is also a legitimate answer of a declared link — a leaf's
+    /// children — so it cannot tell the two apart.)
     pub fn neighbours(&self, link: &str) -> Vec<TaskId> {
-        self.inner
-            .links
-            .get(link)
-            .map(|t| t.neighbours(self.inner.env.task, self.epoch()))
-            .unwrap_or_default()
+        self.try_neighbours(link).unwrap_or_else(|_| {
+            let first = lock(&self.inner.unknown_links).insert(link.to_owned());
+            if first {
+                tracing::warn!(
+                    link,
+                    declared = ?self.inner.links.iter().map(|(name, _)| name).collect::<Vec<_>>(),
+                    "neighbours of a link the application did not declare: none"
+                );
+            }
+            Vec::new()
+        })
+    }
+
+    /// This task's neighbours in `link` at its current epoch, or
+    /// [`ContextError::UnknownLink`] for a link the application did not declare.
+    pub fn try_neighbours(&self, link: &str) -> Result<Vec<TaskId>, ContextError> {
+        match self.inner.links.get(link) {
+            Some(t) => Ok(t.neighbours(self.inner.env.task, self.epoch())),
+            None => Err(ContextError::UnknownLink {
+                link: link.to_owned(),
+            }),
+        }
     }
 
     /// The term of this slot's election, whether or not the lease is confirmed right now (for
@@ -841,6 +997,66 @@ impl Context {
             while set.try_join_next().is_some() {}
             set.spawn(tracing::Instrument::in_current_span(work));
         }
+    }
+
+    /// Runs `work` in the background for the task's current epoch and hands its output back to
+    /// the task: [`Task::work_done`] is called exactly once with it, in the event loop, if the
+    /// task is still in the epoch it was started in. When the task leaves the epoch (or its
+    /// slot ends) first, the work is aborted and nothing is delivered. Use it for long
+    /// computations or IO a handler must not wait for; await [`Context::request`] and other
+    /// verbs inside it freely. Returns the work's id, which [`WorkDone::id`] repeats.
+    ///
+    /// Call it from [`Task::enter_epoch`] or a later handler of the epoch: work started
+    /// before the task entered its first epoch as primary (in `became_primary`, say) belongs to
+    /// no epoch it will be in, and is dropped when it enters one.
+    ///
+    /// Errors: [`ContextError::NotPrimary`] (only a primary runs epochs).
+    pub fn spawn_then<F, T>(&self, work: F) -> Result<WorkId, ContextError>
+    where
+        F: Future<Output = T> + Send + 'static,
+        T: Any + Send,
+    {
+        self.elected_term()?;
+        let env = self.inner.env.clone();
+        let mut book = lock(&self.inner.book);
+        let id = WorkId {
+            epoch: book.epoch,
+            seq: book.next_work(),
+        };
+        book.spawn(async move {
+            let output = work.await;
+            let _ = env.loop_tx.send(LoopRequest::WorkDone {
+                slot: env.slot,
+                done: WorkDone {
+                    id,
+                    output: Box::new(output),
+                },
+            });
+        });
+        Ok(id)
+    }
+
+    /// Sets a timer for the task's current epoch: after `delay`, [`Task::timer`] is called once
+    /// with `token` (an application-chosen tag, to tell timers apart) if the task is still in
+    /// the epoch the timer was set in. A timer of an epoch the task has left, or of a slot that
+    /// ended, never fires. Like [`spawn_then`](Context::spawn_then), set it from
+    /// [`Task::enter_epoch`] or a later handler of the epoch.
+    ///
+    /// Errors: [`ContextError::NotPrimary`].
+    pub fn after(&self, delay: Duration, token: u64) -> Result<(), ContextError> {
+        self.elected_term()?;
+        let env = self.inner.env.clone();
+        let mut book = lock(&self.inner.book);
+        let epoch = book.epoch;
+        book.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = env.loop_tx.send(LoopRequest::Timer {
+                slot: env.slot,
+                epoch,
+                token,
+            });
+        });
+        Ok(())
     }
 
     /// Aborts every piece of spawned work, and the framework's work for this slot.

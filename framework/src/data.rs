@@ -96,7 +96,16 @@ impl DataReply {
     pub fn id(&self) -> PullId {
         self.id
     }
-    /// The task that answered (the request's target).
+    /// The task that answered: the request's target (`id().to`; `id().from` is this task,
+    /// the requester).
+    pub fn server(&self) -> TaskId {
+        self.id.to
+    }
+    /// The task that answered. Renamed [`server`](DataReply::server): `from()` read as the
+    /// requester, which `id().from` is.
+    #[deprecated(
+        note = "use `DataReply::server()`: the answering task (`id().from` is the requester)"
+    )]
     #[allow(clippy::misnamed_getters)]
     pub fn from(&self) -> TaskId {
         self.id.to
@@ -255,5 +264,30 @@ impl Checkpoint {
     /// The data decoded as `T` (written by [`Context::checkpoint_with`](crate::Context::checkpoint_with)).
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
         decode(&self.data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(deprecated)]
+    fn a_reply_names_its_server_and_the_old_name_agrees() {
+        let reply = DataReply {
+            id: PullId {
+                epoch: 3,
+                from: 1,
+                to: 4,
+                seq: 0,
+            },
+            method: "m".into(),
+            server_term: 9,
+            result: Ok(Bytes::new()),
+        };
+        // The answering task is the request's target; the requester is `id().from`.
+        assert_eq!(reply.server(), 4);
+        assert_eq!(reply.id().from, 1);
+        assert_eq!(reply.from(), reply.server());
     }
 }

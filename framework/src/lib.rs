@@ -4,7 +4,12 @@
 //! epochs. For every task the framework elects, with etcd leases, one **primary** node and
 //! hot-standby **backups**; spares wait for a slot to open. The application supplies a
 //! [`Task`] (event handlers), a [`TaskBuilder`] (a task value per task id), and the
-//! [`Links`] of its topology, and runs each node with [`Framework::start`].
+//! [`Links`] of its topology, and runs each node with [`Framework::start`]. The job's first
+//! epoch is `0`.
+//!
+//! The standard topologies ([`Tree`], [`Ring`], [`FullMesh`], [`Star`], [`Grid`],
+//! [`ParameterServers`], [`Butterfly`]) are re-exported here; each one's `links()` names its
+//! links as the table in the [`topology`] module shows.
 //!
 //! ```no_run
 //! use taskgraph::{async_trait, Bytes, Context, DataReply, DataRequest, Epoch, Task, TaskId};
@@ -77,9 +82,8 @@
 //!         .replicas(2)
 //!         .links(tree.links())
 //!         .lease_ttl(std::time::Duration::from_secs(2))
-//!         .task_builder(|_task: TaskId| {
-//!             Box::new(Sum { epoch: 0, sums: vec![], waiting: vec![], counter: 0 }) as Box<dyn Task>
-//!         })
+//!         // Any `Fn(TaskId) -> impl Task` closure builds the task values.
+//!         .task_builder(|_task: TaskId| Sum { epoch: 0, sums: vec![], waiting: vec![], counter: 0 })
 //!         .build()?
 //!         .start()
 //!         .await?;
@@ -105,7 +109,7 @@ mod roles;
 pub mod security;
 mod stall;
 
-pub use app::{Context, ExitReason, Task, TaskBuilder, TaskError};
+pub use app::{Context, ExitReason, Task, TaskBuilder, TaskError, WorkDone, WorkId};
 pub use async_trait::async_trait;
 pub use bytes::Bytes;
 pub use client::{
@@ -119,7 +123,11 @@ pub use framework::{Framework, FrameworkBuilder};
 pub use node::{NodeExit, NodeHandle, NodeStatus, Role};
 pub use security::{EtcdAuth, EtcdTls, PeerTls, Secret};
 pub use taskgraph_topology as topology;
-pub use taskgraph_topology::{Links, Topology, Tree};
+/// The standard topologies, beside [`Links`] and [`Topology`] (see the
+/// [`topology`](crate::topology) module for each one's link names).
+pub use taskgraph_topology::{
+    Butterfly, FullMesh, Grid, Links, ParameterServers, Ring, Star, Topology, Tree,
+};
 
 /// Identifier of a task: `0..tasks`.
 pub type TaskId = u32;

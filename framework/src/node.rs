@@ -26,6 +26,7 @@ use crate::etcd::keys::{
 use crate::etcd::lease::{self, LeaseState};
 use crate::etcd::watch::{self as jobwatch, JobEvent};
 use crate::etcd::{Kv, Store};
+use crate::exchange::liveness::{self, MONITOR_TIMEOUT};
 use crate::exchange::neighbours::{Incident, NeighbourTracker};
 use crate::exchange::replication::{ship, Member, Shipped};
 use crate::exchange::serve::{Lookup, Reply, ServeBook};
@@ -33,12 +34,13 @@ use crate::exchange::{Fence, SlotEnv};
 use crate::health::{readiness, Health, Phase};
 use crate::metrics::{Metrics, NeighbourEvent};
 use crate::roles::{
-    decide, judge_epoch, Decision, EpochFault, EpochFaultKind, JobView, MySlot, SlotKey,
+    decide, judge_epoch, watched, Decision, EpochFault, EpochFaultKind, JobView, MySlot, SlotKey,
+    Watched,
 };
 use crate::stall::{view_reasons, StallWatch};
 use crate::wire::{
-    self, CallError, Inbound, Meta, Peers, PingReply, PullRequest, Rejection, Replicate,
-    ReplicateKind, SlotInfo,
+    self, Inbound, Meta, Peers, PingReply, PullRequest, Rejection, Replicate, ReplicateKind,
+    SlotInfo,
 };
 use crate::{Epoch, TaskId, Term};
 
@@ -283,7 +285,7 @@ async fn run(
         retry_pause: RETRY_PAUSE,
         observed: Vec::new(),
         peers: Peers::new(client),
-        monitor: None,
+        monitors: std::collections::BTreeMap::new(),
         view_tx: watch::channel(Arc::new(JobView::default())).0,
         fence: Fence::default(),
         slots_taken: 0,
@@ -412,8 +414,9 @@ struct Node {
     observed: Vec<Epoch>,
     /// Calls to other nodes.
     peers: Peers,
-    /// As a backup: the watch on the primary's liveness.
-    monitor: Option<Monitor>,
+    /// The liveness checks of other slot holders (see [`watched`]); each is aborted when
+    /// dropped, so a crashed node leaves none running.
+    monitors: std::collections::BTreeMap<Watched, AbortOnDrop>,
     /// The view, for the slot's background work (pull fetchers, meta senders, replication).
     view_tx: watch::Sender<Arc<JobView>>,
     /// Highest term seen per task.
@@ -447,19 +450,6 @@ struct Node {
 /// How often the loop looks for a stall (the stall time is seconds at least).
 const STALL_CHECK: Duration = Duration::from_millis(500);
 
-/// How often a backup checks that its primary's process is alive, and how long a check may
-/// take. A check that is merely slow proves nothing and is left to the lease.
-const MONITOR_INTERVAL: Duration = Duration::from_millis(50);
-const MONITOR_TIMEOUT: Duration = Duration::from_millis(500);
-
-/// A backup's watch on one primary (identified by node and lease).
-struct Monitor {
-    node: String,
-    lease: i64,
-    /// The pinging task: dropping the monitor ends it.
-    _task: AbortOnDrop,
-}
-
 /// Background work owned by a value of the node: aborted when it is dropped, also when the
 /// node's future is dropped without returning (a crash), so nothing outlives the node.
 #[derive(Debug)]
@@ -474,43 +464,6 @@ impl AbortOnDrop {
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// Pings the primary at `addr` until there is evidence that its process is gone: the port
-/// refuses connections, another node answers at that address, or the node answers that it is
-/// shutting down. Then ends the primary's lease, so the backup takes over at once instead of
-/// after the TTL. A wrong suspicion is harmless: the primary only loses its slot, and fencing
-/// drops anything it sends under its old term.
-async fn watch_primary(
-    peers: Peers,
-    store: Store,
-    view: watch::Receiver<Arc<JobView>>,
-    addr: String,
-    node: String,
-    lease: i64,
-) {
-    loop {
-        tokio::time::sleep(MONITOR_INTERVAL).await;
-        if view.borrow().finished() {
-            // Every node is stopping on its own: a primary going away is not a death.
-            return;
-        }
-        let evidence = match tokio::time::timeout(MONITOR_TIMEOUT, peers.ping(&addr)).await {
-            Ok(Ok(reply)) if reply.node_id == node => continue,
-            Ok(Ok(reply)) => format!("{addr} is now answered by node {}", reply.node_id),
-            Ok(Err(e)) if e.is_refused() => format!("{addr} refuses connections"),
-            Ok(Err(CallError::Rejected(Rejection::ShuttingDown))) => {
-                format!("{addr} is shutting down")
-            }
-            // Slow, unreachable, or garbage: no evidence of death; the lease decides.
-            Ok(Err(_)) | Err(_) => continue,
-        };
-        warn!(primary = %node, evidence, "the primary's process is gone: ending its lease");
-        match store.revoke_lease(lease).await {
-            Ok(()) => return,
-            Err(e) => debug!(error = %e, "could not end the dead primary's lease; retrying"),
-        }
     }
 }
 
@@ -1011,6 +964,31 @@ impl Node {
                     s.ctx.env().metrics.pull_served(s.ctx.task());
                 }
             }
+            LoopRequest::WorkDone { slot, done } => {
+                if slot != s.id || s.entered != Some(done.id().epoch) {
+                    return;
+                }
+                if term.is_none() {
+                    if elected.is_some() {
+                        // Delivered once the lease is renewed, like an answer.
+                        s.deferred.push(LoopRequest::WorkDone { slot, done });
+                    }
+                    return;
+                }
+                s.task.work_done(&s.ctx, done).await;
+            }
+            LoopRequest::Timer { slot, epoch, token } => {
+                if slot != s.id || s.entered != Some(epoch) {
+                    return;
+                }
+                if term.is_none() {
+                    if elected.is_some() {
+                        s.deferred.push(LoopRequest::Timer { slot, epoch, token });
+                    }
+                    return;
+                }
+                s.task.timer(&s.ctx, token).await;
+            }
             LoopRequest::Pulled {
                 slot,
                 id,
@@ -1177,39 +1155,28 @@ impl Node {
         }
     }
 
-    /// Reads task `t`'s last checkpoint; garbage is logged and ignored.
-    /// As a backup, keeps a liveness watch on the task's current primary; otherwise none.
+    /// Keeps a liveness check on every slot holder this node watches in its role (a backup
+    /// its primary, a spare the backups of tasks without a primary; see [`watched`]): on evidence that the holder's process is gone, its lease is ended at once.
     fn update_monitor(&mut self) {
-        let target = match (self.mine, self.view.as_ref()) {
-            (MySlot::Backup { task, .. }, Some(view)) => view
-                .primaries
-                .get(&task)
-                .filter(|p| p.lease != 0 && p.holder.node != self.holder.node)
-                .map(|p| (p.holder.node.clone(), p.holder.addr.clone(), p.lease)),
-            _ => None,
+        let wanted = match self.view.as_ref() {
+            Some(view) => watched(view, &self.holder.node, self.mine),
+            None => Vec::new(),
         };
-        let current = self.monitor.as_ref().map(|m| (m.node.clone(), m.lease));
-        if current == target.as_ref().map(|(n, _, l)| (n.clone(), *l)) {
-            return;
-        }
-        self.monitor = None;
-        if let Some((node, addr, lease)) = target {
+        self.monitors.retain(|w, _| wanted.contains(w));
+        for target in wanted {
+            if self.monitors.contains_key(&target) {
+                continue;
+            }
             let task = AbortOnDrop::spawn(
-                watch_primary(
+                liveness::watch_holder(
                     self.peers.clone(),
                     self.store.clone(),
                     self.view_tx.subscribe(),
-                    addr,
-                    node.clone(),
-                    lease,
+                    target.clone(),
                 )
                 .instrument(tracing::Span::current()),
             );
-            self.monitor = Some(Monitor {
-                node,
-                lease,
-                _task: task,
-            });
+            self.monitors.insert(target, task);
         }
     }
 
@@ -2124,7 +2091,7 @@ impl Node {
 
     /// Runs the task's `exit` and revokes the lease.
     async fn clean_stop(&mut self, reason: ExitReason, exit: NodeExit) -> NodeExit {
-        self.monitor = None;
+        self.monitors.clear();
         if let Some(mut slot) = self.slot.take() {
             slot.state.send_modify(|st| st.primary = None);
             slot.ctx.abort_spawned();

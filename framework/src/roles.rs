@@ -229,6 +229,72 @@ pub fn decide(
     }
 }
 
+/// A slot holder whose process a node checks for evidence of death (see
+/// `exchange::liveness`), identified by its node and lease.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Watched {
+    /// The task of the slot.
+    pub task: TaskId,
+    /// Whether the slot is the task's primary (else one of its backups).
+    pub primary: bool,
+    /// The holder's node id.
+    pub node: String,
+    /// Where it serves.
+    pub addr: String,
+    /// The lease its key is attached to (ended on evidence of death).
+    pub lease: i64,
+}
+
+impl Watched {
+    fn of(task: TaskId, primary: bool, s: &SlotKey) -> Self {
+        Watched {
+            task,
+            primary,
+            node: s.holder.node.clone(),
+            addr: s.holder.addr.clone(),
+            lease: s.lease,
+        }
+    }
+}
+
+/// The slot holders node `me` checks for evidence of death, so that a dead one's lease ends
+/// at once instead of after its TTL:
+///
+/// - a backup checks its task's primary (it takes over when the primary is gone);
+/// - a primary checks no one here: it finds a dead backup when it replicates to it (a refused
+///   port, or a "shutting down" confirmed by a ping), which ends that backup's lease at once,
+///   without adding a periodic ping per backup to every primary;
+/// - a spare checks the backups of every task without a primary: it never takes a task that
+///   still has a backup, so a backup that died with its primary would otherwise keep the task
+///   from being restored until the backup's lease expires.
+///
+/// Nothing is checked once the job has finished, nor holders without a lease or an address.
+pub fn watched(view: &JobView, me: &str, mine: MySlot) -> Vec<Watched> {
+    if view.finished() {
+        return Vec::new();
+    }
+    let keep = |s: &SlotKey| s.holder.node != me && s.lease != 0 && !s.holder.addr.is_empty();
+    let mut out: Vec<Watched> = match mine {
+        MySlot::Backup { task, .. } => view
+            .primaries
+            .get(&task)
+            .filter(|s| keep(s))
+            .map(|s| Watched::of(task, true, s))
+            .into_iter()
+            .collect(),
+        MySlot::Primary { .. } => Vec::new(),
+        MySlot::Spare => view
+            .backups
+            .iter()
+            .filter(|((t, _), s)| !view.primaries.contains_key(t) && keep(s))
+            .map(|((t, _), s)| Watched::of(*t, false, s))
+            .collect(),
+    };
+    out.sort();
+    out.dedup();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,5 +433,46 @@ mod tests {
             create_revision: 3,
         };
         assert_eq!(decide(&v, "me", me, &mut first), Decision::Stay);
+    }
+
+    #[test]
+    fn who_watches_whom() {
+        let mut v = JobView::new(3, 2);
+        v.primaries.insert(0, slot("p0", 5));
+        v.backups.insert((0, 1), slot("b0", 6));
+        // Task 1 lost its primary; its backup b1 should take over (if it is alive).
+        v.backups.insert((1, 1), slot("b1", 7));
+        let names = |w: Vec<Watched>| -> Vec<(TaskId, bool, String)> {
+            w.into_iter().map(|w| (w.task, w.primary, w.node)).collect()
+        };
+        let backup = MySlot::Backup {
+            task: 0,
+            k: 1,
+            create_revision: 6,
+        };
+        assert_eq!(
+            names(watched(&v, "b0", backup)),
+            vec![(0, true, "p0".into())]
+        );
+        let primary = MySlot::Primary { task: 0, term: 5 };
+        assert!(watched(&v, "p0", primary).is_empty());
+        // A spare checks only the backups of tasks without a primary: the ones it would
+        // otherwise wait for.
+        assert_eq!(
+            names(watched(&v, "me", MySlot::Spare)),
+            vec![(1, false, "b1".into())]
+        );
+        // Holders without a lease are not checked, nor anything after the job finished.
+        v.backups.insert(
+            (1, 1),
+            SlotKey {
+                lease: 0,
+                ..slot("b1", 7)
+            },
+        );
+        assert!(watched(&v, "me", MySlot::Spare).is_empty());
+        v.epoch = Some(EpochValue::Done(3));
+        assert!(watched(&v, "b0", backup).is_empty());
+        assert!(watched(&v, "p0", primary).is_empty());
     }
 }

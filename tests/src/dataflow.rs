@@ -243,7 +243,7 @@ impl Task for DataflowTask {
             term: ctx.term().unwrap_or(0),
             at_epoch: ctx.epoch(),
             epoch: reply.epoch(),
-            from: reply.from(),
+            from: reply.server(),
             seq: reply.id().seq,
             method: reply.method().to_owned(),
             value,
@@ -252,7 +252,7 @@ impl Task for DataflowTask {
         match (reply.method(), value) {
             ("param", Some(v)) => self.param = Some(v),
             ("grad", Some(v)) => {
-                self.grads.insert(reply.from(), v);
+                self.grads.insert(reply.server(), v);
             }
             _ => {}
         }

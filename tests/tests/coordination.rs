@@ -737,3 +737,42 @@ async fn inc_epoch_called_while_etcd_is_away_resolves_once_it_is_back() {
     drop(tx);
     node.stop().await.unwrap();
 }
+
+/// Issue 22, item 5: the standard topologies are reachable from `taskgraph` itself, each with
+/// the link names the README's table gives.
+#[test]
+fn standard_topologies_are_reexported_with_the_link_names_of_the_readme() {
+    let names = |links: taskgraph::Links| -> Vec<String> {
+        let mut v: Vec<String> = links.iter().map(|(n, _)| n.to_owned()).collect();
+        v.sort();
+        v
+    };
+    let cases: Vec<(taskgraph::Links, &[&str])> = vec![
+        (
+            taskgraph::Tree::new(7, 2).unwrap().links(),
+            &["children", "parents"],
+        ),
+        (taskgraph::Ring::new(4).unwrap().links(), &["next", "prev"]),
+        (
+            taskgraph::Ring::new(4).unwrap().bidirectional_links(),
+            &["neighbours"],
+        ),
+        (taskgraph::FullMesh::new(4).unwrap().links(), &["peers"]),
+        (
+            taskgraph::Star::new(4).unwrap().links(),
+            &["master", "workers"],
+        ),
+        (
+            taskgraph::ParameterServers::new(2, 3).unwrap().links(),
+            &["servers", "workers"],
+        ),
+        (
+            taskgraph::Grid::new(2, 3).unwrap().links(),
+            &["east", "north", "south", "west"],
+        ),
+        (taskgraph::Butterfly::new(8).unwrap().links(), &["partner"]),
+    ];
+    for (links, want) in cases {
+        assert_eq!(names(links), want.to_vec());
+    }
+}

@@ -257,6 +257,230 @@ async fn a_spare_restores_the_checkpoint_when_every_node_of_a_task_died() {
     assert!(restored[0].0 >= 3 && restored[0].1 >= 4, "{restored:?}");
 }
 
+/// Issue 22, item 4: when a task's primary and backup die together on live hosts (their ports
+/// refuse, or their servers say their loops are gone), the whole replica set's leases are ended
+/// on that evidence — the primary's by its neighbour's pull, the backup's by the spare that
+/// would otherwise wait for it — and the spare restores the task from its checkpoint without
+/// waiting for a lease to expire. Without it the spare waits for the dead backup's lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_set_crashed_together_is_restored_before_its_leases_could_expire() {
+    let etcd = etcd().await;
+    let (tasks, until) = (3, 12);
+    let ttl = 30;
+    let mut cfg = dataflow(&etcd, "wholeset", tasks, 2, until);
+    cfg.app = App::Dataflow { until, pace_ms: 30 };
+    cfg.ttl = Duration::from_secs(ttl);
+    // Six slots and one spare.
+    let mut c = Cluster::start_staffed(cfg, 7).await.unwrap();
+    c.wait_until("epoch 4", WAIT, |s| {
+        s.iter().any(|(_, s)| s.epoch.is_some_and(|e| e >= 4))
+    })
+    .await
+    .unwrap();
+    let spare = c
+        .live_statuses()
+        .into_iter()
+        .find(|(_, s)| s.role == taskgraph::Role::Spare)
+        .expect("a spare")
+        .0;
+    let nodes: Vec<usize> = c
+        .live_statuses()
+        .into_iter()
+        .filter(|(_, s)| match s.role {
+            taskgraph::Role::Primary { task, .. } | taskgraph::Role::Backup { task } => task == 2,
+            taskgraph::Role::Spare => false,
+        })
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(nodes.len(), 2);
+    // A witness lease granted just before the crash, with half the nodes' TTL. The dead nodes
+    // renewed their leases at most TTL/3 before the crash, so theirs end no earlier than
+    // 2/3 TTL after it: while the witness lives, neither dead lease could have expired.
+    let mut client = etcd.client().await.unwrap();
+    let witness = client.lease_grant(ttl as i64 / 2, None).await.unwrap().id();
+    tracing::info!("--- crash the primary and the backup of task 2 together");
+    for i in nodes {
+        c.crash(i);
+    }
+    c.wait_until(
+        "the spare is primary of task 2",
+        Duration::from_secs(3 * ttl),
+        |s| {
+            s.iter()
+                .any(|(i, s)| *i == spare && s.primary_of(2).is_some())
+        },
+    )
+    .await
+    .unwrap();
+    let left = client
+        .lease_time_to_live(witness, None)
+        .await
+        .unwrap()
+        .ttl();
+    assert!(
+        left > 0,
+        "task 2 was taken over only after the witness lease expired: the dead nodes' leases \
+         were waited out instead of ended"
+    );
+    let exits = wait_all(&mut c).await;
+    assert!(exits
+        .iter()
+        .all(|e| *e == NodeExit::JobFinished { epoch: until }));
+    let ev = c.audit.events();
+    assert_trail(&ev, tasks, until);
+    let restored: Vec<&String> = ev
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::Restored { task: 2, .. }))
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        restored,
+        vec![&format!("n{spare}")],
+        "restored once, by the spare"
+    );
+}
+
+/// What [`WorkProbe`] saw: (epoch the task was in, what was delivered).
+type WorkLog = tokio::sync::mpsc::UnboundedSender<(u64, String)>;
+
+/// Exercises `Context::spawn_then` and `Context::after`. Epoch 0: a work returning 42 and a
+/// timer 7; once both are back, an "old" work that finishes only once the task is in epoch 1,
+/// and an old timer 8, then the epoch moves. Epoch 1: releases the old work, starts a "new"
+/// work (finishing well after the old one would) and a timer 9; once both are back, the job
+/// ends.
+struct WorkProbe {
+    log: WorkLog,
+    pending: usize,
+    release: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl WorkProbe {
+    async fn progress(&mut self, ctx: &taskgraph::Context) {
+        self.pending -= 1;
+        if self.pending > 0 {
+            return;
+        }
+        match ctx.epoch() {
+            0 => {
+                let mut released = self.release.subscribe();
+                ctx.spawn_then(async move {
+                    let _ = released.wait_for(|r| *r).await;
+                    "old"
+                })
+                .unwrap();
+                ctx.after(Duration::from_millis(500), 8).unwrap();
+                assert!(ctx.inc_epoch(0).await.unwrap());
+            }
+            _ => {
+                ctx.shutdown_job().await.unwrap();
+            }
+        }
+    }
+}
+
+#[taskgraph::async_trait]
+impl taskgraph::Task for WorkProbe {
+    async fn enter_epoch(&mut self, ctx: &taskgraph::Context, epoch: u64) {
+        self.pending = 2;
+        if epoch == 0 {
+            // Item 5: the first epoch is 0, and an undeclared link is an error when checked
+            // (and no neighbours, with a warning, when not).
+            assert_eq!(ctx.epoch(), 0);
+            assert!(matches!(
+                ctx.try_neighbours("typo"),
+                Err(taskgraph::ContextError::UnknownLink { link }) if link == "typo"
+            ));
+            assert!(ctx.neighbours("typo").is_empty());
+            let id = ctx.spawn_then(async { 42u32 }).unwrap();
+            assert_eq!(id.epoch, 0);
+            ctx.after(Duration::from_millis(1), 7).unwrap();
+            return;
+        }
+        self.release.send_replace(true);
+        let mut released = self.release.subscribe();
+        ctx.spawn_then(async move {
+            let _ = released.wait_for(|r| *r).await;
+            // Well after the old work would have reported, had it survived the epoch.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            "new"
+        })
+        .unwrap();
+        ctx.after(Duration::from_millis(1500), 9).unwrap();
+    }
+    async fn work_done(&mut self, ctx: &taskgraph::Context, done: taskgraph::WorkDone) {
+        let started = done.id().epoch;
+        let what = match done.take::<u32>() {
+            Ok(n) => format!("work {n} of epoch {started}"),
+            Err(done) => match done.take::<&'static str>() {
+                Ok(s) => format!("work {s} of epoch {started}"),
+                Err(done) => format!("work of another type: {done:?}"),
+            },
+        };
+        let old = what.contains("old");
+        let _ = self.log.send((ctx.epoch(), what));
+        if !old {
+            self.progress(ctx).await;
+        }
+    }
+    async fn timer(&mut self, ctx: &taskgraph::Context, token: u64) {
+        let _ = self.log.send((ctx.epoch(), format!("timer {token}")));
+        if token != 8 {
+            self.progress(ctx).await;
+        }
+    }
+}
+
+/// Issue 22, item 1: work spawned with `spawn_then` and timers set with `after` come back to
+/// the task once each, in the epoch they were started in, and never into a later epoch. (Also
+/// item 5: the task builder is a closure returning a concrete task type, no `Box<dyn Task>`
+/// cast; the first epoch is 0; `try_neighbours` refuses an undeclared link.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawned_work_and_timers_come_back_once_in_their_epoch_and_never_later() {
+    let etcd = etcd().await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let release = std::sync::Arc::new(tokio::sync::watch::channel(false).0);
+    let node = taskgraph::Framework::builder()
+        .etcd(etcd.endpoints())
+        .job(job_name("work"))
+        .tasks(1)
+        .replicas(1)
+        .lease_ttl(Duration::from_secs(2))
+        .task_builder(move |_| WorkProbe {
+            log: tx.clone(),
+            pending: 0,
+            release: release.clone(),
+        })
+        .build()
+        .unwrap()
+        .spawn()
+        .await
+        .unwrap();
+    let exit = tokio::time::timeout(JOB_END, node.wait())
+        .await
+        .expect("the job ends")
+        .unwrap();
+    assert_eq!(exit, NodeExit::JobFinished { epoch: 1 });
+    let mut log = Vec::new();
+    while let Ok(entry) = rx.try_recv() {
+        log.push(entry);
+    }
+    let mut seen: Vec<(u64, String)> = log.clone();
+    seen.sort();
+    // The old timer may have fired while the epoch was still moving (it is then of its own
+    // epoch, 0); the old work cannot: it finishes only once the task is in epoch 1.
+    seen.retain(|(e, w)| !(*e == 0 && w == "timer 8"));
+    assert_eq!(
+        seen,
+        vec![
+            (0, "timer 7".to_owned()),
+            (0, "work 42 of epoch 0".to_owned()),
+            (1, "timer 9".to_owned()),
+            (1, "work new of epoch 1".to_owned()),
+        ],
+        "every delivery in order: {log:?}"
+    );
+}
+
 /// A task that tries an oversized checkpoint, then a small one, then ends the job.
 struct CheckpointProbe {
     results: tokio::sync::mpsc::UnboundedSender<Result<(), String>>,

@@ -31,8 +31,9 @@ pub(crate) async fn fetch(
     loop {
         let target = primary_of(&view.borrow_and_update(), id.to);
         let Some((addr, their_term, lease)) = target else {
-            // No primary right now: wait for one.
-            if view.changed().await.is_err() {
+            // No primary right now: wait for one, meanwhile ending the leases of dead backups
+            // (they would keep a spare from taking the task over until their TTL).
+            if !super::liveness::await_primary(&env, &mut view, id.to).await {
                 return;
             }
             continue;
@@ -78,6 +79,10 @@ pub(crate) async fn fetch(
                 Verdict::Retry => pause(&mut view, id.to, their_term, delay).await,
                 Verdict::Dead => {
                     end_dead_primary(&env, id.to, their_term, lease).await;
+                    pause(&mut view, id.to, their_term, delay).await;
+                }
+                Verdict::Suspect => {
+                    super::liveness::check_primary(&env, id.to, their_term).await;
                     pause(&mut view, id.to, their_term, delay).await;
                 }
                 Verdict::Stop => return,

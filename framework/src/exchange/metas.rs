@@ -31,7 +31,8 @@ pub(crate) async fn send_metas(
         let target = primary_of(&view.borrow_and_update(), to);
         let metas = outbox.borrow_and_update().clone();
         let Some((addr, their_term, lease)) = target else {
-            if view.changed().await.is_err() {
+            // No primary: wait for one, ending the leases of dead backups meanwhile.
+            if !super::liveness::await_primary(&env, &mut view, to).await {
                 return;
             }
             continue;
@@ -88,6 +89,10 @@ pub(crate) async fn send_metas(
             Verdict::Retry => pause(&mut view, to, their_term, delay).await,
             Verdict::Dead => {
                 end_dead_primary(&env, to, their_term, lease).await;
+                pause(&mut view, to, their_term, delay).await;
+            }
+            Verdict::Suspect => {
+                super::liveness::check_primary(&env, to, their_term).await;
                 pause(&mut view, to, their_term, delay).await;
             }
             Verdict::Stop => return,

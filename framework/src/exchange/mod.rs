@@ -5,6 +5,7 @@
 //! loop consults; only the loop calls application handlers.
 
 pub(crate) mod fetch;
+pub(crate) mod liveness;
 pub(crate) mod metas;
 pub(crate) mod neighbours;
 pub(crate) mod replication;
@@ -96,6 +97,7 @@ pub(crate) struct PendingPull {
 pub(crate) struct EpochBook {
     pub(crate) epoch: Epoch,
     next_seq: u64,
+    next_work: u64,
     pub(crate) pending: HashMap<PullId, PendingPull>,
     pub(crate) flagged: HashSet<(String, String)>,
     pub(crate) outboxes: HashMap<TaskId, watch::Sender<Vec<(String, String)>>>,
@@ -112,6 +114,7 @@ impl EpochBook {
         self.flagged.clear();
         self.outboxes.clear();
         self.next_seq = 0;
+        self.next_work = 0;
         self.epoch = epoch;
         cancelled
     }
@@ -126,6 +129,13 @@ impl EpochBook {
             to,
             seq,
         }
+    }
+
+    /// The next id of work started with `Context::spawn_then` in this epoch.
+    pub(crate) fn next_work(&mut self) -> u64 {
+        let seq = self.next_work;
+        self.next_work += 1;
+        seq
     }
 
     /// Runs `work` until the epoch ends, in the current span (the task's slot and epoch).
@@ -159,6 +169,9 @@ pub(crate) enum Verdict {
     Retry,
     /// The target's process is evidently gone (its port refuses): end its lease, then retry.
     Dead,
+    /// The target answered "shutting down": its process may be gone (its event loop is) or it
+    /// merely dropped a held call; check with a ping (see [`liveness`]), then retry.
+    Suspect,
     /// Give up quietly: this sender was deposed, or the receiver has left the epoch.
     Stop,
     /// Give up and report: the receiver refuses this message for good.
@@ -170,9 +183,8 @@ pub(crate) fn verdict(err: CallError) -> Verdict {
         CallError::Refused { .. } => Verdict::Dead,
         CallError::Unreachable { .. } | CallError::Protocol { .. } => Verdict::Retry,
         CallError::Rejected(r) => match r {
-            Rejection::NotPrimary { .. } | Rejection::NotReady { .. } | Rejection::ShuttingDown => {
-                Verdict::Retry
-            }
+            Rejection::NotPrimary { .. } | Rejection::NotReady { .. } => Verdict::Retry,
+            Rejection::ShuttingDown => Verdict::Suspect,
             Rejection::EpochMoved { .. } | Rejection::StaleTerm { .. } => Verdict::Stop,
             other => Verdict::Fail(other.to_string()),
         },
@@ -244,7 +256,7 @@ pub(crate) async fn end_dead_primary(env: &SlotEnv, task: TaskId, term: i64, lea
     tracing::warn!(
         task,
         term,
-        "the primary's port refuses connections: ending its lease"
+        "the primary's process is gone (its port refuses, or its loop is gone): ending its lease"
     );
     if let Err(e) = env.store.revoke_lease(lease).await {
         tracing::debug!(error = %e, "could not end a dead primary's lease");

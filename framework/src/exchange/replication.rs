@@ -135,6 +135,25 @@ pub(crate) async fn ship(
                         Err(_) => Some("the backup's process is gone"),
                     }
                 }
+                Verdict::Suspect => {
+                    match super::liveness::evidence_of_death(&env.peers, &member.addr, &member.node)
+                        .await
+                    {
+                        Some(evidence) => {
+                            tracing::warn!(
+                                backup = member.node,
+                                evidence,
+                                "the backup's process is gone: ending its lease"
+                            );
+                            match env.store.revoke_lease(member.lease).await {
+                                Ok(()) => return Shipped::Gone,
+                                Err(_) => Some("the backup's process is gone"),
+                            }
+                        }
+                        None if Instant::now() < deadline => None,
+                        None => Some("the backup did not apply the entry within the lease TTL"),
+                    }
+                }
                 Verdict::Retry | Verdict::Stop if Instant::now() < deadline => None,
                 Verdict::Retry | Verdict::Stop => {
                     Some("the backup did not apply the entry within the lease TTL")

@@ -1,0 +1,156 @@
+//! Evidence of death: when the process holding a slot is evidently gone from a live host, the
+//! node that notices ends its lease at once instead of waiting for the TTL.
+//!
+//! Evidence is what a live holder can never show: its port refuses connections, another node
+//! answers at its address, or its server answers a ping with "shutting down" (its event loop
+//! is gone). A call that is merely slow or unreachable proves nothing and is left to the lease.
+//! A wrong suspicion is harmless: revoking a lease only ends the suspect's slot (it rejoins
+//! as a spare), and fencing drops anything it sends under its old term.
+//!
+//! Who checks whom: a backup its primary, a spare the backups of every task that has no primary
+//! (a dead backup's lease would otherwise keep the task from being taken over until the TTL;
+//! see [`crate::roles::watched`]), a primary the backups it replicates to (when a call is
+//! refused or answered "shutting down"), a task whose pull or meta to a primary is refused or
+//! answered "shutting down" that primary, and a task whose pull or meta finds its target
+//! without a primary the target's backups.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::SlotEnv;
+use crate::etcd::Store;
+use crate::roles::{JobView, Watched};
+use crate::wire::{CallError, Peers, Rejection};
+use crate::TaskId;
+
+/// How often a slot holder's liveness is checked, and how long a check may take. A check that
+/// is merely slow proves nothing and is left to the lease.
+pub(crate) const MONITOR_INTERVAL: Duration = Duration::from_millis(50);
+pub(crate) const MONITOR_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Pings node `node` at `addr` once: `Some(evidence)` when its process is evidently gone.
+pub(crate) async fn evidence_of_death(peers: &Peers, addr: &str, node: &str) -> Option<String> {
+    match tokio::time::timeout(MONITOR_TIMEOUT, peers.ping(addr)).await {
+        Ok(Ok(reply)) if reply.node_id == node => None,
+        Ok(Ok(reply)) => Some(format!("{addr} is now answered by node {}", reply.node_id)),
+        Ok(Err(e)) if e.is_refused() => Some(format!("{addr} refuses connections")),
+        Ok(Err(CallError::Rejected(Rejection::ShuttingDown))) => {
+            Some(format!("{addr} is shutting down"))
+        }
+        // Slow, unreachable, or garbage: no evidence of death; the lease decides.
+        Ok(Err(_)) | Err(_) => None,
+    }
+}
+
+/// Pings `target` at once and then every [`MONITOR_INTERVAL`] until there is evidence that its
+/// process is gone, then ends its lease and returns. (At once: a spare starts checking a
+/// backup when its task loses its primary, which is when the backup may have died with it.)
+/// Stops checking once the job has finished (every node is stopping on its own then: a holder
+/// going away is not a death).
+pub(crate) async fn watch_holder(
+    peers: Peers,
+    store: Store,
+    view: watch::Receiver<Arc<JobView>>,
+    target: Watched,
+) {
+    let mut first = true;
+    loop {
+        if !std::mem::take(&mut first) {
+            tokio::time::sleep(MONITOR_INTERVAL).await;
+        }
+        if view.borrow().finished() {
+            return;
+        }
+        let Some(evidence) = evidence_of_death(&peers, &target.addr, &target.node).await else {
+            continue;
+        };
+        let role = if target.primary { "primary" } else { "backup" };
+        tracing::warn!(
+            task = target.task,
+            role,
+            holder = %target.node,
+            evidence,
+            "a slot holder's process is gone: ending its lease"
+        );
+        match store.revoke_lease(target.lease).await {
+            Ok(()) => return,
+            Err(e) => tracing::debug!(error = %e, "could not end a dead holder's lease; retrying"),
+        }
+    }
+}
+
+/// Checks once every backup of `task` in the view and ends the lease of those whose process is
+/// evidently gone (for a task whose pull or meta finds no primary: its backups are who should
+/// take over, and a dead one's lease would keep everyone else away until the TTL).
+pub(crate) async fn end_dead_backups(env: &SlotEnv, task: TaskId) {
+    let backups: Vec<(String, String, i64)> = {
+        let view = env.view.borrow();
+        if view.finished() || view.primaries.contains_key(&task) {
+            return;
+        }
+        view.backups_of(task)
+            .filter(|(_, s)| s.lease != 0 && !s.holder.addr.is_empty())
+            .map(|(_, s)| (s.holder.node.clone(), s.holder.addr.clone(), s.lease))
+            .collect()
+    };
+    for (node, addr, lease) in backups {
+        if let Some(evidence) = evidence_of_death(&env.peers, &addr, &node).await {
+            tracing::warn!(
+                task,
+                backup = %node,
+                evidence,
+                "the backup of a task without a primary is gone: ending its lease"
+            );
+            if let Err(e) = env.store.revoke_lease(lease).await {
+                tracing::debug!(error = %e, "could not end a dead backup's lease");
+            }
+        }
+    }
+}
+
+/// Waits until the view changes while `task` has no primary, checking meanwhile (at once,
+/// then every [`MONITOR_INTERVAL`]) whether its backups are dead. `false`: the view is gone (the node is
+/// stopping).
+pub(crate) async fn await_primary(
+    env: &SlotEnv,
+    view: &mut watch::Receiver<Arc<JobView>>,
+    task: TaskId,
+) -> bool {
+    let check = async {
+        loop {
+            end_dead_backups(env, task).await;
+            tokio::time::sleep(MONITOR_INTERVAL).await;
+        }
+    };
+    tokio::select! {
+        r = view.changed() => r.is_ok(),
+        _ = check => true,
+    }
+}
+
+/// After a call to `task`'s primary at `term` was answered "shutting down" (which a live node
+/// also says when it drops a held call), checks with a ping whether its process is gone and,
+/// if so, ends its lease.
+pub(crate) async fn check_primary(env: &SlotEnv, task: TaskId, term: i64) {
+    let target = env
+        .view
+        .borrow()
+        .primaries
+        .get(&task)
+        .filter(|p| p.create_revision == term && p.lease != 0)
+        .map(|p| (p.holder.node.clone(), p.holder.addr.clone(), p.lease));
+    let Some((node, addr, lease)) = target else {
+        return;
+    };
+    if let Some(evidence) = evidence_of_death(&env.peers, &addr, &node).await {
+        tracing::warn!(
+            task,
+            term,
+            evidence,
+            "the primary's process is gone: ending its lease"
+        );
+        super::end_dead_primary(env, task, term, lease).await;
+    }
+}
