@@ -27,6 +27,9 @@ pub struct ClusterConfig {
     pub behaviour: Behaviour,
     /// Which application the nodes run.
     pub app: App,
+    /// [`App::Dataflow`]: the size of every answer in bytes (0, the default: the encoded value
+    /// alone; see [`large_answer`](crate::dataflow::large_answer)).
+    pub answer_bytes: usize,
 }
 
 /// The application a cluster's nodes run.
@@ -56,6 +59,7 @@ impl ClusterConfig {
             ttl: Duration::from_secs(1),
             behaviour: Behaviour::default(),
             app: App::Audit,
+            answer_bytes: 0,
         }
     }
 
@@ -139,7 +143,8 @@ impl Cluster {
                         pace: Duration::from_millis(pace_ms),
                         state: true,
                     };
-                    Box::new(move |t| b.build(t))
+                    let answer_bytes = self.config.answer_bytes;
+                    Box::new(move |t| b.build_with_answers(t, answer_bytes))
                 }
             };
         let handle = Framework::builder()
