@@ -51,6 +51,8 @@ pub struct DataflowTask {
     counter: u64,
     /// Size of every answer in bytes (0: the postcard-encoded value alone).
     answer_bytes: usize,
+    /// The term this task's slot was elected with (0 before `became_primary`).
+    term: Term,
 }
 
 /// An answer of `len` bytes (at least 8): `value` (little endian), then 8-byte words, the
@@ -233,6 +235,7 @@ impl Task for DataflowTask {
     }
 
     async fn became_primary(&mut self, _ctx: &Context, term: Term) {
+        self.term = term;
         self.record(Event::Primary {
             task: self.task,
             term,
@@ -290,6 +293,10 @@ impl Task for DataflowTask {
     }
 
     async fn data_ready(&mut self, ctx: &Context, reply: DataReply) {
+        // An answer is delivered only while the slot acts under its term; read before checking
+        // a large payload, which takes long enough for the lease's local deadline to pass
+        // meanwhile on a loaded machine (then `term()` says `None` for a moment).
+        let term = ctx.term().unwrap_or(self.term);
         let value = if self.answer_bytes == 0 {
             reply.decode::<u64>().ok()
         } else {
@@ -300,7 +307,7 @@ impl Task for DataflowTask {
         };
         self.record(Event::Data {
             task: self.task,
-            term: ctx.term().unwrap_or(0),
+            term,
             at_epoch: ctx.epoch(),
             epoch: reply.epoch(),
             from: reply.from(),
@@ -415,6 +422,7 @@ impl DataflowBuilder {
             moved: false,
             counter: 0,
             answer_bytes,
+            term: 0,
         })
     }
 }
