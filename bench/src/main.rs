@@ -116,10 +116,12 @@ impl Plan {
                     concurrency: 1,
                     per_block: if q { 2 } else { 4 },
                 },
+                // One pull per block from here on: the peak-memory figure is then that of one
+                // pull (answers kept earlier in the epoch would add to it).
                 pulls::Case {
                     bytes: 64 << 20,
                     concurrency: 1,
-                    per_block: if q { 1 } else { 2 },
+                    per_block: 1,
                 },
                 pulls::Case {
                     bytes: 256 << 20,
