@@ -49,6 +49,8 @@ pub struct FleetSpec {
     pub replicas: u32,
     /// Lease TTL.
     pub ttl: Duration,
+    /// The nodes' frame limit (`None`: the framework's default).
+    pub max_frame_bytes: Option<usize>,
 }
 
 impl Fleet {
@@ -63,7 +65,11 @@ impl Fleet {
             replicas: spec.replicas,
         };
         for i in 0..spec.tasks * spec.replicas {
-            let handle = Framework::builder()
+            let mut framework = Framework::builder();
+            if let Some(limit) = spec.max_frame_bytes {
+                framework = framework.max_frame_bytes(limit);
+            }
+            let handle = framework
                 .etcd(spec.etcd.clone())
                 .job(spec.job.clone())
                 .tasks(spec.tasks)
@@ -316,10 +322,24 @@ pub async fn revision(client: &mut etcd_client::Client) -> Result<i64, BoxError>
 
 /// Resident memory of this process in bytes (`VmRSS` of `/proc/self/status`).
 pub fn rss_bytes() -> Option<u64> {
+    status_kib("VmRSS:").map(|kb| kb * 1024)
+}
+
+/// Peak resident memory of this process in bytes since the last [`reset_peak_rss`] (`VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    status_kib("VmHWM:").map(|kb| kb * 1024)
+}
+
+/// Resets the peak of [`peak_rss_bytes`] to the current resident memory (writes `5` to
+/// `/proc/self/clear_refs`, Linux 4.0 and later); `false` if that is not possible.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn status_kib(field: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let line = s.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// CPU time this process has used (user + system), from `/proc/self/stat` (clock ticks
@@ -352,8 +372,9 @@ use proto::echo_client::EchoClient;
 use proto::echo_server::{Echo, EchoServer};
 use proto::Payload;
 
-/// Largest message of the bare echo service (as the framework's default frame limit).
-const ECHO_MAX: usize = 64 * 1024 * 1024;
+/// Largest message of the bare echo service by default (as the framework's default frame
+/// limit).
+pub const ECHO_MAX: usize = taskgraph::wire::DEFAULT_MAX_FRAME_BYTES;
 
 #[derive(Debug)]
 struct EchoService;
@@ -368,6 +389,19 @@ impl Echo for EchoService {
     }
 }
 
+/// The HTTP/2 settings both sides of a comparison use: the bare echo service gets the same
+/// windows and frame size as the framework's node-to-node connections
+/// (`taskgraph::wire::HTTP2_*`), so a ratio measures the framework, not a transport setting.
+pub fn http2_settings() -> String {
+    use taskgraph::wire::{HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW};
+    format!(
+        "HTTP/2 on both sides: stream window {} MiB, connection window {} MiB, max frame {} KiB",
+        HTTP2_STREAM_WINDOW >> 20,
+        HTTP2_CONNECTION_WINDOW >> 20,
+        HTTP2_MAX_FRAME >> 10
+    )
+}
+
 /// A bare tonic echo server on loopback (no event loop, no etcd): what the framework's pull
 /// is compared with. Stops when dropped.
 #[derive(Debug)]
@@ -377,17 +411,27 @@ pub struct EchoServerHandle {
     _stop: oneshot::Sender<()>,
 }
 
-/// Starts a bare tonic echo server on a free loopback port.
+/// Starts a bare tonic echo server on a free loopback port, with the frame limit [`ECHO_MAX`].
 pub async fn echo_server() -> Result<EchoServerHandle, BoxError> {
+    echo_server_with(ECHO_MAX).await
+}
+
+/// Starts a bare tonic echo server on a free loopback port, refusing messages over
+/// `max_message` bytes; HTTP/2 as the framework's (see [`http2_settings`]).
+pub async fn echo_server_with(max_message: usize) -> Result<EchoServerHandle, BoxError> {
+    use taskgraph::wire::{HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let (stop, stopped) = oneshot::channel::<()>();
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let svc = EchoServer::new(EchoService)
-        .max_decoding_message_size(ECHO_MAX)
-        .max_encoding_message_size(ECHO_MAX);
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
     tokio::spawn(
         tonic::transport::Server::builder()
+            .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+            .max_frame_size(HTTP2_MAX_FRAME)
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stopped.await;
@@ -402,16 +446,26 @@ pub async fn echo_server() -> Result<EchoServerHandle, BoxError> {
 pub struct Echoer(EchoClient<tonic::transport::Channel>);
 
 impl Echoer {
-    /// Connects to `addr`.
+    /// Connects to `addr`, with the frame limit [`ECHO_MAX`].
     pub async fn connect(addr: &str) -> Result<Self, BoxError> {
+        Self::connect_with(addr, ECHO_MAX).await
+    }
+
+    /// Connects to `addr`, refusing messages over `max_message` bytes; HTTP/2 as the
+    /// framework's (see [`http2_settings`]).
+    pub async fn connect_with(addr: &str, max_message: usize) -> Result<Self, BoxError> {
+        use taskgraph::wire::{HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW};
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
             .tcp_nodelay(true)
+            .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+            .max_frame_size(HTTP2_MAX_FRAME)
             .connect()
             .await?;
         Ok(Echoer(
             EchoClient::new(channel)
-                .max_decoding_message_size(ECHO_MAX)
-                .max_encoding_message_size(ECHO_MAX),
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
         ))
     }
 

@@ -224,6 +224,7 @@ pub async fn run_sum(etcd: &Etcd, run: &SumRun, out: &mut SumFigures) -> Result<
         tasks: run.tasks,
         replicas: run.replicas,
         ttl: run.ttl,
+        max_frame_bytes: None,
     };
     let url = etcd.metrics_url();
     let before = etcd_metrics(&url).await?;

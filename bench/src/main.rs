@@ -10,8 +10,9 @@
 //! * `failover`: nodes as processes, SIGKILL and SIGTERM of a primary with one backup, at
 //!   lease TTLs of 1 s and 5 s, and SIGKILL of a primary and its backup together (a spare
 //!   restores the task from its checkpoint) at 5 s;
-//! * `pulls`: pull latency and throughput, 1 KiB at 1 and 16 in flight and 16 MiB, framework
-//!   vs a bare tonic echo service;
+//! * `pulls`: pull latency and throughput, 1 KiB at 1 and 16 in flight, 16, 64 and 256 MiB,
+//!   framework vs a bare tonic echo service (same bytes, same HTTP/2 settings), and the
+//!   process's peak memory per large pull;
 //! * `scale`: 1,024 tasks × 2 replicas in-process against one etcd (128 with `--quick`);
 //! * `regression`: the regression example's default run end to end.
 //!
@@ -58,6 +59,10 @@ struct Args {
     /// Tasks of the scale scenario (default 256 then 1024, 128 with --quick).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     scale_tasks: Option<u32>,
+    /// Payload sizes of the pulls scenario to run, in KiB (default all: 1, 16384, 65536,
+    /// 262144).
+    #[arg(long, value_delimiter = ',')]
+    pull_kib: Vec<usize>,
     /// Limit on staffing in the scale scenario, in seconds (default 90, 30 with --quick).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
     scale_staff_secs: Option<u64>,
@@ -114,7 +119,22 @@ impl Plan {
                     concurrency: 1,
                     per_block: if q { 2 } else { 4 },
                 },
-            ],
+                // One pull per block from here on: the peak-memory figure is then that of one
+                // pull (answers kept earlier in the epoch would add to it).
+                pulls::Case {
+                    bytes: 64 << 20,
+                    concurrency: 1,
+                    per_block: 1,
+                },
+                pulls::Case {
+                    bytes: 256 << 20,
+                    concurrency: 1,
+                    per_block: 1,
+                },
+            ]
+            .into_iter()
+            .filter(|c| args.pull_kib.is_empty() || args.pull_kib.contains(&(c.bytes >> 10)))
+            .collect(),
             scale_sizes: match (args.scale_tasks, q) {
                 (Some(n), _) => vec![n],
                 (None, true) => vec![128],
@@ -598,10 +618,13 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     }
     if wanted("pulls") {
         let setup = format!(
-            "2 tasks × 1 in-process, Context::request vs bare tonic echo, {} rounds",
-            plan.pull_rounds
+            "2 tasks × 1 in-process, Context::request_bytes vs bare tonic echo, same payload \
+             bytes, {} rounds; frame limit {} MiB and {}",
+            plan.pull_rounds,
+            pulls::FRAME_LIMIT >> 20,
+            common::http2_settings()
         );
-        reports.push(scenario("pulls", setup, secs(120, 40), |s| pulls_scenario(&plan, s)).await);
+        reports.push(scenario("pulls", setup, secs(240, 60), |s| pulls_scenario(&plan, s)).await);
     }
     if wanted("scale") {
         let setup = format!(

@@ -1,13 +1,19 @@
 //! Pull throughput and latency, framework vs bare tonic (scenario `pulls`).
 //!
 //! A job of 2 tasks, 1 replica each, in-process: task 1 answers every `echo` pull with its
-//! input; task 0's spawned work pulls with the awaitable `Context::request` (payload bytes,
-//! postcard-encoded as every typed pull is). The bare side is a tonic echo service of its own
-//! (`proto/echo.proto`, no event loop, no etcd), called over one HTTP/2 connection with the
-//! same encoded payload. Each round runs every case as two blocks, bare and framework (their
-//! order alternating between rounds, so drift of a shared machine weighs on both), then moves
-//! the job to the next epoch, which frees the answers the serving side keeps per epoch for
-//! retries.
+//! input (`DataRequest::reply` of the input's `Bytes`, no copy); task 0's spawned work pulls
+//! with the awaitable `Context::request_bytes` (bytes in, bytes out, no codec). The bare side
+//! is a tonic echo service of its own (`proto/echo.proto`, no event loop, no etcd), called over
+//! one HTTP/2 connection with the same payload `Bytes`: the same bytes cross the wire on both
+//! sides, with the same HTTP/2 settings and frame limit (see `common::http2_settings`). Each
+//! round runs every case as two blocks, bare and framework (their order alternating between
+//! rounds, so drift of a shared machine weighs on both), then moves the job to the next epoch,
+//! which frees the answers the serving side keeps per epoch for retries.
+//!
+//! For payloads of 1 MiB and more, each block also records the peak resident memory of the
+//! process above what it held before the block (`VmHWM` reset through `/proc/self/clear_refs`),
+//! in multiples of the payload. Both nodes and the caller live in this process, so this is the
+//! sum over both nodes: an upper bound for each node's own peak.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -19,7 +25,9 @@ use taskgraph::{async_trait, Context, ContextError, DataRequest, Epoch, Task, Ta
 use taskgraph_tests::etcd::Etcd;
 use tokio::sync::watch;
 
-use crate::common::{echo_server, BoxError, Echoer, Fleet, FleetSpec};
+use crate::common::{
+    echo_server_with, peak_rss_bytes, reset_peak_rss, rss_bytes, BoxError, Echoer, Fleet, FleetSpec,
+};
 use crate::report::{ratio, ratio_text, Row, Stats};
 
 /// One case: payload size, pulls in flight, pulls per block.
@@ -56,6 +64,30 @@ pub struct CaseFigures {
     pub bare_rate: Vec<f64>,
     /// Framework blocks, pulls/s.
     pub fw_rate: Vec<f64>,
+    /// Bare blocks: peak resident memory of the process above its level before the block,
+    /// in multiples of the payload (payloads of 1 MiB and more).
+    pub bare_peak: Vec<f64>,
+    /// Framework blocks: the same.
+    pub fw_peak: Vec<f64>,
+}
+
+/// Payloads from this size on get the peak-memory figure.
+const PEAK_FROM: usize = 1 << 20;
+
+/// The frame limit of both sides (nodes and the bare echo service): room for the largest
+/// payload of the default cases (256 MiB) plus its header.
+pub const FRAME_LIMIT: usize = 512 << 20;
+
+/// Peak resident memory during `work` above the level before it, in bytes (`None` when the
+/// kernel does not let the peak be reset).
+async fn peak_during<T>(work: impl std::future::Future<Output = T>) -> (T, Option<f64>) {
+    let before = if reset_peak_rss() { rss_bytes() } else { None };
+    let out = work.await;
+    let peak = match (before, peak_rss_bytes()) {
+        (Some(b), Some(p)) => Some(p.saturating_sub(b) as f64),
+        _ => None,
+    };
+    (out, peak)
 }
 
 #[derive(Debug)]
@@ -79,7 +111,6 @@ impl Probe {
         ctx: &Context,
         case: Case,
         payload: &Bytes,
-        raw: &[u8],
         framework: bool,
     ) -> Result<(Vec<f64>, f64), String> {
         let t0 = Instant::now();
@@ -87,11 +118,11 @@ impl Probe {
             .map(|_| async move {
                 let t = Instant::now();
                 if framework {
-                    let answer: Vec<u8> = ctx
-                        .request::<[u8], Vec<u8>>(1, "echo", raw)
+                    let answer = ctx
+                        .request_bytes(1, "echo", payload.clone())
                         .await
                         .map_err(|e| format!("framework pull: {e}"))?;
-                    if answer.len() != raw.len() {
+                    if answer.len() != payload.len() {
                         return Err(format!("framework pull answered {} bytes", answer.len()));
                     }
                 } else {
@@ -111,36 +142,44 @@ impl Probe {
     }
 
     async fn measure(&self, ctx: &Context) -> Result<(), String> {
-        let payloads: Vec<(Vec<u8>, Bytes)> = self
+        let payloads: Vec<Bytes> = self
             .cases
             .iter()
             .map(|c| {
-                let raw: Vec<u8> = (0..c.bytes).map(|i| (i % 251) as u8).collect();
-                let encoded = taskgraph::encode(&raw[..]).map_err(|e| e.to_string())?;
-                Ok((raw, encoded))
+                (0..c.bytes)
+                    .map(|i| (i % 251) as u8)
+                    .collect::<Vec<u8>>()
+                    .into()
             })
-            .collect::<Result<_, String>>()?;
+            .collect();
         let mut entered = self.entered.subscribe();
         // Round 0 warms both sides up and is not recorded.
         for round in 0..=self.rounds {
             for (i, case) in self.cases.iter().enumerate() {
-                let (raw, encoded) = &payloads[i];
+                let payload = &payloads[i];
                 let order = if round % 2 == 0 {
                     [false, true]
                 } else {
                     [true, false]
                 };
                 for framework in order {
-                    let (lat, rate) = self.block(ctx, *case, encoded, raw, framework).await?;
+                    let (block, peak) =
+                        peak_during(self.block(ctx, *case, payload, framework)).await;
+                    let (lat, rate) = block?;
+                    let peak = peak
+                        .filter(|_| case.bytes >= PEAK_FROM)
+                        .map(|p| p / case.bytes as f64);
                     if round > 0 {
                         let mut f = lock(&self.figures);
                         let f = &mut f[i];
                         if framework {
                             f.fw_us.extend(lat);
                             f.fw_rate.push(rate);
+                            f.fw_peak.extend(peak);
                         } else {
                             f.bare_us.extend(lat);
                             f.bare_rate.push(rate);
+                            f.bare_peak.extend(peak);
                         }
                     }
                 }
@@ -225,8 +264,8 @@ pub async fn run(
     rounds: usize,
     out: &mut Vec<CaseFigures>,
 ) -> Result<(), BoxError> {
-    let server = echo_server().await?;
-    let bare = Echoer::connect(&server.addr).await?;
+    let server = echo_server_with(FRAME_LIMIT).await?;
+    let bare = Echoer::connect_with(&server.addr, FRAME_LIMIT).await?;
     let (gate_tx, gate) = watch::channel(false);
     let (result, mut result_rx) = watch::channel(None);
     let probe = Arc::new(Probe {
@@ -244,6 +283,7 @@ pub async fn run(
         tasks: 2,
         replicas: 1,
         ttl: Duration::from_secs(2),
+        max_frame_bytes: Some(FRAME_LIMIT),
     };
     let p = probe.clone();
     let fleet = Fleet::start(&spec, move |task| {
@@ -295,6 +335,21 @@ pub fn rows(cases: &[Case], figures: &[CaseFigures]) -> Vec<Row> {
         let rate_vs = ratio_text("÷ bare", fw_rate.median(), bare_rate.median());
         rows.push(bare_rate);
         rows.push(fw_rate.versus(rate_vs));
+        if !f.bare_peak.is_empty() || !f.fw_peak.is_empty() {
+            let bare_peak = Row::new(
+                format!("{name}: bare tonic peak memory (process)"),
+                "× payload",
+                &f.bare_peak,
+            );
+            let fw_peak = Row::new(
+                format!("{name}: framework peak memory (process)"),
+                "× payload",
+                &f.fw_peak,
+            );
+            let peak_vs = ratio_text("÷ bare", fw_peak.median(), bare_peak.median());
+            rows.push(bare_peak);
+            rows.push(fw_peak.versus(peak_vs));
+        }
     }
     rows
 }
@@ -315,6 +370,8 @@ pub fn json(cases: &[Case], figures: &[CaseFigures], rounds: usize) -> Value {
                 "bare_pulls_per_s": Stats::of(&f.bare_rate),
                 "framework_pulls_per_s": Stats::of(&f.fw_rate),
                 "throughput_ratio": ratio(Stats::of(&f.fw_rate).map(|s| s.median), Stats::of(&f.bare_rate).map(|s| s.median)),
+                "bare_peak_rss_x_payload": Stats::of(&f.bare_peak),
+                "framework_peak_rss_x_payload": Stats::of(&f.fw_peak),
             })
         }).collect::<Vec<_>>(),
     })

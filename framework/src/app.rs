@@ -713,15 +713,49 @@ impl Context {
         R: DeserializeOwned,
     {
         let input = encode(input)?;
-        let (tx, rx) = oneshot::channel();
-        let id =
-            self.start_pull(to, method, input, Some(tx))
-                .map_err(|_| PullError::NotPrimary {
-                    task: self.inner.env.task,
-                })?;
-        match rx.await {
-            Ok(reply) => reply.decode(),
-            Err(_) => Err(PullError::EpochMoved(id)),
+        self.await_pull(to, method, input).await?.decode()
+    }
+
+    /// [`request`](Context::request) with bytes in and bytes out, no codec: the answer is the
+    /// serving task's [`DataRequest::reply`] bytes as they came off the wire (not copied). The
+    /// form for large binary payloads (model weights, gradients): postcard writes a
+    /// `Vec<u8>`/`[u8]` one element at a time, so a typed pull of many megabytes of bytes costs
+    /// far more in encoding than on the wire.
+    pub async fn request_bytes(
+        &self,
+        to: TaskId,
+        method: &str,
+        input: impl Into<Bytes>,
+    ) -> Result<Bytes, PullError> {
+        self.await_pull(to, method, input.into())
+            .await?
+            .into_result()
+    }
+
+    /// The awaitable pull: the fetcher runs inside this future rather than as a task of its
+    /// own (one task and one wake-up less per pull). It stops when the answer is handed over;
+    /// when the epoch ends first, the book drops the waiter and this returns
+    /// [`PullError::EpochMoved`].
+    async fn await_pull(
+        &self,
+        to: TaskId,
+        method: &str,
+        input: Bytes,
+    ) -> Result<DataReply, PullError> {
+        let (tx, mut rx) = oneshot::channel();
+        let (id, fetch) = self
+            .register_pull(to, method, input, Some(tx))
+            .map_err(|_| PullError::NotPrimary {
+                task: self.inner.env.task,
+            })?;
+        let fetch = std::pin::pin!(fetch);
+        tokio::select! {
+            biased;
+            reply = &mut rx => reply.map_err(|_| PullError::EpochMoved(id)),
+            // The fetcher gave up without an answer (its sender was deposed or the server left
+            // the epoch): the waiter stays registered until the epoch ends, as for a
+            // `data_request`.
+            () = fetch => rx.await.map_err(|_| PullError::EpochMoved(id)),
         }
     }
 
@@ -753,6 +787,20 @@ impl Context {
         input: Bytes,
         waiter: Option<oneshot::Sender<DataReply>>,
     ) -> Result<PullId, ContextError> {
+        let (id, fetch) = self.register_pull(to, method, input, waiter)?;
+        lock(&self.inner.book).spawn(fetch);
+        Ok(id)
+    }
+
+    /// Records a pending pull of the current epoch and returns its id with the fetcher that
+    /// delivers it (to be run until the epoch ends).
+    fn register_pull(
+        &self,
+        to: TaskId,
+        method: &str,
+        input: Bytes,
+        waiter: Option<oneshot::Sender<DataReply>>,
+    ) -> Result<(PullId, impl Future<Output = ()> + Send + 'static), ContextError> {
         let term = self.elected_term()?;
         let env = &self.inner.env;
         if to >= env.num_tasks {
@@ -774,15 +822,15 @@ impl Context {
             },
         );
         env.metrics.pull_sent(env.task);
-        book.spawn(crate::exchange::fetch(
+        let fetch = crate::exchange::fetch(
             env.clone(),
             Arc::downgrade(&self.inner.book),
             id,
             term,
             method.to_owned(),
             input,
-        ));
-        Ok(id)
+        );
+        Ok((id, fetch))
     }
 
     /// Starts fetching a pending pull again (its answer was fenced off at delivery).

@@ -29,6 +29,9 @@ pub struct ClusterConfig {
     pub behaviour: Behaviour,
     /// Which application the nodes run.
     pub app: App,
+    /// [`App::Dataflow`]: the size of every answer in bytes (0, the default: the encoded value
+    /// alone; see [`large_answer`](crate::dataflow::large_answer)).
+    pub answer_bytes: usize,
 }
 
 /// The application a cluster's nodes run.
@@ -59,6 +62,7 @@ impl ClusterConfig {
             stall_after: None,
             behaviour: Behaviour::default(),
             app: App::Audit,
+            answer_bytes: 0,
         }
     }
 
@@ -142,7 +146,8 @@ impl Cluster {
                         pace: Duration::from_millis(pace_ms),
                         state: true,
                     };
-                    Box::new(move |t| b.build(t))
+                    let answer_bytes = self.config.answer_bytes;
+                    Box::new(move |t| b.build_with_answers(t, answer_bytes))
                 }
             };
         let mut framework = Framework::builder();

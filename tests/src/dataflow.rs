@@ -9,6 +9,11 @@
 //! `done` to its parent; the root moves the job on once it has its result and a `done` from
 //! every child. Every task also counts the epochs it entered in a counter that it replicates to
 //! its backups and checkpoints in etcd, so a new primary continues the count.
+//!
+//! With large answers ([`DataflowBuilder::build_with_answers`]), every answer is padded to a
+//! given size with a pattern derived from (answering task, epoch, value, position), which the
+//! receiver checks byte for byte: a payload cut, mixed up with another answer or served from a
+//! stale cache shows as a wrong value in the trail.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -44,6 +49,46 @@ pub struct DataflowTask {
     flagged: bool,
     moved: bool,
     counter: u64,
+    /// Size of every answer in bytes (0: the postcard-encoded value alone).
+    answer_bytes: usize,
+    /// The term this task's slot was elected with (0 before `became_primary`).
+    term: Term,
+}
+
+/// An answer of `len` bytes (at least 8): `value` (little endian), then 8-byte words, the
+/// `k`-th being a mix of `(from, epoch, value)` xor `k`.
+pub fn large_answer(from: TaskId, epoch: Epoch, value: u64, len: usize) -> Bytes {
+    let word = pattern(from, epoch, value);
+    let mut out = Vec::with_capacity(len.max(8));
+    out.extend_from_slice(&value.to_le_bytes());
+    let mut k = 0u64;
+    while out.len() < len {
+        let chunk = (word ^ k).to_le_bytes();
+        let n = chunk.len().min(len - out.len());
+        out.extend_from_slice(&chunk[..n]);
+        k += 1;
+    }
+    out.into()
+}
+
+/// The value of an answer written by [`large_answer`] with these arguments, if every byte is
+/// as written.
+pub fn read_large_answer(bytes: &[u8], from: TaskId, epoch: Epoch, len: usize) -> Option<u64> {
+    if bytes.len() != len.max(8) {
+        return None;
+    }
+    let (head, pad) = bytes.split_at(8);
+    let value = u64::from_le_bytes(head.try_into().ok()?);
+    let word = pattern(from, epoch, value);
+    let intact = pad.chunks(8).enumerate().all(|(k, chunk)| {
+        let want = (word ^ k as u64).to_le_bytes();
+        chunk == &want[..chunk.len()]
+    });
+    intact.then_some(value)
+}
+
+fn pattern(from: TaskId, epoch: Epoch, value: u64) -> u64 {
+    value.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (u64::from(from) << 40) ^ epoch.rotate_left(17)
 }
 
 impl DataflowTask {
@@ -92,14 +137,14 @@ impl DataflowTask {
     fn progress(&mut self, ctx: &Context) {
         if let Some(p) = self.param {
             for r in self.held_param.drain(..) {
-                let _ = r.reply_with(&p);
+                reply(r, self.task, p, self.answer_bytes);
             }
         }
         let Some(grad) = self.grad(ctx) else {
             return;
         };
         for r in self.held_grad.drain(..) {
-            let _ = r.reply_with(&grad);
+            reply(r, self.task, grad, self.answer_bytes);
         }
         if self.task != 0 {
             if !self.flagged {
@@ -166,6 +211,16 @@ impl DataflowTask {
     }
 }
 
+/// Answers `r` with `value`, padded to `answer_bytes` if that is not 0.
+fn reply(r: DataRequest, task: TaskId, value: u64, answer_bytes: usize) {
+    if answer_bytes == 0 {
+        let _ = r.reply_with(&value);
+    } else {
+        let epoch = r.epoch();
+        r.reply(large_answer(task, epoch, value, answer_bytes));
+    }
+}
+
 #[async_trait]
 impl Task for DataflowTask {
     async fn restore(&mut self, _ctx: &Context, checkpoint: Checkpoint) {
@@ -180,6 +235,7 @@ impl Task for DataflowTask {
     }
 
     async fn became_primary(&mut self, _ctx: &Context, term: Term) {
+        self.term = term;
         self.record(Event::Primary {
             task: self.task,
             term,
@@ -237,10 +293,20 @@ impl Task for DataflowTask {
     }
 
     async fn data_ready(&mut self, ctx: &Context, reply: DataReply) {
-        let value = reply.decode::<u64>().ok();
+        // An answer is delivered only while the slot acts under its term; read before checking
+        // a large payload, which takes long enough for the lease's local deadline to pass
+        // meanwhile on a loaded machine (then `term()` says `None` for a moment).
+        let term = ctx.term().unwrap_or(self.term);
+        let value = if self.answer_bytes == 0 {
+            reply.decode::<u64>().ok()
+        } else {
+            reply.result().ok().and_then(|b| {
+                read_large_answer(b, reply.server(), reply.epoch(), self.answer_bytes)
+            })
+        };
         self.record(Event::Data {
             task: self.task,
-            term: ctx.term().unwrap_or(0),
+            term,
             at_epoch: ctx.epoch(),
             epoch: reply.epoch(),
             from: reply.server(),
@@ -334,8 +400,10 @@ pub struct DataflowBuilder {
     pub state: bool,
 }
 
-impl TaskBuilder for DataflowBuilder {
-    fn build(&self, task: TaskId) -> Box<dyn Task> {
+impl DataflowBuilder {
+    /// A task whose every answer is `answer_bytes` long (see [`large_answer`]; 0: the plain
+    /// postcard-encoded value, as [`TaskBuilder::build`]).
+    pub fn build_with_answers(&self, task: TaskId, answer_bytes: usize) -> Box<dyn Task> {
         Box::new(DataflowTask {
             task,
             node: self.node.clone(),
@@ -352,7 +420,15 @@ impl TaskBuilder for DataflowBuilder {
             flagged: false,
             moved: false,
             counter: 0,
+            answer_bytes,
+            term: 0,
         })
+    }
+}
+
+impl TaskBuilder for DataflowBuilder {
+    fn build(&self, task: TaskId) -> Box<dyn Task> {
+        self.build_with_answers(task, 0)
     }
 }
 
@@ -555,4 +631,27 @@ pub struct DataflowSettings {
     pub until: Epoch,
     /// Pause before the root moves on, in milliseconds.
     pub pace_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_answer_reads_back_only_when_every_byte_is_as_written() {
+        let a = large_answer(3, 7, 42, 1001);
+        assert_eq!(a.len(), 1001);
+        assert_eq!(read_large_answer(&a, 3, 7, 1001), Some(42));
+        // Another task's, another epoch's, a cut, a flipped byte: refused.
+        assert_eq!(read_large_answer(&a, 4, 7, 1001), None);
+        assert_eq!(read_large_answer(&a, 3, 8, 1001), None);
+        assert_eq!(read_large_answer(&a[..1000], 3, 7, 1001), None);
+        let mut flipped = a.to_vec();
+        flipped[600] ^= 1;
+        assert_eq!(read_large_answer(&flipped, 3, 7, 1001), None);
+        // Two chunks swapped.
+        let mut swapped = a.to_vec();
+        swapped.copy_within(8..16, 24);
+        assert_eq!(read_large_answer(&swapped, 3, 7, 1001), None);
+    }
 }

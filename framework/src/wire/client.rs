@@ -18,7 +18,9 @@ use super::proto;
 use super::proto::taskgraph_client::TaskgraphClient;
 use super::rejection::{tonic_size_limit, Rejection};
 use super::types::{Meta, PingReply, PullAnswer, PullRequest, Replicate};
-use super::DEFAULT_MAX_FRAME_BYTES;
+use super::{
+    DEFAULT_MAX_FRAME_BYTES, HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW,
+};
 use crate::security::LoadedTls;
 
 /// Configuration of [`Peers`].
@@ -222,7 +224,10 @@ impl Peers {
         let endpoint = endpoint
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(config.http2_keepalive);
+            .http2_keep_alive_interval(config.http2_keepalive)
+            .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+            .max_frame_size(HTTP2_MAX_FRAME);
         Ok(match config.request_timeout {
             Some(timeout) => endpoint.timeout(timeout),
             None => endpoint,

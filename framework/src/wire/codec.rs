@@ -1,14 +1,18 @@
-//! The gRPC codec of the generated service: prost encoding, plus a decoder that refuses an
-//! undecodable message with `InvalidArgument` + [`Rejection::Malformed`] instead of prost's
-//! default `Internal`.
+//! The gRPC codec of the generated service: prost encoding into a buffer sized once for the
+//! whole message (prost's own encoder lets the buffer grow from 8 KiB, which for a payload of
+//! many megabytes means a reallocation and a second copy of the payload), plus a decoder that
+//! refuses an undecodable message with `InvalidArgument` + [`Rejection::Malformed`] instead of
+//! prost's default `Internal`.
+//!
+//! Payload fields are `bytes::Bytes` (see `build.rs`): decoding slices them out of the received
+//! frame without a copy; encoding copies each payload once, into the outgoing frame.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
 
 use prost::Message;
-use tonic::codec::{Codec, DecodeBuf, Decoder};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::Status;
-use tonic_prost::ProstEncoder;
 
 use super::rejection::Rejection;
 
@@ -31,15 +35,33 @@ where
 {
     type Encode = T;
     type Decode = U;
-    type Encoder = ProstEncoder<T>;
+    type Encoder = WireEncoder<T>;
     type Decoder = WireDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::default()
+        WireEncoder { _pd: PhantomData }
     }
 
     fn decoder(&mut self) -> Self::Decoder {
         WireDecoder { _pd: PhantomData }
+    }
+}
+
+/// Encodes a `T` with prost into a buffer reserved for its whole encoded length.
+#[derive(Debug, Clone)]
+pub(crate) struct WireEncoder<T> {
+    _pd: PhantomData<T>,
+}
+
+impl<T: Message> Encoder for WireEncoder<T> {
+    type Item = T;
+    type Error = Status;
+
+    fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        buf.reserve(item.encoded_len());
+        // Cannot fail once the room is reserved (an `EncodeBuf` also grows on demand).
+        item.encode(buf)
+            .map_err(|err| Status::internal(format!("encoding a message: {err}")))
     }
 }
 

@@ -60,5 +60,19 @@ pub use types::{
 };
 
 /// Default frame limit (64 MiB) of [`ServerConfig::max_frame_bytes`] and
-/// [`ClientConfig::max_frame_bytes`].
+/// [`ClientConfig::max_frame_bytes`]: the largest encoded message, payload plus a few dozen
+/// bytes of header, so a payload of exactly 64 MiB needs a higher limit.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+
+/// HTTP/2 flow-control window of one call (stream), in bytes, announced by both ends of every
+/// node-to-node connection. hyper's defaults (1 MiB on a server, 2 MiB on a client) make a
+/// sender of a large payload stop for a window update every megabyte.
+pub const HTTP2_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+
+/// HTTP/2 flow-control window of a whole connection, in bytes (both ends): room for two large
+/// calls in flight before either waits for a window update.
+pub const HTTP2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// Largest HTTP/2 DATA frame accepted, in bytes (both ends; the protocol's default is 16 KiB):
+/// fewer, larger frames for a payload of many megabytes.
+pub const HTTP2_MAX_FRAME: u32 = 1024 * 1024;

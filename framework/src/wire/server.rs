@@ -23,7 +23,9 @@ use super::proto;
 use super::proto::taskgraph_server::{Taskgraph, TaskgraphServer};
 use super::rejection::{tonic_size_limit, Rejection};
 use super::types::{Header, Meta, PingReply, PullAnswer, PullRequest, Replicate};
-use super::DEFAULT_MAX_FRAME_BYTES;
+use super::{
+    DEFAULT_MAX_FRAME_BYTES, HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW,
+};
 use crate::security::LoadedTls;
 
 /// Interval of the server's HTTP/2 keepalive pings (detects dead clients holding pulls).
@@ -146,7 +148,10 @@ pub async fn serve(
     };
     let mut server = Server::builder()
         .http2_keepalive_interval(Some(SERVER_HTTP2_KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(SERVER_HTTP2_KEEPALIVE_TIMEOUT));
+        .http2_keepalive_timeout(Some(SERVER_HTTP2_KEEPALIVE_TIMEOUT))
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .max_frame_size(HTTP2_MAX_FRAME);
     match &tls {
         Some(tls) => {
             let identity = tls.tonic_identity().ok_or_else(|| {

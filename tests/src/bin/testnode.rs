@@ -72,6 +72,7 @@ async fn main() -> std::process::ExitCode {
             pace_ms: args.pace_ms,
         },
         app: App::Audit,
+        answer_bytes: 0,
     };
     let audit = Audit::with_callback(|_, e| {
         let at = now_us();
