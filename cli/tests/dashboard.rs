@@ -322,6 +322,155 @@ async fn the_dashboard_shows_a_live_job_in_a_browser() {
     c.stop_all().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_names_a_stall_and_its_cause() {
+    let etcd = Etcd::start().await.unwrap_or_else(|e| panic!("{e}"));
+    let job = job_name("dashstall");
+    let mut cfg = ClusterConfig::new(etcd.endpoints(), &job, 3, 1);
+    cfg.app = App::Dataflow {
+        until: 1_000_000,
+        pace_ms: 20,
+    };
+    cfg.stall_after = Some(Duration::from_secs(1));
+    // Two nodes for three tasks: one task stays without a primary, the job cannot move.
+    let mut c = Cluster::new(cfg);
+    for _ in 0..2 {
+        c.add_node().await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let d = dashboard(&etcd, &[&job]).await;
+    let mut b = Browser::launch().await;
+    b.goto(&format!("{}/job/{job}", d.base)).await;
+
+    eprintln!("--- the page names the stall, its cause and the task without a primary");
+    b.wait_for(
+        "the stall banner names a task without a primary, drawn down, and the timeline has the report",
+        "(() => { const free = [...document.querySelectorAll('#tasks tr[data-task]')].find(r => r.dataset.health === 'down'); \
+           if (!free) return false; const t = free.dataset.task; \
+           return !document.getElementById('stall').hidden && \
+             document.getElementById('stall').innerText.includes('task ' + t + ' has no primary') && \
+             document.getElementById('task-' + t).classList.contains('h-down') && \
+             [...document.querySelectorAll('#timeline li[data-kind=stall]')].some(l => l.dataset.tasks.split(' ').includes(t)) && \
+             document.getElementById('job-state').innerText.includes('stalled'); })()",
+        SHOW,
+        WAIT,
+    )
+    .await;
+
+    eprintln!("--- a third node joins: the job moves, the stall is over");
+    c.add_node().await.unwrap_or_else(|e| panic!("{e}"));
+    b.wait_for(
+        "the stall banner goes, the timeline says the stall is over and every task is healthy",
+        &format!(
+            "document.getElementById('stall').hidden && \
+             !!document.querySelector('#timeline li[data-kind=stall-over]') && ({})",
+            all_healthy(3)
+        ),
+        SHOW,
+        WAIT,
+    )
+    .await;
+    drop(b);
+    c.stop_all().await;
+}
+
+/// A 1,000-task job (its keys written straight into etcd, no nodes): every task is drawn,
+/// the table pages, the filter and a click in the picture work, and a change still shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_task_job_stays_usable() {
+    let etcd = Etcd::start().await.unwrap_or_else(|e| panic!("{e}"));
+    let job = job_name("dashbig");
+    let tasks = 1000u32;
+    let client = JobClient::connect(&etcd.endpoints(), &job)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let keys = client.keys().clone();
+    let grid = taskgraph::topology::Grid::new(25, 40).unwrap_or_else(|e| panic!("{e}"));
+    let spec = taskgraph::JobSpec {
+        version: taskgraph::JobSpec::VERSION,
+        tasks,
+        replicas: 2,
+        links: grid.links().describe(),
+        params: Default::default(),
+        created_ms: None,
+    };
+    let holder = |n: u32| format!(r#"{{"node":"n{n}","addr":"127.0.0.1:{}"}}"#, 10_000 + n);
+    // Tasks 7, 77, 777 have no primary (down); every tenth task no backup (degraded).
+    let mut ops = vec![
+        TxnOp::put(keys.spec(), spec.encode(), None),
+        TxnOp::put(keys.epoch(), "5", None),
+    ];
+    for t in 0..tasks {
+        if ![7, 77, 777].contains(&t) {
+            ops.push(TxnOp::put(keys.primary(t), holder(t), None));
+        }
+        if t % 10 != 0 {
+            ops.push(TxnOp::put(keys.backup(t, 1), holder(t + tasks), None));
+        }
+    }
+    let mut kv = etcd.client().await.unwrap_or_else(|e| panic!("{e}"));
+    for chunk in ops.chunks(100) {
+        kv.txn(Txn::new().and_then(chunk.to_vec()))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let d = dashboard(&etcd, &[&job]).await;
+    let mut b = Browser::launch().await;
+    let opened = std::time::Instant::now();
+    b.goto(&format!("{}/job/{job}", d.base)).await;
+    b.wait_for(
+        "1,000 tasks drawn and coloured, the table on page 1 of 20",
+        "document.querySelectorAll('#picture g.task').length === 1000 && \
+         document.querySelectorAll('#picture g.task.h-down').length === 3 && \
+         document.querySelectorAll('#picture g.task.h-degraded').length === 100 && \
+         document.querySelectorAll('#picture g.task.h-healthy').length === 897 && \
+         document.querySelectorAll('#tasks tr[data-task]').length === 50 && \
+         document.getElementById('page').innerText.includes('page 1 of 20')",
+        SHOW,
+        WAIT,
+    )
+    .await;
+    eprintln!(
+        "1,000 tasks shown {:?} after opening the page",
+        opened.elapsed()
+    );
+    b.screenshot(&target_dir().join("dashboard-1000.png")).await;
+    // Not healthy only: 103 tasks, on three pages.
+    b.eval("const f = document.getElementById('filter'); f.value = 'unhealthy'; f.dispatchEvent(new Event('change'))")
+        .await;
+    b.wait_for(
+        "the filter keeps the 103 tasks not healthy",
+        "document.getElementById('page').innerText.includes('page 1 of 3 (103 tasks)') && \
+         [...document.querySelectorAll('#tasks tr[data-task]')].every(r => r.dataset.health !== 'healthy')",
+        SHOW,
+        WAIT,
+    )
+    .await;
+    // A click on task 777 in the picture shows it in the table and in the details.
+    b.eval("document.querySelector('#task-777 circle').dispatchEvent(new MouseEvent('click', {bubbles: true}))")
+        .await;
+    b.wait_for(
+        "task 777 is marked and detailed",
+        "document.querySelector('#tasks tr.marked').dataset.task === '777' && \
+         document.getElementById('detail').innerText.includes('Task 777') && \
+         document.getElementById('task-777').classList.contains('marked')",
+        "document.getElementById('detail').innerText",
+        WAIT,
+    )
+    .await;
+    // Still live: task 500 loses its primary.
+    kv.delete(keys.primary(500), None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    b.wait_for(
+        "task 500 turns down and the timeline says so",
+        "document.getElementById('task-500').classList.contains('h-down') && \
+         !!document.querySelector('#timeline li[data-kind=lost][data-tasks=\"500\"]')",
+        SHOW,
+        WAIT,
+    )
+    .await;
+}
+
 /// Expects the dashboard to refuse, with one `error:` line containing `needle`.
 async fn refused(envs: &[(&str, &str)], args: &[&str], needle: &str) {
     let out = Command::new(env!("CARGO_BIN_EXE_taskgraph"))
