@@ -261,7 +261,12 @@ function jobPage() {
   es.onerror = () => {
     if (es.readyState !== EventSource.CLOSED) setConnection("dashboard server unreachable — reconnecting…");
   };
-  es.onopen = () => setConnection("");
+  es.onopen = () => {
+    // A new stream starts with everything the server kept: start the timeline afresh.
+    timeline.replaceChildren();
+    state.rendered.clear();
+    setConnection("");
+  };
 }
 
 if (document.body.dataset.page === "jobs") jobsPage(); else jobPage();

@@ -198,7 +198,8 @@ pub async fn run(conn: EtcdConn, job: String, tx: watch::Sender<View>) {
             }
             _ = tick.tick() => {
                 // A successful read while the watch retries: etcd is back.
-                if tx.borrow().etcd != EtcdLink::Ok && client.state().await.is_ok() {
+                let retrying = tx.borrow().etcd != EtcdLink::Ok;
+                if retrying && client.state().await.is_ok() {
                     tx.send_modify(|v| { v.etcd = EtcdLink::Ok; v.etcd_error = None; });
                     hub.status_dirty = true;
                 }

@@ -35,6 +35,8 @@ const STYLE: &str = include_str!("../../assets/dashboard.css");
 
 /// Jobs followed at once by one server (each has a watch on etcd).
 const MAX_HUBS: usize = 64;
+/// Connections kept for the jobs list.
+const MAX_LISTED: usize = 256;
 /// A page gets at most one update per this interval (a busy job changes keys far faster
 /// than a person reads).
 const MIN_UPDATE_GAP: Duration = Duration::from_millis(100);
@@ -44,6 +46,9 @@ struct Shared {
     etcd: EtcdConn,
     job: Option<String>,
     hubs: Mutex<HashMap<String, watch::Receiver<hub::View>>>,
+    /// Connections for the jobs list, by job (so that a list refreshed every few seconds
+    /// does not connect anew each time).
+    clients: Mutex<HashMap<String, taskgraph::JobClient>>,
 }
 
 type AppState = Arc<Shared>;
@@ -93,13 +98,16 @@ pub async fn serve(
         etcd,
         job,
         hubs: Mutex::new(HashMap::new()),
+        clients: Mutex::new(HashMap::new()),
     });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .map_err(|e| format!("the dashboard server failed: {e}"))
+    // Pages keep their event streams open: on Ctrl-C the server just stops (it holds
+    // nothing to save).
+    tokio::select! {
+        r = axum::serve(listener, router(state)) => {
+            r.map_err(|e| format!("the dashboard server failed: {e}"))
+        }
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
 }
 
 fn router(state: AppState) -> Router {
@@ -173,8 +181,22 @@ async fn jobs(State(s): State<AppState>) -> Json<JobsAnswer> {
     };
     let mut rows = Vec::new();
     for name in names {
-        let Ok(c) = s.etcd.connect(&name).await else {
-            continue;
+        let cached = s.clients.lock().ok().and_then(|m| m.get(&name).cloned());
+        let c = match cached {
+            Some(c) => c,
+            // Names that are not valid job names are not taskgraph jobs.
+            None => match s.etcd.connect(&name).await {
+                Ok(c) => {
+                    if let Ok(mut m) = s.clients.lock() {
+                        if m.len() >= MAX_LISTED {
+                            m.clear();
+                        }
+                        m.insert(name.clone(), c.clone());
+                    }
+                    c
+                }
+                Err(_) => continue,
+            },
         };
         let spec = c.spec().await.ok().flatten();
         let state = c.state().await.ok().flatten();
