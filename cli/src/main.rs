@@ -165,7 +165,10 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    match runtime.block_on(run(cli, listen_explicit)) {
+    let outcome = runtime.block_on(run(cli, listen_explicit));
+    // Do not wait for background work still in flight (the dashboard's etcd connections).
+    runtime.shutdown_background();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the error and its causes.
