@@ -112,13 +112,26 @@ function jobPage() {
     }
   }
 
+  // Tasks with a recent failover: task -> until when (ms) they are ringed.
+  const recent = new Map();
+  function renderRecent() {
+    const now = Date.now();
+    for (const [t, until] of recent) {
+      const g = document.getElementById("task-" + t);
+      if (g) g.classList.toggle("recent", until > now);
+      if (until <= now) recent.delete(t);
+    }
+  }
+  setInterval(renderRecent, 1000);
+
   function renderPicture() {
     for (const t of state.tasks) {
       const key = t.health + "|" + holdersText(t);
       if (state.rendered.get(t.task) === key) continue;
       const g = document.getElementById("task-" + t.task);
       if (!g) continue;
-      g.setAttribute("class", "task h-" + t.health + (state.marked === t.task ? " marked" : ""));
+      g.setAttribute("class", "task h-" + t.health + (state.marked === t.task ? " marked" : "") +
+        ((recent.get(t.task) || 0) > Date.now() ? " recent" : ""));
       const title = g.querySelector("title");
       if (title) title.textContent = holdersText(t);
       state.rendered.set(t.task, key);
@@ -219,6 +232,13 @@ function jobPage() {
       li.append(el("span", { class: "time" }, time), document.createTextNode(e.text));
       if (e.tasks.length) li.addEventListener("click", () => mark(e.tasks[0]));
       timeline.prepend(li);
+      // Where a failover just happened: ringed in the picture for half a minute.
+      const age = Date.now() - e.ms;
+      if ((e.kind === "failover" || e.kind === "lost") && age < 30000) {
+        for (const t of e.tasks) {
+          recent.set(t, Math.max(recent.get(t) || 0, e.ms + 30000));
+        }
+      }
     }
     while (timeline.children.length > 500) timeline.lastChild.remove();
   }
@@ -242,6 +262,7 @@ function jobPage() {
     renderProgress(u);
     renderState(u);
     addTimeline(u.timeline || []);
+    renderRecent();
     document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
   }
 

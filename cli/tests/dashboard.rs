@@ -162,10 +162,11 @@ async fn the_dashboard_shows_a_live_job_in_a_browser() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(out.status.success(), "{out:?}");
     b.wait_for(
-        "task 3's row shows the backup as its new primary and the timeline a failover of task 3",
+        "task 3's row shows the backup as its new primary, the timeline a failover of task 3, the picture rings task 3",
         &format!(
             "document.querySelector('#tasks tr[data-task=\"3\"]').dataset.primary === {backup:?} && \
-             !!document.querySelector('#timeline li[data-kind=failover][data-tasks=\"3\"]')"
+             !!document.querySelector('#timeline li[data-kind=failover][data-tasks=\"3\"]') && \
+             document.getElementById('task-3').classList.contains('recent')"
         ),
         SHOW,
         WAIT,

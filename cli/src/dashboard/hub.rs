@@ -618,3 +618,66 @@ impl Sent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(seq: u64) -> Entry {
+        Entry {
+            seq,
+            rev: seq as i64,
+            ms: 0,
+            kind: "failover",
+            tasks: vec![3],
+            text: format!("entry {seq}"),
+        }
+    }
+
+    #[test]
+    fn a_page_gets_tasks_picture_and_timeline_only_once() {
+        let mut v = View {
+            tasks_version: 1,
+            svg: Arc::new("<svg/>".into()),
+            svg_version: 1,
+            timeline: Arc::new(VecDeque::from([entry(1), entry(2)])),
+            ..View::default()
+        };
+        let mut sent = Sent::default();
+        let u = sent.update(&v);
+        assert!(u.tasks.is_some() && u.svg == Some("<svg/>"));
+        assert_eq!(u.timeline.len(), 2);
+        let u = sent.update(&v);
+        assert!(u.tasks.is_none() && u.svg.is_none() && u.timeline.is_empty());
+        let json = serde_json::to_value(&u).unwrap_or_default();
+        assert!(
+            json.get("tasks").is_none() && json.get("svg").is_none(),
+            "{json}"
+        );
+        Arc::make_mut(&mut v.timeline).push_back(entry(3));
+        v.tasks_version += 1;
+        let u = sent.update(&v);
+        assert!(u.tasks.is_some() && u.svg.is_none());
+        assert_eq!(u.timeline.iter().map(|e| e.seq).collect::<Vec<_>>(), [3]);
+        // A new page gets everything kept.
+        let u = Sent::default().update(&v);
+        assert_eq!(u.timeline.len(), 3);
+    }
+
+    #[test]
+    fn epochs_going_back_or_repeating_are_not_progress() {
+        let mut hub = Hub::default();
+        hub.epoch_seen(5);
+        hub.epoch_seen(6);
+        hub.epoch_seen(6);
+        hub.epoch_seen(4);
+        hub.epoch_seen(8);
+        let (_, durations) = hub.progress();
+        assert_eq!(durations.len(), 2, "5→6 and 6→8: {durations:?}");
+        assert_eq!(hub.last_epoch.map(|(_, e)| e), Some(8));
+        for e in 9..200 {
+            hub.epoch_seen(e);
+        }
+        assert_eq!(hub.progress().1.len(), DURATIONS);
+    }
+}
