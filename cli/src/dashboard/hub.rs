@@ -152,6 +152,9 @@ struct Hub {
     drawn_epoch: Option<u64>,
     status_dirty: bool,
     spec_dirty: bool,
+    /// The tasks and keys each stalled node last named (a report naming the same again,
+    /// once per stall time, is not a new timeline entry).
+    stalled: std::collections::HashMap<String, Vec<String>>,
 }
 
 fn now_ms() -> u64 {
@@ -249,6 +252,7 @@ impl Hub {
         };
         let parsed = keys.parse(key);
         let mut tasks = Vec::new();
+        let mut repeated = false;
         let kind = match (&parsed, put) {
             (Some(JobKey::Epoch), Some(kv)) => match EpochValue::parse(&kv.value) {
                 Ok(EpochValue::Running(n)) => {
@@ -287,19 +291,33 @@ impl Hub {
                     "backup-left"
                 }
             }
-            (Some(JobKey::Node(_)), p) => {
+            (Some(JobKey::Node(node)), p) => {
                 self.status_dirty = true;
                 match p {
-                    None => "left",
+                    None => {
+                        self.stalled.remove(node);
+                        "left"
+                    }
                     Some(kv) if kv.create_revision == kv.mod_revision => "joined",
                     Some(kv) => match serde_json::from_slice::<NodeRecord>(&kv.value) {
                         Ok(NodeRecord {
                             stall: Some(note), ..
                         }) => {
                             tasks.extend(note.reasons.iter().filter_map(|r| r.task));
+                            // What is named, not the wording (which counts the seconds).
+                            let reasons: Vec<String> = note
+                                .reasons
+                                .iter()
+                                .map(|r| format!("{:?} {:?}", r.task, r.key))
+                                .collect();
+                            repeated = self.stalled.get(node) == Some(&reasons);
+                            self.stalled.insert(node.clone(), reasons);
                             "stall"
                         }
-                        Ok(_) => "stall-over",
+                        Ok(_) => {
+                            self.stalled.remove(node);
+                            "stall-over"
+                        }
                         Err(_) => "garbage",
                     },
                 }
@@ -321,6 +339,9 @@ impl Hub {
         };
         let (rev, text, _) = describe(keys, &change, &mut self.memory);
         let Some(text) = text else { return };
+        if repeated {
+            return;
+        }
         let kind = if kind == "election" && text.starts_with("failover") {
             "failover"
         } else {
