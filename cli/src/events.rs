@@ -5,16 +5,36 @@ use std::time::SystemTime;
 
 use taskgraph::etcd::admin::Change;
 use taskgraph::etcd::keys::{EpochValue, Holder, JobKey, JobKeys, NodeRecord, StoredCheckpoint};
-use taskgraph::{JobClient, JobSpec, TaskId};
+use taskgraph::{JobClient, JobSpec, JobStatus, TaskId};
 
 /// What the stream remembers to describe changes (who held a slot before it went).
 #[derive(Debug, Default)]
-struct Memory {
+pub(crate) struct Memory {
     primaries: BTreeMap<TaskId, String>,
     lost: BTreeMap<TaskId, String>,
     backups: BTreeMap<(TaskId, u32), String>,
     /// Nodes that reported a stall not yet over.
     stalled: std::collections::BTreeSet<String>,
+}
+
+impl Memory {
+    /// Whether it knows no slot holder.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.primaries.is_empty() && self.backups.is_empty()
+    }
+
+    /// Learns who holds which slot now (to describe the changes that follow).
+    pub(crate) fn remember(&mut self, status: &JobStatus) {
+        for t in &status.tasks {
+            for h in &t.holders {
+                if h.slot == 0 {
+                    self.primaries.insert(t.task, h.node.clone());
+                } else {
+                    self.backups.insert((t.task, h.slot), h.node.clone());
+                }
+            }
+        }
+    }
 }
 
 /// Prints the job's events from `since` (or from now) until the job finishes.
@@ -28,15 +48,7 @@ pub async fn stream(client: &JobClient, since: Option<i64>) -> Result<(), String
         None => {
             // Start from now, knowing who holds what.
             let status = client.status().await.map_err(|e| e.to_string())?;
-            for t in &status.tasks {
-                for h in &t.holders {
-                    if h.slot == 0 {
-                        memory.primaries.insert(t.task, h.node.clone());
-                    } else {
-                        memory.backups.insert((t.task, h.slot), h.node.clone());
-                    }
-                }
-            }
+            memory.remember(&status);
             if status.state.is_some_and(|s| s.finished) {
                 out!("{}  job {} has finished", now(), client.job());
                 return Ok(());
@@ -63,7 +75,11 @@ fn now() -> String {
 }
 
 /// One change in words; `true` when it ends the job.
-fn describe(keys: &JobKeys, change: &Change, m: &mut Memory) -> (i64, Option<String>, bool) {
+pub(crate) fn describe(
+    keys: &JobKeys,
+    change: &Change,
+    m: &mut Memory,
+) -> (i64, Option<String>, bool) {
     match change {
         Change::Put(kv) => {
             let rev = kv.mod_revision;

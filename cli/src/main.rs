@@ -25,6 +25,7 @@ pub(crate) fn stdout_failed(e: &std::io::Error) -> ! {
     std::process::exit(1)
 }
 
+mod dashboard;
 mod events;
 mod graph;
 mod render;
@@ -33,7 +34,8 @@ mod security;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use security::EtcdConn;
 use taskgraph::{JobClient, TaskId};
 
@@ -116,6 +118,16 @@ enum Command {
         #[arg(long)]
         svg: Option<std::path::PathBuf>,
     },
+    /// A live picture of a job in the browser (topology coloured by health, epoch progress,
+    /// a timeline of events, the result), or of every job when JOB is left out. Read-only.
+    Dashboard {
+        /// The job (left out: a list of every job, each linking to its page).
+        job: Option<String>,
+        /// Where to serve the page. A loopback address unless given here explicitly: the
+        /// dashboard has no authentication.
+        #[arg(long, env = "TASKGRAPH_DASHBOARD_LISTEN", default_value = dashboard::DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
+    },
     /// Prints the job's result (what its application stored when it ended the job).
     Result {
         /// The job.
@@ -127,7 +139,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // Whether `--listen` was given on the command line (not from the environment).
+    let listen_explicit = matches
+        .subcommand_matches("dashboard")
+        .and_then(|m| m.value_source("listen"))
+        == Some(ValueSource::CommandLine);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -144,7 +165,10 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    match runtime.block_on(run(cli)) {
+    let outcome = runtime.block_on(run(cli, listen_explicit));
+    // Do not wait for background work still in flight (the dashboard's etcd connections).
+    runtime.shutdown_background();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the error and its causes.
@@ -165,7 +189,7 @@ async fn existing(etcd: &EtcdConn, job: &str) -> Result<JobClient, String> {
     Ok(client)
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+async fn run(cli: Cli, listen_explicit: bool) -> Result<(), String> {
     let etcd = EtcdConn::new(cli.etcd, &cli.security)?;
     match cli.command {
         Command::Jobs { json } => render::jobs(&etcd, json).await,
@@ -216,6 +240,9 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Graph { job, svg } => {
             let client = existing(&etcd, &job).await?;
             graph::graph(&client, svg.as_deref()).await
+        }
+        Command::Dashboard { job, listen } => {
+            dashboard::serve(etcd, job, listen, listen_explicit).await
         }
         Command::Result { job, wait } => {
             let client = existing(&etcd, &job).await?;
