@@ -260,6 +260,47 @@ impl Cluster {
         }
     }
 
+    /// The highest epoch any live node reports (0 before any).
+    pub fn max_epoch(&self) -> u64 {
+        self.live_statuses()
+            .iter()
+            .filter_map(|(_, s)| s.epoch)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Waits until some node is `by` epochs past the highest epoch reported now, or the job
+    /// finished; panics naming `why` after `timeout`.
+    pub async fn moves_on(&self, by: u64, why: &str, timeout: Duration) {
+        let at = self.max_epoch();
+        self.wait_until(why, timeout, |s| {
+            s.iter()
+                .any(|(_, s)| s.epoch.is_some_and(|e| e >= at + by) || s.finished)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Waits until every node ended with the job finished at `epoch`; panics naming the node
+    /// that failed or ended otherwise, or showing every status after `timeout`.
+    pub async fn all_finish_at(&mut self, epoch: u64, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        for i in 0..self.len() {
+            match tokio::time::timeout_at(deadline, self.wait(i)).await {
+                Ok(Some(r)) => assert_eq!(
+                    r.unwrap_or_else(|e| panic!("node {i} failed: {e}")),
+                    NodeExit::JobFinished { epoch },
+                    "node {i}"
+                ),
+                Ok(None) => {}
+                Err(_) => {
+                    let statuses: Vec<_> = (0..self.len()).map(|j| (j, self.status(j))).collect();
+                    panic!("the job did not end within {timeout:?}: {statuses:#?}");
+                }
+            }
+        }
+    }
+
     /// Stops every live node cleanly.
     pub async fn stop_all(&mut self) {
         for i in 0..self.nodes.len() {

@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use taskgraph::NodeExit;
 use taskgraph_tests::apps::Event;
 use taskgraph_tests::cluster::{App, Cluster, ClusterConfig};
 use taskgraph_tests::dataflow::check_trail;
@@ -32,15 +31,6 @@ fn dataflow(etcd: Vec<String>, name: &str) -> ClusterConfig {
     cfg
 }
 
-/// The highest epoch any live node reports.
-fn max_epoch(c: &Cluster) -> u64 {
-    c.live_statuses()
-        .iter()
-        .filter_map(|(_, s)| s.epoch)
-        .max()
-        .unwrap_or(0)
-}
-
 async fn wait_epoch(c: &Cluster, epoch: u64, why: &str) {
     c.wait_until(why, WAIT, |s| {
         s.iter().any(|(_, s)| s.epoch.is_some_and(|e| e >= epoch))
@@ -51,21 +41,7 @@ async fn wait_epoch(c: &Cluster, epoch: u64, why: &str) {
 
 /// Waits until every node ended with the job finished at [`UNTIL`], then checks the trail.
 async fn finish_exactly(c: &mut Cluster) {
-    let deadline = tokio::time::Instant::now() + JOB_END;
-    for i in 0..c.len() {
-        match tokio::time::timeout_at(deadline, c.wait(i)).await {
-            Ok(Some(r)) => assert_eq!(
-                r.unwrap_or_else(|e| panic!("node {i}: {e}")),
-                NodeExit::JobFinished { epoch: UNTIL },
-                "node {i}"
-            ),
-            Ok(None) => {}
-            Err(_) => {
-                let statuses: Vec<_> = (0..c.len()).map(|j| (j, c.status(j))).collect();
-                panic!("the job did not end within {JOB_END:?}: {statuses:#?}");
-            }
-        }
-    }
+    c.all_finish_at(UNTIL, JOB_END).await;
     let events = c.audit.events();
     let bad = check_trail(&events, TASKS, UNTIL);
     assert!(
@@ -106,7 +82,7 @@ async fn three_member_etcd_loses_its_leader_then_its_quorum_and_the_job_stays_ex
     let new_leader = etcd.wait_for_leader(WAIT).await.unwrap();
     assert_ne!(leader, new_leader);
     // Two members of three keep a quorum: the job moves on.
-    let at = max_epoch(&c);
+    let at = c.max_epoch();
     wait_epoch(&c, at + 3, "the job moves on with two members of three").await;
 
     info!("--- kill -9 a second member: no quorum");
@@ -130,7 +106,7 @@ async fn single_etcd_killed_and_restarted_at_once_the_job_stays_exact() {
         .await
         .unwrap();
     for round in 0..3 {
-        let at = max_epoch(&c);
+        let at = c.max_epoch();
         wait_epoch(&c, at + 3, "the job moves on").await;
         info!("--- kill -9 etcd and restart it at once (round {round})");
         etcd.kill().await.unwrap();

@@ -106,22 +106,8 @@ fn garbage(real: &[u8]) -> Vec<Vec<u8>> {
     v
 }
 
-fn max_epoch(c: &Cluster) -> u64 {
-    c.live_statuses()
-        .iter()
-        .filter_map(|(_, s)| s.epoch)
-        .max()
-        .unwrap_or(0)
-}
-
 async fn moves_on(c: &Cluster, by: u64, why: &str) {
-    let at = max_epoch(c);
-    c.wait_until(why, WAIT, |s| {
-        s.iter()
-            .any(|(_, s)| s.epoch.is_some_and(|e| e >= at + by) || s.finished)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    c.moves_on(by, why, WAIT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,7 +173,7 @@ async fn garbage_under_every_key_of_a_running_job_is_not_obeyed() {
 
     info!("--- garbage and a stale value under the epoch, with the job held at one epoch");
     c.audit.close_gate();
-    let held = max_epoch(&c);
+    let held = c.max_epoch();
     // Every primary has entered the held epoch: the root moves no further.
     c.wait_until("every primary is in the held epoch", WAIT, |s| {
         s.iter()
@@ -235,21 +221,7 @@ async fn garbage_under_every_key_of_a_running_job_is_not_obeyed() {
     }
     info!("{tried} bad values written");
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(100);
-    for i in 0..c.len() {
-        match tokio::time::timeout_at(deadline, c.wait(i)).await {
-            Ok(Some(r)) => assert_eq!(
-                r.unwrap_or_else(|e| panic!("node {i} failed: {e}")),
-                NodeExit::JobFinished { epoch: UNTIL },
-                "node {i}"
-            ),
-            Ok(None) => {}
-            Err(_) => {
-                let statuses: Vec<_> = (0..c.len()).map(|j| (j, c.status(j))).collect();
-                panic!("the job did not end: {statuses:#?}");
-            }
-        }
-    }
+    c.all_finish_at(UNTIL, Duration::from_secs(100)).await;
     let bad = check_trail(&c.audit.events(), TASKS, UNTIL);
     assert!(
         bad.is_empty(),

@@ -20,29 +20,15 @@ const WAIT: Duration = Duration::from_secs(60);
 const TASKS: u32 = 7;
 const UNTIL: u64 = 60;
 
-fn max_epoch(c: &Cluster) -> u64 {
-    c.live_statuses()
-        .iter()
-        .filter_map(|(_, s)| s.epoch)
-        .max()
-        .unwrap_or(0)
-}
-
 async fn moves_on(c: &Cluster, by: u64, why: &str) {
-    let at = max_epoch(c);
-    c.wait_until(why, WAIT, |s| {
-        s.iter()
-            .any(|(_, s)| s.epoch.is_some_and(|e| e >= at + by) || s.finished)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    c.moves_on(by, why, WAIT).await;
 }
 
 /// Holds the job at its current epoch (the root does not move it on), once every primary
 /// has entered it. Returns the epoch.
 async fn hold(c: &Cluster) -> u64 {
     c.audit.close_gate();
-    let held = max_epoch(c);
+    let held = c.max_epoch();
     c.wait_until("every primary is in the held epoch", WAIT, |s| {
         s.iter()
             .filter(|(_, s)| matches!(s.role, taskgraph::Role::Primary { .. }))
@@ -74,20 +60,8 @@ fn running(v: Option<&[u8]>, n: u64) -> bool {
 }
 
 async fn finishes_exact(c: &mut Cluster, name: &str) {
-    for i in 0..c.len() {
-        match tokio::time::timeout(Duration::from_secs(100), c.wait(i)).await {
-            Ok(Some(r)) => assert_eq!(
-                r.unwrap_or_else(|e| panic!("{name}: node {i} failed: {e}")),
-                NodeExit::JobFinished { epoch: UNTIL },
-                "{name}: node {i}"
-            ),
-            Ok(None) => {}
-            Err(_) => {
-                let statuses: Vec<_> = (0..c.len()).map(|j| (j, c.status(j))).collect();
-                panic!("{name}: the job did not end: {statuses:#?}");
-            }
-        }
-    }
+    info!("--- {name}: every node ends with the job, the trail exact");
+    c.all_finish_at(UNTIL, Duration::from_secs(100)).await;
     let bad = check_trail(&c.audit.events(), TASKS, UNTIL);
     assert!(
         bad.is_empty(),
