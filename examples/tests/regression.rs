@@ -364,8 +364,32 @@ async fn a_stall_that_does_not_heal_ends_the_run_with_exit_code_3() {
         ],
     );
     until_epoch(&etcd, job, 2).await;
+    // The node of task 0's primary: the one that speaks for the job while it has a primary,
+    // so the stall must be reported by the others.
+    let mut client = etcd.client().await.unwrap_or_else(|e| panic!("{e}"));
+    let holder = client
+        .get(format!("/taskgraph/jobs/{job}/tasks/0/primary"), None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let holder: Value = serde_json::from_slice(
+        holder
+            .kvs()
+            .first()
+            .unwrap_or_else(|| panic!("task 0 has no primary"))
+            .value(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // Node ids are `<--node-name>-<random>`; the launcher names its nodes `node<i>`.
+    let name = holder["node"]
+        .as_str()
+        .and_then(|n| n.rsplit_once('-'))
+        .map(|(name, _)| name.to_owned())
+        .unwrap_or_else(|| panic!("a node id: {holder}"));
     let pids = Command::new("pgrep")
-        .args(["-f", &format!("regression node .*--job={job}")])
+        .args([
+            "-f",
+            &format!("regression node .*--job={job} .*--node-name={name} "),
+        ])
         .output()
         .unwrap_or_else(|e| panic!("pgrep: {e}"));
     let pid = String::from_utf8_lossy(&pids.stdout)

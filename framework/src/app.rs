@@ -318,16 +318,22 @@ pub(crate) enum LoopRequest {
 /// # Verbs that write to etcd resolve when decided
 ///
 /// [`inc_epoch`](Context::inc_epoch), [`shutdown_job`](Context::shutdown_job),
-/// [`shutdown_job_with`](Context::shutdown_job_with) and [`checkpoint`](Context::checkpoint)
-/// never ask the caller to try again later: while this node's lease is past its local deadline
-/// (etcd slow or unreachable) they wait for its renewal, and they send a request etcd did not
-/// answer again, for as long as this node holds the slot under the same term. They end with
-/// the outcome, or with [`ContextError::NotPrimary`] once the node lost the slot (within the
-/// lease TTL when etcd stays away). Each is fenced by the primary's term in etcd and safe to
-/// repeat. They may be awaited in a handler (the node's other events wait meanwhile) or
-/// spawned with [`spawn`](Context::spawn); a spawned `inc_epoch` whose result is ignored is
-/// correct. [`replicate`](Context::replicate) still returns [`ContextError::Suspended`]
-/// while the lease is unconfirmed: a retried update would reach the backups twice.
+/// [`shutdown_job_with`](Context::shutdown_job_with) and [`checkpoint`](Context::checkpoint),
+/// called from work spawned with [`spawn`](Context::spawn) or
+/// [`spawn_then`](Context::spawn_then), never ask the caller to try again later: while this
+/// node's lease is past its local deadline (etcd slow or unreachable) they wait for its
+/// renewal, and they send a request etcd did not answer again, for as long as this node holds
+/// the slot under the same term. They end with the outcome, or with
+/// [`ContextError::NotPrimary`] once the node lost the slot. Each is fenced by the primary's
+/// term in etcd and safe to repeat, so a spawned `inc_epoch` whose result is ignored is
+/// correct.
+///
+/// Awaited directly in a handler they make one attempt: the handler runs in the node's event
+/// loop, which must not wait for etcd (it is what learns that the slot was lost, and what
+/// answers other nodes), so there they may return [`ContextError::Suspended`] or
+/// [`ContextError::Etcd`] — spawn them when the outcome matters.
+/// [`replicate`](Context::replicate) returns [`ContextError::Suspended`] while the lease is
+/// unconfirmed wherever it is called: a retried update would reach the backups twice.
 #[derive(Clone)]
 pub struct Context {
     inner: Arc<Inner>,
@@ -475,11 +481,12 @@ impl Context {
     /// revision and fenced by this primary's term), logs it at error level and returns
     /// `Ok(true)`. A job never stalls because one value in etcd went bad.
     ///
-    /// The call resolves only when decided (see [the verbs that write to etcd](Context#verbs-that-write-to-etcd-resolve-when-decided)):
-    /// `Ok(true)` moved, `Ok(false)` stale (also when an earlier attempt whose answer etcd lost
-    /// had moved it), [`ContextError::NotPrimary`] when this node lost the slot meanwhile (do
-    /// nothing: the new primary carries on). It never asks the caller to try again later, so
-    /// it may be awaited in a handler or spawned and its result ignored.
+    /// From spawned work the call resolves only when decided (see [the verbs that write to
+    /// etcd](Context#verbs-that-write-to-etcd-resolve-when-decided)): `Ok(true)` moved,
+    /// `Ok(false)` stale (also when an earlier attempt whose answer etcd lost had moved it),
+    /// [`ContextError::NotPrimary`] when this node lost the slot meanwhile (do nothing: the new
+    /// primary carries on); spawned, its result may be ignored. Awaited in a handler it makes
+    /// one attempt and may also return [`ContextError::Suspended`] or [`ContextError::Etcd`].
     pub async fn inc_epoch(&self, from: Epoch) -> Result<bool, ContextError> {
         self.until_decided(|| self.try_inc_epoch(from)).await
     }
@@ -494,6 +501,11 @@ impl Context {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, ContextError>>,
     {
+        // Awaited by a handler, the verb must not wait for etcd: the node's event loop, which
+        // would learn that the slot is lost, is the one waiting. One attempt, as before.
+        if self.inner.env.loop_task.is_some() && tokio::task::try_id() == self.inner.env.loop_task {
+            return op().await;
+        }
         let task = self.inner.env.task;
         let term = self.elected_term()?;
         let lost = || ContextError::NotPrimary { task, term };
@@ -507,8 +519,10 @@ impl Context {
                         if slot.borrow_and_update().primary != Some(term) {
                             return Err(lost());
                         }
-                        if lease.borrow_and_update().valid_now() {
-                            break;
+                        match *lease.borrow_and_update() {
+                            s if s.valid_now() => break,
+                            crate::etcd::lease::LeaseState::Expired { .. } => return Err(lost()),
+                            _ => {}
                         }
                         tokio::select! {
                             r = lease.changed() => r.map_err(|_| lost())?,

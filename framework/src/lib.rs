@@ -124,7 +124,7 @@ pub use node::{NodeExit, NodeHandle, NodeStatus, Role};
 pub use security::{EtcdAuth, EtcdTls, PeerTls, Secret};
 pub use taskgraph_topology as topology;
 /// The standard topologies, beside [`Links`] and [`Topology`] (see the
-/// [`topology`](crate::topology) module for each one's link names).
+/// [`topology`] module for each one's link names).
 pub use taskgraph_topology::{
     Butterfly, FullMesh, Grid, Links, ParameterServers, Ring, Star, Topology, Tree,
 };

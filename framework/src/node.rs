@@ -156,7 +156,7 @@ pub(crate) fn spawn(
 
 /// Creates the job's spec or checks it against this node's, retrying etcd errors (an etcd
 /// member down, a leader election under way: the client may pick a dead endpoint first) and a
-/// garbage spec (the job's primary of task 0 rewrites it within milliseconds) until the etcd
+/// garbage spec (the job's reporter, normally task 0's primary, rewrites it within milliseconds) until the etcd
 /// connect timeout; a conflicting spec is final at once.
 async fn ensure_spec(store: &Store, config: &Config) -> Result<bool, Error> {
     let deadline = Instant::now() + config.etcd_connect_timeout;
@@ -1565,10 +1565,10 @@ impl Node {
     }
 
     /// Rewrites keys the framework owns that hold bad values, where this node knows the truth:
-    /// its own record (any node), and, as the acting primary of task 0, the epoch (to the last
+    /// its own record (any node), and, as the job's reporter (see [`Node::job_reporter`]), the epoch (to the last
     /// good epoch) and the spec (to the spec the job runs with). Every rewrite is guarded by
     /// the bad value's revision, so a newer write is never overwritten, and the epoch's and
-    /// spec's by task 0's term, so a deposed primary writes nothing.
+    /// spec's by the reporter's term, so a deposed primary writes nothing.
     async fn heal(&mut self) {
         if !self.lease_valid() {
             return;
@@ -1593,7 +1593,7 @@ impl Node {
                     .await;
             }
         }
-        let MySlot::Primary { task: 0, term } = self.mine else {
+        let Some((task, term)) = self.job_reporter() else {
             return;
         };
         let epoch = self.view.as_ref().and_then(|v| {
@@ -1610,7 +1610,7 @@ impl Node {
                     &keys.epoch(),
                     guard,
                     good.encode().into_bytes(),
-                    Some((0, term)),
+                    Some((task, term)),
                     None,
                 )
                 .await;
@@ -1619,7 +1619,7 @@ impl Node {
         if let Some((_, guard)) = self.spec_fault.clone() {
             if self.heal_due("spec", guard) {
                 let spec = self.spec.clone();
-                self.heal_key("spec", &keys.spec(), guard, spec, Some((0, term)), None)
+                self.heal_key("spec", &keys.spec(), guard, spec, Some((task, term)), None)
                     .await;
             }
         }
@@ -1650,6 +1650,18 @@ impl Node {
         }
     }
 
+    /// `Some((task, term))` when this node speaks for the whole job — heals the keys only the
+    /// job knows (epoch, spec) and reports a stall's job-wide causes: it is the primary of the
+    /// lowest task that has a primary in its view (task 0's, unless task 0 has none right now:
+    /// then the job still has one such node).
+    fn job_reporter(&self) -> Option<(TaskId, i64)> {
+        let MySlot::Primary { task, term } = self.mine else {
+            return None;
+        };
+        let lowest = self.view.as_ref()?.primaries.keys().next().copied();
+        (lowest == Some(task)).then_some((task, term))
+    }
+
     /// Reports a stall when one is due: the job's epoch has not moved for longer than the
     /// stall time. The node logs what it can tell at error level; the acting primary of task
     /// 0, and any node that sees a cause in its own slot, also writes it into its record in
@@ -1664,7 +1676,7 @@ impl Node {
         };
         let keys = self.store.keys().clone();
         let own = self.own_stall_reasons(now);
-        let reporter = matches!(self.mine, MySlot::Primary { task: 0, .. });
+        let reporter = self.job_reporter().is_some();
         let mut reasons = own.clone();
         if reporter {
             if let Some(view) = self.view.as_ref() {
@@ -2009,6 +2021,9 @@ impl Node {
             lease_ttl: self.config.lease_ttl,
             max_checkpoint_bytes: self.config.max_checkpoint_bytes,
             metrics: self.metrics.clone(),
+            // This code runs in the node's event loop: its task id tells the context whether
+            // a verb is awaited by a handler (on the loop) or by spawned work.
+            loop_task: tokio::task::try_id(),
         };
         let ctx = Context::new(Arc::new(env), self.config.links.clone(), state_rx);
         let span = self.slot_span();

@@ -107,7 +107,7 @@ pub(crate) fn view_reasons(
             key: Some(keys.epoch()),
             text: format!(
                 "the epoch key holds {}, not written by the framework (last good value: {known}); \
-                 the primary of task 0 and the epoch's driver rewrite it, or put the last good value back",
+                 the job's reporter (task 0's primary, normally) and the epoch's driver rewrite it, or put the last good value back",
                 fault.kind
             ),
         });

@@ -17,7 +17,7 @@
 //!
 //! The framework owns every key. A value it did not write is never obeyed, and is rewritten
 //! where the framework knows the truth: the `spec` and the `epoch` by the acting primary of
-//! task 0 (to the spec the job runs with, to the last good epoch), the `epoch` also by
+//! the lowest-numbered task that has one (to the spec the job runs with, to the last good epoch), the `epoch` also by
 //! `inc_epoch`, a node's record by that node; each rewrite is a compare-and-swap on the bad
 //! value's revision, and the `spec`'s and `epoch`'s are fenced by the healer's term. A bad
 //! checkpoint is never restored and is overwritten by the next one; a `result` counts only when

@@ -75,6 +75,8 @@ pub(crate) struct SlotEnv {
     pub(crate) lease_ttl: Duration,
     pub(crate) max_checkpoint_bytes: usize,
     pub(crate) metrics: Metrics,
+    /// The tokio task of the node's event loop, which calls the task's handlers.
+    pub(crate) loop_task: Option<tokio::task::Id>,
 }
 
 /// A pull waiting for its answer.
