@@ -15,15 +15,15 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::data::{
-    encode, Answer, Checkpoint, DataReply, DataRequest, PullError, PullId, ServeKey,
-};
+use crate::data::{encode, Checkpoint, DataReply, DataRequest, PullError, PullId};
 use crate::error::ContextError;
 use crate::etcd::keys::EpochValue;
 use crate::exchange::replication::{ship, Replicator, Shipped};
 use crate::exchange::{lock, EpochBook, PendingPull, SlotEnv};
+use crate::inbox::LoopRequest;
 use crate::roles::EpochFaultKind;
 use crate::wire::ReplicateKind;
+use crate::work::{WorkDone, WorkId};
 use crate::{Epoch, TaskId, Term};
 
 /// An error a task handler reports. Returned from [`Task::init`], it stops the node.
@@ -230,53 +230,6 @@ impl Task for Box<dyn Task> {
     }
 }
 
-/// Identifies a piece of work started with [`Context::spawn_then`]: the epoch it belongs to
-/// and a sequence number unique within that epoch on this node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct WorkId {
-    /// The epoch the work was started in (and is delivered in).
-    pub epoch: Epoch,
-    /// Sequence number within the epoch.
-    pub seq: u64,
-}
-
-/// The output of work started with [`Context::spawn_then`], handed to [`Task::work_done`].
-pub struct WorkDone {
-    id: WorkId,
-    output: Box<dyn Any + Send>,
-}
-
-impl std::fmt::Debug for WorkDone {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkDone")
-            .field("id", &self.id)
-            .finish_non_exhaustive()
-    }
-}
-
-impl WorkDone {
-    /// Which work this is (as returned by [`Context::spawn_then`]).
-    pub fn id(&self) -> WorkId {
-        self.id
-    }
-    /// Whether the output is a `T`.
-    pub fn is<T: Any>(&self) -> bool {
-        self.output.is::<T>()
-    }
-    /// The output as the type the work returned; `Err(self)` if it is not a `T` (a task that
-    /// spawns work of several output types tells them apart with [`is`](WorkDone::is), or by
-    /// returning one enum from all of them).
-    pub fn take<T: Any>(self) -> Result<T, WorkDone> {
-        match self.output.downcast::<T>() {
-            Ok(value) => Ok(*value),
-            Err(output) => Err(WorkDone {
-                id: self.id,
-                output,
-            }),
-        }
-    }
-}
-
 /// This node's role in a task, as the context sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct SlotState {
@@ -284,32 +237,6 @@ pub(crate) struct SlotState {
     pub primary: Option<Term>,
     /// The epoch the task last entered (primary) or observed (backup).
     pub epoch: Epoch,
-}
-
-/// Requests from a task (its context, its spawned work, the framework's work on its behalf) to
-/// its node's event loop. Each names the slot it comes from; the loop ignores requests of a
-/// slot that has ended.
-#[derive(Debug)]
-pub(crate) enum LoopRequest {
-    /// Die now, without revoking the lease (as if the process were killed).
-    Kill,
-    /// The task answered (or dropped) a [`DataRequest`].
-    Answer {
-        slot: u64,
-        key: ServeKey,
-        answer: Answer,
-    },
-    /// Work started with [`Context::spawn_then`] completed.
-    WorkDone { slot: u64, done: WorkDone },
-    /// A timer set with [`Context::after`] fired.
-    Timer { slot: u64, epoch: Epoch, token: u64 },
-    /// The answer to one of the task's pulls arrived.
-    Pulled {
-        slot: u64,
-        id: PullId,
-        server_term: Term,
-        result: Result<Bytes, PullError>,
-    },
 }
 
 /// A task's handle on the framework: who it is, where the job is, and the verbs it may call.

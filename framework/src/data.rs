@@ -4,7 +4,6 @@
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::mpsc;
 
 use crate::wire::Rejection;
 use crate::{Epoch, TaskId, Term};
@@ -153,12 +152,14 @@ pub struct DataRequest {
     pub(crate) responder: Option<Responder>,
 }
 
-/// Where a [`DataRequest`]'s answer goes: back to the serving node's event loop.
-#[derive(Debug)]
-pub(crate) struct Responder {
-    pub(crate) slot: u64,
-    pub(crate) key: ServeKey,
-    pub(crate) tx: mpsc::UnboundedSender<crate::app::LoopRequest>,
+/// Where a [`DataRequest`]'s answer goes: back to the serving node's event loop, by a
+/// callback the loop builds (so this public-API module knows nothing of the loop's inbox).
+pub(crate) struct Responder(pub(crate) Box<dyn FnOnce(Answer) + Send>);
+
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Responder")
+    }
 }
 
 /// The serving side's identity of a request: the pull id and the requester's term (a new
@@ -232,12 +233,8 @@ impl DataRequest {
     }
 
     fn send(&mut self, answer: Answer) {
-        if let Some(r) = self.responder.take() {
-            let _ = r.tx.send(crate::app::LoopRequest::Answer {
-                slot: r.slot,
-                key: r.key,
-                answer,
-            });
+        if let Some(Responder(deliver)) = self.responder.take() {
+            deliver(answer);
         }
     }
 }

@@ -102,14 +102,16 @@ mod exchange;
 mod framework;
 mod health;
 mod http;
+mod inbox;
 pub mod metrics;
 mod node;
 mod role;
 mod roles;
 pub mod security;
 mod stall;
+mod work;
 
-pub use app::{Context, ExitReason, Task, TaskBuilder, TaskError, WorkDone, WorkId};
+pub use app::{Context, ExitReason, Task, TaskBuilder, TaskError};
 pub use async_trait::async_trait;
 pub use bytes::Bytes;
 pub use client::{
@@ -128,6 +130,7 @@ pub use taskgraph_topology as topology;
 pub use taskgraph_topology::{
     Butterfly, FullMesh, Grid, Links, ParameterServers, Ring, Star, Topology, Tree,
 };
+pub use work::{WorkDone, WorkId};
 
 /// Identifier of a task: `0..tasks`.
 pub type TaskId = u32;

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, error_span, info, warn, Instrument, Span};
 
-use crate::app::{Context, ExitReason, LoopRequest, SlotState, Task, TaskBuilder};
+use crate::app::{Context, ExitReason, SlotState, Task, TaskBuilder};
 use crate::config::Config;
 use crate::config::JobSpec;
 use crate::data::{Checkpoint, DataReply, DataRequest, Responder, ServeKey};
@@ -32,6 +32,7 @@ use crate::exchange::replication::{ship, Member, Shipped};
 use crate::exchange::serve::{Lookup, Reply, ServeBook};
 use crate::exchange::{Fence, SlotEnv};
 use crate::health::{readiness, Health, Phase};
+use crate::inbox::LoopRequest;
 use crate::metrics::{Metrics, NeighbourEvent};
 use crate::roles::{
     decide, judge_epoch, watched, Decision, EpochFault, EpochFaultKind, JobView, MySlot, SlotKey,
@@ -911,10 +912,11 @@ impl Node {
                 id,
                 method: req.method,
                 input: req.payload,
-                responder: Some(Responder {
-                    slot: s.id,
-                    key,
-                    tx: requests.clone(),
+                responder: Some({
+                    let (slot, tx) = (s.id, requests.clone());
+                    Responder(Box::new(move |answer| {
+                        let _ = tx.send(LoopRequest::Answer { slot, key, answer });
+                    }))
                 }),
             };
             s.task.serve_data(&s.ctx, request).await;

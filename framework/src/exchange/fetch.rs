@@ -10,8 +10,8 @@ use super::{
     backoff, end_dead_primary, lease_confirmed, lock, pause, primary_changed, primary_of, verdict,
     EpochBook, SlotEnv, Verdict,
 };
-use crate::app::LoopRequest;
 use crate::data::{DataReply, PullError, PullId};
+use crate::inbox::LoopRequest;
 use crate::wire::{Header, PullRequest};
 use crate::Term;
 

@@ -20,9 +20,9 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
-use crate::app::LoopRequest;
 use crate::data::{DataReply, PullId};
 use crate::etcd::Store;
+use crate::inbox::LoopRequest;
 use crate::metrics::Metrics;
 use crate::roles::JobView;
 use crate::wire::{CallError, Peers, Rejection};
