@@ -11,6 +11,7 @@ use taskgraph_topology::Links;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
+pub use crate::role::ExitReason;
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -28,23 +29,6 @@ use crate::{Epoch, TaskId, Term};
 
 /// An error a task handler reports. Returned from [`Task::init`], it stops the node.
 pub type TaskError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Why a task's slot ended on this node (see [`Task::exit`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ExitReason {
-    /// The job finished at this epoch (someone called [`Context::shutdown_job`]).
-    JobFinished {
-        /// The final epoch.
-        epoch: Epoch,
-    },
-    /// The node is stopping cleanly (its lease is revoked right after).
-    Stopped,
-    /// The node lost its slot: its lease ended (etcd unreachable past the TTL, or the process
-    /// was paused), or another node took the slot. The task value is dropped after this; the
-    /// node rejoins the job as a spare.
-    SlotLost,
-}
 
 /// One task of the application: a state machine driven by the framework's events.
 ///
@@ -436,7 +420,7 @@ impl Context {
         let task = self.inner.env.task;
         let term = self.elected_term()?;
         let lost = || ContextError::NotPrimary { task, term };
-        let mut delays = crate::exchange::backoff();
+        let mut delays = crate::retry::PEER.delays();
         loop {
             match op().await {
                 Err(ContextError::Suspended { .. }) => {

@@ -105,6 +105,7 @@ mod http;
 mod inbox;
 pub mod metrics;
 mod node;
+mod retry;
 mod role;
 mod roles;
 pub mod security;

@@ -3,6 +3,23 @@
 
 use crate::{Epoch, TaskId, Term};
 
+/// Why a task's slot ended on this node (see [`Task::exit`](crate::Task::exit)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExitReason {
+    /// The job finished at this epoch (someone called [`Context::shutdown_job`](crate::Context::shutdown_job)).
+    JobFinished {
+        /// The final epoch.
+        epoch: Epoch,
+    },
+    /// The node is stopping cleanly (its lease is revoked right after).
+    Stopped,
+    /// The node lost its slot: its lease ended (etcd unreachable past the TTL, or the process
+    /// was paused), or another node took the slot. The task value is dropped after this; the
+    /// node rejoins the job as a spare.
+    SlotLost,
+}
+
 /// How a node ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeExit {

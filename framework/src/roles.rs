@@ -295,6 +295,38 @@ pub fn watched(view: &JobView, me: &str, mine: MySlot) -> Vec<Watched> {
     out
 }
 
+/// A backup slot as the primary keeps it in step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Member {
+    pub(crate) k: u32,
+    pub(crate) create_revision: i64,
+    pub(crate) node: String,
+    pub(crate) addr: String,
+    pub(crate) lease: i64,
+}
+
+impl Member {
+    /// The backups of `task` in the view, except `me`.
+    pub(crate) fn all_in(view: &JobView, task: crate::TaskId, me: &str) -> Vec<Member> {
+        view.backups_of(task)
+            .filter(|(_, s)| s.holder.node != me && s.lease != 0)
+            .map(|(k, s)| Member {
+                k,
+                create_revision: s.create_revision,
+                node: s.holder.node.clone(),
+                addr: s.holder.addr.clone(),
+                lease: s.lease,
+            })
+            .collect()
+    }
+
+    pub(crate) fn in_view(&self, view: &JobView, task: crate::TaskId) -> bool {
+        view.backups
+            .get(&(task, self.k))
+            .is_some_and(|b| b.create_revision == self.create_revision)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

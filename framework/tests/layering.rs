@@ -170,3 +170,49 @@ fn low_layers_never_import_the_loop_the_application_api_or_the_exchange() {
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
+
+#[test]
+fn the_engine_is_pure() {
+    let known = modules();
+    let g = graph();
+    let engine: Vec<&String> = known
+        .keys()
+        .filter(|m| m.as_str() == "node::engine" || m.starts_with("node::engine::"))
+        // The engine's tests drive it with a clock; they are not the engine.
+        .filter(|m| !m.starts_with("node::engine::tests"))
+        .collect();
+    assert!(
+        engine.len() >= 3,
+        "the engine's modules were not found: {engine:?}"
+    );
+    let high = ["node", "app", "exchange", "framework", "client", "http"];
+    let mut bad = Vec::new();
+    for m in &engine {
+        for d in &g[*m] {
+            let inside = d == "node::engine" || d.starts_with("node::engine::");
+            let dtop = d.split("::").next().unwrap_or_default();
+            if !inside && high.contains(&dtop) {
+                bad.push(format!("{m} imports {d}"));
+            }
+        }
+        // Whole words only: `Store` but not `StoredCheckpoint`.
+        let text = &known[*m];
+        for word in [
+            "tokio::spawn",
+            "Store",
+            "Peers",
+            "Instant::now",
+            "dyn Task",
+            "JoinSet",
+        ] {
+            let found = text.match_indices(word).any(|(i, _)| {
+                let after = text[i + word.len()..].chars().next();
+                !after.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+            });
+            if found {
+                bad.push(format!("{m} uses {word}"));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}

@@ -160,7 +160,7 @@ impl Store {
         }
         let keys = JobKeys::new(job);
         let deadline = tokio::time::Instant::now() + connect_timeout;
-        let mut delay = Duration::from_millis(50);
+        let mut delays = crate::retry::ETCD.delays();
         loop {
             let attempt = async {
                 let client = Client::connect(endpoints, Some(options.clone()))
@@ -194,6 +194,7 @@ impl Store {
                             reason,
                         });
                     }
+                    let delay = delays.next().unwrap_or(crate::retry::ETCD.max);
                     if tokio::time::Instant::now() + delay >= deadline {
                         return Err(Error::EtcdUnreachable {
                             endpoints: endpoints.to_vec(),
@@ -202,7 +203,6 @@ impl Store {
                     }
                     tracing::debug!(error = %source, "etcd not reachable yet, retrying");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
                 }
             }
         }
@@ -270,7 +270,8 @@ impl Store {
         options: Option<GetOptions>,
     ) -> Result<etcd_client::GetResponse, EtcdError> {
         let deadline = Instant::now() + self.timeout;
-        let mut pause = Duration::from_millis(10);
+        let mut pauses = crate::retry::ETCD_RESEND.delays();
+        let mut pause = pauses.next().unwrap_or(crate::retry::ETCD_RESEND.max);
         loop {
             let mut c = self.client.clone();
             let started = Instant::now();
@@ -281,7 +282,7 @@ impl Store {
                     self.record(op, Outcome::Error, started);
                     tracing::debug!(op, key, error = %e, "etcd read not sent; sending again");
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(200));
+                    pause = pauses.next().unwrap_or(crate::retry::ETCD_RESEND.max);
                     continue;
                 }
                 Ok(Err(e)) => (Err(err(op, key, e)), Outcome::Error),

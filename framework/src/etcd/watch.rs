@@ -5,8 +5,6 @@
 //! one; if etcd compacted that revision away, it reads everything again and sends a new
 //! snapshot.
 
-use std::time::Duration;
-
 use etcd_client::{EventType, WatchOptions};
 use tokio::sync::mpsc;
 
@@ -40,7 +38,7 @@ pub enum JobEvent {
 pub async fn run(store: Store, tx: mpsc::Sender<JobEvent>) {
     let prefix = store.keys().prefix().to_owned();
     let mut next: Option<i64> = None;
-    let mut delay = Duration::from_millis(20);
+    let mut delays = crate::retry::WATCH.delays();
     let mut announced_down = false;
     loop {
         if tx.is_closed() {
@@ -61,8 +59,7 @@ pub async fn run(store: Store, tx: mpsc::Sender<JobEvent>) {
                         let _ = tx.send(JobEvent::Disconnected).await;
                     }
                     tracing::debug!(error = %e, "job watch: cannot read the job's keys, retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_millis(500));
+                    tokio::time::sleep(delays.next().unwrap_or(crate::retry::WATCH.max)).await;
                     continue;
                 }
             },
@@ -85,8 +82,7 @@ pub async fn run(store: Store, tx: mpsc::Sender<JobEvent>) {
                     let _ = tx.send(JobEvent::Disconnected).await;
                 }
                 tracing::debug!(error = %e, "job watch: cannot open the watch, retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_millis(500));
+                tokio::time::sleep(delays.next().unwrap_or(crate::retry::WATCH.max)).await;
                 continue;
             }
         };
@@ -109,7 +105,7 @@ pub async fn run(store: Store, tx: mpsc::Sender<JobEvent>) {
                         );
                         break;
                     }
-                    delay = Duration::from_millis(20);
+                    delays = crate::retry::WATCH.delays();
                     announced_down = false;
                     for ev in resp.events() {
                         let Some(kv) = ev.kv() else { continue };
@@ -133,8 +129,7 @@ pub async fn run(store: Store, tx: mpsc::Sender<JobEvent>) {
                         let _ = tx.send(JobEvent::Disconnected).await;
                     }
                     tracing::debug!(resume_from = ?next, "job watch stream ended, resuming");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_millis(500));
+                    tokio::time::sleep(delays.next().unwrap_or(crate::retry::WATCH.max)).await;
                     break;
                 }
             }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, Weak};
 use bytes::Bytes;
 
 use super::{
-    backoff, end_dead_primary, lease_confirmed, lock, pause, primary_changed, primary_of, verdict,
+    end_dead_primary, lease_confirmed, lock, pause, primary_changed, primary_of, verdict,
     EpochBook, SlotEnv, Verdict,
 };
 use crate::data::{DataReply, PullError, PullId};
@@ -26,7 +26,7 @@ pub(crate) async fn fetch(
     input: Bytes,
 ) {
     let mut view = env.view.clone();
-    let mut delays = backoff();
+    let mut delays = crate::retry::PEER.delays();
     let mut attempts = 0u64;
     loop {
         let target = primary_of(&view.borrow_and_update(), id.to);

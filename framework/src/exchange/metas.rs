@@ -7,8 +7,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::{
-    backoff, end_dead_primary, lease_confirmed, pause, primary_changed, primary_of, verdict,
-    SlotEnv, Verdict,
+    end_dead_primary, lease_confirmed, pause, primary_changed, primary_of, verdict, SlotEnv,
+    Verdict,
 };
 use crate::wire::{Header, Meta};
 use crate::{Epoch, TaskId, Term};
@@ -25,7 +25,7 @@ pub(crate) async fn send_metas(
     let mut view = env.view.clone();
     // (receiver's term, number of metas it acknowledged)
     let mut acked: Option<(i64, usize)> = None;
-    let mut delays = backoff();
+    let mut delays = crate::retry::PEER.delays();
     loop {
         lease_confirmed(&env).await;
         let target = primary_of(&view.borrow_and_update(), to);
@@ -79,7 +79,7 @@ pub(crate) async fn send_metas(
         }
         acked = Some((their_term, done));
         let Some(err) = failure else {
-            delays = backoff();
+            delays = crate::retry::PEER.delays();
             continue;
         };
         let delay = delays

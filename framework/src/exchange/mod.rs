@@ -1,5 +1,5 @@
 //! Task-to-task exchange on top of the wire: the requesting side of pulls, metas on their way
-//! to neighbours, replication to backups, the term fence, and neighbour incidents.
+//! to neighbours, replication to backups and the term fence.
 //!
 //! Everything here runs beside the event loop (in tasks owned by a slot) or is pure state the
 //! loop consults; only the loop calls application handlers.
@@ -7,7 +7,6 @@
 pub(crate) mod fetch;
 pub(crate) mod liveness;
 pub(crate) mod metas;
-pub(crate) mod neighbours;
 pub(crate) mod replication;
 pub(crate) mod serve;
 
@@ -15,7 +14,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -150,18 +148,6 @@ impl EpochBook {
 /// Locks a book, whatever a panicking holder left behind.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Delays between retries: exponential from 5 ms to 500 ms with jitter, without end (the
-/// caller stops on its own conditions: epoch moved, slot ended, deadline).
-pub(crate) fn backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(5))
-        .with_max_delay(Duration::from_millis(500))
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .build()
 }
 
 /// What a caller should do after a failed call to another node.

@@ -7,42 +7,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::{backoff, verdict, SlotEnv, Verdict};
-use crate::roles::JobView;
+use super::{verdict, SlotEnv, Verdict};
+use crate::roles::Member;
 use crate::wire::{CallError, Header, Rejection, Replicate, ReplicateKind};
 use crate::{Epoch, Term};
-
-/// A backup slot as the primary keeps it in step.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Member {
-    pub(crate) k: u32,
-    pub(crate) create_revision: i64,
-    pub(crate) node: String,
-    pub(crate) addr: String,
-    pub(crate) lease: i64,
-}
-
-impl Member {
-    /// The backups of `env.task` in the view, except `me`.
-    pub(crate) fn all_in(view: &JobView, task: crate::TaskId, me: &str) -> Vec<Member> {
-        view.backups_of(task)
-            .filter(|(_, s)| s.holder.node != me && s.lease != 0)
-            .map(|(k, s)| Member {
-                k,
-                create_revision: s.create_revision,
-                node: s.holder.node.clone(),
-                addr: s.holder.addr.clone(),
-                lease: s.lease,
-            })
-            .collect()
-    }
-
-    fn in_view(&self, view: &JobView, task: crate::TaskId) -> bool {
-        view.backups
-            .get(&(task, self.k))
-            .is_some_and(|b| b.create_revision == self.create_revision)
-    }
-}
 
 /// The primary's replication stream under one term: the last index shipped, and the backups
 /// that have everything up to it.
@@ -90,7 +58,7 @@ pub(crate) async fn ship(
     data: Bytes,
 ) -> Shipped {
     let deadline = Instant::now() + env.lease_ttl;
-    let mut delays = backoff();
+    let mut delays = crate::retry::PEER.delays();
     let mut view = env.view.clone();
     loop {
         if !env.lease.borrow().valid_now() {

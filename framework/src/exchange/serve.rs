@@ -45,11 +45,6 @@ pub(crate) struct ServeBook {
 }
 
 impl ServeBook {
-    /// The epoch the task is in, if it entered one.
-    pub(crate) fn epoch(&self) -> Option<Epoch> {
-        self.epoch
-    }
-
     /// The task enters `epoch`: calls waiting on older epochs are told the epoch moved, and
     /// what arrived early for `epoch` is returned to be handled now (later ones stay held).
     pub(crate) fn enter(&mut self, epoch: Epoch) -> (Vec<(PullRequest, Reply)>, Vec<Meta>) {

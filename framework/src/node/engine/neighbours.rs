@@ -1,5 +1,5 @@
 //! Neighbour incidents: which neighbours lost their primary, and which got a new one, from the
-//! primaries the view shows. Pure state, driven by the event loop.
+//! primaries the view shows. Pure state, driven by the engine.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -1,0 +1,1012 @@
+//! The node's decisions, as a pure state machine: inputs in, commands out.
+//!
+//! [`Engine::handle`] takes one [`Input`] (a batch of watch events, a lease state, the outcome
+//! of a claim, a timer, stop) and the current time, updates the engine's state and returns the
+//! [`Command`]s to carry it out, in order. The engine owns no clock, channel, client or task
+//! value: it never awaits, never spawns, never reads the time, so every decision is tested by
+//! asserting on command lists (see `tests`), in milliseconds and without etcd. The runtime
+//! (`node::runtime`) turns the world into inputs and executes the commands.
+//!
+//! What lives here: the node's view of the job and how watch events change it (`view`); which
+//! slot to claim, what a claim's outcome means and when to try again; which epochs the task
+//! enters, once each and in order; who may reach the task and when (`admission`); neighbour
+//! incidents; which slot holders to monitor; which backups to bring in step; which keys to
+//! heal; what status to publish.
+//!
+//! Two rules the runtime keeps (the engine relies on them):
+//! - **Sequencing.** The commands of one input are executed completely, in order, before the
+//!   next input is handled; a command that has an outcome (a claim, a new lease, a failed
+//!   guard) feeds it back at once, and the commands that answer it run next.
+//! - **Guards.** A command whose [`Command::guard`] is `Some` is run only if the lease is
+//!   still within its local deadline right before it runs; otherwise it is dropped and
+//!   [`Input::GuardFailed`] carries it back, so the engine can undo what it planned.
+
+mod admission;
+mod neighbours;
+mod view;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use taskgraph_topology::Links;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::etcd::keys::{EpochValue, Holder, JobKeys};
+use crate::etcd::lease::LeaseState;
+use crate::etcd::watch::JobEvent;
+use crate::health::readiness;
+use crate::retry;
+use crate::role::{ExitReason, NodeExit, Role};
+use crate::roles::{decide, watched, Decision, JobView, Member, MySlot, SlotKey, Watched};
+use crate::{Epoch, TaskId, Term};
+use neighbours::Incident;
+
+pub(crate) use admission::{Replica, Route, When};
+
+/// What the engine reacts to.
+#[derive(Debug)]
+pub(crate) enum Input {
+    /// Watch events of the job, in order (everything queued at the time: decisions are made
+    /// on the freshest view available).
+    Watch(Vec<JobEvent>),
+    /// The lease keeper published a new state.
+    Lease(LeaseState),
+    /// A fresh lease was granted and the node registered under it (after [`Command::NewLease`]).
+    LeaseGranted {
+        /// The lease's state, as its keeper first published it.
+        lease: LeaseState,
+        /// The revision of the node's registration.
+        registered_at: i64,
+    },
+    /// The outcome of a [`Command::Claim`].
+    Claimed(Claim, ClaimOutcome),
+    /// As backup: a replication entry was applied (`term`, `index`).
+    Replicated {
+        /// The primary's term.
+        term: Term,
+        /// The entry's index.
+        index: u64,
+    },
+    /// The time set by [`Engine::retry_at`] came.
+    Retry,
+    /// The lease's local deadline passed.
+    Deadline,
+    /// The node is asked to stop.
+    Stop,
+    /// A guarded command was not run: the lease was past its local deadline.
+    GuardFailed(Command),
+}
+
+/// A claim of a slot in etcd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Claim {
+    /// Task `task`'s primary slot, as a spare.
+    Primary {
+        /// The task.
+        task: TaskId,
+        /// The lease the key is put under.
+        lease: i64,
+    },
+    /// Backup slot `k` of `task`, as a spare.
+    Backup {
+        /// The task.
+        task: TaskId,
+        /// The backup slot.
+        k: u32,
+        /// The lease.
+        lease: i64,
+    },
+    /// As backup `k` of `task` (created at `create_revision`): the primary slot.
+    Promote {
+        /// The task.
+        task: TaskId,
+        /// The backup slot held.
+        k: u32,
+        /// Its create revision.
+        create_revision: i64,
+        /// The lease.
+        lease: i64,
+    },
+}
+
+impl Claim {
+    fn task(self) -> TaskId {
+        match self {
+            Claim::Primary { task, .. }
+            | Claim::Backup { task, .. }
+            | Claim::Promote { task, .. } => task,
+        }
+    }
+    fn what(self) -> &'static str {
+        match self {
+            Claim::Primary { .. } => "claim primary",
+            Claim::Backup { .. } => "claim backup",
+            Claim::Promote { .. } => "promotion",
+        }
+    }
+}
+
+/// What etcd said to a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ClaimOutcome {
+    /// Won: the key's create revision (a primary's term).
+    Won(i64),
+    /// Lost the race: the view was stale.
+    Lost,
+    /// etcd did not answer (the outcome is unknown): the error, for the log.
+    Failed(String),
+}
+
+/// A call into the task value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum TaskCall {
+    /// `became_backup`.
+    BecameBackup,
+    /// `became_primary(term)`, after the slot's state shows the term.
+    BecamePrimary(Term),
+    /// `neighbour_failed(link, n)`.
+    NeighbourFailed(String, TaskId),
+    /// `neighbour_restarted(link, n)`.
+    NeighbourRestarted(String, TaskId),
+}
+
+/// A key the engine wants gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Removal {
+    /// A slot key holding garbage that no live lease owns (or this node's own).
+    Garbage,
+    /// A slot key under this node's lease that is not its slot.
+    Stray,
+}
+
+/// What the node publishes about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Published {
+    /// Its role.
+    pub(crate) role: Role,
+    /// Whether it may act (lease within its local deadline).
+    pub(crate) acting: bool,
+    /// The epoch its task entered, or the job's.
+    pub(crate) epoch: Option<Epoch>,
+    /// Whether it saw the job finish.
+    pub(crate) finished: bool,
+    /// `/readyz`: ready, with a description, or why not.
+    pub(crate) ready: Result<String, String>,
+    /// Until when the readiness holds (the lease's local deadline).
+    pub(crate) until: Option<Instant>,
+}
+
+/// A fact for the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Note {
+    /// A key held a value the framework did not write.
+    BadValue(&'static str),
+    /// The job's epoch as seen.
+    JobEpoch {
+        /// The epoch.
+        epoch: Epoch,
+        /// Whether it is the final one.
+        done: bool,
+    },
+    /// This node took over a task whose earlier primary it saw.
+    Failover(TaskId),
+    /// The task entered an epoch.
+    EpochEntered(TaskId),
+    /// A neighbour incident was raised (`true`: failed, `false`: restarted).
+    Neighbour(TaskId, bool),
+}
+
+/// What the runtime does, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Command {
+    /// Try the claim in etcd; feed the outcome back as [`Input::Claimed`].
+    Claim(Claim),
+    /// Delete `key` if its mod revision is still `mod_revision`.
+    DeleteKey {
+        /// The raw key.
+        key: Vec<u8>,
+        /// Its mod revision when judged.
+        mod_revision: i64,
+        /// Why.
+        why: Removal,
+    },
+    /// The view changed: publish it to the slot's background work and raise the shared fence
+    /// to every term it shows.
+    ViewChanged,
+    /// Rewrite a bad `epoch` or `spec` value, guarded by its mod revision `guard` and fenced by
+    /// the job reporter's (task, term).
+    Heal {
+        /// `epoch` or `spec`.
+        what: &'static str,
+        /// The key.
+        key: String,
+        /// The bad value's mod revision (0: deleted).
+        guard: i64,
+        /// The good value.
+        value: Vec<u8>,
+        /// The reporter's primary slot.
+        fence: (TaskId, i64),
+    },
+    /// Rewrite this node's record (it holds a value the node did not write), over `guard`.
+    HealRecord {
+        /// The bad value's mod revision (0: deleted).
+        guard: i64,
+    },
+    /// Build the task value for a slot just taken (`init`; a primary's also restores the
+    /// task's last checkpoint). `slot` identifies it among the slots this node took.
+    BuildSlot {
+        /// The task.
+        task: TaskId,
+        /// Whether taken as primary.
+        primary: bool,
+        /// The slot's id.
+        slot: u64,
+        /// The job's epoch when taken.
+        epoch: Epoch,
+    },
+    /// As a backup just promoted without its primary's state: restore the last checkpoint.
+    RestoreCheckpoint(TaskId),
+    /// The slot now serves as primary under `term`: a new slot span, the slot's state shows
+    /// the term (before any handler runs), and nothing is entered yet.
+    PrimaryTerm(Term),
+    /// As backup: the slot's state shows the job's epoch.
+    BackupEpoch(Epoch),
+    /// Call the task.
+    Call(TaskCall),
+    /// Enter `epoch` (its state, the serve book, the span; `enter_epoch`; early messages).
+    /// Guarded. `prev` is the epoch entered before, restored if the guard fails.
+    EnterEpoch {
+        /// The epoch.
+        epoch: Epoch,
+        /// The epoch entered before it.
+        prev: Option<Epoch>,
+    },
+    /// Deliver the answers held while the lease was unconfirmed.
+    DeliverDeferred,
+    /// As primary of `task` under `term` in `epoch`: bring these backups in step and forget
+    /// the others.
+    SyncBackups {
+        /// The task.
+        task: TaskId,
+        /// The term.
+        term: Term,
+        /// The epoch entered.
+        epoch: Epoch,
+        /// The backups to keep in step.
+        members: Vec<Member>,
+    },
+    /// Keep liveness checks on exactly these slot holders.
+    Monitor(Vec<Watched>),
+    /// End the slot: the task's `exit(reason)`, then the value is dropped.
+    DropSlot(ExitReason),
+    /// Grant a new lease and register; feed [`Input::LeaseGranted`] back.
+    NewLease,
+    /// Revoke lease `id` (a clean stop).
+    RevokeLease(i64),
+    /// Publish the node's status.
+    Publish(Published),
+    /// A fact for the metrics.
+    Note(Note),
+    /// The node ends.
+    Exit(NodeExit),
+}
+
+impl Command {
+    /// `Some(term)`: run only while the lease is within its local deadline.
+    pub(crate) fn guard(&self) -> Option<()> {
+        matches!(self, Command::EnterEpoch { .. }).then_some(())
+    }
+}
+
+/// What the engine keeps of the slot it holds.
+#[derive(Debug)]
+pub(crate) struct SlotBook {
+    /// Identifies the slot among the ones the node has taken.
+    pub(crate) id: u64,
+    /// As primary: the last epoch entered under the current term.
+    pub(crate) entered: Option<Epoch>,
+    /// The epoch the slot's state shows.
+    pub(crate) epoch: Epoch,
+    /// As backup: the primary's term and the last index of its replication stream applied.
+    pub(crate) replica: Option<(Term, u64)>,
+    /// As primary: the neighbours' primaries, for neighbour incidents.
+    neighbours: neighbours::NeighbourTracker,
+}
+
+/// The engine: the node's state as far as decisions need it.
+pub(crate) struct Engine {
+    me: Holder,
+    keys: JobKeys,
+    tasks: u32,
+    replicas: u32,
+    links: Links,
+    /// The job's spec as stored (what a bad `spec` key is rewritten to).
+    spec: Vec<u8>,
+    /// `None` until the first snapshot of the job has arrived.
+    view: Option<JobView>,
+    mine: MySlot,
+    lease: LeaseState,
+    /// The revision of this node's registration under its current lease.
+    registered_at: i64,
+    slot: Option<SlotBook>,
+    slots_taken: u64,
+    /// Running epochs observed since the task last entered one, in order.
+    observed: Vec<Epoch>,
+    /// A claim failed on the current view: wait for the next change before claiming again.
+    await_change: bool,
+    /// A claim is out: no other until its outcome.
+    claiming: Option<Claim>,
+    /// etcd did not answer a claim: decide again at this time even if nothing changes.
+    retry_at: Option<Instant>,
+    /// Claims etcd did not answer in a row (the pause before the next grows with it).
+    claim_failures: u32,
+    /// Highest term seen per task (raised from the view only).
+    fence: BTreeMap<TaskId, Term>,
+    /// A bad value under this node's record, by the revision to heal over (0: deleted).
+    record_fault: Option<i64>,
+    /// A bad value under `spec`: why, and the revision to heal over (0: deleted).
+    spec_fault: Option<(String, i64)>,
+    /// Heals tried, by key and guard revision (each bad value once).
+    heals_tried: Vec<(&'static str, i64)>,
+    rng: StdRng,
+    ended: bool,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("me", &self.me.node)
+            .field("mine", &self.mine)
+            .field("slot", &self.slot)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `lease` lets the node act at `now`.
+pub(crate) fn acting_at(lease: &LeaseState, now: Instant) -> bool {
+    matches!(lease, LeaseState::Alive { deadline, .. } if now < *deadline)
+}
+
+impl Engine {
+    /// A spare that has not read the job yet. `spec` is the stored form of the spec it runs
+    /// with; `seed` seeds the choice among equally good slots.
+    pub(crate) fn new(
+        me: Holder,
+        job: &str,
+        tasks: u32,
+        replicas: u32,
+        links: Links,
+        spec: Vec<u8>,
+        seed: u64,
+    ) -> Engine {
+        Engine {
+            me,
+            keys: JobKeys::new(job),
+            tasks,
+            replicas,
+            links,
+            spec,
+            view: None,
+            mine: MySlot::Spare,
+            lease: LeaseState::Expired { id: 0 },
+            registered_at: 0,
+            slot: None,
+            slots_taken: 0,
+            observed: Vec::new(),
+            await_change: false,
+            claiming: None,
+            retry_at: None,
+            claim_failures: 0,
+            fence: BTreeMap::new(),
+            record_fault: None,
+            spec_fault: None,
+            heals_tried: Vec::new(),
+            rng: StdRng::seed_from_u64(seed),
+            ended: false,
+        }
+    }
+
+    // ---- what the runtime reads ----
+
+    /// The view (`None` before the first snapshot).
+    pub(crate) fn view(&self) -> Option<&JobView> {
+        self.view.as_ref()
+    }
+    /// The slot this node holds.
+    pub(crate) fn mine(&self) -> MySlot {
+        self.mine
+    }
+    /// The slot's bookkeeping.
+    pub(crate) fn slot(&self) -> Option<&SlotBook> {
+        self.slot.as_ref()
+    }
+    /// When to feed [`Input::Retry`].
+    pub(crate) fn retry_at(&self) -> Option<Instant> {
+        self.retry_at
+    }
+    /// The highest term seen for `task` (0 if none).
+    pub(crate) fn fence_seen(&self, task: TaskId) -> Term {
+        self.fence.get(&task).copied().unwrap_or(0)
+    }
+    /// Why the `spec` key is bad, while it is.
+    pub(crate) fn spec_fault(&self) -> Option<&str> {
+        self.spec_fault.as_ref().map(|(r, _)| r.as_str())
+    }
+    /// Whether the node may act at `now`.
+    pub(crate) fn acting(&self, now: Instant) -> bool {
+        acting_at(&self.lease, now)
+    }
+    /// The task this node acts for as primary at `now`, with its term.
+    pub(crate) fn acting_primary(&self, now: Instant) -> Option<(TaskId, Term)> {
+        match self.mine {
+            MySlot::Primary { task, term } if self.acting(now) => Some((task, term as Term)),
+            _ => None,
+        }
+    }
+    /// The term this node was elected with, lease valid or not.
+    pub(crate) fn elected(&self) -> Option<Term> {
+        match self.mine {
+            MySlot::Primary { term, .. } => Some(term as Term),
+            _ => None,
+        }
+    }
+    /// `Some((task, term))` when this node speaks for the whole job (heals `epoch` and `spec`,
+    /// reports a stall's job-wide causes): the primary of the lowest task that has a primary in
+    /// its view (task 0's, unless task 0 has none right now).
+    pub(crate) fn job_reporter(&self) -> Option<(TaskId, i64)> {
+        let MySlot::Primary { task, term } = self.mine else {
+            return None;
+        };
+        let lowest = self.view.as_ref()?.primaries.keys().next().copied();
+        (lowest == Some(task)).then_some((task, term))
+    }
+
+    /// The lease as its keeper shows it now, without reacting to it (that is
+    /// [`Input::Lease`]): the runtime calls this before each input and each admission, so the
+    /// engine never judges by a lease the keeper has already renewed or lost.
+    pub(crate) fn observe_lease(&mut self, lease: LeaseState) {
+        self.lease = lease;
+    }
+
+    // ---- inputs ----
+
+    /// Handles one input at `now` and returns what to do, in order.
+    pub(crate) fn handle(&mut self, input: Input, now: Instant) -> Vec<Command> {
+        let mut out = Vec::new();
+        if self.ended {
+            return out;
+        }
+        match input {
+            Input::Watch(events) => {
+                let before = self.view.as_ref().and_then(|v| v.epoch);
+                for ev in events {
+                    self.apply_event(ev, now, &mut out);
+                }
+                let after = self.view.as_ref().and_then(|v| v.epoch);
+                if let Some(e) = after.filter(|_| after != before) {
+                    out.push(Command::Note(Note::JobEpoch {
+                        epoch: e.epoch(),
+                        done: matches!(e, EpochValue::Done(_)),
+                    }));
+                }
+                if self.view.is_some() {
+                    self.raise_fence();
+                    out.push(Command::ViewChanged);
+                }
+                self.heal(now, &mut out);
+                self.step(now, &mut out);
+            }
+            Input::Lease(state) => {
+                self.lease = state;
+                match state {
+                    LeaseState::Expired { id } => {
+                        warn!(
+                            lease = format!("{id:x}"),
+                            "lease expired: giving up the slot and rejoining as a spare"
+                        );
+                        self.lose_slot(now, &mut out);
+                        out.push(Command::NewLease);
+                    }
+                    LeaseState::Suspended { .. } => out.push(self.publish(now)),
+                    LeaseState::Alive { .. } => {
+                        out.push(self.publish(now));
+                        self.step(now, &mut out);
+                    }
+                }
+            }
+            Input::LeaseGranted {
+                lease,
+                registered_at,
+            } => {
+                self.lease = lease;
+                self.registered_at = registered_at;
+                self.record_fault = None;
+                out.push(self.publish(now));
+                self.step(now, &mut out);
+            }
+            Input::Claimed(claim, outcome) => {
+                if self.claiming.take() != Some(claim) {
+                    debug!(?claim, "an outcome of a claim not out; ignored");
+                    return out;
+                }
+                self.claimed(claim, outcome, now, &mut out);
+                self.step(now, &mut out);
+            }
+            Input::Replicated { term, index } => {
+                let Some(s) = self.slot.as_mut() else {
+                    return out;
+                };
+                let was_in_step = s.replica.is_some();
+                s.replica = Some((term, index));
+                if !was_in_step {
+                    // The backup can take over now: it is ready.
+                    out.push(self.publish(now));
+                }
+            }
+            Input::Retry => {
+                self.retry_at = None;
+                self.await_change = false;
+                self.step(now, &mut out);
+            }
+            Input::Deadline => out.push(self.publish(now)),
+            Input::Stop => self.end(ExitReason::Stopped, NodeExit::Stopped, now, &mut out),
+            Input::GuardFailed(cmd) => {
+                if let (Command::EnterEpoch { prev, .. }, Some(s)) = (cmd, self.slot.as_mut()) {
+                    s.entered = prev;
+                }
+            }
+        }
+        out
+    }
+
+    fn raise_fence(&mut self) {
+        let Some(view) = self.view.as_ref() else {
+            return;
+        };
+        for (t, p) in &view.primaries {
+            let seen = self.fence.entry(*t).or_insert(0);
+            *seen = (*seen).max(p.create_revision as Term);
+        }
+    }
+
+    /// Decides and plans until nothing is left to do on the current view, or a claim is out.
+    fn step(&mut self, now: Instant, out: &mut Vec<Command>) {
+        loop {
+            if self.ended || self.claiming.is_some() {
+                return;
+            }
+            let Some(view) = self.view.as_ref() else {
+                return;
+            };
+            if let Some(EpochValue::Done(epoch)) = view.epoch {
+                self.end(
+                    ExitReason::JobFinished { epoch },
+                    NodeExit::JobFinished { epoch },
+                    now,
+                    out,
+                );
+                return;
+            }
+            if !self.acting(now) {
+                out.push(self.publish(now));
+                return;
+            }
+            let rng = &mut self.rng;
+            let decision = decide(view, &self.me.node, self.mine, &mut |n| {
+                rng.random_range(0..n)
+            });
+            let lease = self.lease.id();
+            let claim = match decision {
+                Decision::Stay => {
+                    self.stay(now, out);
+                    return;
+                }
+                Decision::Lost => {
+                    self.lose_slot(now, out);
+                    continue;
+                }
+                _ if self.await_change => return,
+                Decision::ClaimPrimary(task) => Claim::Primary { task, lease },
+                Decision::ClaimBackup(task, k) => Claim::Backup { task, k, lease },
+                Decision::Promote => {
+                    let MySlot::Backup {
+                        task,
+                        k,
+                        create_revision,
+                    } = self.mine
+                    else {
+                        return;
+                    };
+                    Claim::Promote {
+                        task,
+                        k,
+                        create_revision,
+                        lease,
+                    }
+                }
+            };
+            self.claiming = Some(claim);
+            out.push(Command::Claim(claim));
+            return;
+        }
+    }
+
+    /// Holding the slot it should: keep the monitors, the epoch, the backups and the
+    /// neighbours up to date.
+    fn stay(&mut self, now: Instant, out: &mut Vec<Command>) {
+        if let Some(view) = self.view.as_ref() {
+            out.push(Command::Monitor(watched(view, &self.me.node, self.mine)));
+        }
+        self.enter_current_epoch(now, out);
+        if let Some((task, term)) = self.acting_primary(now) {
+            out.push(Command::DeliverDeferred);
+            if let (Some(view), Some(s)) = (self.view.as_ref(), self.slot.as_ref()) {
+                out.push(Command::SyncBackups {
+                    task,
+                    term,
+                    epoch: s.entered.unwrap_or(0),
+                    members: Member::all_in(view, task, &self.me.node),
+                });
+            }
+            self.neighbour_incidents(task, out);
+        }
+        out.push(self.publish(now));
+    }
+
+    /// Carries out the outcome of a claim.
+    fn claimed(
+        &mut self,
+        claim: Claim,
+        outcome: ClaimOutcome,
+        now: Instant,
+        out: &mut Vec<Command>,
+    ) {
+        let rev = match outcome {
+            ClaimOutcome::Won(rev) => {
+                self.claim_failures = 0;
+                rev
+            }
+            ClaimOutcome::Lost => {
+                debug!(
+                    task = claim.task(),
+                    what = claim.what(),
+                    "lost the race; waiting for the next change"
+                );
+                self.await_change = true;
+                out.push(self.publish(now));
+                return;
+            }
+            ClaimOutcome::Failed(error) => {
+                // Jittered: nodes whose claims failed together (an etcd outage) do not all
+                // claim again in the same instant.
+                self.claim_failures += 1;
+                let pause = retry::ETCD.pause(self.claim_failures, self.rng.random());
+                warn!(
+                    error,
+                    task = claim.task(),
+                    what = claim.what(),
+                    ?pause,
+                    "failed; deciding again after a pause"
+                );
+                self.retry_at = Some(now + pause);
+                self.await_change = true;
+                out.push(self.publish(now));
+                return;
+            }
+        };
+        match claim {
+            Claim::Primary { task, lease } => {
+                // Taking over a task whose earlier primary this node saw is a failover.
+                let earlier = self.fence_seen(task) > 0;
+                info!(task, term = rev, "became primary");
+                if earlier {
+                    out.push(Command::Note(Note::Failover(task)));
+                }
+                self.mine = MySlot::Primary { task, term: rev };
+                self.note_own_key(true, task, 0, rev, lease);
+                self.build_slot(task, true, out);
+                self.promoted(rev, now, out);
+            }
+            Claim::Backup { task, k, lease } => {
+                info!(task, slot = k, "became backup");
+                self.mine = MySlot::Backup {
+                    task,
+                    k,
+                    create_revision: rev,
+                };
+                self.note_own_key(false, task, k, rev, lease);
+                self.build_slot(task, false, out);
+                out.push(Command::Call(TaskCall::BecameBackup));
+            }
+            Claim::Promote { task, k, lease, .. } => {
+                info!(task, term = rev, "backup promoted to primary");
+                out.push(Command::Note(Note::Failover(task)));
+                self.mine = MySlot::Primary { task, term: rev };
+                if let Some(v) = self.view.as_mut() {
+                    v.backups.remove(&(task, k));
+                }
+                self.note_own_key(true, task, 0, rev, lease);
+                self.raise_fence();
+                out.push(Command::ViewChanged);
+                // A backup that never got the primary's state starts like a spare would: from
+                // the task's last checkpoint.
+                if self.slot.as_ref().is_some_and(|s| s.replica.is_none()) {
+                    out.push(Command::RestoreCheckpoint(task));
+                }
+                self.promoted(rev, now, out);
+            }
+        }
+        out.push(self.publish(now));
+    }
+
+    /// Records a key this node just wrote, so the view agrees before the watch reports it.
+    fn note_own_key(&mut self, primary: bool, t: TaskId, k: u32, rev: i64, lease: i64) {
+        if let Some(v) = self.view.as_mut() {
+            let slot = SlotKey {
+                holder: self.me.clone(),
+                create_revision: rev,
+                lease,
+            };
+            if primary {
+                v.primaries.insert(t, slot);
+            } else {
+                v.backups.insert((t, k), slot);
+            }
+        }
+    }
+
+    fn build_slot(&mut self, task: TaskId, primary: bool, out: &mut Vec<Command>) {
+        let epoch = self
+            .view
+            .as_ref()
+            .and_then(|v| v.epoch)
+            .map_or(0, EpochValue::epoch);
+        self.slots_taken += 1;
+        self.slot = Some(SlotBook {
+            id: self.slots_taken,
+            entered: None,
+            epoch,
+            replica: None,
+            neighbours: Default::default(),
+        });
+        out.push(Command::BuildSlot {
+            task,
+            primary,
+            slot: self.slots_taken,
+            epoch,
+        });
+    }
+
+    /// The node just became primary with `term`: tell the task, then enter the current epoch.
+    fn promoted(&mut self, term: i64, now: Instant, out: &mut Vec<Command>) {
+        if let Some(s) = self.slot.as_mut() {
+            s.entered = None;
+            out.push(Command::PrimaryTerm(term as Term));
+            out.push(Command::Call(TaskCall::BecamePrimary(term as Term)));
+        }
+        self.enter_current_epoch(now, out);
+    }
+
+    /// As primary, enters every running epoch observed since the last one entered, once and
+    /// in order (a new primary starts at the current one); as backup, shows the current one.
+    fn enter_current_epoch(&mut self, now: Instant, out: &mut Vec<Command>) {
+        let Some(EpochValue::Running(current)) = self.view.as_ref().and_then(|v| v.epoch) else {
+            return;
+        };
+        let primary = matches!(self.mine, MySlot::Primary { .. });
+        let acting = self.acting(now);
+        let task = self.mine_task();
+        let Some(s) = self.slot.as_mut() else {
+            self.observed.clear();
+            return;
+        };
+        if !primary {
+            self.observed.clear();
+            if s.epoch != current {
+                s.epoch = current;
+                out.push(Command::BackupEpoch(current));
+            }
+            return;
+        }
+        if !acting {
+            return;
+        }
+        let mut todo: Vec<Epoch> = match s.entered {
+            None => vec![current],
+            Some(entered) => self
+                .observed
+                .iter()
+                .copied()
+                .filter(|e| *e > entered && *e <= current)
+                .collect(),
+        };
+        if todo.last().is_none_or(|last| *last < current) && s.entered.is_none_or(|e| e < current) {
+            todo.push(current);
+        }
+        self.observed.clear();
+        for epoch in todo {
+            let prev = s.entered;
+            s.entered = Some(epoch);
+            s.epoch = epoch;
+            out.push(Command::EnterEpoch { epoch, prev });
+            if let Some(task) = task {
+                out.push(Command::Note(Note::EpochEntered(task)));
+            }
+        }
+    }
+
+    fn mine_task(&self) -> Option<TaskId> {
+        match self.mine {
+            MySlot::Spare => None,
+            MySlot::Primary { task, .. } | MySlot::Backup { task, .. } => Some(task),
+        }
+    }
+
+    /// As acting primary of `task` in an epoch: the neighbours that lost or regained a
+    /// primary since the task last looked, once per incident, per link that joins them.
+    fn neighbour_incidents(&mut self, task: TaskId, out: &mut Vec<Command>) {
+        let (Some(view), Some(s)) = (self.view.as_ref(), self.slot.as_mut()) else {
+            return;
+        };
+        let Some(epoch) = s.entered else {
+            return;
+        };
+        let mut by_link: Vec<(String, BTreeSet<TaskId>)> = Vec::new();
+        let mut all = BTreeSet::new();
+        for (name, topology) in self.links.iter() {
+            let set: BTreeSet<TaskId> = topology.neighbours(task, epoch).into_iter().collect();
+            all.extend(set.iter().copied());
+            by_link.push((name.to_owned(), set));
+        }
+        let incidents = s
+            .neighbours
+            .update(&all, |n| view.primaries.get(&n).map(|p| p.create_revision));
+        for incident in incidents {
+            let (n, failed) = match incident {
+                Incident::Failed(n) => (n, true),
+                Incident::Restarted(n) => (n, false),
+            };
+            for (link, set) in &by_link {
+                if !set.contains(&n) {
+                    continue;
+                }
+                out.push(Command::Note(Note::Neighbour(task, failed)));
+                out.push(Command::Call(if failed {
+                    info!(task, neighbour = n, link, "neighbour failed");
+                    TaskCall::NeighbourFailed(link.clone(), n)
+                } else {
+                    info!(task, neighbour = n, link, "neighbour restarted");
+                    TaskCall::NeighbourRestarted(link.clone(), n)
+                }));
+            }
+        }
+    }
+
+    /// Ends the slot on this node: the task's `exit(SlotLost)`, then it is a spare.
+    fn lose_slot(&mut self, now: Instant, out: &mut Vec<Command>) {
+        if self.slot.take().is_some() {
+            out.push(Command::DropSlot(ExitReason::SlotLost));
+        }
+        self.mine = MySlot::Spare;
+        out.push(self.publish(now));
+    }
+
+    /// The node's end: the task's `exit`, the lease revoked, the status, the exit.
+    fn end(&mut self, reason: ExitReason, exit: NodeExit, now: Instant, out: &mut Vec<Command>) {
+        out.push(Command::Monitor(Vec::new()));
+        if self.slot.take().is_some() {
+            out.push(Command::DropSlot(reason));
+        }
+        out.push(Command::RevokeLease(self.lease.id()));
+        self.mine = MySlot::Spare;
+        self.lease = LeaseState::Expired { id: 0 };
+        out.push(self.publish(now));
+        out.push(Command::Exit(exit));
+        self.ended = true;
+    }
+
+    /// What the node shows about itself at `now`.
+    pub(crate) fn publish(&self, now: Instant) -> Command {
+        let acting = self.acting(now);
+        let role = match self.mine {
+            MySlot::Spare => Role::Spare,
+            MySlot::Primary { task, term } => Role::Primary {
+                task,
+                term: term as Term,
+            },
+            MySlot::Backup { task, .. } => Role::Backup { task },
+        };
+        let entered = self.slot.as_ref().and_then(|s| s.entered);
+        let epoch = entered.or_else(|| {
+            self.view
+                .as_ref()
+                .and_then(|v| v.epoch)
+                .map(EpochValue::epoch)
+        });
+        let ready = readiness(
+            self.view.as_ref(),
+            &self.me.node,
+            self.mine,
+            entered,
+            self.slot.as_ref().is_some_and(|s| s.replica.is_some()),
+            acting,
+        );
+        let until = match self.lease {
+            LeaseState::Alive { deadline, .. } => Some(deadline),
+            _ => None,
+        };
+        Command::Publish(Published {
+            role,
+            acting,
+            epoch,
+            finished: self.view.as_ref().is_some_and(JobView::finished),
+            ready,
+            until,
+        })
+    }
+
+    /// Whether a heal of `key` over revision `guard` is still to be tried (once per bad value).
+    fn heal_due(&mut self, key: &'static str, guard: i64) -> bool {
+        if self.heals_tried.contains(&(key, guard)) {
+            return false;
+        }
+        if self.heals_tried.len() >= 64 {
+            self.heals_tried.clear();
+        }
+        self.heals_tried.push((key, guard));
+        true
+    }
+
+    /// Plans rewrites of keys the framework owns that hold bad values, where this node knows
+    /// the truth: its own record (any node), and, as the job's reporter, the epoch (to the last
+    /// good one) and the spec (to the one the job runs with). Every rewrite is guarded by the
+    /// bad value's revision, so a newer write is never overwritten, and the epoch's and spec's
+    /// by the reporter's term, so a deposed primary writes nothing.
+    fn heal(&mut self, now: Instant, out: &mut Vec<Command>) {
+        if !self.acting(now) {
+            return;
+        }
+        if let Some(guard) = self.record_fault {
+            if self.heal_due("node", guard) {
+                out.push(Command::HealRecord { guard });
+            }
+        }
+        let Some(fence) = self.job_reporter() else {
+            return;
+        };
+        let epoch = self.view.as_ref().and_then(|v| {
+            let fault = v.epoch_fault.as_ref()?;
+            match v.epoch? {
+                EpochValue::Running(m) => Some((fault.mod_revision, EpochValue::Running(m))),
+                EpochValue::Done(_) => None,
+            }
+        });
+        if let Some((guard, good)) = epoch {
+            if self.heal_due("epoch", guard) {
+                out.push(Command::Heal {
+                    what: "epoch",
+                    key: self.keys.epoch(),
+                    guard,
+                    value: good.encode().into_bytes(),
+                    fence,
+                });
+            }
+        }
+        if let Some((_, guard)) = self.spec_fault.clone() {
+            if self.heal_due("spec", guard) {
+                out.push(Command::Heal {
+                    what: "spec",
+                    key: self.keys.spec(),
+                    guard,
+                    value: self.spec.clone(),
+                    fence,
+                });
+            }
+        }
+    }
+}

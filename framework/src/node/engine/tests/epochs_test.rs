@@ -1,0 +1,98 @@
+//! Which epochs a primary enters: each once, in order; none while its lease is unconfirmed.
+
+use super::*;
+use crate::etcd::lease::LeaseState;
+use crate::node::engine::{ClaimOutcome, Command, Input};
+
+#[test]
+fn a_primary_enters_every_epoch_it_observed_once_and_in_order() {
+    let (mut h, _) = H::primary_of("n1", 0, 1, 3);
+    // Two epochs in one batch of watch events: both, in order.
+    let (e4, e5) = (h.epoch_kv("4"), h.epoch_kv("5"));
+    let out = h.input(Input::Watch(vec![JobEvent::Put(e4), JobEvent::Put(e5)]));
+    assert_eq!(entered(&out), vec![4, 5]);
+    assert!(out.contains(&Command::EnterEpoch {
+        epoch: 5,
+        prev: Some(4)
+    }));
+    // The same epoch again (a re-read, a heal): nothing.
+    let again = h.epoch_kv("5");
+    assert_eq!(entered(&h.put(again)), Vec::<u64>::new());
+    // A renewal: nothing.
+    let out = h.input(Input::Lease(h.alive()));
+    assert_eq!(entered(&out), Vec::<u64>::new());
+}
+
+#[test]
+fn no_epoch_is_entered_while_the_lease_is_unconfirmed_and_the_current_one_after() {
+    let (mut h, _) = H::primary_of("n1", 0, 1, 3);
+    let out = h.input(Input::Lease(LeaseState::Suspended { id: LEASE }));
+    assert!(!published(&out).unwrap().acting);
+    let (e4, e5) = (h.epoch_kv("4"), h.epoch_kv("5"));
+    let out = h.input(Input::Watch(vec![JobEvent::Put(e4), JobEvent::Put(e5)]));
+    assert_eq!(entered(&out), Vec::<u64>::new(), "{out:?}");
+    assert_eq!(claims(&out), 0);
+    let out = h.input(Input::Lease(h.alive()));
+    assert_eq!(entered(&out), vec![4, 5]);
+}
+
+#[test]
+fn a_lease_past_its_local_deadline_acts_like_a_suspended_one() {
+    let (mut h, _) = H::primary_of("n1", 0, 1, 3);
+    h.now += TTL; // the deadline is now + TTL at grant: passed
+    let e4 = h.epoch_kv("4");
+    let out = h.put(e4);
+    assert_eq!(entered(&out), Vec::<u64>::new());
+    assert!(!published(&out).unwrap().acting);
+}
+
+#[test]
+fn an_epoch_whose_guard_failed_is_entered_when_the_lease_is_back() {
+    let (mut h, _) = H::primary_of("n1", 0, 1, 3);
+    let e4 = h.epoch_kv("4");
+    let out = h.put(e4);
+    let cmd = out
+        .iter()
+        .find(|c| matches!(c, Command::EnterEpoch { .. }))
+        .cloned()
+        .unwrap();
+    // The runtime found the lease past its deadline right before entering.
+    h.input(Input::GuardFailed(cmd));
+    assert_eq!(h.e.slot().unwrap().entered, Some(3));
+    let out = h.input(Input::Lease(h.alive()));
+    assert_eq!(
+        acts(&out)
+            .into_iter()
+            .filter(|c| matches!(c, Command::EnterEpoch { .. }))
+            .collect::<Vec<_>>(),
+        vec![Command::EnterEpoch {
+            epoch: 4,
+            prev: Some(3)
+        }]
+    );
+}
+
+#[test]
+fn a_backup_shows_the_jobs_epoch_and_enters_none() {
+    let mut h = H::new("n2", 1, 2);
+    let p = h.primary_kv(0, "n1", 100);
+    let claim = last_claim(&h.snapshot(2, vec![p])).unwrap();
+    h.input(Input::Claimed(claim, ClaimOutcome::Won(30)));
+    let e3 = h.epoch_kv("3");
+    let out = h.put(e3);
+    assert_eq!(entered(&out), Vec::<u64>::new());
+    assert!(out.contains(&Command::BackupEpoch(3)), "{out:?}");
+    assert_eq!(h.e.slot().unwrap().epoch, 3);
+}
+
+#[test]
+fn a_new_primary_starts_at_the_current_epoch_not_at_the_ones_before() {
+    let mut h = H::new("n1", 1, 1);
+    let out = h.snapshot(7, vec![]);
+    let claim = last_claim(&out).unwrap();
+    let (e8, e9) = (h.epoch_kv("8"), h.epoch_kv("9"));
+    // Epochs move while the claim is out.
+    h.input(Input::Watch(vec![JobEvent::Put(e8), JobEvent::Put(e9)]));
+    let out = h.input(Input::Claimed(claim, ClaimOutcome::Won(20)));
+    assert_eq!(entered(&out), vec![9]);
+}

@@ -1,0 +1,277 @@
+//! The engine's view of the job: applying the job watch's events. Every value is judged before
+//! it is believed: a garbage slot value counts as taken (and is deleted when no live lease owns
+//! it), an epoch the framework would never write is refused (`judge_epoch`), a bad `spec` or
+//! own record is noted for healing.
+
+use tokio::time::Instant;
+use tracing::{debug, error, warn};
+
+use super::{Command, Engine, Note, Removal};
+use crate::config::JobSpec;
+use crate::etcd::keys::{EpochValue, Holder, JobKey, NodeRecord};
+use crate::etcd::watch::JobEvent;
+use crate::etcd::Kv;
+use crate::roles::{judge_epoch, EpochFault, EpochFaultKind, JobView, MySlot, SlotKey};
+
+impl Engine {
+    /// Applies one watch event to the view, remembering every running epoch it reveals.
+    pub(super) fn apply_event(&mut self, ev: JobEvent, now: Instant, out: &mut Vec<Command>) {
+        match ev {
+            JobEvent::Snapshot { kvs, revision } => {
+                debug!(revision, keys = kvs.len(), "job snapshot");
+                let mut view = JobView::new(self.tasks, self.replicas);
+                // The last good epoch survives a new read: a bad value is judged against it.
+                if let Some(old) = self.view.as_ref() {
+                    view.epoch = old.epoch;
+                }
+                let (mut epoch, mut spec, mut record) = (false, false, false);
+                for kv in kvs {
+                    match self.keys.parse(&kv.key) {
+                        Some(JobKey::Epoch) => epoch = true,
+                        Some(JobKey::Spec) => spec = true,
+                        Some(JobKey::Node(n)) if n == self.me.node => record = true,
+                        _ => {}
+                    }
+                    self.apply_put(&mut view, kv, true, out);
+                }
+                if !epoch {
+                    self.epoch_key_missing(&mut view, out);
+                }
+                if !spec {
+                    self.spec_key_missing(out);
+                }
+                if !record
+                    && revision > self.registered_at
+                    && self.registered_at > 0
+                    && self.acting(now)
+                {
+                    self.own_record_bad(0, "deleted", out);
+                }
+                view.revision = revision;
+                self.view = Some(view);
+            }
+            JobEvent::Put(kv) => {
+                if let Some(mut view) = self.view.take() {
+                    view.revision = view.revision.max(kv.mod_revision);
+                    self.apply_put(&mut view, kv, false, out);
+                    self.view = Some(view);
+                }
+            }
+            JobEvent::Delete { key, revision } => {
+                if let Some(mut view) = self.view.take() {
+                    view.revision = view.revision.max(revision);
+                    match self.keys.parse(&key) {
+                        Some(JobKey::Primary(t)) => {
+                            view.primaries.remove(&t);
+                        }
+                        Some(JobKey::Backup(t, k)) => {
+                            view.backups.remove(&(t, k));
+                        }
+                        Some(JobKey::Epoch) => self.epoch_key_missing(&mut view, out),
+                        Some(JobKey::Spec) => self.spec_key_missing(out),
+                        Some(JobKey::Node(n))
+                            if n == self.me.node
+                                && revision > self.registered_at
+                                && self.acting(now) =>
+                        {
+                            // With the lease valid here, etcd did not end it: someone deleted
+                            // the record. (When the lease ended, a new lease registers again.)
+                            self.own_record_bad(0, "deleted", out);
+                        }
+                        _ => {}
+                    }
+                    self.view = Some(view);
+                }
+            }
+            JobEvent::Disconnected => {
+                warn!("lost the job watch; resuming when etcd answers");
+                return;
+            }
+        }
+        self.await_change = false;
+        if let Some(EpochValue::Running(n)) = self.view.as_ref().and_then(|v| v.epoch) {
+            if self.observed.last().is_none_or(|last| *last < n) {
+                self.observed.push(n);
+            }
+        }
+    }
+
+    fn epoch_key_missing(&self, view: &mut JobView, out: &mut Vec<Command>) {
+        error!(
+            key = self.keys.epoch(),
+            last_good = view.epoch.map(|e| e.encode()),
+            "the job's epoch key is missing; keeping the last epoch seen"
+        );
+        out.push(Command::Note(Note::BadValue("epoch")));
+        view.epoch_fault = Some(EpochFault {
+            kind: EpochFaultKind::Missing,
+            mod_revision: 0,
+        });
+    }
+
+    fn spec_key_missing(&mut self, out: &mut Vec<Command>) {
+        error!(
+            key = self.keys.spec(),
+            "the job's spec key is missing; this node keeps its own"
+        );
+        out.push(Command::Note(Note::BadValue("spec")));
+        self.spec_fault = Some(("deleted".into(), 0));
+    }
+
+    /// This node's own record holds a value it did not write (`guard`: its revision; 0 when
+    /// deleted): the node rewrites it.
+    fn own_record_bad(&mut self, guard: i64, what: &str, out: &mut Vec<Command>) {
+        error!(
+            key = self.keys.node(&self.me.node),
+            found = what,
+            "this node's record holds a value it did not write"
+        );
+        out.push(Command::Note(Note::BadValue("node")));
+        self.record_fault = Some(guard);
+    }
+
+    fn apply_put(&mut self, view: &mut JobView, kv: Kv, snapshot: bool, out: &mut Vec<Command>) {
+        let key = String::from_utf8_lossy(&kv.key).into_owned();
+        let own_lease = kv.lease != 0 && kv.lease == self.lease.id();
+        match self.keys.parse(&kv.key) {
+            Some(JobKey::Epoch) => match judge_epoch(view.epoch, &kv.value, snapshot) {
+                Ok(v) => {
+                    view.epoch = Some(v);
+                    view.epoch_fault = None;
+                }
+                Err(kind) => {
+                    error!(
+                        key,
+                        found = %kind,
+                        last_good = view.epoch.map(|e| e.encode()),
+                        "the epoch key holds a value the framework did not write; keeping the last good epoch"
+                    );
+                    out.push(Command::Note(Note::BadValue("epoch")));
+                    view.epoch_fault = Some(EpochFault {
+                        kind,
+                        mod_revision: kv.mod_revision,
+                    });
+                }
+            },
+            Some(JobKey::Primary(t)) | Some(JobKey::Backup(t, _)) if t >= view.tasks => {
+                warn!(
+                    key,
+                    tasks = view.tasks,
+                    "rejected slot key of a task out of range"
+                );
+            }
+            Some(k @ (JobKey::Primary(_) | JobKey::Backup(..))) => {
+                let holder = match serde_json::from_slice::<Holder>(&kv.value) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        warn!(key, error = %e, "rejected garbage slot value; the slot counts as taken until its key goes");
+                        if own_lease {
+                            // Garbage under this node's own slot key (its lease holds it): the
+                            // node gives the slot up (its holder is not there any more) and
+                            // must delete the key, or its live lease would keep the slot
+                            // blocked for ever.
+                            warn!(key, "garbage under this node's own slot key: giving the slot up and deleting the key");
+                        }
+                        if kv.lease == 0 || own_lease {
+                            // No node writes a slot without a lease: nobody owns this one.
+                            out.push(Command::DeleteKey {
+                                key: kv.key.clone(),
+                                mod_revision: kv.mod_revision,
+                                why: Removal::Garbage,
+                            });
+                        }
+                        Holder {
+                            node: String::from("<garbage>"),
+                            addr: String::new(),
+                        }
+                    }
+                };
+                if holder.node == self.me.node && self.stray_key(&k, &kv) {
+                    warn!(
+                        key,
+                        "a slot key under this node's lease that is not its slot (a claim whose \
+                         answer was lost): deleting it"
+                    );
+                    out.push(Command::DeleteKey {
+                        key: kv.key.clone(),
+                        mod_revision: kv.mod_revision,
+                        why: Removal::Stray,
+                    });
+                }
+                let slot = SlotKey {
+                    holder,
+                    create_revision: kv.create_revision,
+                    lease: kv.lease,
+                };
+                match k {
+                    JobKey::Primary(t) => {
+                        view.primaries.insert(t, slot);
+                    }
+                    JobKey::Backup(t, k) if k >= 1 && k < view.replicas => {
+                        view.backups.insert((t, k), slot);
+                    }
+                    _ => warn!(key, "rejected backup slot out of range"),
+                }
+            }
+            Some(JobKey::Spec) => {
+                let fault = match JobSpec::decode(&kv.value) {
+                    Err(reason) => Some(reason),
+                    Ok(stored) => JobSpec::decode(&self.spec)
+                        .ok()
+                        .and_then(|mine| JobSpec::difference(&stored, &mine))
+                        .map(|d| format!("differs from the spec the job runs with: {d}")),
+                };
+                match fault {
+                    Some(reason) => {
+                        error!(
+                            key,
+                            reason, "the job's spec in etcd is bad; this node keeps its own"
+                        );
+                        out.push(Command::Note(Note::BadValue("spec")));
+                        self.spec_fault = Some((reason, kv.mod_revision));
+                    }
+                    None => {
+                        // The spec as stored (with its creation time) is what a heal restores.
+                        self.spec = kv.value;
+                        self.spec_fault = None;
+                    }
+                }
+            }
+            Some(JobKey::Node(n)) if n == self.me.node => {
+                // Written under another lease (or none), or not this node's record: not this
+                // node's write. (A stall note may lag behind the record: not compared.)
+                match serde_json::from_slice::<NodeRecord>(&kv.value) {
+                    Ok(r) if own_lease && r.addr == self.me.addr => self.record_fault = None,
+                    Ok(_) => self.own_record_bad(kv.mod_revision, "a record it did not write", out),
+                    Err(_) => self.own_record_bad(kv.mod_revision, "garbage", out),
+                }
+            }
+            Some(JobKey::Node(_) | JobKey::Checkpoint(_) | JobKey::Result) => {}
+            None => debug!(key, "ignoring unknown key under the job's prefix"),
+        }
+    }
+
+    /// Whether a slot key under this node's current lease is not the slot the node holds: a
+    /// claim whose answer was lost although etcd applied it, or a slot the node gave up while
+    /// its key stayed. Such a key blocks the slot for as long as the node lives.
+    fn stray_key(&self, key: &JobKey, kv: &Kv) -> bool {
+        let lease = self.lease.id();
+        if kv.lease == 0 || kv.lease != lease {
+            return false;
+        }
+        match (key, self.mine) {
+            (&JobKey::Primary(t), MySlot::Primary { task, term }) => {
+                !(t == task && kv.create_revision == term)
+            }
+            (
+                &JobKey::Backup(t, k),
+                MySlot::Backup {
+                    task,
+                    k: mk,
+                    create_revision,
+                },
+            ) => !(t == task && k == mk && kv.create_revision == create_revision),
+            _ => true,
+        }
+    }
+}

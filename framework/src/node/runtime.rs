@@ -1,0 +1,1082 @@
+//! The runtime loop: turns the world (the job watch, the lease keeper, the node's gRPC server,
+//! the task's context, timers, stop) into [`Input`]s for the [`Engine`], and executes the
+//! [`Command`]s it returns, in order — the etcd writes, the calls into the task (through the
+//! slot executor), the liveness monitors, the status. It decides nothing the engine could:
+//! where it must answer at once (a pull, a meta, a replication entry, an answer coming back to
+//! the task), it asks the engine's admission rules.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, error_span, info, warn, Instrument, Span};
+
+use super::checkpoint::load_checkpoint;
+use super::engine::{
+    Claim, ClaimOutcome, Command, Engine, Input, Note, Published, Removal, Replica, Route,
+    TaskCall, When,
+};
+use super::lease::AbortOnDrop;
+use super::slot::SlotRuntime;
+use crate::app::{Context, SlotState, TaskBuilder};
+use crate::config::Config;
+use crate::data::DataReply;
+use crate::error::Error;
+use crate::etcd::keys::{Holder, NodeRecord, StallNote, StallReason};
+use crate::etcd::lease::{self, LeaseState};
+use crate::etcd::watch::JobEvent;
+use crate::etcd::Store;
+use crate::exchange::liveness;
+use crate::exchange::replication::{ship, Shipped};
+use crate::exchange::{Fence, SlotEnv};
+use crate::health::{Health, Phase};
+use crate::inbox::LoopRequest;
+use crate::metrics::{Metrics, NeighbourEvent};
+use crate::role::{ExitReason, NodeExit, NodeStatus};
+use crate::roles::{JobView, Member, MySlot, Watched};
+use crate::stall::{view_reasons, StallWatch};
+use crate::wire::{
+    Inbound, Meta, Peers, PingReply, PullRequest, Rejection, Replicate, ReplicateKind, SlotInfo,
+};
+use crate::{TaskId, Term};
+
+/// How often the loop looks for a stall (the stall time is seconds at least).
+const STALL_CHECK: Duration = Duration::from_millis(500);
+
+pub(super) enum Flow {
+    Continue,
+    Exit(NodeExit),
+}
+
+/// What woke the event loop.
+enum Wake {
+    Stop,
+    Request(LoopRequest),
+    Event(JobEvent),
+    WatchEnded,
+    Inbound(Inbound),
+    /// The lease changed (`false`: its keeper is gone).
+    Lease(bool),
+    /// The lease's local deadline passed.
+    Deadline,
+    /// Time to claim again after etcd did not answer a claim.
+    Retry,
+    /// Time to look for a stall.
+    StallCheck,
+}
+
+/// Completes at `at`, or never when there is no time.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A request or inbound message already queued, taken without building the loop's whole wait
+/// (under load, one `select!` per message costs more than the message): `None` when stop, a job
+/// event, a lease change or a timer is due, which the full wait then takes in its order.
+fn queued_wake(
+    requests: &mut mpsc::UnboundedReceiver<LoopRequest>,
+    events: &mpsc::Receiver<JobEvent>,
+    inbound: &mut mpsc::Receiver<Inbound>,
+    stop: &CancellationToken,
+    lease: &watch::Receiver<LeaseState>,
+    timer: Instant,
+) -> Option<Wake> {
+    if stop.is_cancelled()
+        || !events.is_empty()
+        || lease.has_changed().unwrap_or(true)
+        || Instant::now() >= timer
+    {
+        return None;
+    }
+    if let Ok(req) = requests.try_recv() {
+        return Some(Wake::Request(req));
+    }
+    inbound.try_recv().ok().map(Wake::Inbound)
+}
+
+/// The node's executors around its engine.
+pub(super) struct Runtime {
+    pub(super) config: Arc<Config>,
+    pub(super) builder: Arc<dyn TaskBuilder>,
+    pub(super) store: Store,
+    pub(super) holder: Holder,
+    pub(super) engine: Engine,
+    pub(super) slot: Option<SlotRuntime>,
+    pub(super) lease: watch::Receiver<LeaseState>,
+    pub(super) lease_tx: watch::Sender<LeaseState>,
+    /// The lease keeper (aborted with the node).
+    pub(super) lease_task: Option<AbortOnDrop>,
+    /// Short etcd chores (deleting garbage and stray slot keys), aborted with the node.
+    pub(super) chores: JoinSet<()>,
+    pub(super) status: watch::Sender<NodeStatus>,
+    pub(super) requests_tx: mpsc::UnboundedSender<LoopRequest>,
+    /// Calls to other nodes.
+    pub(super) peers: Peers,
+    /// The liveness checks of other slot holders; each is aborted when dropped, so a crashed
+    /// node leaves none running.
+    pub(super) monitors: BTreeMap<Watched, AbortOnDrop>,
+    /// The view, for the slot's background work (pull fetchers, meta senders, replication).
+    pub(super) view_tx: watch::Sender<Arc<JobView>>,
+    /// Highest term seen per task, for the slot's background work (raised from the view).
+    pub(super) fence: Fence,
+    /// What this node last wrote under its `nodes/<node>` key.
+    pub(super) record: NodeRecord,
+    /// `record` changed (a stall note cleared) and is to be written again.
+    pub(super) record_dirty: bool,
+    /// When the job's epoch last moved, for stall reports.
+    pub(super) stall: StallWatch,
+    pub(super) metrics: Metrics,
+    pub(super) health: Arc<Health>,
+    /// The node's span (job, node): the parent of every slot's.
+    pub(super) node_span: Span,
+}
+
+impl Runtime {
+    pub(super) async fn main_loop(
+        &mut self,
+        mut events: mpsc::Receiver<JobEvent>,
+        mut requests: mpsc::UnboundedReceiver<LoopRequest>,
+        mut inbound: mpsc::Receiver<Inbound>,
+        stop: CancellationToken,
+    ) -> Result<NodeExit, Error> {
+        self.health.set_phase(Phase::Running);
+        if let Flow::Exit(exit) = self.execute(vec![Command::NewLease], &stop).await? {
+            return Ok(exit);
+        }
+        let mut stall_check = tokio::time::interval(STALL_CHECK);
+        stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline = match *self.lease.borrow() {
+                LeaseState::Alive { deadline, .. } => deadline,
+                _ => Instant::now() + Duration::from_secs(3600),
+            };
+            self.health.idle();
+            let retry_at = self.engine.retry_at();
+            let queued = queued_wake(
+                &mut requests,
+                &events,
+                &mut inbound,
+                &stop,
+                &self.lease,
+                deadline.min(retry_at.unwrap_or(deadline)),
+            );
+            let wake = match queued {
+                Some(wake) => {
+                    // As the wait would: a loop that always finds work still lets others run.
+                    tokio::task::coop::consume_budget().await;
+                    wake
+                }
+                None => tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => Wake::Stop,
+                    Some(req) = requests.recv() => Wake::Request(req),
+                    ev = events.recv() => match ev {
+                        Some(ev) => Wake::Event(ev),
+                        None => Wake::WatchEnded,
+                    },
+                    Some(msg) = inbound.recv() => Wake::Inbound(msg),
+                    changed = self.lease.changed() => Wake::Lease(changed.is_ok()),
+                    _ = tokio::time::sleep_until(deadline) => Wake::Deadline,
+                    _ = sleep_until_some(retry_at) => Wake::Retry,
+                    _ = stall_check.tick() => Wake::StallCheck,
+                },
+            };
+            self.health.busy();
+            // Everything the loop does for this event is logged in the slot's current span.
+            let span = self.span();
+            let flow = self
+                .handle(wake, &mut events, &stop)
+                .instrument(span)
+                .await?;
+            if let Flow::Exit(exit) = flow {
+                return Ok(exit);
+            }
+        }
+    }
+
+    /// Handles one wake of the loop.
+    async fn handle(
+        &mut self,
+        wake: Wake,
+        events: &mut mpsc::Receiver<JobEvent>,
+        stop: &CancellationToken,
+    ) -> Result<Flow, Error> {
+        // The engine judges the lease as its keeper shows it now, also when the loop is busy
+        // with requests and has not taken the change as an input yet.
+        self.engine.observe_lease(*self.lease.borrow());
+        let input = match wake {
+            Wake::Stop => Input::Stop,
+            Wake::Request(LoopRequest::Kill) => {
+                warn!("killed by its task: leaving without revoking the lease");
+                return Ok(Flow::Exit(NodeExit::Killed));
+            }
+            Wake::Request(other) => {
+                self.on_request(other).await;
+                return Ok(Flow::Continue);
+            }
+            Wake::Event(ev) => {
+                // Catch up with everything already queued before deciding anything, so
+                // decisions are made on the freshest view available.
+                let mut batch = vec![ev];
+                while let Ok(ev) = events.try_recv() {
+                    batch.push(ev);
+                }
+                let commands = self.engine.handle(Input::Watch(batch), Instant::now());
+                self.epoch_seen().await;
+                return self.execute(commands, stop).await;
+            }
+            Wake::WatchEnded => return Err(Error::WatchEnded),
+            Wake::Inbound(msg) => {
+                return self.on_inbound(msg, stop).await;
+            }
+            Wake::Lease(true) => Input::Lease(*self.lease.borrow_and_update()),
+            Wake::Lease(false) => return Ok(Flow::Continue),
+            Wake::Deadline => Input::Deadline,
+            Wake::Retry => Input::Retry,
+            Wake::StallCheck => {
+                self.check_stall().await;
+                return Ok(Flow::Continue);
+            }
+        };
+        let commands = self.engine.handle(input, Instant::now());
+        self.execute(commands, stop).await
+    }
+
+    /// Runs commands in order; the commands that answer one's outcome run right after it.
+    async fn execute(
+        &mut self,
+        commands: Vec<Command>,
+        stop: &CancellationToken,
+    ) -> Result<Flow, Error> {
+        let mut queue: VecDeque<Command> = commands.into();
+        while let Some(command) = queue.pop_front() {
+            let next = if command.guard().is_some() && !self.lease.borrow().valid_now() {
+                // Checked right before it runs: the lease may have lapsed during the commands
+                // before it (a handler, an etcd call).
+                self.engine
+                    .handle(Input::GuardFailed(command), Instant::now())
+            } else {
+                if let Command::Exit(exit) = command {
+                    info!(?exit, "node stopped");
+                    return Ok(Flow::Exit(exit));
+                }
+                let span = self.span();
+                self.run(command, stop).instrument(span).await?
+            };
+            for c in next.into_iter().rev() {
+                queue.push_front(c);
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Runs one command; returns the engine's commands for its outcome, if it has one.
+    async fn run(
+        &mut self,
+        command: Command,
+        stop: &CancellationToken,
+    ) -> Result<Vec<Command>, Error> {
+        match command {
+            Command::Claim(claim) => {
+                let outcome = match claim {
+                    Claim::Primary { task, lease } => {
+                        self.store
+                            .claim_primary(task, self.config.replicas, &self.holder, lease)
+                            .await
+                    }
+                    Claim::Backup { task, k, lease } => {
+                        self.store.claim_backup(task, k, &self.holder, lease).await
+                    }
+                    Claim::Promote {
+                        task,
+                        k,
+                        create_revision,
+                        lease,
+                    } => {
+                        self.store
+                            .promote(task, k, create_revision, &self.holder, lease)
+                            .await
+                    }
+                };
+                let outcome = match outcome {
+                    Ok(Some(rev)) => ClaimOutcome::Won(rev),
+                    Ok(None) => ClaimOutcome::Lost,
+                    Err(e) => ClaimOutcome::Failed(e.to_string()),
+                };
+                self.engine.observe_lease(*self.lease.borrow());
+                return Ok(self
+                    .engine
+                    .handle(Input::Claimed(claim, outcome), Instant::now()));
+            }
+            Command::DeleteKey {
+                key,
+                mod_revision,
+                why,
+            } => self.delete_key(key, mod_revision, why),
+            Command::ViewChanged => {
+                if let Some(view) = self.engine.view() {
+                    for (t, p) in &view.primaries {
+                        self.fence.admit(*t, p.create_revision as Term);
+                    }
+                    self.view_tx.send_replace(Arc::new(view.clone()));
+                }
+            }
+            Command::Heal {
+                what,
+                key,
+                guard,
+                value,
+                fence,
+            } => {
+                self.heal_key(what, &key, guard, value, Some(fence), None)
+                    .await
+            }
+            Command::HealRecord { guard } => {
+                let key = self.store.keys().node(&self.holder.node);
+                let value = serde_json::to_vec(&self.record).unwrap_or_default();
+                let lease = self.lease.borrow().id();
+                self.heal_key("node", &key, guard, value, None, Some(lease))
+                    .await;
+            }
+            Command::BuildSlot {
+                task,
+                primary,
+                slot,
+                epoch,
+            } => self.build_slot(task, primary, slot, epoch).await?,
+            Command::RestoreCheckpoint(task) => {
+                let cp = load_checkpoint(
+                    self.store.clone(),
+                    self.lease.clone(),
+                    self.health.clone(),
+                    task,
+                )
+                .await;
+                if let (Some(cp), Some(s)) = (cp, self.slot.as_mut()) {
+                    info!(
+                        task,
+                        epoch = cp.epoch,
+                        "promoted before getting the primary's state: restoring the checkpoint"
+                    );
+                    s.task.restore(&s.ctx, cp).await;
+                }
+            }
+            Command::PrimaryTerm(term) => {
+                let span = self.slot_span();
+                if let Some(s) = self.slot.as_mut() {
+                    s.primary_term(term, span);
+                }
+            }
+            Command::BackupEpoch(epoch) => {
+                if let Some(s) = self.slot.as_mut() {
+                    s.state.send_if_modified(|st| {
+                        let changed = st.epoch != epoch;
+                        st.epoch = epoch;
+                        changed
+                    });
+                }
+            }
+            Command::Call(call) => self.call(call).await,
+            Command::EnterEpoch { epoch, .. } => {
+                if let Some(s) = self.slot.as_mut() {
+                    s.enter_epoch(epoch, &self.requests_tx).await;
+                }
+            }
+            Command::DeliverDeferred => {
+                let deferred = match self.slot.as_mut() {
+                    Some(s) => std::mem::take(&mut s.deferred),
+                    None => Vec::new(),
+                };
+                for req in deferred {
+                    self.on_request(req).await;
+                }
+            }
+            Command::SyncBackups {
+                task,
+                term,
+                epoch,
+                members,
+            } => self.sync_backups(task, term, epoch, members).await,
+            Command::Monitor(wanted) => self.monitor(wanted),
+            Command::DropSlot(reason) => {
+                if let Some(mut slot) = self.slot.take() {
+                    if reason == ExitReason::SlotLost {
+                        info!(task = slot.ctx.task(), "slot lost");
+                    }
+                    slot.state.send_modify(|st| st.primary = None);
+                    slot.ctx.abort_spawned();
+                    slot.task.exit(&slot.ctx, reason).await;
+                }
+            }
+            Command::NewLease => {
+                if let Some(registered_at) = self.new_lease(stop).await {
+                    let lease = *self.lease.borrow();
+                    return Ok(self.engine.handle(
+                        Input::LeaseGranted {
+                            lease,
+                            registered_at,
+                        },
+                        Instant::now(),
+                    ));
+                }
+            }
+            Command::RevokeLease(id) => {
+                self.lease_task = None;
+                if id != 0 {
+                    if let Err(e) = self.store.revoke_lease(id).await {
+                        warn!(error = %e, "could not revoke the lease; it expires after its TTL");
+                    }
+                }
+            }
+            Command::Publish(published) => self.publish(published),
+            Command::Note(note) => self.note(note),
+            // Taken by `execute`.
+            Command::Exit(_) => {}
+        }
+        Ok(Vec::new())
+    }
+
+    /// The innermost span of the node's current slot (its epoch's, or the slot's), or the
+    /// node's span while it has none.
+    fn span(&self) -> Span {
+        self.slot
+            .as_ref()
+            .map_or_else(|| self.node_span.clone(), SlotRuntime::span)
+    }
+
+    /// A new span for the slot this node holds (task, role, term), child of the node's.
+    fn slot_span(&self) -> Span {
+        match self.engine.mine() {
+            MySlot::Primary { task, term } => {
+                error_span!(parent: &self.node_span, "slot", task, role = "primary", term)
+            }
+            MySlot::Backup { task, .. } => {
+                error_span!(parent: &self.node_span, "slot", task, role = "backup")
+            }
+            MySlot::Spare => self.node_span.clone(),
+        }
+    }
+
+    fn note(&self, note: Note) {
+        match note {
+            Note::BadValue(key) => self.metrics.bad_value(key),
+            Note::JobEpoch { epoch, done } => self.metrics.job_epoch(epoch, done),
+            Note::Failover(task) => self.metrics.failover(task),
+            Note::EpochEntered(task) => self.metrics.epoch_entered(task),
+            Note::Neighbour(task, failed) => self.metrics.neighbour_event(
+                task,
+                if failed {
+                    NeighbourEvent::Failed
+                } else {
+                    NeighbourEvent::Restarted
+                },
+            ),
+        }
+    }
+
+    fn publish(&self, p: Published) {
+        self.metrics.node_state(p.role, p.acting);
+        self.health.set_ready(p.ready, p.until);
+        let lease = self.lease.clone();
+        self.status.send_if_modified(|s| {
+            let new = NodeStatus {
+                node_id: s.node_id.clone(),
+                role: p.role,
+                // Checked again under the status's lock: the deadline may have passed since
+                // (see `step_down_at_deadline`).
+                acting: p.acting && lease.borrow().valid_now(),
+                epoch: p.epoch,
+                finished: p.finished,
+            };
+            let changed = *s != new;
+            *s = new;
+            changed
+        });
+    }
+
+    /// Grants a fresh lease (retrying while etcd is down), starts its keeper, registers the
+    /// node: the revision of the registration, or `None` when stopped meanwhile.
+    async fn new_lease(&mut self, stop: &CancellationToken) -> Option<i64> {
+        self.lease_task = None;
+        let mut delays = crate::retry::ETCD.delays();
+        // While etcd does not answer, the loop waits here: `/healthz` says so instead of failing.
+        let health = self.health.clone();
+        let mut waiting = None;
+        loop {
+            let granted_at = Instant::now();
+            let attempt = async {
+                let (id, ttl) = self.store.grant_lease(self.config.lease_ttl_secs()).await?;
+                let registered = self
+                    .store
+                    .register_node(&self.holder.node, &self.record, id)
+                    .await?;
+                Ok::<_, crate::error::EtcdError>((id, ttl, registered))
+            };
+            match attempt.await {
+                Ok((id, ttl, registered)) => {
+                    let ttl = Duration::from_secs(ttl.max(1) as u64);
+                    info!(lease = format!("{id:x}"), ?ttl, "lease granted");
+                    self.metrics.lease_granted();
+                    let (tx, rx) = (self.lease_tx.clone(), self.lease_tx.subscribe());
+                    self.lease = rx;
+                    self.lease_task = Some(AbortOnDrop::spawn(
+                        lease::keep_alive(self.store.clone(), id, ttl, granted_at, tx)
+                            .instrument(self.node_span.clone()),
+                    ));
+                    // Let the keeper publish `Alive` before deciding anything.
+                    let _ = self.lease.wait_for(|s| s.id() == id).await;
+                    self.lease.borrow_and_update();
+                    return Some(registered);
+                }
+                Err(e) => {
+                    waiting.get_or_insert_with(|| health.waiting_for_etcd());
+                    warn!(error = %e, "cannot get a lease from etcd, retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return None,
+                        _ = tokio::time::sleep(delays.next().unwrap_or(crate::retry::ETCD.max)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn delete_key(&mut self, raw: Vec<u8>, mod_revision: i64, why: Removal) {
+        let store = self.store.clone();
+        let key = String::from_utf8_lossy(&raw).into_owned();
+        while self.chores.try_join_next().is_some() {}
+        self.chores.spawn(
+            async move {
+                match (store.delete_orphan(&raw, mod_revision).await, why) {
+                    (Ok(true), Removal::Garbage) => {
+                        warn!(key, "deleted a garbage slot key that had no lease")
+                    }
+                    (Ok(_), _) => {}
+                    (Err(e), Removal::Garbage) => {
+                        warn!(key, error = %e, "could not delete a garbage slot key")
+                    }
+                    (Err(e), Removal::Stray) => {
+                        warn!(key, error = %e, "could not delete a stray slot key")
+                    }
+                }
+            }
+            .instrument(Span::current()),
+        );
+    }
+
+    /// Keeps a liveness check on exactly the slot holders in `wanted` (a backup its primary, a
+    /// spare the backups of tasks without a primary): on evidence that a holder's process is
+    /// gone, its lease is ended at once.
+    fn monitor(&mut self, wanted: Vec<Watched>) {
+        self.monitors.retain(|w, _| wanted.contains(w));
+        for target in wanted {
+            if self.monitors.contains_key(&target) {
+                continue;
+            }
+            let task = AbortOnDrop::spawn(
+                liveness::watch_holder(
+                    self.peers.clone(),
+                    self.store.clone(),
+                    self.view_tx.subscribe(),
+                    target.clone(),
+                )
+                .instrument(Span::current()),
+            );
+            self.monitors.insert(target, task);
+        }
+    }
+
+    /// Builds and initialises the task value for a slot just taken as a spare; a primary's
+    /// gets the task's last checkpoint.
+    async fn build_slot(
+        &mut self,
+        t: TaskId,
+        primary: bool,
+        id: u64,
+        epoch: crate::Epoch,
+    ) -> Result<(), Error> {
+        let (state, state_rx) = watch::channel(SlotState {
+            primary: None,
+            epoch,
+        });
+        let env = SlotEnv {
+            slot: id,
+            task: t,
+            num_tasks: self.config.tasks,
+            peers: self.peers.clone(),
+            store: self.store.clone(),
+            view: self.view_tx.subscribe(),
+            fence: self.fence.clone(),
+            loop_tx: self.requests_tx.clone(),
+            lease: self.lease.clone(),
+            lease_ttl: self.config.lease_ttl,
+            max_checkpoint_bytes: self.config.max_checkpoint_bytes,
+            metrics: self.metrics.clone(),
+            // This code runs in the node's event loop: its task id tells the context whether
+            // a verb is awaited by a handler (on the loop) or by spawned work.
+            loop_task: tokio::task::try_id(),
+        };
+        let ctx = Context::new(Arc::new(env), self.config.links.clone(), state_rx);
+        let span = self.slot_span();
+        let mut task = self.builder.build(t);
+        if let Err(e) = task.init(&ctx).instrument(span.clone()).await {
+            return Err(Error::Task {
+                task: t,
+                reason: e.to_string(),
+            });
+        }
+        if primary {
+            if let Some(cp) = load_checkpoint(
+                self.store.clone(),
+                self.lease.clone(),
+                self.health.clone(),
+                t,
+            )
+            .await
+            {
+                info!(
+                    task = t,
+                    epoch = cp.epoch,
+                    "restoring the task's checkpoint"
+                );
+                task.restore(&ctx, cp).instrument(span.clone()).await;
+            }
+        }
+        self.slot = Some(SlotRuntime {
+            task,
+            ctx,
+            state,
+            id,
+            serve: Default::default(),
+            deferred: Vec::new(),
+            span,
+            epoch_span: None,
+        });
+        Ok(())
+    }
+
+    async fn call(&mut self, call: TaskCall) {
+        let Some(s) = self.slot.as_mut() else {
+            return;
+        };
+        let span = s.span();
+        match call {
+            TaskCall::BecameBackup => s.task.became_backup(&s.ctx).instrument(span).await,
+            TaskCall::BecamePrimary(term) => {
+                s.task.became_primary(&s.ctx, term).instrument(span).await
+            }
+            TaskCall::NeighbourFailed(link, n) => {
+                s.task
+                    .neighbour_failed(&s.ctx, &link, n)
+                    .instrument(span)
+                    .await
+            }
+            TaskCall::NeighbourRestarted(link, n) => {
+                s.task
+                    .neighbour_restarted(&s.ctx, &link, n)
+                    .instrument(span)
+                    .await
+            }
+        }
+    }
+
+    /// As acting primary: brings new backups in step (a snapshot, then every update) and
+    /// forgets the ones that left.
+    async fn sync_backups(
+        &mut self,
+        task: TaskId,
+        term: Term,
+        epoch: crate::Epoch,
+        wanted: Vec<Member>,
+    ) {
+        let Some(s) = self.slot.as_mut() else {
+            return;
+        };
+        let ctx = s.ctx.clone();
+        let mut r = ctx.replicator().lock().await;
+        r.for_term(term);
+        r.members.retain(|m| wanted.contains(m));
+        let new: Vec<Member> = wanted
+            .into_iter()
+            .filter(|m| !r.members.contains(m))
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        let snapshot = s.task.snapshot(&s.ctx);
+        let index = r.index;
+        let env = ctx.env();
+        let shipped = futures::future::join_all(new.iter().map(|m| {
+            ship(
+                env,
+                term,
+                epoch,
+                m,
+                ReplicateKind::Snapshot,
+                index,
+                snapshot.clone(),
+            )
+        }))
+        .await;
+        for (m, outcome) in new.into_iter().zip(shipped) {
+            if outcome == Shipped::Applied {
+                debug!(task, backup = m.node, index, "backup in step");
+                r.members.push(m);
+            }
+        }
+    }
+
+    /// Answers a message from another node.
+    async fn on_inbound(&mut self, msg: Inbound, stop: &CancellationToken) -> Result<Flow, Error> {
+        let now = Instant::now();
+        match msg {
+            Inbound::Ping(reply) => {
+                let _ = reply.send(self.ping_reply());
+            }
+            Inbound::Pull(req, reply) => self.on_pull(req, reply, now).await,
+            Inbound::Meta(msg, reply) => {
+                let outcome = self.on_meta(msg, now).await;
+                let _ = reply.send(outcome);
+            }
+            Inbound::Replicate(msg, reply) => {
+                let (term, index) = (msg.header.term, msg.index);
+                let outcome = self.on_replicate(msg, now).await;
+                let applied = outcome == Ok(true);
+                let _ = reply.send(outcome.map(|_| ()));
+                if applied {
+                    let commands = self
+                        .engine
+                        .handle(Input::Replicated { term, index }, Instant::now());
+                    return self.execute(commands, stop).await;
+                }
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn ping_reply(&self) -> PingReply {
+        let slots = match (self.engine.mine(), &self.slot, self.engine.slot()) {
+            (MySlot::Primary { task, term }, Some(_), Some(book)) => vec![SlotInfo {
+                task,
+                primary: true,
+                term: term as u64,
+                epoch: book.entered.unwrap_or(0),
+            }],
+            (MySlot::Backup { task, .. }, Some(s), _) => vec![SlotInfo {
+                task,
+                primary: false,
+                term: 0,
+                epoch: s.state.borrow().epoch,
+            }],
+            _ => vec![],
+        };
+        PingReply {
+            job: self.config.job.clone(),
+            node_id: self.holder.node.clone(),
+            slots,
+        }
+    }
+
+    /// A pull for this node's task: answered only by the acting primary, in the request's
+    /// epoch; early requests wait for the epoch, late ones are told it moved.
+    async fn on_pull(
+        &mut self,
+        req: PullRequest,
+        reply: crate::exchange::serve::Reply,
+        now: Instant,
+    ) {
+        let (to, epoch) = (req.header.to_task, req.header.epoch);
+        let when = self.engine.admit(&req.header, now);
+        let Some(s) = self.slot.as_mut() else {
+            let _ = reply.send(Err(Rejection::NotPrimary { task: to }));
+            return;
+        };
+        match when {
+            Ok(When::Now) => s.serve_pull(req, reply, &self.requests_tx).await,
+            Ok(When::Later) => {
+                if let Err((_, reply)) = s.serve.hold_pull(req, reply) {
+                    let _ = reply.send(Err(Rejection::NotReady { task: to, epoch }));
+                }
+            }
+            Err(r) => {
+                let _ = reply.send(Err(r));
+            }
+        }
+    }
+
+    /// A meta for this node's task: delivered once per (sender, link, meta) in the task's
+    /// epoch; early ones wait for the epoch.
+    async fn on_meta(&mut self, msg: Meta, now: Instant) -> Result<(), Rejection> {
+        let (to, epoch) = (msg.header.to_task, msg.header.epoch);
+        let when = self.engine.admit(&msg.header, now)?;
+        let Some(s) = self.slot.as_mut() else {
+            return Err(Rejection::NotPrimary { task: to });
+        };
+        match when {
+            When::Now => s.deliver_meta(msg).await,
+            When::Later if s.serve.hold_meta(msg) => {}
+            When::Later => return Err(Rejection::NotReady { task: to, epoch }),
+        }
+        Ok(())
+    }
+
+    /// A replication entry for this node's task, as its backup: `Ok(true)` when applied.
+    async fn on_replicate(&mut self, msg: Replicate, now: Instant) -> Result<bool, Rejection> {
+        let snapshot = msg.kind == ReplicateKind::Snapshot;
+        let action = self
+            .engine
+            .admit_replica(&msg.header, snapshot, msg.index, now)?;
+        let Some(s) = self.slot.as_mut() else {
+            return Err(Rejection::NotPrimary {
+                task: msg.header.to_task,
+            });
+        };
+        match (action, msg.kind) {
+            (Replica::Repeat, _) => Ok(false),
+            (Replica::Apply, ReplicateKind::Snapshot) => {
+                s.task.apply_snapshot(&s.ctx, msg.data).await;
+                Ok(true)
+            }
+            (Replica::Apply, ReplicateKind::Update) => {
+                s.task.apply_update(&s.ctx, msg.data).await;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Requests from the task's side: answers to pulls it served, answers to its pulls, the
+    /// outputs of its work, its timers.
+    async fn on_request(&mut self, req: LoopRequest) {
+        let now = Instant::now();
+        let route = match &req {
+            LoopRequest::Kill => return,
+            LoopRequest::Answer { .. } => None,
+            LoopRequest::WorkDone { slot, done } => {
+                Some(self.engine.route(*slot, done.id().epoch, None, now))
+            }
+            LoopRequest::Timer { slot, epoch, .. } => {
+                Some(self.engine.route(*slot, *epoch, None, now))
+            }
+            LoopRequest::Pulled {
+                slot,
+                id,
+                server_term,
+                result,
+            } => {
+                let pulled = result.is_ok().then_some((id.to, *server_term));
+                Some(self.engine.route(*slot, id.epoch, pulled, now))
+            }
+        };
+        // The term this node was elected with, valid lease or not: an answer is stamped with
+        // it, and sent only while the lease is valid.
+        let acting = self.engine.acting_primary(now).is_some();
+        let elected = self.engine.elected();
+        let Some(s) = self.slot.as_mut() else {
+            return;
+        };
+        let (route, req) = match (route, req) {
+            (None, LoopRequest::Answer { slot, key, answer }) => {
+                if slot != s.id {
+                    return;
+                }
+                match elected {
+                    // Not this slot's primary any more: the calls retry against the new one.
+                    None => s
+                        .serve
+                        .abandon(key, Rejection::NotPrimary { task: key.id.to }),
+                    Some(elected) => {
+                        if s.serve.answer(key, answer, elected, acting) {
+                            s.ctx.env().metrics.pull_served(s.ctx.task());
+                        }
+                    }
+                }
+                return;
+            }
+            (Some(route), req) => (route, req),
+            (None, _) => return,
+        };
+        match (route, req) {
+            (Route::Drop, _) => {}
+            (Route::Defer, req) => s.deferred.push(req),
+            (Route::Refetch, LoopRequest::Pulled { id, .. }) => s.ctx.refetch(id),
+            (Route::Deliver, LoopRequest::WorkDone { done, .. }) => {
+                s.task.work_done(&s.ctx, done).await
+            }
+            (Route::Deliver, LoopRequest::Timer { token, .. }) => s.task.timer(&s.ctx, token).await,
+            (
+                Route::Deliver,
+                LoopRequest::Pulled {
+                    id,
+                    server_term,
+                    result,
+                    ..
+                },
+            ) => {
+                let Some(pending) = s.ctx.take_pending(id) else {
+                    return;
+                };
+                s.ctx.env().metrics.pull_delivered(
+                    id.from,
+                    pending.started.elapsed(),
+                    result.is_ok(),
+                );
+                let reply = DataReply {
+                    id,
+                    method: pending.method,
+                    server_term,
+                    result,
+                };
+                s.task.data_ready(&s.ctx, reply).await;
+            }
+            _ => {}
+        }
+    }
+
+    async fn heal_key(
+        &mut self,
+        what: &'static str,
+        key: &str,
+        guard: i64,
+        value: Vec<u8>,
+        fence: Option<(TaskId, i64)>,
+        lease: Option<i64>,
+    ) {
+        let text = String::from_utf8_lossy(&value).into_owned();
+        match self.store.heal(key, guard, value, fence, lease).await {
+            Ok(true) => {
+                self.metrics.key_healed(what);
+                error!(
+                    key,
+                    wrote = text,
+                    "healed a key the framework owns: rewrote its last good value"
+                );
+            }
+            // Changed meanwhile (healed by another, or a newer write): judged when it arrives.
+            Ok(false) => debug!(key, "the bad value changed before the heal"),
+            Err(e) => warn!(key, error = %e, "could not heal the key"),
+        }
+    }
+
+    /// After a batch of watch events: a stall ends when the epoch moves, and the note in this
+    /// node's record is cleared.
+    async fn epoch_seen(&mut self) {
+        let epoch = self.engine.view().and_then(|v| v.epoch);
+        if self.stall.epoch_seen(epoch, Instant::now()) {
+            info!("the job's epoch moves again: the stall is over");
+            self.metrics.stalled(false);
+            self.record_dirty |= self.record.stall.take().is_some();
+        }
+        if self.record_dirty && self.lease.borrow().valid_now() {
+            self.record_dirty = false;
+            let id = self.lease.borrow().id();
+            if let Err(e) = self
+                .store
+                .register_node(&self.holder.node, &self.record, id)
+                .await
+            {
+                warn!(error = %e, "could not clear the stall from this node's record");
+            }
+        }
+    }
+
+    /// Reports a stall when one is due: the job's epoch has not moved for longer than the
+    /// stall time. The node logs what it can tell at error level; the job's reporter, and any
+    /// node that sees a cause in its own slot, also writes it into its record in etcd (one
+    /// write per stall time), where operators' tools read it.
+    async fn check_stall(&mut self) {
+        if self.engine.view().is_none_or(JobView::finished) {
+            return;
+        }
+        let now = Instant::now();
+        let Some((epoch, still)) = self.stall.due(now) else {
+            return;
+        };
+        let keys = self.store.keys().clone();
+        let own = self.own_stall_reasons(now);
+        let reporter = self.engine.job_reporter().is_some();
+        let mut reasons = own.clone();
+        if reporter {
+            if let Some(view) = self.engine.view() {
+                reasons.extend(view_reasons(view, &keys, self.engine.spec_fault()));
+            }
+        }
+        let text = if reasons.is_empty() {
+            "no cause seen from this node".to_owned()
+        } else {
+            reasons
+                .iter()
+                .map(|r| r.text.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        error!(
+            epoch,
+            for_s = still.as_secs_f64(),
+            stall_after_s = self.stall.after().as_secs_f64(),
+            reasons = text,
+            "the job is stalled: its epoch has not moved"
+        );
+        self.metrics.stalled(true);
+        let publishes = reporter || !own.is_empty();
+        if !publishes || !self.lease.borrow().valid_now() {
+            return;
+        }
+        self.record.stall = Some(StallNote {
+            epoch,
+            for_ms: u64::try_from(still.as_millis()).unwrap_or(u64::MAX),
+            after_ms: u64::try_from(self.stall.after().as_millis()).unwrap_or(u64::MAX),
+            reasons,
+        });
+        let id = self.lease.borrow().id();
+        if let Err(e) = self
+            .store
+            .register_node(&self.holder.node, &self.record, id)
+            .await
+        {
+            warn!(error = %e, "could not publish the stall in this node's record");
+        }
+    }
+
+    /// What this node sees in its own slot that holds the job up: a primary past its lease's
+    /// local deadline, pulls retried for longer than half the stall time.
+    fn own_stall_reasons(&self, now: Instant) -> Vec<StallReason> {
+        let mut reasons = Vec::new();
+        let (MySlot::Primary { task, .. }, Some(slot)) = (self.engine.mine(), self.slot.as_ref())
+        else {
+            return reasons;
+        };
+        if !self.lease.borrow().valid_now() {
+            reasons.push(StallReason {
+                task: Some(task),
+                key: None,
+                text: format!(
+                    "task {task}: its primary {} is not acting: its lease is past its local deadline (etcd slow or unreachable from it)",
+                    self.holder.node
+                ),
+            });
+        }
+        let older = self.stall.after() / 2;
+        for (id, method, waited) in slot.ctx.stuck_pulls(now, older) {
+            let target = match self.engine.view().and_then(|v| v.primaries.get(&id.to)) {
+                Some(p) => format!("its primary {} at {}", p.holder.node, p.holder.addr),
+                None => "it has no primary".to_owned(),
+            };
+            reasons.push(StallReason {
+                task: Some(id.to),
+                key: None,
+                text: format!(
+                    "task {task}: {id} (method {method:?}) to task {} retried for {:.1} s; {target}",
+                    id.to,
+                    waited.as_secs_f64()
+                ),
+            });
+        }
+        reasons
+    }
+}

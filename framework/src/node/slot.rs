@@ -1,0 +1,131 @@
+//! The slot executor: the task value this node holds, its context, the serve book that makes
+//! every pull answered at most once, and the spans its handlers run in. It runs the calls the
+//! engine decides; it decides nothing.
+
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error_span, Instrument, Span};
+
+use crate::app::{Context, SlotState, Task};
+use crate::data::{DataRequest, PullId, Responder, ServeKey};
+use crate::exchange::serve::{Lookup, Reply, ServeBook};
+use crate::inbox::LoopRequest;
+use crate::wire::{Meta, PullRequest};
+use crate::{Epoch, Term};
+
+/// The task value this node holds, with its context and the channel feeding the context.
+pub(super) struct SlotRuntime {
+    pub(super) task: Box<dyn Task>,
+    pub(super) ctx: Context,
+    pub(super) state: watch::Sender<SlotState>,
+    /// Identifies this slot among the ones the node has taken.
+    pub(super) id: u64,
+    /// As primary: answers and early arrivals of the current epoch.
+    pub(super) serve: ServeBook,
+    /// As primary: answers to the task's pulls (and outputs of its work, timers) that arrived
+    /// while the lease was past its local deadline; delivered once it is renewed (or dropped
+    /// with the slot).
+    pub(super) deferred: Vec<LoopRequest>,
+    /// The slot's span (task, role, term), child of the node's.
+    pub(super) span: Span,
+    /// As primary: the span of the epoch the task is in (child of `span`).
+    pub(super) epoch_span: Option<Span>,
+}
+
+impl Drop for SlotRuntime {
+    /// The slot's work (the task's spawned work, its pulls and metas) ends with the slot, also
+    /// when the node is dropped without stopping (a crash): work that keeps a clone of the
+    /// context must not keep the node's lease alive.
+    fn drop(&mut self) {
+        self.ctx.abort_spawned();
+    }
+}
+
+impl SlotRuntime {
+    /// The innermost span of the slot: its epoch's, or its own.
+    pub(super) fn span(&self) -> Span {
+        self.epoch_span.clone().unwrap_or_else(|| self.span.clone())
+    }
+
+    /// The slot now serves as primary under `term` (in span `span`): its state shows the term
+    /// before any handler runs.
+    pub(super) fn primary_term(&mut self, term: Term, span: Span) {
+        self.span = span;
+        self.epoch_span = None;
+        self.state.send_modify(|st| st.primary = Some(term));
+    }
+
+    /// Enters `epoch`: the state, the context, the serve book and the span; the task's
+    /// `enter_epoch`; then the metas and pulls of the epoch that arrived early.
+    pub(super) async fn enter_epoch(
+        &mut self,
+        epoch: Epoch,
+        requests: &mpsc::UnboundedSender<LoopRequest>,
+    ) {
+        self.state.send_modify(|st| st.epoch = epoch);
+        self.ctx.begin_epoch(epoch);
+        // Everything of this epoch (handlers, pulls and metas started from them, spawned
+        // work) is logged in its span.
+        let span = error_span!(parent: &self.span, "epoch", epoch);
+        self.epoch_span = Some(span.clone());
+        let (early_pulls, early_metas) = self.serve.enter(epoch);
+        async {
+            debug!("entering epoch");
+            self.task.enter_epoch(&self.ctx, epoch).await;
+            for meta in early_metas {
+                self.deliver_meta(meta).await;
+            }
+            for (req, reply) in early_pulls {
+                self.serve_pull(req, reply, requests).await;
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// Runs the task's `serve_data` for a pull of its current epoch, unless this request was
+    /// already handed to it (then `reply` waits for, or gets, the same answer).
+    pub(super) async fn serve_pull(
+        &mut self,
+        req: PullRequest,
+        reply: Reply,
+        requests: &mpsc::UnboundedSender<LoopRequest>,
+    ) {
+        let id = PullId {
+            epoch: req.header.epoch,
+            from: req.header.from_task,
+            to: req.header.to_task,
+            seq: req.seq,
+        };
+        let key = ServeKey {
+            id,
+            requester_term: req.header.term,
+        };
+        if let Lookup::New = self.serve.lookup(key, reply) {
+            let request = DataRequest {
+                id,
+                method: req.method,
+                input: req.payload,
+                responder: Some({
+                    let (slot, tx) = (self.id, requests.clone());
+                    Responder(Box::new(move |answer| {
+                        let _ = tx.send(LoopRequest::Answer { slot, key, answer });
+                    }))
+                }),
+            };
+            self.task.serve_data(&self.ctx, request).await;
+        }
+    }
+
+    /// Delivers a meta of the current epoch, once per (sender, link, meta).
+    pub(super) async fn deliver_meta(&mut self, msg: Meta) {
+        if self
+            .serve
+            .first_meta(msg.header.from_task, &msg.link, &msg.meta)
+        {
+            self.ctx.env().metrics.meta_received(self.ctx.task());
+            self.task
+                .meta_ready(&self.ctx, msg.header.from_task, &msg.link, &msg.meta)
+                .await;
+        }
+    }
+}
