@@ -141,3 +141,9 @@ pub type Epoch = u64;
 /// increases per task.
 pub type Term = u64;
 pub mod wire;
+
+/// The README's Rust examples, compiled and run as doc tests (`cargo test --doc`), so the
+/// guide a newcomer copies from cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

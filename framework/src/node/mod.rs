@@ -17,7 +17,9 @@
 pub(crate) mod engine;
 
 mod checkpoint;
+mod inbound;
 mod lease;
+mod report;
 mod runtime;
 mod slot;
 

@@ -13,20 +13,18 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, error_span, info, warn, Instrument, Span};
+use tracing::{debug, error_span, info, warn, Instrument, Span};
 
 use super::checkpoint::load_checkpoint;
 use super::engine::{
-    Claim, ClaimOutcome, Command, Engine, Input, Note, Published, Removal, Replica, Route,
-    TaskCall, When,
+    Claim, ClaimOutcome, Command, Engine, Input, Note, Published, Removal, TaskCall,
 };
 use super::lease::AbortOnDrop;
 use super::slot::SlotRuntime;
 use crate::app::{Context, SlotState, TaskBuilder};
 use crate::config::Config;
-use crate::data::DataReply;
 use crate::error::Error;
-use crate::etcd::keys::{Holder, NodeRecord, StallNote, StallReason};
+use crate::etcd::keys::{Holder, NodeRecord};
 use crate::etcd::lease::{self, LeaseState};
 use crate::etcd::watch::JobEvent;
 use crate::etcd::Store;
@@ -38,10 +36,8 @@ use crate::inbox::LoopRequest;
 use crate::metrics::{Metrics, NeighbourEvent};
 use crate::role::{ExitReason, NodeExit, NodeStatus};
 use crate::roles::{JobView, Member, MySlot, Watched};
-use crate::stall::{view_reasons, StallWatch};
-use crate::wire::{
-    Inbound, Meta, Peers, PingReply, PullRequest, Rejection, Replicate, ReplicateKind, SlotInfo,
-};
+use crate::stall::StallWatch;
+use crate::wire::{Inbound, Peers, ReplicateKind};
 use crate::{TaskId, Term};
 
 /// How often the loop looks for a stall (the stall time is seconds at least).
@@ -250,7 +246,7 @@ impl Runtime {
     }
 
     /// Runs commands in order; the commands that answer one's outcome run right after it.
-    async fn execute(
+    pub(super) async fn execute(
         &mut self,
         commands: Vec<Command>,
         stop: &CancellationToken,
@@ -730,353 +726,5 @@ impl Runtime {
                 r.members.push(m);
             }
         }
-    }
-
-    /// Answers a message from another node.
-    async fn on_inbound(&mut self, msg: Inbound, stop: &CancellationToken) -> Result<Flow, Error> {
-        let now = Instant::now();
-        match msg {
-            Inbound::Ping(reply) => {
-                let _ = reply.send(self.ping_reply());
-            }
-            Inbound::Pull(req, reply) => self.on_pull(req, reply, now).await,
-            Inbound::Meta(msg, reply) => {
-                let outcome = self.on_meta(msg, now).await;
-                let _ = reply.send(outcome);
-            }
-            Inbound::Replicate(msg, reply) => {
-                let (term, index) = (msg.header.term, msg.index);
-                let outcome = self.on_replicate(msg, now).await;
-                let applied = outcome == Ok(true);
-                let _ = reply.send(outcome.map(|_| ()));
-                if applied {
-                    let commands = self
-                        .engine
-                        .handle(Input::Replicated { term, index }, Instant::now());
-                    return self.execute(commands, stop).await;
-                }
-            }
-        }
-        Ok(Flow::Continue)
-    }
-
-    fn ping_reply(&self) -> PingReply {
-        let slots = match (self.engine.mine(), &self.slot, self.engine.slot()) {
-            (MySlot::Primary { task, term }, Some(_), Some(book)) => vec![SlotInfo {
-                task,
-                primary: true,
-                term: term as u64,
-                epoch: book.entered.unwrap_or(0),
-            }],
-            (MySlot::Backup { task, .. }, Some(s), _) => vec![SlotInfo {
-                task,
-                primary: false,
-                term: 0,
-                epoch: s.state.borrow().epoch,
-            }],
-            _ => vec![],
-        };
-        PingReply {
-            job: self.config.job.clone(),
-            node_id: self.holder.node.clone(),
-            slots,
-        }
-    }
-
-    /// A pull for this node's task: answered only by the acting primary, in the request's
-    /// epoch; early requests wait for the epoch, late ones are told it moved.
-    async fn on_pull(
-        &mut self,
-        req: PullRequest,
-        reply: crate::exchange::serve::Reply,
-        now: Instant,
-    ) {
-        let (to, epoch) = (req.header.to_task, req.header.epoch);
-        let when = self.engine.admit(&req.header, now);
-        let Some(s) = self.slot.as_mut() else {
-            let _ = reply.send(Err(Rejection::NotPrimary { task: to }));
-            return;
-        };
-        match when {
-            Ok(When::Now) => s.serve_pull(req, reply, &self.requests_tx).await,
-            Ok(When::Later) => {
-                if let Err((_, reply)) = s.serve.hold_pull(req, reply) {
-                    let _ = reply.send(Err(Rejection::NotReady { task: to, epoch }));
-                }
-            }
-            Err(r) => {
-                let _ = reply.send(Err(r));
-            }
-        }
-    }
-
-    /// A meta for this node's task: delivered once per (sender, link, meta) in the task's
-    /// epoch; early ones wait for the epoch.
-    async fn on_meta(&mut self, msg: Meta, now: Instant) -> Result<(), Rejection> {
-        let (to, epoch) = (msg.header.to_task, msg.header.epoch);
-        let when = self.engine.admit(&msg.header, now)?;
-        let Some(s) = self.slot.as_mut() else {
-            return Err(Rejection::NotPrimary { task: to });
-        };
-        match when {
-            When::Now => s.deliver_meta(msg).await,
-            When::Later if s.serve.hold_meta(msg) => {}
-            When::Later => return Err(Rejection::NotReady { task: to, epoch }),
-        }
-        Ok(())
-    }
-
-    /// A replication entry for this node's task, as its backup: `Ok(true)` when applied.
-    async fn on_replicate(&mut self, msg: Replicate, now: Instant) -> Result<bool, Rejection> {
-        let snapshot = msg.kind == ReplicateKind::Snapshot;
-        let action = self
-            .engine
-            .admit_replica(&msg.header, snapshot, msg.index, now)?;
-        let Some(s) = self.slot.as_mut() else {
-            return Err(Rejection::NotPrimary {
-                task: msg.header.to_task,
-            });
-        };
-        match (action, msg.kind) {
-            (Replica::Repeat, _) => Ok(false),
-            (Replica::Apply, ReplicateKind::Snapshot) => {
-                s.task.apply_snapshot(&s.ctx, msg.data).await;
-                Ok(true)
-            }
-            (Replica::Apply, ReplicateKind::Update) => {
-                s.task.apply_update(&s.ctx, msg.data).await;
-                Ok(true)
-            }
-        }
-    }
-
-    /// Requests from the task's side: answers to pulls it served, answers to its pulls, the
-    /// outputs of its work, its timers.
-    async fn on_request(&mut self, req: LoopRequest) {
-        let now = Instant::now();
-        let route = match &req {
-            LoopRequest::Kill => return,
-            LoopRequest::Answer { .. } => None,
-            LoopRequest::WorkDone { slot, done } => {
-                Some(self.engine.route(*slot, done.id().epoch, None, now))
-            }
-            LoopRequest::Timer { slot, epoch, .. } => {
-                Some(self.engine.route(*slot, *epoch, None, now))
-            }
-            LoopRequest::Pulled {
-                slot,
-                id,
-                server_term,
-                result,
-            } => {
-                let pulled = result.is_ok().then_some((id.to, *server_term));
-                Some(self.engine.route(*slot, id.epoch, pulled, now))
-            }
-        };
-        // The term this node was elected with, valid lease or not: an answer is stamped with
-        // it, and sent only while the lease is valid.
-        let acting = self.engine.acting_primary(now).is_some();
-        let elected = self.engine.elected();
-        let Some(s) = self.slot.as_mut() else {
-            return;
-        };
-        let (route, req) = match (route, req) {
-            (None, LoopRequest::Answer { slot, key, answer }) => {
-                if slot != s.id {
-                    return;
-                }
-                match elected {
-                    // Not this slot's primary any more: the calls retry against the new one.
-                    None => s
-                        .serve
-                        .abandon(key, Rejection::NotPrimary { task: key.id.to }),
-                    Some(elected) => {
-                        if s.serve.answer(key, answer, elected, acting) {
-                            s.ctx.env().metrics.pull_served(s.ctx.task());
-                        }
-                    }
-                }
-                return;
-            }
-            (Some(route), req) => (route, req),
-            (None, _) => return,
-        };
-        match (route, req) {
-            (Route::Drop, _) => {}
-            (Route::Defer, req) => s.deferred.push(req),
-            (Route::Refetch, LoopRequest::Pulled { id, .. }) => s.ctx.refetch(id),
-            (Route::Deliver, LoopRequest::WorkDone { done, .. }) => {
-                s.task.work_done(&s.ctx, done).await
-            }
-            (Route::Deliver, LoopRequest::Timer { token, .. }) => s.task.timer(&s.ctx, token).await,
-            (
-                Route::Deliver,
-                LoopRequest::Pulled {
-                    id,
-                    server_term,
-                    result,
-                    ..
-                },
-            ) => {
-                let Some(pending) = s.ctx.take_pending(id) else {
-                    return;
-                };
-                s.ctx.env().metrics.pull_delivered(
-                    id.from,
-                    pending.started.elapsed(),
-                    result.is_ok(),
-                );
-                let reply = DataReply {
-                    id,
-                    method: pending.method,
-                    server_term,
-                    result,
-                };
-                s.task.data_ready(&s.ctx, reply).await;
-            }
-            _ => {}
-        }
-    }
-
-    async fn heal_key(
-        &mut self,
-        what: &'static str,
-        key: &str,
-        guard: i64,
-        value: Vec<u8>,
-        fence: Option<(TaskId, i64)>,
-        lease: Option<i64>,
-    ) {
-        let text = String::from_utf8_lossy(&value).into_owned();
-        match self.store.heal(key, guard, value, fence, lease).await {
-            Ok(true) => {
-                self.metrics.key_healed(what);
-                error!(
-                    key,
-                    wrote = text,
-                    "healed a key the framework owns: rewrote its last good value"
-                );
-            }
-            // Changed meanwhile (healed by another, or a newer write): judged when it arrives.
-            Ok(false) => debug!(key, "the bad value changed before the heal"),
-            Err(e) => warn!(key, error = %e, "could not heal the key"),
-        }
-    }
-
-    /// After a batch of watch events: a stall ends when the epoch moves, and the note in this
-    /// node's record is cleared.
-    async fn epoch_seen(&mut self) {
-        let epoch = self.engine.view().and_then(|v| v.epoch);
-        if self.stall.epoch_seen(epoch, Instant::now()) {
-            info!("the job's epoch moves again: the stall is over");
-            self.metrics.stalled(false);
-            self.record_dirty |= self.record.stall.take().is_some();
-        }
-        if self.record_dirty && self.lease.borrow().valid_now() {
-            self.record_dirty = false;
-            let id = self.lease.borrow().id();
-            if let Err(e) = self
-                .store
-                .register_node(&self.holder.node, &self.record, id)
-                .await
-            {
-                warn!(error = %e, "could not clear the stall from this node's record");
-            }
-        }
-    }
-
-    /// Reports a stall when one is due: the job's epoch has not moved for longer than the
-    /// stall time. The node logs what it can tell at error level; the job's reporter, and any
-    /// node that sees a cause in its own slot, also writes it into its record in etcd (one
-    /// write per stall time), where operators' tools read it.
-    async fn check_stall(&mut self) {
-        if self.engine.view().is_none_or(JobView::finished) {
-            return;
-        }
-        let now = Instant::now();
-        let Some((epoch, still)) = self.stall.due(now) else {
-            return;
-        };
-        let keys = self.store.keys().clone();
-        let own = self.own_stall_reasons(now);
-        let reporter = self.engine.job_reporter().is_some();
-        let mut reasons = own.clone();
-        if reporter {
-            if let Some(view) = self.engine.view() {
-                reasons.extend(view_reasons(view, &keys, self.engine.spec_fault()));
-            }
-        }
-        let text = if reasons.is_empty() {
-            "no cause seen from this node".to_owned()
-        } else {
-            reasons
-                .iter()
-                .map(|r| r.text.as_str())
-                .collect::<Vec<_>>()
-                .join("; ")
-        };
-        error!(
-            epoch,
-            for_s = still.as_secs_f64(),
-            stall_after_s = self.stall.after().as_secs_f64(),
-            reasons = text,
-            "the job is stalled: its epoch has not moved"
-        );
-        self.metrics.stalled(true);
-        let publishes = reporter || !own.is_empty();
-        if !publishes || !self.lease.borrow().valid_now() {
-            return;
-        }
-        self.record.stall = Some(StallNote {
-            epoch,
-            for_ms: u64::try_from(still.as_millis()).unwrap_or(u64::MAX),
-            after_ms: u64::try_from(self.stall.after().as_millis()).unwrap_or(u64::MAX),
-            reasons,
-        });
-        let id = self.lease.borrow().id();
-        if let Err(e) = self
-            .store
-            .register_node(&self.holder.node, &self.record, id)
-            .await
-        {
-            warn!(error = %e, "could not publish the stall in this node's record");
-        }
-    }
-
-    /// What this node sees in its own slot that holds the job up: a primary past its lease's
-    /// local deadline, pulls retried for longer than half the stall time.
-    fn own_stall_reasons(&self, now: Instant) -> Vec<StallReason> {
-        let mut reasons = Vec::new();
-        let (MySlot::Primary { task, .. }, Some(slot)) = (self.engine.mine(), self.slot.as_ref())
-        else {
-            return reasons;
-        };
-        if !self.lease.borrow().valid_now() {
-            reasons.push(StallReason {
-                task: Some(task),
-                key: None,
-                text: format!(
-                    "task {task}: its primary {} is not acting: its lease is past its local deadline (etcd slow or unreachable from it)",
-                    self.holder.node
-                ),
-            });
-        }
-        let older = self.stall.after() / 2;
-        for (id, method, waited) in slot.ctx.stuck_pulls(now, older) {
-            let target = match self.engine.view().and_then(|v| v.primaries.get(&id.to)) {
-                Some(p) => format!("its primary {} at {}", p.holder.node, p.holder.addr),
-                None => "it has no primary".to_owned(),
-            };
-            reasons.push(StallReason {
-                task: Some(id.to),
-                key: None,
-                text: format!(
-                    "task {task}: {id} (method {method:?}) to task {} retried for {:.1} s; {target}",
-                    id.to,
-                    waited.as_secs_f64()
-                ),
-            });
-        }
-        reasons
     }
 }

@@ -1,0 +1,233 @@
+//! The runtime's answers to what arrives from outside the loop: messages from other nodes
+//! (pings, pulls, metas, replication entries), admitted by the engine's rules, and what comes
+//! back to the slot from the task's own side (answers it served, answers to its pulls, the
+//! outputs of its work, its timers), routed by the engine.
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::engine::{Input, Replica, Route, When};
+use super::runtime::{Flow, Runtime};
+use crate::data::DataReply;
+use crate::error::Error;
+use crate::inbox::LoopRequest;
+use crate::roles::MySlot;
+use crate::wire::{
+    Inbound, Meta, PingReply, PullRequest, Rejection, Replicate, ReplicateKind, SlotInfo,
+};
+
+impl Runtime {
+    /// Answers a message from another node.
+    pub(super) async fn on_inbound(
+        &mut self,
+        msg: Inbound,
+        stop: &CancellationToken,
+    ) -> Result<Flow, Error> {
+        let now = Instant::now();
+        match msg {
+            Inbound::Ping(reply) => {
+                let _ = reply.send(self.ping_reply());
+            }
+            Inbound::Pull(req, reply) => self.on_pull(req, reply, now).await,
+            Inbound::Meta(msg, reply) => {
+                let outcome = self.on_meta(msg, now).await;
+                let _ = reply.send(outcome);
+            }
+            Inbound::Replicate(msg, reply) => {
+                let (term, index) = (msg.header.term, msg.index);
+                let outcome = self.on_replicate(msg, now).await;
+                let applied = outcome == Ok(true);
+                let _ = reply.send(outcome.map(|_| ()));
+                if applied {
+                    let commands = self
+                        .engine
+                        .handle(Input::Replicated { term, index }, Instant::now());
+                    return self.execute(commands, stop).await;
+                }
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    pub(super) fn ping_reply(&self) -> PingReply {
+        let slots = match (self.engine.mine(), &self.slot, self.engine.slot()) {
+            (MySlot::Primary { task, term }, Some(_), Some(book)) => vec![SlotInfo {
+                task,
+                primary: true,
+                term: term as u64,
+                epoch: book.entered.unwrap_or(0),
+            }],
+            (MySlot::Backup { task, .. }, Some(s), _) => vec![SlotInfo {
+                task,
+                primary: false,
+                term: 0,
+                epoch: s.state.borrow().epoch,
+            }],
+            _ => vec![],
+        };
+        PingReply {
+            job: self.config.job.clone(),
+            node_id: self.holder.node.clone(),
+            slots,
+        }
+    }
+
+    /// A pull for this node's task: answered only by the acting primary, in the request's
+    /// epoch; early requests wait for the epoch, late ones are told it moved.
+    pub(super) async fn on_pull(
+        &mut self,
+        req: PullRequest,
+        reply: crate::exchange::serve::Reply,
+        now: Instant,
+    ) {
+        let (to, epoch) = (req.header.to_task, req.header.epoch);
+        let when = self.engine.admit(&req.header, now);
+        let Some(s) = self.slot.as_mut() else {
+            let _ = reply.send(Err(Rejection::NotPrimary { task: to }));
+            return;
+        };
+        match when {
+            Ok(When::Now) => s.serve_pull(req, reply, &self.requests_tx).await,
+            Ok(When::Later) => {
+                if let Err((_, reply)) = s.serve.hold_pull(req, reply) {
+                    let _ = reply.send(Err(Rejection::NotReady { task: to, epoch }));
+                }
+            }
+            Err(r) => {
+                let _ = reply.send(Err(r));
+            }
+        }
+    }
+
+    /// A meta for this node's task: delivered once per (sender, link, meta) in the task's
+    /// epoch; early ones wait for the epoch.
+    pub(super) async fn on_meta(&mut self, msg: Meta, now: Instant) -> Result<(), Rejection> {
+        let (to, epoch) = (msg.header.to_task, msg.header.epoch);
+        let when = self.engine.admit(&msg.header, now)?;
+        let Some(s) = self.slot.as_mut() else {
+            return Err(Rejection::NotPrimary { task: to });
+        };
+        match when {
+            When::Now => s.deliver_meta(msg).await,
+            When::Later if s.serve.hold_meta(msg) => {}
+            When::Later => return Err(Rejection::NotReady { task: to, epoch }),
+        }
+        Ok(())
+    }
+
+    /// A replication entry for this node's task, as its backup: `Ok(true)` when applied.
+    pub(super) async fn on_replicate(
+        &mut self,
+        msg: Replicate,
+        now: Instant,
+    ) -> Result<bool, Rejection> {
+        let snapshot = msg.kind == ReplicateKind::Snapshot;
+        let action = self
+            .engine
+            .admit_replica(&msg.header, snapshot, msg.index, now)?;
+        let Some(s) = self.slot.as_mut() else {
+            return Err(Rejection::NotPrimary {
+                task: msg.header.to_task,
+            });
+        };
+        match (action, msg.kind) {
+            (Replica::Repeat, _) => Ok(false),
+            (Replica::Apply, ReplicateKind::Snapshot) => {
+                s.task.apply_snapshot(&s.ctx, msg.data).await;
+                Ok(true)
+            }
+            (Replica::Apply, ReplicateKind::Update) => {
+                s.task.apply_update(&s.ctx, msg.data).await;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Requests from the task's side: answers to pulls it served, answers to its pulls, the
+    /// outputs of its work, its timers.
+    pub(super) async fn on_request(&mut self, req: LoopRequest) {
+        let now = Instant::now();
+        let route = match &req {
+            LoopRequest::Kill => return,
+            LoopRequest::Answer { .. } => None,
+            LoopRequest::WorkDone { slot, done } => {
+                Some(self.engine.route(*slot, done.id().epoch, None, now))
+            }
+            LoopRequest::Timer { slot, epoch, .. } => {
+                Some(self.engine.route(*slot, *epoch, None, now))
+            }
+            LoopRequest::Pulled {
+                slot,
+                id,
+                server_term,
+                result,
+            } => {
+                let pulled = result.is_ok().then_some((id.to, *server_term));
+                Some(self.engine.route(*slot, id.epoch, pulled, now))
+            }
+        };
+        // The term this node was elected with, valid lease or not: an answer is stamped with
+        // it, and sent only while the lease is valid.
+        let acting = self.engine.acting_primary(now).is_some();
+        let elected = self.engine.elected();
+        let Some(s) = self.slot.as_mut() else {
+            return;
+        };
+        let (route, req) = match (route, req) {
+            (None, LoopRequest::Answer { slot, key, answer }) => {
+                if slot != s.id {
+                    return;
+                }
+                match elected {
+                    // Not this slot's primary any more: the calls retry against the new one.
+                    None => s
+                        .serve
+                        .abandon(key, Rejection::NotPrimary { task: key.id.to }),
+                    Some(elected) => {
+                        if s.serve.answer(key, answer, elected, acting) {
+                            s.ctx.env().metrics.pull_served(s.ctx.task());
+                        }
+                    }
+                }
+                return;
+            }
+            (Some(route), req) => (route, req),
+            (None, _) => return,
+        };
+        match (route, req) {
+            (Route::Drop, _) => {}
+            (Route::Defer, req) => s.deferred.push(req),
+            (Route::Refetch, LoopRequest::Pulled { id, .. }) => s.ctx.refetch(id),
+            (Route::Deliver, LoopRequest::WorkDone { done, .. }) => {
+                s.task.work_done(&s.ctx, done).await
+            }
+            (Route::Deliver, LoopRequest::Timer { token, .. }) => s.task.timer(&s.ctx, token).await,
+            (
+                Route::Deliver,
+                LoopRequest::Pulled {
+                    id,
+                    server_term,
+                    result,
+                    ..
+                },
+            ) => {
+                let Some(pending) = s.ctx.take_pending(id) else {
+                    return;
+                };
+                s.ctx.env().metrics.pull_delivered(
+                    id.from,
+                    pending.started.elapsed(),
+                    result.is_ok(),
+                );
+                let reply = DataReply {
+                    id,
+                    method: pending.method,
+                    server_term,
+                    result,
+                };
+                s.task.data_ready(&s.ctx, reply).await;
+            }
+            _ => {}
+        }
+    }
+}
