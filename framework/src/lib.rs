@@ -109,6 +109,7 @@ mod role;
 mod roles;
 pub mod security;
 mod stall;
+mod wait;
 mod work;
 
 pub use app::{Context, ExitReason, Task, TaskBuilder, TaskError};
@@ -124,6 +125,7 @@ pub use error::{ConfigError, ContextError, Error, EtcdCause, EtcdError};
 pub use framework::{Framework, FrameworkBuilder};
 pub use node::{NodeExit, NodeHandle, NodeStatus, Role};
 pub use security::{EtcdAuth, EtcdTls, PeerTls, Secret};
+pub use wait::Finished;
 pub use taskgraph_topology as topology;
 /// The standard topologies, beside [`Links`] and [`Topology`] (see the
 /// [`topology`] module for each one's link names).
