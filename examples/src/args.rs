@@ -301,37 +301,14 @@ pub struct NodeArgs {
     pub stop_on_stdin_eof: bool,
 }
 
-/// Flags of the local mode.
+/// Flags of the local mode: the launcher's (`taskgraph_launch::LocalArgs`) and the report.
 #[derive(Debug, Clone, Args)]
 pub struct LocalArgs {
-    /// Nodes beyond tasks × replicas, waiting to take over a task whose nodes all died.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=10_000))]
-    pub spares: u32,
-    /// Kill a random node with SIGKILL at this interval (e.g. `700ms`) and start a new one,
-    /// until the job ends.
-    #[arg(long, value_parser = chaos_interval)]
-    pub chaos_kill_every: Option<Duration>,
-    /// Seed of the chaos mode's choice of victims.
-    #[arg(long, default_value_t = 1)]
-    pub chaos_seed: u64,
+    #[command(flatten)]
+    pub run: taskgraph_launch::LocalArgs,
     /// Write a JSON report of the run to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
-    /// Write the nodes' logs (`node-<i>.log`) into this folder and keep them; by default they
-    /// go to a temporary folder, kept only when the job fails.
-    #[arg(long)]
-    pub node_logs: Option<PathBuf>,
-    /// Give up (exit 3) when the job has stayed stalled this long after the nodes first
-    /// reported it (e.g. `2m`). Default: five times the nodes' stall time, at least a minute —
-    /// a stall under chaos or on a loaded machine often heals by itself.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub stall_limit: Option<Duration>,
-    /// Give up (and exit non-zero) if the job has not finished after this long.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
-    /// No progress bar, only the summary.
-    #[arg(long, short)]
-    pub quiet: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -351,14 +328,6 @@ fn whole_seconds(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
     if d < Duration::from_secs(1) || d.subsec_nanos() != 0 {
         return Err(format!("{s:?}: use a whole number of seconds, at least 1s"));
-    }
-    Ok(d)
-}
-
-fn chaos_interval(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
-    if d < Duration::from_millis(10) {
-        return Err(format!("{s:?}: at least 10ms"));
     }
     Ok(d)
 }

@@ -6,7 +6,6 @@
 
 mod args;
 mod launcher;
-mod local_etcd;
 mod node;
 mod task;
 mod workload;

@@ -57,7 +57,7 @@ pub async fn run(node: NodeArgs, job: JobArgs) -> Result<(), String> {
     let stop = async move {
         if node.stop_on_stdin_eof {
             tokio::select! {
-                () = stdin_closed() => tracing::info!("the launcher is gone; stopping"),
+                () = taskgraph_launch::stdin_closed() => tracing::info!("the launcher is gone; stopping"),
                 () = stop_signal() => {}
             }
         } else {
@@ -72,17 +72,6 @@ pub async fn run(node: NodeArgs, job: JobArgs) -> Result<(), String> {
         exit => {
             tracing::info!(?exit, "node stopped");
             Ok(())
-        }
-    }
-}
-
-async fn stdin_closed() {
-    use tokio::io::AsyncReadExt;
-    let mut stdin = tokio::io::stdin();
-    let mut buf = [0u8; 64];
-    while let Ok(n) = stdin.read(&mut buf).await {
-        if n == 0 {
-            return;
         }
     }
 }
