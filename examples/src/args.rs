@@ -32,7 +32,7 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
     #[command(flatten)]
-    pub local: LocalArgs,
+    pub local: LocalMode,
     #[command(flatten)]
     pub job: JobArgs,
 }
@@ -303,7 +303,7 @@ pub struct NodeArgs {
 
 /// Flags of the local mode: the launcher's (`taskgraph_launch::LocalArgs`) and the report.
 #[derive(Debug, Clone, Args)]
-pub struct LocalArgs {
+pub struct LocalMode {
     #[command(flatten)]
     pub run: taskgraph_launch::LocalArgs,
     /// Write a JSON report of the run to this file.

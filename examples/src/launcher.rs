@@ -5,7 +5,7 @@
 use serde::Serialize;
 use taskgraph_launch::{ErrorKind, Existing, LaunchError, LocalEtcd, LocalJob};
 
-use crate::args::{JobArgs, LocalArgs};
+use crate::args::{JobArgs, LocalMode};
 use crate::task::JobResult;
 use crate::workload::WorkloadKind;
 
@@ -100,7 +100,7 @@ impl Failure {
 }
 
 /// Runs the job; `Ok` only if it finished with a correct result.
-pub async fn run(local: LocalArgs, mut job: JobArgs) -> Result<Report, Failure> {
+pub async fn run(local: LocalMode, mut job: JobArgs) -> Result<Report, Failure> {
     let workload = job.workload()?;
     taskgraph::Tree::new(job.tasks, job.fanout).map_err(|e| e.to_string())?;
     let etcd = if job.etcd.is_empty() {
@@ -121,7 +121,7 @@ pub async fn run(local: LocalArgs, mut job: JobArgs) -> Result<Report, Failure> 
     Ok(report)
 }
 
-async fn run_on(local: &LocalArgs, job: &mut JobArgs) -> Result<(Report, JobResult), Failure> {
+async fn run_on(local: &LocalMode, job: &mut JobArgs) -> Result<(Report, JobResult), Failure> {
     let name = job
         .job
         .get_or_insert_with(|| format!("regression-{:08x}", rand::random::<u32>()))

@@ -49,7 +49,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn local(local: args::LocalArgs, job: args::JobArgs) -> Result<(), launcher::Failure> {
+async fn local(local: args::LocalMode, job: args::JobArgs) -> Result<(), launcher::Failure> {
     let report_path = local.report.clone();
     let report = launcher::run(local, job).await?;
     print_summary(&report);
