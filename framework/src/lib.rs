@@ -125,13 +125,13 @@ pub use error::{ConfigError, ContextError, Error, EtcdCause, EtcdError};
 pub use framework::{Framework, FrameworkBuilder};
 pub use node::{NodeExit, NodeHandle, NodeStatus, Role};
 pub use security::{EtcdAuth, EtcdTls, PeerTls, Secret};
-pub use wait::Finished;
 pub use taskgraph_topology as topology;
 /// The standard topologies, beside [`Links`] and [`Topology`] (see the
 /// [`topology`] module for each one's link names).
 pub use taskgraph_topology::{
     Butterfly, FullMesh, Grid, Links, ParameterServers, Ring, Star, Topology, Tree,
 };
+pub use wait::Finished;
 pub use work::{WorkDone, WorkId};
 
 /// Identifier of a task: `0..tasks`.

@@ -117,10 +117,9 @@ impl Fleet {
             .stdout(log)
             .stderr(log2)
             .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(io(format!(
-            "cannot start a node ({})",
-            c.program.display()
-        )))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(io(format!("cannot start a node ({})", c.program.display())))?;
         let stdin = child.stdin.take();
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
         let exits = self.exits_tx.clone();

@@ -473,9 +473,8 @@ impl LocalJob {
             (None, failure) => Err(failure.unwrap_or(ErrorKind::WatchEnded)),
         };
         let (nodes, stopped_cleanly) = fleet.stop().await;
-        let fail = |kind: ErrorKind, logs: &mut NodeLogs| {
-            Err(LaunchError::new(kind, Some(logs.keep())))
-        };
+        let fail =
+            |kind: ErrorKind, logs: &mut NodeLogs| Err(LaunchError::new(kind, Some(logs.keep())));
         let (state, result) = match result {
             Ok((state, None)) if self.expect_result => {
                 return fail(

@@ -101,9 +101,7 @@ mod progress;
 mod stalls;
 
 pub use args::LocalArgs;
-pub use error::{
-    ErrorKind, Existing, LaunchError, EXIT_FAILED, EXIT_SHUT_DOWN, EXIT_STALLED,
-};
+pub use error::{ErrorKind, Existing, LaunchError, EXIT_FAILED, EXIT_SHUT_DOWN, EXIT_STALLED};
 pub use etcd::LocalEtcd;
 pub use fleet::NodeEnd;
 pub use job::{Chaos, LocalJob, Outcome};

@@ -66,9 +66,9 @@ impl Stalls {
             return None;
         }
         let epoch = self.notes.values().map(|n| n.epoch).max().unwrap_or(0);
-        let stalled_for = Duration::from_millis(
-            self.notes.values().map(|n| n.for_ms).max().unwrap_or(0),
-        ) + since.elapsed();
+        let stalled_for =
+            Duration::from_millis(self.notes.values().map(|n| n.for_ms).max().unwrap_or(0))
+                + since.elapsed();
         let cause = self
             .notes
             .values()

@@ -162,7 +162,10 @@ async fn a_job_runs_on_a_private_etcd_and_returns_its_result() {
     let logs = outcome.node_logs().to_owned();
     assert!(logs.join("node-0.log").is_file());
     drop(outcome);
-    assert!(!logs.exists(), "the temporary logs of a good run are removed");
+    assert!(
+        !logs.exists(),
+        "the temporary logs of a good run are removed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,17 +206,24 @@ async fn wait_finished_sees_the_result_and_a_second_run_of_the_name_is_refused()
 
     tracing::info!("--- the same name again: refused, with the spec's difference or the end");
     let same = local_job(job, 4).etcd(etcd.endpoints()).run().await;
-    let e = same.err().unwrap_or_else(|| panic!("a second run was accepted"));
+    let e = same
+        .err()
+        .unwrap_or_else(|| panic!("a second run was accepted"));
     assert!(
         matches!(
             e.kind(),
-            ErrorKind::JobExists { existing: Existing::Finished(4), .. }
+            ErrorKind::JobExists {
+                existing: Existing::Finished(4),
+                ..
+            }
         ),
         "{e}"
     );
     assert_eq!(e.exit_code(), 1);
     let other = local_job(job, 9).etcd(etcd.endpoints()).run().await;
-    let e = other.err().unwrap_or_else(|| panic!("another spec was accepted"));
+    let e = other
+        .err()
+        .unwrap_or_else(|| panic!("another spec was accepted"));
     assert!(
         matches!(
             e.kind(),
@@ -234,7 +244,10 @@ async fn until_epoch(client: &JobClient, epoch: Epoch) {
             }
         }
         let next = tokio::time::timeout_at(deadline, watch.recv()).await;
-        assert!(matches!(next, Ok(Some(_))), "the job did not reach epoch {epoch}");
+        assert!(
+            matches!(next, Ok(Some(_))),
+            "the job did not reach epoch {epoch}"
+        );
     }
 }
 
@@ -275,7 +288,9 @@ async fn an_operator_shutdown_is_exit_code_4_and_a_finish_without_result() {
     assert_eq!(e.exit_code(), 4, "{e}");
     let logs = e.node_logs().unwrap_or_else(|| panic!("no logs kept: {e}"));
     assert!(logs.join("node-0.log").is_file(), "{e}");
-    assert!(e.to_string().ends_with(&format!("node logs: {}", logs.display())));
+    assert!(e
+        .to_string()
+        .ends_with(&format!("node logs: {}", logs.display())));
     let _ = std::fs::remove_dir_all(logs);
 }
 
