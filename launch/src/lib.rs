@@ -39,7 +39,7 @@
 //! }
 //!
 //! /// The same configuration for the nodes and for the launcher's spec.
-//! fn framework(etcd: Vec<String>, job: &str) -> Result<FrameworkBuilder, taskgraph::Error> {
+//! fn framework(etcd: Vec<String>, job: &str) -> Result<FrameworkBuilder, Box<dyn std::error::Error>> {
 //!     Ok(Framework::builder()
 //!         .etcd(etcd)
 //!         .job(job)
