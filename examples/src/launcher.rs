@@ -135,7 +135,7 @@ async fn run_on(local: &LocalMode, job: &mut JobArgs) -> Result<(Report, JobResu
     let run = LocalJob::new(&name, spec)
         .etcd(job.etcd.clone())
         .etcd_tls(job.security.etcd_tls())
-        .etcd_auth(job.security.etcd_auth()?)
+        .etcd_auth(job.security.etcd_auth().map_err(|e| e.to_string())?)
         .arg("node")
         .args(job.to_flags())
         .node_args(|i| vec![format!("--node-name=node{i}"), "--stop-on-stdin-eof".into()])

@@ -13,9 +13,9 @@ mod workload;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
-use args::{Cli, Command, LogFormat};
+use args::{Cli, Command};
+use taskgraph_launch::{init_logs, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -100,16 +100,5 @@ fn print_summary(r: &launcher::Report) {
                 .fold(0.0, f64::max);
             println!("weights: largest distance from the true weights {error:.2e}");
         }
-    }
-}
-
-fn init_logs(format: LogFormat, default: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

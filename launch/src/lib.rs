@@ -8,7 +8,8 @@
 //! ended. A run that fails returns a [`LaunchError`] whose
 //! [`exit_code`](LaunchError::exit_code) tells the class (3: stalled and did not heal;
 //! 4: shut down before storing its result; 1: anything else). [`LocalArgs`] are the matching
-//! command-line flags.
+//! command-line flags; [`NodeArgs`] and [`SecurityArgs`] the flags (and `TASKGRAPH_*`
+//! variables) of a node process, and [`init_logs`] its logs.
 //!
 //! One binary plays both parts: run without [`NODE_INDEX_ENV`] it is the launcher; the nodes
 //! it starts find their settings in `TASKGRAPH_ETCD`, `TASKGRAPH_JOB` and
@@ -100,7 +101,7 @@ mod node;
 mod progress;
 mod stalls;
 
-pub use args::LocalArgs;
+pub use args::{init_logs, LocalArgs, LogFormat, NodeArgs, SecurityArgs, PASSWORD_ENV};
 pub use error::{ErrorKind, Existing, LaunchError, EXIT_FAILED, EXIT_SHUT_DOWN, EXIT_STALLED};
 pub use etcd::LocalEtcd;
 pub use fleet::NodeEnd;
