@@ -317,3 +317,43 @@ async fn a_node_that_fails_ends_the_run_naming_it() {
         let _ = std::fs::remove_dir_all(logs);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_kills_pairs_at_random_intervals_and_replaces_them() {
+    let etcd = Etcd::start().await.unwrap_or_else(|e| panic!("{e}"));
+    // The root keeps its sums in memory only, so a chaos run's result may lack some: this
+    // checks the chaos mode, not the job's arithmetic (the regression example's tests do).
+    let outcome = local_job("chaotic", 300)
+        .etcd(etcd.endpoints())
+        .spares(2)
+        .chaos(Some(
+            taskgraph_launch::Chaos::between(
+                Duration::from_millis(100),
+                Duration::from_millis(300),
+            )
+            .seed(5)
+            .at_once(2),
+        ))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "chaos: {} kills, {} failovers in {:?}",
+        outcome.kills, outcome.failovers, outcome.elapsed
+    );
+    assert_eq!(outcome.epoch, 300);
+    assert!(outcome.kills >= 2, "no chaos: {} kills", outcome.kills);
+    assert!(outcome.result.is_some());
+    let killed = outcome.nodes.iter().filter(|n| n.killed_by_chaos).count();
+    assert_eq!(killed as u64, outcome.kills, "{:?}", outcome.nodes);
+    // Every kill was replaced: the launched nodes are the first 8 plus one per kill.
+    assert_eq!(
+        outcome.nodes.len() as u64,
+        8 + outcome.kills,
+        "{:?}",
+        outcome.nodes
+    );
+    for node in outcome.nodes.iter().filter(|n| !n.killed_by_chaos) {
+        assert!(node.status.is_some_and(|s| s.success()), "{node:?}");
+    }
+}
