@@ -389,7 +389,10 @@ impl LocalJob {
         let deadline = tokio::time::sleep(self.timeout.unwrap_or(NO_LIMIT));
         tokio::pin!(deadline);
         let mut stalls = Stalls::default();
-        let mut stall_check = tokio::time::interval(Duration::from_millis(500));
+        // Fires when the current stall reaches the stall limit (reset as reports come and go).
+        let far = tokio::time::Instant::now() + NO_LIMIT;
+        let stall_limit = tokio::time::sleep_until(far);
+        tokio::pin!(stall_limit);
         let finished = loop {
             if failure.is_some() {
                 break None;
@@ -424,12 +427,22 @@ impl LocalJob {
                     for line in stalls.news() {
                         progress.println(&line);
                     }
+                    let until = stalls
+                        .deadline(self.stall_limit)
+                        .map_or(far, tokio::time::Instant::from_std);
+                    if until != stall_limit.deadline() {
+                        stall_limit.as_mut().reset(until);
+                    }
                 }
-                _ = stall_check.tick() => {
+                () = &mut stall_limit => {
                     if let Some(stalled) = stalls.given_up(&name, self.stall_limit) {
                         failure = Some(stalled);
                         break None;
                     }
+                    let until = stalls
+                        .deadline(self.stall_limit)
+                        .map_or(far, tokio::time::Instant::from_std);
+                    stall_limit.as_mut().reset(until);
                 }
                 () = &mut chaos_tick, if chaos.is_some() => {
                     let next = chaos_tick.deadline() + wait(&mut waits);

@@ -55,14 +55,21 @@ impl Stalls {
         std::mem::take(&mut self.news)
     }
 
-    /// The error once the job has stayed stalled for `limit` (default: five times the nodes'
-    /// stall time, at least a minute) since the first report: it does not heal.
-    pub(crate) fn given_up(&self, job: &str, limit: Option<Duration>) -> Option<ErrorKind> {
+    /// When the launcher gives up on the current stall, if there is one: `limit` (default:
+    /// five times the nodes' stall time, at least a minute) after the first report.
+    pub(crate) fn deadline(&self, limit: Option<Duration>) -> Option<Instant> {
         let since = self.since?;
         let after = self.notes.values().map(|n| n.after_ms).max()?;
         let limit = limit
             .unwrap_or_else(|| (Duration::from_millis(after) * 5).max(Duration::from_secs(60)));
-        if since.elapsed() < limit {
+        Some(since + limit)
+    }
+
+    /// The error once the job has stayed stalled past its [`deadline`](Stalls::deadline): it
+    /// does not heal.
+    pub(crate) fn given_up(&self, job: &str, limit: Option<Duration>) -> Option<ErrorKind> {
+        let since = self.since?;
+        if Instant::now() < self.deadline(limit)? {
             return None;
         }
         let epoch = self.notes.values().map(|n| n.epoch).max().unwrap_or(0);
