@@ -1,12 +1,11 @@
 //! Command-line flags (each also read from a `TASKGRAPH_*` environment variable).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use taskgraph::{EtcdAuth, EtcdTls, FrameworkBuilder, PeerTls, Secret};
+use taskgraph_launch::{NodeArgs, SecurityArgs};
 
 use crate::workload::{Workload, WorkloadKind};
 
@@ -32,7 +31,7 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
     #[command(flatten)]
-    pub local: LocalArgs,
+    pub local: LocalMode,
     #[command(flatten)]
     pub job: JobArgs,
 }
@@ -112,232 +111,14 @@ pub struct JobArgs {
     pub security: SecurityArgs,
 }
 
-/// The environment variable holding the etcd password (there is deliberately no flag for the
-/// password itself: a flag's value shows in `ps`).
-pub const PASSWORD_ENV: &str = "TASKGRAPH_ETCD_PASSWORD";
-
-/// TLS to etcd, etcd authentication, and mutual TLS between nodes. Files are PEM. The etcd
-/// password is read from `--etcd-password-file` or from `TASKGRAPH_ETCD_PASSWORD`, never
-/// from a flag's value.
-#[derive(Debug, Clone, Default, Args)]
-pub struct SecurityArgs {
-    /// CA certificate that etcd's server certificate chains to; turns on TLS to etcd (use
-    /// https:// endpoints).
-    #[arg(long, env = "TASKGRAPH_ETCD_CA", help_heading = "Security")]
-    pub etcd_ca: Option<PathBuf>,
-    /// Client certificate presented to etcd (for etcd's --client-cert-auth); needs
-    /// --etcd-key and --etcd-ca.
-    #[arg(long, env = "TASKGRAPH_ETCD_CERT", requires_all = ["etcd_key", "etcd_ca"], help_heading = "Security")]
-    pub etcd_cert: Option<PathBuf>,
-    /// Private key of --etcd-cert.
-    #[arg(
-        long,
-        env = "TASKGRAPH_ETCD_KEY",
-        requires = "etcd_cert",
-        help_heading = "Security"
-    )]
-    pub etcd_key: Option<PathBuf>,
-    /// Name to check etcd's certificate against, instead of the endpoint's host.
-    #[arg(
-        long,
-        env = "TASKGRAPH_ETCD_SERVER_NAME",
-        requires = "etcd_ca",
-        help_heading = "Security"
-    )]
-    pub etcd_server_name: Option<String>,
-    /// etcd user; its password comes from --etcd-password-file or TASKGRAPH_ETCD_PASSWORD.
-    #[arg(long, env = "TASKGRAPH_ETCD_USER", help_heading = "Security")]
-    pub etcd_user: Option<String>,
-    /// File holding the etcd user's password (e.g. a mounted Kubernetes Secret).
-    #[arg(
-        long,
-        env = "TASKGRAPH_ETCD_PASSWORD_FILE",
-        requires = "etcd_user",
-        help_heading = "Security"
-    )]
-    pub etcd_password_file: Option<PathBuf>,
-    /// The job's CA: turns on mutual TLS between nodes (needs --peer-cert and --peer-key).
-    #[arg(long, env = "TASKGRAPH_PEER_CA", requires_all = ["peer_cert", "peer_key"], help_heading = "Security")]
-    pub peer_ca: Option<PathBuf>,
-    /// This node's certificate, issued by the job's CA.
-    #[arg(
-        long,
-        env = "TASKGRAPH_PEER_CERT",
-        requires = "peer_ca",
-        help_heading = "Security"
-    )]
-    pub peer_cert: Option<PathBuf>,
-    /// Private key of --peer-cert.
-    #[arg(
-        long,
-        env = "TASKGRAPH_PEER_KEY",
-        requires = "peer_ca",
-        help_heading = "Security"
-    )]
-    pub peer_key: Option<PathBuf>,
-    /// Name every node's certificate carries (e.g. `<job>.taskgraph`); checked on each peer
-    /// called, instead of its address.
-    #[arg(
-        long,
-        env = "TASKGRAPH_PEER_SERVER_NAME",
-        requires = "peer_ca",
-        help_heading = "Security"
-    )]
-    pub peer_server_name: Option<String>,
-}
-
-impl SecurityArgs {
-    /// TLS to etcd, if `--etcd-ca` is given.
-    pub fn etcd_tls(&self) -> Option<EtcdTls> {
-        let ca = self.etcd_ca.as_ref()?;
-        let mut tls = EtcdTls::new(ca);
-        if let (Some(c), Some(k)) = (&self.etcd_cert, &self.etcd_key) {
-            tls = tls.identity(c, k);
-        }
-        if let Some(n) = &self.etcd_server_name {
-            tls = tls.server_name(n);
-        }
-        Some(tls)
-    }
-
-    /// The etcd user with its password (from the file, else the environment), if
-    /// `--etcd-user` is given.
-    pub fn etcd_auth(&self) -> Result<Option<EtcdAuth>, String> {
-        let Some(user) = &self.etcd_user else {
-            return Ok(None);
-        };
-        let password = match &self.etcd_password_file {
-            Some(f) => Secret::from_file(f),
-            None => Secret::from_env(PASSWORD_ENV).map_err(|_| {
-                taskgraph::ConfigError::Missing(
-                    "etcd password: set TASKGRAPH_ETCD_PASSWORD or --etcd-password-file",
-                )
-            }),
-        }
-        .map_err(|e| e.to_string())?;
-        Ok(Some(EtcdAuth::new(user, password)))
-    }
-
-    /// Mutual TLS between nodes, if `--peer-ca` is given.
-    pub fn peer_tls(&self) -> Option<PeerTls> {
-        let (ca, cert, key) = (
-            self.peer_ca.as_ref()?,
-            self.peer_cert.as_ref()?,
-            self.peer_key.as_ref()?,
-        );
-        let tls = PeerTls::new(ca, cert, key);
-        Some(match &self.peer_server_name {
-            Some(n) => tls.server_name(n),
-            None => tls,
-        })
-    }
-
-    /// Applies every setting to a node's builder.
-    pub fn apply(&self, mut builder: FrameworkBuilder) -> Result<FrameworkBuilder, String> {
-        if let Some(tls) = self.etcd_tls() {
-            builder = builder.etcd_tls(tls);
-        }
-        if let Some(auth) = self.etcd_auth()? {
-            builder = builder.etcd_auth(auth);
-        }
-        if let Some(tls) = self.peer_tls() {
-            builder = builder.peer_tls(tls);
-        }
-        Ok(builder)
-    }
-
-    /// The flags that reproduce these settings (file paths and names only: the password
-    /// travels in the inherited environment or its file).
-    pub fn to_flags(&self) -> Vec<String> {
-        let mut v = Vec::new();
-        let mut path = |flag: &str, p: &Option<PathBuf>| {
-            if let Some(p) = p {
-                v.push(format!("--{flag}={}", p.display()));
-            }
-        };
-        path("etcd-ca", &self.etcd_ca);
-        path("etcd-cert", &self.etcd_cert);
-        path("etcd-key", &self.etcd_key);
-        path("etcd-password-file", &self.etcd_password_file);
-        path("peer-ca", &self.peer_ca);
-        path("peer-cert", &self.peer_cert);
-        path("peer-key", &self.peer_key);
-        for (flag, value) in [
-            ("etcd-server-name", &self.etcd_server_name),
-            ("etcd-user", &self.etcd_user),
-            ("peer-server-name", &self.peer_server_name),
-        ] {
-            if let Some(value) = value {
-                v.push(format!("--{flag}={value}"));
-            }
-        }
-        v
-    }
-}
-
-/// Flags of `regression node`.
+/// Flags of the local mode: the launcher's (`taskgraph_launch::LocalArgs`) and the report.
 #[derive(Debug, Clone, Args)]
-pub struct NodeArgs {
-    /// Address the node's gRPC server listens on.
-    #[arg(long, default_value = "127.0.0.1:0", env = "TASKGRAPH_LISTEN")]
-    pub listen: SocketAddr,
-    /// `host:port` other nodes reach this one at (default: the bound address; on Kubernetes,
-    /// the pod IP and the listen port).
-    #[arg(long, env = "TASKGRAPH_ADVERTISE")]
-    pub advertise: Option<String>,
-    /// A readable prefix of the node's id (e.g. the pod name).
-    #[arg(long, env = "TASKGRAPH_NODE_NAME")]
-    pub node_name: Option<String>,
-    /// Address to serve Prometheus metrics (`/metrics`), liveness (`/healthz`) and readiness
-    /// (`/readyz`) on over HTTP, e.g. `0.0.0.0:9100`. No HTTP server without it.
-    #[arg(long, env = "TASKGRAPH_METRICS_ADDR")]
-    pub metrics_addr: Option<SocketAddr>,
-    /// Log format on stderr: `text` or `json`. Filter with `RUST_LOG` (default `info`).
-    #[arg(long, value_enum, default_value = "text", env = "TASKGRAPH_LOG_FORMAT")]
-    pub log_format: LogFormat,
-    /// Stop cleanly when standard input closes (the local launcher uses it, so its nodes never
-    /// outlive it).
-    #[arg(long, hide = true)]
-    pub stop_on_stdin_eof: bool,
-}
-
-/// Flags of the local mode.
-#[derive(Debug, Clone, Args)]
-pub struct LocalArgs {
-    /// Nodes beyond tasks × replicas, waiting to take over a task whose nodes all died.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=10_000))]
-    pub spares: u32,
-    /// Kill a random node with SIGKILL at this interval (e.g. `700ms`) and start a new one,
-    /// until the job ends.
-    #[arg(long, value_parser = chaos_interval)]
-    pub chaos_kill_every: Option<Duration>,
-    /// Seed of the chaos mode's choice of victims.
-    #[arg(long, default_value_t = 1)]
-    pub chaos_seed: u64,
+pub struct LocalMode {
+    #[command(flatten)]
+    pub run: taskgraph_launch::LocalArgs,
     /// Write a JSON report of the run to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
-    /// Write the nodes' logs (`node-<i>.log`) into this folder and keep them; by default they
-    /// go to a temporary folder, kept only when the job fails.
-    #[arg(long)]
-    pub node_logs: Option<PathBuf>,
-    /// Give up (exit 3) when the job has stayed stalled this long after the nodes first
-    /// reported it (e.g. `2m`). Default: five times the nodes' stall time, at least a minute —
-    /// a stall under chaos or on a loaded machine often heals by itself.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub stall_limit: Option<Duration>,
-    /// Give up (and exit non-zero) if the job has not finished after this long.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
-    /// No progress bar, only the summary.
-    #[arg(long, short)]
-    pub quiet: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 fn positive_f64(s: &str) -> Result<f64, String> {
@@ -351,14 +132,6 @@ fn whole_seconds(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
     if d < Duration::from_secs(1) || d.subsec_nanos() != 0 {
         return Err(format!("{s:?}: use a whole number of seconds, at least 1s"));
-    }
-    Ok(d)
-}
-
-fn chaos_interval(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
-    if d < Duration::from_millis(10) {
-        return Err(format!("{s:?}: at least 10ms"));
     }
     Ok(d)
 }

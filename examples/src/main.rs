@@ -6,7 +6,6 @@
 
 mod args;
 mod launcher;
-mod local_etcd;
 mod node;
 mod task;
 mod workload;
@@ -14,9 +13,9 @@ mod workload;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
-use args::{Cli, Command, LogFormat};
+use args::{Cli, Command};
+use taskgraph_launch::{init_logs, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -50,7 +49,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn local(local: args::LocalArgs, job: args::JobArgs) -> Result<(), launcher::Failure> {
+async fn local(local: args::LocalMode, job: args::JobArgs) -> Result<(), launcher::Failure> {
     let report_path = local.report.clone();
     let report = launcher::run(local, job).await?;
     print_summary(&report);
@@ -101,16 +100,5 @@ fn print_summary(r: &launcher::Report) {
                 .fold(0.0, f64::max);
             println!("weights: largest distance from the true weights {error:.2e}");
         }
-    }
-}
-
-fn init_logs(format: LogFormat, default: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

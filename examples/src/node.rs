@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use taskgraph::{Framework, FrameworkBuilder, NodeExit, Task, TaskId, Tree};
 
-use crate::args::{JobArgs, NodeArgs};
+use taskgraph_launch::NodeArgs;
+
+use crate::args::JobArgs;
 use crate::task::RegressionTask;
 
 /// The framework configured for this job: the tree topology, the job's parameters, and a task
@@ -27,7 +29,7 @@ pub fn framework(job: &JobArgs, job_name: &str) -> Result<FrameworkBuilder, Stri
     for (name, value) in job.params() {
         builder = builder.param(name, value);
     }
-    let builder = job.security.apply(builder)?;
+    let builder = job.security.apply(builder).map_err(|e| e.to_string())?;
     let task_workload = Arc::clone(&workload);
     Ok(builder.task_builder(move |task: TaskId| {
         Box::new(RegressionTask::new(task, task_workload.clone(), compute)) as Box<dyn Task>
@@ -42,22 +44,13 @@ pub async fn run(node: NodeArgs, job: JobArgs) -> Result<(), String> {
     let Some(job_name) = job.job.clone() else {
         return Err("`regression node` needs --job (or TASKGRAPH_JOB)".into());
     };
-    let mut builder = framework(&job, &job_name)?.listen(node.listen);
-    if let Some(a) = &node.advertise {
-        builder = builder.advertise(a);
-    }
-    if let Some(n) = &node.node_name {
-        builder = builder.node_name(n);
-    }
-    if let Some(m) = node.metrics_addr {
-        builder = builder.metrics_addr(m);
-    }
+    let builder = node.apply(framework(&job, &job_name)?);
     let framework = builder.build().map_err(|e| e.to_string())?;
     let handle = framework.spawn().await.map_err(|e| e.to_string())?;
     let stop = async move {
         if node.stop_on_stdin_eof {
             tokio::select! {
-                () = stdin_closed() => tracing::info!("the launcher is gone; stopping"),
+                () = taskgraph_launch::stdin_closed() => tracing::info!("the launcher is gone; stopping"),
                 () = stop_signal() => {}
             }
         } else {
@@ -72,17 +65,6 @@ pub async fn run(node: NodeArgs, job: JobArgs) -> Result<(), String> {
         exit => {
             tracing::info!(?exit, "node stopped");
             Ok(())
-        }
-    }
-}
-
-async fn stdin_closed() {
-    use tokio::io::AsyncReadExt;
-    let mut stdin = tokio::io::stdin();
-    let mut buf = [0u8; 64];
-    while let Ok(n) = stdin.read(&mut buf).await {
-        if n == 0 {
-            return;
         }
     }
 }

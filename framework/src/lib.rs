@@ -110,6 +110,7 @@ mod role;
 mod roles;
 pub mod security;
 mod stall;
+mod wait;
 mod work;
 
 pub use app::{Context, ExitReason, Task, TaskBuilder, TaskError};
@@ -131,6 +132,7 @@ pub use taskgraph_topology as topology;
 pub use taskgraph_topology::{
     Butterfly, FullMesh, Grid, Links, ParameterServers, Ring, Star, Topology, Tree,
 };
+pub use wait::Finished;
 pub use work::{WorkDone, WorkId};
 
 /// Identifier of a task: `0..tasks`.

@@ -1,5 +1,5 @@
-//! A private, single-member etcd for the local mode: started on free loopback ports in a
-//! temporary folder, stopped (and its folder removed) when the run ends.
+//! [`LocalEtcd`]: a private, single-member etcd started on free loopback ports in a temporary
+//! folder, stopped (and its folder removed) when the run ends.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -7,7 +7,20 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-/// A running private etcd.
+use crate::error::{ErrorKind, LaunchError};
+
+/// A running private etcd. It is killed when dropped (and, where `setpriv` is installed, when
+/// this process dies); [`stop`](LocalEtcd::stop) also waits for it to exit.
+///
+/// The binary is `$TASKGRAPH_ETCD_BIN`, else `etcd` on the `PATH`, else `/usr/bin/etcd`.
+///
+/// ```no_run
+/// # async fn f() -> Result<(), taskgraph_launch::LaunchError> {
+/// let etcd = taskgraph_launch::LocalEtcd::start().await?;
+/// println!("etcd answers at {}", etcd.endpoint());
+/// etcd.stop().await;
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct LocalEtcd {
     child: Child,
@@ -17,7 +30,8 @@ pub struct LocalEtcd {
 
 impl LocalEtcd {
     /// Starts etcd and waits until it answers. Its raft timing allows lease TTLs down to 1 s.
-    pub async fn start() -> Result<LocalEtcd, String> {
+    /// Fails with [`ErrorKind::EtcdNotInstalled`] or [`ErrorKind::PrivateEtcd`].
+    pub async fn start() -> Result<LocalEtcd, LaunchError> {
         let binary = etcd_binary()?;
         let mut last = String::new();
         // A port picked free can be taken by someone else before etcd binds it: try again.
@@ -27,12 +41,12 @@ impl LocalEtcd {
                 Err(e) => last = e,
             }
         }
-        Err(last)
+        Err(ErrorKind::PrivateEtcd { reason: last }.into())
     }
 
     async fn try_start(binary: &Path) -> Result<LocalEtcd, String> {
         let dir = tempfile::Builder::new()
-            .prefix("regression-etcd-")
+            .prefix("taskgraph-etcd-")
             .tempdir()
             .map_err(|e| format!("cannot create a folder for etcd: {e}"))?;
         let [client, peer] = free_ports()?;
@@ -87,9 +101,15 @@ impl LocalEtcd {
         }
     }
 
-    /// The client URL.
+    /// The client URL (`http://127.0.0.1:<port>`).
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// The client URL as the endpoint list `Framework::builder().etcd(…)` and
+    /// [`JobClient::connect`](taskgraph::JobClient::connect) take.
+    pub fn endpoints(&self) -> Vec<String> {
+        vec![self.endpoint.clone()]
     }
 
     fn log_tail(&self) -> String {
@@ -111,15 +131,11 @@ impl LocalEtcd {
 }
 
 /// `$TASKGRAPH_ETCD_BIN`, else `etcd` on the `PATH`, else `/usr/bin/etcd`.
-fn etcd_binary() -> Result<PathBuf, String> {
+fn etcd_binary() -> Result<PathBuf, LaunchError> {
     if let Some(p) = std::env::var_os("TASKGRAPH_ETCD_BIN") {
         return Ok(PathBuf::from(p));
     }
-    find_on_path("etcd").ok_or_else(|| {
-        "etcd is not installed (Debian: `apt-get install etcd-server`, or run ci/setup); \
-         or pass --etcd URL to use a running one"
-            .to_owned()
-    })
+    find_on_path("etcd").ok_or_else(|| ErrorKind::EtcdNotInstalled.into())
 }
 
 fn setpriv() -> Option<PathBuf> {
