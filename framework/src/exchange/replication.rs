@@ -40,8 +40,10 @@ pub(crate) enum Shipped {
     Applied,
     /// The backup is gone (its slot is no longer in etcd, or was removed now).
     Gone,
-    /// This node is no longer the task's acting primary.
+    /// A newer primary of the task exists (etcd or the backup said so).
     Deposed,
+    /// This node's lease is past its local deadline: it may not act until it is renewed.
+    Lapsed,
 }
 
 /// Ships one entry to `member` until it is applied. A backup that cannot apply it within the
@@ -62,7 +64,7 @@ pub(crate) async fn ship(
     let mut view = env.view.clone();
     loop {
         if !env.lease.borrow().valid_now() {
-            return Shipped::Deposed;
+            return Shipped::Lapsed;
         }
         if !member.in_view(&view.borrow_and_update(), env.task) {
             return Shipped::Gone;
@@ -133,7 +135,7 @@ pub(crate) async fn ship(
             // After this process was paused the deadline has passed at once: whether this
             // node may still act decides first.
             if !env.lease.borrow().valid_now() {
-                return Shipped::Deposed;
+                return Shipped::Lapsed;
             }
             if let Some(outcome) = eject(env, term, member, reason).await {
                 return outcome;

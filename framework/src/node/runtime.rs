@@ -169,16 +169,18 @@ impl Runtime {
                     tokio::task::coop::consume_budget().await;
                     wake
                 }
+                // A lease change comes before everything but stop: a renewal brings the backups
+                // in step before anything else reaches the task (see `Context::replicate`).
                 None => tokio::select! {
                     biased;
                     _ = stop.cancelled() => Wake::Stop,
+                    changed = self.lease.changed() => Wake::Lease(changed.is_ok()),
                     Some(req) = requests.recv() => Wake::Request(req),
                     ev = events.recv() => match ev {
                         Some(ev) => Wake::Event(ev),
                         None => Wake::WatchEnded,
                     },
                     Some(msg) = inbound.recv() => Wake::Inbound(msg),
-                    changed = self.lease.changed() => Wake::Lease(changed.is_ok()),
                     _ = tokio::time::sleep_until(deadline) => Wake::Deadline,
                     _ = sleep_until_some(retry_at) => Wake::Retry,
                     _ = stall_check.tick() => Wake::StallCheck,

@@ -382,15 +382,15 @@ impl Engine {
         }
     }
 
-    /// Holding the slot it should: keep the monitors, the epoch, the backups and the
-    /// neighbours up to date.
+    /// Holding the slot it should: keep the monitors, the backups, the epoch and the
+    /// neighbours up to date. The backups come first: a backup that joined, or that missed an
+    /// update while the lease was unconfirmed, gets the task's state before the task acts
+    /// again.
     fn stay(&mut self, now: Instant, out: &mut Vec<Command>) {
         if let Some(view) = self.view.as_ref() {
             out.push(Command::Monitor(watched(view, &self.me.node, self.mine)));
         }
-        self.enter_current_epoch(now, out);
         if let Some((task, term)) = self.acting_primary(now) {
-            out.push(Command::DeliverDeferred);
             if let (Some(view), Some(s)) = (self.view.as_ref(), self.slot.as_ref()) {
                 out.push(Command::SyncBackups {
                     task,
@@ -399,6 +399,10 @@ impl Engine {
                     members: Member::all_in(view, task, &self.me.node),
                 });
             }
+        }
+        self.enter_current_epoch(now, out);
+        if let Some((task, _)) = self.acting_primary(now) {
+            out.push(Command::DeliverDeferred);
             self.neighbour_incidents(task, out);
         }
         out.push(self.publish(now));

@@ -96,3 +96,24 @@ fn a_new_primary_starts_at_the_current_epoch_not_at_the_ones_before() {
     let out = h.input(Input::Claimed(claim, ClaimOutcome::Won(20)));
     assert_eq!(entered(&out), vec![9]);
 }
+
+/// A backup that missed an update while the lease was unconfirmed gets a snapshot before the
+/// task acts again: on renewal the backups are synced first, then the epochs are entered and
+/// the held answers delivered.
+#[test]
+fn on_renewal_the_backups_are_brought_in_step_before_the_task_acts() {
+    let mut h = H::new("n1", 1, 2);
+    let claim = last_claim(&h.snapshot(3, vec![])).unwrap();
+    h.input(Input::Claimed(claim, ClaimOutcome::Won(40)));
+    let b = h.backup_kv(0, 1, "n2", 102);
+    h.put(b);
+    h.input(Input::Lease(LeaseState::Suspended { id: LEASE }));
+    let e4 = h.epoch_kv("4");
+    h.put(e4);
+    let out = acts(&h.input(Input::Lease(h.alive())));
+    let at = |want: fn(&Command) -> bool| out.iter().position(want);
+    let sync = at(|c| matches!(c, Command::SyncBackups { members, .. } if members.len() == 1));
+    let enter = at(|c| matches!(c, Command::EnterEpoch { epoch: 4, .. }));
+    let deliver = at(|c| matches!(c, Command::DeliverDeferred));
+    assert!(sync.is_some() && sync < enter && enter < deliver, "{out:?}");
+}

@@ -37,14 +37,14 @@ fn a_spare_claims_an_orphan_task_and_its_primary_enters_the_current_epoch() {
                 epoch: 3,
                 prev: None
             },
-            // Then it stays: answers held for the lease, backups (none yet).
-            Command::DeliverDeferred,
+            // Then it stays: backups in step (none yet), answers held for the lease.
             Command::SyncBackups {
                 task: 0,
                 term: 40,
                 epoch: 3,
                 members: vec![]
             },
+            Command::DeliverDeferred,
         ]
     );
     assert_eq!(h.e.mine(), MySlot::Primary { task: 0, term: 40 });
@@ -204,13 +204,13 @@ fn a_backup_promotes_when_its_primary_goes_and_restores_the_checkpoint_only_with
                 epoch: 4,
                 prev: None,
             },
-            Command::DeliverDeferred,
             Command::SyncBackups {
                 task: 0,
                 term: 60,
                 epoch: 4,
                 members: vec![],
             },
+            Command::DeliverDeferred,
         ]);
         assert_eq!(acts(&out), expected, "synced: {synced}");
         // Its own backup key is gone from its view: it does not sync itself.
