@@ -8,9 +8,9 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use crate::changes::JobChanges;
 use crate::config::{validate_job_name, JobSpec};
-use crate::error::{Error, EtcdError};
-use crate::etcd::admin::Change;
+use crate::error::Error;
 use crate::etcd::keys::{EpochValue, Holder, JobKey, JobKeys, NodeRecord, StoredCheckpoint};
 pub use crate::etcd::keys::{StallNote, StallReason};
 use crate::etcd::watch::{self, JobEvent};
@@ -88,7 +88,7 @@ pub struct SpareNode {
 }
 
 /// Every slot of a job at one etcd revision.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct JobStatus {
     /// The job.
     pub job: String,
@@ -269,7 +269,9 @@ impl JobClient {
         &self.job
     }
 
-    /// The job's keys in etcd (to interpret the events of [`watch`](JobClient::watch)).
+    /// The job's keys in etcd, for the workspace's tests (which write them directly). Not
+    /// part of the API: follow the job with [`changes`](JobClient::changes).
+    #[doc(hidden)]
     pub fn keys(&self) -> &JobKeys {
         self.store.keys()
     }
@@ -402,19 +404,47 @@ impl JobClient {
         Ok(self.store.delete_job().await?)
     }
 
-    /// Replays the job's changes from etcd revision `from` (while etcd keeps that history)
-    /// and follows new ones. The receiver gets an `Err` once when the history is compacted
-    /// away or etcd is lost, then ends.
-    pub async fn history(
-        &self,
-        from: i64,
-    ) -> Result<mpsc::Receiver<Result<Change, EtcdError>>, Error> {
-        Ok(self.store.history(from).await?)
+    /// Follows the job's changes, typed (see [`JobChange`](crate::JobChange)): first a
+    /// [`Snapshot`](crate::JobChange::Snapshot) of every slot, then each change with its etcd
+    /// revision. The stream survives etcd restarts: it reports
+    /// [`Disconnected`](crate::JobChange::Disconnected), then resumes from the last revision it
+    /// saw, or with a new snapshot if etcd compacted that history away. It yields only `Ok`,
+    /// and ends when dropped.
+    ///
+    /// ```no_run
+    /// # async fn f(client: taskgraph::JobClient) -> Result<(), taskgraph::Error> {
+    /// use taskgraph::JobChange;
+    /// let mut changes = client.changes();
+    /// while let Some(event) = changes.recv().await {
+    ///     match event?.change {
+    ///         JobChange::PrimaryUp { task, node, term, .. } => {
+    ///             println!("task {task}: primary {node} (term {term})")
+    ///         }
+    ///         JobChange::PrimaryGone { task, .. } => println!("task {task} lost its primary"),
+    ///         JobChange::Finished { epoch } => break,
+    ///         _ => {}
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn changes(&self) -> JobChanges {
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(watch::run(self.store.clone(), tx));
+        JobChanges::live(&self.job, self.keys().clone(), rx)
     }
 
-    /// Watches every key of the job: first a [`JobEvent::Snapshot`], then each change. The
-    /// watch survives etcd restarts (it resumes from the last revision seen, or sends a new
-    /// snapshot if etcd compacted it away) and ends when the receiver is dropped.
+    /// Replays the job's changes from etcd revision `from` (while etcd keeps that history),
+    /// then follows new ones, typed as by [`changes`](JobClient::changes) but without a first
+    /// snapshot: a deletion names the slot's holder only if the replay saw it come. The stream
+    /// yields one `Err` when the history is compacted away or etcd is lost, then ends.
+    pub async fn changes_since(&self, from: i64) -> Result<JobChanges, Error> {
+        let rx = self.store.history(from).await?;
+        Ok(JobChanges::replay(&self.job, self.keys().clone(), rx))
+    }
+
+    /// The raw watch of the job's keys, for programs not yet moved to
+    /// [`changes`](JobClient::changes). Not part of the API.
+    #[doc(hidden)]
     pub fn watch(&self) -> mpsc::Receiver<JobEvent> {
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(watch::run(self.store.clone(), tx));
@@ -423,7 +453,7 @@ impl JobClient {
 }
 
 /// Builds a job's status from its keys (pure; the keys were read at `revision`).
-pub fn build_status(
+pub(crate) fn build_status(
     job: &str,
     keys: &JobKeys,
     kvs: &[crate::etcd::Kv],
