@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use taskgraph::security::LoadedTls;
-use taskgraph::wire::{
+use taskgraph::testing::LoadedTls;
+use taskgraph::testing::wire::{
     self, ClientConfig, Header, Inbound, Peers, PingReply, PullAnswer, PullRequest, ServerConfig,
 };
 use taskgraph::{
