@@ -454,7 +454,9 @@ impl Echoer {
     /// Connects to `addr`, refusing messages over `max_message` bytes; HTTP/2 as the
     /// framework's (see [`http2_settings`]).
     pub async fn connect_with(addr: &str, max_message: usize) -> Result<Self, BoxError> {
-        use taskgraph::testing::wire::{HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW};
+        use taskgraph::testing::wire::{
+            HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW,
+        };
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
             .tcp_nodelay(true)
             .initial_stream_window_size(HTTP2_STREAM_WINDOW)

@@ -19,10 +19,7 @@ pub async fn stream(client: &JobClient, since: Option<i64>) -> Result<(), String
         Some(rev) if rev <= 0 => {
             return Err(format!("--since-revision must be positive, got {rev}"))
         }
-        Some(rev) => client
-            .changes_since(rev)
-            .await
-            .map_err(|e| e.to_string())?,
+        Some(rev) => client.changes_since(rev).await.map_err(|e| e.to_string())?,
         // From now: the stream opens with the job's state (who holds what).
         None => client.changes(),
     };
@@ -128,4 +125,59 @@ pub(crate) fn describe(event: &ChangeEvent, m: &mut Memory) -> (i64, Option<Stri
         _ => None,
     };
     (rev, line, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(revision: i64, change: JobChange) -> ChangeEvent {
+        ChangeEvent { revision, change }
+    }
+
+    #[test]
+    fn a_primary_gone_then_up_reads_as_a_failover_and_the_end_ends() {
+        let mut m = Memory::default();
+        let gone = at(
+            7,
+            JobChange::PrimaryGone {
+                task: 3,
+                node: Some("a".into()),
+                term: Some(5),
+            },
+        );
+        let (rev, line, end) = describe(&gone, &mut m);
+        assert_eq!(rev, 7);
+        assert_eq!(
+            line.as_deref(),
+            Some("primary lost: task 3 (a); its neighbours see it failed")
+        );
+        assert!(!end);
+        let up = |term| {
+            at(
+                8,
+                JobChange::PrimaryUp {
+                    task: 3,
+                    node: "b".into(),
+                    addr: "b:1".into(),
+                    term,
+                },
+            )
+        };
+        assert_eq!(
+            describe(&up(8), &mut m).1.as_deref(),
+            Some("failover: task 3 primary a → b (term 8)")
+        );
+        // The next one is an election: nobody lost the task in between.
+        assert_eq!(
+            describe(&up(9), &mut m).1.as_deref(),
+            Some("election: task 3 primary b (term 9)")
+        );
+        let (_, line, end) = describe(&at(10, JobChange::Finished { epoch: 4 }), &mut m);
+        assert_eq!(
+            line.as_deref(),
+            Some("shutdown: the job finished at epoch 4")
+        );
+        assert!(end);
+    }
 }

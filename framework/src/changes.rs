@@ -399,10 +399,7 @@ impl Interpreter {
                     if r.stall.is_some() {
                         self.stalled.insert(node.clone());
                     }
-                    JobChange::NodeJoined {
-                        node,
-                        addr: r.addr,
-                    }
+                    JobChange::NodeJoined { node, addr: r.addr }
                 }
                 Ok(NodeRecord {
                     stall: Some(note), ..
@@ -587,7 +584,10 @@ mod tests {
             Some(JobChange::ResultWritten { bytes: 2 })
         );
         // Keys outside the layout are not the job's changes.
-        assert_eq!(put(&mut i, format!("{}other", keys.prefix()), vec![], 13), None);
+        assert_eq!(
+            put(&mut i, format!("{}other", keys.prefix()), vec![], 13),
+            None
+        );
         assert_eq!(put(&mut i, "/elsewhere".into(), vec![], 14), None);
     }
 
@@ -681,10 +681,16 @@ mod tests {
             })
         );
         // Rewritten as it was: nothing to report.
-        assert_eq!(change(&mut i, &kv(key.clone(), record("n:1", None), 2, 3)), None);
+        assert_eq!(
+            change(&mut i, &kv(key.clone(), record("n:1", None), 2, 3)),
+            None
+        );
         for rev in [4, 5] {
             assert_eq!(
-                change(&mut i, &kv(key.clone(), record("n:1", Some(note())), 2, rev)),
+                change(
+                    &mut i,
+                    &kv(key.clone(), record("n:1", Some(note())), 2, rev)
+                ),
                 Some(JobChange::StallReported {
                     node: "n".into(),
                     note: note()
@@ -695,7 +701,10 @@ mod tests {
             change(&mut i, &kv(key.clone(), record("n:1", None), 2, 6)),
             Some(JobChange::StallOver { node: "n".into() })
         );
-        assert_eq!(change(&mut i, &kv(key.clone(), record("n:1", None), 2, 7)), None);
+        assert_eq!(
+            change(&mut i, &kv(key.clone(), record("n:1", None), 2, 7)),
+            None
+        );
         // A node that leaves mid-stall has no stall to end when it comes back.
         let _ = change(&mut i, &kv(key.clone(), record("n:1", Some(note())), 2, 8));
         let _ = i.delete(key.as_bytes(), 9);
@@ -715,11 +724,20 @@ mod tests {
                 term,
             })
         };
-        assert_eq!(change(&mut i, &kv(keys.primary(3), holder("a"), 40, 40)), up(40));
-        assert_eq!(change(&mut i, &kv(keys.primary(3), holder("a"), 40, 41)), None);
+        assert_eq!(
+            change(&mut i, &kv(keys.primary(3), holder("a"), 40, 40)),
+            up(40)
+        );
+        assert_eq!(
+            change(&mut i, &kv(keys.primary(3), holder("a"), 40, 41)),
+            None
+        );
         // Gone and won again: a new term.
         let _ = i.delete(keys.primary(3).as_bytes(), 42);
-        assert_eq!(change(&mut i, &kv(keys.primary(3), holder("a"), 43, 43)), up(43));
+        assert_eq!(
+            change(&mut i, &kv(keys.primary(3), holder("a"), 43, 43)),
+            up(43)
+        );
     }
 
     #[test]

@@ -421,7 +421,7 @@ impl JobClient {
     ///             println!("task {task}: primary {node} (term {term})")
     ///         }
     ///         JobChange::PrimaryGone { task, .. } => println!("task {task} lost its primary"),
-    ///         JobChange::Finished { epoch } => break,
+    ///         JobChange::Finished { .. } => break,
     ///         _ => {}
     ///     }
     /// }

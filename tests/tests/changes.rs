@@ -85,9 +85,12 @@ async fn the_change_stream_tells_a_failover_with_terms_garbage_and_the_end_and_a
     let (i, term) = c.primary_of(1).expect("task 1 has a primary");
     assert_eq!(term, old_term);
     let _ = c.stop(i).await;
-    let up = until(&mut changes, &mut seen, "a new primary of task 1", |ch| {
-        matches!(ch, JobChange::PrimaryUp { task: 1, term, .. } if *term > old_term)
-    })
+    let up = until(
+        &mut changes,
+        &mut seen,
+        "a new primary of task 1",
+        |ch| matches!(ch, JobChange::PrimaryUp { task: 1, term, .. } if *term > old_term),
+    )
     .await;
     let JobChange::PrimaryUp { node: new, .. } = &up.change else {
         unreachable!("matched above")
@@ -110,9 +113,12 @@ async fn the_change_stream_tells_a_failover_with_terms_garbage_and_the_end_and_a
     let key = JobKeys::new(&job).checkpoint(2);
     let mut etcd_client = etcd.client().await.unwrap();
     etcd_client.put(key.clone(), "garbage", None).await.unwrap();
-    let garbage = until(&mut changes, &mut seen, "the garbage checkpoint", |ch| {
-        matches!(ch, JobChange::Garbage { key: k, .. } if *k == key)
-    })
+    let garbage = until(
+        &mut changes,
+        &mut seen,
+        "the garbage checkpoint",
+        |ch| matches!(ch, JobChange::Garbage { key: k, .. } if *k == key),
+    )
     .await;
     let JobChange::Garbage { reason, .. } = &garbage.change else {
         unreachable!("matched above")
@@ -140,7 +146,10 @@ async fn the_change_stream_tells_a_failover_with_terms_garbage_and_the_end_and_a
         assert!(e.revision > snap_rev && e.revision >= last_rev, "{e:?}");
         last_rev = e.revision;
         if let JobChange::EpochMoved { epoch } = e.change {
-            assert!(last_epoch.is_none_or(|l| epoch > l), "{e:?} after {last_epoch:?}");
+            assert!(
+                last_epoch.is_none_or(|l| epoch > l),
+                "{e:?} after {last_epoch:?}"
+            );
             last_epoch = Some(epoch);
         }
     }
@@ -159,9 +168,12 @@ async fn the_change_stream_tells_a_failover_with_terms_garbage_and_the_end_and_a
         unreachable!("matched above")
     };
     assert_eq!((spec.tasks, spec.replicas), (3, 2));
-    until(&mut replay, &mut replayed, "the job's end in the replay", |ch| {
-        matches!(ch, JobChange::Finished { .. })
-    })
+    until(
+        &mut replay,
+        &mut replayed,
+        "the job's end in the replay",
+        |ch| matches!(ch, JobChange::Finished { .. }),
+    )
     .await;
     let after: Vec<&ChangeEvent> = replayed.iter().filter(|e| e.revision > snap_rev).collect();
     let live: Vec<&ChangeEvent> = seen.iter().collect();
@@ -210,9 +222,12 @@ async fn the_change_stream_survives_an_etcd_restart_without_missing_a_change() {
     kv.put(keys.epoch(), "2", None).await.unwrap();
     kv.put(keys.epoch(), "3", None).await.unwrap();
     let mut after = Vec::new();
-    until(&mut changes, &mut after, "epoch 3 after the restart", |ch| {
-        *ch == JobChange::EpochMoved { epoch: 3 }
-    })
+    until(
+        &mut changes,
+        &mut after,
+        "epoch 3 after the restart",
+        |ch| *ch == JobChange::EpochMoved { epoch: 3 },
+    )
     .await;
     let kinds: Vec<&JobChange> = after.iter().map(|e| &e.change).collect();
     assert_eq!(
