@@ -3,9 +3,9 @@
 //! program that follows a job (an operator's tool, a launcher, a dashboard) never reads the
 //! etcd key layout itself.
 //!
-//! This module is the one place outside a node that turns a raw key change (key, value,
-//! revisions) into a [`JobChange`]; the interpretation ([`Interpreter`]) is pure and
-//! unit-tested here.
+//! This module holds those two methods of [`JobClient`], and is the one place outside a node
+//! that turns a raw key change (key, value, revisions) into a [`JobChange`]; the
+//! interpretation ([`Interpreter`]) is pure and unit-tested here.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
@@ -14,14 +14,14 @@ use std::task::{ready, Context, Poll};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::client::{build_status, JobStatus};
+use crate::client::{build_status, JobClient, JobStatus};
 use crate::config::JobSpec;
 use crate::error::{Error, EtcdError};
 use crate::etcd::admin::Change;
 use crate::etcd::keys::{
     EpochValue, Holder, JobKey, JobKeys, NodeRecord, StallNote, StoredCheckpoint,
 };
-use crate::etcd::watch::JobEvent;
+use crate::etcd::watch::{self, JobEvent};
 use crate::etcd::Kv;
 use crate::{Epoch, TaskId, Term};
 
@@ -272,6 +272,46 @@ impl futures::Stream for JobChanges {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.get_mut().poll_change(cx)
+    }
+}
+
+impl JobClient {
+    /// Follows the job's changes, typed (see [`JobChange`](crate::JobChange)): first a
+    /// [`Snapshot`](crate::JobChange::Snapshot) of every slot, then each change with its etcd
+    /// revision. The stream survives etcd restarts: it reports
+    /// [`Disconnected`](crate::JobChange::Disconnected), then resumes from the last revision it
+    /// saw, or with a new snapshot if etcd compacted that history away. It yields only `Ok`,
+    /// and ends when dropped.
+    ///
+    /// ```no_run
+    /// # async fn f(client: taskgraph::JobClient) -> Result<(), taskgraph::Error> {
+    /// use taskgraph::JobChange;
+    /// let mut changes = client.changes();
+    /// while let Some(event) = changes.recv().await {
+    ///     match event?.change {
+    ///         JobChange::PrimaryUp { task, node, term, .. } => {
+    ///             println!("task {task}: primary {node} (term {term})")
+    ///         }
+    ///         JobChange::PrimaryGone { task, .. } => println!("task {task} lost its primary"),
+    ///         JobChange::Finished { .. } => break,
+    ///         _ => {}
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn changes(&self) -> JobChanges {
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(watch::run(self.store().clone(), tx));
+        JobChanges::live(self.job(), self.keys().clone(), rx)
+    }
+
+    /// Replays the job's changes from etcd revision `from` (while etcd keeps that history),
+    /// then follows new ones, typed as by [`changes`](JobClient::changes) but without a first
+    /// snapshot: a deletion names the slot's holder only if the replay saw it come. The stream
+    /// yields one `Err` when the history is compacted away or etcd is lost, then ends.
+    pub async fn changes_since(&self, from: i64) -> Result<JobChanges, Error> {
+        let rx = self.store().history(from).await?;
+        Ok(JobChanges::replay(self.job(), self.keys().clone(), rx))
     }
 }
 

@@ -8,7 +8,6 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::changes::JobChanges;
 use crate::config::{validate_job_name, JobSpec};
 use crate::error::Error;
 use crate::etcd::keys::{EpochValue, Holder, JobKey, JobKeys, NodeRecord, StoredCheckpoint};
@@ -269,6 +268,11 @@ impl JobClient {
         &self.job
     }
 
+    /// The job's handle on etcd (for [`changes`](JobClient::changes), in `changes.rs`).
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// The job's keys in etcd, for the workspace's tests (which write them directly). Not
     /// part of the API: follow the job with [`changes`](JobClient::changes).
     #[doc(hidden)]
@@ -402,44 +406,6 @@ impl JobClient {
     /// running job's nodes would recreate some keys and lose their coordination.
     pub async fn delete(&self) -> Result<i64, Error> {
         Ok(self.store.delete_job().await?)
-    }
-
-    /// Follows the job's changes, typed (see [`JobChange`](crate::JobChange)): first a
-    /// [`Snapshot`](crate::JobChange::Snapshot) of every slot, then each change with its etcd
-    /// revision. The stream survives etcd restarts: it reports
-    /// [`Disconnected`](crate::JobChange::Disconnected), then resumes from the last revision it
-    /// saw, or with a new snapshot if etcd compacted that history away. It yields only `Ok`,
-    /// and ends when dropped.
-    ///
-    /// ```no_run
-    /// # async fn f(client: taskgraph::JobClient) -> Result<(), taskgraph::Error> {
-    /// use taskgraph::JobChange;
-    /// let mut changes = client.changes();
-    /// while let Some(event) = changes.recv().await {
-    ///     match event?.change {
-    ///         JobChange::PrimaryUp { task, node, term, .. } => {
-    ///             println!("task {task}: primary {node} (term {term})")
-    ///         }
-    ///         JobChange::PrimaryGone { task, .. } => println!("task {task} lost its primary"),
-    ///         JobChange::Finished { .. } => break,
-    ///         _ => {}
-    ///     }
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub fn changes(&self) -> JobChanges {
-        let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(watch::run(self.store.clone(), tx));
-        JobChanges::live(&self.job, self.keys().clone(), rx)
-    }
-
-    /// Replays the job's changes from etcd revision `from` (while etcd keeps that history),
-    /// then follows new ones, typed as by [`changes`](JobClient::changes) but without a first
-    /// snapshot: a deletion names the slot's holder only if the replay saw it come. The stream
-    /// yields one `Err` when the history is compacted away or etcd is lost, then ends.
-    pub async fn changes_since(&self, from: i64) -> Result<JobChanges, Error> {
-        let rx = self.store.history(from).await?;
-        Ok(JobChanges::replay(&self.job, self.keys().clone(), rx))
     }
 
     /// The raw watch of the job's keys, for programs not yet moved to
