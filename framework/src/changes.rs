@@ -159,7 +159,6 @@ pub struct ChangeEvent {
     /// [`Disconnected`](JobChange::Disconnected)).
     pub revision: i64,
     /// What changed.
-    #[serde(flatten)]
     pub change: JobChange,
 }
 
@@ -753,6 +752,33 @@ mod tests {
     }
 
     #[test]
+    fn a_change_serializes_flat_with_its_kind() {
+        let ev = ChangeEvent {
+            revision: 5,
+            change: JobChange::PrimaryGone {
+                task: 1,
+                node: Some("a".into()),
+                term: Some(3),
+            },
+        };
+        assert_eq!(
+            serde_json::to_value(&ev).ok(),
+            Some(serde_json::json!({
+                "revision": 5,
+                "change": { "kind": "primary_gone", "task": 1, "node": "a", "term": 3 }
+            }))
+        );
+        let ev = ChangeEvent {
+            revision: 6,
+            change: JobChange::Disconnected,
+        };
+        assert_eq!(
+            serde_json::to_value(&ev).ok(),
+            Some(serde_json::json!({ "revision": 6, "change": { "kind": "disconnected" } }))
+        );
+    }
+
+    #[test]
     fn a_primary_is_up_once_per_term() {
         let keys = JobKeys::new("j");
         let mut i = Interpreter::new("j", keys.clone());
@@ -794,6 +820,9 @@ mod tests {
         ];
         let ev = i.snapshot(&kvs, 9);
         assert_eq!(ev.revision, 9);
+        let json = serde_json::to_value(&ev).unwrap_or_default();
+        assert_eq!(json["change"]["kind"], "snapshot", "{json}");
+        assert_eq!(json["change"]["tasks_total"], 3, "{json}");
         let JobChange::Snapshot(status) = ev.change else {
             panic!("{ev:?}")
         };

@@ -169,8 +169,6 @@ pub mod testing {
     /// The etcd side: the key layout and the codecs of its values (never the writer).
     pub mod etcd {
         pub use crate::etcd::keys;
-        pub use crate::etcd::watch::JobEvent;
-        pub use crate::etcd::Kv;
     }
     /// The node-to-node wire: messages, client, server, limits.
     pub mod wire {
