@@ -374,7 +374,7 @@ use proto::Payload;
 
 /// Largest message of the bare echo service by default (as the framework's default frame
 /// limit).
-pub const ECHO_MAX: usize = taskgraph::wire::DEFAULT_MAX_FRAME_BYTES;
+pub const ECHO_MAX: usize = taskgraph::testing::wire::DEFAULT_MAX_FRAME_BYTES;
 
 #[derive(Debug)]
 struct EchoService;
@@ -391,9 +391,9 @@ impl Echo for EchoService {
 
 /// The HTTP/2 settings both sides of a comparison use: the bare echo service gets the same
 /// windows and frame size as the framework's node-to-node connections
-/// (`taskgraph::wire::HTTP2_*`), so a ratio measures the framework, not a transport setting.
+/// (`taskgraph::testing::wire::HTTP2_*`), so a ratio measures the framework, not a transport setting.
 pub fn http2_settings() -> String {
-    use taskgraph::wire::{HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW};
+    use taskgraph::testing::wire::{HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW};
     format!(
         "HTTP/2 on both sides: stream window {} MiB, connection window {} MiB, max frame {} KiB",
         HTTP2_STREAM_WINDOW >> 20,
@@ -419,7 +419,7 @@ pub async fn echo_server() -> Result<EchoServerHandle, BoxError> {
 /// Starts a bare tonic echo server on a free loopback port, refusing messages over
 /// `max_message` bytes; HTTP/2 as the framework's (see [`http2_settings`]).
 pub async fn echo_server_with(max_message: usize) -> Result<EchoServerHandle, BoxError> {
-    use taskgraph::wire::{HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW};
+    use taskgraph::testing::wire::{HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -454,7 +454,9 @@ impl Echoer {
     /// Connects to `addr`, refusing messages over `max_message` bytes; HTTP/2 as the
     /// framework's (see [`http2_settings`]).
     pub async fn connect_with(addr: &str, max_message: usize) -> Result<Self, BoxError> {
-        use taskgraph::wire::{HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW};
+        use taskgraph::testing::wire::{
+            HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW,
+        };
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
             .tcp_nodelay(true)
             .initial_stream_window_size(HTTP2_STREAM_WINDOW)

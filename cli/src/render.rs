@@ -5,10 +5,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use comfy_table::presets::UTF8_BORDERS_ONLY;
 use comfy_table::{Cell, Color, Table};
 use serde::Serialize;
-use taskgraph::etcd::watch::JobEvent;
 
 use crate::security::EtcdConn;
-use taskgraph::{Health, JobClient, JobStatus, TaskId};
+use taskgraph::{ChangeEvent, Health, JobChange, JobClient, JobStatus, TaskId};
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
@@ -190,7 +189,7 @@ pub async fn status(client: &JobClient, json: bool) -> Result<(), String> {
 
 /// `taskgraph status --watch`: redraws on every change of the job's keys.
 pub async fn status_watch(client: &JobClient) -> Result<(), String> {
-    let mut events = client.watch();
+    let mut events = client.changes();
     loop {
         let s = client.status().await.map_err(|e| e.to_string())?;
         // Clear the screen and draw from the top.
@@ -200,11 +199,13 @@ pub async fn status_watch(client: &JobClient) -> Result<(), String> {
         }
         tokio::select! {
             e = events.recv() => match e {
-                Some(JobEvent::Disconnected) => eprintln!("(etcd unreachable; retrying)"),
+                Some(Ok(ChangeEvent { change: JobChange::Disconnected, .. })) => {
+                    eprintln!("(etcd unreachable; retrying)")
+                }
                 Some(_) => {
                     // Let a burst of changes settle into one redraw.
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    while events.try_recv().is_ok() {}
+                    while events.try_recv().is_some() {}
                 }
                 None => return Err("the watch of the job ended".into()),
             },
@@ -215,7 +216,7 @@ pub async fn status_watch(client: &JobClient) -> Result<(), String> {
 
 /// `taskgraph failover`: hands over, then waits for the new primary.
 pub async fn failover(client: &JobClient, task: TaskId, wait: Duration) -> Result<(), String> {
-    let mut events = client.watch();
+    let mut events = client.changes();
     let handover = client.hand_over(task).await.map_err(|e| e.to_string())?;
     out!(
         "task {task}: primary {} (term {}) hands over to backup {}",
@@ -223,21 +224,29 @@ pub async fn failover(client: &JobClient, task: TaskId, wait: Duration) -> Resul
         handover.from.revision,
         handover.to.node
     );
+    let old_term = handover.from.revision as u64;
     let deadline = tokio::time::sleep(wait);
     tokio::pin!(deadline);
     loop {
         tokio::select! {
             e = events.recv() => {
-                if e.is_none() {
+                let Some(e) = e else {
                     return Err("the watch of the job ended".into());
-                }
-                let s = client.status().await.map_err(|e| e.to_string())?;
-                let now = s.tasks.iter().find(|t| t.task == task);
-                if let Some((node, term)) = now.and_then(|t| t.primary.clone().zip(t.term)) {
-                    if term > handover.from.revision as u64 {
-                        out!("task {task}: new primary {node} (term {term})");
-                        return Ok(());
-                    }
+                };
+                let change = e.map_err(|e| e.to_string())?.change;
+                // The stream's snapshot may already show the new primary.
+                let new = match change {
+                    JobChange::PrimaryUp { task: t, node, term, .. } if t == task => Some((node, term)),
+                    JobChange::Snapshot(s) => s
+                        .tasks
+                        .iter()
+                        .find(|t| t.task == task)
+                        .and_then(|t| t.primary.clone().zip(t.term)),
+                    _ => None,
+                };
+                if let Some((node, term)) = new.filter(|(_, term)| *term > old_term) {
+                    out!("task {task}: new primary {node} (term {term})");
+                    return Ok(());
                 }
             }
             () = &mut deadline => {
@@ -252,7 +261,7 @@ pub async fn failover(client: &JobClient, task: TaskId, wait: Duration) -> Resul
 
 /// `taskgraph result`.
 pub async fn result(client: &JobClient, wait: bool) -> Result<(), String> {
-    let mut events = wait.then(|| client.watch());
+    let mut events = wait.then(|| client.changes());
     loop {
         let state = client.state().await.map_err(|e| e.to_string())?;
         if state.is_some_and(|s| s.finished) {

@@ -229,7 +229,7 @@ async fn until_epoch(etcd: &Etcd, job: &str, epoch: u64) {
             Err(e) => panic!("{e}"),
         }
     };
-    let mut watch = client.watch();
+    let mut watch = client.changes();
     loop {
         if let Ok(Some(s)) = client.state().await {
             if s.epoch >= epoch {

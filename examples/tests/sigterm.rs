@@ -15,11 +15,10 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use taskgraph::etcd::watch::JobEvent;
-use taskgraph::{JobClient, JobStatus, TaskStatus};
+use taskgraph::{ChangeEvent, JobChange, JobChanges, JobClient, JobStatus, TaskStatus};
 use taskgraph_tests::etcd::Etcd;
 use tokio::process::{Child, Command};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 const JOB: &str = "sigterm";
 const TASKS: u32 = 3;
@@ -113,9 +112,9 @@ fn task(status: &JobStatus, t: u32) -> Option<&TaskStatus> {
 
 /// Re-reads the job's status on every change until `cond` holds; panics (with the last status
 /// and the nodes' logs) if it does not within [`STEP_TIMEOUT`].
-async fn wait_until<E>(
+async fn wait_until(
     client: &JobClient,
-    events: &mut mpsc::Receiver<E>,
+    events: &mut JobChanges,
     nodes: &[NodeProcess],
     why: &str,
     cond: impl Fn(&JobStatus) -> bool,
@@ -148,7 +147,7 @@ async fn sigterm_hands_the_primary_over_at_once_and_the_job_stays_exact() {
     let client = JobClient::connect(&etcd.endpoints(), JOB)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let mut events = client.watch();
+    let mut events = client.changes();
 
     eprintln!("--- start {TASKS} tasks × {REPLICAS} replicas as processes");
     let mut nodes: Vec<NodeProcess> = (0..TASKS * REPLICAS)
@@ -192,16 +191,24 @@ async fn sigterm_hands_the_primary_over_at_once_and_the_job_stays_exact() {
     };
 
     // When the old primary's key goes (its lease revoked): for the figures only.
-    let mut spy = client.watch();
+    let mut spy = client.changes();
     match tokio::time::timeout(STEP_TIMEOUT, spy.recv()).await {
-        Ok(Some(JobEvent::Snapshot { .. })) => {}
+        Ok(Some(Ok(ChangeEvent {
+            change: JobChange::Snapshot(_),
+            ..
+        }))) => {}
         other => panic!("the watch must open with a snapshot, got {other:?}"),
     }
-    let primary_key = client.keys().primary(0).into_bytes();
     let (deleted_tx, deleted) = oneshot::channel();
     tokio::spawn(async move {
         while let Some(ev) = spy.recv().await {
-            if matches!(&ev, JobEvent::Delete { key, .. } if *key == primary_key) {
+            if matches!(
+                &ev,
+                Ok(ChangeEvent {
+                    change: JobChange::PrimaryGone { task: 0, .. },
+                    ..
+                })
+            ) {
                 let _ = deleted_tx.send(Instant::now());
                 return;
             }

@@ -149,15 +149,15 @@ fn chaos_soak_results_are_bit_identical_to_the_calm_run() {
 async fn wait_epoch(etcd: &taskgraph_tests::etcd::EtcdCluster, job: &str, epoch: u64) -> u64 {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
-        let key = taskgraph::etcd::keys::JobKeys::new(job).epoch();
+        let key = taskgraph::testing::etcd::keys::JobKeys::new(job).epoch();
         let stored = match etcd.client().await {
             Ok(mut client) => client.get(key, None).await.ok().and_then(|r| {
                 let kv = r.kvs().first()?;
-                taskgraph::etcd::keys::EpochValue::parse(kv.value()).ok()
+                taskgraph::testing::etcd::keys::EpochValue::parse(kv.value()).ok()
             }),
             Err(_) => None,
         };
-        if let Some(e) = stored.map(taskgraph::etcd::keys::EpochValue::epoch) {
+        if let Some(e) = stored.map(taskgraph::testing::etcd::keys::EpochValue::epoch) {
             if e >= epoch {
                 return e;
             }

@@ -6,14 +6,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
-use tokio::sync::mpsc;
 
 use crate::config::{validate_job_name, JobSpec};
-use crate::error::{Error, EtcdError};
-use crate::etcd::admin::Change;
+use crate::error::Error;
 use crate::etcd::keys::{EpochValue, Holder, JobKey, JobKeys, NodeRecord, StoredCheckpoint};
 pub use crate::etcd::keys::{StallNote, StallReason};
-use crate::etcd::watch::{self, JobEvent};
 use crate::etcd::Store;
 use crate::security::{EtcdAuth, EtcdSecurity, EtcdTls};
 use crate::{Epoch, TaskId, Term};
@@ -88,7 +85,7 @@ pub struct SpareNode {
 }
 
 /// Every slot of a job at one etcd revision.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct JobStatus {
     /// The job.
     pub job: String,
@@ -269,7 +266,14 @@ impl JobClient {
         &self.job
     }
 
-    /// The job's keys in etcd (to interpret the events of [`watch`](JobClient::watch)).
+    /// The job's handle on etcd (for [`changes`](JobClient::changes), in `changes.rs`).
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The job's keys in etcd, for the workspace's tests (which write them directly). Not
+    /// part of the API: follow the job with [`changes`](JobClient::changes).
+    #[doc(hidden)]
     pub fn keys(&self) -> &JobKeys {
         self.store.keys()
     }
@@ -402,28 +406,10 @@ impl JobClient {
         Ok(self.store.delete_job().await?)
     }
 
-    /// Replays the job's changes from etcd revision `from` (while etcd keeps that history)
-    /// and follows new ones. The receiver gets an `Err` once when the history is compacted
-    /// away or etcd is lost, then ends.
-    pub async fn history(
-        &self,
-        from: i64,
-    ) -> Result<mpsc::Receiver<Result<Change, EtcdError>>, Error> {
-        Ok(self.store.history(from).await?)
-    }
-
-    /// Watches every key of the job: first a [`JobEvent::Snapshot`], then each change. The
-    /// watch survives etcd restarts (it resumes from the last revision seen, or sends a new
-    /// snapshot if etcd compacted it away) and ends when the receiver is dropped.
-    pub fn watch(&self) -> mpsc::Receiver<JobEvent> {
-        let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(watch::run(self.store.clone(), tx));
-        rx
-    }
 }
 
 /// Builds a job's status from its keys (pure; the keys were read at `revision`).
-pub fn build_status(
+pub(crate) fn build_status(
     job: &str,
     keys: &JobKeys,
     kvs: &[crate::etcd::Kv],

@@ -256,7 +256,8 @@ impl FrameworkBuilder {
     }
     /// Talks to etcd over TLS (the endpoints must be `https://`): verifies etcd's certificate
     /// with the CA in [`EtcdTls::ca_file`] and, if given, presents a client certificate (for
-    /// an etcd started with `--client-cert-auth`). See [`crate::security`].
+    /// an etcd started with `--client-cert-auth`). See [`EtcdTls`], and the README's
+    /// "Security" section.
     pub fn etcd_tls(mut self, tls: EtcdTls) -> Self {
         self.etcd_tls = Some(tls);
         self

@@ -7,6 +7,11 @@
 //! [`Links`] of its topology, and runs each node with [`Framework::start`]. The job's first
 //! epoch is `0`.
 //!
+//! A program that only follows a job (an operator's tool, a launcher, a dashboard) uses
+//! [`JobClient`]: its status, result and checkpoints, and its typed change stream
+//! ([`JobClient::changes`], yielding [`JobChange`]s). The hidden `testing` module holds
+//! internals for the workspace's own tests and fuzz targets; it is not part of the API.
+//!
 //! The standard topologies ([`Tree`], [`Ring`], [`FullMesh`], [`Star`], [`Grid`],
 //! [`ParameterServers`], [`Butterfly`]) are re-exported here; each one's `links()` names its
 //! links as the table in the [`topology`] module shows.
@@ -93,11 +98,12 @@
 //! ```
 
 mod app;
+mod changes;
 mod client;
 mod config;
 mod data;
 mod error;
-pub mod etcd;
+mod etcd;
 mod exchange;
 mod framework;
 mod health;
@@ -108,14 +114,16 @@ mod node;
 mod retry;
 mod role;
 mod roles;
-pub mod security;
+mod security;
 mod stall;
 mod wait;
+mod wire;
 mod work;
 
 pub use app::{Context, ExitReason, Task, TaskBuilder, TaskError};
 pub use async_trait::async_trait;
 pub use bytes::Bytes;
+pub use changes::{ChangeEvent, JobChange, JobChanges};
 pub use client::{
     Handover, HandoverError, Health, JobClient, JobState, JobStatus, NodeStall, SlotHolder,
     SpareNode, StallNote, StallReason, TaskStatus,
@@ -142,10 +150,35 @@ pub type Epoch = u64;
 /// A primary's fencing token: the etcd revision at which it won its election. Strictly
 /// increases per task.
 pub type Term = u64;
-pub mod wire;
+
+#[doc(hidden)]
+pub mod testing {
+    //! Internals for the workspace's own tests, benchmarks and fuzz targets: the etcd key
+    //! layout and its value codecs, the node-to-node wire (client, server, messages), the
+    //! loaded TLS material. **Not part of the API**: hidden from the docs, and free to change
+    //! in any release. An application follows a job with [`JobClient`](crate::JobClient)
+    //! and its typed [`changes`](crate::JobClient::changes).
+    //!
+    //! It is a module rather than a cargo feature: a feature would be switched on for every
+    //! crate of the workspace as soon as the tests crate asks for it (cargo unifies features),
+    //! so it would not keep the CLI or the examples off the internals, and the framework's
+    //! own integration tests cannot turn on a feature of their crate without
+    //! `required-features`, which skips them silently when it is off.
+
+    /// The etcd side: the key layout and the codecs of its values (never the writer).
+    pub mod etcd {
+        pub use crate::etcd::keys;
+    }
+    /// The node-to-node wire: messages, client, server, limits.
+    pub mod wire {
+        pub use crate::wire::*;
+    }
+    pub use crate::security::LoadedTls;
+}
 
 /// The README's Rust examples, compiled and run as doc tests (`cargo test --doc`), so the
 /// guide a newcomer copies from cannot drift from the API.
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 struct ReadmeDoctests;
+

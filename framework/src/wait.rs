@@ -2,10 +2,9 @@
 
 use bytes::Bytes;
 
-use crate::client::JobClient;
+use crate::changes::JobChange;
+use crate::client::{JobClient, JobState};
 use crate::error::Error;
-use crate::etcd::keys::{EpochValue, JobKey};
-use crate::etcd::watch::JobEvent;
 use crate::Epoch;
 
 /// How a job ended, as [`JobClient::wait_finished`] tells it.
@@ -52,8 +51,8 @@ impl JobClient {
     /// task stored with its end, if any. Returns at once for a job that already finished; a
     /// job that does not exist yet is waited for (its first node creates it).
     ///
-    /// Driven by the job's [`watch`](JobClient::watch): no polling, and it rides through etcd
-    /// restarts as the watch does (wrap it in a timeout to bound the wait). Fails with
+    /// Driven by the job's [`changes`](JobClient::changes): no polling, and it rides through
+    /// etcd restarts as the stream does (wrap it in a timeout to bound the wait). Fails with
     /// [`Error::Garbage`] when the `result` key holds something the job's end did not write,
     /// with another [`Error`] when etcd fails the read of the result, and with
     /// [`Error::WatchEnded`] if the watch stops.
@@ -69,10 +68,18 @@ impl JobClient {
     /// # Ok(()) }
     /// ```
     pub async fn wait_finished(&self) -> Result<Finished, Error> {
-        let mut watch = self.watch();
-        while let Some(event) = watch.recv().await {
-            let Some(epoch) = final_epoch(self, &event) else {
-                continue;
+        let mut changes = self.changes();
+        while let Some(event) = changes.recv().await {
+            let epoch = match event?.change {
+                JobChange::Finished { epoch } => epoch,
+                JobChange::Snapshot(status) => match status.state {
+                    Some(JobState {
+                        epoch,
+                        finished: true,
+                    }) => epoch,
+                    _ => continue,
+                },
+                _ => continue,
             };
             return Ok(match self.result().await? {
                 Some(result) => Finished::WithResult { epoch, result },
@@ -80,21 +87,5 @@ impl JobClient {
             });
         }
         Err(Error::WatchEnded)
-    }
-}
-
-/// The final epoch, when `event` shows the job's epoch key saying it finished.
-fn final_epoch(client: &JobClient, event: &JobEvent) -> Option<Epoch> {
-    let done = |kv: &crate::etcd::Kv| match client.keys().parse(&kv.key) {
-        Some(JobKey::Epoch) => match EpochValue::parse(&kv.value) {
-            Ok(EpochValue::Done(epoch)) => Some(epoch),
-            _ => None,
-        },
-        _ => None,
-    };
-    match event {
-        JobEvent::Snapshot { kvs, .. } => kvs.iter().find_map(done),
-        JobEvent::Put(kv) => done(kv),
-        JobEvent::Delete { .. } | JobEvent::Disconnected => None,
     }
 }

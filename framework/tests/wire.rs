@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes};
-use taskgraph::wire::{
+use taskgraph::testing::wire::{
     self, CallError, ClientConfig, Header, Inbound, Meta, Peers, PingReply, PullAnswer,
     PullRequest, Rejection, Replicate, ReplicateKind, ServerConfig, SlotInfo, WireError,
 };

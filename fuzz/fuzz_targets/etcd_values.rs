@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use taskgraph::etcd::keys::{EpochValue, Holder, JobKeys, NodeRecord, StoredCheckpoint};
+use taskgraph::testing::etcd::keys::{EpochValue, Holder, JobKeys, NodeRecord, StoredCheckpoint};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(v) = EpochValue::parse(data) {

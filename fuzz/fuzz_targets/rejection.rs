@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use taskgraph::wire::{Rejection, REJECTION_METADATA_KEY};
+use taskgraph::testing::wire::{Rejection, REJECTION_METADATA_KEY};
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
 

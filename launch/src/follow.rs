@@ -1,10 +1,7 @@
-//! The one place that reads the job's raw keys: turns the job watch's events into what the
-//! launcher follows ([`Seen`]). Everything else in this crate works on [`Seen`] only.
+//! Turns the job's typed changes ([`JobClient::changes`]) into what the launcher follows
+//! ([`Seen`]). Everything else in this crate works on [`Seen`] only.
 
-use taskgraph::etcd::keys::{EpochValue, JobKey, NodeRecord};
-use taskgraph::etcd::watch::JobEvent;
-use taskgraph::{JobClient, JobState, StallNote, TaskId, Term};
-use tokio::sync::mpsc;
+use taskgraph::{JobChange, JobChanges, JobClient, JobState, StallNote, TaskId, Term};
 
 /// One thing the launcher learned about the job.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,58 +30,68 @@ pub(crate) enum Seen {
 /// The job's changes, as [`Seen`] values.
 #[derive(Debug)]
 pub(crate) struct JobFeed {
-    client: JobClient,
-    rx: mpsc::Receiver<JobEvent>,
+    changes: JobChanges,
 }
 
 impl JobFeed {
     /// Starts following the job: first everything it holds, then each change.
     pub(crate) fn new(client: &JobClient) -> JobFeed {
         JobFeed {
-            rx: client.watch(),
-            client: client.clone(),
+            changes: client.changes(),
         }
     }
 
     /// What the next change of the job shows (possibly nothing the launcher follows), or
-    /// `None` once the watch has ended.
+    /// `None` once the stream has ended.
     pub(crate) async fn next(&mut self) -> Option<Vec<Seen>> {
-        let event = self.rx.recv().await?;
-        Some(interpret(&self.client, &event))
+        match self.changes.recv().await? {
+            Ok(event) => Some(interpret(event.change)),
+            Err(_) => None,
+        }
     }
 }
 
-fn interpret(client: &JobClient, event: &JobEvent) -> Vec<Seen> {
-    let keys = client.keys();
-    let mut out = Vec::new();
-    let mut seen = |kv: &taskgraph::etcd::Kv, change: bool| match keys.parse(&kv.key) {
-        Some(JobKey::Epoch) => {
-            if let Ok(v) = EpochValue::parse(&kv.value) {
-                out.push(Seen::State(JobState::from(v)));
+fn interpret(change: JobChange) -> Vec<Seen> {
+    match change {
+        JobChange::Snapshot(status) => {
+            let mut out: Vec<Seen> = status.state.into_iter().map(Seen::State).collect();
+            for t in &status.tasks {
+                if let Some(term) = t.term {
+                    out.push(Seen::Primary {
+                        task: t.task,
+                        term,
+                        change: false,
+                    });
+                }
             }
+            for s in status.stalls {
+                out.push(Seen::Stall {
+                    node: s.node,
+                    note: Some(s.note),
+                });
+            }
+            out
         }
-        Some(JobKey::Node(node)) => {
-            let note = serde_json::from_slice::<NodeRecord>(&kv.value)
-                .ok()
-                .and_then(|r| r.stall);
-            out.push(Seen::Stall { node, note });
-        }
-        Some(JobKey::Primary(task)) => out.push(Seen::Primary {
+        JobChange::EpochMoved { epoch } => vec![Seen::State(JobState {
+            epoch,
+            finished: false,
+        })],
+        JobChange::Finished { epoch } => vec![Seen::State(JobState {
+            epoch,
+            finished: true,
+        })],
+        JobChange::PrimaryUp { task, term, .. } => vec![Seen::Primary {
             task,
-            term: kv.create_revision as Term,
-            change,
-        }),
-        _ => {}
-    };
-    match event {
-        JobEvent::Snapshot { kvs, .. } => kvs.iter().for_each(|kv| seen(kv, false)),
-        JobEvent::Put(kv) => seen(kv, true),
-        JobEvent::Delete { key, .. } => {
-            if let Some(JobKey::Node(node)) = keys.parse(key) {
-                out.push(Seen::Stall { node, note: None });
-            }
+            term,
+            change: true,
+        }],
+        JobChange::StallReported { node, note } => vec![Seen::Stall {
+            node,
+            note: Some(note),
+        }],
+        JobChange::StallOver { node } | JobChange::NodeLeft { node } => {
+            vec![Seen::Stall { node, note: None }]
         }
-        JobEvent::Disconnected => {}
+        _ => Vec::new(),
     }
-    out
 }

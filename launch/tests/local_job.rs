@@ -235,7 +235,7 @@ async fn wait_finished_sees_the_result_and_a_second_run_of_the_name_is_refused()
 
 /// Waits (on the job's watch) until its epoch is at least `epoch`.
 async fn until_epoch(client: &JobClient, epoch: Epoch) {
-    let mut watch = client.watch();
+    let mut changes = client.changes();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(Some(s)) = client.state().await {
@@ -243,7 +243,7 @@ async fn until_epoch(client: &JobClient, epoch: Epoch) {
                 return;
             }
         }
-        let next = tokio::time::timeout_at(deadline, watch.recv()).await;
+        let next = tokio::time::timeout_at(deadline, changes.recv()).await;
         assert!(
             matches!(next, Ok(Some(_))),
             "the job did not reach epoch {epoch}"

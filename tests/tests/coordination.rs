@@ -646,7 +646,7 @@ async fn a_crashed_node_leaves_nothing_running_that_keeps_its_lease_alive() {
     info!("--- crash the primary: its spawned loop must end with it");
     node.crash();
     let mut client = etcd.client().await.unwrap();
-    let key = taskgraph::etcd::keys::JobKeys::new(&job).primary(0);
+    let key = taskgraph::testing::etcd::keys::JobKeys::new(&job).primary(0);
     keywait::until_value(
         &mut client,
         &key,

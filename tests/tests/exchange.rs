@@ -671,7 +671,7 @@ async fn a_garbage_checkpoint_is_ignored_and_a_valid_one_restored() {
     let (tasks, until) = (3, 4);
     let cfg = dataflow(&etcd, "ckpt-garbage", tasks, 1, until);
     let prefix = format!("/taskgraph/jobs/{}/tasks", cfg.job);
-    let valid = taskgraph::etcd::keys::StoredCheckpoint {
+    let valid = taskgraph::testing::etcd::keys::StoredCheckpoint {
         epoch: 9,
         data: taskgraph::encode(&41u64).unwrap().to_vec(),
     }

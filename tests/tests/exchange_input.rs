@@ -2,7 +2,7 @@
 //! fencing) on *running* nodes of a dataflow job, against a real etcd and real sockets.
 //!
 //! The tests talk to the nodes the way a foreign, buggy or deposed peer would: with the public
-//! [`taskgraph::wire`] client, and — for frames that no well-behaved client can produce — with
+//! [`taskgraph::testing::wire`] client, and — for frames that no well-behaved client can produce — with
 //! tonic's generic client and a pass-through codec ([`raw_grpc`]). Where the nodes listen, and
 //! the terms of the tasks, are read from etcd (`tasks/<t>/primary`, `tasks/<t>/backup/<k>`; the
 //! key's create revision is the term).
@@ -10,8 +10,8 @@
 
 use std::time::Duration;
 
-use taskgraph::etcd::keys::{EpochValue, Holder, JobKeys};
-use taskgraph::wire::{
+use taskgraph::testing::etcd::keys::{EpochValue, Holder, JobKeys};
+use taskgraph::testing::wire::{
     CallError, ClientConfig, Header, Meta, Peers, PullAnswer, PullRequest, Rejection, Replicate,
     ReplicateKind,
 };
@@ -637,7 +637,7 @@ mod raw_grpc {
     use std::time::Duration;
 
     use bytes::Bytes;
-    use taskgraph::wire::Rejection;
+    use taskgraph::testing::wire::Rejection;
     use taskgraph_tests::raw_grpc::RawCodec;
     use tonic::body::Body;
     use tonic::codegen::http::uri::PathAndQuery;

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use etcd_client::{EventType, WatchOptions};
-use taskgraph::etcd::keys::{JobKeys, StoredCheckpoint};
+use taskgraph::testing::etcd::keys::{JobKeys, StoredCheckpoint};
 use taskgraph_tests::apps::Event;
 use taskgraph_tests::dataflow::{check_trail, expected_result};
 use taskgraph_tests::etcd::Etcd;

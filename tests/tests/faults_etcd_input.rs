@@ -1,5 +1,5 @@
 //! Bad input under every kind of key a running job uses, written with `etcdctl` behind the
-//! framework's back (see `taskgraph::etcd::keys` for the layout): empty, truncated, wrong-type
+//! framework's back (see `taskgraph::testing::etcd::keys` for the layout): empty, truncated, wrong-type
 //! (valid JSON of another shape), binary and non-UTF-8 values; a stale (lower) epoch. The
 //! job (a dataflow over in-process nodes, audited) must keep running and finish with an exact
 //! trail; no node may fail and nothing may panic. `coordination.rs` covers a garbage spec at
@@ -272,7 +272,7 @@ async fn a_claim_applied_without_an_answer_does_not_block_its_slot() {
     let served: Vec<u32> = st.iter().filter_map(|(_, s)| acting_primary(s)).collect();
     let free = (0..3).find(|t| !served.contains(t)).unwrap();
     // The holder record and lease of node 0, as its claim would have written them.
-    let keys = taskgraph::etcd::keys::JobKeys::new(&job);
+    let keys = taskgraph::testing::etcd::keys::JobKeys::new(&job);
     let node = c.node_id(0).unwrap();
     let mut client = etcd.client().await.unwrap();
     let record = client.get(keys.node(&node), None).await.unwrap();

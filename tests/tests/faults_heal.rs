@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use taskgraph::etcd::keys::{EpochValue, JobKeys, NodeRecord, StoredCheckpoint};
+use taskgraph::testing::etcd::keys::{EpochValue, JobKeys, NodeRecord, StoredCheckpoint};
 use taskgraph::{JobClient, JobSpec, NodeExit};
 use taskgraph_tests::cluster::{App, Cluster, ClusterConfig};
 use taskgraph_tests::dataflow::check_trail;
@@ -241,7 +241,7 @@ async fn a_stall_is_named_in_the_job_status_and_ends_when_the_job_moves() {
     }
     let client = JobClient::connect(&etcd.endpoints(), &job).await.unwrap();
     // Any change to the job's keys (a node's record included) is worth a new look.
-    let mut watch = client.watch();
+    let mut watch = client.changes();
     let mut status = client.status().await.unwrap();
     let deadline = Instant::now() + WAIT;
     while !status.stalled() {

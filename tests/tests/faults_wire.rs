@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use taskgraph::etcd::keys::{EpochValue, Holder, JobKeys};
-use taskgraph::wire::{
+use taskgraph::testing::etcd::keys::{EpochValue, Holder, JobKeys};
+use taskgraph::testing::wire::{
     CallError, ClientConfig, Header, Meta, Peers, PullRequest, Rejection, Replicate, ReplicateKind,
 };
 use taskgraph::{Bytes, Epoch, NodeExit, TaskId, Term};

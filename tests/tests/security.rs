@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use taskgraph::security::LoadedTls;
-use taskgraph::wire::{
+use taskgraph::testing::wire::{
     self, ClientConfig, Header, Inbound, Peers, PingReply, PullAnswer, PullRequest, ServerConfig,
 };
+use taskgraph::testing::LoadedTls;
 use taskgraph::{
     EtcdAuth, EtcdTls, Framework, FrameworkBuilder, JobClient, NodeExit, PeerTls, Secret, Tree,
 };

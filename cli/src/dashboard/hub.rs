@@ -6,11 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use taskgraph::etcd::admin::Change;
-use taskgraph::etcd::keys::{EpochValue, JobKey, NodeRecord};
-use taskgraph::etcd::watch::JobEvent;
 use taskgraph::topology::Links;
-use taskgraph::{Health, JobClient, JobSpec, JobStatus, TaskId, TaskStatus};
+use taskgraph::{
+    ChangeEvent, Health, JobChange, JobClient, JobSpec, JobStatus, TaskId, TaskStatus,
+};
 use tokio::sync::watch;
 
 use super::layout;
@@ -182,7 +181,7 @@ pub async fn run(conn: EtcdConn, job: String, tx: watch::Sender<View>) {
             }
         }
     };
-    let mut events = client.watch();
+    let mut events = client.changes();
     let mut hub = Hub {
         status_dirty: true,
         spec_dirty: true,
@@ -192,11 +191,12 @@ pub async fn run(conn: EtcdConn, job: String, tx: watch::Sender<View>) {
     loop {
         tokio::select! {
             ev = events.recv() => {
-                let Some(ev) = ev else { return };
-                hub.handle(&client, ev, &tx);
+                // The live stream yields only `Ok`.
+                let Some(Ok(ev)) = ev else { return };
+                hub.handle(ev, &tx);
                 // Take a burst of changes in one go.
-                while let Ok(ev) = events.try_recv() {
-                    hub.handle(&client, ev, &tx);
+                while let Some(Ok(ev)) = events.try_recv() {
+                    hub.handle(ev, &tx);
                 }
             }
             _ = tick.tick() => {
@@ -214,28 +214,24 @@ pub async fn run(conn: EtcdConn, job: String, tx: watch::Sender<View>) {
 }
 
 impl Hub {
-    /// Takes one watch event into the view.
-    fn handle(&mut self, client: &JobClient, ev: JobEvent, tx: &watch::Sender<View>) {
-        let keys = client.keys();
-        let change = match ev {
-            JobEvent::Disconnected => {
+    /// Takes one change of the job into the view.
+    fn handle(&mut self, ev: ChangeEvent, tx: &watch::Sender<View>) {
+        let mut tasks = Vec::new();
+        let mut repeated = false;
+        let kind = match &ev.change {
+            JobChange::Disconnected => {
                 tx.send_modify(|v| {
                     v.etcd = EtcdLink::Reconnecting;
                     v.etcd_error = Some("the watch of the job lost etcd".into());
                 });
                 return;
             }
-            JobEvent::Snapshot { kvs, .. } => {
+            JobChange::Snapshot(status) => {
                 self.status_dirty = true;
                 self.spec_dirty = true;
                 self.memory = Memory::default();
-                if let Some(kv) = kvs
-                    .iter()
-                    .find(|kv| keys.parse(&kv.key) == Some(JobKey::Epoch))
-                {
-                    if let Ok(v) = EpochValue::parse(&kv.value) {
-                        self.epoch_seen(v.epoch());
-                    }
+                if let Some(state) = status.state {
+                    self.epoch_seen(state.epoch);
                 }
                 tx.send_modify(|v| {
                     v.etcd = EtcdLink::Ok;
@@ -243,101 +239,87 @@ impl Hub {
                 });
                 return;
             }
-            JobEvent::Put(kv) => Change::Put(kv),
-            JobEvent::Delete { key, revision } => Change::Delete { key, revision },
-        };
-        let (key, put) = match &change {
-            Change::Put(kv) => (kv.key.as_slice(), Some(kv)),
-            Change::Delete { key, .. } => (key.as_slice(), None),
-        };
-        let parsed = keys.parse(key);
-        let mut tasks = Vec::new();
-        let mut repeated = false;
-        let kind = match (&parsed, put) {
-            (Some(JobKey::Epoch), Some(kv)) => match EpochValue::parse(&kv.value) {
-                Ok(EpochValue::Running(n)) => {
-                    self.epoch_seen(n);
-                    tx.send_modify(|v| {
-                        v.etcd = EtcdLink::Ok;
-                        v.epoch = Some(n);
-                    });
-                    // Epochs are shown as progress, not in the timeline.
-                    return;
-                }
-                Ok(EpochValue::Done(_)) => {
-                    self.status_dirty = true;
-                    "shutdown"
-                }
-                Err(_) => "garbage",
-            },
-            (Some(JobKey::Epoch), None) => {
+            JobChange::EpochMoved { epoch } => {
+                let n = *epoch;
+                self.epoch_seen(n);
+                tx.send_modify(|v| {
+                    v.etcd = EtcdLink::Ok;
+                    v.epoch = Some(n);
+                });
+                // Epochs are shown as progress, not in the timeline.
+                return;
+            }
+            JobChange::Finished { .. } => {
+                self.status_dirty = true;
+                "shutdown"
+            }
+            JobChange::Garbage { .. } => {
                 self.status_dirty = true;
                 "garbage"
             }
-            (Some(JobKey::Primary(t)), p) => {
-                tasks.push(*t);
+            JobChange::PrimaryUp { task, .. } => {
+                tasks.push(*task);
                 self.status_dirty = true;
-                match p {
-                    None => "lost",
-                    Some(_) => "election",
-                }
+                "election"
             }
-            (Some(JobKey::Backup(t, _)), p) => {
-                tasks.push(*t);
+            JobChange::PrimaryGone { task, .. } => {
+                tasks.push(*task);
                 self.status_dirty = true;
-                if p.is_some() {
-                    "backup"
-                } else {
-                    "backup-left"
-                }
+                "lost"
             }
-            (Some(JobKey::Node(node)), p) => {
+            JobChange::BackupUp { task, .. } => {
+                tasks.push(*task);
                 self.status_dirty = true;
-                match p {
-                    None => {
-                        self.stalled.remove(node);
-                        "left"
-                    }
-                    Some(kv) if kv.create_revision == kv.mod_revision => "joined",
-                    Some(kv) => match serde_json::from_slice::<NodeRecord>(&kv.value) {
-                        Ok(NodeRecord {
-                            stall: Some(note), ..
-                        }) => {
-                            tasks.extend(note.reasons.iter().filter_map(|r| r.task));
-                            // What is named, not the wording (which counts the seconds).
-                            let reasons: Vec<String> = note
-                                .reasons
-                                .iter()
-                                .map(|r| format!("{:?} {:?}", r.task, r.key))
-                                .collect();
-                            repeated = self.stalled.get(node) == Some(&reasons);
-                            self.stalled.insert(node.clone(), reasons);
-                            "stall"
-                        }
-                        Ok(_) => {
-                            self.stalled.remove(node);
-                            "stall-over"
-                        }
-                        Err(_) => "garbage",
-                    },
-                }
+                "backup"
             }
-            (Some(JobKey::Checkpoint(t)), _) => {
-                tasks.push(*t);
+            JobChange::BackupGone { task, .. } => {
+                tasks.push(*task);
+                self.status_dirty = true;
+                "backup-left"
+            }
+            JobChange::NodeJoined { .. } => {
+                self.status_dirty = true;
+                "joined"
+            }
+            JobChange::NodeLeft { node } => {
+                self.status_dirty = true;
+                self.stalled.remove(node);
+                "left"
+            }
+            JobChange::StallReported { node, note } => {
+                self.status_dirty = true;
+                tasks.extend(note.reasons.iter().filter_map(|r| r.task));
+                // What is named, not the wording (which counts the seconds).
+                let reasons: Vec<String> = note
+                    .reasons
+                    .iter()
+                    .map(|r| format!("{:?} {:?}", r.task, r.key))
+                    .collect();
+                repeated = self.stalled.get(node) == Some(&reasons);
+                self.stalled.insert(node.clone(), reasons);
+                "stall"
+            }
+            JobChange::StallOver { node } => {
+                self.status_dirty = true;
+                self.stalled.remove(node);
+                "stall-over"
+            }
+            JobChange::CheckpointWritten { task, .. } => {
+                tasks.push(*task);
                 "checkpoint"
             }
-            (Some(JobKey::Result), _) => {
+            JobChange::ResultWritten { .. } => {
                 self.status_dirty = true;
                 "result"
             }
-            (Some(JobKey::Spec), _) => {
+            JobChange::JobCreated { .. } | JobChange::JobDeleted => {
                 self.status_dirty = true;
                 self.spec_dirty = true;
                 "job"
             }
-            (None, _) => return,
+            _ => return,
         };
-        let (rev, text, _) = describe(keys, &change, &mut self.memory);
+        let (rev, text, _) = describe(&ev, &mut self.memory);
         let Some(text) = text else { return };
         if repeated {
             return;
@@ -457,9 +439,6 @@ impl Hub {
             match client.status().await {
                 Ok(s) => {
                     self.status_dirty = false;
-                    if self.memory.is_empty() {
-                        self.memory.remember(&s);
-                    }
                     if let Some(st) = s.state {
                         self.epoch_seen(st.epoch);
                     }

@@ -14,7 +14,7 @@ use crate::TaskId;
 
 /// A change under a job's prefix, from [`Store::history`].
 #[derive(Debug, Clone)]
-pub enum Change {
+pub(crate) enum Change {
     /// A key was created or changed (its `mod_revision` is the change's revision).
     Put(Kv),
     /// A key was deleted (or its lease ended) at `revision`.

@@ -64,7 +64,7 @@ pub fn margin(ttl: Duration) -> Duration {
 
 /// Keeps lease `id` alive every `ttl / 3` until etcd reports it gone. Publishes every change
 /// on `tx`. Returns when the lease has expired (or all receivers are gone).
-pub async fn keep_alive(
+pub(crate) async fn keep_alive(
     store: Store,
     id: i64,
     ttl: Duration,

@@ -51,7 +51,7 @@ impl From<&etcd_client::KeyValue> for Kv {
 
 /// A job's handle on etcd: the client, the job's keys, and the per-request deadline.
 #[derive(Clone)]
-pub struct Store {
+pub(crate) struct Store {
     client: Client,
     keys: JobKeys,
     timeout: Duration,
@@ -110,24 +110,6 @@ fn err(op: &'static str, key: impl Into<String>, source: impl Into<EtcdCause>) -
 }
 
 impl Store {
-    /// Connects to etcd in plain text without a user and checks that it answers, retrying
-    /// until `connect_timeout`. See [`Store::connect_secure`].
-    pub async fn connect(
-        endpoints: &[String],
-        job: &str,
-        connect_timeout: Duration,
-        request_timeout: Duration,
-    ) -> Result<Store, Error> {
-        Self::connect_secure(
-            endpoints,
-            job,
-            &EtcdSecurity::default(),
-            connect_timeout,
-            request_timeout,
-        )
-        .await
-    }
-
     /// Connects to etcd with `security` (TLS, user) and checks that it answers by reading the
     /// job's spec key, retrying until `connect_timeout` while etcd is unreachable.
     ///

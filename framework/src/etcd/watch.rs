@@ -35,7 +35,7 @@ pub enum JobEvent {
 }
 
 /// Runs the watch until `tx` is closed.
-pub async fn run(store: Store, tx: mpsc::Sender<JobEvent>) {
+pub(crate) async fn run(store: Store, tx: mpsc::Sender<JobEvent>) {
     let prefix = store.keys().prefix().to_owned();
     let mut next: Option<i64> = None;
     let mut delays = crate::retry::WATCH.delays();
