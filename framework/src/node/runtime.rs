@@ -169,17 +169,18 @@ impl Runtime {
                     tokio::task::coop::consume_budget().await;
                     wake
                 }
-                // A lease change comes before everything but stop: a renewal brings the backups
-                // in step before anything else reaches the task (see `Context::replicate`).
+                // Watch events first (decisions on the freshest view), then a lease change
+                // before any request or message: a renewal brings the backups in step before
+                // anything else reaches the task (see `Context::replicate`).
                 None => tokio::select! {
                     biased;
                     _ = stop.cancelled() => Wake::Stop,
-                    changed = self.lease.changed() => Wake::Lease(changed.is_ok()),
-                    Some(req) = requests.recv() => Wake::Request(req),
                     ev = events.recv() => match ev {
                         Some(ev) => Wake::Event(ev),
                         None => Wake::WatchEnded,
                     },
+                    changed = self.lease.changed() => Wake::Lease(changed.is_ok()),
+                    Some(req) = requests.recv() => Wake::Request(req),
                     Some(msg) = inbound.recv() => Wake::Inbound(msg),
                     _ = tokio::time::sleep_until(deadline) => Wake::Deadline,
                     _ = sleep_until_some(retry_at) => Wake::Retry,
