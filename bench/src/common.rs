@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use taskgraph::{Framework, Links, NodeHandle, NodeStatus, TaskBuilder, Tree};
-use taskgraph_tests::cluster::fully_staffed;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
@@ -126,22 +125,53 @@ impl Fleet {
             .collect()
     }
 
-    /// Waits until every task has one acting primary and `replicas − 1` acting backups.
-    /// The error says how far staffing got.
+    /// Whether every task has exactly one acting primary and `backups` acting backups: one
+    /// pass over the nodes' statuses, read in place (O(nodes), no copy), where
+    /// `taskgraph_tests::cluster::fully_staffed` is O(tasks × nodes) over copies.
+    pub fn is_staffed(&self, tasks: u32, backups: usize) -> bool {
+        let mut primaries = vec![0u32; tasks as usize];
+        let mut acting_backups = vec![0usize; tasks as usize];
+        for h in &self.nodes {
+            if h.is_finished() {
+                continue;
+            }
+            let rx = h.status();
+            let st = rx.borrow();
+            if !st.acting {
+                continue;
+            }
+            match st.role {
+                taskgraph::Role::Primary { task, .. } => {
+                    if let Some(p) = primaries.get_mut(task as usize) {
+                        *p += 1;
+                    }
+                }
+                taskgraph::Role::Backup { task } => {
+                    if let Some(b) = acting_backups.get_mut(task as usize) {
+                        *b += 1;
+                    }
+                }
+                taskgraph::Role::Spare => {}
+            }
+        }
+        primaries.iter().all(|p| *p == 1) && acting_backups.iter().all(|b| *b == backups)
+    }
+
+    /// Waits until every task has one acting primary and `replicas − 1` acting backups, until
+    /// `deadline`. The error says how far staffing got.
     pub async fn wait_staffed(
         &self,
         tasks: u32,
         replicas: u32,
-        timeout: Duration,
+        deadline: Instant,
     ) -> Result<(), BoxError> {
-        let deadline = Instant::now() + timeout;
         let backups = replicas.saturating_sub(1) as usize;
         loop {
-            let s = self.statuses();
-            if fully_staffed(tasks, backups, &s) {
+            if self.is_staffed(tasks, backups) {
                 return Ok(());
             }
             if Instant::now() > deadline {
+                let s = self.statuses();
                 let primaries = (0..tasks)
                     .filter(|t| s.iter().any(|(_, st)| st.primary_of(*t).is_some()))
                     .count();
@@ -184,7 +214,7 @@ impl Fleet {
                     .filter(|(_, st)| st.role == taskgraph::Role::Spare)
                     .count();
                 return Err(format!(
-                    "not staffed after {timeout:?}: {primaries}/{tasks} tasks have an acting primary, \
+                    "not staffed: {primaries}/{tasks} tasks have an acting primary, \
                      {backups_acting}/{} backups acting, {spares} spares, {} of {} nodes still \
                      running; {}",
                     tasks as usize * backups,
