@@ -221,7 +221,10 @@ impl BareSum {
             );
             drivers.push(tokio::spawn(async move {
                 let mut current: Option<u64> = None;
+                // Aborted with the driver: no epoch outlives its fleet.
+                let mut epochs = tokio::task::JoinSet::new();
                 loop {
+                    while epochs.try_join_next().is_some() {}
                     let msg = match stream.message().await {
                         Ok(Some(m)) => m,
                         Ok(None) => return,
@@ -247,7 +250,7 @@ impl BareSum {
                         }
                         let (node, key, gate, errors) =
                             (node.clone(), key.clone(), gate.clone(), errors.clone());
-                        tokio::spawn(async move {
+                        epochs.spawn(async move {
                             if let Err(err) = node.run_epoch(e, &key, gate).await {
                                 let _ = errors.send(format!("bare node {t}, epoch {e}: {err}"));
                             }

@@ -58,12 +58,25 @@ impl Fleet {
         spec: &FleetSpec,
         builder: impl TaskBuilder + Clone,
     ) -> Result<Self, BoxError> {
+        Self::start_until(spec, builder, None).await
+    }
+
+    /// Starts `tasks × replicas` nodes of `spec`'s job, but none after `deadline`: the fleet
+    /// then has fewer nodes ([`Fleet::len`]), and the caller's staffing check fails.
+    pub async fn start_until(
+        spec: &FleetSpec,
+        builder: impl TaskBuilder + Clone,
+        deadline: Option<Instant>,
+    ) -> Result<Self, BoxError> {
         let links = tree_links(spec.tasks)?;
         let mut fleet = Fleet {
             nodes: Vec::new(),
             replicas: spec.replicas,
         };
         for i in 0..spec.tasks * spec.replicas {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
             let mut framework = Framework::builder();
             if let Some(limit) = spec.max_frame_bytes {
                 framework = framework.max_frame_bytes(limit);
@@ -78,8 +91,14 @@ impl Fleet {
                 .node_name(format!("b{i}"))
                 .task_builder(builder.clone())
                 .build()?
-                .spawn()
-                .await?;
+                .spawn();
+            let handle = match deadline {
+                Some(d) => match tokio::time::timeout_at(d.into(), handle).await {
+                    Ok(h) => h?,
+                    Err(_) => break,
+                },
+                None => handle.await?,
+            };
             fleet.nodes.push(handle);
         }
         Ok(fleet)

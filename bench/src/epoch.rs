@@ -291,7 +291,7 @@ pub async fn run_sum(etcd: &Etcd, run: &SumRun, out: &mut SumFigures) -> Result<
     let before = etcd_metrics(&url).await?;
     out.rss_before = rss_bytes();
     let t0 = Instant::now();
-    let fleet = Fleet::start(&spec, builder).await?;
+    let fleet = Fleet::start_until(&spec, builder, Some(t0 + run.staff_timeout)).await?;
     out.nodes = fleet.len();
     // The limit counts from the first node's start: starting 2,048 nodes is part of staffing.
     let staffed = fleet

@@ -510,7 +510,12 @@ async fn scale_scenario(plan: &Plan, sink: Sink) -> Result<(), BoxError> {
         let mut f = epoch::SumFigures::default();
         let r = epoch::run_sum(&etcd, &run, &mut f).await;
         let nodes = f.nodes.max(1) as f64;
-        let label = format!("{n} tasks × 2 ({} nodes)", f.nodes);
+        let planned = 2 * n as usize;
+        let label = if f.nodes < planned {
+            format!("{n} tasks × 2 ({} of {planned} nodes started)", f.nodes)
+        } else {
+            format!("{n} tasks × 2 ({planned} nodes)")
+        };
         let mut rows = Vec::new();
         match (f.staffing, &f.not_staffed) {
             (Some(s), _) => rows.push(Row::single(
