@@ -581,7 +581,7 @@ async fn scale_scenario(plan: &Plan, sink: Sink) -> Result<(), BoxError> {
                     } else {
                         "none expired"
                     },
-                    counter("etcd_debugging_server_lease_granted_total"),
+                    counter("etcd_debugging_lease_granted_total"),
                     counter("grpc_server_started_total{LeaseKeepAlive,bidi_stream}"),
                 )),
             );
