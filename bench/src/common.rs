@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use taskgraph::{Framework, Links, NodeHandle, NodeStatus, TaskBuilder, Tree};
-use taskgraph_tests::cluster::fully_staffed;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
@@ -59,12 +58,25 @@ impl Fleet {
         spec: &FleetSpec,
         builder: impl TaskBuilder + Clone,
     ) -> Result<Self, BoxError> {
+        Self::start_until(spec, builder, None).await
+    }
+
+    /// Starts `tasks × replicas` nodes of `spec`'s job, but none after `deadline`: the fleet
+    /// then has fewer nodes ([`Fleet::len`]), and the caller's staffing check fails.
+    pub async fn start_until(
+        spec: &FleetSpec,
+        builder: impl TaskBuilder + Clone,
+        deadline: Option<Instant>,
+    ) -> Result<Self, BoxError> {
         let links = tree_links(spec.tasks)?;
         let mut fleet = Fleet {
             nodes: Vec::new(),
             replicas: spec.replicas,
         };
         for i in 0..spec.tasks * spec.replicas {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
             let mut framework = Framework::builder();
             if let Some(limit) = spec.max_frame_bytes {
                 framework = framework.max_frame_bytes(limit);
@@ -79,8 +91,14 @@ impl Fleet {
                 .node_name(format!("b{i}"))
                 .task_builder(builder.clone())
                 .build()?
-                .spawn()
-                .await?;
+                .spawn();
+            let handle = match deadline {
+                Some(d) => match tokio::time::timeout_at(d.into(), handle).await {
+                    Ok(h) => h?,
+                    Err(_) => break,
+                },
+                None => handle.await?,
+            };
             fleet.nodes.push(handle);
         }
         Ok(fleet)
@@ -126,22 +144,53 @@ impl Fleet {
             .collect()
     }
 
-    /// Waits until every task has one acting primary and `replicas − 1` acting backups.
-    /// The error says how far staffing got.
+    /// Whether every task has exactly one acting primary and `backups` acting backups: one
+    /// pass over the nodes' statuses, read in place (O(nodes), no copy), where
+    /// `taskgraph_tests::cluster::fully_staffed` is O(tasks × nodes) over copies.
+    pub fn is_staffed(&self, tasks: u32, backups: usize) -> bool {
+        let mut primaries = vec![0u32; tasks as usize];
+        let mut acting_backups = vec![0usize; tasks as usize];
+        for h in &self.nodes {
+            if h.is_finished() {
+                continue;
+            }
+            let rx = h.status();
+            let st = rx.borrow();
+            if !st.acting {
+                continue;
+            }
+            match st.role {
+                taskgraph::Role::Primary { task, .. } => {
+                    if let Some(p) = primaries.get_mut(task as usize) {
+                        *p += 1;
+                    }
+                }
+                taskgraph::Role::Backup { task } => {
+                    if let Some(b) = acting_backups.get_mut(task as usize) {
+                        *b += 1;
+                    }
+                }
+                taskgraph::Role::Spare => {}
+            }
+        }
+        primaries.iter().all(|p| *p == 1) && acting_backups.iter().all(|b| *b == backups)
+    }
+
+    /// Waits until every task has one acting primary and `replicas − 1` acting backups, until
+    /// `deadline`. The error says how far staffing got.
     pub async fn wait_staffed(
         &self,
         tasks: u32,
         replicas: u32,
-        timeout: Duration,
+        deadline: Instant,
     ) -> Result<(), BoxError> {
-        let deadline = Instant::now() + timeout;
         let backups = replicas.saturating_sub(1) as usize;
         loop {
-            let s = self.statuses();
-            if fully_staffed(tasks, backups, &s) {
+            if self.is_staffed(tasks, backups) {
                 return Ok(());
             }
             if Instant::now() > deadline {
+                let s = self.statuses();
                 let primaries = (0..tasks)
                     .filter(|t| s.iter().any(|(_, st)| st.primary_of(*t).is_some()))
                     .count();
@@ -184,7 +233,7 @@ impl Fleet {
                     .filter(|(_, st)| st.role == taskgraph::Role::Spare)
                     .count();
                 return Err(format!(
-                    "not staffed after {timeout:?}: {primaries}/{tasks} tasks have an acting primary, \
+                    "not staffed: {primaries}/{tasks} tasks have an acting primary, \
                      {backups_acting}/{} backups acting, {spares} spares, {} of {} nodes still \
                      running; {}",
                     tasks as usize * backups,

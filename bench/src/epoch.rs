@@ -21,10 +21,12 @@ use taskgraph_tests::dataflow::DataflowBuilder;
 use taskgraph_tests::etcd::Etcd;
 use tokio::sync::mpsc;
 
+use crate::baresum::BareSum;
 use crate::common::{
     cpu_time, delta, echo_server, etcd_metrics, ms, revision, rss_bytes, tree_depth, BoxError,
-    Echoer, Fleet, FleetSpec,
+    EchoServerHandle, Echoer, Fleet, FleetSpec,
 };
+use crate::report::Stats;
 
 /// Settings of one run of the sum workload.
 #[derive(Debug, Clone)]
@@ -35,16 +37,32 @@ pub struct SumRun {
     pub replicas: u32,
     /// Lease TTL.
     pub ttl: Duration,
-    /// Epochs run before the measured window.
+    /// Epochs run before the measured blocks.
     pub warm: u64,
-    /// Epochs in the measured window.
-    pub epochs: u64,
+    /// Measured blocks: each a block of framework epochs, then (with `baselines`) a block of
+    /// bare-sum epochs, then limit model trials, so drift of a shared machine weighs on all.
+    pub blocks: u64,
+    /// Epochs the root moves per block (the first of each block is not timed: the root waited
+    /// at the gate in it).
+    pub per_block: u64,
     /// Limit on staffing.
     pub staff_timeout: Duration,
+    /// Whether a staffing that runs out of time is a figure ("did not staff in N s") rather
+    /// than a failure of the run (sizes known not to staff today).
+    pub staff_may_fail: bool,
     /// Limit on any one epoch.
     pub epoch_timeout: Duration,
-    /// Trials of the limit model (0: not measured).
+    /// Trials of the limit model per block (0: not measured).
     pub limit_trials: usize,
+    /// Whether to run the bare-sum baseline (and the bare-sum fleet beside the nodes).
+    pub baselines: bool,
+}
+
+impl SumRun {
+    /// Epochs the framework moves in the measured blocks.
+    pub fn window_epochs(&self) -> u64 {
+        self.blocks * self.per_block
+    }
 }
 
 /// What one run measured.
@@ -52,6 +70,8 @@ pub struct SumRun {
 pub struct SumFigures {
     /// From the first node's start until every slot is filled.
     pub staffing: Option<Duration>,
+    /// Staffing ran out of this time (with `staff_may_fail`), and how far it got.
+    pub not_staffed: Option<(Duration, String)>,
     /// Resident memory before the nodes started and once staffed.
     pub rss_before: Option<u64>,
     /// Resident memory once staffed.
@@ -61,10 +81,23 @@ pub struct SumFigures {
     /// etcd's counters from before the first node started until every slot was filled (or
     /// staffing gave up).
     pub staffing_metrics: BTreeMap<String, f64>,
-    /// Root entry to root entry, per epoch of the window, in ms.
+    /// Root entry to root entry, per timed epoch of the blocks, in ms.
     pub epoch_ms: Vec<f64>,
-    /// Epochs in the window.
+    /// Median of `epoch_ms` per block.
+    pub epoch_block_ms: Vec<f64>,
+    /// Epochs the framework moved in the blocks (etcd counters are per these).
     pub epochs: u64,
+    /// The bare-sum baseline: root entry to root entry, per timed epoch, in ms.
+    pub bare_ms: Vec<f64>,
+    /// Median of `bare_ms` per block.
+    pub bare_block_ms: Vec<f64>,
+    /// F = CAS + max(2·depth bare RTTs, C) per limit trial, C the CPU-bound limit of its
+    /// block, in ms.
+    pub f_ms: Vec<f64>,
+    /// Median of `f_ms` per block.
+    pub f_block_ms: Vec<f64>,
+    /// Median of `limit_ms` per block.
+    pub limit_block_ms: Vec<f64>,
     /// Window length.
     pub window: Option<Duration>,
     /// CPU time of this process (every node) over the window.
@@ -150,11 +183,21 @@ impl SumFigures {
         json!({
             "nodes": self.nodes,
             "staffing_s": self.staffing.map(|d| d.as_secs_f64()),
+            "not_staffed": self.not_staffed.as_ref().map(|(d, why)| json!({"limit_s": d.as_secs_f64(), "state": why})),
             "staffing_etcd_counters_delta": self.staffing_metrics,
             "rss_before_bytes": self.rss_before,
             "rss_staffed_bytes": self.rss_staffed,
             "epochs": self.epochs,
             "epoch_ms": self.epoch_ms,
+            "epoch_block_ms": self.epoch_block_ms,
+            "bare_sum_ms": self.bare_ms,
+            "bare_sum_block_ms": self.bare_block_ms,
+            "f_ms": self.f_ms,
+            "f_block_ms": self.f_block_ms,
+            "limit_block_ms": self.limit_block_ms,
+            "ratio_per_block_vs_bare_sum": block_ratios(&self.epoch_block_ms, &self.bare_block_ms),
+            "ratio_per_block_vs_f": block_ratios(&self.epoch_block_ms, &self.f_block_ms),
+            "ratio_per_block_vs_limit": block_ratios(&self.epoch_block_ms, &self.limit_block_ms),
             "window_s": self.window.map(|d| d.as_secs_f64()),
             "process_cpu_ms_per_epoch": self.cpu_ms_per_epoch(),
             "etcd_cpu_ms_per_epoch": self.metrics.get("process_cpu_seconds_total").map(|s| s * 1e3 / self.epochs.max(1) as f64),
@@ -171,6 +214,24 @@ impl SumFigures {
             "calls_per_epoch": self.calls_per_epoch,
             "cpu_limit_ms": self.cpu_limit_ms(),
         })
+    }
+}
+
+/// Per block, `a ÷ b`, with their median, min and max.
+fn block_ratios(a: &[f64], b: &[f64]) -> Value {
+    let r: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
+    json!({"ratios": r, "stats": Stats::of(&r)})
+}
+
+/// Median of `v` (`NaN` if empty).
+fn median(v: &[f64]) -> f64 {
+    Stats::of(v).map_or(f64::NAN, |s| s.median)
+}
+
+/// Adds `d` into `sum`, key by key.
+fn add_into(sum: &mut BTreeMap<String, f64>, d: BTreeMap<String, f64>) {
+    for (k, v) in d {
+        *sum.entry(k).or_insert(0.0) += v;
     }
 }
 
@@ -210,7 +271,7 @@ pub async fn run_sum(etcd: &Etcd, run: &SumRun, out: &mut SumFigures) -> Result<
         }
     });
     audit.close_gate();
-    let until = run.warm + run.epochs;
+    let until = run.warm + run.window_epochs();
     let builder = DataflowBuilder {
         node: "bench".into(),
         audit: audit.clone(),
@@ -230,10 +291,11 @@ pub async fn run_sum(etcd: &Etcd, run: &SumRun, out: &mut SumFigures) -> Result<
     let before = etcd_metrics(&url).await?;
     out.rss_before = rss_bytes();
     let t0 = Instant::now();
-    let fleet = Fleet::start(&spec, builder).await?;
+    let fleet = Fleet::start_until(&spec, builder, Some(t0 + run.staff_timeout)).await?;
     out.nodes = fleet.len();
+    // The limit counts from the first node's start: starting 2,048 nodes is part of staffing.
     let staffed = fleet
-        .wait_staffed(run.tasks, run.replicas, run.staff_timeout)
+        .wait_staffed(run.tasks, run.replicas, t0 + run.staff_timeout)
         .await;
     if let Ok(after) = etcd_metrics(&url).await {
         out.staffing_metrics = delta(&before, &after);
@@ -248,11 +310,36 @@ pub async fn run_sum(etcd: &Etcd, run: &SumRun, out: &mut SumFigures) -> Result<
             .take(3)
             .map(|(n, how)| format!("{n}× {how}"))
             .collect();
-        return Err(format!(
+        let why = format!(
             "{e}; in etcd: {keys}; nodes that ended: [{}]",
             ended.join("; ")
-        )
-        .into());
+        );
+        if !run.staff_may_fail {
+            return Err(why.into());
+        }
+        out.not_staffed = Some((run.staff_timeout, why));
+        out.rss_staffed = rss_bytes();
+        // The nodes go first: the baselines are measured on an idle machine, as they would be
+        // beside a staffed, idle fleet.
+        drop(fleet);
+        if run.baselines {
+            let mut client = etcd.client().await?;
+            let mut limit = LimitModel::start(&mut client, run.tasks).await?;
+            let mut bare = BareSum::start(&etcd.endpoints(), run.tasks).await?;
+            bare.run_block(run.warm.max(2), run.epoch_timeout * run.warm.max(2) as u32)
+                .await?;
+            for _ in 0..run.blocks {
+                let b = bare
+                    .run_block(run.per_block, run.epoch_timeout * run.per_block as u32)
+                    .await?;
+                out.bare_block_ms.push(median(&b));
+                out.bare_ms.extend(b);
+                limit.block(&mut client, run.limit_trials, out).await?;
+            }
+            bare.clean_up().await;
+            limit.clean_up(&mut client).await;
+        }
+        return Ok(());
     }
     out.staffing = Some(t0.elapsed());
     out.rss_staffed = rss_bytes();
@@ -267,41 +354,80 @@ pub async fn run_sum(etcd: &Etcd, run: &SumRun, out: &mut SumFigures) -> Result<
         run.epoch_timeout * run.warm.max(1) as u32,
     )
     .await?;
-    // The revision is read outside the counters' window, so the bench's own reads are not
-    // counted as the framework's requests.
-    let r0 = revision(&mut client).await?;
-    let m0 = etcd_metrics(&url).await?;
-    let w0 = Instant::now();
-    let c0 = cpu_time();
-    out.epochs = run.epochs;
-    audit.open_gate_until(until);
-    let window = wait_for_root(
-        &mut entries,
-        &mut at,
-        until,
-        run.epoch_timeout * run.epochs as u32,
-    )
-    .await;
-    // Epochs entered so far, root entry to root entry; the first epoch of the window is left
-    // out (the root entered it before the window opened and waited at the gate).
-    out.epoch_ms = (run.warm + 1..until)
-        .filter_map(|e| Some(ms(*at.get(&(e + 1))? - *at.get(&e)?)))
-        .collect();
-    window?;
-    out.window = Some(w0.elapsed());
-    out.window_cpu = match (c0, cpu_time()) {
-        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-        _ => None,
+    let mut limit = if run.limit_trials > 0 {
+        Some(LimitModel::start(&mut client, run.tasks).await?)
+    } else {
+        None
     };
-    let m1 = etcd_metrics(&url).await?;
-    let r1 = revision(&mut client).await?;
-    out.metrics = delta(&m0, &m1);
-    out.revision_delta = Some(r1 - r0);
+    let mut bare = if run.baselines {
+        let mut b = BareSum::start(&etcd.endpoints(), run.tasks).await?;
+        b.run_block(run.warm.max(2), run.epoch_timeout * run.warm.max(2) as u32)
+            .await?;
+        Some(b)
+    } else {
+        None
+    };
+    let mut window = Duration::ZERO;
+    let mut cpu = Some(Duration::ZERO);
+    let mut revisions = 0;
+    let mut reached = run.warm;
+    for _ in 0..run.blocks {
+        // The revision is read outside the counters' window, so the bench's own reads are not
+        // counted as the framework's requests.
+        let r0 = revision(&mut client).await?;
+        let m0 = etcd_metrics(&url).await?;
+        let w0 = Instant::now();
+        let c0 = cpu_time();
+        let from = reached;
+        reached += run.per_block;
+        audit.open_gate_until(reached);
+        let done = wait_for_root(
+            &mut entries,
+            &mut at,
+            reached,
+            run.epoch_timeout * run.per_block as u32,
+        )
+        .await;
+        // Epochs entered so far, root entry to root entry; the first epoch of the block is
+        // left out (the root entered it before the block and waited at the gate).
+        let block: Vec<f64> = (from + 1..reached)
+            .filter_map(|e| Some(ms(*at.get(&(e + 1))? - *at.get(&e)?)))
+            .collect();
+        out.epoch_block_ms.push(median(&block));
+        out.epoch_ms.extend(block);
+        done?;
+        window += w0.elapsed();
+        cpu = match (cpu, c0, cpu_time()) {
+            (Some(sum), Some(a), Some(b)) => Some(sum + b.saturating_sub(a)),
+            _ => None,
+        };
+        let m1 = etcd_metrics(&url).await?;
+        let r1 = revision(&mut client).await?;
+        add_into(&mut out.metrics, delta(&m0, &m1));
+        revisions += r1 - r0;
+        out.epochs += run.per_block;
+        out.window = Some(window);
+        out.window_cpu = cpu;
+        out.revision_delta = Some(revisions);
 
-    // The limit, against the same etcd while the nodes sit idle at the gate (their leases are
-    // still kept alive, as during the epochs).
-    if run.limit_trials > 0 {
-        limit_model(&mut client, run.tasks, run.limit_trials, out).await?;
+        // The baselines, against the same etcd while the nodes sit idle at the gate (their
+        // leases are still kept alive, as during the epochs).
+        if let Some(bare) = bare.as_mut() {
+            let b = bare
+                .run_block(run.per_block, run.epoch_timeout * run.per_block as u32)
+                .await?;
+            out.bare_block_ms.push(median(&b));
+            out.bare_ms.extend(b);
+        }
+        if let Some(limit) = limit.as_mut() {
+            limit.block(&mut client, run.limit_trials, out).await?;
+        }
+    }
+    if let Some(bare) = bare {
+        bare.clean_up().await;
+    }
+    if let Some(limit) = limit {
+        limit.clean_up(&mut client).await;
     }
 
     audit.open_gate();
@@ -310,65 +436,111 @@ pub async fn run_sum(etcd: &Etcd, run: &SumRun, out: &mut SumFigures) -> Result<
         .await
 }
 
-/// The limit of one epoch: one etcd compare-and-swap (the epoch's move) plus 2·depth
-/// sequential bare tonic round trips (the parameter down the tree and the sums back up), each
-/// trial timed end to end.
-async fn limit_model(
-    client: &mut etcd_client::Client,
+/// The limit models of one epoch, against the same etcd as the nodes:
+///
+/// * L: one etcd compare-and-swap (the epoch's move) plus 2·depth sequential bare tonic round
+///   trips (the parameter down the tree and the sums back up), each trial timed end to end;
+/// * C, the CPU-bound limit: the epoch's node-to-node calls at the bare tonic rate (64 in
+///   flight on one connection; all nodes share this process's cores);
+/// * F = CAS + max(2·depth RTTs, C), per trial of L with its block's C.
+struct LimitModel {
+    _server: EchoServerHandle,
+    echo: Echoer,
+    key: String,
+    value: u64,
+    payload: Bytes,
+    hops: usize,
     tasks: u32,
-    trials: usize,
-    out: &mut SumFigures,
-) -> Result<(), BoxError> {
-    let server = echo_server().await?;
-    let echo = Echoer::connect(&server.addr).await?;
-    let key = format!("taskgraph-bench-limit-{:08x}", rand::random::<u32>());
-    client.put(key.as_str(), "0", None).await?;
-    // What a pull of the sum carries: one postcard-encoded u64.
-    let payload = Bytes::from(taskgraph::encode(&7u64)?.to_vec());
-    let hops = 2 * tree_depth(tasks) as usize;
-    // Warm the connection and etcd.
-    for _ in 0..3 {
-        echo.echo(payload.clone()).await?;
-    }
-    for value in (0u64..).take(trials) {
-        let t0 = Instant::now();
-        let txn = Txn::new()
-            .when([Compare::value(
-                key.as_str(),
-                CompareOp::Equal,
-                value.to_string(),
-            )])
-            .and_then([TxnOp::put(key.as_str(), (value + 1).to_string(), None)]);
-        let r = client.txn(txn).await?;
-        if !r.succeeded() {
-            return Err("limit model: the compare-and-swap failed".into());
-        }
-        let cas = t0.elapsed();
-        for _ in 0..hops {
-            let t = Instant::now();
+}
+
+impl LimitModel {
+    async fn start(client: &mut etcd_client::Client, tasks: u32) -> Result<Self, BoxError> {
+        let server = echo_server().await?;
+        let echo = Echoer::connect(&server.addr).await?;
+        let key = format!("taskgraph-bench-limit-{:08x}", rand::random::<u32>());
+        client.put(key.as_str(), "0", None).await?;
+        // What a pull of the sum carries: one postcard-encoded u64.
+        let payload = Bytes::from(taskgraph::encode(&7u64)?.to_vec());
+        // Warm the connection.
+        for _ in 0..3 {
             echo.echo(payload.clone()).await?;
-            out.rtt_ms.push(ms(t.elapsed()));
         }
-        out.limit_ms.push(ms(t0.elapsed()));
-        out.cas_ms.push(ms(cas));
+        Ok(LimitModel {
+            _server: server,
+            echo,
+            key,
+            value: 0,
+            payload,
+            hops: 2 * tree_depth(tasks) as usize,
+            tasks,
+        })
     }
-    client.delete(key.as_str(), None).await?;
-    // Per edge of the tree, an epoch makes three calls: the child's pull of the parameter,
-    // the parent's pull of the child's sum, the child's `done` meta.
-    out.calls_per_epoch = 3 * u64::from(tasks.saturating_sub(1));
-    for _ in 0..3 {
+
+    /// `trials` trials of L, then one measure of the bare rate (C), into `out`.
+    async fn block(
+        &mut self,
+        client: &mut etcd_client::Client,
+        trials: usize,
+        out: &mut SumFigures,
+    ) -> Result<(), BoxError> {
+        let mut block = Vec::new();
+        for _ in 0..trials {
+            let t0 = Instant::now();
+            let txn = Txn::new()
+                .when([Compare::value(
+                    self.key.as_str(),
+                    CompareOp::Equal,
+                    self.value.to_string(),
+                )])
+                .and_then([TxnOp::put(
+                    self.key.as_str(),
+                    (self.value + 1).to_string(),
+                    None,
+                )]);
+            let r = client.txn(txn).await?;
+            if !r.succeeded() {
+                return Err("limit model: the compare-and-swap failed".into());
+            }
+            self.value += 1;
+            let cas = t0.elapsed();
+            for _ in 0..self.hops {
+                let t = Instant::now();
+                self.echo.echo(self.payload.clone()).await?;
+                out.rtt_ms.push(ms(t.elapsed()));
+            }
+            let total = ms(t0.elapsed());
+            out.limit_ms.push(total);
+            out.cas_ms.push(ms(cas));
+            block.push((ms(cas), total));
+        }
+        out.limit_block_ms
+            .push(median(&block.iter().map(|(_, t)| *t).collect::<Vec<_>>()));
+        // Per edge of the tree, an epoch makes three calls: the child's pull of the parameter,
+        // the parent's pull of the child's sum, the child's `done` meta.
+        out.calls_per_epoch = 3 * u64::from(self.tasks.saturating_sub(1));
         let t0 = Instant::now();
         let calls = 1000;
         let results: Vec<Result<(), BoxError>> = futures::stream::iter(0..calls)
-            .map(|_| echo.echo(payload.clone()))
+            .map(|_| self.echo.echo(self.payload.clone()))
             .buffer_unordered(64)
             .collect()
             .await;
         results.into_iter().collect::<Result<Vec<()>, _>>()?;
-        out.bare_calls_per_s
-            .push(f64::from(calls) / t0.elapsed().as_secs_f64());
+        let rate = f64::from(calls) / t0.elapsed().as_secs_f64();
+        out.bare_calls_per_s.push(rate);
+        let c = out.calls_per_epoch as f64 / rate * 1e3;
+        let f: Vec<f64> = block
+            .iter()
+            .map(|(cas, total)| cas + (total - cas).max(c))
+            .collect();
+        out.f_block_ms.push(median(&f));
+        out.f_ms.extend(f);
+        Ok(())
     }
-    Ok(())
+
+    async fn clean_up(self, client: &mut etcd_client::Client) {
+        let _ = client.delete(self.key.as_str(), None).await;
+    }
 }
 
 /// What etcd holds for the first tasks without an acting primary or without every backup (for

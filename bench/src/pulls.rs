@@ -294,7 +294,9 @@ pub async fn run(
         }) as Box<dyn Task>
     })
     .await?;
-    fleet.wait_staffed(2, 1, Duration::from_secs(60)).await?;
+    fleet
+        .wait_staffed(2, 1, Instant::now() + Duration::from_secs(60))
+        .await?;
     gate_tx.send_replace(true);
     let waited = result_rx.wait_for(|r| r.is_some()).await.map(|r| r.clone());
     *out = lock(&probe.figures).clone();

@@ -405,7 +405,6 @@ impl JobClient {
     pub async fn delete(&self) -> Result<i64, Error> {
         Ok(self.store.delete_job().await?)
     }
-
 }
 
 /// Builds a job's status from its keys (pure; the keys were read at `revision`).

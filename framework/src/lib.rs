@@ -174,6 +174,50 @@ pub mod testing {
         pub use crate::wire::*;
     }
     pub use crate::security::LoadedTls;
+
+    /// The lease keeper, on a lease of its own.
+    pub mod lease {
+        use std::time::Duration;
+
+        use tokio::sync::watch;
+        use tokio::time::Instant;
+
+        pub use crate::etcd::lease::{margin, LeaseState};
+
+        /// A lease of `ttl` granted on a fresh connection to `endpoints` and kept alive by the
+        /// node's keeper, as a node keeps its own: the lease id, the TTL etcd granted, the
+        /// keeper's states (its first: `Suspended`) and the keeper's task.
+        pub async fn keep_alive(
+            endpoints: &[String],
+            job: &str,
+            ttl: Duration,
+        ) -> Result<
+            (
+                i64,
+                i64,
+                watch::Receiver<LeaseState>,
+                tokio::task::JoinHandle<()>,
+            ),
+            crate::Error,
+        > {
+            let store = crate::etcd::Store::connect_secure(
+                endpoints,
+                job,
+                &crate::security::EtcdSecurity::default(),
+                Duration::from_secs(10),
+                Duration::from_secs(2),
+            )
+            .await?;
+            let granted_at = Instant::now();
+            let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+            let (id, granted) = store.grant_lease(secs).await?;
+            let (tx, rx) = watch::channel(LeaseState::Suspended { id });
+            let keeper = tokio::spawn(crate::etcd::lease::keep_alive(
+                store, id, ttl, granted_at, tx,
+            ));
+            Ok((id, granted, rx, keeper))
+        }
+    }
 }
 
 /// The README's Rust examples, compiled and run as doc tests (`cargo test --doc`), so the
@@ -181,4 +225,3 @@ pub mod testing {
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 struct ReadmeDoctests;
-

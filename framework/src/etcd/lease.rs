@@ -6,6 +6,7 @@
 //! `now < deadline`, so it stops acting as primary before etcd can expire its lease and let
 //! another node take over.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -62,8 +63,54 @@ pub fn margin(ttl: Duration) -> Duration {
     (ttl / 5).max(Duration::from_millis(100)).min(ttl / 2)
 }
 
+/// Keep-alives sent on one stream and not answered yet, at most: etcd answers a stream's
+/// keep-alives one by one, in order, so more would only queue behind a slow one.
+pub const MAX_IN_FLIGHT: usize = 4;
+
+/// One keep-alive stream and the send times of its keep-alives not answered yet, oldest
+/// first (etcd answers them in order).
+struct KeepAliveStream {
+    keeper: etcd_client::LeaseKeeper,
+    answers: etcd_client::LeaseKeepAliveStream,
+    in_flight: VecDeque<Instant>,
+}
+
+/// What happened on the stream while the keeper waited.
+enum Answer {
+    /// etcd renewed the lease for this many seconds (0: it no longer knows the lease).
+    Renewed { sent: Instant, ttl: i64 },
+    /// An answer with no keep-alive in flight: nothing to date it by, ignored.
+    Unexpected,
+    /// The stream broke (an error, or etcd ended it).
+    Broken(etcd_client::Error),
+}
+
+/// The next event of `stream`; never resolves while there is no stream.
+async fn next_answer(stream: &mut Option<KeepAliveStream>) -> Answer {
+    let Some(s) = stream.as_mut() else {
+        return std::future::pending().await;
+    };
+    match s.answers.message().await {
+        Ok(Some(r)) => match s.in_flight.pop_front() {
+            Some(sent) => Answer::Renewed { sent, ttl: r.ttl() },
+            None => Answer::Unexpected,
+        },
+        Ok(None) => Answer::Broken(etcd_client::Error::LeaseKeepAliveError(
+            "stream ended".into(),
+        )),
+        Err(e) => Answer::Broken(e),
+    }
+}
+
 /// Keeps lease `id` alive every `ttl / 3` until etcd reports it gone. Publishes every change
 /// on `tx`. Returns when the lease has expired (or all receivers are gone).
+///
+/// One keep-alive stream serves the lease for as long as it works: an answer that is slow (etcd
+/// busy, or paused) is waited for on the same stream while the next keep-alives go out on it
+/// (at most [`MAX_IN_FLIGHT`] unanswered), and each answer renews the lease from the time
+/// *its* keep-alive was sent. Only a broken stream (an error, or its end) is replaced, at the
+/// next keep-alive's time: reopening on every slow answer would multiply the streams, and the
+/// load on etcd, exactly when etcd is slow.
 pub(crate) async fn keep_alive(
     store: Store,
     id: i64,
@@ -75,114 +122,153 @@ pub(crate) async fn keep_alive(
     let interval = ttl / 3;
     let mut deadline = granted_at + ttl - margin;
     let _ = tx.send(LeaseState::Alive { id, deadline });
-    let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
+    let mut stream: Option<KeepAliveStream> = None;
     loop {
         let sent = Instant::now();
-        let attempt = async {
-            if stream.is_none() {
-                let mut c = store.client();
-                match c.lease_keep_alive(id).await {
-                    Ok(s) => stream = Some(s),
-                    // Opening the stream sends a first keep-alive; etcd-client turns an answer
-                    // of TTL 0 (etcd no longer knows the lease) into this error. It is the
-                    // lease's expiry, not a transient failure: a node that lost its
-                    // connection for longer than the TTL (a partition) must learn it, or it
-                    // would retry forever and never rejoin.
-                    Err(etcd_client::Error::LeaseKeepAliveError(m)) if m == LEASE_NOT_FOUND => {
-                        return Ok(0)
-                    }
-                    Err(e) => return Err(e),
+        if stream.is_none() {
+            // Opening the stream sends a first keep-alive and waits for its answer. Never wait
+            // past the deadline: a silent etcd must not keep us Alive.
+            let wait = deadline
+                .saturating_duration_since(sent)
+                .max(interval)
+                .min(ttl);
+            let mut c = store.client();
+            match tokio::time::timeout(wait, c.lease_keep_alive(id)).await {
+                Ok(Ok((keeper, answers))) => {
+                    stream = Some(KeepAliveStream {
+                        keeper,
+                        answers,
+                        in_flight: VecDeque::new(),
+                    });
                 }
-            }
-            let Some((keeper, responses)) = stream.as_mut() else {
-                return Err(etcd_client::Error::LeaseKeepAliveError("no stream".into()));
-            };
-            keeper.keep_alive().await?;
-            match responses.message().await? {
-                Some(r) => Ok(r.ttl()),
-                None => Err(etcd_client::Error::LeaseKeepAliveError(
-                    "stream ended".into(),
-                )),
-            }
-        };
-        // Never wait for an answer past the deadline: a silent etcd must not keep us Alive.
-        let wait = deadline
-            .saturating_duration_since(sent)
-            .max(interval)
-            .min(ttl);
-        let outcome = tokio::time::timeout(wait, attempt).await;
-        store.record(
-            "lease keep-alive",
-            match &outcome {
-                Ok(Ok(_)) => Outcome::Ok,
-                Ok(Err(_)) => Outcome::Error,
-                Err(_) => Outcome::Timeout,
-            },
-            sent,
-        );
-        match outcome {
-            Ok(Ok(granted)) if granted > 0 => {
-                if let Some(m) = store.metrics() {
-                    m.lease_renewed();
+                // etcd-client turns an answer of TTL 0 (etcd no longer knows the lease) into
+                // this error. It is the lease's expiry, not a transient failure: a node that
+                // lost its connection for longer than the TTL (a partition) must learn it, or
+                // it would retry forever and never rejoin.
+                Ok(Err(etcd_client::Error::LeaseKeepAliveError(m))) if m == LEASE_NOT_FOUND => {
+                    store.record("lease keep-alive", Outcome::Ok, sent);
+                    expired(&store, id, &tx);
+                    return;
                 }
-                deadline = sent + Duration::from_secs(granted as u64) - margin;
-                tx.send_if_modified(|s| {
-                    let new = LeaseState::Alive { id, deadline };
-                    let changed = *s != new;
-                    *s = new;
-                    changed
-                });
-            }
-            Ok(Ok(_)) => {
-                tracing::warn!(lease = format!("{id:x}"), "etcd reports the lease expired");
-                if let Some(m) = store.metrics() {
-                    m.lease_lost(LeaseLoss::Expired);
+                Ok(Err(e)) => {
+                    store.record("lease keep-alive", Outcome::Error, sent);
+                    tracing::debug!(lease = format!("{id:x}"), error = %e, "lease keep-alive stream not opened");
                 }
-                let _ = tx.send(LeaseState::Expired { id });
-                return;
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(lease = format!("{id:x}"), error = %e, "lease keep-alive failed");
-                stream = None;
-            }
-            Err(_) => {
-                tracing::debug!(lease = format!("{id:x}"), "lease keep-alive timed out");
-                stream = None;
-            }
-        }
-        if Instant::now() >= deadline {
-            let suspended = tx.send_if_modified(|s| {
-                let changed = matches!(s, LeaseState::Alive { .. });
-                if changed {
-                    tracing::warn!(
+                Err(_) => {
+                    store.record("lease keep-alive", Outcome::Timeout, sent);
+                    tracing::debug!(
                         lease = format!("{id:x}"),
-                        "lease not renewed before its local deadline: stepping down"
+                        "lease keep-alive stream not opened in time"
                     );
-                    *s = LeaseState::Suspended { id };
-                }
-                changed
-            });
-            if suspended {
-                if let Some(m) = store.metrics() {
-                    m.lease_lost(LeaseLoss::Suspended);
                 }
             }
         }
-        if tx.is_closed() {
-            return;
+        if let Some(s) = stream.as_mut() {
+            if s.in_flight.len() < MAX_IN_FLIGHT {
+                // A send into the stream's channel (capacity 100, never full: at most
+                // MAX_IN_FLIGHT are unanswered); it fails only if the stream is gone.
+                match s.keeper.keep_alive().await {
+                    Ok(()) => s.in_flight.push_back(sent),
+                    Err(e) => {
+                        store.record("lease keep-alive", Outcome::Error, sent);
+                        tracing::debug!(lease = format!("{id:x}"), error = %e, "lease keep-alive stream broken");
+                        stream = None;
+                    }
+                }
+            } else {
+                tracing::debug!(
+                    lease = format!("{id:x}"),
+                    in_flight = s.in_flight.len(),
+                    "etcd is slow to answer keep-alives: waiting on the same stream"
+                );
+            }
         }
         let next = sent + interval;
+        let wake = if matches!(*tx.borrow(), LeaseState::Alive { .. }) {
+            next
+        } else {
+            next.max(Instant::now() + Duration::from_millis(50))
+        };
+        // Answers until the next keep-alive is due; the deadline is checked as it passes.
+        loop {
+            let alive = matches!(*tx.borrow(), LeaseState::Alive { .. });
+            tokio::select! {
+                answer = next_answer(&mut stream) => match answer {
+                    Answer::Renewed { sent, ttl: granted } if granted > 0 => {
+                        store.record("lease keep-alive", Outcome::Ok, sent);
+                        if let Some(m) = store.metrics() {
+                            m.lease_renewed();
+                        }
+                        deadline = sent + Duration::from_secs(granted as u64) - margin;
+                        tx.send_if_modified(|s| {
+                            let new = LeaseState::Alive { id, deadline };
+                            let changed = *s != new;
+                            *s = new;
+                            changed
+                        });
+                    }
+                    Answer::Renewed { sent, .. } => {
+                        store.record("lease keep-alive", Outcome::Ok, sent);
+                        expired(&store, id, &tx);
+                        return;
+                    }
+                    Answer::Unexpected => {
+                        tracing::debug!(lease = format!("{id:x}"), "keep-alive answer with none in flight: ignored");
+                    }
+                    Answer::Broken(e) => {
+                        let oldest = stream
+                            .as_ref()
+                            .and_then(|s| s.in_flight.front().copied())
+                            .unwrap_or(sent);
+                        store.record("lease keep-alive", Outcome::Error, oldest);
+                        tracing::debug!(lease = format!("{id:x}"), error = %e, "lease keep-alive stream broken");
+                        stream = None;
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline), if alive => {}
+                _ = tokio::time::sleep_until(wake) => break,
+                _ = tx.closed() => return,
+            }
+            if Instant::now() >= deadline {
+                let oldest = stream.as_ref().and_then(|s| s.in_flight.front().copied());
+                suspend(&store, id, &tx, oldest);
+            }
+        }
         if tx.is_closed() {
             return;
         }
-        let alive = matches!(*tx.borrow(), LeaseState::Alive { .. });
-        if alive {
-            tokio::select! {
-                _ = tokio::time::sleep_until(next) => {}
-                _ = tokio::time::sleep_until(deadline) => {}
-            }
-        } else {
-            tokio::time::sleep_until(next.max(Instant::now() + Duration::from_millis(50))).await;
+    }
+}
+
+/// etcd reports the lease gone.
+fn expired(store: &Store, id: i64, tx: &watch::Sender<LeaseState>) {
+    tracing::warn!(lease = format!("{id:x}"), "etcd reports the lease expired");
+    if let Some(m) = store.metrics() {
+        m.lease_lost(LeaseLoss::Expired);
+    }
+    let _ = tx.send(LeaseState::Expired { id });
+}
+
+/// The local deadline passed without a renewal: the node steps down (once per lapse). The
+/// oldest keep-alive still unanswered, if any, is counted as timed out.
+fn suspend(store: &Store, id: i64, tx: &watch::Sender<LeaseState>, unanswered: Option<Instant>) {
+    let suspended = tx.send_if_modified(|s| {
+        let changed = matches!(s, LeaseState::Alive { .. });
+        if changed {
+            tracing::warn!(
+                lease = format!("{id:x}"),
+                "lease not renewed before its local deadline: stepping down"
+            );
+            *s = LeaseState::Suspended { id };
+        }
+        changed
+    });
+    if suspended {
+        if let Some(sent) = unanswered {
+            store.record("lease keep-alive", Outcome::Timeout, sent);
+        }
+        if let Some(m) = store.metrics() {
+            m.lease_lost(LeaseLoss::Suspended);
         }
     }
 }

@@ -1,0 +1,154 @@
+//! The lease keeper (`taskgraph::testing::lease::keep_alive`) against a real etcd: a slow answer
+//! is not a broken stream. etcd paused (SIGSTOP) past the keeper's local deadline but shorter
+//! than the TTL: the keeper steps down locally, keeps its ONE keep-alive stream, and the lease
+//! survives in etcd and is `Alive` again once etcd answers. etcd killed and restarted (a broken
+//! stream): the keeper opens a new stream and keeps the lease (etcd restores leases on restart).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use taskgraph::testing::lease::{keep_alive, margin, LeaseState};
+use taskgraph_tests::etcd::Etcd;
+use taskgraph_tests::{init_logs, job_name};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::info;
+
+/// Bound on every wait for the keeper (never reached unless the test fails).
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The sum of etcd's counter `name` over every label set whose labels contain `labels`.
+async fn etcd_counter(etcd: &Etcd, name: &str, labels: &str) -> f64 {
+    let url = etcd.metrics_url();
+    let rest = url.strip_prefix("http://").unwrap();
+    let (authority, path) = rest.split_at(rest.find('/').unwrap());
+    let mut stream = tokio::net::TcpStream::connect(authority).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| l.contains(labels))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// LeaseKeepAlive streams etcd has started since it was started.
+async fn keepalive_streams(etcd: &Etcd) -> f64 {
+    etcd_counter(
+        etcd,
+        "grpc_server_started_total",
+        "grpc_method=\"LeaseKeepAlive\"",
+    )
+    .await
+}
+
+/// Waits until the keeper publishes `Alive` with a deadline later than `after`; returns that
+/// deadline.
+async fn renewed_after(rx: &mut watch::Receiver<LeaseState>, after: Instant) -> Instant {
+    let state = *tokio::time::timeout(
+        WAIT,
+        rx.wait_for(|s| matches!(s, LeaseState::Alive { deadline, .. } if *deadline > after)),
+    )
+    .await
+    .expect("the keeper renewed the lease")
+    .expect("the keeper is running");
+    match state {
+        LeaseState::Alive { deadline, .. } => deadline,
+        other => panic!("not alive: {other:?}"),
+    }
+}
+
+/// Sends `sig` (`STOP`, `CONT`) to etcd, through the `kill` command (no `unsafe`).
+fn signal(etcd: &Etcd, sig: &str) {
+    let pid = etcd.pid().expect("etcd runs");
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{sig} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_etcd_is_slow_not_broken_the_keeper_keeps_one_stream_and_the_lease() {
+    init_logs();
+    let etcd = Etcd::start().await.unwrap();
+    // TTL 10 s: keep-alives every 3.3 s, local deadline 8 s after a keep-alive's send, etcd's
+    // expiry 10 s after it received one.
+    let ttl = Duration::from_secs(10);
+    let granted_at = Instant::now();
+    let (id, granted, mut rx, keeper) =
+        keep_alive(&etcd.endpoints(), &job_name("leasekeeper"), ttl)
+            .await
+            .unwrap();
+    assert_eq!(granted, 10);
+
+    info!("--- the keeper renews the lease twice on its stream");
+    let first = renewed_after(&mut rx, granted_at + ttl - margin(ttl)).await;
+    let streams_before = keepalive_streams(&etcd).await;
+    assert_eq!(
+        streams_before, 1.0,
+        "one keep-alive stream since etcd started"
+    );
+    let expired_before = etcd_counter(&etcd, "etcd_debugging_server_lease_expired_total", "").await;
+    // Right after a renewal: its keep-alive was sent at `deadline − (ttl − margin)`, and etcd
+    // received it at about that time, so etcd keeps the lease until about `deadline + margin`.
+    let deadline = renewed_after(&mut rx, first).await;
+
+    info!("--- etcd paused past the keeper's local deadline, resumed before etcd's expiry");
+    signal(&etcd, "STOP");
+    // The keeper, not etcd, must notice the deadline: it steps down while etcd is paused.
+    let suspended = tokio::time::timeout(
+        WAIT,
+        rx.wait_for(|s| matches!(s, LeaseState::Suspended { .. })),
+    )
+    .await;
+    // Resumed 0.8 s after the local deadline (the TTL's margin is 2 s): the keep-alives sent
+    // during the pause were not answered in time, which the keeper before this test treated as
+    // a broken stream.
+    tokio::time::sleep_until(deadline + Duration::from_millis(800)).await;
+    signal(&etcd, "CONT");
+    assert!(
+        suspended.is_ok_and(|r| r.is_ok()),
+        "the keeper stepped down at its local deadline while etcd was paused"
+    );
+
+    info!("--- etcd answers the keep-alives queued on the same stream: the lease is alive again");
+    renewed_after(&mut rx, deadline).await;
+    assert_eq!(
+        keepalive_streams(&etcd).await,
+        streams_before,
+        "the keeper kept its one keep-alive stream across the slow answers"
+    );
+    let mut client = etcd.client().await.unwrap();
+    let ttl_left = client.lease_time_to_live(id, None).await.unwrap().ttl();
+    assert!(
+        ttl_left > 0,
+        "the lease survived in etcd (TTL left {ttl_left})"
+    );
+    assert_eq!(
+        etcd_counter(&etcd, "etcd_debugging_server_lease_expired_total", "").await,
+        expired_before,
+        "no lease expired"
+    );
+
+    info!("--- etcd killed and restarted (a broken stream): the keeper opens a new one");
+    let before_kill = renewed_after(&mut rx, Instant::now()).await;
+    etcd.kill().await.unwrap();
+    etcd.restart().await.unwrap();
+    // etcd restores its leases with their full TTL on restart; the new process counts its
+    // streams from zero.
+    renewed_after(&mut rx, before_kill).await;
+    assert!(
+        keepalive_streams(&etcd).await >= 1.0,
+        "a new keep-alive stream after the restart"
+    );
+    assert!(!keeper.is_finished(), "the keeper still runs");
+    keeper.abort();
+}
