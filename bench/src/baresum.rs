@@ -151,7 +151,9 @@ impl BareSum {
     /// at `endpoints`, at epoch 0; the root moves on only as far as [`BareSum::run_block`] lets
     /// it.
     pub async fn start(endpoints: &[String], tasks: u32) -> Result<BareSum, BoxError> {
-        use taskgraph::testing::wire::{HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW};
+        use taskgraph::testing::wire::{
+            HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW,
+        };
         let key = format!("taskgraph-bench-baresum-{:08x}", rand::random::<u32>());
         let mut client = etcd_client::Client::connect(endpoints, None).await?;
         let put = client.put(key.as_str(), "0", None).await?;

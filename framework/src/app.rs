@@ -71,9 +71,16 @@ pub trait Task: Send + 'static {
     /// This node is now a hot-standby backup of the task.
     async fn became_backup(&mut self, _ctx: &Context) {}
 
-    /// The primary enters `epoch`. Called once per epoch the primary observes, in increasing
-    /// order (an epoch the primary never observed, because the job moved past it while this
-    /// node was not primary, is skipped).
+    /// The primary enters `epoch`. Called once per epoch *and term* the primary observes, in
+    /// increasing order (an epoch the primary never observed, because the job moved past it
+    /// while this node was not primary, is skipped).
+    ///
+    /// **A new primary enters the job's current epoch again.** A promoted backup's state may
+    /// already hold what the old primary [`replicate`](Context::replicate)d during that epoch
+    /// (and a value restored from a checkpoint what was checkpointed in it), so the epoch's
+    /// step must be idempotent: keep in the task's state which epoch it last applied (e.g.
+    /// `if self.applied < epoch { … self.applied = epoch; }`, with `applied` replicated), rather
+    /// than counting calls.
     async fn enter_epoch(&mut self, _ctx: &Context, _epoch: Epoch) {}
 
     /// A task value built afresh to take over as primary gets the task's last checkpoint

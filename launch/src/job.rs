@@ -180,6 +180,8 @@ impl Outcome {
 
 impl LocalJob {
     /// A run of job `name` with `spec`: `spec.tasks × spec.replicas` nodes fill every slot.
+    /// `name` is the job's name in etcd, given to every node as `TASKGRAPH_JOB` (a spec has no
+    /// name: the job name of the builder that produced `spec` does not matter).
     /// The spec is the one the application's nodes create (e.g. the `config().spec()` of
     /// the application's built framework); the run refuses an existing job of that name,
     /// naming how its spec differs.
@@ -284,7 +286,8 @@ impl LocalJob {
         self
     }
 
-    /// The job's last epoch, for the progress bar's length.
+    /// The epoch at which the job is expected to end (where the task calls
+    /// `shutdown_job_with`): the progress bar's length only; the job ends when a task ends it.
     pub fn epochs(mut self, epochs: u64) -> LocalJob {
         self.epochs = Some(epochs);
         self
