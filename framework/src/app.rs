@@ -469,7 +469,7 @@ impl Context {
         // Each round that neither moves nor heals was overtaken by another write to the key.
         for _ in 0..8 {
             let term = self.acting_term()?;
-            let current = match env.store.inc_epoch(env.task, term as i64, from).await? {
+            let current = match env.store.inc_epoch(env.task, term, from).await? {
                 Ok(()) => return Ok(true),
                 Err(current) => current,
             };
@@ -509,13 +509,7 @@ impl Context {
             let to = EpochValue::Running(from + 1);
             if env
                 .store
-                .heal(
-                    &key,
-                    guard,
-                    to.encode(),
-                    Some((env.task, term as i64)),
-                    None,
-                )
+                .heal(&key, guard, to.encode(), Some((env.task, term)), None)
                 .await?
             {
                 env.metrics.key_healed("epoch");
@@ -589,7 +583,7 @@ impl Context {
             .inner
             .env
             .store
-            .finish(self.inner.env.task, term as i64, result, self.epoch())
+            .finish(self.inner.env.task, term, result, self.epoch())
             .await?
         {
             Some(epoch) => Ok(epoch),
@@ -962,11 +956,7 @@ impl Context {
             data: data.to_vec(),
         }
         .encode();
-        if env
-            .store
-            .put_checkpoint(env.task, term as i64, value)
-            .await?
-        {
+        if env.store.put_checkpoint(env.task, term, value).await? {
             Ok(())
         } else {
             Err(ContextError::NotPrimary {

@@ -19,7 +19,7 @@ use crate::config::JobSpec;
 use crate::error::{Error, EtcdError};
 use crate::etcd::admin::Change;
 use crate::etcd::keys::{
-    EpochValue, Holder, JobKey, JobKeys, NodeRecord, StallNote, StoredCheckpoint,
+    term_of, EpochValue, Holder, JobKey, JobKeys, NodeRecord, StallNote, StoredCheckpoint,
 };
 use crate::etcd::watch::{self, JobEvent};
 use crate::etcd::Kv;
@@ -366,7 +366,7 @@ impl Interpreter {
             for h in &t.holders {
                 if h.slot == 0 {
                     self.primaries
-                        .insert(t.task, (h.node.clone(), h.revision as Term));
+                        .insert(t.task, (h.node.clone(), term_of(h.revision)));
                 } else {
                     self.backups
                         .insert((t.task, h.slot), (h.node.clone(), h.revision));
@@ -402,7 +402,7 @@ impl Interpreter {
             },
             JobKey::Primary(task) => match serde_json::from_slice::<Holder>(&kv.value) {
                 Ok(h) => {
-                    let term = kv.create_revision as Term;
+                    let term = term_of(kv.create_revision);
                     let now = (h.node.clone(), term);
                     if self.primaries.insert(task, now.clone()) == Some(now) {
                         // The same primary in the same term: nothing changed.

@@ -497,7 +497,7 @@ pub(crate) fn build_status(
                 task: t,
                 primary: primary.map(|h| h.node.clone()),
                 addr: primary.map(|h| h.addr.clone()),
-                term: primary.map(|h| h.revision as Term),
+                term: primary.map(|h| crate::etcd::keys::term_of(h.revision)),
                 backups: bs.iter().map(|h| h.node.clone()).collect(),
                 health,
                 holders,

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use crate::etcd::keys::{EpochValue, Holder};
-use crate::TaskId;
+use crate::{TaskId, Term};
 
 /// One occupied slot as etcd shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +19,13 @@ pub struct SlotKey {
     pub create_revision: i64,
     /// The lease the key is attached to.
     pub lease: i64,
+}
+
+impl SlotKey {
+    /// The term of a primary slot: its key's create revision.
+    pub fn term(&self) -> Term {
+        crate::etcd::keys::term_of(self.create_revision)
+    }
 }
 
 /// The job's slots and epoch as last seen in etcd.
@@ -139,8 +146,8 @@ pub enum MySlot {
     Primary {
         /// The task.
         task: TaskId,
-        /// Create revision of the primary key.
-        term: i64,
+        /// The term: the create revision of the primary key.
+        term: Term,
     },
     /// Backup slot `k` of `task`, whose key was created at `create_revision`.
     Backup {
@@ -178,7 +185,7 @@ pub fn decide(
 ) -> Decision {
     match mine {
         MySlot::Primary { task, term } => match view.primaries.get(&task) {
-            Some(s) if s.holder.node == me && s.create_revision == term => Decision::Stay,
+            Some(s) if s.holder.node == me && s.term() == term => Decision::Stay,
             _ => Decision::Lost,
         },
         MySlot::Backup {

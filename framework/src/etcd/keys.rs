@@ -236,6 +236,18 @@ impl EpochValue {
     }
 }
 
+/// A primary's term: the create revision of its key (etcd revisions start at 1). The one
+/// place a revision becomes a term.
+pub(crate) fn term_of(create_revision: i64) -> crate::Term {
+    crate::Term::try_from(create_revision).unwrap_or(0)
+}
+
+/// The create revision a term stands for, to compare against in etcd. The one place a term
+/// becomes a revision.
+pub(crate) fn revision_of(term: crate::Term) -> i64 {
+    i64::try_from(term).unwrap_or(i64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

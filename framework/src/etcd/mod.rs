@@ -19,7 +19,7 @@ use crate::config::JobSpec;
 use crate::error::{Error, EtcdCause, EtcdError};
 use crate::metrics::{Metrics, Outcome};
 use crate::security::EtcdSecurity;
-use crate::TaskId;
+use crate::{TaskId, Term};
 use keys::{EpochValue, Holder, JobKeys, NodeRecord};
 
 /// A key-value pair read from etcd, with the metadata the framework uses.
@@ -77,6 +77,9 @@ fn read_again(e: &etcd_client::Error) -> bool {
         etcd_client::Error::GRpcStatus(status) => {
             status.code() == tonic::Code::Unavailable
                 || (status.code() == tonic::Code::Unknown && status.source().is_some())
+                // The connection closed under the call ("operation was canceled": seen right
+                // after a member restarted).
+                || (status.code() == tonic::Code::Cancelled && status.source().is_some())
                 || never_sent(e)
         }
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
@@ -497,9 +500,10 @@ impl Store {
     pub async fn inc_epoch(
         &self,
         t: TaskId,
-        term: i64,
+        term: Term,
         from: u64,
     ) -> Result<Result<(), Option<Kv>>, EtcdError> {
+        let term = keys::revision_of(term);
         let key = self.keys.epoch();
         let txn = Txn::new()
             .when([
@@ -533,9 +537,10 @@ impl Store {
         key: &str,
         guard: i64,
         value: impl Into<Vec<u8>>,
-        fence: Option<(TaskId, i64)>,
+        fence: Option<(TaskId, Term)>,
         lease: Option<i64>,
     ) -> Result<bool, EtcdError> {
+        let fence = fence.map(|(t, term)| (t, keys::revision_of(term)));
         let mut when = vec![if guard == 0 {
             Compare::create_revision(key, CompareOp::Equal, 0)
         } else {
@@ -564,10 +569,11 @@ impl Store {
     pub async fn finish(
         &self,
         t: TaskId,
-        term: i64,
+        term: Term,
         result: Option<Vec<u8>>,
         fallback: u64,
     ) -> Result<Option<u64>, EtcdError> {
+        let term = keys::revision_of(term);
         let key = self.keys.epoch();
         loop {
             let current = self.get(&key).await?;
@@ -633,9 +639,10 @@ impl Store {
     pub async fn put_checkpoint(
         &self,
         t: TaskId,
-        term: i64,
+        term: Term,
         value: Vec<u8>,
     ) -> Result<bool, EtcdError> {
+        let term = keys::revision_of(term);
         let key = self.keys.checkpoint(t);
         let txn = Txn::new()
             .when([Compare::create_revision(
@@ -659,8 +666,9 @@ impl Store {
         t: TaskId,
         k: u32,
         create_revision: i64,
-        term: i64,
+        term: Term,
     ) -> Result<bool, EtcdError> {
+        let term = keys::revision_of(term);
         let key = self.keys.backup(t, k);
         let txn = Txn::new()
             .when([

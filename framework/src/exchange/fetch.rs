@@ -67,7 +67,7 @@ pub(crate) async fn fetch(
             Ok(answer) => {
                 // Only the primary this request was sent to, under the term etcd shows for it,
                 // may answer (a node claiming another term is either deposed or lying).
-                if answer.server_term == their_term as Term
+                if answer.server_term == their_term
                     && deliver(&env, &book, id, Ok(answer.payload), answer.server_term)
                 {
                     return;

@@ -133,13 +133,13 @@ pub(crate) async fn await_primary(
 /// After a call to `task`'s primary at `term` was answered "shutting down" (which a live node
 /// also says when it drops a held call), checks with a ping whether its process is gone and,
 /// if so, ends its lease.
-pub(crate) async fn check_primary(env: &SlotEnv, task: TaskId, term: i64) {
+pub(crate) async fn check_primary(env: &SlotEnv, task: TaskId, term: crate::Term) {
     let target = env
         .view
         .borrow()
         .primaries
         .get(&task)
-        .filter(|p| p.create_revision == term && p.lease != 0)
+        .filter(|p| p.term() == term && p.lease != 0)
         .map(|p| (p.holder.node.clone(), p.holder.addr.clone(), p.lease));
     let Some((node, addr, lease)) = target else {
         return;

@@ -24,7 +24,7 @@ pub(crate) async fn send_metas(
 ) {
     let mut view = env.view.clone();
     // (receiver's term, number of metas it acknowledged)
-    let mut acked: Option<(i64, usize)> = None;
+    let mut acked: Option<(Term, usize)> = None;
     let mut delays = crate::retry::PEER.delays();
     loop {
         lease_confirmed(&env).await;

@@ -180,20 +180,20 @@ pub(crate) fn verdict(err: CallError) -> Verdict {
 }
 
 /// The current primary of `task` in the view: address, term, lease.
-pub(crate) fn primary_of(view: &JobView, task: TaskId) -> Option<(String, i64, i64)> {
+pub(crate) fn primary_of(view: &JobView, task: TaskId) -> Option<(String, Term, i64)> {
     view.primaries
         .get(&task)
-        .map(|p| (p.holder.addr.clone(), p.create_revision, p.lease))
+        .map(|p| (p.holder.addr.clone(), p.term(), p.lease))
 }
 
 /// Completes when the view shows another primary for `task` than the one at `term` (or none).
 pub(crate) async fn primary_changed(
     view: &mut watch::Receiver<Arc<JobView>>,
     task: TaskId,
-    term: i64,
+    term: Term,
 ) {
     let gone = view
-        .wait_for(|v| v.primaries.get(&task).map(|p| p.create_revision) != Some(term))
+        .wait_for(|v| v.primaries.get(&task).map(|p| p.term()) != Some(term))
         .await
         .is_err();
     if gone {
@@ -221,7 +221,7 @@ pub(crate) async fn lease_confirmed(env: &SlotEnv) {
 pub(crate) async fn pause(
     view: &mut watch::Receiver<Arc<JobView>>,
     task: TaskId,
-    term: i64,
+    term: Term,
     delay: Duration,
 ) {
     tokio::select! {
@@ -231,13 +231,13 @@ pub(crate) async fn pause(
 }
 
 /// Ends the lease of a primary whose process is evidently gone, if the view still shows it.
-pub(crate) async fn end_dead_primary(env: &SlotEnv, task: TaskId, term: i64, lease: i64) {
+pub(crate) async fn end_dead_primary(env: &SlotEnv, task: TaskId, term: Term, lease: i64) {
     let still = env
         .view
         .borrow()
         .primaries
         .get(&task)
-        .is_some_and(|p| p.create_revision == term);
+        .is_some_and(|p| p.term() == term);
     if !still || lease == 0 {
         return;
     }

@@ -159,7 +159,7 @@ async fn eject(env: &SlotEnv, term: Term, member: &Member, reason: &str) -> Opti
     );
     match env
         .store
-        .eject_backup(env.task, member.k, member.create_revision, term as i64)
+        .eject_backup(env.task, member.k, member.create_revision, term)
         .await
     {
         Ok(true) => Some(Shipped::Gone),
@@ -171,7 +171,7 @@ async fn eject(env: &SlotEnv, term: Term, member: &Member, reason: &str) -> Opti
                     .borrow()
                     .primaries
                     .get(&env.task)
-                    .is_some_and(|p| p.create_revision == term as i64);
+                    .is_some_and(|p| p.term() == term);
             Some(if primary {
                 Shipped::Gone
             } else {

@@ -54,7 +54,7 @@ impl Runtime {
             (MySlot::Primary { task, term }, Some(_), Some(book)) => vec![SlotInfo {
                 task,
                 primary: true,
-                term: term as u64,
+                term,
                 epoch: book.entered.unwrap_or(0),
             }],
             (MySlot::Backup { task, .. }, Some(s), _) => vec![SlotInfo {

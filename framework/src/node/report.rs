@@ -18,7 +18,7 @@ impl Runtime {
         key: &str,
         guard: i64,
         value: Vec<u8>,
-        fence: Option<(TaskId, i64)>,
+        fence: Option<(TaskId, crate::Term)>,
         lease: Option<i64>,
     ) {
         let text = String::from_utf8_lossy(&value).into_owned();

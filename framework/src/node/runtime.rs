@@ -322,7 +322,7 @@ impl Runtime {
             Command::ViewChanged => {
                 if let Some(view) = self.engine.view() {
                     for (t, p) in &view.primaries {
-                        self.fence.admit(*t, p.create_revision as Term);
+                        self.fence.admit(*t, p.term());
                     }
                     self.view_tx.send_replace(Arc::new(view.clone()));
                 }

@@ -55,7 +55,7 @@ impl Engine {
             .view
             .as_ref()
             .and_then(|v| v.primaries.get(&task))
-            .map(|p| p.create_revision as Term);
+            .map(|p| p.term());
         if term != 0 && current == Some(term) && term >= seen {
             return Ok(());
         }

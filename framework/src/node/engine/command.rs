@@ -190,7 +190,7 @@ pub(crate) enum Command {
         /// The good value.
         value: Vec<u8>,
         /// The reporter's primary slot.
-        fence: (TaskId, i64),
+        fence: (TaskId, Term),
     },
     /// Rewrite this node's record (it holds a value the node did not write), over `guard`.
     HealRecord {

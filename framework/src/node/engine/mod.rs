@@ -37,7 +37,7 @@ use taskgraph_topology::Links;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::etcd::keys::{EpochValue, Holder, JobKeys};
+use crate::etcd::keys::{term_of, EpochValue, Holder, JobKeys};
 use crate::etcd::lease::LeaseState;
 use crate::health::readiness;
 use crate::retry;
@@ -190,21 +190,21 @@ impl Engine {
     /// The task this node acts for as primary at `now`, with its term.
     pub(crate) fn acting_primary(&self, now: Instant) -> Option<(TaskId, Term)> {
         match self.mine {
-            MySlot::Primary { task, term } if self.acting(now) => Some((task, term as Term)),
+            MySlot::Primary { task, term } if self.acting(now) => Some((task, term)),
             _ => None,
         }
     }
     /// The term this node was elected with, lease valid or not.
     pub(crate) fn elected(&self) -> Option<Term> {
         match self.mine {
-            MySlot::Primary { term, .. } => Some(term as Term),
+            MySlot::Primary { term, .. } => Some(term),
             _ => None,
         }
     }
     /// `Some((task, term))` when this node speaks for the whole job (heals `epoch` and `spec`,
     /// reports a stall's job-wide causes): the primary of the lowest task that has a primary in
     /// its view (task 0's, unless task 0 has none right now).
-    pub(crate) fn job_reporter(&self) -> Option<(TaskId, i64)> {
+    pub(crate) fn job_reporter(&self) -> Option<(TaskId, Term)> {
         let MySlot::Primary { task, term } = self.mine else {
             return None;
         };
@@ -316,7 +316,7 @@ impl Engine {
         };
         for (t, p) in &view.primaries {
             let seen = self.fence.entry(*t).or_insert(0);
-            *seen = (*seen).max(p.create_revision as Term);
+            *seen = (*seen).max(p.term());
         }
     }
 
@@ -457,10 +457,13 @@ impl Engine {
                 if earlier {
                     out.push(Command::Note(Note::Failover(task)));
                 }
-                self.mine = MySlot::Primary { task, term: rev };
+                self.mine = MySlot::Primary {
+                    task,
+                    term: term_of(rev),
+                };
                 self.note_own_key(true, task, 0, rev, lease);
                 self.build_slot(task, true, out);
-                self.promoted(rev, now, out);
+                self.promoted(term_of(rev), now, out);
             }
             Claim::Backup { task, k, lease } => {
                 info!(task, slot = k, "became backup");
@@ -476,7 +479,10 @@ impl Engine {
             Claim::Promote { task, k, lease, .. } => {
                 info!(task, term = rev, "backup promoted to primary");
                 out.push(Command::Note(Note::Failover(task)));
-                self.mine = MySlot::Primary { task, term: rev };
+                self.mine = MySlot::Primary {
+                    task,
+                    term: term_of(rev),
+                };
                 if let Some(v) = self.view.as_mut() {
                     v.backups.remove(&(task, k));
                 }
@@ -488,7 +494,7 @@ impl Engine {
                 if self.slot.as_ref().is_some_and(|s| s.replica.is_none()) {
                     out.push(Command::RestoreCheckpoint(task));
                 }
-                self.promoted(rev, now, out);
+                self.promoted(term_of(rev), now, out);
             }
         }
         out.push(self.publish(now));
@@ -533,11 +539,11 @@ impl Engine {
     }
 
     /// The node just became primary with `term`: tell the task, then enter the current epoch.
-    fn promoted(&mut self, term: i64, now: Instant, out: &mut Vec<Command>) {
+    fn promoted(&mut self, term: Term, now: Instant, out: &mut Vec<Command>) {
         if let Some(s) = self.slot.as_mut() {
             s.entered = None;
-            out.push(Command::PrimaryTerm(term as Term));
-            out.push(Command::Call(TaskCall::BecamePrimary(term as Term)));
+            out.push(Command::PrimaryTerm(term));
+            out.push(Command::Call(TaskCall::BecamePrimary(term)));
         }
         self.enter_current_epoch(now, out);
     }
@@ -665,10 +671,7 @@ impl Engine {
         let acting = self.acting(now);
         let role = match self.mine {
             MySlot::Spare => Role::Spare,
-            MySlot::Primary { task, term } => Role::Primary {
-                task,
-                term: term as Term,
-            },
+            MySlot::Primary { task, term } => Role::Primary { task, term },
             MySlot::Backup { task, .. } => Role::Backup { task },
         };
         let entered = self.slot.as_ref().and_then(|s| s.entered);

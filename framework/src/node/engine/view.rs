@@ -8,7 +8,7 @@ use tracing::{debug, error, warn};
 
 use super::{Command, Engine, Note, Removal};
 use crate::config::JobSpec;
-use crate::etcd::keys::{EpochValue, Holder, JobKey, NodeRecord};
+use crate::etcd::keys::{term_of, EpochValue, Holder, JobKey, NodeRecord};
 use crate::etcd::watch::JobEvent;
 use crate::etcd::Kv;
 use crate::roles::{judge_epoch, EpochFault, EpochFaultKind, JobView, MySlot, SlotKey};
@@ -261,7 +261,7 @@ impl Engine {
         }
         match (key, self.mine) {
             (&JobKey::Primary(t), MySlot::Primary { task, term }) => {
-                !(t == task && kv.create_revision == term)
+                !(t == task && term_of(kv.create_revision) == term)
             }
             (
                 &JobKey::Backup(t, k),

@@ -380,7 +380,7 @@ impl Sim {
                             self.model.epoch
                         );
                         assert!(
-                            matches!(node.engine.mine(), MySlot::Primary { term: t, .. } if t as u64 == term),
+                            matches!(node.engine.mine(), MySlot::Primary { term: t, .. } if t == term),
                             "{}: entered as non-primary",
                             node.name
                         );
@@ -500,7 +500,7 @@ impl Sim {
                 let holder: Option<Holder> =
                     kv.and_then(|kv| serde_json::from_slice(&kv.value).ok());
                 assert!(
-                    kv.is_some_and(|kv| kv.create_revision == term)
+                    kv.is_some_and(|kv| crate::etcd::keys::term_of(kv.create_revision) == term)
                         && holder.is_some_and(|h| h.node == n.name),
                     "{} acts as primary of {task} (term {term}) but etcd shows {kv:?}",
                     n.name

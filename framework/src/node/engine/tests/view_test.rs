@@ -78,7 +78,7 @@ fn a_bad_epoch_is_refused_and_the_job_reporter_rewrites_the_last_good_one() {
                 key: h.keys.epoch(),
                 guard: rev,
                 value: b"3".to_vec(),
-                fence: (0, term)
+                fence: (0, term as crate::Term)
             }),
             "{bad}: {out:?}"
         );
@@ -119,7 +119,7 @@ fn a_different_spec_and_a_deleted_record_are_healed() {
             key,
             guard: rev,
             value: spec(1, 1),
-            fence: (0, term)
+            fence: (0, term as crate::Term)
         }),
         "{out:?}"
     );
