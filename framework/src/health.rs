@@ -218,7 +218,7 @@ mod tests {
                 addr: "a:1".into(),
             },
             create_revision: rev,
-            lease: 7,
+            lease: crate::etcd::lease::LeaseId(7),
         }
     }
 

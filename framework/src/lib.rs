@@ -182,7 +182,7 @@ pub mod testing {
         use tokio::sync::watch;
         use tokio::time::Instant;
 
-        pub use crate::etcd::lease::{margin, LeaseState};
+        pub use crate::etcd::lease::{margin, LeaseId, LeaseState};
 
         /// A lease of `ttl` granted on a fresh connection to `endpoints` and kept alive by the
         /// node's keeper, as a node keeps its own: the lease id, the TTL etcd granted, the
@@ -193,7 +193,7 @@ pub mod testing {
             ttl: Duration,
         ) -> Result<
             (
-                i64,
+                LeaseId,
                 i64,
                 watch::Receiver<LeaseState>,
                 tokio::task::JoinHandle<()>,

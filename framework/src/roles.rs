@@ -18,7 +18,7 @@ pub struct SlotKey {
     /// The key's create revision (for a primary key: the term).
     pub create_revision: i64,
     /// The lease the key is attached to.
-    pub lease: i64,
+    pub lease: crate::etcd::lease::LeaseId,
 }
 
 impl SlotKey {
@@ -249,7 +249,7 @@ pub struct Watched {
     /// Where it serves.
     pub addr: String,
     /// The lease its key is attached to (ended on evidence of death).
-    pub lease: i64,
+    pub lease: crate::etcd::lease::LeaseId,
 }
 
 impl Watched {
@@ -280,7 +280,7 @@ pub fn watched(view: &JobView, me: &str, mine: MySlot) -> Vec<Watched> {
     if view.finished() {
         return Vec::new();
     }
-    let keep = |s: &SlotKey| s.holder.node != me && s.lease != 0 && !s.holder.addr.is_empty();
+    let keep = |s: &SlotKey| s.holder.node != me && !s.lease.is_none() && !s.holder.addr.is_empty();
     let mut out: Vec<Watched> = match mine {
         MySlot::Backup { task, .. } => view
             .primaries
@@ -309,14 +309,14 @@ pub(crate) struct Member {
     pub(crate) create_revision: i64,
     pub(crate) node: String,
     pub(crate) addr: String,
-    pub(crate) lease: i64,
+    pub(crate) lease: crate::etcd::lease::LeaseId,
 }
 
 impl Member {
     /// The backups of `task` in the view, except `me`.
     pub(crate) fn all_in(view: &JobView, task: crate::TaskId, me: &str) -> Vec<Member> {
         view.backups_of(task)
-            .filter(|(_, s)| s.holder.node != me && s.lease != 0)
+            .filter(|(_, s)| s.holder.node != me && !s.lease.is_none())
             .map(|(k, s)| Member {
                 k,
                 create_revision: s.create_revision,
@@ -345,7 +345,7 @@ mod tests {
                 addr: format!("{node}:1"),
             },
             create_revision: rev,
-            lease: 1,
+            lease: crate::etcd::lease::LeaseId(1),
         }
     }
     fn first(_: usize) -> usize {
@@ -505,7 +505,7 @@ mod tests {
         v.backups.insert(
             (1, 1),
             SlotKey {
-                lease: 0,
+                lease: crate::etcd::lease::LeaseId::NONE,
                 ..slot("b1", 7)
             },
         );

@@ -127,7 +127,7 @@ async fn a_paused_etcd_is_slow_not_broken_the_keeper_keeps_one_stream_and_the_le
         "the keeper kept its one keep-alive stream across the slow answers"
     );
     let mut client = etcd.client().await.unwrap();
-    let ttl_left = client.lease_time_to_live(id, None).await.unwrap().ttl();
+    let ttl_left = client.lease_time_to_live(id.0, None).await.unwrap().ttl();
     assert!(
         ttl_left > 0,
         "the lease survived in etcd (TTL left {ttl_left})"

@@ -15,13 +15,45 @@ use tokio::time::Instant;
 use super::Store;
 use crate::metrics::{LeaseLoss, Outcome};
 
+/// An etcd lease id (`LeaseId::NONE`, 0, for a key without a lease).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct LeaseId(pub i64);
+
+impl LeaseId {
+    /// No lease.
+    pub const NONE: LeaseId = LeaseId(0);
+    /// Whether this is no lease.
+    pub fn is_none(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl From<i64> for LeaseId {
+    fn from(id: i64) -> LeaseId {
+        LeaseId(id)
+    }
+}
+
+impl std::fmt::LowerHex for LeaseId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
+impl std::fmt::Display for LeaseId {
+    /// Hexadecimal, as `etcdctl` shows lease ids.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:x}", self.0)
+    }
+}
+
 /// The lease as the node knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseState {
     /// Renewed recently: the node may act in its slot until `deadline`.
     Alive {
         /// The lease id.
-        id: i64,
+        id: LeaseId,
         /// The local deadline.
         deadline: Instant,
     },
@@ -30,12 +62,12 @@ pub enum LeaseState {
     /// back in time), the lease is `Alive` again.
     Suspended {
         /// The lease id.
-        id: i64,
+        id: LeaseId,
     },
     /// etcd says the lease is gone: every key attached to it has vanished.
     Expired {
         /// The lease id.
-        id: i64,
+        id: LeaseId,
     },
 }
 
@@ -45,7 +77,7 @@ impl LeaseState {
         matches!(self, LeaseState::Alive { deadline, .. } if Instant::now() < *deadline)
     }
     /// The lease id.
-    pub fn id(&self) -> i64 {
+    pub fn id(&self) -> LeaseId {
         match *self {
             LeaseState::Alive { id, .. }
             | LeaseState::Suspended { id }
@@ -113,7 +145,7 @@ async fn next_answer(stream: &mut Option<KeepAliveStream>) -> Answer {
 /// load on etcd, exactly when etcd is slow.
 pub(crate) async fn keep_alive(
     store: Store,
-    id: i64,
+    id: LeaseId,
     ttl: Duration,
     granted_at: Instant,
     tx: watch::Sender<LeaseState>,
@@ -133,7 +165,7 @@ pub(crate) async fn keep_alive(
                 .max(interval)
                 .min(ttl);
             let mut c = store.client();
-            match tokio::time::timeout(wait, c.lease_keep_alive(id)).await {
+            match tokio::time::timeout(wait, c.lease_keep_alive(id.0)).await {
                 Ok(Ok((keeper, answers))) => {
                     stream = Some(KeepAliveStream {
                         keeper,
@@ -241,7 +273,7 @@ pub(crate) async fn keep_alive(
 }
 
 /// etcd reports the lease gone.
-fn expired(store: &Store, id: i64, tx: &watch::Sender<LeaseState>) {
+fn expired(store: &Store, id: LeaseId, tx: &watch::Sender<LeaseState>) {
     tracing::warn!(lease = format!("{id:x}"), "etcd reports the lease expired");
     if let Some(m) = store.metrics() {
         m.lease_lost(LeaseLoss::Expired);
@@ -251,7 +283,12 @@ fn expired(store: &Store, id: i64, tx: &watch::Sender<LeaseState>) {
 
 /// The local deadline passed without a renewal: the node steps down (once per lapse). The
 /// oldest keep-alive still unanswered, if any, is counted as timed out.
-fn suspend(store: &Store, id: i64, tx: &watch::Sender<LeaseState>, unanswered: Option<Instant>) {
+fn suspend(
+    store: &Store,
+    id: LeaseId,
+    tx: &watch::Sender<LeaseState>,
+    unanswered: Option<Instant>,
+) {
     let suspended = tx.send_if_modified(|s| {
         let changed = matches!(s, LeaseState::Alive { .. });
         if changed {

@@ -21,6 +21,7 @@ use crate::metrics::{Metrics, Outcome};
 use crate::security::EtcdSecurity;
 use crate::{TaskId, Term};
 use keys::{EpochValue, Holder, JobKeys, NodeRecord};
+use lease::LeaseId;
 
 /// A key-value pair read from etcd, with the metadata the framework uses.
 #[derive(Debug, Clone)]
@@ -341,18 +342,18 @@ impl Store {
     }
 
     /// Grants a lease of `ttl_secs`; returns its id and granted TTL.
-    pub async fn grant_lease(&self, ttl_secs: i64) -> Result<(i64, i64), EtcdError> {
+    pub async fn grant_lease(&self, ttl_secs: i64) -> Result<(LeaseId, i64), EtcdError> {
         let mut c = self.client.clone();
         let resp = self
             .timed("lease grant", "", c.lease_grant(ttl_secs, None))
             .await?;
-        Ok((resp.id(), resp.ttl()))
+        Ok((LeaseId(resp.id()), resp.ttl()))
     }
 
     /// Revokes a lease: every key attached to it vanishes at once.
-    pub async fn revoke_lease(&self, id: i64) -> Result<(), EtcdError> {
+    pub async fn revoke_lease(&self, id: LeaseId) -> Result<(), EtcdError> {
         let mut c = self.client.clone();
-        self.timed("lease revoke", &format!("lease {id:x}"), c.lease_revoke(id))
+        self.timed("lease revoke", &format!("lease {id}"), c.lease_revoke(id.0))
             .await?;
         Ok(())
     }
@@ -363,7 +364,7 @@ impl Store {
         &self,
         node: &str,
         record: &NodeRecord,
-        lease: i64,
+        lease: LeaseId,
     ) -> Result<i64, EtcdError> {
         let key = self.keys.node(node);
         let value = serde_json::to_string(record).unwrap_or_default();
@@ -375,7 +376,7 @@ impl Store {
                 c.put(
                     key.clone(),
                     value,
-                    Some(PutOptions::new().with_lease(lease)),
+                    Some(PutOptions::new().with_lease(lease.0)),
                 ),
             )
             .await?;
@@ -387,7 +388,7 @@ impl Store {
         op: &'static str,
         key: String,
         holder: &Holder,
-        lease: i64,
+        lease: LeaseId,
         mut extra: Vec<Compare>,
         also: Vec<TxnOp>,
     ) -> Result<Option<i64>, EtcdError> {
@@ -399,7 +400,7 @@ impl Store {
         let mut ops = vec![TxnOp::put(
             key.clone(),
             value,
-            Some(PutOptions::new().with_lease(lease)),
+            Some(PutOptions::new().with_lease(lease.0)),
         )];
         ops.extend(also);
         let txn = Txn::new().when(extra).and_then(ops);
@@ -416,7 +417,7 @@ impl Store {
         t: TaskId,
         replicas: u32,
         holder: &Holder,
-        lease: i64,
+        lease: LeaseId,
     ) -> Result<Option<i64>, EtcdError> {
         let no_backups = (1..replicas)
             .map(|k| Compare::create_revision(self.keys.backup(t, k), CompareOp::Equal, 0))
@@ -438,7 +439,7 @@ impl Store {
         t: TaskId,
         k: u32,
         holder: &Holder,
-        lease: i64,
+        lease: LeaseId,
     ) -> Result<Option<i64>, EtcdError> {
         self.create_slot(
             "txn claim backup",
@@ -459,7 +460,7 @@ impl Store {
         k: u32,
         backup_rev: i64,
         holder: &Holder,
-        lease: i64,
+        lease: LeaseId,
     ) -> Result<Option<i64>, EtcdError> {
         let backup = self.keys.backup(t, k);
         self.create_slot(
@@ -538,7 +539,7 @@ impl Store {
         guard: i64,
         value: impl Into<Vec<u8>>,
         fence: Option<(TaskId, Term)>,
-        lease: Option<i64>,
+        lease: Option<LeaseId>,
     ) -> Result<bool, EtcdError> {
         let fence = fence.map(|(t, term)| (t, keys::revision_of(term)));
         let mut when = vec![if guard == 0 {
@@ -553,7 +554,7 @@ impl Store {
                 term,
             ));
         }
-        let options = lease.map(|l| PutOptions::new().with_lease(l));
+        let options = lease.map(|l| PutOptions::new().with_lease(l.0));
         let txn = Txn::new()
             .when(when)
             .and_then([TxnOp::put(key, value.into(), options)]);

@@ -85,13 +85,13 @@ pub(crate) async fn watch_holder(
 /// evidently gone (for a task whose pull or meta finds no primary: its backups are who should
 /// take over, and a dead one's lease would keep everyone else away until the TTL).
 pub(crate) async fn end_dead_backups(env: &SlotEnv, task: TaskId) {
-    let backups: Vec<(String, String, i64)> = {
+    let backups: Vec<(String, String, crate::etcd::lease::LeaseId)> = {
         let view = env.view.borrow();
         if view.finished() || view.primaries.contains_key(&task) {
             return;
         }
         view.backups_of(task)
-            .filter(|(_, s)| s.lease != 0 && !s.holder.addr.is_empty())
+            .filter(|(_, s)| !s.lease.is_none() && !s.holder.addr.is_empty())
             .map(|(_, s)| (s.holder.node.clone(), s.holder.addr.clone(), s.lease))
             .collect()
     };
@@ -139,7 +139,7 @@ pub(crate) async fn check_primary(env: &SlotEnv, task: TaskId, term: crate::Term
         .borrow()
         .primaries
         .get(&task)
-        .filter(|p| p.term() == term && p.lease != 0)
+        .filter(|p| p.term() == term && !p.lease.is_none())
         .map(|p| (p.holder.node.clone(), p.holder.addr.clone(), p.lease));
     let Some((node, addr, lease)) = target else {
         return;

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::data::{DataReply, PullId};
+use crate::etcd::lease::LeaseId;
 use crate::etcd::Store;
 use crate::inbox::LoopRequest;
 use crate::metrics::Metrics;
@@ -180,7 +181,7 @@ pub(crate) fn verdict(err: CallError) -> Verdict {
 }
 
 /// The current primary of `task` in the view: address, term, lease.
-pub(crate) fn primary_of(view: &JobView, task: TaskId) -> Option<(String, Term, i64)> {
+pub(crate) fn primary_of(view: &JobView, task: TaskId) -> Option<(String, Term, LeaseId)> {
     view.primaries
         .get(&task)
         .map(|p| (p.holder.addr.clone(), p.term(), p.lease))
@@ -231,14 +232,14 @@ pub(crate) async fn pause(
 }
 
 /// Ends the lease of a primary whose process is evidently gone, if the view still shows it.
-pub(crate) async fn end_dead_primary(env: &SlotEnv, task: TaskId, term: Term, lease: i64) {
+pub(crate) async fn end_dead_primary(env: &SlotEnv, task: TaskId, term: Term, lease: LeaseId) {
     let still = env
         .view
         .borrow()
         .primaries
         .get(&task)
         .is_some_and(|p| p.term() == term);
-    if !still || lease == 0 {
+    if !still || lease.is_none() {
         return;
     }
     tracing::warn!(

@@ -264,7 +264,9 @@ async fn run(
     client.tls = peer_tls;
 
     let (requests_tx, requests) = mpsc::unbounded_channel();
-    let (lease_tx, lease_rx) = watch::channel(LeaseState::Expired { id: 0 });
+    let (lease_tx, lease_rx) = watch::channel(LeaseState::Expired {
+        id: crate::etcd::lease::LeaseId::NONE,
+    });
     background.spawn(step_down_at_deadline(lease_tx.subscribe(), status.clone()));
     let holder = Holder {
         node: node_id.clone(),

@@ -19,7 +19,7 @@ impl Runtime {
         guard: i64,
         value: Vec<u8>,
         fence: Option<(TaskId, crate::Term)>,
-        lease: Option<i64>,
+        lease: Option<crate::etcd::lease::LeaseId>,
     ) {
         let text = String::from_utf8_lossy(&value).into_owned();
         match self.store.heal(key, guard, value, fence, lease).await {

@@ -428,7 +428,7 @@ impl Runtime {
             }
             Command::RevokeLease(id) => {
                 self.lease_task = None;
-                if id != 0 {
+                if !id.is_none() {
                     if let Err(e) = self.store.revoke_lease(id).await {
                         warn!(error = %e, "could not revoke the lease; it expires after its TTL");
                     }

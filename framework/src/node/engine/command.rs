@@ -2,7 +2,7 @@
 
 use tokio::time::Instant;
 
-use crate::etcd::lease::LeaseState;
+use crate::etcd::lease::{LeaseId, LeaseState};
 use crate::etcd::watch::JobEvent;
 use crate::role::{ExitReason, NodeExit, Role};
 use crate::roles::{Member, Watched};
@@ -50,7 +50,7 @@ pub(crate) enum Claim {
         /// The task.
         task: TaskId,
         /// The lease the key is put under.
-        lease: i64,
+        lease: LeaseId,
     },
     /// Backup slot `k` of `task`, as a spare.
     Backup {
@@ -59,7 +59,7 @@ pub(crate) enum Claim {
         /// The backup slot.
         k: u32,
         /// The lease.
-        lease: i64,
+        lease: LeaseId,
     },
     /// As backup `k` of `task` (created at `create_revision`): the primary slot.
     Promote {
@@ -70,7 +70,7 @@ pub(crate) enum Claim {
         /// Its create revision.
         create_revision: i64,
         /// The lease.
-        lease: i64,
+        lease: LeaseId,
     },
 }
 
@@ -247,7 +247,7 @@ pub(crate) enum Command {
     /// Grant a new lease and register; feed [`Input::LeaseGranted`] back.
     NewLease,
     /// Revoke lease `id` (a clean stop).
-    RevokeLease(i64),
+    RevokeLease(LeaseId),
     /// Publish the node's status.
     Publish(Published),
     /// A fact for the metrics.

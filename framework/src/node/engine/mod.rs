@@ -38,7 +38,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::etcd::keys::{term_of, EpochValue, Holder, JobKeys};
-use crate::etcd::lease::LeaseState;
+use crate::etcd::lease::{LeaseId, LeaseState};
 use crate::health::readiness;
 use crate::retry;
 use crate::role::{ExitReason, NodeExit, Role};
@@ -139,7 +139,7 @@ impl Engine {
             spec,
             view: None,
             mine: MySlot::Spare,
-            lease: LeaseState::Expired { id: 0 },
+            lease: LeaseState::Expired { id: LeaseId::NONE },
             registered_at: 0,
             slot: None,
             slots_taken: 0,
@@ -501,7 +501,7 @@ impl Engine {
     }
 
     /// Records a key this node just wrote, so the view agrees before the watch reports it.
-    fn note_own_key(&mut self, primary: bool, t: TaskId, k: u32, rev: i64, lease: i64) {
+    fn note_own_key(&mut self, primary: bool, t: TaskId, k: u32, rev: i64, lease: LeaseId) {
         if let Some(v) = self.view.as_mut() {
             let slot = SlotKey {
                 holder: self.me.clone(),
@@ -660,7 +660,7 @@ impl Engine {
         }
         out.push(Command::RevokeLease(self.lease.id()));
         self.mine = MySlot::Spare;
-        self.lease = LeaseState::Expired { id: 0 };
+        self.lease = LeaseState::Expired { id: LeaseId::NONE };
         out.push(self.publish(now));
         out.push(Command::Exit(exit));
         self.ended = true;

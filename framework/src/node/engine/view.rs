@@ -9,6 +9,7 @@ use tracing::{debug, error, warn};
 use super::{Command, Engine, Note, Removal};
 use crate::config::JobSpec;
 use crate::etcd::keys::{term_of, EpochValue, Holder, JobKey, NodeRecord};
+use crate::etcd::lease::LeaseId;
 use crate::etcd::watch::JobEvent;
 use crate::etcd::Kv;
 use crate::roles::{judge_epoch, EpochFault, EpochFaultKind, JobView, MySlot, SlotKey};
@@ -132,7 +133,7 @@ impl Engine {
 
     fn apply_put(&mut self, view: &mut JobView, kv: Kv, snapshot: bool, out: &mut Vec<Command>) {
         let key = String::from_utf8_lossy(&kv.key).into_owned();
-        let own_lease = kv.lease != 0 && kv.lease == self.lease.id();
+        let own_lease = kv.lease != 0 && LeaseId(kv.lease) == self.lease.id();
         match self.keys.parse(&kv.key) {
             Some(JobKey::Epoch) => match judge_epoch(view.epoch, &kv.value, snapshot) {
                 Ok(v) => {
@@ -201,7 +202,7 @@ impl Engine {
                 let slot = SlotKey {
                     holder,
                     create_revision: kv.create_revision,
-                    lease: kv.lease,
+                    lease: LeaseId(kv.lease),
                 };
                 match k {
                     JobKey::Primary(t) => {
@@ -256,7 +257,7 @@ impl Engine {
     /// its key stayed. Such a key blocks the slot for as long as the node lives.
     fn stray_key(&self, key: &JobKey, kv: &Kv) -> bool {
         let lease = self.lease.id();
-        if kv.lease == 0 || kv.lease != lease {
+        if kv.lease == 0 || LeaseId(kv.lease) != lease {
             return false;
         }
         match (key, self.mine) {

@@ -2,7 +2,7 @@
 //! and the job's end run the task's exit, revoke the lease and end the node.
 
 use super::*;
-use crate::etcd::lease::LeaseState;
+use crate::etcd::lease::{LeaseId, LeaseState};
 use crate::node::engine::{ClaimOutcome, Command, Input};
 use crate::role::{ExitReason, NodeExit, Role};
 use crate::roles::MySlot;
@@ -20,7 +20,7 @@ fn an_expired_lease_gives_the_slot_up_and_asks_for_a_new_lease_then_claims_again
     let key = h.keys.primary(0);
     h.delete(key);
     let lease = LeaseState::Alive {
-        id: 8,
+        id: LeaseId(8),
         deadline: h.now + TTL,
     };
     let out = h.input(Input::LeaseGranted {
@@ -29,7 +29,10 @@ fn an_expired_lease_gives_the_slot_up_and_asks_for_a_new_lease_then_claims_again
     });
     assert_eq!(
         last_claim(&out),
-        Some(crate::node::engine::Claim::Primary { task: 0, lease: 8 })
+        Some(crate::node::engine::Claim::Primary {
+            task: 0,
+            lease: LeaseId(8)
+        })
     );
 }
 

@@ -21,13 +21,13 @@ use tokio::time::Instant;
 use super::{Command, Engine, Input};
 use crate::config::JobSpec;
 use crate::etcd::keys::{Holder, JobKeys};
-use crate::etcd::lease::LeaseState;
+use crate::etcd::lease::{LeaseId, LeaseState};
 use crate::etcd::watch::JobEvent;
 use crate::etcd::Kv;
 
 pub(super) const JOB: &str = "j";
 /// The lease every harness engine starts with.
-pub(super) const LEASE: i64 = 7;
+pub(super) const LEASE: LeaseId = LeaseId(7);
 /// The lease TTL the harness's leases are alive for.
 pub(super) const TTL: Duration = Duration::from_secs(10);
 
@@ -120,14 +120,20 @@ impl H {
     }
 
     /// A key as etcd would show it after a put now.
-    pub(super) fn kv(&mut self, key: String, value: impl Into<Vec<u8>>, lease: i64) -> Kv {
+    pub(super) fn kv(
+        &mut self,
+        key: String,
+        value: impl Into<Vec<u8>>,
+        lease: impl Into<LeaseId>,
+    ) -> Kv {
+        let lease: LeaseId = lease.into();
         let rev = self.next_rev();
         Kv {
             key: key.into_bytes(),
             value: value.into(),
             create_revision: rev,
             mod_revision: rev,
-            lease,
+            lease: lease.0,
         }
     }
 
@@ -136,12 +142,18 @@ impl H {
         self.kv(key, value, 0)
     }
 
-    pub(super) fn primary_kv(&mut self, task: u32, node: &str, lease: i64) -> Kv {
+    pub(super) fn primary_kv(&mut self, task: u32, node: &str, lease: impl Into<LeaseId>) -> Kv {
         let key = self.keys.primary(task);
         self.kv(key, serde_json::to_vec(&holder(node)).unwrap(), lease)
     }
 
-    pub(super) fn backup_kv(&mut self, task: u32, k: u32, node: &str, lease: i64) -> Kv {
+    pub(super) fn backup_kv(
+        &mut self,
+        task: u32,
+        k: u32,
+        node: &str,
+        lease: impl Into<LeaseId>,
+    ) -> Kv {
         let key = self.keys.backup(task, k);
         self.kv(key, serde_json::to_vec(&holder(node)).unwrap(), lease)
     }

@@ -9,6 +9,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::etcd::keys::{JobKey, NodeRecord};
+use crate::etcd::lease::LeaseId;
 use crate::node::engine::{Claim, ClaimOutcome, Command, Input, TaskCall};
 use crate::roles::MySlot;
 
@@ -44,7 +45,8 @@ impl Model {
         m
     }
 
-    fn put(&mut self, key: String, value: Vec<u8>, lease: i64) -> JobEvent {
+    fn put(&mut self, key: String, value: Vec<u8>, lease: impl Into<LeaseId>) -> JobEvent {
+        let lease = lease.into().0;
         self.rev += 1;
         let key = key.into_bytes();
         let create_revision = self.kvs.get(&key).map_or(self.rev, |kv| kv.create_revision);
@@ -68,11 +70,11 @@ impl Model {
         })
     }
 
-    fn expire(&mut self, lease: i64) -> Vec<JobEvent> {
+    fn expire(&mut self, lease: LeaseId) -> Vec<JobEvent> {
         let gone: Vec<Vec<u8>> = self
             .kvs
             .values()
-            .filter(|kv| kv.lease == lease)
+            .filter(|kv| kv.lease == lease.0)
             .map(|kv| kv.key.clone())
             .collect();
         gone.iter().filter_map(|k| self.delete(k)).collect()
@@ -145,7 +147,7 @@ struct SimNode {
     name: String,
     engine: Engine,
     inbox: VecDeque<JobEvent>,
-    lease: i64,
+    lease: LeaseId,
     mode: LeaseMode,
     up: bool,
     holds_slot: bool,
@@ -203,7 +205,7 @@ impl Sim {
                 name: format!("n{i}"),
                 engine,
                 inbox: VecDeque::new(),
-                lease: 0,
+                lease: LeaseId::NONE,
                 mode: LeaseMode::Alive,
                 up: false,
                 holds_slot: false,
@@ -235,7 +237,7 @@ impl Sim {
     /// A fresh lease and registration for node `i`; the engine learns it.
     fn grant(&mut self, i: usize) -> Vec<Command> {
         self.model.next_lease += 1;
-        let lease = self.model.next_lease;
+        let lease = LeaseId(self.model.next_lease);
         self.nodes[i].lease = lease;
         self.nodes[i].mode = LeaseMode::Alive;
         let record = NodeRecord {

@@ -159,7 +159,10 @@ fn a_claim_etcd_did_not_answer_is_tried_again_after_a_jittered_pause_that_double
 fn an_outcome_of_a_claim_that_is_not_out_is_ignored() {
     let mut h = H::new("n1", 1, 1);
     h.snapshot(0, vec![]);
-    let stray = Claim::Primary { task: 0, lease: 99 };
+    let stray = Claim::Primary {
+        task: 0,
+        lease: 99.into(),
+    };
     let out = h.input(Input::Claimed(stray, ClaimOutcome::Won(5)));
     assert!(out.is_empty(), "{out:?}");
     assert_eq!(h.e.mine(), MySlot::Spare);
