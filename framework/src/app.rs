@@ -250,8 +250,8 @@ pub(crate) struct SlotState {
 /// loop, which must not wait for etcd (it is what learns that the slot was lost, and what
 /// answers other nodes), so there they may return [`ContextError::Suspended`] or
 /// [`ContextError::Etcd`] — spawn them when the outcome matters.
-/// [`replicate`](Context::replicate) is decided wherever it is called and never asks for a
-/// retry: each update reaches each backup once (see its doc).
+/// [`replicate`](Context::replicate) returns [`ContextError::Suspended`] while the lease is
+/// unconfirmed wherever it is called.
 #[derive(Clone)]
 pub struct Context {
     inner: Arc<Inner>,
@@ -851,34 +851,12 @@ impl Context {
     /// backups are taken between handlers). A backup that cannot apply it within the lease TTL
     /// is removed from its slot first (it rejoins and gets a snapshot).
     ///
-    /// Never retry it: it is decided when it returns, and [`Task::apply_update`] sees each
-    /// update exactly once. `Ok(())` when every backup in step applied it — or when this
-    /// node's lease was unconfirmed at the time (etcd slow or away, the process paused): then
-    /// nothing leaves the node until the lease is renewed, and at the renewal the backups that
-    /// missed the update get a snapshot of the task's state (which holds it) before the task's
-    /// next epoch and held answers; if the lease ends instead, the slot ends here and a backup
-    /// takes over from its own state, as after a crash before this call.
-    ///
-    /// Errors: [`ContextError::NotPrimary`] (deposed: the update may not be everywhere; the
-    /// new primary carries on).
+    /// Errors: [`ContextError::NotPrimary`] (deposed meanwhile: the update may not be
+    /// everywhere; the new primary carries on), [`ContextError::Suspended`] (the lease is
+    /// unconfirmed: do not act on the update).
     pub async fn replicate(&self, update: impl Into<Bytes>) -> Result<(), ContextError> {
+        let term = self.acting_term()?;
         let env = &self.inner.env;
-        let term = match self.acting_term() {
-            Ok(term) => term,
-            Err(ContextError::Suspended { .. }) => {
-                // Elected, but the lease is unconfirmed: nothing may leave this node now. The
-                // backups are behind the state this update describes: they get a snapshot of
-                // it when the lease is renewed, before the task's next event.
-                let elected = self.inner.slot.borrow().primary;
-                if let Some(term) = elected {
-                    let mut r = self.inner.replicator.lock().await;
-                    r.for_term(term);
-                    r.members.clear();
-                }
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
         let data = update.into();
         let mut r = self.inner.replicator.lock().await;
         r.for_term(term);
@@ -902,9 +880,8 @@ impl Context {
         for (m, outcome) in members.into_iter().zip(shipped) {
             match outcome {
                 Shipped::Applied => r.members.push(m),
-                // Out of step from now on: a snapshot brings it back (see below).
-                Shipped::Gone | Shipped::Lapsed => {}
-                Shipped::Deposed => deposed = true,
+                Shipped::Gone => {}
+                Shipped::Deposed | Shipped::Lapsed => deposed = true,
             }
         }
         if deposed {
@@ -913,13 +890,10 @@ impl Context {
                 term,
             });
         }
-        // If the lease lapsed meanwhile (etcd away, process paused), nothing left this node
-        // since: when it is renewed, no backup was promoted (the primary key lives under the
-        // lease), and the backups that missed the entry get a snapshot before the task's next
-        // event; when it ends, the slot ends here. Either way the entry is decided.
-        match self.acting_term() {
-            Ok(t) if t == term => Ok(()),
-            Err(ContextError::Suspended { .. }) => Ok(()),
+        // Only an acting primary's replication counts: if the lease lapsed meanwhile (etcd
+        // away, process paused), a backup may have been promoted without this entry.
+        match self.acting_term()? {
+            t if t == term => Ok(()),
             _ => Err(ContextError::NotPrimary {
                 task: env.task,
                 term,
