@@ -8,7 +8,7 @@ use etcd_client::{GetOptions, PutOptions};
 use taskgraph_tests::etcd::{
     etcdctl, etcdctl_with_stdin, Etcd, EtcdCluster, EtcdOptions, FixtureError,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use taskgraph_tests::http_get;
 
 /// Whether a process with this pid still exists (zombies included).
 fn process_exists(pid: u32) -> bool {
@@ -29,20 +29,6 @@ fn process_alive(pid: u32) -> bool {
 async fn get_value(client: &mut etcd_client::Client, key: &str) -> Option<Vec<u8>> {
     let resp = client.get(key, None).await.unwrap();
     resp.kvs().first().map(|kv| kv.value().to_vec())
-}
-
-/// Plain HTTP/1.0 GET on a `http://host:port/path` URL; returns the whole response.
-async fn http_get(url: &str) -> String {
-    let rest = url.strip_prefix("http://").unwrap();
-    let (authority, path) = rest.split_at(rest.find('/').unwrap());
-    let mut stream = tokio::net::TcpStream::connect(authority).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

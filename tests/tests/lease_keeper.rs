@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use taskgraph::testing::lease::{keep_alive, margin, LeaseState};
 use taskgraph_tests::etcd::Etcd;
-use taskgraph_tests::{init_logs, job_name};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use taskgraph_tests::{http_get, init_logs, job_name};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::info;
@@ -20,16 +19,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// The sum of etcd's counter `name` over every label set whose labels contain `labels`.
 async fn etcd_counter(etcd: &Etcd, name: &str, labels: &str) -> f64 {
-    let url = etcd.metrics_url();
-    let rest = url.strip_prefix("http://").unwrap();
-    let (authority, path) = rest.split_at(rest.find('/').unwrap());
-    let mut stream = tokio::net::TcpStream::connect(authority).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
+    let body = http_get(&etcd.metrics_url()).await;
     body.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
