@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use taskgraph::testing::lease::{keep_alive, margin, LeaseState};
+use taskgraph::testing::lease::{keep_alive, LeaseState};
 use taskgraph_tests::etcd::Etcd;
 use taskgraph_tests::{http_get, init_logs, job_name};
 use tokio::sync::watch;
@@ -54,6 +54,18 @@ async fn renewed_after(rx: &mut watch::Receiver<LeaseState>, after: Instant) -> 
     }
 }
 
+/// Waits until the keeper publishes `Alive`; returns its deadline.
+async fn alive(rx: &mut watch::Receiver<LeaseState>) -> Instant {
+    let state = *tokio::time::timeout(WAIT, rx.wait_for(|s| matches!(s, LeaseState::Alive { .. })))
+        .await
+        .expect("the keeper published the grant")
+        .expect("the keeper is running");
+    match state {
+        LeaseState::Alive { deadline, .. } => deadline,
+        other => panic!("not alive: {other:?}"),
+    }
+}
+
 /// Sends `sig` (`STOP`, `CONT`) to etcd, through the `kill` command (no `unsafe`).
 fn signal(etcd: &Etcd, sig: &str) {
     let pid = etcd.pid().expect("etcd runs");
@@ -72,15 +84,18 @@ async fn a_paused_etcd_is_slow_not_broken_the_keeper_keeps_one_stream_and_the_le
     // TTL 10 s: keep-alives every 3.3 s, local deadline 8 s after a keep-alive's send, etcd's
     // expiry 10 s after it received one.
     let ttl = Duration::from_secs(10);
-    let granted_at = Instant::now();
     let (id, granted, mut rx, keeper) =
         keep_alive(&etcd.endpoints(), &job_name("leasekeeper"), ttl)
             .await
             .unwrap();
     assert_eq!(granted, 10);
-
+    // The keeper's first state is `Suspended` until its task has published the grant's
+    // deadline; a renewal is a later deadline than that. (Waiting for any deadline past `grant
+    // time + ttl − margin` instead matched the grant's own state at once, before the keeper had
+    // opened its stream: CI saw zero streams.)
+    let granted_deadline = alive(&mut rx).await;
     info!("--- the keeper renews the lease twice on its stream");
-    let first = renewed_after(&mut rx, granted_at + ttl - margin(ttl)).await;
+    let first = renewed_after(&mut rx, granted_deadline).await;
     let streams_before = keepalive_streams(&etcd).await;
     assert_eq!(
         streams_before, 1.0,
