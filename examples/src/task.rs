@@ -323,11 +323,9 @@ impl Root {
         };
         // The backups hold the update before anything else happens: a backup promoted from
         // here on knows the epoch is applied.
-        if persist(&self.ctx, self.epoch, "replicate", || {
-            self.ctx.replicate(update.clone())
-        })
-        .await
-        .is_none()
+        if persist("replicate", self.ctx.replicate(update))
+            .await
+            .is_none()
         {
             return;
         }
@@ -367,26 +365,17 @@ impl Root {
         };
         // The checkpoint is what a spare restores if every node of the root dies: it must be in
         // etcd before the job moves on.
-        if persist(&self.ctx, self.epoch, "checkpoint", || {
-            self.ctx.checkpoint(bytes.clone())
-        })
-        .await
-        .is_none()
+        if persist("checkpoint", self.ctx.checkpoint(bytes))
+            .await
+            .is_none()
         {
             return;
         }
         if self.epoch < self.workload.epochs {
-            persist(&self.ctx, self.epoch, "move to the next epoch", || {
-                self.ctx.inc_epoch(self.epoch)
-            })
-            .await;
+            persist("move to the next epoch", self.ctx.inc_epoch(self.epoch)).await;
         } else {
             let result = serde_json::to_vec(&result).unwrap_or_default();
-            if let Some(epoch) = persist(&self.ctx, self.epoch, "end the job", || {
-                self.ctx.shutdown_job_with(result.clone())
-            })
-            .await
-            {
+            if let Some(epoch) = persist("end the job", self.ctx.shutdown_job_with(result)).await {
                 tracing::info!(epoch, "job finished");
             }
         }
@@ -400,10 +389,7 @@ impl Root {
             self.result(&state, Some(reason))
         };
         let result = serde_json::to_vec(&result).unwrap_or_default();
-        persist(&self.ctx, self.epoch, "end the job", || {
-            self.ctx.shutdown_job_with(result.clone())
-        })
-        .await;
+        persist("end the job", self.ctx.shutdown_job_with(result)).await;
     }
 
     fn result(&self, state: &RootState, error: Option<String>) -> JobResult {
@@ -467,28 +453,20 @@ async fn pull<R: serde::de::DeserializeOwned>(
     }
 }
 
-/// Runs an etcd-backed step until it succeeds; `None` when this node must leave it to the
-/// task's new primary (deposed) or the epoch moved on.
-async fn persist<T, F, Fut>(ctx: &Context, epoch: Epoch, what: &str, mut op: F) -> Option<T>
+/// Awaits an etcd-backed step. From spawned work the framework's verbs resolve only when
+/// decided (they wait for the lease and retry etcd themselves), so there is nothing to retry
+/// here: `None` when this node must leave it to the task's new primary (deposed, stopping) or
+/// the step failed for good (logged).
+async fn persist<T, Fut>(what: &str, step: Fut) -> Option<T>
 where
-    F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ContextError>>,
 {
-    let mut delays = backoff();
-    loop {
-        match op().await {
-            Ok(v) => return Some(v),
-            Err(ContextError::NotPrimary { .. } | ContextError::Stopping) => return None,
-            Err(e @ (ContextError::Suspended { .. } | ContextError::Etcd(_)))
-                if still_mine(ctx, epoch) =>
-            {
-                tracing::warn!(what, error = %e, "retrying");
-                tokio::time::sleep(delays.next().unwrap_or(Duration::from_millis(500))).await;
-            }
-            Err(e) => {
-                tracing::error!(what, error = %e, "giving up");
-                return None;
-            }
+    match step.await {
+        Ok(v) => Some(v),
+        Err(ContextError::NotPrimary { .. } | ContextError::Stopping) => None,
+        Err(e) => {
+            tracing::error!(what, error = %e, "giving up");
+            None
         }
     }
 }

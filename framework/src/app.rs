@@ -22,7 +22,7 @@ use crate::etcd::keys::EpochValue;
 use crate::exchange::replication::{ship, Replicator, Shipped};
 use crate::exchange::{lock, EpochBook, PendingPull, SlotEnv};
 use crate::inbox::LoopRequest;
-use crate::roles::EpochFaultKind;
+use crate::roles::{EpochFaultKind, Member};
 use crate::wire::ReplicateKind;
 use crate::work::{WorkDone, WorkId};
 use crate::{Epoch, TaskId, Term};
@@ -235,23 +235,24 @@ pub(crate) struct SlotState {
 ///
 /// # Verbs that write to etcd resolve when decided
 ///
-/// [`inc_epoch`](Context::inc_epoch), [`shutdown_job`](Context::shutdown_job),
-/// [`shutdown_job_with`](Context::shutdown_job_with) and [`checkpoint`](Context::checkpoint),
-/// called from work spawned with [`spawn`](Context::spawn) or
-/// [`spawn_then`](Context::spawn_then), never ask the caller to try again later: while this
-/// node's lease is past its local deadline (etcd slow or unreachable) they wait for its
-/// renewal, and they send a request etcd did not answer again, for as long as this node holds
-/// the slot under the same term. They end with the outcome, or with
-/// [`ContextError::NotPrimary`] once the node lost the slot. Each is fenced by the primary's
-/// term in etcd and safe to repeat, so a spawned `inc_epoch` whose result is ignored is
-/// correct.
+/// [`replicate`](Context::replicate), [`inc_epoch`](Context::inc_epoch),
+/// [`shutdown_job`](Context::shutdown_job), [`shutdown_job_with`](Context::shutdown_job_with)
+/// and [`checkpoint`](Context::checkpoint) never ask the caller to try again later. While this
+/// node's lease is past its local deadline (etcd slow or unreachable, the process was paused)
+/// they wait for the lease keeper's verdict: renewed, and they go on; lost (etcd says the lease
+/// expired, a newer primary, the node is stopping), and they end with
+/// [`ContextError::NotPrimary`] — do nothing then: the new primary carries on. The keeper runs
+/// beside the event loop, so this holds in a handler as in spawned work; a handler that waits
+/// holds the node's event loop, and `/healthz` reports it as waiting for etcd.
 ///
-/// Awaited directly in a handler they make one attempt: the handler runs in the node's event
-/// loop, which must not wait for etcd (it is what learns that the slot was lost, and what
-/// answers other nodes), so there they may return [`ContextError::Suspended`] or
-/// [`ContextError::Etcd`] — spawn them when the outcome matters.
-/// [`replicate`](Context::replicate) returns [`ContextError::Suspended`] while the lease is
-/// unconfirmed wherever it is called.
+/// Called from work spawned with [`spawn`](Context::spawn) or
+/// [`spawn_then`](Context::spawn_then), the etcd writers also send a request etcd did not
+/// answer again, for as long as this node holds the slot under the same term, so they end
+/// with the outcome or `NotPrimary`. Each is fenced by the primary's term in etcd and safe to
+/// repeat, so a spawned `inc_epoch` whose result is ignored is correct. Awaited directly in a
+/// handler they make one request, and may also return [`ContextError::Etcd`]: the event loop
+/// must not retry a request etcd refuses (it answers other nodes meanwhile) — spawn them when
+/// the outcome matters. `replicate` talks to backups, not etcd, and resolves in both places.
 #[derive(Clone)]
 pub struct Context {
     inner: Arc<Inner>,
@@ -403,54 +404,38 @@ impl Context {
     /// etcd](Context#verbs-that-write-to-etcd-resolve-when-decided)): `Ok(true)` moved,
     /// `Ok(false)` stale (also when an earlier attempt whose answer etcd lost had moved it),
     /// [`ContextError::NotPrimary`] when this node lost the slot meanwhile (do nothing: the new
-    /// primary carries on); spawned, its result may be ignored. Awaited in a handler it makes
-    /// one attempt and may also return [`ContextError::Suspended`] or [`ContextError::Etcd`].
+    /// primary carries on); spawned, its result may be ignored. Awaited in a handler it waits
+    /// for the lease too but makes one request, and may also return [`ContextError::Etcd`].
     pub async fn inc_epoch(&self, from: Epoch) -> Result<bool, ContextError> {
         self.until_decided(|| self.try_inc_epoch(from)).await
     }
 
-    /// Runs an etcd-backed verb until it is decided: while this node's lease is past its local
-    /// deadline (etcd slow or unreachable) it waits for the renewal, and an etcd error is tried
-    /// again after a backoff, for as long as this node holds the slot under the same term. If
-    /// the node loses the slot meanwhile (its lease expired, a newer primary), the verb ends
-    /// with [`ContextError::NotPrimary`]: the slot's end bounds the wait by the lease TTL.
+    /// Runs an etcd-backed verb until it is decided. While this node's lease is past its
+    /// local deadline (etcd slow or unreachable) it waits for the renewal ([`confirmed`]), and
+    /// from spawned work an etcd error is tried again after a backoff, for as long as this node
+    /// holds the slot under the same term. If the node loses the slot meanwhile (its lease
+    /// expired, a newer primary), the verb ends with [`ContextError::NotPrimary`].
+    ///
+    /// [`confirmed`]: Context::confirmed
     async fn until_decided<T, F, Fut>(&self, mut op: F) -> Result<T, ContextError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, ContextError>>,
     {
-        // Awaited by a handler, the verb must not wait for etcd: the node's event loop, which
-        // would learn that the slot is lost, is the one waiting. One attempt, as before.
-        if self.inner.env.loop_task.is_some() && tokio::task::try_id() == self.inner.env.loop_task {
-            return op().await;
-        }
-        let task = self.inner.env.task;
         let term = self.elected_term()?;
-        let lost = || ContextError::NotPrimary { task, term };
         let mut delays = crate::retry::PEER.delays();
         loop {
             match op().await {
-                Err(ContextError::Suspended { .. }) => {
-                    let mut lease = self.inner.env.lease.clone();
-                    let mut slot = self.inner.slot.clone();
-                    loop {
-                        if slot.borrow_and_update().primary != Some(term) {
-                            return Err(lost());
-                        }
-                        match *lease.borrow_and_update() {
-                            s if s.valid_now() => break,
-                            crate::etcd::lease::LeaseState::Expired { .. } => return Err(lost()),
-                            _ => {}
-                        }
-                        tokio::select! {
-                            r = lease.changed() => r.map_err(|_| lost())?,
-                            r = slot.changed() => r.map_err(|_| lost())?,
-                        }
-                    }
-                }
-                Err(ContextError::Etcd(e)) => {
+                Err(ContextError::Suspended { .. }) => self.confirmed(term).await?,
+                // Awaited by a handler, an etcd error is reported: the handler runs in the
+                // node's event loop, which must not retry a request etcd refuses (it answers
+                // other nodes meanwhile).
+                Err(ContextError::Etcd(e)) if !self.on_loop() => {
                     if self.inner.slot.borrow().primary != Some(term) {
-                        return Err(lost());
+                        return Err(ContextError::NotPrimary {
+                            task: self.inner.env.task,
+                            term,
+                        });
                     }
                     tracing::warn!(error = %e, "etcd did not decide; trying again");
                     let pause = delays
@@ -459,6 +444,56 @@ impl Context {
                     tokio::time::sleep(pause).await;
                 }
                 other => return other,
+            }
+        }
+    }
+
+    /// Whether the caller runs in the node's event loop (a handler) rather than in spawned work.
+    fn on_loop(&self) -> bool {
+        let env = &self.inner.env;
+        env.loop_task.is_some() && tokio::task::try_id() == env.loop_task
+    }
+
+    /// Waits until this node's lease is confirmed for `term`: returns at once while the lease
+    /// is within its local deadline, else waits for the keeper's renewal. Ends with
+    /// [`ContextError::NotPrimary`] when the slot is lost instead: etcd reports the lease
+    /// expired, a new lease replaced it, the slot moved on, or the node is stopping.
+    ///
+    /// Nothing else can decide it, so a handler waits here too: the lease keeper runs beside
+    /// the event loop and learns either outcome as soon as etcd answers (within one keep-alive
+    /// interval of etcd being reachable). While a handler waits, `/healthz` reports the loop as
+    /// waiting for etcd, not stalled.
+    async fn confirmed(&self, term: Term) -> Result<(), ContextError> {
+        let env = &self.inner.env;
+        let lost = || ContextError::NotPrimary {
+            task: env.task,
+            term,
+        };
+        let mut lease = env.lease.clone();
+        let mut slot = self.inner.slot.clone();
+        let id = lease.borrow().id();
+        let mut guard = None;
+        loop {
+            if slot.borrow_and_update().primary != Some(term) {
+                return Err(lost());
+            }
+            match *lease.borrow_and_update() {
+                s if s.id() != id => return Err(lost()),
+                s if s.valid_now() => return Ok(()),
+                crate::etcd::lease::LeaseState::Expired { .. } => return Err(lost()),
+                _ => {}
+            }
+            if guard.is_none() && self.on_loop() {
+                tracing::warn!(
+                    task = env.task,
+                    "a handler waits for this node's lease to be confirmed (etcd slow or away)"
+                );
+                guard = Some(env.health.waiting_for_etcd());
+            }
+            tokio::select! {
+                r = lease.changed() => r.map_err(|_| lost())?,
+                r = slot.changed() => r.map_err(|_| lost())?,
+                _ = env.stop.cancelled() => return Err(lost()),
             }
         }
     }
@@ -851,11 +886,18 @@ impl Context {
     /// backups are taken between handlers). A backup that cannot apply it within the lease TTL
     /// is removed from its slot first (it rejoins and gets a snapshot).
     ///
-    /// Errors: [`ContextError::NotPrimary`] (deposed meanwhile: the update may not be
-    /// everywhere; the new primary carries on), [`ContextError::Suspended`] (the lease is
-    /// unconfirmed: do not act on the update).
+    /// Resolves when decided, in a handler as in spawned work: while this node's lease is
+    /// unconfirmed (etcd slow or unreachable) it waits for the renewal before it ships, and
+    /// again before it returns, so `Ok` always means an acting primary's update reached every
+    /// live backup. It never asks the caller to try again, and each backup applies each update
+    /// exactly once (updates are numbered per term; a repeat is ignored).
+    ///
+    /// Errors: [`ContextError::NotPrimary`] only — this node lost the slot (its lease expired,
+    /// a newer primary, or the node is stopping): do not act on the update; the new primary
+    /// carries on from its own state.
     pub async fn replicate(&self, update: impl Into<Bytes>) -> Result<(), ContextError> {
-        let term = self.acting_term()?;
+        let term = self.elected_term()?;
+        self.confirmed(term).await?;
         let env = &self.inner.env;
         let data = update.into();
         let mut r = self.inner.replicator.lock().await;
@@ -863,25 +905,19 @@ impl Context {
         r.index += 1;
         let index = r.index;
         let epoch = self.epoch();
-        let shipped = futures::future::join_all(r.members.iter().map(|m| {
-            ship(
-                env,
-                term,
-                epoch,
-                m,
-                ReplicateKind::Update,
-                index,
-                data.clone(),
-            )
-        }))
+        let shipped = futures::future::join_all(
+            r.members
+                .iter()
+                .map(|m| self.ship_confirmed(term, epoch, m, index, data.clone())),
+        )
         .await;
         let mut deposed = false;
         let members = std::mem::take(&mut r.members);
         for (m, outcome) in members.into_iter().zip(shipped) {
             match outcome {
-                Shipped::Applied => r.members.push(m),
-                Shipped::Gone => {}
-                Shipped::Deposed | Shipped::Lapsed => deposed = true,
+                Ok(Shipped::Applied) => r.members.push(m),
+                Ok(Shipped::Gone) => {}
+                Ok(Shipped::Deposed | Shipped::Lapsed) | Err(_) => deposed = true,
             }
         }
         if deposed {
@@ -891,13 +927,37 @@ impl Context {
             });
         }
         // Only an acting primary's replication counts: if the lease lapsed meanwhile (etcd
-        // away, process paused), a backup may have been promoted without this entry.
-        match self.acting_term()? {
-            t if t == term => Ok(()),
-            _ => Err(ContextError::NotPrimary {
-                task: env.task,
+        // away, process paused), a backup may have been promoted without this entry. Wait for
+        // the lease to be renewed or lost.
+        self.confirmed(term).await
+    }
+
+    /// Ships update `index` to backup `m`; when this node's lapsed lease interrupted it, ships
+    /// it again once the lease is renewed (the backup ignores a repeat of an index it applied).
+    async fn ship_confirmed(
+        &self,
+        term: Term,
+        epoch: Epoch,
+        m: &Member,
+        index: u64,
+        data: Bytes,
+    ) -> Result<Shipped, ContextError> {
+        let env = &self.inner.env;
+        loop {
+            match ship(
+                env,
                 term,
-            }),
+                epoch,
+                m,
+                ReplicateKind::Update,
+                index,
+                data.clone(),
+            )
+            .await
+            {
+                Shipped::Lapsed => self.confirmed(term).await?,
+                other => return Ok(other),
+            }
         }
     }
 

@@ -132,9 +132,10 @@ pub enum ContextError {
         term: u64,
     },
     /// This node is the task's primary on paper, but its lease is past its local deadline
-    /// (etcd unreachable, or the process was paused), so it must not act. Retry later: if the
-    /// lease is renewed the slot is still this node's; if it expired, the slot is lost, the
-    /// task's spawned work is aborted, and the new primary carries on.
+    /// (etcd unreachable, or the process was paused), so it must not act. The `Context` verbs
+    /// do not return it: they wait for the lease's renewal or loss instead (see
+    /// [`Context`](crate::Context#verbs-that-write-to-etcd-resolve-when-decided)). Kept for
+    /// matches written against earlier versions.
     #[error(
         "task {task}: the node's lease is past its local deadline; not acting until it is renewed"
     )]

@@ -76,6 +76,11 @@ pub(crate) struct SlotEnv {
     pub(crate) metrics: Metrics,
     /// The tokio task of the node's event loop, which calls the task's handlers.
     pub(crate) loop_task: Option<tokio::task::Id>,
+    /// The node's liveness report: a handler that waits for the lease's confirmation marks
+    /// the loop as waiting for etcd rather than stalled.
+    pub(crate) health: Arc<crate::health::Health>,
+    /// Cancelled when the node is asked to stop: a handler waiting for the lease gives up.
+    pub(crate) stop: tokio_util::sync::CancellationToken,
 }
 
 /// A pull waiting for its answer.

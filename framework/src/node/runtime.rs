@@ -349,7 +349,7 @@ impl Runtime {
                 primary,
                 slot,
                 epoch,
-            } => self.build_slot(task, primary, slot, epoch).await?,
+            } => self.build_slot(task, primary, slot, epoch, stop).await?,
             Command::RestoreCheckpoint(task) => {
                 let cp = load_checkpoint(
                     self.store.clone(),
@@ -599,6 +599,7 @@ impl Runtime {
         primary: bool,
         id: u64,
         epoch: crate::Epoch,
+        stop: &CancellationToken,
     ) -> Result<(), Error> {
         let (state, state_rx) = watch::channel(SlotState {
             primary: None,
@@ -620,6 +621,8 @@ impl Runtime {
             // This code runs in the node's event loop: its task id tells the context whether
             // a verb is awaited by a handler (on the loop) or by spawned work.
             loop_task: tokio::task::try_id(),
+            health: self.health.clone(),
+            stop: stop.clone(),
         };
         let ctx = Context::new(Arc::new(env), self.config.links.clone(), state_rx);
         let span = self.slot_span();
