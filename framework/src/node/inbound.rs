@@ -87,7 +87,12 @@ impl Runtime {
             return;
         };
         match when {
-            Ok(When::Now) => s.serve_pull(req, reply, &self.requests_tx).await,
+            Ok(When::Now) => {
+                if let Some((key, answer)) = s.serve_pull(req, reply, &self.requests_tx).await {
+                    let id = s.id;
+                    self.answer_served(id, key, answer, Instant::now());
+                }
+            }
             Ok(When::Later) => {
                 if let Err((_, reply)) = s.serve.hold_pull(req, reply) {
                     let _ = reply.send(Err(Rejection::NotReady { task: to, epoch }));
@@ -143,19 +148,53 @@ impl Runtime {
         }
     }
 
+    /// The task answered the pull `key` it served in slot `slot`: the answer is kept, stamped
+    /// with the term this node was elected with, and sent to the waiting calls if the lease is
+    /// valid now (else they retry and get the kept answer once it is).
+    pub(super) fn answer_served(
+        &mut self,
+        slot: u64,
+        key: crate::data::ServeKey,
+        answer: crate::data::Answer,
+        now: Instant,
+    ) {
+        let acting = self.engine.acting_primary(now).is_some();
+        let elected = self.engine.elected();
+        let Some(s) = self.slot.as_mut() else {
+            return;
+        };
+        if slot != s.id {
+            return;
+        }
+        match elected {
+            // Not this slot's primary any more: the calls retry against the new one.
+            None => s
+                .serve
+                .abandon(key, Rejection::NotPrimary { task: key.id.to }),
+            Some(elected) => {
+                if s.serve.answer(key, answer, elected, acting) {
+                    s.ctx.env().metrics.pull_served(s.ctx.task());
+                }
+            }
+        }
+    }
+
     /// Requests from the task's side: answers to pulls it served, answers to its pulls, the
     /// outputs of its work, its timers.
     pub(super) async fn on_request(&mut self, req: LoopRequest) {
         let now = Instant::now();
+        let req = match req {
+            LoopRequest::Answer { slot, key, answer } => {
+                return self.answer_served(slot, key, answer, now)
+            }
+            other => other,
+        };
         let route = match &req {
-            LoopRequest::Kill => return,
-            LoopRequest::Answer { .. } => None,
+            LoopRequest::Kill | LoopRequest::Answer { .. } => return,
             LoopRequest::WorkDone { slot, done } => {
-                Some(self.engine.route(*slot, done.id().epoch, None, now))
+                self.engine.route(*slot, done.id().epoch, None, now)
             }
-            LoopRequest::Timer { slot, epoch, .. } => {
-                Some(self.engine.route(*slot, *epoch, None, now))
-            }
+            LoopRequest::Timer { slot, epoch, .. } => self.engine.route(*slot, *epoch, None, now),
             LoopRequest::Pulled {
                 slot,
                 id,
@@ -163,36 +202,11 @@ impl Runtime {
                 result,
             } => {
                 let pulled = result.is_ok().then_some((id.to, *server_term));
-                Some(self.engine.route(*slot, id.epoch, pulled, now))
+                self.engine.route(*slot, id.epoch, pulled, now)
             }
         };
-        // The term this node was elected with, valid lease or not: an answer is stamped with
-        // it, and sent only while the lease is valid.
-        let acting = self.engine.acting_primary(now).is_some();
-        let elected = self.engine.elected();
         let Some(s) = self.slot.as_mut() else {
             return;
-        };
-        let (route, req) = match (route, req) {
-            (None, LoopRequest::Answer { slot, key, answer }) => {
-                if slot != s.id {
-                    return;
-                }
-                match elected {
-                    // Not this slot's primary any more: the calls retry against the new one.
-                    None => s
-                        .serve
-                        .abandon(key, Rejection::NotPrimary { task: key.id.to }),
-                    Some(elected) => {
-                        if s.serve.answer(key, answer, elected, acting) {
-                            s.ctx.env().metrics.pull_served(s.ctx.task());
-                        }
-                    }
-                }
-                return;
-            }
-            (Some(route), req) => (route, req),
-            (None, _) => return,
         };
         match (route, req) {
             (Route::Drop, _) => {}

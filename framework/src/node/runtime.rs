@@ -385,7 +385,11 @@ impl Runtime {
             Command::Call(call) => self.call(call).await,
             Command::EnterEpoch { epoch, .. } => {
                 if let Some(s) = self.slot.as_mut() {
-                    s.enter_epoch(epoch, &self.requests_tx).await;
+                    let answers = s.enter_epoch(epoch, &self.requests_tx).await;
+                    let id = s.id;
+                    for (key, answer) in answers {
+                        self.answer_served(id, key, answer, Instant::now());
+                    }
                 }
             }
             Command::DeliverDeferred => {

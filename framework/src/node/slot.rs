@@ -2,11 +2,13 @@
 //! every pull answered at most once, and the spans its handlers run in. It runs the calls the
 //! engine decides; it decides nothing.
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error_span, Instrument, Span};
 
 use crate::app::{Context, SlotState, Task};
-use crate::data::{DataRequest, PullId, Responder, ServeKey};
+use crate::data::{Answer, DataRequest, PullId, Responder, ServeKey};
 use crate::exchange::serve::{Lookup, Reply, ServeBook};
 use crate::inbox::LoopRequest;
 use crate::wire::{Meta, PullRequest};
@@ -29,6 +31,14 @@ pub(super) struct SlotRuntime {
     pub(super) span: Span,
     /// As primary: the span of the epoch the task is in (child of `span`).
     pub(super) epoch_span: Option<Span>,
+}
+
+/// Where an answer given inside `serve_data` waits for the handler to return (`Open`), so the
+/// loop sends it without a trip through its own queue; once the handler returned (`Closed`),
+/// a later answer goes to the loop.
+enum Inline {
+    Open(Option<Answer>),
+    Closed,
 }
 
 impl Drop for SlotRuntime {
@@ -55,12 +65,13 @@ impl SlotRuntime {
     }
 
     /// Enters `epoch`: the state, the context, the serve book and the span; the task's
-    /// `enter_epoch`; then the metas and pulls of the epoch that arrived early.
+    /// `enter_epoch`; then the metas and pulls of the epoch that arrived early. Returns the
+    /// answers the task gave to early pulls inside `serve_data`, for the loop to send.
     pub(super) async fn enter_epoch(
         &mut self,
         epoch: Epoch,
         requests: &mpsc::UnboundedSender<LoopRequest>,
-    ) {
+    ) -> Vec<(ServeKey, Answer)> {
         self.state.send_modify(|st| st.epoch = epoch);
         self.ctx.begin_epoch(epoch);
         // Everything of this epoch (handlers, pulls and metas started from them, spawned
@@ -74,22 +85,26 @@ impl SlotRuntime {
             for meta in early_metas {
                 self.deliver_meta(meta).await;
             }
+            let mut answers = Vec::new();
             for (req, reply) in early_pulls {
-                self.serve_pull(req, reply, requests).await;
+                answers.extend(self.serve_pull(req, reply, requests).await);
             }
+            answers
         }
         .instrument(span)
-        .await;
+        .await
     }
 
     /// Runs the task's `serve_data` for a pull of its current epoch, unless this request was
-    /// already handed to it (then `reply` waits for, or gets, the same answer).
+    /// already handed to it (then `reply` waits for, or gets, the same answer). An answer given
+    /// inside the handler is returned, for the caller to send at once; one given later (a held
+    /// pull answered by another handler or by spawned work) goes to the loop as a request.
     pub(super) async fn serve_pull(
         &mut self,
         req: PullRequest,
         reply: Reply,
         requests: &mpsc::UnboundedSender<LoopRequest>,
-    ) {
+    ) -> Option<(ServeKey, Answer)> {
         let id = PullId {
             epoch: req.header.epoch,
             from: req.header.from_task,
@@ -100,19 +115,33 @@ impl SlotRuntime {
             id,
             requester_term: req.header.term,
         };
-        if let Lookup::New = self.serve.lookup(key, reply) {
-            let request = DataRequest {
-                id,
-                method: req.method,
-                input: req.payload,
-                responder: Some({
-                    let (slot, tx) = (self.id, requests.clone());
-                    Responder(Box::new(move |answer| {
-                        let _ = tx.send(LoopRequest::Answer { slot, key, answer });
-                    }))
-                }),
-            };
-            self.task.serve_data(&self.ctx, request).await;
+        let Lookup::New = self.serve.lookup(key, reply) else {
+            return None;
+        };
+        let inline = Arc::new(Mutex::new(Inline::Open(None)));
+        let request = DataRequest {
+            id,
+            method: req.method,
+            input: req.payload,
+            responder: Some({
+                let (slot, tx, inline) = (self.id, requests.clone(), inline.clone());
+                Responder(Box::new(move |answer| {
+                    let mut state = inline.lock().unwrap_or_else(PoisonError::into_inner);
+                    match &mut *state {
+                        Inline::Open(held) => *held = Some(answer),
+                        Inline::Closed => {
+                            drop(state);
+                            let _ = tx.send(LoopRequest::Answer { slot, key, answer });
+                        }
+                    }
+                }))
+            }),
+        };
+        self.task.serve_data(&self.ctx, request).await;
+        let mut state = inline.lock().unwrap_or_else(PoisonError::into_inner);
+        match std::mem::replace(&mut *state, Inline::Closed) {
+            Inline::Open(Some(answer)) => Some((key, answer)),
+            _ => None,
         }
     }
 
