@@ -5,7 +5,9 @@
 //! decision made on a stale view is harmless (the transaction fails and the node decides
 //! again on a fresher view).
 
-use std::collections::BTreeMap;
+use std::collections::{btree_map, BTreeMap};
+use std::ops::Deref;
+use std::sync::Arc;
 
 use crate::etcd::keys::{EpochValue, Holder};
 use crate::{TaskId, Term};
@@ -28,6 +30,55 @@ impl SlotKey {
     }
 }
 
+/// Slot keys by slot, shared between the engine's view and the snapshots it publishes to the
+/// slot's background work: cloning is O(1), and a change copies the map only while a published
+/// snapshot still shares it. So an event that changes no slot (the epoch moving on) costs no
+/// copy of the job's slots, and a reader can tell "no slot changed" by [`SlotMap::same`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotMap<K: Ord>(Arc<BTreeMap<K, SlotKey>>);
+
+impl<K: Ord> Default for SlotMap<K> {
+    fn default() -> Self {
+        SlotMap(Arc::new(BTreeMap::new()))
+    }
+}
+
+impl<K: Ord + Clone> SlotMap<K> {
+    /// Sets slot `k`; returns the key it replaced.
+    pub fn insert(&mut self, k: K, v: SlotKey) -> Option<SlotKey> {
+        Arc::make_mut(&mut self.0).insert(k, v)
+    }
+
+    /// Clears slot `k`; returns the key it held (no copy when it held none).
+    pub fn remove(&mut self, k: &K) -> Option<SlotKey> {
+        if self.0.contains_key(k) {
+            Arc::make_mut(&mut self.0).remove(k)
+        } else {
+            None
+        }
+    }
+
+    /// Whether `other` is this very map (no slot changed between them): O(1).
+    pub fn same(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl<K: Ord> Deref for SlotMap<K> {
+    type Target = BTreeMap<K, SlotKey>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl<'a, K: Ord> IntoIterator for &'a SlotMap<K> {
+    type Item = (&'a K, &'a SlotKey);
+    type IntoIter = btree_map::Iter<'a, K, SlotKey>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// The job's slots and epoch as last seen in etcd.
 #[derive(Debug, Clone, Default)]
 pub struct JobView {
@@ -36,9 +87,9 @@ pub struct JobView {
     /// Nodes per task.
     pub replicas: u32,
     /// Primary key of each task that has one.
-    pub primaries: BTreeMap<TaskId, SlotKey>,
+    pub primaries: SlotMap<TaskId>,
     /// Backup slots `(task, k)` that are taken.
-    pub backups: BTreeMap<(TaskId, u32), SlotKey>,
+    pub backups: SlotMap<(TaskId, u32)>,
     /// The epoch key's last good value (see [`judge_epoch`]); `None` before one was seen.
     pub epoch: Option<EpochValue>,
     /// What is wrong with the epoch key right now, if anything: the framework keeps working
@@ -347,6 +398,26 @@ mod tests {
             create_revision: rev,
             lease: crate::etcd::lease::LeaseId(1),
         }
+    }
+
+    #[test]
+    fn a_slot_map_shared_with_a_snapshot_is_copied_on_change_so_same_means_unchanged() {
+        let mut m: SlotMap<TaskId> = SlotMap::default();
+        m.insert(0, slot("a", 5));
+        let published = m.clone();
+        assert!(m.same(&published), "a clone is the same map");
+        assert_eq!(m.remove(&7), None);
+        assert!(
+            m.same(&published),
+            "removing an absent slot changes nothing"
+        );
+        m.insert(1, slot("b", 6));
+        assert!(!m.same(&published), "a change copies the shared map");
+        assert_eq!(published.len(), 1, "the snapshot keeps what it saw");
+        let again = m.clone();
+        m.remove(&0);
+        assert!(!m.same(&again));
+        assert_eq!((m.len(), again.len()), (1, 2));
     }
     fn first(_: usize) -> usize {
         0

@@ -321,8 +321,12 @@ impl Runtime {
             } => self.delete_key(key, mod_revision, why),
             Command::ViewChanged => {
                 if let Some(view) = self.engine.view() {
-                    for (t, p) in &view.primaries {
-                        self.fence.admit(*t, p.term());
+                    // The slot maps are shared with the last published view: when no primary
+                    // changed (the epoch moved on), neither the walk nor a copy is needed.
+                    if !view.primaries.same(&self.view_tx.borrow().primaries) {
+                        for (t, p) in &view.primaries {
+                            self.fence.admit(*t, p.term());
+                        }
                     }
                     self.view_tx.send_replace(Arc::new(view.clone()));
                 }

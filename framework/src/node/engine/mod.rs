@@ -93,6 +93,9 @@ pub(crate) struct Engine {
     claim_failures: u32,
     /// Highest term seen per task (raised from the view only).
     fence: BTreeMap<TaskId, Term>,
+    /// The primaries the fence was last raised from: an event that changed no primary (the
+    /// epoch moving on) skips the walk over every task.
+    fenced: crate::roles::SlotMap<TaskId>,
     /// A bad value under this node's record, by the revision to heal over (0: deleted).
     record_fault: Option<i64>,
     /// A bad value under `spec`: why, and the revision to heal over (0: deleted).
@@ -149,6 +152,7 @@ impl Engine {
             retry_at: None,
             claim_failures: 0,
             fence: BTreeMap::new(),
+            fenced: crate::roles::SlotMap::default(),
             record_fault: None,
             spec_fault: None,
             heals_tried: Vec::new(),
@@ -314,6 +318,10 @@ impl Engine {
         let Some(view) = self.view.as_ref() else {
             return;
         };
+        if view.primaries.same(&self.fenced) {
+            return;
+        }
+        self.fenced = view.primaries.clone();
         for (t, p) in &view.primaries {
             let seen = self.fence.entry(*t).or_insert(0);
             *seen = (*seen).max(p.term());
