@@ -76,6 +76,13 @@ enum Command {
         /// Redraw on every change until the job finishes (Ctrl-C to leave).
         #[arg(long)]
         watch: bool,
+        /// At most this many task rows: a larger job lists the tasks that need attention
+        /// (down, stalled, degraded) first and counts the healthy ones it leaves out.
+        #[arg(long, default_value_t = render::DEFAULT_ROWS)]
+        rows: usize,
+        /// List every task, however large the job.
+        #[arg(long, conflicts_with = "rows")]
+        all: bool,
     },
     /// A live stream of what happens: epochs, elections, failovers, lost primaries (which
     /// their neighbours see as failures), backups, nodes, checkpoints, shutdown. Ends when the
@@ -193,12 +200,19 @@ async fn run(cli: Cli, listen_explicit: bool) -> Result<(), String> {
     let etcd = EtcdConn::new(cli.etcd, &cli.security)?;
     match cli.command {
         Command::Jobs { json } => render::jobs(&etcd, json).await,
-        Command::Status { job, json, watch } => {
+        Command::Status {
+            job,
+            json,
+            watch,
+            rows,
+            all,
+        } => {
             let client = existing(&etcd, &job).await?;
+            let rows = if all { usize::MAX } else { rows };
             if watch {
-                render::status_watch(&client).await
+                render::status_watch(&client, rows).await
             } else {
-                render::status(&client, json).await
+                render::status(&client, json, rows).await
             }
         }
         Command::Events {

@@ -7,7 +7,7 @@ use comfy_table::{Cell, Color, Table};
 use serde::Serialize;
 
 use crate::security::EtcdConn;
-use taskgraph::{ChangeEvent, Health, JobChange, JobClient, JobStatus, TaskId};
+use taskgraph::{ChangeEvent, Health, JobChange, JobClient, JobStatus, TaskId, TaskStatus};
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
@@ -109,15 +109,43 @@ fn health_cell(h: Health) -> Cell {
     Cell::new(text).fg(colour)
 }
 
-/// The status as a table and a summary line.
-pub fn status_text(s: &JobStatus) -> String {
+/// Task rows `taskgraph status` prints by default (see [`pick_rows`]).
+pub const DEFAULT_ROWS: usize = 40;
+
+/// Spare nodes named by the summary at most; the rest are counted.
+const SPARES_NAMED: usize = 10;
+
+/// Which tasks get a row when at most `rows` may: every task if they fit; otherwise the ones
+/// that need attention first (down, stalled, degraded; by task id within each), then healthy
+/// (or finished) ones by task id, up to `rows`. Returned in task order.
+pub fn pick_rows(tasks: &[TaskStatus], rows: usize) -> Vec<&TaskStatus> {
+    if tasks.len() <= rows {
+        return tasks.iter().collect();
+    }
+    let urgency = |h: Health| match h {
+        Health::Down => 0,
+        Health::Stalled => 1,
+        Health::Degraded => 2,
+        Health::Healthy | Health::Finished => 3,
+    };
+    let mut picked: Vec<&TaskStatus> = tasks.iter().collect();
+    picked.sort_by_key(|t| (urgency(t.health), t.task));
+    picked.truncate(rows);
+    picked.sort_by_key(|t| t.task);
+    picked
+}
+
+/// The status as a table and a summary line: at most `rows` task rows (see [`pick_rows`]);
+/// the summary counts every task.
+pub fn status_text(s: &JobStatus, rows: usize) -> String {
     let mut t = table(&[
         "TASK", "PRIMARY", "ADDRESS", "TERM", "BACKUPS", "HEALTH", "EPOCH",
     ]);
     let epoch = s
         .state
         .map_or_else(|| "-".to_owned(), |st| st.epoch.to_string());
-    for task in &s.tasks {
+    let shown = pick_rows(&s.tasks, rows);
+    for task in &shown {
         t.add_row(vec![
             Cell::new(task.task),
             Cell::new(task.primary.clone().unwrap_or_else(|| "-".into())),
@@ -143,9 +171,27 @@ pub fn status_text(s: &JobStatus) -> String {
         None => "no epoch key".into(),
     };
     let mut out = format!("{t}\n");
+    if shown.len() < s.tasks.len() {
+        let left = s.tasks.len() - shown.len();
+        out += &format!(
+            "{left} of {} tasks not listed (those needing attention come first; --all lists every task, --json gives every field)\n",
+            s.tasks.len()
+        );
+    }
     if !s.spares.is_empty() {
-        let names: Vec<&str> = s.spares.iter().map(|n| n.node.as_str()).collect();
-        out += &format!("spares waiting: {}\n", names.join(", "));
+        let names: Vec<&str> = s
+            .spares
+            .iter()
+            .take(SPARES_NAMED)
+            .map(|n| n.node.as_str())
+            .collect();
+        let more = s.spares.len().saturating_sub(SPARES_NAMED);
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        out += &format!("spares waiting: {}{more}\n", names.join(", "));
     }
     out += &format!(
         "job {}: {state}; {} tasks × {} replicas; {} healthy, {} degraded, {} down; {} nodes ({} spare); age {}; etcd revision {}",
@@ -176,24 +222,24 @@ pub fn status_text(s: &JobStatus) -> String {
 }
 
 /// `taskgraph status`.
-pub async fn status(client: &JobClient, json: bool) -> Result<(), String> {
+pub async fn status(client: &JobClient, json: bool, rows: usize) -> Result<(), String> {
     let s = client.status().await.map_err(|e| e.to_string())?;
     if json {
         let out = serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?;
         out!("{out}");
     } else {
-        out!("{}", status_text(&s));
+        out!("{}", status_text(&s, rows));
     }
     Ok(())
 }
 
 /// `taskgraph status --watch`: redraws on every change of the job's keys.
-pub async fn status_watch(client: &JobClient) -> Result<(), String> {
+pub async fn status_watch(client: &JobClient, rows: usize) -> Result<(), String> {
     let mut events = client.changes();
     loop {
         let s = client.status().await.map_err(|e| e.to_string())?;
         // Clear the screen and draw from the top.
-        out!("\x1b[2J\x1b[H{}", status_text(&s));
+        out!("\x1b[2J\x1b[H{}", status_text(&s, rows));
         if s.state.is_some_and(|st| st.finished) {
             return Ok(());
         }
@@ -283,5 +329,80 @@ pub async fn result(client: &JobClient, wait: bool) -> Result<(), String> {
         if ev.recv().await.is_none() {
             return Err("the watch of the job ended".into());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use taskgraph::{JobState, SpareNode};
+
+    fn task(id: TaskId, health: Health) -> TaskStatus {
+        TaskStatus {
+            task: id,
+            primary: (health != Health::Down).then(|| format!("n{id}")),
+            addr: None,
+            term: None,
+            backups: Vec::new(),
+            health,
+            holders: Vec::new(),
+        }
+    }
+
+    fn job(tasks: Vec<TaskStatus>, spares: usize) -> JobStatus {
+        JobStatus {
+            job: "j".into(),
+            revision: 1,
+            tasks_total: u32::try_from(tasks.len()).unwrap_or(u32::MAX),
+            replicas: 2,
+            state: Some(JobState {
+                epoch: 3,
+                finished: false,
+            }),
+            created_ms: None,
+            tasks,
+            spares: (0..spares)
+                .map(|i| SpareNode {
+                    node: format!("spare{i}"),
+                    addr: String::new(),
+                })
+                .collect(),
+            nodes: 0,
+            has_result: false,
+            garbage: Vec::new(),
+            stalls: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_large_job_lists_the_tasks_needing_attention_and_counts_the_rest() {
+        let mut tasks: Vec<TaskStatus> = (0..1000).map(|t| task(t, Health::Healthy)).collect();
+        tasks[999] = task(999, Health::Down);
+        tasks[500] = task(500, Health::Degraded);
+        tasks[7] = task(7, Health::Stalled);
+        let rows: Vec<TaskId> = pick_rows(&tasks, 5).iter().map(|t| t.task).collect();
+        assert_eq!(
+            rows,
+            vec![0, 1, 7, 500, 999],
+            "attention first, shown in task order"
+        );
+        let s = job(tasks, 25);
+        let text = status_text(&s, 5);
+        assert!(text.contains("995 of 1000 tasks not listed"), "{text}");
+        assert!(text.contains("spare9 and 15 more"), "{text}");
+        assert!(!text.contains("spare10"), "{text}");
+        assert!(
+            text.contains("1 down"),
+            "the summary counts every task: {text}"
+        );
+    }
+
+    #[test]
+    fn a_job_that_fits_lists_every_task_and_no_note() {
+        let tasks: Vec<TaskStatus> = (0..3).map(|t| task(t, Health::Healthy)).collect();
+        assert_eq!(pick_rows(&tasks, 3).len(), 3);
+        let text = status_text(&job(tasks, 2), DEFAULT_ROWS);
+        assert!(!text.contains("not listed"), "{text}");
+        assert!(text.contains("spares waiting: spare0, spare1\n"), "{text}");
     }
 }
