@@ -64,6 +64,17 @@ pub enum ErrorKind {
         #[source]
         source: std::io::Error,
     },
+    /// A variable the launcher sets for its nodes holds a value it could not have written
+    /// (set by hand, or left over in the environment).
+    #[error("{var}={value:?} is not what a launcher sets: {expected}")]
+    BadEnv {
+        /// The variable.
+        var: &'static str,
+        /// Its value (lossily decoded).
+        value: String,
+        /// What the launcher puts there.
+        expected: &'static str,
+    },
     /// The launcher's watch of the job ended.
     #[error("the watch of the job ended")]
     WatchEnded,

@@ -53,7 +53,7 @@
 //!
 //! #[tokio::main]
 //! async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//!     if launched_node().is_some() {
+//!     if launched_node()?.is_some() {
 //!         // A node: its settings come from the launcher's TASKGRAPH_* variables.
 //!         let etcd = std::env::var("TASKGRAPH_ETCD")?.split(',').map(String::from).collect();
 //!         let job = std::env::var("TASKGRAPH_JOB")?;

@@ -100,7 +100,7 @@ fn spec(job: &str, last: Epoch) -> JobSpec {
 #[test]
 #[ignore = "run by the launcher as a node process"]
 fn node_process() {
-    let Some(index) = launched_node() else {
+    let Some(index) = launched_node().unwrap_or_else(|e| panic!("{e}")) else {
         return;
     };
     if std::env::var_os(FAIL_ENV).is_some() {
