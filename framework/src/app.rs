@@ -245,6 +245,11 @@ pub(crate) struct SlotState {
 /// beside the event loop, so this holds in a handler as in spawned work; a handler that waits
 /// holds the node's event loop, and `/healthz` reports it as waiting for etcd.
 ///
+/// `Ok` from any of them means done *and* this node still the task's acting primary when it
+/// returned: an answer that arrives after the lease lapsed (the process was paused while etcd
+/// answered) waits for the verdict too, and ends in `NotPrimary` if the slot is gone — the
+/// fenced write took effect, but a deposed caller must not act on it.
+///
 /// Called from work spawned with [`spawn`](Context::spawn) or
 /// [`spawn_then`](Context::spawn_then), the etcd writers also send a request etcd did not
 /// answer again, for as long as this node holds the slot under the same term, so they end
@@ -442,6 +447,14 @@ impl Context {
                         .next()
                         .unwrap_or(std::time::Duration::from_millis(500));
                     tokio::time::sleep(pause).await;
+                }
+                // Done, and the caller will act on it: only while this node still acts as the
+                // task's primary. An answer that arrives after the lease lapsed (the process
+                // was paused while etcd answered) waits for the lease's verdict: the write was
+                // fenced and took effect, but a deposed caller must not act on it.
+                Ok(v) => {
+                    self.confirmed(term).await?;
+                    return Ok(v);
                 }
                 other => return other,
             }

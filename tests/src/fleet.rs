@@ -378,18 +378,20 @@ fn action_of(e: &Event) -> Option<(u32, u64)> {
 /// events): a node handling an event of a task under a term after another node had already
 /// handled one under a higher term of that task, or one term used by two nodes.
 pub fn stale_actions(nodes: &[&Proc]) -> Vec<String> {
-    // (task) -> every action: (stamp, term, node).
-    let mut by_task: BTreeMap<u32, Vec<(u64, u64, String)>> = BTreeMap::new();
+    // (task) -> every action: (stamp, term, node, what).
+    let mut by_task: BTreeMap<u32, Vec<(u64, u64, String, String)>> = BTreeMap::new();
     for n in nodes {
         let lines = n.lines();
         let stamps = n.node.stamps();
         for (l, at) in lines.iter().zip(stamps) {
             let Line::Event(e) = l else { continue };
             if let Some((task, term)) = action_of(e) {
-                by_task
-                    .entry(task)
-                    .or_default()
-                    .push((at.unwrap_or(0), term, n.name.clone()));
+                by_task.entry(task).or_default().push((
+                    at.unwrap_or(0),
+                    term,
+                    n.name.clone(),
+                    format!("{e:?}"),
+                ));
             }
         }
     }
@@ -399,7 +401,7 @@ pub fn stale_actions(nodes: &[&Proc]) -> Vec<String> {
         let mut owner: BTreeMap<u64, String> = BTreeMap::new();
         // The highest term seen so far, by whom and when.
         let mut highest: Option<(u64, String, u64)> = None;
-        for (at, term, node) in acts {
+        for (at, term, node, what) in acts {
             match owner.get(&term) {
                 Some(o) if *o != node => {
                     bad.push(format!("task {task}: term {term} used by {o} and {node}"));
@@ -410,8 +412,8 @@ pub fn stale_actions(nodes: &[&Proc]) -> Vec<String> {
             }
             match &highest {
                 Some((h, by, when)) if term < *h && *by != node => bad.push(format!(
-                    "task {task}: {node} acted under term {term} at {at} us, after {by} acted \
-                     under term {h} at {when} us"
+                    "task {task}: {node} acted under term {term} at {at} us ({what}), after \
+                     {by} acted under term {h} at {when} us"
                 )),
                 Some((h, _, _)) if term <= *h => {}
                 _ => highest = Some((term, node, at)),
