@@ -1134,6 +1134,21 @@ impl Etcd {
         self.member.pid()
     }
 
+    /// Sends signal `sig` (a name `kill` knows: `STOP`, `CONT`, …) to the running etcd, through
+    /// the `kill` command. Panics when etcd is not running or the signal cannot be sent (test
+    /// helper).
+    pub fn signal(&self, sig: &str) {
+        let Some(pid) = self.pid() else {
+            panic!("kill -{sig}: etcd is not running")
+        };
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap_or_else(|e| panic!("kill -{sig} {pid}: {e}"));
+        assert!(status.success(), "kill -{sig} {pid}");
+    }
+
     /// The log file receiving etcd's stdout and stderr (all starts appended).
     pub fn log_path(&self) -> &Path {
         &self.member.log_path

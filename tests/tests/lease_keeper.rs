@@ -67,16 +67,6 @@ async fn alive(rx: &mut watch::Receiver<LeaseState>) -> Instant {
 }
 
 /// Sends `sig` (`STOP`, `CONT`) to etcd, through the `kill` command (no `unsafe`).
-fn signal(etcd: &Etcd, sig: &str) {
-    let pid = etcd.pid().expect("etcd runs");
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{sig} {pid}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_etcd_is_slow_not_broken_the_keeper_keeps_one_stream_and_the_lease() {
     init_logs();
@@ -107,7 +97,7 @@ async fn a_paused_etcd_is_slow_not_broken_the_keeper_keeps_one_stream_and_the_le
     let deadline = renewed_after(&mut rx, first).await;
 
     info!("--- etcd paused past the keeper's local deadline, resumed before etcd's expiry");
-    signal(&etcd, "STOP");
+    etcd.signal("STOP");
     // The keeper, not etcd, must notice the deadline: it steps down while etcd is paused.
     let suspended = tokio::time::timeout(
         WAIT,
@@ -118,7 +108,7 @@ async fn a_paused_etcd_is_slow_not_broken_the_keeper_keeps_one_stream_and_the_le
     // during the pause were not answered in time, which the keeper before this test treated as
     // a broken stream.
     tokio::time::sleep_until(deadline + Duration::from_millis(800)).await;
-    signal(&etcd, "CONT");
+    etcd.signal("CONT");
     assert!(
         suspended.is_ok_and(|r| r.is_ok()),
         "the keeper stepped down at its local deadline while etcd was paused"

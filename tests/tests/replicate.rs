@@ -48,6 +48,18 @@ struct Shared {
 }
 
 impl Shared {
+    /// The shared record, with the test's `arm` and `go` switches (both off).
+    fn new() -> (Shared, watch::Sender<bool>, watch::Sender<bool>) {
+        let (arm, arm_rx) = watch::channel(false);
+        let (go, go_rx) = watch::channel(false);
+        let shared = Shared {
+            seen: watch::channel(Seen::default()).0,
+            arm: arm_rx,
+            go: go_rx,
+        };
+        (shared, arm, go)
+    }
+
     fn record(&self, f: impl FnOnce(&mut Seen)) {
         self.seen.send_modify(f);
     }
@@ -218,16 +230,6 @@ async fn arm_handler(arm: &watch::Sender<bool>, shared: &Shared) {
     .await;
 }
 
-fn signal(etcd: &Etcd, sig: &str) {
-    let pid = etcd.pid().expect("etcd runs");
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{sig} {pid}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicate_while_etcd_is_paused_waits_for_the_renewal_and_each_update_is_applied_once() {
     init_logs();
@@ -235,21 +237,14 @@ async fn replicate_while_etcd_is_paused_waits_for_the_renewal_and_each_update_is
     // A 10 s lease: local deadline 8 s after a keep-alive's send, etcd's expiry 2 s later. The
     // test resumes etcd inside that window, so the lease survives the pause.
     let ttl = Duration::from_secs(10);
-    let (seen, _) = watch::channel(Seen::default());
-    let (arm, arm_rx) = watch::channel(false);
-    let (go, go_rx) = watch::channel(false);
-    let shared = Shared {
-        seen,
-        arm: arm_rx,
-        go: go_rx,
-    };
+    let (shared, arm, go) = Shared::new();
     let job = job_name("replicate-paused");
     let (p, b) = primary_and_backup(&job, etcd.endpoints(), etcd.endpoints(), ttl, &shared).await;
 
     arm_handler(&arm, &shared).await;
 
     info!("--- etcd paused until the primary steps down at its local deadline");
-    signal(&etcd, "STOP");
+    etcd.signal("STOP");
     wait_status(&p, "the primary stops acting", |s| !s.acting).await;
     info!("--- the primary replicates from a handler and from spawned work, unconfirmed");
     go.send_replace(true);
@@ -260,7 +255,7 @@ async fn replicate_while_etcd_is_paused_waits_for_the_renewal_and_each_update_is
     // The handler holds the event loop while it waits: liveness says so instead of failing.
     let addr = p.metrics_addr().expect("the primary serves /healthz");
     let health = http_get(&format!("http://{addr}/healthz")).await;
-    signal(&etcd, "CONT");
+    etcd.signal("CONT");
     assert!(
         health.starts_with("HTTP/1.1 200") || health.starts_with("HTTP/1.0 200"),
         "a handler waiting for the lease is not a stalled loop: {health}"
@@ -316,14 +311,7 @@ async fn replicate_from_a_primary_cut_off_from_etcd_ends_not_primary_and_ships_n
         .await
         .unwrap();
     let ttl = Duration::from_secs(1);
-    let (seen, _) = watch::channel(Seen::default());
-    let (arm, arm_rx) = watch::channel(false);
-    let (go, go_rx) = watch::channel(false);
-    let shared = Shared {
-        seen,
-        arm: arm_rx,
-        go: go_rx,
-    };
+    let (shared, arm, go) = Shared::new();
     let job = job_name("replicate-cut");
     let through_proxy = vec![format!("http://{}", proxy.addr())];
     let (p, b) = primary_and_backup(&job, through_proxy, etcd.endpoints(), ttl, &shared).await;
