@@ -574,20 +574,28 @@ impl Context {
     }
 
     /// Whether this node's job watch refused the epoch key's value at `mod_revision` as not
-    /// written by the framework. Waits (up to a lease TTL) for the watch to reach that
-    /// revision; `false` if it does not.
+    /// written by the framework. From spawned work it waits (up to a lease TTL) for the watch
+    /// to reach that revision; `false` if it does not (in a handler it does not wait).
     async fn watch_refused(&self, mod_revision: i64) -> bool {
         let mut view = self.inner.env.view.clone();
+        let refused = |v: &crate::roles::JobView| {
+            v.epoch_fault
+                .as_ref()
+                .is_some_and(|f| f.mod_revision == mod_revision)
+        };
+        // In a handler the watch cannot move meanwhile (the loop that feeds it is the one
+        // waiting): judge by what it has seen.
+        if self.on_loop() {
+            let v = view.borrow();
+            return v.revision >= mod_revision && refused(&v);
+        }
         let reached = tokio::time::timeout(
             self.inner.env.lease_ttl,
             view.wait_for(|v| v.revision >= mod_revision),
         )
         .await;
         match reached {
-            Ok(Ok(v)) => v
-                .epoch_fault
-                .as_ref()
-                .is_some_and(|f| f.mod_revision == mod_revision),
+            Ok(Ok(v)) => refused(&v),
             _ => false,
         }
     }
