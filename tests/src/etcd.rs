@@ -1134,6 +1134,15 @@ impl Etcd {
         self.member.pid()
     }
 
+    /// The client endpoint as a socket address (e.g. for a [`Proxy`](crate::proxy::Proxy)
+    /// in front of it). Panics if the endpoint is not `http://ip:port` (test helper).
+    pub fn socket_addr(&self) -> std::net::SocketAddr {
+        let url = self.endpoint();
+        url.trim_start_matches("http://")
+            .parse()
+            .unwrap_or_else(|e| panic!("etcd endpoint {url}: {e}"))
+    }
+
     /// Sends signal `sig` (a name `kill` knows: `STOP`, `CONT`, …) to the running etcd, through
     /// the `kill` command. Panics when etcd is not running or the signal cannot be sent (test
     /// helper).

@@ -23,13 +23,6 @@ use tracing::info;
 
 const BIN: &str = env!("CARGO_BIN_EXE_testnode");
 
-fn etcd_addr(etcd: &Etcd) -> SocketAddr {
-    let url = etcd.endpoint();
-    url.trim_start_matches("http://")
-        .parse()
-        .unwrap_or_else(|e| panic!("etcd endpoint {url}: {e}"))
-}
-
 /// How the test cuts the primary off.
 enum Isolation {
     /// Its own network namespace: cut off from etcd and from every peer.
@@ -62,7 +55,7 @@ async fn isolate_a_primary(isolation: Isolation) {
         Isolation::EtcdOnly => std::net::Ipv4Addr::LOCALHOST.into(),
     };
     // The isolated node reaches etcd through a forwarder (on the host's end of the link).
-    let proxy = Proxy::start(SocketAddr::new(host_ip, 0), etcd_addr(&etcd))
+    let proxy = Proxy::start(SocketAddr::new(host_ip, 0), etcd.socket_addr())
         .await
         .expect("start the etcd forwarder");
     let (tasks, until) = (3, 400);

@@ -296,18 +296,11 @@ async fn replicate_while_etcd_is_paused_waits_for_the_renewal_and_each_update_is
     b.stop().await.unwrap();
 }
 
-fn etcd_addr(etcd: &Etcd) -> SocketAddr {
-    etcd.endpoint()
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicate_from_a_primary_cut_off_from_etcd_ends_not_primary_and_ships_nothing() {
     init_logs();
     let etcd = Etcd::start().await.unwrap();
-    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), etcd_addr(&etcd))
+    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), etcd.socket_addr())
         .await
         .unwrap();
     let ttl = Duration::from_secs(1);
