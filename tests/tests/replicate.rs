@@ -253,14 +253,27 @@ async fn replicate_while_etcd_is_paused_waits_for_the_renewal_and_each_update_is
     })
     .await;
     // The handler holds the event loop while it waits: liveness says so instead of failing.
+    // The handler records that it started just before it calls `replicate`, so poll /healthz
+    // until the wait shows (within a second: etcd must resume before the lease's expiry, 2 s
+    // after the local deadline); every answer meanwhile must be healthy.
     let addr = p.metrics_addr().expect("the primary serves /healthz");
-    let health = http_get(&format!("http://{addr}/healthz")).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let health = http_get(&format!("http://{addr}/healthz")).await;
+        assert!(
+            health.starts_with("HTTP/1.1 200") || health.starts_with("HTTP/1.0 200"),
+            "a handler waiting for the lease is not a stalled loop: {health}"
+        );
+        if health.contains("waiting for etcd") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/healthz never said the handler waits for etcd: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     etcd.signal("CONT");
-    assert!(
-        health.starts_with("HTTP/1.1 200") || health.starts_with("HTTP/1.0 200"),
-        "a handler waiting for the lease is not a stalled loop: {health}"
-    );
-    assert!(health.contains("waiting for etcd"), "{health}");
     assert!(
         during.applied.is_empty(),
         "nothing is shipped while the lease is unconfirmed: {during:?}"
