@@ -66,6 +66,7 @@
 //! | `taskgraph_lease_grants_total` | counter | | leases etcd granted the node (one at start, one more after each expiry) |
 //! | `taskgraph_lease_renewals_total` | counter | | lease keep-alives etcd acknowledged |
 //! | `taskgraph_lease_losses_total` | counter | `reason` | `suspended`: the local deadline passed without a renewal (the node stops acting); `expired`: etcd reports the lease gone (the node gives its slot up) |
+//! | `taskgraph_liveness_checks_total` | counter | `kind` | checks of other nodes' processes: `hold` (a liveness hold opened: a backup on its primary, a spare on the backups of a task without a primary; one per holder while it lives) or `ping` (a one-off check, e.g. after a hold broke or a call was refused) |
 //! | `taskgraph_bad_values_total` | counter | `key` | values under a key the framework owns that it refused: `key` is `epoch`, `spec` or `node` (this node's record); logged at error level with the key and the value's fault |
 //! | `taskgraph_keys_healed_total` | counter | `key` | bad values this node rewrote (a fenced compare-and-swap on the bad value's revision): `epoch`, `spec` or `node` |
 //! | `taskgraph_stalled` | gauge | | 1 while this node sees the job's epoch unmoved for longer than its stall time (see [`FrameworkBuilder::stall_after`](crate::FrameworkBuilder::stall_after)) |
@@ -110,6 +111,11 @@ struct NeighbourLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -165,6 +171,13 @@ pub(crate) enum NeighbourEvent {
     Restarted,
 }
 
+/// A check of another node's process, for `taskgraph_liveness_checks_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LivenessCheck {
+    Hold,
+    Ping,
+}
+
 /// A lease loss, for `taskgraph_lease_losses_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LeaseLoss {
@@ -207,6 +220,7 @@ struct Inner {
     lease_grants: Counter,
     lease_renewals: Counter,
     lease_losses: Family<ReasonLabel, Counter>,
+    liveness_checks: Family<KindLabel, Counter>,
     etcd_requests: Family<RequestLabels, Counter>,
     etcd_duration: Histograms<OpLabel>,
     bad_values: Family<KeyLabel, Counter>,
@@ -251,6 +265,7 @@ impl Metrics {
             lease_grants: Counter::default(),
             lease_renewals: Counter::default(),
             lease_losses: Family::default(),
+            liveness_checks: Family::default(),
             etcd_requests: Family::default(),
             etcd_duration: Family::new_with_constructor(etcd_histogram as fn() -> Histogram),
             bad_values: Family::default(),
@@ -369,6 +384,11 @@ impl Metrics {
             "lease_losses",
             "Leases suspended (local deadline passed) or expired (etcd dropped them)",
             inner.lease_losses.clone(),
+        );
+        r.register(
+            "liveness_checks",
+            "Checks of other nodes' processes: holds opened and one-off pings",
+            inner.liveness_checks.clone(),
         );
         r.register(
             "etcd_requests",
@@ -551,6 +571,18 @@ impl Metrics {
             .inc();
     }
 
+    /// A check of another node's process.
+    pub(crate) fn liveness_check(&self, check: LivenessCheck) {
+        let kind = match check {
+            LivenessCheck::Hold => "hold",
+            LivenessCheck::Ping => "ping",
+        };
+        self.inner
+            .liveness_checks
+            .get_or_create(&KindLabel { kind })
+            .inc();
+    }
+
     /// A bad value refused under `key` (`epoch`, `spec`, `node`).
     pub(crate) fn bad_value(&self, key: &'static str) {
         self.inner.bad_values.get_or_create(&KeyLabel { key }).inc();
@@ -642,6 +674,7 @@ mod tests {
         m.etcd_request("get", Outcome::Timeout, Duration::from_secs(2));
         m.neighbour_event(2, NeighbourEvent::Restarted);
         m.lease_lost(LeaseLoss::Suspended);
+        m.liveness_check(LivenessCheck::Hold);
         let t = m.encode().unwrap_or_default();
         for (series, value) in [
             (r#"taskgraph_pulls_sent_total{job="j",task="2"}"#, 1.0),
@@ -664,6 +697,10 @@ mod tests {
             ),
             (
                 r#"taskgraph_lease_losses_total{job="j",reason="suspended"}"#,
+                1.0,
+            ),
+            (
+                r#"taskgraph_liveness_checks_total{job="j",kind="hold"}"#,
                 1.0,
             ),
         ] {

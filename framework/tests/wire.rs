@@ -778,3 +778,81 @@ async fn a_connection_broken_mid_call_is_classified_by_a_fresh_connect() {
     );
     peer.abort();
 }
+
+#[tokio::test]
+async fn a_hold_answers_once_stays_open_and_ends_when_the_server_shuts_down() {
+    let (server, inbound) = TestServer::start(server_config()).await;
+    let mut seen = spawn_loop(inbound);
+    let peers = peers();
+
+    let (reply, held) = peers.hold(&server.addr).await.unwrap();
+    assert_eq!(reply, ping_reply());
+    assert!(seen.recv().await.unwrap().starts_with("Ping"));
+    let ended = tokio::spawn(held.ended());
+    // The connection carries other calls meanwhile, and the hold stays open without asking
+    // the loop anything more.
+    assert_eq!(peers.ping(&server.addr).await.unwrap(), ping_reply());
+    assert!(seen.recv().await.unwrap().starts_with("Ping"));
+    assert!(!ended.is_finished(), "a hold on a live server stays open");
+
+    // An open hold does not keep the server from draining; it ends as "shutting down".
+    server.stop().await;
+    assert_eq!(
+        ended.await.unwrap(),
+        CallError::Rejected(Rejection::ShuttingDown)
+    );
+    assert!(seen.try_recv().is_err(), "the loop saw only the two pings");
+}
+
+#[tokio::test]
+async fn a_hold_ends_when_the_loop_is_gone_and_a_closed_port_is_refused() {
+    let (server, mut inbound) = TestServer::start(server_config()).await;
+    let peers = peers();
+    // A loop that answers the hold's question, then goes away.
+    let answered = tokio::spawn(async move {
+        match inbound.recv().await {
+            Some(Inbound::Ping(answer)) => answer.send(ping_reply()).unwrap(),
+            other => panic!("expected a ping, got {other:?}"),
+        }
+        drop(inbound);
+    });
+    let (reply, held) = peers.hold(&server.addr).await.unwrap();
+    assert_eq!(reply, ping_reply());
+    answered.await.unwrap();
+    assert_eq!(
+        held.ended().await,
+        CallError::Rejected(Rejection::ShuttingDown)
+    );
+    server.stop().await;
+
+    let listener = wire::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    drop(listener);
+    assert_eq!(
+        peers.hold(&addr).await.unwrap_err(),
+        CallError::Refused { addr: addr.clone() }
+    );
+    // A peer that breaks the connection and closes its port: refused too.
+    let (addr, peer) = breaking_peer(true).await;
+    assert_eq!(
+        peers.hold(&addr).await.unwrap_err(),
+        CallError::Refused { addr: addr.clone() }
+    );
+    peer.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_hold_for_another_job_is_refused() {
+    let (server, inbound) = TestServer::start(server_config()).await;
+    let mut seen = spawn_loop(inbound);
+    let other = Peers::new(ClientConfig::new("job-b"));
+    assert_eq!(
+        other.hold(&server.addr).await.unwrap_err(),
+        CallError::Rejected(Rejection::WrongJob {
+            expected: JOB.into(),
+            got: "job-b".into()
+        })
+    );
+    server.stop().await;
+    assert!(seen.recv().await.is_none(), "the loop never saw the hold");
+}

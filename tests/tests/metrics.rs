@@ -636,6 +636,74 @@ async fn counters_move_across_epochs_and_etcd_requests_are_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_watches_its_live_primary_with_one_hold_and_no_polling() {
+    let etcd = etcd().await;
+    let mut config = ClusterConfig::new(etcd.endpoints(), &job_name("holds"), 3, 2);
+    config.ttl = Duration::from_secs(5);
+    let mut nodes = Nodes::new(config);
+    nodes.audit.close_gate();
+    for _ in 0..6 {
+        nodes
+            .add_dataflow(1_000_000, Duration::from_millis(20))
+            .await;
+    }
+    nodes
+        .wait_until("every task has a primary and a backup", |s| {
+            fully_staffed(3, 1, s)
+        })
+        .await;
+    nodes.audit.open_gate();
+    let (root, _) = nodes.primary_of(0).unwrap();
+    let t0 = task(0);
+    let root_task = [("task", t0.as_str())];
+    let root_entered = |s: &Scrape| {
+        s.value("taskgraph_epochs_entered_total", &root_task)
+            .unwrap_or(0.0)
+    };
+    let hold = [("kind", "hold")];
+    let ping = [("kind", "ping")];
+    let backups: Vec<usize> = (0..3).map(|t| nodes.backup_of(t).unwrap()).collect();
+    // Every backup has its hold open once it is a backup; take the counts after that.
+    let mut before = Vec::new();
+    for &b in &backups {
+        before.push(
+            wait_scrape(nodes.addr(b), "the backup holds its primary", |s| {
+                s.sum("taskgraph_liveness_checks_total", &hold) >= 1.0
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    let start = root_entered(&scrape(nodes.addr(root)).await.unwrap());
+
+    info!("--- 20 epochs (20 ms apart) later: no backup checked its primary again");
+    wait_scrape(nodes.addr(root), "the root entered 20 more epochs", |s| {
+        root_entered(s) >= start + 20.0
+    })
+    .await
+    .unwrap();
+    for (&b, before) in backups.iter().zip(&before) {
+        let after = scrape(nodes.addr(b)).await.unwrap();
+        assert!(
+            nodes
+                .live()
+                .iter()
+                .any(|(i, s)| *i == b && s.acting && matches!(s.role, Role::Backup { .. })),
+            "node {b} is still a backup"
+        );
+        for kind in [hold, ping] {
+            assert_eq!(
+                after.sum("taskgraph_liveness_checks_total", &kind),
+                before.sum("taskgraph_liveness_checks_total", &kind),
+                "backup {b}: {kind:?} checks while its primary lives (a poll would add one \
+                 every 50 ms)"
+            );
+        }
+    }
+    nodes.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promoted_backup_counts_the_failover_and_neighbours_count_the_incident() {
     let etcd = etcd().await;
     let mut config = ClusterConfig::new(etcd.endpoints(), &job_name("failover"), 3, 2);

@@ -21,62 +21,121 @@ use tokio::sync::watch;
 
 use super::SlotEnv;
 use crate::etcd::Store;
+use crate::metrics::{LivenessCheck, Metrics};
 use crate::roles::{JobView, Watched};
-use crate::wire::{CallError, Peers, Rejection};
+use crate::wire::{CallError, Peers, PingReply, Rejection};
 use crate::TaskId;
 
-/// How often a slot holder's liveness is checked, and how long a check may take. A check that
-/// is merely slow proves nothing and is left to the lease.
+/// How long a liveness check (a ping, or opening a hold) may take, and the pause between
+/// attempts to (re)open a hold on a holder that does not answer. A check that is merely slow
+/// proves nothing and is left to the lease.
 pub(crate) const MONITOR_INTERVAL: Duration = Duration::from_millis(50);
 pub(crate) const MONITOR_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Pings node `node` at `addr` once: `Some(evidence)` when its process is evidently gone.
-pub(crate) async fn evidence_of_death(peers: &Peers, addr: &str, node: &str) -> Option<String> {
+pub(crate) async fn evidence_of_death(
+    peers: &Peers,
+    metrics: &Metrics,
+    addr: &str,
+    node: &str,
+) -> Option<String> {
+    metrics.liveness_check(LivenessCheck::Ping);
     match tokio::time::timeout(MONITOR_TIMEOUT, peers.ping(addr)).await {
-        Ok(Ok(reply)) if reply.node_id == node => None,
-        Ok(Ok(reply)) => Some(format!("{addr} is now answered by node {}", reply.node_id)),
-        Ok(Err(e)) if e.is_refused() => Some(format!("{addr} refuses connections")),
-        Ok(Err(CallError::Rejected(Rejection::ShuttingDown))) => {
-            Some(format!("{addr} is shutting down"))
-        }
-        // Slow, unreachable, or garbage: no evidence of death; the lease decides.
-        Ok(Err(_)) | Err(_) => None,
+        Ok(Ok(reply)) => other_node(addr, node, &reply),
+        Ok(Err(e)) => evidence_in(addr, &e),
+        // Slow: no evidence of death; the lease decides.
+        Err(_) => None,
     }
 }
 
-/// Pings `target` at once and then every [`MONITOR_INTERVAL`] until there is evidence that its
-/// process is gone, then ends its lease and returns. (At once: a spare starts checking a
-/// backup when its task loses its primary, which is when the backup may have died with it.)
-/// Stops checking once the job has finished (every node is stopping on its own then: a holder
-/// going away is not a death).
+/// Evidence of death in a call's error: the port refuses connections, or the node answers
+/// that it is shutting down. Slow, unreachable or garbage prove nothing.
+fn evidence_in(addr: &str, e: &CallError) -> Option<String> {
+    match e {
+        e if e.is_refused() => Some(format!("{addr} refuses connections")),
+        CallError::Rejected(Rejection::ShuttingDown) => Some(format!("{addr} is shutting down")),
+        _ => None,
+    }
+}
+
+/// Evidence of death in a reply from another node than `node` at its address.
+fn other_node(addr: &str, node: &str, reply: &PingReply) -> Option<String> {
+    (reply.node_id != node).then(|| format!("{addr} is now answered by node {}", reply.node_id))
+}
+
+/// Watches `target` until there is evidence that its process is gone, then ends its lease and
+/// returns. Stops watching once the job has finished (every node is stopping on its own then:
+/// a holder going away is not a death).
+///
+/// The watch is a hold ([`Peers::hold`]): one call that stays open while the holder lives, so
+/// a live holder costs nothing, and a process that dies (its connections reset by its kernel)
+/// is noticed at once. When a hold ends, a ping tells whether the process is gone (refused,
+/// shutting down, another node at the address); if not (a broken connection proves nothing),
+/// the hold is opened again. The first hold is opened at once: a spare starts watching a backup
+/// when its task loses its primary, which is when the backup may have died with it.
 pub(crate) async fn watch_holder(
     peers: Peers,
+    metrics: Metrics,
     store: Store,
-    view: watch::Receiver<Arc<JobView>>,
+    mut view: watch::Receiver<Arc<JobView>>,
     target: Watched,
 ) {
     let mut first = true;
-    loop {
+    let evidence = loop {
         if !std::mem::take(&mut first) {
             tokio::time::sleep(MONITOR_INTERVAL).await;
         }
         if view.borrow().finished() {
             return;
         }
-        let Some(evidence) = evidence_of_death(&peers, &target.addr, &target.node).await else {
-            continue;
+        let (addr, node) = (&target.addr, &target.node);
+        metrics.liveness_check(LivenessCheck::Hold);
+        let held = match tokio::time::timeout(MONITOR_TIMEOUT, peers.hold(addr)).await {
+            Ok(Ok((reply, held))) => match other_node(addr, node, &reply) {
+                Some(evidence) => break evidence,
+                None => held,
+            },
+            Ok(Err(e)) => match evidence_in(addr, &e) {
+                Some(evidence) => break evidence,
+                None => continue,
+            },
+            Err(_) => continue,
         };
-        let role = if target.primary { "primary" } else { "backup" };
-        tracing::warn!(
-            task = target.task,
-            role,
-            holder = %target.node,
-            evidence,
-            "a slot holder's process is gone: ending its lease"
-        );
+        let ended = tokio::select! {
+            e = held.ended() => e,
+            _ = view.wait_for(|v| v.finished()) => return,
+        };
+        if view.borrow().finished() {
+            return;
+        }
+        tracing::debug!(holder = %node, error = %ended, "a liveness hold ended; checking the holder");
+        if let Some(evidence) = evidence_in(addr, &ended) {
+            break evidence;
+        }
+        // The connection broke, but that proves nothing yet: ask the address who is there.
+        if let Some(evidence) = evidence_of_death(&peers, &metrics, addr, node).await {
+            break evidence;
+        }
+    };
+    if view.borrow().finished() {
+        return;
+    }
+    let role = if target.primary { "primary" } else { "backup" };
+    tracing::warn!(
+        task = target.task,
+        role,
+        holder = %target.node,
+        evidence,
+        "a slot holder's process is gone: ending its lease"
+    );
+    loop {
         match store.revoke_lease(target.lease).await {
             Ok(()) => return,
             Err(e) => tracing::debug!(error = %e, "could not end a dead holder's lease; retrying"),
+        }
+        tokio::time::sleep(MONITOR_INTERVAL).await;
+        if view.borrow().finished() {
+            return;
         }
     }
 }
@@ -96,7 +155,7 @@ pub(crate) async fn end_dead_backups(env: &SlotEnv, task: TaskId) {
             .collect()
     };
     for (node, addr, lease) in backups {
-        if let Some(evidence) = evidence_of_death(&env.peers, &addr, &node).await {
+        if let Some(evidence) = evidence_of_death(&env.peers, &env.metrics, &addr, &node).await {
             tracing::warn!(
                 task,
                 backup = %node,
@@ -144,7 +203,7 @@ pub(crate) async fn check_primary(env: &SlotEnv, task: TaskId, term: crate::Term
     let Some((node, addr, lease)) = target else {
         return;
     };
-    if let Some(evidence) = evidence_of_death(&env.peers, &addr, &node).await {
+    if let Some(evidence) = evidence_of_death(&env.peers, &env.metrics, &addr, &node).await {
         tracing::warn!(
             task,
             term,

@@ -106,8 +106,13 @@ pub(crate) async fn ship(
                     }
                 }
                 Verdict::Suspect => {
-                    match super::liveness::evidence_of_death(&env.peers, &member.addr, &member.node)
-                        .await
+                    match super::liveness::evidence_of_death(
+                        &env.peers,
+                        &env.metrics,
+                        &member.addr,
+                        &member.node,
+                    )
+                    .await
                     {
                         Some(evidence) => {
                             tracing::warn!(

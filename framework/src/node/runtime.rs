@@ -589,6 +589,7 @@ impl Runtime {
             let task = AbortOnDrop::spawn(
                 liveness::watch_holder(
                     self.peers.clone(),
+                    self.metrics.clone(),
                     self.store.clone(),
                     self.view_tx.subscribe(),
                     target.clone(),

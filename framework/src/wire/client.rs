@@ -156,6 +156,35 @@ impl Peers {
         }
     }
 
+    /// Opens a liveness hold on the node at `addr`: returns who it is (as [`Peers::ping`]) and
+    /// a [`Held`] stream that stays open, carrying nothing, until that node shuts down or the
+    /// connection breaks. Watching a peer this way costs no calls while it lives; a broken
+    /// connection is noticed as soon as the transport sees it.
+    pub async fn hold(&self, addr: &str) -> Result<(PingReply, Held), CallError> {
+        let msg = proto::PingRequest {
+            job: self.inner.config.job.clone(),
+        };
+        let mut client = self.client(addr)?;
+        let mut stream = match client.hold(msg).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return Err(self.classify(addr, status).await),
+        };
+        match stream.message().await {
+            Ok(Some(first)) => Ok((
+                PingReply::from(first),
+                Held {
+                    peers: self.clone(),
+                    addr: addr.to_owned(),
+                    stream,
+                },
+            )),
+            Ok(None) => Err(CallError::Protocol {
+                reason: "a hold ended before its first reply".into(),
+            }),
+            Err(status) => Err(self.classify(addr, status).await),
+        }
+    }
+
     /// Drops the cached channel to `addr` (e.g. after the address changed owner); the next
     /// call connects afresh. Calls in flight on the old channel are not affected.
     pub fn forget(&self, addr: &str) {
@@ -346,4 +375,34 @@ fn chain_text(err: &(dyn StdError + 'static)) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(": ")
+}
+
+/// An open liveness hold from [`Peers::hold`]. Dropping it ends the hold.
+#[derive(Debug)]
+pub struct Held {
+    peers: Peers,
+    addr: String,
+    stream: tonic::Streaming<proto::PingReply>,
+}
+
+impl Held {
+    /// Waits until the hold ends and says why: [`Rejection::ShuttingDown`] when the node shut
+    /// down (or its event loop is gone), [`CallError::Refused`] when its connection broke and
+    /// its port now refuses connections, [`CallError::Unreachable`] for a connection that broke
+    /// otherwise (which proves nothing about the process).
+    pub async fn ended(mut self) -> CallError {
+        loop {
+            match self.stream.message().await {
+                // Replies after the first are allowed (newer servers may send news); none
+                // carries anything this side needs.
+                Ok(Some(_)) => continue,
+                Ok(None) => {
+                    return CallError::Protocol {
+                        reason: "a hold ended without a status".into(),
+                    }
+                }
+                Err(status) => return self.peers.classify(&self.addr, status).await,
+            }
+        }
+    }
 }

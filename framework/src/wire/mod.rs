@@ -1,12 +1,14 @@
 //! Node-to-node transport: gRPC (tonic over HTTP/2) between taskgraph nodes.
 //!
-//! Nodes exchange four kinds of message, each a unary call:
+//! Nodes exchange four kinds of message, each a unary call, and hold one kind of stream:
 //!
 //! * [`PullRequest`] → [`PullAnswer`]: a data request from task A to the current primary of
 //!   task B;
 //! * [`Meta`]: a small flag from a task to a neighbour;
 //! * [`Replicate`]: state from a task's primary to its backups;
-//! * ping → [`PingReply`]: "who are you".
+//! * ping → [`PingReply`]: "who are you";
+//! * hold → one [`PingReply`], then nothing until the server shuts down: a liveness watch that
+//!   costs no calls ([`Peers::hold`], [`Held`]).
 //!
 //! This module only moves and validates frames; the node's event loop decides answers. The
 //! receiving side is [`serve`], which hands each validated message to the loop as an
@@ -48,7 +50,7 @@ mod proto {
     tonic::include_proto!("taskgraph.wire");
 }
 
-pub use client::{ClientConfig, Peers, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HTTP2_KEEPALIVE};
+pub use client::{ClientConfig, Held, Peers, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HTTP2_KEEPALIVE};
 pub use error::{CallError, WireError};
 pub use rejection::{Rejection, MAX_REJECTION_TEXT, REJECTION_METADATA_KEY};
 pub use server::{

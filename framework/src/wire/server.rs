@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::StreamExt;
 use prost::Message;
 use tokio::net::{TcpListener, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot};
@@ -195,6 +196,17 @@ struct Node {
 }
 
 impl Node {
+    /// Answers "who are you" through the event loop (refused when `job` names another job; an
+    /// empty job asks without claiming one).
+    async fn who_am_i(&self, request: proto::PingRequest) -> Result<proto::PingReply, Rejection> {
+        if !request.job.is_empty() {
+            self.check_job(&request.job)?;
+        }
+        let reply = proto::PingReply::from(self.dispatch(Inbound::Ping).await?);
+        self.check_answer_size(reply.encoded_len())?;
+        Ok(reply)
+    }
+
     /// With TLS and a configured peer name: the caller's certificate (already verified to
     /// chain to the job's CA during the handshake) must be valid for that name.
     fn check_peer<T>(&self, rpc: &'static str, request: &Request<T>) -> Result<(), Status> {
@@ -343,22 +355,43 @@ impl Taskgraph for Node {
         request: Request<proto::PingRequest>,
     ) -> Result<Response<proto::PingReply>, Status> {
         self.check_peer("ping", &request)?;
-        let reply = async {
-            let job = request.into_inner().job;
-            // An empty job asks "who are you" without claiming a job.
-            if !job.is_empty() {
-                self.check_job(&job)?;
-            }
-            let reply = proto::PingReply::from(self.dispatch(Inbound::Ping).await?);
-            self.check_answer_size(reply.encoded_len())?;
-            Ok(reply)
-        };
-        reply
+        self.who_am_i(request.into_inner())
             .await
             .map(Response::new)
             .map_err(|r| refuse("ping", r))
     }
+
+    type HoldStream = HoldStream;
+
+    async fn hold(
+        &self,
+        request: Request<proto::PingRequest>,
+    ) -> Result<Response<HoldStream>, Status> {
+        self.check_peer("hold", &request)?;
+        let first = self
+            .who_am_i(request.into_inner())
+            .await
+            .map_err(|r| refuse("hold", r))?;
+        // Nothing more is sent until the node shuts down or its event loop is gone; the
+        // stream's end (or its connection breaking with the process) is the watcher's news.
+        let stop = self.stop.clone();
+        let inbound = self.inbound.clone();
+        let end = async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = inbound.closed() => {}
+            }
+            Err(refuse("hold", Rejection::ShuttingDown))
+        };
+        let stream =
+            futures::stream::once(std::future::ready(Ok(first))).chain(futures::stream::once(end));
+        Ok(Response::new(Box::pin(stream)))
+    }
 }
+
+/// The stream of a [`Taskgraph::hold`] call: one reply, then an error status at shutdown.
+type HoldStream =
+    Pin<Box<dyn futures::Stream<Item = Result<proto::PingReply, Status>> + Send + 'static>>;
 
 /// Wraps the generated server so that tonic's own "message too large" refusal (code
 /// `OutOfRange` in tonic 0.14, produced before our handler runs) goes out as
