@@ -300,7 +300,11 @@ impl JobClient {
     /// ```
     pub fn changes(&self) -> JobChanges {
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(watch::run(self.store().clone(), tx));
+        tokio::spawn(watch::run(
+            self.store().clone(),
+            self.keys().job_watch(),
+            tx,
+        ));
         JobChanges::live(self.job(), self.keys().clone(), rx)
     }
 

@@ -257,12 +257,22 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
-    /// The current format version.
-    pub const VERSION: u32 = 1;
+    /// The current format version. Version 2 moved checkpoints from `tasks/<t>/checkpoint` to
+    /// `checkpoints/<t>` (out of what every node watches); nodes of version 1 and 2 cannot run
+    /// one job together, and refuse each other's spec.
+    pub const VERSION: u32 = 2;
 
     /// Decodes a stored spec.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         let spec: JobSpec = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if spec.version == 1 {
+            return Err(
+                "spec version 1: the job was created by an older taskgraph (checkpoints \
+                        under tasks/<t>/checkpoint); run every node and tool of a job with the \
+                        same taskgraph version"
+                    .to_owned(),
+            );
+        }
         if spec.version != Self::VERSION {
             return Err(format!("unsupported spec version {}", spec.version));
         }
@@ -336,7 +346,7 @@ mod tests {
     fn spec(tasks: u32, replicas: u32) -> JobSpec {
         let tree = Tree::new(tasks, 2).unwrap_or_else(|e| panic!("{e}"));
         JobSpec {
-            version: 1,
+            version: JobSpec::VERSION,
             tasks,
             replicas,
             links: Links::new().link("parents", tree.parents()).describe(),
@@ -366,6 +376,8 @@ mod tests {
         assert!(JobSpec::decode(b"not json").is_err());
         assert!(JobSpec::decode(br#"{"version":1,"tasks":0,"replicas":1,"links":{}}"#).is_err());
         assert!(JobSpec::decode(br#"{"version":9,"tasks":1,"replicas":1,"links":{}}"#).is_err());
+        let old = JobSpec::decode(br#"{"version":1,"tasks":1,"replicas":1,"links":{}}"#);
+        assert!(old.is_err_and(|e| e.contains("older taskgraph")));
         let s = spec(3, 2);
         assert_eq!(JobSpec::decode(s.encode().as_bytes()), Ok(s.clone()));
         // Specs stored before parameters existed still decode.

@@ -67,6 +67,7 @@
 //! | `taskgraph_lease_renewals_total` | counter | | lease keep-alives etcd acknowledged |
 //! | `taskgraph_lease_losses_total` | counter | `reason` | `suspended`: the local deadline passed without a renewal (the node stops acting); `expired`: etcd reports the lease gone (the node gives its slot up) |
 //! | `taskgraph_liveness_checks_total` | counter | `kind` | checks of other nodes' processes: `hold` (a liveness hold opened: a backup on its primary, a spare on the backups of a task without a primary; one per holder while it lives) or `ping` (a one-off check, e.g. after a hold broke or a call was refused) |
+//! | `taskgraph_watch_events_total` | counter | | key changes the node's job watch received: it watches only the epoch, the spec and slot keys, and its own record, so a steady job adds about one per epoch (checkpoints and other nodes' records are not sent to it) |
 //! | `taskgraph_bad_values_total` | counter | `key` | values under a key the framework owns that it refused: `key` is `epoch`, `spec` or `node` (this node's record); logged at error level with the key and the value's fault |
 //! | `taskgraph_keys_healed_total` | counter | `key` | bad values this node rewrote (a fenced compare-and-swap on the bad value's revision): `epoch`, `spec` or `node` |
 //! | `taskgraph_stalled` | gauge | | 1 while this node sees the job's epoch unmoved for longer than its stall time (see [`FrameworkBuilder::stall_after`](crate::FrameworkBuilder::stall_after)) |
@@ -221,6 +222,7 @@ struct Inner {
     lease_renewals: Counter,
     lease_losses: Family<ReasonLabel, Counter>,
     liveness_checks: Family<KindLabel, Counter>,
+    watch_events: Counter,
     etcd_requests: Family<RequestLabels, Counter>,
     etcd_duration: Histograms<OpLabel>,
     bad_values: Family<KeyLabel, Counter>,
@@ -266,6 +268,7 @@ impl Metrics {
             lease_renewals: Counter::default(),
             lease_losses: Family::default(),
             liveness_checks: Family::default(),
+            watch_events: Counter::default(),
             etcd_requests: Family::default(),
             etcd_duration: Family::new_with_constructor(etcd_histogram as fn() -> Histogram),
             bad_values: Family::default(),
@@ -389,6 +392,11 @@ impl Metrics {
             "liveness_checks",
             "Checks of other nodes' processes: holds opened and one-off pings",
             inner.liveness_checks.clone(),
+        );
+        r.register(
+            "watch_events",
+            "Key changes the node's job watch received",
+            inner.watch_events.clone(),
         );
         r.register(
             "etcd_requests",
@@ -571,6 +579,11 @@ impl Metrics {
             .inc();
     }
 
+    /// Key changes the job watch received.
+    pub(crate) fn watch_events(&self, n: u64) {
+        self.inner.watch_events.inc_by(n);
+    }
+
     /// A check of another node's process.
     pub(crate) fn liveness_check(&self, check: LivenessCheck) {
         let kind = match check {
@@ -675,6 +688,7 @@ mod tests {
         m.neighbour_event(2, NeighbourEvent::Restarted);
         m.lease_lost(LeaseLoss::Suspended);
         m.liveness_check(LivenessCheck::Hold);
+        m.watch_events(3);
         let t = m.encode().unwrap_or_default();
         for (series, value) in [
             (r#"taskgraph_pulls_sent_total{job="j",task="2"}"#, 1.0),
@@ -703,6 +717,7 @@ mod tests {
                 r#"taskgraph_liveness_checks_total{job="j",kind="hold"}"#,
                 1.0,
             ),
+            (r#"taskgraph_watch_events_total{job="j"}"#, 3.0),
         ] {
             assert_eq!(sample(&t, series), Some(value), "{series} in\n{t}");
         }

@@ -670,19 +670,16 @@ async fn a_garbage_checkpoint_is_ignored_and_a_valid_one_restored() {
     let etcd = etcd().await;
     let (tasks, until) = (3, 4);
     let cfg = dataflow(&etcd, "ckpt-garbage", tasks, 1, until);
-    let prefix = format!("/taskgraph/jobs/{}/tasks", cfg.job);
+    let keys = taskgraph::testing::etcd::keys::JobKeys::new(&cfg.job);
     let valid = taskgraph::testing::etcd::keys::StoredCheckpoint {
         epoch: 9,
         data: taskgraph::encode(&41u64).unwrap().to_vec(),
     }
     .encode();
     let mut client = etcd.client().await.unwrap();
+    client.put(keys.checkpoint(1), valid, None).await.unwrap();
     client
-        .put(format!("{prefix}/1/checkpoint"), valid, None)
-        .await
-        .unwrap();
-    client
-        .put(format!("{prefix}/2/checkpoint"), "garbage", None)
+        .put(keys.checkpoint(2), "garbage", None)
         .await
         .unwrap();
     let mut c = Cluster::start_staffed(cfg, 3).await.unwrap();

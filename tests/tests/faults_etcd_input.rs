@@ -136,12 +136,8 @@ async fn garbage_under_every_key_of_a_running_job_is_not_obeyed() {
             format!("{p}nodes/{node_id}"),
             &["--ignore-lease"][..],
         ),
-        ("a checkpoint", format!("{p}tasks/3/checkpoint"), &[][..]),
-        (
-            "a leaf's checkpoint",
-            format!("{p}tasks/6/checkpoint"),
-            &[][..],
-        ),
+        ("a checkpoint", format!("{p}checkpoints/3"), &[][..]),
+        ("a leaf's checkpoint", format!("{p}checkpoints/6"), &[][..]),
     ] {
         info!("--- garbage under {what} ({key})");
         // The job is held meanwhile, so that it does not run out of epochs while the (slow,

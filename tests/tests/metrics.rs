@@ -636,7 +636,7 @@ async fn counters_move_across_epochs_and_etcd_requests_are_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backup_watches_its_live_primary_with_one_hold_and_no_polling() {
+async fn a_backup_holds_its_live_primary_without_polling_and_sees_one_watch_event_per_epoch() {
     let etcd = etcd().await;
     let mut config = ClusterConfig::new(etcd.endpoints(), &job_name("holds"), 3, 2);
     config.ttl = Duration::from_secs(5);
@@ -675,6 +675,7 @@ async fn a_backup_watches_its_live_primary_with_one_hold_and_no_polling() {
         );
     }
     let start = root_entered(&scrape(nodes.addr(root)).await.unwrap());
+    let watch_events = |s: &Scrape| s.sum("taskgraph_watch_events_total", &[]);
 
     info!("--- 20 epochs (20 ms apart) later: no backup checked its primary again");
     wait_scrape(nodes.addr(root), "the root entered 20 more epochs", |s| {
@@ -699,6 +700,14 @@ async fn a_backup_watches_its_live_primary_with_one_hold_and_no_polling() {
                  every 50 ms)"
             );
         }
+        // Every task checkpoints every epoch; a backup's watch sees only the epoch moving
+        // (the whole-job watch also sent it each task's checkpoint: 4 events per epoch).
+        let seen = watch_events(&after) - watch_events(before);
+        let moved = root_entered(&scrape(nodes.addr(root)).await.unwrap()) - start;
+        assert!(
+            seen >= 20.0 && seen <= moved + 2.0,
+            "backup {b}: {seen} watch events over {moved} epochs"
+        );
     }
     nodes.stop_all().await;
 }

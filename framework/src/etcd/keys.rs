@@ -9,8 +9,15 @@
 //! | `nodes/<node>` | [`NodeRecord`] as JSON | each node, at start | the node's |
 //! | `tasks/<t>/primary` | [`Holder`] as JSON; its create revision is the task's **term** | the node that wins the election (create-if-absent) | the node's |
 //! | `tasks/<t>/backup/<k>` (`k` in `1..replicas`) | [`Holder`] as JSON | a node taking backup slot `k` (create-if-absent) | the node's |
-//! | `tasks/<t>/checkpoint` | [`StoredCheckpoint`] (binary) | the task's primary (`Context::checkpoint`, fenced by its term) | none |
+//! | `checkpoints/<t>` | [`StoredCheckpoint`] (binary) | the task's primary (`Context::checkpoint`, fenced by its term) | none |
 //! | `result` | the application's bytes | the primary that ends the job with `Context::shutdown_job_with`, in the same transaction as `done <n>` | none |
+//!
+//! What a node watches ([`JobKeys::node_watch`]) is only what its decisions read: `epoch`, the
+//! range from `spec` to the end of `tasks/` (the spec and every slot key) and its own record.
+//! Checkpoints and the other nodes' records sit outside it (`checkpoints/` sorts before `epoch`,
+//! `nodes/` between `epoch` and `spec`), so a checkpoint written every epoch by every task, or a
+//! node joining, costs the other nodes nothing. [`JobKeys::job_watch`] (the whole prefix) is for
+//! tools following the job.
 //!
 //! A node holds at most one slot (one `primary` or one `backup/<k>` key) at a time. All keys
 //! written with a lease vanish when the node's lease ends (crash, partition, clean stop).
@@ -49,7 +56,7 @@ pub enum JobKey {
     Primary(TaskId),
     /// `tasks/<t>/backup/<k>`
     Backup(TaskId, u32),
-    /// `tasks/<t>/checkpoint`
+    /// `checkpoints/<t>`
     Checkpoint(TaskId),
     /// `result`
     Result,
@@ -92,7 +99,31 @@ impl JobKeys {
     }
     /// The checkpoint of task `t`.
     pub fn checkpoint(&self, t: TaskId) -> String {
-        format!("{}tasks/{t}/checkpoint", self.prefix)
+        format!("{}checkpoints/{t}", self.prefix)
+    }
+
+    /// What node `node` watches: the `epoch` key, the range from `spec` through every slot key
+    /// under `tasks/`, and the node's own record. Nothing else a node decides on lives in the
+    /// job, and nothing in these ranges is written per epoch except the epoch itself.
+    pub fn node_watch(&self, node: &str) -> Vec<KeyRange> {
+        vec![
+            KeyRange::key(self.epoch()),
+            KeyRange {
+                key: self.spec(),
+                end: Some(format!("{}tasks0", self.prefix)),
+            },
+            KeyRange::key(self.node(node)),
+        ]
+    }
+
+    /// Every key of the job (for tools following the whole job).
+    pub fn job_watch(&self) -> Vec<KeyRange> {
+        // The prefix ends in '/': the range ends where '/' is followed by '0'.
+        let end = format!("{}0", self.prefix.trim_end_matches('/'));
+        vec![KeyRange {
+            key: self.prefix.clone(),
+            end: Some(end),
+        }]
     }
 
     /// Parses a full key of this job; `None` for keys of other jobs or unknown shapes.
@@ -106,9 +137,32 @@ impl JobKeys {
             ["result"] => Some(JobKey::Result),
             ["nodes", node] if !node.is_empty() => Some(JobKey::Node((*node).to_owned())),
             ["tasks", t, "primary"] => Some(JobKey::Primary(t.parse().ok()?)),
-            ["tasks", t, "checkpoint"] => Some(JobKey::Checkpoint(t.parse().ok()?)),
+            ["checkpoints", t] => Some(JobKey::Checkpoint(t.parse().ok()?)),
             ["tasks", t, "backup", k] => Some(JobKey::Backup(t.parse().ok()?, k.parse().ok()?)),
             _ => None,
+        }
+    }
+}
+
+/// Keys `key..end` (etcd's range: `end` excluded), or the single key `key` when `end` is `None`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRange {
+    /// The first key.
+    pub key: String,
+    /// The end of the range, excluded.
+    pub end: Option<String>,
+}
+
+impl KeyRange {
+    fn key(key: String) -> Self {
+        KeyRange { key, end: None }
+    }
+
+    /// Whether `k` lies in the range.
+    pub fn contains(&self, k: &[u8]) -> bool {
+        match &self.end {
+            None => k == self.key.as_bytes(),
+            Some(end) => self.key.as_bytes() <= k && k < end.as_bytes(),
         }
     }
 }
@@ -291,6 +345,42 @@ mod tests {
         assert_eq!(k.parse(b"/taskgraph/jobs/j2/spec"), None);
         assert_eq!(k.parse(b"/taskgraph/jobs/j1/tasks/-1/primary"), None);
         assert_eq!(k.parse(&[0xff, 0xfe]), None);
+    }
+
+    #[test]
+    fn a_node_watches_its_decisions_keys_and_not_checkpoints_or_other_records() {
+        let k = JobKeys::new("j1");
+        let watched = |key: &str| {
+            k.node_watch("n1")
+                .iter()
+                .any(|r| r.contains(key.as_bytes()))
+        };
+        for key in [
+            k.epoch(),
+            k.spec(),
+            k.primary(0),
+            k.primary(1023),
+            k.backup(7, 2),
+            k.node("n1"),
+        ] {
+            assert!(watched(&key), "{key} must be watched");
+        }
+        for key in [
+            k.checkpoint(0),
+            k.checkpoint(7),
+            k.node("n2"),
+            k.node("n1x"),
+            k.result(),
+            "/taskgraph/jobs/j10/spec".to_owned(),
+            "/taskgraph/jobs/j1/tasks0".to_owned(),
+        ] {
+            assert!(!watched(&key), "{key} must not be watched");
+        }
+        let job = k.job_watch();
+        for key in [k.checkpoint(3), k.node("n2"), k.result(), k.spec()] {
+            assert!(job.iter().any(|r| r.contains(key.as_bytes())));
+        }
+        assert!(!job.iter().any(|r| r.contains(b"/taskgraph/jobs/j10/spec")));
     }
 
     #[test]

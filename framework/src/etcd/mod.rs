@@ -20,7 +20,7 @@ use crate::error::{Error, EtcdCause, EtcdError};
 use crate::metrics::{Metrics, Outcome};
 use crate::security::EtcdSecurity;
 use crate::{TaskId, Term};
-use keys::{EpochValue, Holder, JobKeys, NodeRecord};
+use keys::{EpochValue, Holder, JobKeys, KeyRange, NodeRecord};
 use lease::LeaseId;
 
 /// A key-value pair read from etcd, with the metadata the framework uses.
@@ -217,6 +217,13 @@ impl Store {
     }
 
     /// Counts one request made outside [`Store::timed`] (the lease keeper's, the watch's).
+    /// Counts key changes a watch received.
+    pub(crate) fn count_watch_events(&self, n: usize) {
+        if let Some(m) = &self.metrics {
+            m.watch_events(n as u64);
+        }
+    }
+
     pub(crate) fn record(&self, op: &'static str, outcome: Outcome, started: Instant) {
         if let Some(m) = &self.metrics {
             m.etcd_request(op, outcome, started.elapsed());
@@ -288,14 +295,25 @@ impl Store {
         Ok(resp.kvs().first().map(Kv::from))
     }
 
-    /// Reads every key of the job, and the revision the read was taken at.
-    pub async fn load(&self) -> Result<(Vec<Kv>, i64), EtcdError> {
-        let prefix = self.keys.prefix();
-        let resp = self
-            .read("get prefix", prefix, Some(GetOptions::new().with_prefix()))
-            .await?;
-        let rev = resp.header().map_or(0, |h| h.revision());
-        Ok((resp.kvs().iter().map(Kv::from).collect(), rev))
+    /// Reads every key in `ranges`, all at one revision (the first read's), and that revision.
+    pub async fn load_ranges(&self, ranges: &[KeyRange]) -> Result<(Vec<Kv>, i64), EtcdError> {
+        let mut kvs = Vec::new();
+        let mut revision = None;
+        for range in ranges {
+            let mut options = GetOptions::new();
+            if let Some(end) = &range.end {
+                options = options.with_range(end.as_str());
+            }
+            if let Some(rev) = revision {
+                options = options.with_revision(rev);
+            }
+            let resp = self.read("get range", &range.key, Some(options)).await?;
+            if revision.is_none() {
+                revision = Some(resp.header().map_or(0, |h| h.revision()));
+            }
+            kvs.extend(resp.kvs().iter().map(Kv::from));
+        }
+        Ok((kvs, revision.unwrap_or(0)))
     }
 
     /// Creates the job (spec and epoch 0) if absent, else checks that the stored spec equals

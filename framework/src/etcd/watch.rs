@@ -1,20 +1,30 @@
-//! The job watch: one watch over the job's prefix that survives etcd restarts and compaction.
+//! The job watch: watches over some key ranges of a job, on one etcd stream, that survive etcd
+//! restarts and compaction.
 //!
-//! It first reads every key of the job ([`JobEvent::Snapshot`]), then watches from the
-//! revision after that read. On a stream error it resumes from the last revision seen plus
-//! one; if etcd compacted that revision away, it reads everything again and sends a new
-//! snapshot.
+//! It first reads every key in its ranges at one revision ([`JobEvent::Snapshot`]), then
+//! watches each range from the revision after that read, all on one gRPC stream (etcd
+//! multiplexes watchers on it). Each range resumes on its own: on a stream error every watch
+//! is opened again from the last revision *it* has seen plus one, so no event is delivered
+//! twice or lost; if etcd compacted a watch's revision away, everything is read again and a new
+//! snapshot sent.
+//!
+//! A node watches [`JobKeys::node_watch`](super::keys::JobKeys::node_watch) (what its
+//! decisions read); tools following the whole job watch
+//! [`JobKeys::job_watch`](super::keys::JobKeys::job_watch). Events of one range arrive in
+//! revision order; events of different ranges are not ordered with each other, and no decision
+//! depends on that order.
 
-use etcd_client::{EventType, WatchOptions};
+use etcd_client::{EventType, WatchOptions, WatchResponse, WatchStream};
 use tokio::sync::mpsc;
 
+use super::keys::KeyRange;
 use super::{Kv, Store};
 use crate::metrics::Outcome;
 
 /// What the watch reports to the event loop.
 #[derive(Debug, Clone)]
 pub enum JobEvent {
-    /// Every key of the job at `revision`; replaces whatever the loop knew.
+    /// Every key of the watched ranges at `revision`; replaces whatever the loop knew.
     Snapshot {
         /// The keys.
         kvs: Vec<Kv>,
@@ -34,24 +44,34 @@ pub enum JobEvent {
     Disconnected,
 }
 
-/// Runs the watch until `tx` is closed.
-pub(crate) async fn run(store: Store, tx: mpsc::Sender<JobEvent>) {
-    let prefix = store.keys().prefix().to_owned();
-    let mut next: Option<i64> = None;
+/// How a stream of watches ended.
+enum Ended {
+    /// The receiver is gone: stop.
+    Closed,
+    /// The stream broke (or etcd cancelled a watch): open it again where each watch stopped.
+    Resume,
+    /// A watch's history was compacted away: read everything again.
+    Reload,
+}
+
+/// Runs the watch over `ranges` until `tx` is closed.
+pub(crate) async fn run(store: Store, ranges: Vec<KeyRange>, tx: mpsc::Sender<JobEvent>) {
+    // Per range: the revision its watch starts (or resumes) from; `None` until a snapshot.
+    let mut next: Option<Vec<i64>> = None;
     let mut delays = crate::retry::WATCH.delays();
     let mut announced_down = false;
     loop {
         if tx.is_closed() {
             return;
         }
-        let start = match next {
-            Some(rev) => rev,
-            None => match store.load().await {
+        let starts = match next.take() {
+            Some(starts) => starts,
+            None => match store.load_ranges(&ranges).await {
                 Ok((kvs, revision)) => {
                     if tx.send(JobEvent::Snapshot { kvs, revision }).await.is_err() {
                         return;
                     }
-                    revision + 1
+                    vec![revision + 1; ranges.len()]
                 }
                 Err(e) => {
                     if !announced_down {
@@ -64,16 +84,18 @@ pub(crate) async fn run(store: Store, tx: mpsc::Sender<JobEvent>) {
                 }
             },
         };
-        next = Some(start);
-        let mut client = store.client();
-        let options = WatchOptions::new().with_prefix().with_start_revision(start);
+        let mut starts = starts;
         let opened = tokio::time::Instant::now();
-        let stream = client.watch(prefix.clone(), Some(options)).await;
-        let outcome = match stream {
-            Ok(_) => Outcome::Ok,
-            Err(_) => Outcome::Error,
-        };
-        store.record("watch", outcome, opened);
+        let stream = open(&store, &ranges, &starts).await;
+        store.record(
+            "watch",
+            if stream.is_ok() {
+                Outcome::Ok
+            } else {
+                Outcome::Error
+            },
+            opened,
+        );
         let mut stream = match stream {
             Ok(s) => s,
             Err(e) => {
@@ -83,44 +105,32 @@ pub(crate) async fn run(store: Store, tx: mpsc::Sender<JobEvent>) {
                 }
                 tracing::debug!(error = %e, "job watch: cannot open the watch, retrying");
                 tokio::time::sleep(delays.next().unwrap_or(crate::retry::WATCH.max)).await;
+                next = Some(starts);
                 continue;
             }
         };
-        loop {
+        let ended = loop {
             match stream.message().await {
                 Ok(Some(resp)) => {
                     if resp.compact_revision() > 0 {
                         tracing::info!(
                             compacted = resp.compact_revision(),
-                            wanted = start,
                             "job watch: history compacted, reading the job again"
                         );
-                        next = None;
-                        break;
+                        break Ended::Reload;
                     }
                     if resp.canceled() {
                         tracing::info!(
                             reason = resp.cancel_reason(),
                             "job watch cancelled by etcd, resuming"
                         );
-                        break;
+                        break Ended::Resume;
                     }
                     delays = crate::retry::WATCH.delays();
                     announced_down = false;
-                    for ev in resp.events() {
-                        let Some(kv) = ev.kv() else { continue };
-                        let rev = kv.mod_revision();
-                        let msg = match ev.event_type() {
-                            EventType::Put => JobEvent::Put(Kv::from(kv)),
-                            EventType::Delete => JobEvent::Delete {
-                                key: kv.key().to_vec(),
-                                revision: rev,
-                            },
-                        };
-                        next = Some(rev + 1);
-                        if tx.send(msg).await.is_err() {
-                            return;
-                        }
+                    store.count_watch_events(resp.events().len());
+                    if !forward(&resp, &mut starts, &tx).await {
+                        break Ended::Closed;
                     }
                 }
                 Ok(None) | Err(_) => {
@@ -128,11 +138,74 @@ pub(crate) async fn run(store: Store, tx: mpsc::Sender<JobEvent>) {
                         announced_down = true;
                         let _ = tx.send(JobEvent::Disconnected).await;
                     }
-                    tracing::debug!(resume_from = ?next, "job watch stream ended, resuming");
+                    tracing::debug!(resume_from = ?starts, "job watch stream ended, resuming");
                     tokio::time::sleep(delays.next().unwrap_or(crate::retry::WATCH.max)).await;
-                    break;
+                    break Ended::Resume;
                 }
             }
+        };
+        match ended {
+            Ended::Closed => return,
+            Ended::Resume => next = Some(starts),
+            Ended::Reload => next = None,
         }
     }
+}
+
+/// Opens one stream with a watch per range, each from its own start revision. Range `i` has
+/// watch id `i + 1` (etcd assigns an id of its own to a request for id 0).
+async fn open(
+    store: &Store,
+    ranges: &[KeyRange],
+    starts: &[i64],
+) -> Result<WatchStream, etcd_client::Error> {
+    let options = |i: usize| {
+        let r: &KeyRange = &ranges[i];
+        let mut o = WatchOptions::new()
+            .with_start_revision(starts[i])
+            .with_watch_id(i as i64 + 1);
+        if let Some(end) = &r.end {
+            o = o.with_range(end.as_str());
+        }
+        o
+    };
+    let mut client = store.client();
+    let Some(first) = ranges.first() else {
+        return Err(etcd_client::Error::WatchError(
+            "no key range to watch".into(),
+        ));
+    };
+    let mut stream = client.watch(first.key.as_str(), Some(options(0))).await?;
+    for (i, r) in ranges.iter().enumerate().skip(1) {
+        stream.watch(r.key.as_str(), Some(options(i))).await?;
+    }
+    Ok(stream)
+}
+
+/// Sends the events of one response on, and moves its watch's resume revision past them.
+/// Returns `false` once the receiver is gone.
+async fn forward(resp: &WatchResponse, starts: &mut [i64], tx: &mpsc::Sender<JobEvent>) -> bool {
+    let slot = usize::try_from(resp.watch_id() - 1)
+        .ok()
+        .and_then(|i| starts.get_mut(i));
+    let Some(start) = slot else {
+        // Not one of ours (cannot happen on a stream this watch opened): ignore it.
+        return true;
+    };
+    for ev in resp.events() {
+        let Some(kv) = ev.kv() else { continue };
+        let rev = kv.mod_revision();
+        let msg = match ev.event_type() {
+            EventType::Put => JobEvent::Put(Kv::from(kv)),
+            EventType::Delete => JobEvent::Delete {
+                key: kv.key().to_vec(),
+                revision: rev,
+            },
+        };
+        *start = (*start).max(rev + 1);
+        if tx.send(msg).await.is_err() {
+            return false;
+        }
+    }
+    true
 }

@@ -238,7 +238,9 @@ async fn run(
     // slot's work, etcd chores) is aborted when `run` returns or is aborted (crash).
     let mut background = JoinSet::new();
     let (events_tx, events) = mpsc::channel(4096);
-    background.spawn(jobwatch::run(store.clone(), events_tx));
+    // Only what the node decides on: the epoch, the spec and slot keys, its own record.
+    let watched = store.keys().node_watch(&node_id);
+    background.spawn(jobwatch::run(store.clone(), watched, events_tx));
     // The node's gRPC server: owned by `background`, so a crash (abort) closes the port at once.
     let (inbound_tx, inbound) = mpsc::channel(1024);
     let server_config = wire::ServerConfig {
