@@ -635,10 +635,11 @@ async fn counters_move_across_epochs_and_etcd_requests_are_counted() {
     nodes.stop_all().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backup_holds_its_live_primary_without_polling_and_sees_one_watch_event_per_epoch() {
-    let etcd = etcd().await;
-    let mut config = ClusterConfig::new(etcd.endpoints(), &job_name("holds"), 3, 2);
+/// A dataflow job of 3 tasks × 2 replicas (6 nodes, epochs 20 ms apart), staffed and running.
+/// The TTL is long (5 s): a crashed node's port refuses at once, so its lease is ended on
+/// evidence; a long TTL only keeps a loaded machine from deposing anyone else.
+async fn three_tasks_two_replicas(etcd: &Etcd, name: &str) -> Nodes {
+    let mut config = ClusterConfig::new(etcd.endpoints(), &job_name(name), 3, 2);
     config.ttl = Duration::from_secs(5);
     let mut nodes = Nodes::new(config);
     nodes.audit.close_gate();
@@ -653,6 +654,13 @@ async fn a_backup_holds_its_live_primary_without_polling_and_sees_one_watch_even
         })
         .await;
     nodes.audit.open_gate();
+    nodes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_holds_its_live_primary_without_polling_and_sees_one_watch_event_per_epoch() {
+    let etcd = etcd().await;
+    let mut nodes = three_tasks_two_replicas(&etcd, "holds").await;
     let (root, _) = nodes.primary_of(0).unwrap();
     let t0 = task(0);
     let root_task = [("task", t0.as_str())];
@@ -715,23 +723,7 @@ async fn a_backup_holds_its_live_primary_without_polling_and_sees_one_watch_even
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promoted_backup_counts_the_failover_and_neighbours_count_the_incident() {
     let etcd = etcd().await;
-    let mut config = ClusterConfig::new(etcd.endpoints(), &job_name("failover"), 3, 2);
-    // The crashed primary's port refuses at once, so its backup ends its lease at once: a long
-    // TTL only keeps a loaded machine from deposing anyone else.
-    config.ttl = Duration::from_secs(5);
-    let mut nodes = Nodes::new(config);
-    nodes.audit.close_gate();
-    for _ in 0..6 {
-        nodes
-            .add_dataflow(1_000_000, Duration::from_millis(20))
-            .await;
-    }
-    nodes
-        .wait_until("every task has a primary and a backup", |s| {
-            fully_staffed(3, 1, s)
-        })
-        .await;
-    nodes.audit.open_gate();
+    let mut nodes = three_tasks_two_replicas(&etcd, "failover").await;
     let (victim, old_term) = nodes.primary_of(1).unwrap();
     let backup = nodes.backup_of(1).unwrap();
     let (root, _) = nodes.primary_of(0).unwrap();
