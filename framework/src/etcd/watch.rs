@@ -109,6 +109,8 @@ pub(crate) async fn run(store: Store, ranges: Vec<KeyRange>, tx: mpsc::Sender<Jo
                 continue;
             }
         };
+        // The watch id of each range, in the order etcd confirmed them.
+        let mut ids: Vec<i64> = Vec::with_capacity(ranges.len());
         let ended = loop {
             match stream.message().await {
                 Ok(Some(resp)) => {
@@ -128,8 +130,14 @@ pub(crate) async fn run(store: Store, ranges: Vec<KeyRange>, tx: mpsc::Sender<Jo
                     }
                     delays = crate::retry::WATCH.delays();
                     announced_down = false;
+                    if resp.created() {
+                        // etcd confirms creations in the order they were asked for: the n-th
+                        // confirmed watch is range n, whatever id etcd gave it.
+                        ids.push(resp.watch_id());
+                    }
                     store.count_watch_events(resp.events().len());
-                    if !forward(&resp, &mut starts, &tx).await {
+                    let range = ids.iter().position(|id| *id == resp.watch_id());
+                    if !forward(&resp, range.and_then(|i| starts.get_mut(i)), &tx).await {
                         break Ended::Closed;
                     }
                 }
@@ -152,8 +160,9 @@ pub(crate) async fn run(store: Store, ranges: Vec<KeyRange>, tx: mpsc::Sender<Jo
     }
 }
 
-/// Opens one stream with a watch per range, each from its own start revision. Range `i` has
-/// watch id `i + 1` (etcd assigns an id of its own to a request for id 0).
+/// Opens one stream with a watch per range, each from its own start revision. Range `i` asks
+/// for watch id `i + 1` (0 asks etcd to choose), but responses are matched to ranges by the
+/// order etcd confirms the creations in, which holds whether or not it honours the ids.
 async fn open(
     store: &Store,
     ranges: &[KeyRange],
@@ -182,14 +191,15 @@ async fn open(
     Ok(stream)
 }
 
-/// Sends the events of one response on, and moves its watch's resume revision past them.
-/// Returns `false` once the receiver is gone.
-async fn forward(resp: &WatchResponse, starts: &mut [i64], tx: &mpsc::Sender<JobEvent>) -> bool {
-    let slot = usize::try_from(resp.watch_id() - 1)
-        .ok()
-        .and_then(|i| starts.get_mut(i));
-    let Some(start) = slot else {
-        // Not one of ours (cannot happen on a stream this watch opened): ignore it.
+/// Sends the events of one response on, and moves its range's resume revision (`start`)
+/// past them. Returns `false` once the receiver is gone.
+async fn forward(
+    resp: &WatchResponse,
+    start: Option<&mut i64>,
+    tx: &mpsc::Sender<JobEvent>,
+) -> bool {
+    let Some(start) = start else {
+        // Not a watch this stream created (cannot happen): ignore it.
         return true;
     };
     for ev in resp.events() {
