@@ -64,7 +64,7 @@ pub(crate) async fn run(store: Store, ranges: Vec<KeyRange>, tx: mpsc::Sender<Jo
         if tx.is_closed() {
             return;
         }
-        let starts = match next.take() {
+        let mut starts = match next.take() {
             Some(starts) => starts,
             None => match store.load_ranges(&ranges).await {
                 Ok((kvs, revision)) => {
@@ -84,7 +84,6 @@ pub(crate) async fn run(store: Store, ranges: Vec<KeyRange>, tx: mpsc::Sender<Jo
                 }
             },
         };
-        let mut starts = starts;
         let opened = tokio::time::Instant::now();
         let stream = open(&store, &ranges, &starts).await;
         store.record(
