@@ -66,6 +66,7 @@
 //! | `taskgraph_lease_grants_total` | counter | | leases etcd granted the node (one at start, one more after each expiry) |
 //! | `taskgraph_lease_renewals_total` | counter | | lease keep-alives etcd acknowledged |
 //! | `taskgraph_lease_losses_total` | counter | `reason` | `suspended`: the local deadline passed without a renewal (the node stops acting); `expired`: etcd reports the lease gone (the node gives its slot up) |
+//! | `taskgraph_inbound_messages_total` | counter | `kind` | messages from other nodes (pulls, metas, pings, replication entries) by where they were handled: `direct` (on the gRPC call's own task, while the event loop was idle: no hop to the loop) or `loop` |
 //! | `taskgraph_liveness_checks_total` | counter | `kind` | checks of other nodes' processes: `hold` (a liveness hold opened: a backup on its primary, a spare on the backups of a task without a primary; one per holder while it lives) or `ping` (a one-off check, e.g. after a hold broke or a call was refused) |
 //! | `taskgraph_watch_events_total` | counter | | key changes the node's job watch received: it watches only the epoch, the spec and slot keys, and its own record, so a steady job adds about one per epoch (checkpoints and other nodes' records are not sent to it) |
 //! | `taskgraph_bad_values_total` | counter | `key` | values under a key the framework owns that it refused: `key` is `epoch`, `spec` or `node` (this node's record); logged at error level with the key and the value's fault |
@@ -222,6 +223,7 @@ struct Inner {
     lease_renewals: Counter,
     lease_losses: Family<ReasonLabel, Counter>,
     liveness_checks: Family<KindLabel, Counter>,
+    inbound: Family<KindLabel, Counter>,
     watch_events: Counter,
     etcd_requests: Family<RequestLabels, Counter>,
     etcd_duration: Histograms<OpLabel>,
@@ -268,6 +270,7 @@ impl Metrics {
             lease_renewals: Counter::default(),
             lease_losses: Family::default(),
             liveness_checks: Family::default(),
+            inbound: Family::default(),
             watch_events: Counter::default(),
             etcd_requests: Family::default(),
             etcd_duration: Family::new_with_constructor(etcd_histogram as fn() -> Histogram),
@@ -392,6 +395,11 @@ impl Metrics {
             "liveness_checks",
             "Checks of other nodes' processes: holds opened and one-off pings",
             inner.liveness_checks.clone(),
+        );
+        r.register(
+            "inbound_messages",
+            "Messages from other nodes by where they were handled: on the gRPC handler's task while the loop was idle (direct) or by the event loop (loop)",
+            inner.inbound.clone(),
         );
         r.register(
             "watch_events",
@@ -594,6 +602,13 @@ impl Metrics {
             .liveness_checks
             .get_or_create(&KindLabel { kind })
             .inc();
+    }
+
+    /// A message from another node handled on the gRPC handler's task (`direct`) or by the
+    /// event loop.
+    pub(crate) fn inbound(&self, direct: bool) {
+        let kind = if direct { "direct" } else { "loop" };
+        self.inner.inbound.get_or_create(&KindLabel { kind }).inc();
     }
 
     /// A bad value refused under `key` (`epoch`, `spec`, `node`).

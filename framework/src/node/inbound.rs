@@ -23,6 +23,7 @@ impl Runtime {
         msg: Inbound,
         stop: &CancellationToken,
     ) -> Result<Flow, Error> {
+        self.metrics.inbound(false);
         let now = Instant::now();
         match msg {
             Inbound::Ping(reply) => {
@@ -47,6 +48,25 @@ impl Runtime {
             }
         }
         Ok(Flow::Continue)
+    }
+
+    /// Answers a pull, a meta or a ping served on the gRPC handler's task (see
+    /// `runtime::DirectServe`); these never lead to decisions of the engine.
+    pub(super) async fn on_direct(&mut self, msg: Inbound) {
+        let now = Instant::now();
+        match msg {
+            Inbound::Ping(reply) => {
+                let _ = reply.send(self.ping_reply());
+            }
+            Inbound::Pull(req, reply) => self.on_pull(req, reply, now).await,
+            Inbound::Meta(msg, reply) => {
+                let outcome = self.on_meta(msg, now).await;
+                let _ = reply.send(outcome);
+            }
+            Inbound::Replicate(_, reply) => {
+                let _ = reply.send(Err(Rejection::ShuttingDown));
+            }
+        }
     }
 
     pub(super) fn ping_reply(&self) -> PingReply {

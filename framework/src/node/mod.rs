@@ -48,7 +48,7 @@ use crate::stall::StallWatch;
 use crate::wire::{self, Peers};
 use engine::Engine;
 use lease::step_down_at_deadline;
-use runtime::Runtime;
+use runtime::{main_loop, DirectServe, Runtime};
 
 pub use crate::role::{NodeExit, NodeStatus, Role};
 
@@ -240,26 +240,14 @@ async fn run(
     let (events_tx, events) = mpsc::channel(4096);
     // Only what the node decides on: the epoch, the spec and slot keys, its own record.
     let watched = store.keys().node_watch(&node_id);
+    let events_weak = events_tx.downgrade();
     background.spawn(jobwatch::run(store.clone(), watched, events_tx));
-    // The node's gRPC server: owned by `background`, so a crash (abort) closes the port at once.
-    let (inbound_tx, inbound) = mpsc::channel(1024);
     let server_config = wire::ServerConfig {
         job: config.job.clone(),
         num_tasks: config.tasks,
         max_frame_bytes: config.max_frame_bytes,
         tls: peer_tls.clone(),
     };
-    let server_stop = CancellationToken::new();
-    let _server_stop_on_return = server_stop.clone().drop_guard();
-    background.spawn(
-        async move {
-            let stopped = server_stop.cancelled_owned();
-            if let Err(e) = wire::serve(listener, server_config, inbound_tx, stopped).await {
-                warn!(error = %e, "the node's gRPC server failed");
-            }
-        }
-        .instrument(tracing::Span::current()),
-    );
     let mut client = wire::ClientConfig::new(config.job.clone());
     client.connect_timeout = MONITOR_TIMEOUT;
     client.max_frame_bytes = config.max_frame_bytes;
@@ -283,7 +271,7 @@ async fn run(
         config.spec().encode().into_bytes(),
         rand::random(),
     );
-    let mut node = Runtime {
+    let node = Runtime {
         record: NodeRecord {
             addr: config.advertise_addr(),
             stall: None,
@@ -310,9 +298,28 @@ async fn run(
         health: health.clone(),
         node_span: Span::current(),
     };
+    // The node's gRPC server: owned by `background`, so a crash (abort) closes the port at once.
+    let (inbound_tx, inbound) = mpsc::channel(1024);
+    let node = Arc::new(tokio::sync::Mutex::new(node));
+    // Pulls, metas and pings are served on the server's own tasks while the loop is idle.
+    let direct: Arc<dyn wire::Direct> =
+        Arc::new(DirectServe::new(&node, events_weak, stop.clone()));
+    let server_stop = CancellationToken::new();
+    let _server_stop_on_return = server_stop.clone().drop_guard();
+    background.spawn(
+        async move {
+            let stopped = server_stop.cancelled_owned();
+            if let Err(e) =
+                wire::serve_with(listener, server_config, inbound_tx, Some(direct), stopped).await
+            {
+                warn!(error = %e, "the node's gRPC server failed");
+            }
+        }
+        .instrument(tracing::Span::current()),
+    );
     // Everything the node runs in the background is owned by `node` or `background`, and
     // aborted when they drop: on return, and when this future is dropped (a crash).
-    let result = node.main_loop(events, requests, inbound, stop).await;
+    let result = main_loop(node.clone(), events, requests, inbound, stop).await;
     drop(node);
     background.abort_all();
     result

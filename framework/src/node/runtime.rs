@@ -6,10 +6,11 @@
 //! the task), it asks the engine's admission rules.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, watch, Mutex};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -37,7 +38,7 @@ use crate::metrics::{Metrics, NeighbourEvent};
 use crate::role::{ExitReason, NodeExit, NodeStatus};
 use crate::roles::{JobView, Member, MySlot, Watched};
 use crate::stall::StallWatch;
-use crate::wire::{Inbound, Peers, ReplicateKind};
+use crate::wire::{Direct, Inbound, Peers, ReplicateKind};
 use crate::{TaskId, Term};
 
 /// How often the loop looks for a stall (the stall time is seconds at least).
@@ -134,72 +135,146 @@ pub(super) struct Runtime {
     pub(super) node_span: Span,
 }
 
-impl Runtime {
-    pub(super) async fn main_loop(
-        &mut self,
-        mut events: mpsc::Receiver<JobEvent>,
-        mut requests: mpsc::UnboundedReceiver<LoopRequest>,
-        mut inbound: mpsc::Receiver<Inbound>,
+/// Serves messages on the calling gRPC handler's own task while the loop waits for its next
+/// event (see [`wire::Direct`]): the runtime is locked as the loop would hold it, so this is
+/// the loop's own handling of the message, one task hop and two wake-ups sooner.
+pub(super) struct DirectServe {
+    runtime: Weak<Mutex<Runtime>>,
+    /// The job watch's channel to the loop (weak: the loop learns that the watch ended when
+    /// its last sender goes).
+    events: mpsc::WeakSender<JobEvent>,
+    stop: CancellationToken,
+}
+
+impl DirectServe {
+    pub(super) fn new(
+        runtime: &Arc<Mutex<Runtime>>,
+        events: mpsc::WeakSender<JobEvent>,
         stop: CancellationToken,
-    ) -> Result<NodeExit, Error> {
-        self.health.set_phase(Phase::Running);
-        if let Flow::Exit(exit) = self.execute(vec![Command::NewLease], &stop).await? {
-            return Ok(exit);
+    ) -> Self {
+        DirectServe {
+            runtime: Arc::downgrade(runtime),
+            events,
+            stop,
         }
-        let mut stall_check = tokio::time::interval(STALL_CHECK);
-        stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let deadline = match *self.lease.borrow() {
-                LeaseState::Alive { deadline, .. } => deadline,
-                _ => Instant::now() + Duration::from_secs(3600),
-            };
-            self.health.idle();
-            let retry_at = self.engine.retry_at();
-            let queued = queued_wake(
-                &mut requests,
-                &events,
-                &mut inbound,
-                &stop,
-                &self.lease,
-                deadline.min(retry_at.unwrap_or(deadline)),
-            );
-            let wake = match queued {
-                Some(wake) => {
-                    // As the wait would: a loop that always finds work still lets others run.
-                    tokio::task::coop::consume_budget().await;
-                    wake
-                }
+    }
+
+    /// Whether watch events wait for the loop: it takes them before any message, so that
+    /// admission judges on the freshest view.
+    fn events_queued(&self) -> bool {
+        self.events
+            .upgrade()
+            .is_none_or(|tx| tx.capacity() < tx.max_capacity())
+    }
+}
+
+impl Direct for DirectServe {
+    fn try_handle(&self, msg: Inbound) -> Result<BoxFuture<'static, ()>, Inbound> {
+        // Replication entries may end in decisions (a backup's progress) and go through the
+        // loop; so does everything while the node stops.
+        if matches!(msg, Inbound::Replicate(..)) || self.stop.is_cancelled() || self.events_queued()
+        {
+            return Err(msg);
+        }
+        let Some(runtime) = self.runtime.upgrade() else {
+            return Err(msg);
+        };
+        let Ok(mut rt) = runtime.try_lock_owned() else {
+            return Err(msg);
+        };
+        // The loop takes a lease change before any message (a renewal brings the backups in
+        // step first): leave the message to it.
+        if rt.lease.has_changed().unwrap_or(true) {
+            return Err(msg);
+        }
+        Ok(Box::pin(async move {
+            rt.health.busy();
+            rt.metrics.inbound(true);
+            let lease = *rt.lease.borrow();
+            rt.engine.observe_lease(lease);
+            let span = rt.span();
+            rt.on_direct(msg).instrument(span).await;
+            rt.health.idle();
+        }))
+    }
+}
+
+/// The event loop: waits for the next wake without holding the runtime (so [`DirectServe`]
+/// can serve meanwhile), then handles it with the runtime locked.
+pub(super) async fn main_loop(
+    shared: Arc<Mutex<Runtime>>,
+    mut events: mpsc::Receiver<JobEvent>,
+    mut requests: mpsc::UnboundedReceiver<LoopRequest>,
+    mut inbound: mpsc::Receiver<Inbound>,
+    stop: CancellationToken,
+) -> Result<NodeExit, Error> {
+    let mut rt = shared.lock().await;
+    rt.health.set_phase(Phase::Running);
+    if let Flow::Exit(exit) = rt.execute(vec![Command::NewLease], &stop).await? {
+        return Ok(exit);
+    }
+    // The loop's own receiver for lease changes, awaited without the runtime; the runtime's
+    // receiver tells whether a change is still to be taken.
+    let mut lease_changes = rt.lease.clone();
+    drop(rt);
+    let mut stall_check = tokio::time::interval(STALL_CHECK);
+    stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut rt = shared.lock().await;
+        let deadline = match *rt.lease.borrow() {
+            LeaseState::Alive { deadline, .. } => deadline,
+            _ => Instant::now() + Duration::from_secs(3600),
+        };
+        let retry_at = rt.engine.retry_at();
+        let queued = queued_wake(
+            &mut requests,
+            &events,
+            &mut inbound,
+            &stop,
+            &rt.lease,
+            deadline.min(retry_at.unwrap_or(deadline)),
+        );
+        let wake = match queued {
+            Some(wake) => {
+                // As the wait would: a loop that always finds work still lets others run.
+                tokio::task::coop::consume_budget().await;
+                wake
+            }
+            None => {
+                rt.health.idle();
+                drop(rt);
                 // Watch events first (decisions on the freshest view), then a lease change
                 // before any request or message: a renewal brings the backups in step before
                 // anything else reaches the task (see `Context::replicate`).
-                None => tokio::select! {
+                let wake = tokio::select! {
                     biased;
                     _ = stop.cancelled() => Wake::Stop,
                     ev = events.recv() => match ev {
                         Some(ev) => Wake::Event(ev),
                         None => Wake::WatchEnded,
                     },
-                    changed = self.lease.changed() => Wake::Lease(changed.is_ok()),
+                    changed = lease_changes.changed() => Wake::Lease(changed.is_ok()),
                     Some(req) = requests.recv() => Wake::Request(req),
                     Some(msg) = inbound.recv() => Wake::Inbound(msg),
                     _ = tokio::time::sleep_until(deadline) => Wake::Deadline,
                     _ = sleep_until_some(retry_at) => Wake::Retry,
                     _ = stall_check.tick() => Wake::StallCheck,
-                },
-            };
-            self.health.busy();
-            // Everything the loop does for this event is logged in the slot's current span.
-            let span = self.span();
-            let flow = self
-                .handle(wake, &mut events, &stop)
-                .instrument(span)
-                .await?;
-            if let Flow::Exit(exit) = flow {
-                return Ok(exit);
+                };
+                rt = shared.lock().await;
+                wake
             }
+        };
+        rt.health.busy();
+        // Everything the loop does for this event is logged in the slot's current span.
+        let span = rt.span();
+        let flow = rt.handle(wake, &mut events, &stop).instrument(span).await?;
+        if let Flow::Exit(exit) = flow {
+            return Ok(exit);
         }
     }
+}
 
+impl Runtime {
     /// Handles one wake of the loop.
     async fn handle(
         &mut self,
@@ -234,6 +309,10 @@ impl Runtime {
             Wake::WatchEnded => return Err(Error::WatchEnded),
             Wake::Inbound(msg) => {
                 return self.on_inbound(msg, stop).await;
+            }
+            // A change the runtime has already taken (a new lease's first state) is no input.
+            Wake::Lease(true) if !self.lease.has_changed().unwrap_or(false) => {
+                return Ok(Flow::Continue)
             }
             Wake::Lease(true) => Input::Lease(*self.lease.borrow_and_update()),
             Wake::Lease(false) => return Ok(Flow::Continue),
