@@ -24,19 +24,10 @@ impl Runtime {
         stop: &CancellationToken,
     ) -> Result<Flow, Error> {
         self.metrics.inbound(false);
-        let now = Instant::now();
         match msg {
-            Inbound::Ping(reply) => {
-                let _ = reply.send(self.ping_reply());
-            }
-            Inbound::Pull(req, reply) => self.on_pull(req, reply, now).await,
-            Inbound::Meta(msg, reply) => {
-                let outcome = self.on_meta(msg, now).await;
-                let _ = reply.send(outcome);
-            }
             Inbound::Replicate(msg, reply) => {
                 let (term, index) = (msg.header.term, msg.index);
-                let outcome = self.on_replicate(msg, now).await;
+                let outcome = self.on_replicate(msg, Instant::now()).await;
                 let applied = outcome == Ok(true);
                 let _ = reply.send(outcome.map(|_| ()));
                 if applied {
@@ -46,12 +37,14 @@ impl Runtime {
                     return self.execute(commands, stop).await;
                 }
             }
+            other => self.on_direct(other).await,
         }
         Ok(Flow::Continue)
     }
 
-    /// Answers a pull, a meta or a ping served on the gRPC handler's task (see
-    /// `runtime::DirectServe`); these never lead to decisions of the engine.
+    /// Answers a pull, a meta or a ping, whether the loop or the gRPC handler's task (see
+    /// `runtime::DirectServe`) serves it; these never lead to decisions of the engine. A
+    /// replication entry must go through the loop: here it is refused.
     pub(super) async fn on_direct(&mut self, msg: Inbound) {
         let now = Instant::now();
         match msg {
