@@ -750,7 +750,7 @@ impl Context {
     ) -> Vec<(PullId, String, std::time::Duration)> {
         let book = lock(&self.inner.book);
         let mut stuck: Vec<_> = book
-            .pending
+            .pending()
             .iter()
             .filter_map(|(id, p)| {
                 let waited = now.saturating_duration_since(p.started);
@@ -793,7 +793,7 @@ impl Context {
         }
         let mut book = lock(&self.inner.book);
         let id = book.next_id(env.task, to);
-        book.pending.insert(
+        book.insert_pending(
             id,
             PendingPull {
                 method: method.to_owned(),
@@ -821,7 +821,7 @@ impl Context {
         if book.epoch != id.epoch {
             return;
         }
-        let Some(p) = book.pending.get(&id) else {
+        let Some(p) = book.pending().get(&id) else {
             return;
         };
         let work = crate::exchange::fetch(
@@ -842,7 +842,7 @@ impl Context {
         if book.epoch != id.epoch {
             return None;
         }
-        book.pending.remove(&id)
+        book.remove_pending(&id)
     }
 
     /// Starts `epoch` on the requesting side: pulls and metas of other epochs are cancelled.

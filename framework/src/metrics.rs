@@ -61,6 +61,7 @@
 //! | `taskgraph_pulls_cancelled_total` | counter | `task` | requests never delivered because the task left their epoch or its slot ended |
 //! | `taskgraph_pull_duration_seconds` | histogram | `task` | from the data request to the delivery of its outcome |
 //! | `taskgraph_pulls_served_total` | counter | `task` | requests the task answered with data (once per request: retries answered from memory are not counted) |
+//! | `taskgraph_kept_answer_bytes` | gauge | | payload bytes of the answers the node keeps so that a retried pull gets the same answer: those of the current epoch its requesters have not acknowledged yet (each pull acknowledges the earlier ones it received), so about the answers in flight |
 //! | `taskgraph_metas_sent_total` | counter | `task` | metas a neighbour's primary acknowledged (a meta is sent again to each new primary of the neighbour) |
 //! | `taskgraph_metas_received_total` | counter | `task` | metas delivered to the task (`meta_ready`) |
 //! | `taskgraph_lease_grants_total` | counter | | leases etcd granted the node (one at start, one more after each expiry) |
@@ -230,6 +231,7 @@ struct Inner {
     bad_values: Family<KeyLabel, Counter>,
     keys_healed: Family<KeyLabel, Counter>,
     stalled: Gauge,
+    kept_answer_bytes: Gauge,
     /// The role series published last (removed when the role changes), with the task whose
     /// term series is published.
     published: Mutex<(Option<RoleLabels>, Option<TaskId>)>,
@@ -277,6 +279,7 @@ impl Metrics {
             bad_values: Family::default(),
             keys_healed: Family::default(),
             stalled: Gauge::default(),
+            kept_answer_bytes: Gauge::default(),
             published: Mutex::new((None, None)),
             registry: Registry::default(),
         };
@@ -395,6 +398,11 @@ impl Metrics {
             "liveness_checks",
             "Checks of other nodes' processes: holds opened and one-off pings",
             inner.liveness_checks.clone(),
+        );
+        r.register(
+            "kept_answer_bytes",
+            "Payload bytes of the answers kept for retries of pulls this node served",
+            inner.kept_answer_bytes.clone(),
         );
         r.register(
             "inbound_messages",
@@ -622,6 +630,13 @@ impl Metrics {
             .keys_healed
             .get_or_create(&KeyLabel { key })
             .inc();
+    }
+
+    /// Payload bytes of the answers the node keeps for retries.
+    pub(crate) fn kept_answer_bytes(&self, bytes: usize) {
+        self.inner
+            .kept_answer_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// Whether this node sees the job stalled.

@@ -74,6 +74,7 @@ fn pull(method: &str, payload: &'static [u8]) -> PullRequest {
         seq: 9,
         method: method.into(),
         payload: Bytes::from_static(payload),
+        delivered_below: 0,
     }
 }
 

@@ -116,6 +116,7 @@ fn probe(header: Header, method: &str) -> PullRequest {
         seq: PROBE_SEQ,
         method: method.to_owned(),
         payload: Bytes::new(),
+        delivered_below: 0,
     }
 }
 

@@ -71,6 +71,7 @@ fn pull(h: Header, seq: u64, method: &str) -> PullRequest {
         seq,
         method: method.to_owned(),
         payload: Bytes::new(),
+        delivered_below: 0,
     }
 }
 

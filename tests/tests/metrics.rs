@@ -731,6 +731,81 @@ async fn a_backup_holds_its_live_primary_without_polling_and_sees_one_watch_even
     nodes.stop_all().await;
 }
 
+/// Task 0 pulls `blob` from task 1 `PULLS` times, one after the other, and reports how many
+/// answers of the right size it got; task 1 answers each with the same `BLOB` bytes.
+struct BlobTask {
+    task: TaskId,
+    done: watch::Sender<Option<usize>>,
+    started: bool,
+}
+
+const BLOB: usize = 256 << 10;
+const PULLS: usize = 8;
+
+#[async_trait]
+impl Task for BlobTask {
+    async fn enter_epoch(&mut self, ctx: &Context, _epoch: Epoch) {
+        if self.task != 0 || self.started {
+            return;
+        }
+        self.started = true;
+        let (ctx2, done) = (ctx.clone(), self.done.clone());
+        ctx.spawn(async move {
+            let mut got = 0;
+            for i in 0..PULLS {
+                match ctx2.request_bytes(1, "blob", vec![i as u8]).await {
+                    Ok(answer) if answer.len() == BLOB => got += 1,
+                    other => info!(?other, "pull {i}"),
+                }
+            }
+            done.send_replace(Some(got));
+        });
+    }
+
+    async fn serve_data(&mut self, _ctx: &Context, request: taskgraph::DataRequest) {
+        request.reply(vec![7u8; BLOB]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_answer_is_kept_only_until_its_requester_acknowledges_it() {
+    let etcd = etcd().await;
+    let mut config = ClusterConfig::new(etcd.endpoints(), &job_name("kept"), 2, 1);
+    config.ttl = Duration::from_secs(5);
+    let mut nodes = Nodes::new(config);
+    let (done, mut finished) = watch::channel(None);
+    for i in 0..2 {
+        let done = done.clone();
+        let app = move |task| BlobTask {
+            task,
+            done: done.clone(),
+            started: false,
+        };
+        nodes.add(nodes.builder(i).task_builder(app)).await;
+    }
+    let got = tokio::time::timeout(WAIT, finished.wait_for(Option::is_some))
+        .await
+        .expect("the pulls end")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, PULLS, "every pull got its answer");
+    let (server, _) = nodes.primary_of(1).unwrap();
+    let s = scrape(nodes.addr(server)).await.unwrap();
+    let t1 = task(1);
+    assert_eq!(
+        s.value("taskgraph_pulls_served_total", &[("task", t1.as_str())]),
+        Some(PULLS as f64)
+    );
+    // Each pull acknowledged the one before it: only the last answer, which no later pull
+    // acknowledged, is still kept for a retry (without acknowledgements: all of them).
+    assert_eq!(
+        s.sum("taskgraph_kept_answer_bytes", &[]),
+        BLOB as f64,
+        "{s:#?}"
+    );
+    nodes.stop_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promoted_backup_counts_the_failover_and_neighbours_count_the_incident() {
     let etcd = etcd().await;

@@ -509,6 +509,7 @@ fn pull() -> PullRequest {
         seq: 1,
         method: "data".into(),
         payload: Bytes::from_static(b"secret training data"),
+        delivered_below: 0,
     }
 }
 

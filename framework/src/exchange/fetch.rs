@@ -38,6 +38,15 @@ pub(crate) async fn fetch(
             }
             continue;
         };
+        // Sent with every attempt, so a retry also carries the latest acknowledgement.
+        let delivered_below = book.upgrade().map_or(0, |b| {
+            let b = lock(&b);
+            if b.epoch == id.epoch {
+                b.delivered_below(id.to)
+            } else {
+                0
+            }
+        });
         let request = PullRequest {
             header: Header {
                 job: String::new(),
@@ -49,6 +58,7 @@ pub(crate) async fn fetch(
             seq: id.seq,
             method: method.clone(),
             payload: input.clone(),
+            delivered_below,
         };
         lease_confirmed(&env).await;
         if attempts > 0 {
@@ -125,12 +135,12 @@ pub(crate) fn deliver(
     if book.epoch != id.epoch {
         return true;
     }
-    let has_waiter = match book.pending.get(&id) {
+    let has_waiter = match book.pending().get(&id) {
         None => return true,
         Some(p) => p.waiter.is_some(),
     };
     if has_waiter {
-        if let Some(p) = book.pending.remove(&id) {
+        if let Some(p) = book.remove_pending(&id) {
             env.metrics
                 .pull_delivered(id.from, p.started.elapsed(), result.is_ok());
             if let Some(w) = p.waiter {

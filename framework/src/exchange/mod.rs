@@ -10,7 +10,7 @@ pub(crate) mod metas;
 pub(crate) mod replication;
 pub(crate) mod serve;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -104,7 +104,9 @@ pub(crate) struct EpochBook {
     pub(crate) epoch: Epoch,
     next_seq: u64,
     next_work: u64,
-    pub(crate) pending: HashMap<PullId, PendingPull>,
+    pending: HashMap<PullId, PendingPull>,
+    /// The pending pulls by (target, seq), for [`EpochBook::delivered_below`].
+    open: BTreeSet<(TaskId, u64)>,
     pub(crate) flagged: HashSet<(String, String)>,
     pub(crate) outboxes: HashMap<TaskId, watch::Sender<Vec<(String, String)>>>,
     work: JoinSet<()>,
@@ -117,6 +119,7 @@ impl EpochBook {
         self.work.abort_all();
         let cancelled = self.pending.len();
         self.pending.clear();
+        self.open.clear();
         self.flagged.clear();
         self.outboxes.clear();
         self.next_seq = 0;
@@ -135,6 +138,33 @@ impl EpochBook {
             to,
             seq,
         }
+    }
+
+    /// The pulls of this epoch waiting for their answer.
+    pub(crate) fn pending(&self) -> &HashMap<PullId, PendingPull> {
+        &self.pending
+    }
+
+    /// Records a pull waiting for its answer.
+    pub(crate) fn insert_pending(&mut self, id: PullId, pull: PendingPull) {
+        self.open.insert((id.to, id.seq));
+        self.pending.insert(id, pull);
+    }
+
+    /// Takes a pull out of the waiting ones: it is being delivered.
+    pub(crate) fn remove_pending(&mut self, id: &PullId) -> Option<PendingPull> {
+        self.open.remove(&(id.to, id.seq));
+        self.pending.remove(id)
+    }
+
+    /// The acknowledgement a pull to `to` carries (`PullRequest::delivered_below`): the
+    /// lowest sequence number of this epoch's pulls to `to` still waiting for their answer
+    /// (every lower one was delivered, or went to another task).
+    pub(crate) fn delivered_below(&self, to: TaskId) -> u64 {
+        self.open
+            .range((to, 0)..=(to, u64::MAX))
+            .next()
+            .map_or(self.next_seq, |&(_, seq)| seq)
     }
 
     /// The next id of work started with `Context::spawn_then` in this epoch.
@@ -179,7 +209,9 @@ pub(crate) fn verdict(err: CallError) -> Verdict {
         CallError::Rejected(r) => match r {
             Rejection::NotPrimary { .. } | Rejection::NotReady { .. } => Verdict::Retry,
             Rejection::ShuttingDown => Verdict::Suspect,
-            Rejection::EpochMoved { .. } | Rejection::StaleTerm { .. } => Verdict::Stop,
+            Rejection::EpochMoved { .. }
+            | Rejection::StaleTerm { .. }
+            | Rejection::Delivered { .. } => Verdict::Stop,
             other => Verdict::Fail(other.to_string()),
         },
     }
@@ -254,5 +286,49 @@ pub(crate) async fn end_dead_primary(env: &SlotEnv, task: TaskId, term: Term, le
     );
     if let Err(e) = env.store.revoke_lease(lease).await {
         tracing::debug!(error = %e, "could not end a dead primary's lease");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending() -> PendingPull {
+        PendingPull {
+            method: "m".into(),
+            input: Bytes::new(),
+            term: 1,
+            waiter: None,
+            started: tokio::time::Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_pull_acknowledges_only_what_its_target_delivered_before_the_oldest_pull_waiting() {
+        let mut book = EpochBook::default();
+        book.reset(4);
+        let ids: Vec<PullId> = [1, 2, 1, 1, 2]
+            .into_iter()
+            .map(|to| {
+                let id = book.next_id(0, to);
+                book.insert_pending(id, pending());
+                id
+            })
+            .collect();
+        // seqs: 0→1, 1→2, 2→1, 3→1, 4→2
+        assert_eq!(book.delivered_below(1), 0);
+        book.remove_pending(&ids[2]);
+        // Out of order: pull 0 still waits, so nothing is acknowledged to task 1.
+        assert_eq!(book.delivered_below(1), 0);
+        book.remove_pending(&ids[0]);
+        assert_eq!(book.delivered_below(1), 3);
+        assert_eq!(book.delivered_below(2), 1);
+        book.remove_pending(&ids[3]);
+        // Nothing waits for task 1: every pull so far is covered.
+        assert_eq!(book.delivered_below(1), 5);
+        // A task never pulled acknowledges nothing it could be sent later.
+        assert_eq!(book.delivered_below(3), 5);
+        book.reset(5);
+        assert_eq!(book.delivered_below(2), 0);
     }
 }

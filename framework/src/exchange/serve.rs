@@ -1,8 +1,16 @@
 //! The serving side's memory of one epoch: answers per pull (so a retried pull gets the same
 //! answer and the handler runs at most once per request), requests and metas that arrived
 //! before this task entered their epoch, and the metas already delivered.
+//!
+//! A kept answer is needed only until its requester has it: every pull carries
+//! `delivered_below`, the requester's word that all its pulls to this task with a lower
+//! sequence number (same epoch and term) have been delivered. The book then forgets those
+//! answers, so what it holds is bounded by the pulls in flight, not by all the pulls of the
+//! epoch (for answers of many megabytes, the difference between one payload and dozens), and
+//! refuses a late duplicate of a forgotten pull with [`Rejection::Delivered`] instead of
+//! running the handler again.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tokio::sync::oneshot;
 
@@ -35,10 +43,28 @@ pub(crate) enum Lookup {
 }
 
 /// The serving side's state of the epoch the task is in.
+/// The order of kept answers: per requester (task, term), by sequence number, so the ones a
+/// requester has been delivered form a range.
+type Order = (TaskId, Term, Epoch, TaskId, u64);
+
+fn order(key: &ServeKey) -> Order {
+    (
+        key.id.from,
+        key.requester_term,
+        key.id.epoch,
+        key.id.to,
+        key.id.seq,
+    )
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct ServeBook {
     epoch: Option<Epoch>,
-    answers: HashMap<ServeKey, Served>,
+    answers: BTreeMap<Order, (ServeKey, Served)>,
+    /// Per requester (task, term): every pull with a lower sequence number was delivered.
+    floors: HashMap<(TaskId, Term), u64>,
+    /// Payload bytes of the kept answers.
+    kept_bytes: usize,
     early_pulls: Vec<(PullRequest, Reply)>,
     early_metas: Vec<Meta>,
     metas_seen: HashSet<(TaskId, String, String)>,
@@ -50,7 +76,9 @@ impl ServeBook {
     pub(crate) fn enter(&mut self, epoch: Epoch) -> (Vec<(PullRequest, Reply)>, Vec<Meta>) {
         let previous = self.epoch.replace(epoch);
         if previous != Some(epoch) {
-            for (key, served) in self.answers.drain() {
+            self.floors.clear();
+            self.kept_bytes = 0;
+            for (_, (key, served)) in std::mem::take(&mut self.answers) {
                 if let Served::Waiting(replies) = served {
                     for r in replies {
                         let _ = r.send(Err(Rejection::EpochMoved {
@@ -75,14 +103,10 @@ impl ServeBook {
         (now, metas_now)
     }
 
-    /// Holds a pull of a later epoch; gives it back when too many are held.
-    pub(crate) fn hold_pull(
-        &mut self,
-        request: PullRequest,
-        reply: Reply,
-    ) -> Result<(), (PullRequest, Reply)> {
+    /// Holds a pull of a later epoch; gives its reply back when too many are held.
+    pub(crate) fn hold_pull(&mut self, request: PullRequest, reply: Reply) -> Result<(), Reply> {
         if self.early_pulls.len() >= MAX_EARLY {
-            return Err((request, reply));
+            return Err(reply);
         }
         self.early_pulls.push((request, reply));
         Ok(())
@@ -105,8 +129,20 @@ impl ServeBook {
 
     /// A pull of the current epoch: answers it from memory, queues it behind the running
     /// handler, or says it is new (then it is recorded as waiting for the handler).
-    pub(crate) fn lookup(&mut self, key: ServeKey, reply: Reply) -> Lookup {
-        match self.answers.get_mut(&key) {
+    /// `delivered_below` is the requester's acknowledgement (see the module docs): the answers
+    /// it covers are forgotten first.
+    pub(crate) fn lookup(&mut self, key: ServeKey, delivered_below: u64, reply: Reply) -> Lookup {
+        self.forget_delivered(&key, delivered_below);
+        let floor = self
+            .floors
+            .get(&(key.id.from, key.requester_term))
+            .copied()
+            .unwrap_or(0);
+        if key.id.seq < floor {
+            let _ = reply.send(Err(Rejection::Delivered { seq: key.id.seq }));
+            return Lookup::Handled;
+        }
+        match self.answers.get_mut(&order(&key)).map(|(_, s)| s) {
             Some(Served::Done(answer)) => {
                 let _ = reply.send(answer.clone());
                 Lookup::Handled
@@ -123,15 +159,59 @@ impl ServeBook {
                 Lookup::Handled
             }
             None => {
-                self.answers.insert(key, Served::Waiting(vec![reply]));
+                self.answers
+                    .insert(order(&key), (key, Served::Waiting(vec![reply])));
                 Lookup::New
             }
         }
     }
 
+    /// Forgets the answers to the requester of `key` below `delivered_below`.
+    fn forget_delivered(&mut self, key: &ServeKey, delivered_below: u64) {
+        let floor = self
+            .floors
+            .entry((key.id.from, key.requester_term))
+            .or_default();
+        if delivered_below <= *floor {
+            return;
+        }
+        let from = order(&ServeKey {
+            id: crate::data::PullId {
+                seq: *floor,
+                ..key.id
+            },
+            requester_term: key.requester_term,
+        });
+        let to = order(&ServeKey {
+            id: crate::data::PullId {
+                seq: delivered_below,
+                ..key.id
+            },
+            requester_term: key.requester_term,
+        });
+        *floor = delivered_below;
+        let gone: Vec<Order> = self.answers.range(from..to).map(|(k, _)| *k).collect();
+        for k in gone {
+            if let Some((_, served)) = self.answers.remove(&k) {
+                self.kept_bytes -= kept_len(&served);
+            }
+        }
+    }
+
+    /// Payload bytes of the answers kept for retries.
+    pub(crate) fn kept_bytes(&self) -> usize {
+        self.kept_bytes
+    }
+
     /// The request `key` cannot be answered by this node: its waiting calls get `rejection`.
     pub(crate) fn abandon(&mut self, key: ServeKey, rejection: Rejection) {
-        if let Some(Served::Waiting(replies)) = self.answers.insert(key, Served::Abandoned) {
+        let entry = self
+            .answers
+            .entry(order(&key))
+            .or_insert((key, Served::Abandoned));
+        let old = std::mem::replace(&mut entry.1, Served::Abandoned);
+        self.kept_bytes -= kept_len(&old);
+        if let Served::Waiting(replies) = old {
             for r in replies {
                 let _ = r.send(Err(rejection.clone()));
             }
@@ -150,7 +230,7 @@ impl ServeBook {
         term: Term,
         acting: bool,
     ) -> bool {
-        let Some(entry) = self.answers.get_mut(&key) else {
+        let Some((_, entry)) = self.answers.get_mut(&order(&key)) else {
             // Of an epoch already left.
             return false;
         };
@@ -187,7 +267,16 @@ impl ServeBook {
         }
         let data = result.is_ok();
         *entry = Served::Done(result);
+        self.kept_bytes += kept_len(entry);
         data
+    }
+}
+
+/// Payload bytes held by a kept answer.
+fn kept_len(served: &Served) -> usize {
+    match served {
+        Served::Done(Ok(answer)) => answer.payload.len(),
+        _ => 0,
     }
 }
 
@@ -219,6 +308,7 @@ mod tests {
             seq: 0,
             method: "m".into(),
             payload: Bytes::new(),
+            delivered_below: 0,
         }
     }
 
@@ -227,16 +317,16 @@ mod tests {
         let mut book = ServeBook::default();
         book.enter(3);
         let (tx1, mut rx1) = oneshot::channel();
-        assert!(matches!(book.lookup(key(3, 0), tx1), Lookup::New));
+        assert!(matches!(book.lookup(key(3, 0), 0, tx1), Lookup::New));
         let (tx2, mut rx2) = oneshot::channel();
-        assert!(matches!(book.lookup(key(3, 0), tx2), Lookup::Handled));
+        assert!(matches!(book.lookup(key(3, 0), 0, tx2), Lookup::Handled));
         book.answer(key(3, 0), Answer::Data(Bytes::from_static(b"x")), 9, true);
         let a1 = rx1.try_recv().ok().and_then(Result::ok);
         let a2 = rx2.try_recv().ok().and_then(Result::ok);
         assert_eq!(a1, a2);
         assert_eq!(a1.map(|a| a.server_term), Some(9));
         let (tx3, mut rx3) = oneshot::channel();
-        assert!(matches!(book.lookup(key(3, 0), tx3), Lookup::Handled));
+        assert!(matches!(book.lookup(key(3, 0), 0, tx3), Lookup::Handled));
         assert_eq!(rx3.try_recv().ok().and_then(Result::ok), a2);
     }
 
@@ -246,10 +336,10 @@ mod tests {
         book.enter(3);
         let payload = Bytes::from(vec![7u8; 8 << 20]);
         let (tx1, mut rx1) = oneshot::channel();
-        assert!(matches!(book.lookup(key(3, 0), tx1), Lookup::New));
+        assert!(matches!(book.lookup(key(3, 0), 0, tx1), Lookup::New));
         book.answer(key(3, 0), Answer::Data(payload.clone()), 9, true);
         let (tx2, mut rx2) = oneshot::channel();
-        assert!(matches!(book.lookup(key(3, 0), tx2), Lookup::Handled));
+        assert!(matches!(book.lookup(key(3, 0), 0, tx2), Lookup::Handled));
         for rx in [&mut rx1, &mut rx2] {
             let answer = rx.try_recv().ok().and_then(Result::ok);
             let sent = answer.map(|a| a.payload).unwrap_or_default();
@@ -259,12 +349,62 @@ mod tests {
         }
     }
 
+    /// Serves `seq` (acknowledging `below`) with an answer of `len` bytes.
+    fn serve(book: &mut ServeBook, seq: u64, below: u64, len: usize) {
+        let (tx, _rx) = oneshot::channel();
+        assert!(matches!(book.lookup(key(3, seq), below, tx), Lookup::New));
+        book.answer(key(3, seq), Answer::Data(vec![0u8; len].into()), 9, true);
+    }
+
+    #[test]
+    fn answers_the_requester_acknowledged_are_forgotten_and_their_duplicates_refused() {
+        let mut book = ServeBook::default();
+        book.enter(3);
+        serve(&mut book, 0, 0, 100);
+        serve(&mut book, 1, 0, 100);
+        serve(&mut book, 2, 1, 100);
+        // Pull 0 is acknowledged by pull 2: two answers are kept.
+        assert_eq!(book.kept_bytes(), 200);
+        // Pull 1 is still kept: its retry gets the same answer.
+        let (tx, mut rx) = oneshot::channel();
+        assert!(matches!(book.lookup(key(3, 1), 1, tx), Lookup::Handled));
+        assert_eq!(
+            rx.try_recv()
+                .ok()
+                .and_then(Result::ok)
+                .map(|a| a.payload.len()),
+            Some(100)
+        );
+        // A late duplicate of pull 0 does not run the handler again.
+        let (tx, mut rx) = oneshot::channel();
+        assert!(matches!(book.lookup(key(3, 0), 1, tx), Lookup::Handled));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Err(Rejection::Delivered { seq: 0 }))
+        ));
+        // An acknowledgement never goes back, and covers only its own requester and term.
+        serve(&mut book, 3, 3, 100);
+        assert_eq!(book.kept_bytes(), 100);
+        let other_term = ServeKey {
+            requester_term: 6,
+            ..key(3, 0)
+        };
+        let (tx, _rx) = oneshot::channel();
+        assert!(matches!(book.lookup(other_term, 0, tx), Lookup::New));
+        let (tx, mut rx) = oneshot::channel();
+        assert!(matches!(book.lookup(key(3, 3), 0, tx), Lookup::Handled));
+        assert!(rx.try_recv().ok().and_then(Result::ok).is_some());
+        // A new epoch starts from nothing.
+        book.enter(4);
+        assert_eq!(book.kept_bytes(), 0);
+    }
+
     #[test]
     fn an_answer_given_while_the_lease_is_suspended_is_kept_with_its_term_and_not_sent() {
         let mut book = ServeBook::default();
         book.enter(3);
         let (tx1, mut rx1) = oneshot::channel();
-        assert!(matches!(book.lookup(key(3, 0), tx1), Lookup::New));
+        assert!(matches!(book.lookup(key(3, 0), 0, tx1), Lookup::New));
         book.answer(key(3, 0), Answer::Data(Bytes::from_static(b"x")), 9, false);
         assert!(matches!(
             rx1.try_recv(),
@@ -272,7 +412,7 @@ mod tests {
         ));
         // Once the lease is confirmed, the retry gets the answer, stamped with the real term.
         let (tx2, mut rx2) = oneshot::channel();
-        assert!(matches!(book.lookup(key(3, 0), tx2), Lookup::Handled));
+        assert!(matches!(book.lookup(key(3, 0), 0, tx2), Lookup::Handled));
         let a = rx2.try_recv().ok().and_then(Result::ok);
         assert_eq!(a.map(|a| a.server_term), Some(9));
     }
@@ -282,7 +422,7 @@ mod tests {
         let mut book = ServeBook::default();
         book.enter(3);
         let (tx, mut rx) = oneshot::channel();
-        assert!(matches!(book.lookup(key(3, 0), tx), Lookup::New));
+        assert!(matches!(book.lookup(key(3, 0), 0, tx), Lookup::New));
         book.abandon(key(3, 0), Rejection::NotPrimary { task: 0 });
         assert!(matches!(
             rx.try_recv(),
@@ -295,7 +435,7 @@ mod tests {
         let mut book = ServeBook::default();
         book.enter(3);
         let (tx, mut rx) = oneshot::channel();
-        book.lookup(key(3, 0), tx);
+        book.lookup(key(3, 0), 0, tx);
         let (early, _r) = oneshot::channel();
         assert!(book.hold_pull(pull(4), early).is_ok());
         let (later, _r2) = oneshot::channel();

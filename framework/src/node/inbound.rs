@@ -107,7 +107,7 @@ impl Runtime {
                 }
             }
             Ok(When::Later) => {
-                if let Err((_, reply)) = s.serve.hold_pull(req, reply) {
+                if let Err(reply) = s.serve.hold_pull(req, reply) {
                     let _ = reply.send(Err(Rejection::NotReady { task: to, epoch }));
                 }
             }
@@ -187,6 +187,7 @@ impl Runtime {
             Some(elected) => {
                 if s.serve.answer(key, answer, elected, acting) {
                     s.ctx.env().metrics.pull_served(s.ctx.task());
+                    s.report_kept();
                 }
             }
         }

@@ -499,6 +499,7 @@ impl Runtime {
                     slot.state.send_modify(|st| st.primary = None);
                     slot.ctx.abort_spawned();
                     slot.task.exit(&slot.ctx, reason).await;
+                    self.metrics.kept_answer_bytes(0);
                 }
             }
             Command::NewLease => {

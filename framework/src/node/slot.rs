@@ -79,6 +79,7 @@ impl SlotRuntime {
         let span = error_span!(parent: &self.span, "epoch", epoch);
         self.epoch_span = Some(span.clone());
         let (early_pulls, early_metas) = self.serve.enter(epoch);
+        self.report_kept();
         async {
             debug!("entering epoch");
             self.task.enter_epoch(&self.ctx, epoch).await;
@@ -115,7 +116,11 @@ impl SlotRuntime {
             id,
             requester_term: req.header.term,
         };
-        let Lookup::New = self.serve.lookup(key, reply) else {
+        let lookup = self.serve.lookup(key, req.delivered_below, reply);
+        if req.delivered_below > 0 {
+            self.report_kept();
+        }
+        let Lookup::New = lookup else {
             return None;
         };
         let inline = Arc::new(Mutex::new(Inline::Open(None)));
@@ -143,6 +148,14 @@ impl SlotRuntime {
             Inline::Open(Some(answer)) => Some((key, answer)),
             _ => None,
         }
+    }
+
+    /// Publishes the bytes of the answers kept for retries.
+    pub(super) fn report_kept(&self) {
+        self.ctx
+            .env()
+            .metrics
+            .kept_answer_bytes(self.serve.kept_bytes());
     }
 
     /// Delivers a meta of the current epoch, once per (sender, link, meta).

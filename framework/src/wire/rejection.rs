@@ -95,6 +95,13 @@ pub enum Rejection {
     /// The receiver is shutting down (or its event loop dropped the message). Code `Unavailable`.
     #[error("the receiving node is shutting down")]
     ShuttingDown,
+    /// The pull `seq` was already delivered to its requester (by its own acknowledgement), and
+    /// its answer forgotten: a late duplicate, given up. Code `Aborted`.
+    #[error("pull {seq} was already delivered")]
+    Delivered {
+        /// The pull's sequence number.
+        seq: u64,
+    },
 }
 
 impl Rejection {
@@ -104,7 +111,7 @@ impl Rejection {
             Rejection::NotPrimary { .. } | Rejection::NotReady { .. } | Rejection::ShuttingDown => {
                 Code::Unavailable
             }
-            Rejection::EpochMoved { .. } => Code::Aborted,
+            Rejection::EpochMoved { .. } | Rejection::Delivered { .. } => Code::Aborted,
             Rejection::StaleTerm { .. } | Rejection::WrongJob { .. } => Code::FailedPrecondition,
             Rejection::UnknownTask { .. } | Rejection::Malformed { .. } => Code::InvalidArgument,
             Rejection::UnknownMethod { .. } => Code::Unimplemented,
@@ -213,6 +220,7 @@ impl From<Rejection> for proto::Rejection {
             }),
             Rejection::Malformed { reason } => Kind::Malformed(r::Malformed { reason }),
             Rejection::ShuttingDown => Kind::ShuttingDown(r::ShuttingDown {}),
+            Rejection::Delivered { seq } => Kind::Delivered(r::Delivered { seq }),
         };
         proto::Rejection { kind: Some(kind) }
     }
@@ -256,6 +264,7 @@ impl TryFrom<proto::Rejection> for Rejection {
             },
             Kind::Malformed(m) => Rejection::Malformed { reason: m.reason },
             Kind::ShuttingDown(_) => Rejection::ShuttingDown,
+            Kind::Delivered(m) => Rejection::Delivered { seq: m.seq },
         })
     }
 }
@@ -287,4 +296,44 @@ pub(crate) fn tonic_size_limit(status: &Status) -> Option<Rejection> {
         size: number_after("found"),
         limit: number_after("the limit is:"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_rejection_survives_the_status_it_travels_in() {
+        let all = [
+            Rejection::NotPrimary { task: 1 },
+            Rejection::NotReady { task: 1, epoch: 2 },
+            Rejection::EpochMoved {
+                request_epoch: 1,
+                current_epoch: 2,
+            },
+            Rejection::StaleTerm {
+                task: 1,
+                term: 2,
+                seen: 3,
+            },
+            Rejection::WrongJob {
+                expected: "a".into(),
+                got: "b".into(),
+            },
+            Rejection::UnknownTask {
+                task: 9,
+                num_tasks: 2,
+            },
+            Rejection::UnknownMethod { method: "m".into() },
+            Rejection::TooLarge { size: 5, limit: 4 },
+            Rejection::Malformed { reason: "r".into() },
+            Rejection::ShuttingDown,
+            Rejection::Delivered { seq: 7 },
+        ];
+        for r in all {
+            let status = Status::from(r.clone());
+            assert_eq!(status.code(), r.code());
+            assert_eq!(Rejection::from_status(&status), Some(r));
+        }
+    }
 }

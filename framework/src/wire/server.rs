@@ -110,6 +110,7 @@ pub trait Direct: Send + Sync + 'static {
     /// own channel; or gives it back to go through the loop. The server polls the work once on
     /// the calling task and, if it is not done, finishes it as a task of its own (so a caller
     /// that gives up never cuts the handling short).
+    #[allow(clippy::result_large_err)] // handed back by value: boxing would cost an allocation per call
     fn try_handle(&self, msg: Inbound) -> Result<futures::future::BoxFuture<'static, ()>, Inbound>;
 }
 

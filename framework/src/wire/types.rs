@@ -42,6 +42,10 @@ pub struct PullRequest {
     pub method: String,
     /// Argument bytes, opaque to the transport.
     pub payload: Bytes,
+    /// The sender's acknowledgement: every pull it made to this task with a lower `seq` (in
+    /// this epoch, under this term) has been delivered, so the server may forget their
+    /// answers. 0 acknowledges nothing.
+    pub delivered_below: u64,
 }
 
 impl PullRequest {
@@ -166,6 +170,7 @@ impl TryFrom<proto::PullRequest> for PullRequest {
             seq: m.seq,
             method: m.method,
             payload: m.payload,
+            delivered_below: m.delivered_below,
         })
     }
 }
@@ -177,6 +182,7 @@ impl From<PullRequest> for proto::PullRequest {
             seq: m.seq,
             method: m.method,
             payload: m.payload,
+            delivered_below: m.delivered_below,
         }
     }
 }
