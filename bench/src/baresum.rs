@@ -135,15 +135,7 @@ impl Drop for BareSum {
 }
 
 fn channel(addr: &str) -> Result<tonic::transport::Channel, BoxError> {
-    use taskgraph::testing::wire::{HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW};
-    Ok(
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .tcp_nodelay(true)
-            .initial_stream_window_size(HTTP2_STREAM_WINDOW)
-            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
-            .max_frame_size(HTTP2_MAX_FRAME)
-            .connect_lazy(),
-    )
+    Ok(crate::common::bare_endpoint(addr)?.connect_lazy())
 }
 
 impl BareSum {
@@ -151,9 +143,6 @@ impl BareSum {
     /// at `endpoints`, at epoch 0; the root moves on only as far as [`BareSum::run_block`] lets
     /// it.
     pub async fn start(endpoints: &[String], tasks: u32) -> Result<BareSum, BoxError> {
-        use taskgraph::testing::wire::{
-            HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW,
-        };
         let key = format!("taskgraph-bench-baresum-{:08x}", rand::random::<u32>());
         let mut client = etcd_client::Client::connect(endpoints, None).await?;
         let put = client.put(key.as_str(), "0", None).await?;
@@ -173,10 +162,7 @@ impl BareSum {
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             tokio::spawn(
-                tonic::transport::Server::builder()
-                    .initial_stream_window_size(HTTP2_STREAM_WINDOW)
-                    .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
-                    .max_frame_size(HTTP2_MAX_FRAME)
+                crate::common::bare_server()
                     .add_service(BareSumServer::new(Server(s.clone())))
                     .serve_with_incoming_shutdown(incoming, async move {
                         let _ = stopped.await;

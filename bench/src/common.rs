@@ -438,16 +438,52 @@ impl Echo for EchoService {
     }
 }
 
-/// The HTTP/2 settings both sides of a comparison use: the bare echo service gets the same
-/// windows and frame size as the framework's node-to-node connections
-/// (`taskgraph::testing::wire::HTTP2_*`), so a ratio measures the framework, not a transport setting.
+/// The HTTP/2 settings both sides of a comparison use: the bare services get the same windows,
+/// frame size and keepalive pings as the framework's node-to-node connections
+/// (`taskgraph::testing::wire::*`), so a ratio measures the framework, not a transport setting.
 pub fn http2_settings() -> String {
-    use taskgraph::testing::wire::{HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW};
+    use taskgraph::testing::wire::{
+        DEFAULT_HTTP2_KEEPALIVE, HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW,
+        SERVER_HTTP2_KEEPALIVE_INTERVAL, SERVER_HTTP2_KEEPALIVE_TIMEOUT,
+    };
     format!(
-        "HTTP/2 on both sides: stream window {} MiB, connection window {} MiB, max frame {} KiB",
+        "HTTP/2 on both sides: stream window {} MiB, connection window {} MiB, max frame {} KiB, \
+         keepalive pings every {} s (client) and {} s (server, {} s timeout), TCP_NODELAY",
         HTTP2_STREAM_WINDOW >> 20,
         HTTP2_CONNECTION_WINDOW >> 20,
-        HTTP2_MAX_FRAME >> 10
+        HTTP2_MAX_FRAME >> 10,
+        DEFAULT_HTTP2_KEEPALIVE.as_secs(),
+        SERVER_HTTP2_KEEPALIVE_INTERVAL.as_secs(),
+        SERVER_HTTP2_KEEPALIVE_TIMEOUT.as_secs(),
+    )
+}
+
+/// A tonic server builder with the framework's HTTP/2 settings (see [`http2_settings`]).
+pub fn bare_server() -> tonic::transport::Server {
+    use taskgraph::testing::wire::{
+        HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW,
+        SERVER_HTTP2_KEEPALIVE_INTERVAL, SERVER_HTTP2_KEEPALIVE_TIMEOUT,
+    };
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(SERVER_HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(SERVER_HTTP2_KEEPALIVE_TIMEOUT))
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .max_frame_size(HTTP2_MAX_FRAME)
+}
+
+/// A tonic endpoint for `addr` with the framework's HTTP/2 settings (see [`http2_settings`]).
+pub fn bare_endpoint(addr: &str) -> Result<tonic::transport::Endpoint, BoxError> {
+    use taskgraph::testing::wire::{
+        DEFAULT_HTTP2_KEEPALIVE, HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW,
+    };
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(DEFAULT_HTTP2_KEEPALIVE)
+            .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+            .max_frame_size(HTTP2_MAX_FRAME),
     )
 }
 
@@ -468,7 +504,6 @@ pub async fn echo_server() -> Result<EchoServerHandle, BoxError> {
 /// Starts a bare tonic echo server on a free loopback port, refusing messages over
 /// `max_message` bytes; HTTP/2 as the framework's (see [`http2_settings`]).
 pub async fn echo_server_with(max_message: usize) -> Result<EchoServerHandle, BoxError> {
-    use taskgraph::testing::wire::{HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -476,16 +511,12 @@ pub async fn echo_server_with(max_message: usize) -> Result<EchoServerHandle, Bo
     let svc = EchoServer::new(EchoService)
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .initial_stream_window_size(HTTP2_STREAM_WINDOW)
-            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
-            .max_frame_size(HTTP2_MAX_FRAME)
-            .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = stopped.await;
-            }),
-    );
+    tokio::spawn(bare_server().add_service(svc).serve_with_incoming_shutdown(
+        incoming,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     Ok(EchoServerHandle { addr, _stop: stop })
 }
 
@@ -503,16 +534,7 @@ impl Echoer {
     /// Connects to `addr`, refusing messages over `max_message` bytes; HTTP/2 as the
     /// framework's (see [`http2_settings`]).
     pub async fn connect_with(addr: &str, max_message: usize) -> Result<Self, BoxError> {
-        use taskgraph::testing::wire::{
-            HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW,
-        };
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .tcp_nodelay(true)
-            .initial_stream_window_size(HTTP2_STREAM_WINDOW)
-            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
-            .max_frame_size(HTTP2_MAX_FRAME)
-            .connect()
-            .await?;
+        let channel = bare_endpoint(addr)?.connect().await?;
         Ok(Echoer(
             EchoClient::new(channel)
                 .max_decoding_message_size(max_message)
