@@ -190,8 +190,7 @@ impl ServeBook {
             requester_term: key.requester_term,
         });
         *floor = delivered_below;
-        let gone: Vec<Order> = self.answers.range(from..to).map(|(k, _)| *k).collect();
-        for k in gone {
+        while let Some(k) = self.answers.range(from..to).next().map(|(k, _)| *k) {
             if let Some((_, served)) = self.answers.remove(&k) {
                 self.kept_bytes -= kept_len(&served);
             }
