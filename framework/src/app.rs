@@ -518,7 +518,17 @@ impl Context {
         for _ in 0..8 {
             let term = self.acting_term()?;
             let current = match env.store.inc_epoch(env.task, term, from).await? {
-                Ok(()) => return Ok(true),
+                Ok(revision) => {
+                    // This node's loop enters the new epoch on etcd's answer, without waiting
+                    // for the watch to echo the put back (the echo then changes nothing).
+                    if revision > 0 {
+                        let _ = env.loop_tx.send(LoopRequest::EpochCommitted {
+                            epoch: from + 1,
+                            revision,
+                        });
+                    }
+                    return Ok(true);
+                }
                 Err(current) => current,
             };
             // A stale `from`, or the fence failed because this node was deposed meanwhile.

@@ -32,4 +32,7 @@ pub(crate) enum LoopRequest {
         server_term: Term,
         result: Result<Bytes, PullError>,
     },
+    /// The task's `inc_epoch` moved the job to `epoch`: etcd's answer to the compare-and-swap,
+    /// whose put has `revision`. The news, ahead of the watch's echo of the same put.
+    EpochCommitted { epoch: Epoch, revision: i64 },
 }

@@ -514,14 +514,15 @@ impl Store {
     }
 
     /// Moves the epoch from `from` to `from + 1` if it is `from` and task `t`'s primary key is
-    /// still the one created at `term` (fencing). When it did not move, returns the epoch
-    /// key as it is now (`None` inside: the key is missing), read in the same transaction.
+    /// still the one created at `term` (fencing): `Ok` with the revision of the put (0 if etcd's
+    /// answer had no header). When it did not move, returns the epoch key as it is now (`None`
+    /// inside: the key is missing), read in the same transaction.
     pub async fn inc_epoch(
         &self,
         t: TaskId,
         term: Term,
         from: u64,
-    ) -> Result<Result<(), Option<Kv>>, EtcdError> {
+    ) -> Result<Result<i64, Option<Kv>>, EtcdError> {
         let term = keys::revision_of(term);
         let key = self.keys.epoch();
         let txn = Txn::new()
@@ -542,7 +543,7 @@ impl Store {
         let mut c = self.client.clone();
         let resp = self.timed("txn inc epoch", &key, c.txn(txn)).await?;
         if resp.succeeded() {
-            return Ok(Ok(()));
+            return Ok(Ok(resp.header().map_or(0, |h| h.revision())));
         }
         Ok(Err(first_kv(resp)))
     }

@@ -204,7 +204,10 @@ impl Runtime {
             other => other,
         };
         let route = match &req {
-            LoopRequest::Kill | LoopRequest::Answer { .. } => return,
+            // The loop takes these itself (see `Runtime::handle`).
+            LoopRequest::Kill | LoopRequest::Answer { .. } | LoopRequest::EpochCommitted { .. } => {
+                return
+            }
             LoopRequest::WorkDone { slot, done } => {
                 self.engine.route(*slot, done.id().epoch, None, now)
             }

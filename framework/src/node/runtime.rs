@@ -291,6 +291,12 @@ impl Runtime {
                 warn!("killed by its task: leaving without revoking the lease");
                 return Ok(Flow::Exit(NodeExit::Killed));
             }
+            Wake::Request(LoopRequest::EpochCommitted { epoch, revision }) => {
+                let input = Input::EpochCommitted { epoch, revision };
+                let commands = self.engine.handle(input, Instant::now());
+                self.epoch_seen().await;
+                return self.execute(commands, stop).await;
+            }
             Wake::Request(other) => {
                 self.on_request(other).await;
                 return Ok(Flow::Continue);

@@ -23,6 +23,14 @@ pub(crate) enum Input {
         /// The revision of the node's registration.
         registered_at: i64,
     },
+    /// This node's compare-and-swap moved the job's epoch to `epoch`, written at `revision`:
+    /// etcd's answer is the news, and the watch's later echo of the same put changes nothing.
+    EpochCommitted {
+        /// The new epoch.
+        epoch: Epoch,
+        /// The revision of the put.
+        revision: i64,
+    },
     /// The outcome of a [`Command::Claim`].
     Claimed(Claim, ClaimOutcome),
     /// As backup: a replication entry was applied (`term`, `index`).

@@ -237,19 +237,27 @@ impl Engine {
                 for ev in events {
                     self.apply_event(ev, now, &mut out);
                 }
-                let after = self.view.as_ref().and_then(|v| v.epoch);
-                if let Some(e) = after.filter(|_| after != before) {
-                    out.push(Command::Note(Note::JobEpoch {
-                        epoch: e.epoch(),
-                        done: matches!(e, EpochValue::Done(_)),
-                    }));
+                self.view_changed(before, now, &mut out);
+            }
+            Input::EpochCommitted { epoch, revision } => {
+                let Some(view) = self.view.as_mut() else {
+                    return out;
+                };
+                let before = view.epoch;
+                // News only while the view has seen nothing at or after the put (every range
+                // of the watch delivers in revision order, so no later epoch was applied) and
+                // shows the epoch the swap compared against.
+                if revision <= view.revision
+                    || epoch == 0
+                    || before != Some(EpochValue::Running(epoch - 1))
+                {
+                    return out;
                 }
-                if self.view.is_some() {
-                    self.raise_fence();
-                    out.push(Command::ViewChanged);
+                view.epoch = Some(EpochValue::Running(epoch));
+                if self.observed.last().is_none_or(|last| *last < epoch) {
+                    self.observed.push(epoch);
                 }
-                self.heal(now, &mut out);
-                self.step(now, &mut out);
+                self.view_changed(before, now, &mut out);
             }
             Input::Lease(state) => {
                 self.lease = state;
@@ -312,6 +320,24 @@ impl Engine {
             }
         }
         out
+    }
+
+    /// After the view changed (its epoch was `before`): notes a new epoch, publishes the
+    /// view, then heals and decides on it.
+    fn view_changed(&mut self, before: Option<EpochValue>, now: Instant, out: &mut Vec<Command>) {
+        let after = self.view.as_ref().and_then(|v| v.epoch);
+        if let Some(e) = after.filter(|_| after != before) {
+            out.push(Command::Note(Note::JobEpoch {
+                epoch: e.epoch(),
+                done: matches!(e, EpochValue::Done(_)),
+            }));
+        }
+        if self.view.is_some() {
+            self.raise_fence();
+            out.push(Command::ViewChanged);
+        }
+        self.heal(now, out);
+        self.step(now, out);
     }
 
     fn raise_fence(&mut self) {

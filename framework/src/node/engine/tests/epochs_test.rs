@@ -117,3 +117,53 @@ fn on_renewal_the_backups_are_brought_in_step_before_the_task_acts() {
     let deliver = at(|c| matches!(c, Command::DeliverDeferred));
     assert!(sync.is_some() && sync < enter && enter < deliver, "{out:?}");
 }
+
+#[test]
+fn the_caser_enters_on_etcds_answer_and_the_watchs_echo_changes_nothing() {
+    let (mut h, _) = H::primary_of("n1", 0, 1, 3);
+    // etcd answered this node's compare-and-swap 3 → 4, written at `rev`.
+    let rev = h.next_rev();
+    let out = h.input(Input::EpochCommitted {
+        epoch: 4,
+        revision: rev,
+    });
+    assert_eq!(entered(&out), vec![4], "{out:?}");
+    assert_eq!(
+        published_epoch(&h),
+        Some(crate::etcd::keys::EpochValue::Running(4))
+    );
+    // The watch's echo of the same put: nothing more.
+    let key = h.keys.epoch();
+    let echo = crate::etcd::Kv {
+        key: key.into_bytes(),
+        value: b"4".to_vec(),
+        create_revision: 1,
+        mod_revision: rev,
+        lease: 0,
+    };
+    let out = h.put(echo);
+    assert_eq!(entered(&out), Vec::<u64>::new(), "{out:?}");
+    // The next epoch comes by the watch as usual.
+    let e5 = h.epoch_kv("5");
+    assert_eq!(entered(&h.put(e5)), vec![5]);
+    // News the view has already passed (an older revision, or not the next epoch) is ignored.
+    let out = h.input(Input::EpochCommitted {
+        epoch: 5,
+        revision: rev + 1,
+    });
+    assert_eq!(entered(&out), Vec::<u64>::new());
+    let rev = h.next_rev();
+    let out = h.input(Input::EpochCommitted {
+        epoch: 7,
+        revision: rev,
+    });
+    assert_eq!(entered(&out), Vec::<u64>::new());
+    assert_eq!(
+        published_epoch(&h),
+        Some(crate::etcd::keys::EpochValue::Running(5))
+    );
+}
+
+fn published_epoch(h: &H) -> Option<crate::etcd::keys::EpochValue> {
+    h.e.view().and_then(|v| v.epoch)
+}
