@@ -33,9 +33,10 @@ impl SlotKey {
 /// Slot keys by slot, shared between the engine's view and the snapshots it publishes to the
 /// slot's background work: cloning is O(1), and a change copies the map only while a published
 /// snapshot still shares it. So an event that changes no slot (the epoch moving on) costs no
-/// copy of the job's slots, and a reader can tell "no slot changed" by [`SlotMap::same`].
+/// copy of the job's slots, and a reader can tell "no slot changed" by [`SlotMap::same`]. The
+/// keys themselves are shared too: a copy of the map copies pointers, not the holders' strings.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SlotMap<K: Ord>(Arc<BTreeMap<K, SlotKey>>);
+pub struct SlotMap<K: Ord>(Arc<BTreeMap<K, Arc<SlotKey>>>);
 
 impl<K: Ord> Default for SlotMap<K> {
     fn default() -> Self {
@@ -46,13 +47,17 @@ impl<K: Ord> Default for SlotMap<K> {
 impl<K: Ord + Clone> SlotMap<K> {
     /// Sets slot `k`; returns the key it replaced.
     pub fn insert(&mut self, k: K, v: SlotKey) -> Option<SlotKey> {
-        Arc::make_mut(&mut self.0).insert(k, v)
+        Arc::make_mut(&mut self.0)
+            .insert(k, Arc::new(v))
+            .map(Arc::unwrap_or_clone)
     }
 
     /// Clears slot `k`; returns the key it held (no copy when it held none).
     pub fn remove(&mut self, k: &K) -> Option<SlotKey> {
         if self.0.contains_key(k) {
-            Arc::make_mut(&mut self.0).remove(k)
+            Arc::make_mut(&mut self.0)
+                .remove(k)
+                .map(Arc::unwrap_or_clone)
         } else {
             None
         }
@@ -65,17 +70,23 @@ impl<K: Ord + Clone> SlotMap<K> {
 }
 
 impl<K: Ord> Deref for SlotMap<K> {
-    type Target = BTreeMap<K, SlotKey>;
+    type Target = BTreeMap<K, Arc<SlotKey>>;
     fn deref(&self) -> &Self::Target {
         &self.0
     }
 }
 
+/// The slots of a [`SlotMap`] in order.
+pub type SlotIter<'a, K> = std::iter::Map<
+    btree_map::Iter<'a, K, Arc<SlotKey>>,
+    fn((&'a K, &'a Arc<SlotKey>)) -> (&'a K, &'a SlotKey),
+>;
+
 impl<'a, K: Ord> IntoIterator for &'a SlotMap<K> {
     type Item = (&'a K, &'a SlotKey);
-    type IntoIter = btree_map::Iter<'a, K, SlotKey>;
+    type IntoIter = SlotIter<'a, K>;
     fn into_iter(self) -> Self::IntoIter {
-        self.0.iter()
+        self.0.iter().map(|(k, v)| (k, &**v))
     }
 }
 
@@ -179,7 +190,7 @@ impl JobView {
     pub fn backups_of(&self, t: TaskId) -> impl Iterator<Item = (u32, &SlotKey)> {
         self.backups
             .range((t, 0)..(t, u32::MAX))
-            .map(|((_, k), s)| (*k, s))
+            .map(|((_, k), s)| (*k, &**s))
     }
 
     /// Whether the job has finished.
