@@ -405,14 +405,13 @@ impl Runtime {
                 why,
             } => self.delete_key(key, mod_revision, why),
             Command::ViewChanged => {
+                // The fence first: a fetcher that sees the new view must not take an answer
+                // from a primary it deposes. Only the terms raised since the last view: O(1)
+                // per primary key change (the slot maps themselves are shared, not copied).
+                for (t, term) in self.engine.take_raised() {
+                    self.fence.admit(t, term);
+                }
                 if let Some(view) = self.engine.view() {
-                    // The slot maps are shared with the last published view: when no primary
-                    // changed (the epoch moved on), neither the walk nor a copy is needed.
-                    if !view.primaries.same(&self.view_tx.borrow().primaries) {
-                        for (t, p) in &view.primaries {
-                            self.fence.admit(*t, p.term());
-                        }
-                    }
                     self.view_tx.send_replace(Arc::new(view.clone()));
                 }
             }

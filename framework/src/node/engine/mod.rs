@@ -91,11 +91,10 @@ pub(crate) struct Engine {
     retry_at: Option<Instant>,
     /// Claims etcd did not answer in a row (the pause before the next grows with it).
     claim_failures: u32,
-    /// Highest term seen per task (raised from the view only).
+    /// Highest term seen per task (raised by the primary keys etcd shows, and own won claims).
     fence: BTreeMap<TaskId, Term>,
-    /// The primaries the fence was last raised from: an event that changed no primary (the
-    /// epoch moving on) skips the walk over every task.
-    fenced: crate::roles::SlotMap<TaskId>,
+    /// Fence raises not yet handed to the runtime (see [`Engine::take_raised`]).
+    raised: Vec<(TaskId, Term)>,
     /// A bad value under this node's record, by the revision to heal over (0: deleted).
     record_fault: Option<i64>,
     /// A bad value under `spec`: why, and the revision to heal over (0: deleted).
@@ -152,7 +151,7 @@ impl Engine {
             retry_at: None,
             claim_failures: 0,
             fence: BTreeMap::new(),
-            fenced: crate::roles::SlotMap::default(),
+            raised: Vec::new(),
             record_fault: None,
             spec_fault: None,
             heals_tried: Vec::new(),
@@ -333,25 +332,26 @@ impl Engine {
             }));
         }
         if self.view.is_some() {
-            self.raise_fence();
             out.push(Command::ViewChanged);
         }
         self.heal(now, out);
         self.step(now, out);
     }
 
-    fn raise_fence(&mut self) {
-        let Some(view) = self.view.as_ref() else {
-            return;
-        };
-        if view.primaries.same(&self.fenced) {
-            return;
+    /// Raises the fence of task `t` to `term`, a primary key etcd showed (or this node's own
+    /// won claim): O(1) per key change, never a walk over the job.
+    pub(super) fn raise_fence(&mut self, t: TaskId, term: Term) {
+        let seen = self.fence.entry(t).or_insert(0);
+        if term > *seen {
+            *seen = term;
+            self.raised.push((t, term));
         }
-        self.fenced = view.primaries.clone();
-        for (t, p) in &view.primaries {
-            let seen = self.fence.entry(*t).or_insert(0);
-            *seen = (*seen).max(p.term());
-        }
+    }
+
+    /// The fence raises since the last call, for the shared fence of the slot's background
+    /// work (taken when the view is published, [`Command::ViewChanged`]).
+    pub(crate) fn take_raised(&mut self) -> Vec<(TaskId, Term)> {
+        std::mem::take(&mut self.raised)
     }
 
     /// Decides and plans until nothing is left to do on the current view, or a claim is out.
@@ -521,7 +521,6 @@ impl Engine {
                     v.backups.remove(&(task, k));
                 }
                 self.note_own_key(true, task, 0, rev, lease);
-                self.raise_fence();
                 out.push(Command::ViewChanged);
                 // A backup that never got the primary's state starts like a spare would: from
                 // the task's last checkpoint.
@@ -544,6 +543,7 @@ impl Engine {
             };
             if primary {
                 v.primaries.insert(t, slot);
+                self.raise_fence(t, term_of(rev));
             } else {
                 v.backups.insert((t, k), slot);
             }

@@ -206,6 +206,7 @@ impl Engine {
                 };
                 match k {
                     JobKey::Primary(t) => {
+                        self.raise_fence(t, slot.term());
                         view.primaries.insert(t, slot);
                     }
                     JobKey::Backup(t, k) if k >= 1 && k < view.replicas => {

@@ -145,3 +145,35 @@ fn a_snapshot_keeps_the_last_good_epoch_against_a_bad_one() {
     // re-read, so it loses it; checked by the slots tests) — here only the epoch matters.
     let _ = ClaimOutcome::Lost;
 }
+
+#[test]
+fn the_fence_is_raised_per_primary_key_change_not_by_walking_the_job() {
+    let mut h = H::new("n1", 64, 1);
+    let primaries: Vec<Kv> = (1..64)
+        .map(|t| h.primary_kv(t, &format!("other{t}"), 100 + i64::from(t)))
+        .collect();
+    let terms: Vec<(u32, u64)> = primaries
+        .iter()
+        .enumerate()
+        .map(|(i, kv)| (i as u32 + 1, crate::etcd::keys::term_of(kv.create_revision)))
+        .collect();
+    h.snapshot(0, primaries);
+    let mut raised = h.e.take_raised();
+    raised.sort();
+    assert_eq!(
+        raised, terms,
+        "a first read raises every primary's term once"
+    );
+    // The epoch moving on raises nothing.
+    let e1 = h.epoch_kv("1");
+    h.put(e1);
+    assert_eq!(h.e.take_raised(), vec![]);
+    // A new primary of one task: that task only.
+    let key = h.keys.primary(5);
+    h.delete(key);
+    let kv = h.primary_kv(5, "other5b", 205);
+    let term = crate::etcd::keys::term_of(kv.create_revision);
+    h.put(kv);
+    assert_eq!(h.e.take_raised(), vec![(5, term)]);
+    assert_eq!(h.e.fence_seen(5), term);
+}
