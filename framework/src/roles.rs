@@ -6,7 +6,6 @@
 //! again on a fresher view).
 
 use std::collections::{btree_map, BTreeMap};
-use std::ops::Deref;
 use std::sync::Arc;
 
 use crate::etcd::keys::{EpochValue, Holder};
@@ -30,37 +29,129 @@ impl SlotKey {
     }
 }
 
-/// Slot keys by slot, shared between the engine's view and the snapshots it publishes to the
-/// slot's background work: cloning is O(1), and a change copies the map only while a published
-/// snapshot still shares it. So an event that changes no slot (the epoch moving on) costs no
-/// copy of the job's slots, and a reader can tell "no slot changed" by [`SlotMap::same`]. The
-/// keys themselves are shared too: a copy of the map copies pointers, not the holders' strings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SlotMap<K: Ord>(Arc<BTreeMap<K, Arc<SlotKey>>>);
+/// Tasks per chunk of a [`SlotMap`].
+const CHUNK: TaskId = 32;
 
-impl<K: Ord> Default for SlotMap<K> {
-    fn default() -> Self {
-        SlotMap(Arc::new(BTreeMap::new()))
+/// A slot's index in a [`SlotMap`]: which task it belongs to decides its chunk.
+pub trait SlotIndex: Ord + Clone {
+    /// The task of the slot.
+    fn task(&self) -> TaskId;
+}
+
+impl SlotIndex for TaskId {
+    fn task(&self) -> TaskId {
+        *self
     }
 }
 
-impl<K: Ord + Clone> SlotMap<K> {
+impl SlotIndex for (TaskId, u32) {
+    fn task(&self) -> TaskId {
+        self.0
+    }
+}
+
+type Chunk<K> = Arc<BTreeMap<K, Arc<SlotKey>>>;
+
+/// Slot keys by slot, shared between the engine's view and the snapshots it publishes to the
+/// slot's background work: cloning is O(1), and a change while a snapshot shares the map copies
+/// only the chunk of 32 tasks it falls in (plus the list of chunks), never the whole job; the
+/// keys themselves are shared, never copied. A reader can tell "no slot changed" by
+/// [`SlotMap::same`]. Iteration is in slot order.
+#[derive(Clone)]
+pub struct SlotMap<K: Ord>(Arc<Vec<Chunk<K>>>);
+
+impl<K: Ord> Default for SlotMap<K> {
+    fn default() -> Self {
+        SlotMap(Arc::new(Vec::new()))
+    }
+}
+
+impl<K: SlotIndex + std::fmt::Debug> std::fmt::Debug for SlotMap<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl<K: SlotIndex> PartialEq for SlotMap<K> {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl<K: SlotIndex> Eq for SlotMap<K> {}
+
+fn chunk_of<K: SlotIndex>(k: &K) -> usize {
+    (k.task() / CHUNK) as usize
+}
+
+impl<K: SlotIndex> SlotMap<K> {
     /// Sets slot `k`; returns the key it replaced.
     pub fn insert(&mut self, k: K, v: SlotKey) -> Option<SlotKey> {
-        Arc::make_mut(&mut self.0)
+        let c = chunk_of(&k);
+        let chunks = Arc::make_mut(&mut self.0);
+        if chunks.len() <= c {
+            chunks.resize_with(c + 1, Default::default);
+        }
+        Arc::make_mut(&mut chunks[c])
             .insert(k, Arc::new(v))
             .map(Arc::unwrap_or_clone)
     }
 
     /// Clears slot `k`; returns the key it held (no copy when it held none).
     pub fn remove(&mut self, k: &K) -> Option<SlotKey> {
-        if self.0.contains_key(k) {
-            Arc::make_mut(&mut self.0)
-                .remove(k)
-                .map(Arc::unwrap_or_clone)
-        } else {
-            None
+        if !self.contains_key(k) {
+            return None;
         }
+        let chunks = Arc::make_mut(&mut self.0);
+        Arc::make_mut(&mut chunks[chunk_of(k)])
+            .remove(k)
+            .map(Arc::unwrap_or_clone)
+    }
+
+    /// The key of slot `k`.
+    pub fn get(&self, k: &K) -> Option<&SlotKey> {
+        self.0.get(chunk_of(k))?.get(k).map(|v| &**v)
+    }
+
+    /// Whether slot `k` is taken.
+    pub fn contains_key(&self, k: &K) -> bool {
+        self.get(k).is_some()
+    }
+
+    /// The taken slots in order.
+    pub fn iter(&self) -> SlotIter<'_, K> {
+        SlotIter {
+            chunks: self.0.iter(),
+            current: None,
+        }
+    }
+
+    /// The taken slots' indexes in order.
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.iter().map(|(k, _)| k)
+    }
+
+    /// The taken slots of task `t` within `range`, in order.
+    pub fn range_of_task<R: std::ops::RangeBounds<K>>(
+        &self,
+        t: TaskId,
+        range: R,
+    ) -> impl Iterator<Item = (&K, &SlotKey)> {
+        self.0
+            .get((t / CHUNK) as usize)
+            .into_iter()
+            .flat_map(move |c| c.range((range.start_bound().cloned(), range.end_bound().cloned())))
+            .map(|(k, v)| (k, &**v))
+    }
+
+    /// Number of taken slots.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|c| c.len()).sum()
+    }
+
+    /// Whether no slot is taken.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|c| c.is_empty())
     }
 
     /// Whether `other` is this very map (no slot changed between them): O(1).
@@ -69,24 +160,38 @@ impl<K: Ord + Clone> SlotMap<K> {
     }
 }
 
-impl<K: Ord> Deref for SlotMap<K> {
-    type Target = BTreeMap<K, Arc<SlotKey>>;
-    fn deref(&self) -> &Self::Target {
-        &self.0
+impl<K: SlotIndex> std::ops::Index<&K> for SlotMap<K> {
+    type Output = SlotKey;
+    /// Panics if slot `k` is free (as `BTreeMap`'s index does).
+    fn index(&self, k: &K) -> &SlotKey {
+        self.get(k).unwrap_or_else(|| panic!("slot not taken"))
     }
 }
 
-/// The slots of a [`SlotMap`] in order.
-pub type SlotIter<'a, K> = std::iter::Map<
-    btree_map::Iter<'a, K, Arc<SlotKey>>,
-    fn((&'a K, &'a Arc<SlotKey>)) -> (&'a K, &'a SlotKey),
->;
+/// The taken slots of a [`SlotMap`] in order.
+#[derive(Debug)]
+pub struct SlotIter<'a, K> {
+    chunks: std::slice::Iter<'a, Chunk<K>>,
+    current: Option<btree_map::Iter<'a, K, Arc<SlotKey>>>,
+}
 
-impl<'a, K: Ord> IntoIterator for &'a SlotMap<K> {
+impl<'a, K> Iterator for SlotIter<'a, K> {
+    type Item = (&'a K, &'a SlotKey);
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some((k, v)) = self.current.as_mut().and_then(Iterator::next) {
+                return Some((k, &**v));
+            }
+            self.current = Some(self.chunks.next()?.iter());
+        }
+    }
+}
+
+impl<'a, K: SlotIndex> IntoIterator for &'a SlotMap<K> {
     type Item = (&'a K, &'a SlotKey);
     type IntoIter = SlotIter<'a, K>;
     fn into_iter(self) -> Self::IntoIter {
-        self.0.iter().map(|(k, v)| (k, &**v))
+        self.iter()
     }
 }
 
@@ -189,8 +294,8 @@ impl JobView {
     /// Backups of task `t`, by slot.
     pub fn backups_of(&self, t: TaskId) -> impl Iterator<Item = (u32, &SlotKey)> {
         self.backups
-            .range((t, 0)..(t, u32::MAX))
-            .map(|((_, k), s)| (*k, &**s))
+            .range_of_task(t, (t, 0)..(t, u32::MAX))
+            .map(|((_, k), s)| (*k, s))
     }
 
     /// Whether the job has finished.
@@ -430,6 +535,48 @@ mod tests {
         assert!(!m.same(&again));
         assert_eq!((m.len(), again.len()), (1, 2));
     }
+    #[test]
+    fn a_slot_map_iterates_in_order_across_chunks_and_a_change_copies_one_chunk() {
+        let mut m: SlotMap<(TaskId, u32)> = SlotMap::default();
+        for t in [70, 3, 31, 32, 0, 100] {
+            m.insert((t, 1), slot("n", i64::from(t)));
+            m.insert((t, 2), slot("n", i64::from(t) + 1000));
+        }
+        let order: Vec<(TaskId, u32)> = m.keys().copied().collect();
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(order, sorted);
+        assert_eq!(m.len(), 12);
+        let published = m.clone();
+        m.insert((33, 1), slot("x", 1));
+        // The chunk of tasks 32..64 was copied; the others are still shared with the snapshot.
+        for c in 0..published.0.len() {
+            assert_eq!(Arc::ptr_eq(&m.0[c], &published.0[c]), c != 1, "chunk {c}");
+        }
+        let mut v = JobView::new(101, 3);
+        v.backups = m.clone();
+        let of_32: Vec<u32> = v.backups_of(32).map(|(k, _)| k).collect();
+        assert_eq!(of_32, vec![1, 2]);
+        assert_eq!(v.backups_of(33).count(), 1);
+        assert_eq!(v.backups_of(34).count(), 0);
+        assert_eq!(v.backups_of(1000).count(), 0);
+        // Equal contents are equal, whatever chunks emptied on the way.
+        m.remove(&(33, 1));
+        assert_eq!(m, published);
+        for t in [70, 100] {
+            m.remove(&(t, 1));
+            m.remove(&(t, 2));
+        }
+        let mut fresh: SlotMap<(TaskId, u32)> = SlotMap::default();
+        for t in [3, 31, 32, 0] {
+            fresh.insert((t, 1), slot("n", i64::from(t)));
+            fresh.insert((t, 2), slot("n", i64::from(t) + 1000));
+        }
+        assert_eq!(m, fresh);
+        assert!(!m.is_empty());
+        assert_eq!(m[&(0, 2)].create_revision, 1000);
+    }
+
     fn first(_: usize) -> usize {
         0
     }
