@@ -132,7 +132,8 @@ impl Engine {
     }
 
     fn apply_put(&mut self, view: &mut JobView, kv: Kv, snapshot: bool, out: &mut Vec<Command>) {
-        let key = String::from_utf8_lossy(&kv.key).into_owned();
+        // Written out only if logged: most events log nothing.
+        let key = KeyText(&kv.key);
         let own_lease = kv.lease != 0 && LeaseId(kv.lease) == self.lease.id();
         match self.keys.parse(&kv.key) {
             Some(JobKey::Epoch) => match judge_epoch(view.epoch, &kv.value, snapshot) {
@@ -142,7 +143,7 @@ impl Engine {
                 }
                 Err(kind) => {
                     error!(
-                        key,
+                        ?key,
                         found = %kind,
                         last_good = view.epoch.map(|e| e.encode()),
                         "the epoch key holds a value the framework did not write; keeping the last good epoch"
@@ -156,7 +157,7 @@ impl Engine {
             },
             Some(JobKey::Primary(t)) | Some(JobKey::Backup(t, _)) if t >= view.tasks => {
                 warn!(
-                    key,
+                    ?key,
                     tasks = view.tasks,
                     "rejected slot key of a task out of range"
                 );
@@ -165,13 +166,13 @@ impl Engine {
                 let holder = match serde_json::from_slice::<Holder>(&kv.value) {
                     Ok(h) => h,
                     Err(e) => {
-                        warn!(key, error = %e, "rejected garbage slot value; the slot counts as taken until its key goes");
+                        warn!(?key, error = %e, "rejected garbage slot value; the slot counts as taken until its key goes");
                         if own_lease {
                             // Garbage under this node's own slot key (its lease holds it): the
                             // node gives the slot up (its holder is not there any more) and
                             // must delete the key, or its live lease would keep the slot
                             // blocked for ever.
-                            warn!(key, "garbage under this node's own slot key: giving the slot up and deleting the key");
+                            warn!(?key, "garbage under this node's own slot key: giving the slot up and deleting the key");
                         }
                         if kv.lease == 0 || own_lease {
                             // No node writes a slot without a lease: nobody owns this one.
@@ -189,7 +190,7 @@ impl Engine {
                 };
                 if holder.node == self.me.node && self.stray_key(&k, &kv) {
                     warn!(
-                        key,
+                        ?key,
                         "a slot key under this node's lease that is not its slot (a claim whose \
                          answer was lost): deleting it"
                     );
@@ -212,7 +213,7 @@ impl Engine {
                     JobKey::Backup(t, k) if k >= 1 && k < view.replicas => {
                         view.backups.insert((t, k), slot);
                     }
-                    _ => warn!(key, "rejected backup slot out of range"),
+                    _ => warn!(?key, "rejected backup slot out of range"),
                 }
             }
             Some(JobKey::Spec) => {
@@ -226,7 +227,7 @@ impl Engine {
                 match fault {
                     Some(reason) => {
                         error!(
-                            key,
+                            ?key,
                             reason, "the job's spec in etcd is bad; this node keeps its own"
                         );
                         out.push(Command::Note(Note::BadValue("spec")));
@@ -249,7 +250,7 @@ impl Engine {
                 }
             }
             Some(JobKey::Node(_) | JobKey::Checkpoint(_) | JobKey::Result) => {}
-            None => debug!(key, "ignoring unknown key under the job's prefix"),
+            None => debug!(?key, "ignoring unknown key under the job's prefix"),
         }
     }
 
@@ -275,5 +276,14 @@ impl Engine {
             ) => !(t == task && k == mk && kv.create_revision == create_revision),
             _ => true,
         }
+    }
+}
+
+/// A key's bytes as text, converted only when logged (shown quoted, as a `String` field is).
+struct KeyText<'a>(&'a [u8]);
+
+impl std::fmt::Debug for KeyText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(self.0))
     }
 }
