@@ -300,11 +300,12 @@ impl JobClient {
     /// ```
     pub fn changes(&self) -> JobChanges {
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(watch::run(
-            self.store().clone(),
-            self.keys().job_watch(),
-            tx,
-        ));
+        // The ranges never change: their sender goes at once, the receiver keeps the value.
+        let (_, ranges) = tokio::sync::watch::channel(watch::WatchRanges {
+            generation: 0,
+            ranges: self.keys().job_watch(),
+        });
+        tokio::spawn(watch::run(self.store().clone(), ranges, tx));
         JobChanges::live(self.job(), self.keys().clone(), rx)
     }
 
@@ -350,7 +351,7 @@ impl Interpreter {
     /// One event of the job's watch; `None` when it changes nothing a consumer sees.
     pub(crate) fn event(&mut self, ev: JobEvent) -> Option<ChangeEvent> {
         match ev {
-            JobEvent::Snapshot { kvs, revision } => Some(self.snapshot(&kvs, revision)),
+            JobEvent::Snapshot { kvs, revision, .. } => Some(self.snapshot(&kvs, revision)),
             JobEvent::Put(kv) => self.put(&kv),
             JobEvent::Delete { key, revision } => self.delete(&key, revision),
             JobEvent::Disconnected => Some(ChangeEvent {

@@ -6,7 +6,7 @@ use bytes::Bytes;
 
 use crate::data::{Answer, PullError, PullId, ServeKey};
 use crate::work::WorkDone;
-use crate::{Epoch, Term};
+use crate::{Epoch, TaskId, Term};
 
 /// Requests from a task (its context, its spawned work, the framework's work on its behalf) to
 /// its node's event loop. Each names the slot it comes from; the loop ignores requests of a
@@ -35,4 +35,9 @@ pub(crate) enum LoopRequest {
     /// The task's `inc_epoch` moved the job to `epoch`: etcd's answer to the compare-and-swap,
     /// whose put has `revision`. The news, ahead of the watch's echo of the same put.
     EpochCommitted { epoch: Epoch, revision: i64 },
+    /// The slot's work talks to this task (a pull or meta to it, or a sender from it) whose
+    /// slot keys the node does not watch: watch them.
+    WatchTask(TaskId),
+    /// The slot keys under the node's lease, as read for `Command::FindStrays`.
+    LeaseKeys(Vec<crate::etcd::Kv>),
 }

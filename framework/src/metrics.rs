@@ -69,7 +69,8 @@
 //! | `taskgraph_lease_losses_total` | counter | `reason` | `suspended`: the local deadline passed without a renewal (the node stops acting); `expired`: etcd reports the lease gone (the node gives its slot up) |
 //! | `taskgraph_inbound_messages_total` | counter | `kind` | messages from other nodes (pulls, metas, pings, replication entries) by where they were handled: `direct` (on the gRPC call's own task, while the event loop was idle: no hop to the loop) or `loop` |
 //! | `taskgraph_liveness_checks_total` | counter | `kind` | checks of other nodes' processes: `hold` (a liveness hold opened: a backup on its primary, a spare on the backups of a task without a primary; one per holder while it lives) or `ping` (a one-off check, e.g. after a hold broke or a call was refused) |
-//! | `taskgraph_watch_events_total` | counter | | key changes the node's job watch received: it watches only the epoch, the spec and slot keys, and its own record, so a steady job adds about one per epoch (checkpoints and other nodes' records are not sent to it) |
+//! | `taskgraph_watch_events_total` | counter | | key changes the node's job watch received: it watches only the epoch, the spec, its own record and slot keys (a spare every task's, a slot holder only those of its task, its neighbours, task 0 and the tasks it talks to outside the topology), so a steady job adds about one per epoch and a slot change elsewhere in the job adds nothing (checkpoints and other nodes' records are not sent to it) |
+//! | `taskgraph_watched_key_ranges` | gauge | | key ranges the node's job watch follows: 3 plus one per task whose slot keys it watches while it holds a slot; 3 as a spare (the slot keys of every task are one range) |
 //! | `taskgraph_bad_values_total` | counter | `key` | values under a key the framework owns that it refused: `key` is `epoch`, `spec` or `node` (this node's record); logged at error level with the key and the value's fault |
 //! | `taskgraph_keys_healed_total` | counter | `key` | bad values this node rewrote (a fenced compare-and-swap on the bad value's revision): `epoch`, `spec` or `node` |
 //! | `taskgraph_stalled` | gauge | | 1 while this node sees the job's epoch unmoved for longer than its stall time (see [`FrameworkBuilder::stall_after`](crate::FrameworkBuilder::stall_after)) |
@@ -226,6 +227,7 @@ struct Inner {
     liveness_checks: Family<KindLabel, Counter>,
     inbound: Family<KindLabel, Counter>,
     watch_events: Counter,
+    watched_ranges: Gauge,
     etcd_requests: Family<RequestLabels, Counter>,
     etcd_duration: Histograms<OpLabel>,
     bad_values: Family<KeyLabel, Counter>,
@@ -274,6 +276,7 @@ impl Metrics {
             liveness_checks: Family::default(),
             inbound: Family::default(),
             watch_events: Counter::default(),
+            watched_ranges: Gauge::default(),
             etcd_requests: Family::default(),
             etcd_duration: Family::new_with_constructor(etcd_histogram as fn() -> Histogram),
             bad_values: Family::default(),
@@ -413,6 +416,11 @@ impl Metrics {
             "watch_events",
             "Key changes the node's job watch received",
             inner.watch_events.clone(),
+        );
+        r.register(
+            "watched_key_ranges",
+            "Key ranges the node's job watch follows",
+            inner.watched_ranges.clone(),
         );
         r.register(
             "etcd_requests",
@@ -598,6 +606,11 @@ impl Metrics {
     /// Key changes the job watch received.
     pub(crate) fn watch_events(&self, n: u64) {
         self.inner.watch_events.inc_by(n);
+    }
+
+    /// The number of key ranges the job watch follows.
+    pub(crate) fn set_watched_ranges(&self, n: usize) {
+        self.inner.watched_ranges.set(to_gauge(n as u64));
     }
 
     /// A check of another node's process.

@@ -5,7 +5,7 @@
 //! decision made on a stale view is harmless (the transaction fails and the node decides
 //! again on a fresher view).
 
-use std::collections::{btree_map, BTreeMap};
+use std::collections::{btree_map, BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::etcd::keys::{EpochValue, Holder};
@@ -213,6 +213,30 @@ pub struct JobView {
     pub epoch_fault: Option<EpochFault>,
     /// The highest etcd revision applied to this view.
     pub revision: i64,
+    /// Whose slot keys the view shows: a task outside it may have slots the view does not
+    /// know of.
+    pub scope: Scope,
+}
+
+/// Which tasks' slot keys a view shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// Every task's: a spare's view (it looks for a free slot anywhere), or a tool's.
+    #[default]
+    All,
+    /// These tasks' only: a slot holder's view (its own task, its neighbours' over the
+    /// topology's period, task 0's, and those its work talks to outside the topology).
+    Tasks(Arc<BTreeSet<TaskId>>),
+}
+
+impl Scope {
+    /// Whether task `t`'s slot keys are in the scope.
+    pub fn shows(&self, t: TaskId) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Tasks(set) => set.contains(&t),
+        }
+    }
 }
 
 /// Why the value under the `epoch` key is not one the framework could have written next.
@@ -301,6 +325,11 @@ impl JobView {
     /// Whether the job has finished.
     pub fn finished(&self) -> bool {
         matches!(self.epoch, Some(EpochValue::Done(_)))
+    }
+
+    /// Whether the view shows task `t`'s slot keys (see [`Scope`]).
+    pub fn shows(&self, t: TaskId) -> bool {
+        self.scope.shows(t)
     }
 }
 

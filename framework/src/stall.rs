@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::etcd::keys::{EpochValue, JobKeys, StallReason};
-use crate::roles::JobView;
+use crate::etcd::keys::{EpochValue, Holder, JobKey, JobKeys, StallReason};
+use crate::etcd::lease::LeaseId;
+use crate::etcd::Kv;
+use crate::roles::{JobView, SlotKey};
 use crate::TaskId;
 
 /// At most this many tasks without a primary are named one by one in a stall's reasons.
@@ -92,6 +94,36 @@ impl StallWatch {
     }
 }
 
+/// `view` with every task's slot keys from `kvs` (a read of the job's slot keys): what a slot
+/// holder, which watches only a few tasks, judges a stall's job-wide causes on. Only which
+/// slots are taken matters there; the holders' values are not parsed.
+pub(crate) fn slots_view(view: &JobView, keys: &JobKeys, kvs: &[Kv]) -> JobView {
+    let mut full = JobView::new(view.tasks, view.replicas);
+    full.epoch = view.epoch;
+    full.epoch_fault = view.epoch_fault.clone();
+    full.revision = view.revision;
+    for kv in kvs {
+        let slot = || SlotKey {
+            holder: Holder {
+                node: String::new(),
+                addr: String::new(),
+            },
+            create_revision: kv.create_revision,
+            lease: LeaseId(kv.lease),
+        };
+        match keys.parse(&kv.key) {
+            Some(JobKey::Primary(t)) if t < view.tasks => {
+                full.primaries.insert(t, slot());
+            }
+            Some(JobKey::Backup(t, k)) if t < view.tasks && k >= 1 && k < view.replicas => {
+                full.backups.insert((t, k), slot());
+            }
+            _ => {}
+        }
+    }
+    full
+}
+
 /// What the job's view shows as causes of a stall: keys the framework owns that hold bad
 /// values, tasks without a primary.
 pub(crate) fn view_reasons(
@@ -119,8 +151,9 @@ pub(crate) fn view_reasons(
             text: format!("the job's spec in etcd is bad: {fault}"),
         });
     }
+    // Only tasks whose slot keys the view shows (see `slots_view` for a full one).
     let down: Vec<TaskId> = (0..view.tasks)
-        .filter(|t| !view.primaries.contains_key(t))
+        .filter(|t| view.shows(*t) && !view.primaries.contains_key(t))
         .collect();
     for &t in down.iter().take(NAMED_TASKS) {
         let backups = view.backups_of(t).count();

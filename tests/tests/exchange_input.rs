@@ -126,7 +126,9 @@ fn probe(header: Header, method: &str) -> PullRequest {
 /// The job keeps moving while the test runs, so between reading the epoch and the node
 /// handling the pull the node may have left that epoch (`EpochMoved`: read it again and
 /// resend), or its task may not have entered any epoch yet (`NotReady`). A pull of an epoch the
-/// node has not reached yet is held by the node until it gets there, so it needs no retry.
+/// node has not reached yet is held by the node until it gets there, so it needs no retry. A
+/// node that does not watch the sender's task (not its neighbour) says "not primary" for the
+/// sender until its watch shows that task, as any sender's retry finds.
 async fn pull_in_current_epoch(
     peers: &Peers,
     addr: &str,
@@ -134,12 +136,17 @@ async fn pull_in_current_epoch(
     mut req: PullRequest,
 ) -> Result<PullAnswer, CallError> {
     let mut last = None;
+    let sender = req.header.from_task;
     for _ in 0..50 {
         req.header.epoch = db.epoch().await;
         match peers.pull(addr, req.clone()).await {
             Err(CallError::Rejected(
                 r @ (Rejection::EpochMoved { .. } | Rejection::NotReady { .. }),
             )) => {
+                last = Some(r);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(CallError::Rejected(r @ Rejection::NotPrimary { task })) if task == sender => {
                 last = Some(r);
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }

@@ -240,7 +240,10 @@ fn acting_primary(s: &taskgraph::NodeStatus) -> Option<u32> {
 /// slot key under the node's live lease that is not the node's slot. The node must delete it,
 /// or the task has a "primary" that never acts, and a spare never takes it, for as long as the
 /// node lives. Here such a key is planted for a free task under a running primary's lease;
-/// a spare that joins afterwards must get the task and the job must run to its end.
+/// a spare that joins afterwards must get the task and the job must run to its end. (The
+/// primary watches only its own and its neighbours' slot keys, so it finds the key by listing
+/// the keys under its lease: at once after a claim without an answer, and every few seconds as
+/// a safety net, which is what catches this planted one.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_applied_without_an_answer_does_not_block_its_slot() {
     init_logs();

@@ -731,6 +731,151 @@ async fn a_backup_holds_its_live_primary_without_polling_and_sees_one_watch_even
     nodes.stop_all().await;
 }
 
+/// A slot holder's job watch follows the slot keys of its own task, its neighbours and task 0
+/// only (scale: a node's watch events do not grow with the job): a task elsewhere in the job
+/// losing its primary and getting a new one sends it nothing, while that task's parent sees
+/// both changes. The epoch stays put (the gate is closed), so the counts are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_holders_watch_follows_its_neighbours_and_not_the_whole_job() {
+    let etcd = etcd().await;
+    let mut config = ClusterConfig::new(etcd.endpoints(), &job_name("scoped"), 7, 1);
+    config.ttl = Duration::from_secs(2);
+    let mut nodes = Nodes::new(config);
+    nodes.audit.close_gate();
+    for _ in 0..8 {
+        nodes
+            .add_dataflow(1_000_000, Duration::from_millis(20))
+            .await;
+    }
+    nodes
+        .wait_until("every task has a primary", |s| fully_staffed(7, 0, s))
+        .await;
+    // Tree of 7 (fan-out 2): task 3's neighbours are {1}, task 2's {0, 5, 6}.
+    let (observer, _) = nodes.primary_of(3).unwrap();
+    let (parent, _) = nodes.primary_of(2).unwrap();
+    let (victim, _) = nodes.primary_of(6).unwrap();
+    let ranges = |s: &Scrape| s.sum("taskgraph_watched_key_ranges", &[]);
+    let events = |s: &Scrape| s.sum("taskgraph_watch_events_total", &[]);
+    // epoch, spec, own record, then one range per task: {0, 1, 3} and {0, 2, 5, 6}.
+    let before = wait_scrape(nodes.addr(observer), "the observer's narrow watch", |s| {
+        ranges(s) == 6.0
+    })
+    .await
+    .unwrap();
+    let parent_before = wait_scrape(nodes.addr(parent), "the parent's narrow watch", |s| {
+        ranges(s) == 7.0
+    })
+    .await
+    .unwrap();
+
+    info!("--- task 6's primary crashes; the spare takes the task over");
+    nodes.crash(victim);
+    nodes
+        .wait_until("task 6 has a new primary", |s| {
+            s.iter()
+                .any(|(i, st)| *i != victim && st.primary_of(6).is_some())
+        })
+        .await;
+    wait_scrape(
+        nodes.addr(parent),
+        "the parent saw task 6's key go and come",
+        |s| events(s) >= events(&parent_before) + 2.0,
+    )
+    .await
+    .unwrap();
+    let after = scrape(nodes.addr(observer)).await.unwrap();
+    assert_eq!(
+        events(&after),
+        events(&before),
+        "the observer (task 3) was sent task 6's slot changes"
+    );
+    assert_eq!(ranges(&after), 6.0);
+    nodes.stop_all().await;
+}
+
+/// Task 3 pulls from task 6 once `go` is set, outside the topology (a tree of 7: they are
+/// not neighbours), and reports the answer; every task answers with its own id.
+struct FarPull {
+    task: TaskId,
+    go: watch::Receiver<bool>,
+    done: watch::Sender<Option<Vec<u8>>>,
+    started: bool,
+}
+
+#[async_trait]
+impl Task for FarPull {
+    async fn enter_epoch(&mut self, ctx: &Context, _epoch: Epoch) {
+        if self.task != 3 || self.started {
+            return;
+        }
+        self.started = true;
+        let (ctx2, done, mut go) = (ctx.clone(), self.done.clone(), self.go.clone());
+        ctx.spawn(async move {
+            if go.wait_for(|go| *go).await.is_err() {
+                return;
+            }
+            if let Ok(answer) = ctx2.request_bytes(6, "id", Vec::new()).await {
+                done.send_replace(Some(answer.to_vec()));
+            }
+        });
+    }
+
+    async fn serve_data(&mut self, _ctx: &Context, request: taskgraph::DataRequest) {
+        request.reply(vec![self.task as u8]);
+    }
+}
+
+/// A pull to a task outside the topology reaches it: the puller, which watches only its
+/// neighbours' slot keys, adds the pulled task's on first contact (and the pulled node adds
+/// the puller's, to check its term).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_outside_the_topology_is_answered_and_its_task_watched_from_then_on() {
+    let etcd = etcd().await;
+    let mut config = ClusterConfig::new(etcd.endpoints(), &job_name("far"), 7, 1);
+    config.ttl = Duration::from_secs(5);
+    let mut nodes = Nodes::new(config);
+    let (done, mut answered) = watch::channel(None);
+    let (go_tx, go) = watch::channel(false);
+    for i in 0..7 {
+        let (done, go) = (done.clone(), go.clone());
+        let app = move |task| FarPull {
+            task,
+            go: go.clone(),
+            done: done.clone(),
+            started: false,
+        };
+        nodes.add(nodes.builder(i).task_builder(app)).await;
+    }
+    nodes
+        .wait_until("every task has a primary", |s| fully_staffed(7, 0, s))
+        .await;
+    let ranges = |s: &Scrape| s.sum("taskgraph_watched_key_ranges", &[]);
+    // Both ends watch only their own task's, their neighbours' and task 0's slot keys first:
+    // epoch, spec, own record; {0, 1, 3} and {0, 2, 6}.
+    for task in [3, 6] {
+        let (node, _) = nodes.primary_of(task).unwrap();
+        wait_scrape(nodes.addr(node), "a holder's narrow watch", |s| {
+            ranges(s) == 6.0
+        })
+        .await
+        .unwrap();
+    }
+    go_tx.send_replace(true);
+    let answer = tokio::time::timeout(WAIT, answered.wait_for(Option::is_some))
+        .await
+        .expect("the pull is answered")
+        .unwrap()
+        .clone();
+    assert_eq!(answer, Some(vec![6]));
+    // Each end now also watches the other's task.
+    for (task, want) in [(3, 7.0), (6, 7.0)] {
+        let (node, _) = nodes.primary_of(task).unwrap();
+        let s = scrape(nodes.addr(node)).await.unwrap();
+        assert_eq!(ranges(&s), want, "task {task}'s watch");
+    }
+    nodes.stop_all().await;
+}
+
 /// Task 0 pulls `blob` from task 1 `PULLS` times, one after the other, and reports how many
 /// answers of the right size it got; task 1 answers each with the same `BLOB` bytes.
 struct BlobTask {

@@ -12,12 +12,15 @@
 //! | `checkpoints/<t>` | [`StoredCheckpoint`] (binary) | the task's primary (`Context::checkpoint`, fenced by its term) | none |
 //! | `result` | the application's bytes | the primary that ends the job with `Context::shutdown_job_with`, in the same transaction as `done <n>` | none |
 //!
-//! What a node watches ([`JobKeys::node_watch`]) is only what its decisions read: `epoch`, the
-//! range from `spec` to the end of `tasks/` (the spec and every slot key) and its own record.
-//! Checkpoints and the other nodes' records sit outside it (`checkpoints/` sorts before `epoch`,
-//! `nodes/` between `epoch` and `spec`), so a checkpoint written every epoch by every task, or a
-//! node joining, costs the other nodes nothing. [`JobKeys::job_watch`] (the whole prefix) is for
-//! tools following the job.
+//! What a node watches is only what its decisions read. A spare ([`JobKeys::node_watch`])
+//! watches `epoch`, the range from `spec` to the end of `tasks/` (the spec and every slot key:
+//! it looks for a free slot) and its own record. A slot holder ([`JobKeys::holder_watch`])
+//! watches `epoch`, `spec`, its own record and the slot keys of a few tasks only: its own, its
+//! neighbours' over the topology's period, task 0's and those it pulls from or hears from
+//! outside the topology. Checkpoints and the other nodes' records sit outside every node's
+//! ranges (`checkpoints/` sorts before `epoch`, `nodes/` between `epoch` and `spec`), so a
+//! checkpoint written every epoch by every task, or a node joining, costs the other nodes
+//! nothing. [`JobKeys::job_watch`] (the whole prefix) is for tools following the job.
 //!
 //! A node holds at most one slot (one `primary` or one `backup/<k>` key) at a time. All keys
 //! written with a lease vanish when the node's lease ends (crash, partition, clean stop).
@@ -114,6 +117,41 @@ impl JobKeys {
             },
             KeyRange::key(self.node(node)),
         ]
+    }
+
+    /// Every slot key of the job (`tasks/…`).
+    pub fn all_slots(&self) -> KeyRange {
+        KeyRange {
+            key: format!("{}tasks/", self.prefix),
+            end: Some(format!("{}tasks0", self.prefix)),
+        }
+    }
+
+    /// Every slot key of task `t`: its primary and its backups (`tasks/<t>/…`).
+    pub fn task_slots(&self, t: TaskId) -> KeyRange {
+        // `tasks/<t>/` ends in '/': the range ends where '/' is followed by '0', so task 1's
+        // range holds none of task 10's keys.
+        KeyRange {
+            key: format!("{}tasks/{t}/", self.prefix),
+            end: Some(format!("{}tasks/{t}0", self.prefix)),
+        }
+    }
+
+    /// What node `node` watches while it holds a slot: the `epoch` and `spec` keys, its own
+    /// record, and the slot keys of `tasks` only (its own task, its neighbours' and the few
+    /// others it talks to), not the whole job's: a slot change elsewhere costs it nothing.
+    pub fn holder_watch(
+        &self,
+        node: &str,
+        tasks: impl IntoIterator<Item = TaskId>,
+    ) -> Vec<KeyRange> {
+        let mut ranges = vec![
+            KeyRange::key(self.epoch()),
+            KeyRange::key(self.spec()),
+            KeyRange::key(self.node(node)),
+        ];
+        ranges.extend(tasks.into_iter().map(|t| self.task_slots(t)));
+        ranges
     }
 
     /// Every key of the job (for tools following the whole job).
@@ -381,6 +419,36 @@ mod tests {
             assert!(job.iter().any(|r| r.contains(key.as_bytes())));
         }
         assert!(!job.iter().any(|r| r.contains(b"/taskgraph/jobs/j10/spec")));
+    }
+
+    #[test]
+    fn a_slot_holder_watches_only_the_slot_keys_of_its_tasks() {
+        let k = JobKeys::new("j1");
+        let ranges = k.holder_watch("n1", [1, 7]);
+        let watched = |key: &str| ranges.iter().any(|r| r.contains(key.as_bytes()));
+        for key in [
+            k.epoch(),
+            k.spec(),
+            k.node("n1"),
+            k.primary(1),
+            k.backup(1, 1),
+            k.primary(7),
+            k.backup(7, 2),
+        ] {
+            assert!(watched(&key), "{key} must be watched");
+        }
+        for key in [
+            k.primary(10),
+            k.backup(11, 1),
+            k.primary(0),
+            k.primary(17),
+            k.backup(70, 1),
+            k.node("n2"),
+            k.checkpoint(1),
+            k.result(),
+        ] {
+            assert!(!watched(&key), "{key} must not be watched");
+        }
     }
 
     #[test]

@@ -23,6 +23,10 @@ use crate::{TaskId, Term};
 use keys::{EpochValue, Holder, JobKeys, KeyRange, NodeRecord};
 use lease::LeaseId;
 
+/// The most key ranges [`Store::load_ranges`] reads in one transaction (etcd allows 128
+/// operations per transaction by default).
+pub const LOAD_TXN_RANGES: usize = 100;
+
 /// A key-value pair read from etcd, with the metadata the framework uses.
 #[derive(Debug, Clone)]
 pub struct Kv {
@@ -295,15 +299,42 @@ impl Store {
         Ok(resp.kvs().first().map(Kv::from))
     }
 
-    /// Reads every key in `ranges`, all at one revision (the first read's), and that revision.
+    /// Reads every key in `ranges`, all at one revision, and that revision: one read-only
+    /// transaction (one round trip) for up to [`LOAD_TXN_RANGES`] ranges, else one read per
+    /// range, each at the first read's revision.
     pub async fn load_ranges(&self, ranges: &[KeyRange]) -> Result<(Vec<Kv>, i64), EtcdError> {
+        let options = |range: &KeyRange| {
+            range
+                .end
+                .as_ref()
+                .map(|end| GetOptions::new().with_range(end.as_str()))
+        };
+        if let Some(first) = ranges.first().filter(|_| ranges.len() <= LOAD_TXN_RANGES) {
+            let ops: Vec<TxnOp> = ranges
+                .iter()
+                .map(|r| TxnOp::get(r.key.clone(), options(r)))
+                .collect();
+            let mut c = self.client.clone();
+            let resp = self
+                .timed(
+                    "txn get ranges",
+                    &first.key,
+                    c.txn(Txn::new().and_then(ops)),
+                )
+                .await?;
+            let revision = resp.header().map_or(0, |h| h.revision());
+            let mut kvs = Vec::new();
+            for r in resp.op_responses() {
+                if let TxnOpResponse::Get(g) = r {
+                    kvs.extend(g.kvs().iter().map(Kv::from));
+                }
+            }
+            return Ok((kvs, revision));
+        }
         let mut kvs = Vec::new();
         let mut revision = None;
         for range in ranges {
-            let mut options = GetOptions::new();
-            if let Some(end) = &range.end {
-                options = options.with_range(end.as_str());
-            }
+            let mut options = options(range).unwrap_or_else(GetOptions::new);
             if let Some(rev) = revision {
                 options = options.with_revision(rev);
             }
@@ -374,6 +405,39 @@ impl Store {
         self.timed("lease revoke", &format!("lease {id}"), c.lease_revoke(id.0))
             .await?;
         Ok(())
+    }
+
+    /// The slot keys of this job attached to lease `id`, read at one revision (etcd lists a
+    /// lease's keys): how a slot holder, which watches only a few tasks, finds a slot key of
+    /// its own elsewhere in the job (a claim etcd applied whose answer was lost).
+    pub async fn lease_slot_keys(&self, id: LeaseId) -> Result<Vec<Kv>, EtcdError> {
+        let mut c = self.client.clone();
+        let options = etcd_client::LeaseTimeToLiveOptions::new().with_keys();
+        let resp = self
+            .timed(
+                "lease keys",
+                &format!("lease {id}"),
+                c.lease_time_to_live(id.0, Some(options)),
+            )
+            .await?;
+        let ranges: Vec<KeyRange> = resp
+            .keys()
+            .iter()
+            .filter(|k| {
+                matches!(
+                    self.keys.parse(k),
+                    Some(keys::JobKey::Primary(_) | keys::JobKey::Backup(..))
+                )
+            })
+            .map(|k| KeyRange {
+                key: String::from_utf8_lossy(k).into_owned(),
+                end: None,
+            })
+            .collect();
+        if ranges.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self.load_ranges(&ranges).await?.0)
     }
 
     /// Registers a node under `nodes/<node>` with its lease (again, to update its record).

@@ -8,14 +8,16 @@
 //! twice or lost; if etcd compacted a watch's revision away, everything is read again and a new
 //! snapshot sent.
 //!
-//! A node watches [`JobKeys::node_watch`](super::keys::JobKeys::node_watch) (what its
-//! decisions read); tools following the whole job watch
-//! [`JobKeys::job_watch`](super::keys::JobKeys::job_watch). Events of one range arrive in
-//! revision order; events of different ranges are not ordered with each other, and no decision
-//! depends on that order.
+//! The ranges can change while the watch runs ([`WatchRanges`], numbered by generation): the
+//! watch then drops its stream, reads the new ranges and sends a snapshot of that generation,
+//! and every event after it belongs to the new ranges. A spare watches
+//! [`JobKeys::node_watch`](super::keys::JobKeys::node_watch), a slot holder
+//! [`JobKeys::holder_watch`](super::keys::JobKeys::holder_watch) (what their decisions read).
+//! Events of one range arrive in revision order; events of different ranges are not ordered
+//! with each other, and no decision depends on that order.
 
 use etcd_client::{EventType, WatchOptions, WatchResponse, WatchStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::keys::KeyRange;
 use super::{Kv, Store};
@@ -30,6 +32,8 @@ pub enum JobEvent {
         kvs: Vec<Kv>,
         /// The revision of the read.
         revision: i64,
+        /// The generation of the ranges read ([`WatchRanges::generation`]).
+        generation: u64,
     },
     /// A key was created or changed.
     Put(Kv),
@@ -50,12 +54,28 @@ enum Ended {
     Closed,
     /// The stream broke (or etcd cancelled a watch): open it again where each watch stopped.
     Resume,
-    /// A watch's history was compacted away: read everything again.
+    /// A watch's history was compacted away, or the ranges changed: read everything again.
     Reload,
 }
 
-/// Runs the watch over `ranges` until `tx` is closed.
-pub(crate) async fn run(store: Store, ranges: Vec<KeyRange>, tx: mpsc::Sender<JobEvent>) {
+/// The key ranges a watch follows, and their generation (raised with every change).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WatchRanges {
+    /// Raised with every change of the ranges; snapshots carry it.
+    pub generation: u64,
+    /// The ranges.
+    pub ranges: Vec<KeyRange>,
+}
+
+/// Runs the watch over the ranges `wanted` shows (following its changes) until `tx` is closed.
+pub(crate) async fn run(
+    store: Store,
+    mut wanted: watch::Receiver<WatchRanges>,
+    tx: mpsc::Sender<JobEvent>,
+) {
+    let mut current = wanted.borrow_and_update().clone();
+    // Whether the ranges can still change (their sender is there).
+    let mut following = true;
     // Per range: the revision its watch starts (or resumes) from; `None` until a snapshot.
     let mut next: Option<Vec<i64>> = None;
     let mut delays = crate::retry::WATCH.delays();
@@ -64,11 +84,22 @@ pub(crate) async fn run(store: Store, ranges: Vec<KeyRange>, tx: mpsc::Sender<Jo
         if tx.is_closed() {
             return;
         }
+        if following && wanted.has_changed().unwrap_or(false) {
+            current = wanted.borrow_and_update().clone();
+            next = None;
+        }
+        let ranges = &current.ranges;
         let mut starts = match next.take() {
             Some(starts) => starts,
-            None => match store.load_ranges(&ranges).await {
+            None => match store.load_ranges(ranges).await {
                 Ok((kvs, revision)) => {
-                    if tx.send(JobEvent::Snapshot { kvs, revision }).await.is_err() {
+                    let generation = current.generation;
+                    let snapshot = JobEvent::Snapshot {
+                        kvs,
+                        revision,
+                        generation,
+                    };
+                    if tx.send(snapshot).await.is_err() {
                         return;
                     }
                     vec![revision + 1; ranges.len()]
@@ -85,7 +116,7 @@ pub(crate) async fn run(store: Store, ranges: Vec<KeyRange>, tx: mpsc::Sender<Jo
             },
         };
         let opened = tokio::time::Instant::now();
-        let stream = open(&store, &ranges, &starts).await;
+        let stream = open(&store, ranges, &starts).await;
         store.record(
             "watch",
             if stream.is_ok() {
@@ -111,7 +142,21 @@ pub(crate) async fn run(store: Store, ranges: Vec<KeyRange>, tx: mpsc::Sender<Jo
         // The watch id of each range, in the order etcd confirmed them.
         let mut ids: Vec<i64> = Vec::with_capacity(ranges.len());
         let ended = loop {
-            match stream.message().await {
+            let message = tokio::select! {
+                changed = wanted.changed(), if following => {
+                    match changed {
+                        // New ranges: read them and watch them instead.
+                        Ok(()) => {
+                            current = wanted.borrow_and_update().clone();
+                            break Ended::Reload;
+                        }
+                        Err(_) => following = false,
+                    }
+                    continue;
+                }
+                message = stream.message() => message,
+            };
+            match message {
                 Ok(Some(resp)) => {
                     if resp.compact_revision() > 0 {
                         tracing::info!(

@@ -170,13 +170,17 @@ pub(crate) async fn end_dead_backups(env: &SlotEnv, task: TaskId) {
 }
 
 /// Waits until the view changes while `task` has no primary, checking meanwhile (at once,
-/// then every [`MONITOR_INTERVAL`]) whether its backups are dead. `false`: the view is gone (the node is
-/// stopping).
+/// then every [`MONITOR_INTERVAL`]) whether its backups are dead. A task whose slot keys the
+/// view does not show (a slot holder watches only a few) is asked for first: the loop adds
+/// it to the watch. `false`: the view is gone (the node is stopping).
 pub(crate) async fn await_primary(
     env: &SlotEnv,
     view: &mut watch::Receiver<Arc<JobView>>,
     task: TaskId,
 ) -> bool {
+    if !view.borrow().shows(task) {
+        let _ = env.loop_tx.send(crate::inbox::LoopRequest::WatchTask(task));
+    }
     let check = async {
         loop {
             end_dead_backups(env, task).await;

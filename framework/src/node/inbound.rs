@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::inbox::LoopRequest;
 use crate::roles::MySlot;
 use crate::wire::{
-    Inbound, Meta, PingReply, PullRequest, Rejection, Replicate, ReplicateKind, SlotInfo,
+    Header, Inbound, Meta, PingReply, PullRequest, Rejection, Replicate, ReplicateKind, SlotInfo,
 };
 
 impl Runtime {
@@ -85,6 +85,18 @@ impl Runtime {
         }
     }
 
+    /// The engine's admission of a pull or meta; a sender refused only because this node
+    /// does not watch its task's slot keys makes the loop watch them (the sender retries).
+    fn admit(&self, header: &Header, now: Instant) -> Result<When, Rejection> {
+        let admitted = self.engine.admit(header, now);
+        if let Err(Rejection::NotPrimary { task }) = admitted {
+            if task == header.from_task && task != header.to_task && self.engine.unwatched(task) {
+                let _ = self.requests_tx.send(LoopRequest::WatchTask(task));
+            }
+        }
+        admitted
+    }
+
     /// A pull for this node's task: answered only by the acting primary, in the request's
     /// epoch; early requests wait for the epoch, late ones are told it moved.
     pub(super) async fn on_pull(
@@ -94,7 +106,7 @@ impl Runtime {
         now: Instant,
     ) {
         let (to, epoch) = (req.header.to_task, req.header.epoch);
-        let when = self.engine.admit(&req.header, now);
+        let when = self.admit(&req.header, now);
         let Some(s) = self.slot.as_mut() else {
             let _ = reply.send(Err(Rejection::NotPrimary { task: to }));
             return;
@@ -121,7 +133,7 @@ impl Runtime {
     /// epoch; early ones wait for the epoch.
     pub(super) async fn on_meta(&mut self, msg: Meta, now: Instant) -> Result<(), Rejection> {
         let (to, epoch) = (msg.header.to_task, msg.header.epoch);
-        let when = self.engine.admit(&msg.header, now)?;
+        let when = self.admit(&msg.header, now)?;
         let Some(s) = self.slot.as_mut() else {
             return Err(Rejection::NotPrimary { task: to });
         };
@@ -205,9 +217,11 @@ impl Runtime {
         };
         let route = match &req {
             // The loop takes these itself (see `Runtime::handle`).
-            LoopRequest::Kill | LoopRequest::Answer { .. } | LoopRequest::EpochCommitted { .. } => {
-                return
-            }
+            LoopRequest::Kill
+            | LoopRequest::Answer { .. }
+            | LoopRequest::EpochCommitted { .. }
+            | LoopRequest::WatchTask(_)
+            | LoopRequest::LeaseKeys(_) => return,
             LoopRequest::WorkDone { slot, done } => {
                 self.engine.route(*slot, done.id().epoch, None, now)
             }

@@ -238,10 +238,16 @@ async fn run(
     // slot's work, etcd chores) is aborted when `run` returns or is aborted (crash).
     let mut background = JoinSet::new();
     let (events_tx, events) = mpsc::channel(4096);
-    // Only what the node decides on: the epoch, the spec and slot keys, its own record.
-    let watched = store.keys().node_watch(&node_id);
+    // Only what the node decides on: the epoch, the spec and slot keys, its own record (as a
+    // spare; the engine narrows it to a few tasks' slot keys while the node holds a slot).
+    let spare_ranges = store.keys().node_watch(&node_id);
+    metrics.set_watched_ranges(spare_ranges.len());
+    let (watch_ranges, wanted) = watch::channel(jobwatch::WatchRanges {
+        generation: 0,
+        ranges: spare_ranges,
+    });
     let events_weak = events_tx.downgrade();
-    background.spawn(jobwatch::run(store.clone(), watched, events_tx));
+    background.spawn(jobwatch::run(store.clone(), wanted, events_tx));
     let server_config = wire::ServerConfig {
         job: config.job.clone(),
         num_tasks: config.tasks,
@@ -271,6 +277,7 @@ async fn run(
         config.spec().encode().into_bytes(),
         rand::random(),
     );
+    let next_stray_sweep = Instant::now() + runtime::stray_sweep(config.lease_ttl);
     let node = Runtime {
         record: NodeRecord {
             addr: config.advertise_addr(),
@@ -292,6 +299,8 @@ async fn run(
         peers: Peers::new(client),
         monitors: std::collections::BTreeMap::new(),
         view_tx: watch::channel(Arc::new(JobView::default())).0,
+        watch_ranges,
+        next_stray_sweep,
         fence: Fence::default(),
         record_dirty: false,
         metrics,

@@ -7,8 +7,8 @@ use tracing::{debug, error, info, warn};
 
 use super::runtime::Runtime;
 use crate::etcd::keys::{StallNote, StallReason};
-use crate::roles::{JobView, MySlot};
-use crate::stall::view_reasons;
+use crate::roles::{JobView, MySlot, Scope};
+use crate::stall::{slots_view, view_reasons};
 use crate::TaskId;
 
 impl Runtime {
@@ -75,10 +75,21 @@ impl Runtime {
         let own = self.own_stall_reasons(now);
         let reporter = self.engine.job_reporter().is_some();
         let mut reasons = own.clone();
-        if reporter {
-            if let Some(view) = self.engine.view() {
-                reasons.extend(view_reasons(view, &keys, self.engine.spec_fault()));
-            }
+        if let Some(view) = self.engine.view().filter(|_| reporter) {
+            // A slot holder watches a few tasks only: the job-wide causes are judged on a
+            // read of every slot key (one read per stall time, by the reporter only).
+            let full = match view.scope {
+                Scope::All => None,
+                Scope::Tasks(_) => match self.store.load_ranges(&[keys.all_slots()]).await {
+                    Ok((kvs, _)) => Some(slots_view(view, &keys, &kvs)),
+                    Err(e) => {
+                        warn!(error = %e, "could not read the job's slot keys for the stall report");
+                        None
+                    }
+                },
+            };
+            let view = full.as_ref().unwrap_or(view);
+            reasons.extend(view_reasons(view, &keys, self.engine.spec_fault()));
         }
         let text = if reasons.is_empty() {
             "no cause seen from this node".to_owned()

@@ -44,6 +44,13 @@ use crate::{TaskId, Term};
 /// How often the loop looks for a stall (the stall time is seconds at least).
 const STALL_CHECK: Duration = Duration::from_millis(500);
 
+/// How often a slot holder lists the keys under its lease for strays: 5 lease TTLs, at least
+/// 5 s and at most a minute (one light etcd request; a stray normally comes from a claim
+/// without an answer, which is checked at once).
+pub(super) fn stray_sweep(ttl: Duration) -> Duration {
+    (ttl * 5).clamp(Duration::from_secs(5), Duration::from_secs(60))
+}
+
 pub(super) enum Flow {
     Continue,
     Exit(NodeExit),
@@ -121,6 +128,10 @@ pub(super) struct Runtime {
     pub(super) monitors: BTreeMap<Watched, AbortOnDrop>,
     /// The view, for the slot's background work (pull fetchers, meta senders, replication).
     pub(super) view_tx: watch::Sender<Arc<JobView>>,
+    /// When a slot holder next looks for stray slot keys under its lease ([`Runtime::sweep_strays`]).
+    pub(super) next_stray_sweep: Instant,
+    /// The key ranges the job watch follows (the engine's [`Command::Watch`]).
+    pub(super) watch_ranges: watch::Sender<crate::etcd::watch::WatchRanges>,
     /// Highest term seen per task, for the slot's background work (raised from the view).
     pub(super) fence: Fence,
     /// What this node last wrote under its `nodes/<node>` key.
@@ -291,6 +302,14 @@ impl Runtime {
                 warn!("killed by its task: leaving without revoking the lease");
                 return Ok(Flow::Exit(NodeExit::Killed));
             }
+            Wake::Request(LoopRequest::WatchTask(task)) => {
+                let commands = self.engine.handle(Input::WatchTask(task), Instant::now());
+                return self.execute(commands, stop).await;
+            }
+            Wake::Request(LoopRequest::LeaseKeys(kvs)) => {
+                let commands = self.engine.handle(Input::LeaseKeys(kvs), Instant::now());
+                return self.execute(commands, stop).await;
+            }
             Wake::Request(LoopRequest::EpochCommitted { epoch, revision }) => {
                 let input = Input::EpochCommitted { epoch, revision };
                 let commands = self.engine.handle(input, Instant::now());
@@ -325,6 +344,7 @@ impl Runtime {
             Wake::Deadline => Input::Deadline,
             Wake::Retry => Input::Retry,
             Wake::StallCheck => {
+                self.sweep_strays();
                 self.check_stall().await;
                 return Ok(Flow::Continue);
             }
@@ -496,6 +516,12 @@ impl Runtime {
                 members,
             } => self.sync_backups(task, term, epoch, members).await,
             Command::Monitor(wanted) => self.monitor(wanted),
+            Command::FindStrays => self.find_strays(),
+            Command::Watch { generation, ranges } => {
+                self.metrics.set_watched_ranges(ranges.len());
+                self.watch_ranges
+                    .send_replace(crate::etcd::watch::WatchRanges { generation, ranges });
+            }
             Command::DropSlot(reason) => {
                 if let Some(mut slot) = self.slot.take() {
                     if reason == ExitReason::SlotLost {
@@ -636,6 +662,38 @@ impl Runtime {
                     }
                 }
             }
+        }
+    }
+
+    /// Reads the slot keys under the node's lease, for the engine to judge
+    /// ([`Command::FindStrays`]).
+    fn find_strays(&mut self) {
+        let (store, requests) = (self.store.clone(), self.requests_tx.clone());
+        let lease = self.lease.borrow().id();
+        self.next_stray_sweep = Instant::now() + stray_sweep(self.config.lease_ttl);
+        while self.chores.try_join_next().is_some() {}
+        self.chores.spawn(
+            async move {
+                match store.lease_slot_keys(lease).await {
+                    Ok(kvs) if !kvs.is_empty() => {
+                        let _ = requests.send(LoopRequest::LeaseKeys(kvs));
+                    }
+                    Ok(_) => {}
+                    Err(e) => debug!(error = %e, "could not list the keys under the lease"),
+                }
+            }
+            .instrument(Span::current()),
+        );
+    }
+
+    /// Now and then, as a slot holder that watches only a few tasks: looks for slot keys of
+    /// its own elsewhere in the job (a spare sees every slot key in its watch).
+    pub(super) fn sweep_strays(&mut self) {
+        if self.engine.watches_all() || Instant::now() < self.next_stray_sweep {
+            return;
+        }
+        if self.lease.borrow().valid_now() {
+            self.find_strays();
         }
     }
 

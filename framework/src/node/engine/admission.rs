@@ -48,18 +48,19 @@ impl Engine {
     /// than the highest seen, or the term of a primary whose key is gone, is refused as stale;
     /// a higher term than any seen is not believed (it would let one forged message fence off
     /// the real primary) — it is refused as "not primary yet", and the sender retries until
-    /// this node's watch has caught up with its election.
+    /// this node's watch has caught up with its election. A sender whose task's slot keys
+    /// the view does not show (a slot holder watches only a few tasks) is refused as "not
+    /// primary yet" too, unless its term is below one etcd showed: the runtime then asks for
+    /// that task's keys ([`Engine::unwatched`]), and the sender's retry finds them.
     pub(crate) fn fence_sender(&self, task: TaskId, term: Term) -> Result<(), Rejection> {
         let seen = self.fence_seen(task);
-        let current = self
-            .view
-            .as_ref()
-            .and_then(|v| v.primaries.get(&task))
-            .map(|p| p.term());
+        let view = self.view.as_ref();
+        let current = view.and_then(|v| v.primaries.get(&task)).map(|p| p.term());
         if term != 0 && current == Some(term) && term >= seen {
             return Ok(());
         }
-        if term > seen {
+        let shown = view.is_some_and(|v| v.shows(task));
+        if term > seen || (term == seen && !shown) {
             return Err(Rejection::NotPrimary { task });
         }
         Err(Rejection::StaleTerm { task, term, seen })

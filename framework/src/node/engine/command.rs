@@ -2,6 +2,7 @@
 
 use tokio::time::Instant;
 
+use crate::etcd::keys::KeyRange;
 use crate::etcd::lease::{LeaseId, LeaseState};
 use crate::etcd::watch::JobEvent;
 use crate::role::{ExitReason, NodeExit, Role};
@@ -40,6 +41,11 @@ pub(crate) enum Input {
         /// The entry's index.
         index: u64,
     },
+    /// The slot's work talks to `task` (a pull, a meta, a sender it must fence) but the view
+    /// does not show that task's slot keys: watch them too.
+    WatchTask(TaskId),
+    /// The slot keys of this job under the node's lease ([`Command::FindStrays`]).
+    LeaseKeys(Vec<crate::etcd::Kv>),
     /// The time set by [`Engine::retry_at`] came.
     Retry,
     /// The lease's local deadline passed.
@@ -250,6 +256,18 @@ pub(crate) enum Command {
     },
     /// Keep liveness checks on exactly these slot holders.
     Monitor(Vec<Watched>),
+    /// Read the slot keys under the node's lease and feed them back as [`Input::LeaseKeys`]:
+    /// a slot key of its own outside what the node watches (a claim etcd applied whose answer
+    /// was lost) is found there.
+    FindStrays,
+    /// Follow these key ranges with the job watch from now on, as generation `generation`
+    /// (the watch reads them and sends a snapshot of that generation).
+    Watch {
+        /// The generation.
+        generation: u64,
+        /// The ranges.
+        ranges: Vec<KeyRange>,
+    },
     /// End the slot: the task's `exit(reason)`, then the value is dropped.
     DropSlot(ExitReason),
     /// Grant a new lease and register; feed [`Input::LeaseGranted`] back.

@@ -42,12 +42,19 @@ use crate::etcd::lease::{LeaseId, LeaseState};
 use crate::health::readiness;
 use crate::retry;
 use crate::role::{ExitReason, NodeExit, Role};
-use crate::roles::{decide, watched, Decision, JobView, Member, MySlot, SlotKey};
+use crate::roles::{decide, watched, Decision, JobView, Member, MySlot, Scope, SlotKey};
 use crate::{Epoch, TaskId, Term};
 use neighbours::Incident;
 
 pub(crate) use admission::{Replica, Route, When};
 pub(crate) use command::{Claim, ClaimOutcome, Command, Input, Note, Published, Removal, TaskCall};
+
+/// A slot holder whose task talks to more tasks than this (its own, its neighbours over the
+/// topology's period, task 0, others it pulled from) watches every slot key instead.
+pub(crate) const MAX_SCOPED_TASKS: usize = 64;
+/// A topology whose neighbourhoods repeat over more epochs than this is not walked to plan a
+/// holder's watch: its holders watch every slot key.
+const MAX_SCOPED_PERIOD: u64 = 1024;
 
 /// What the engine keeps of the slot it holds.
 #[derive(Debug)]
@@ -95,6 +102,18 @@ pub(crate) struct Engine {
     fence: BTreeMap<TaskId, Term>,
     /// Fence raises not yet handed to the runtime (see [`Engine::take_raised`]).
     raised: Vec<(TaskId, Term)>,
+    /// Whose slot keys the job watch follows now, and its generation (raised with every
+    /// change; snapshots of older generations are ignored).
+    scope: Scope,
+    generation: u64,
+    /// The slot the scope was planned for (`None`: a spare's, every task).
+    scope_task: Option<TaskId>,
+    /// Tasks outside the topology the slot's work talks to, watched until the slot ends.
+    lazy: BTreeSet<TaskId>,
+    /// A claim under the current lease had no answer (etcd may have applied it): once the
+    /// node holds a slot, and so no longer watches every slot key, it looks for strays by
+    /// lease ([`Command::FindStrays`]).
+    unanswered_claim: bool,
     /// A bad value under this node's record, by the revision to heal over (0: deleted).
     record_fault: Option<i64>,
     /// A bad value under `spec`: why, and the revision to heal over (0: deleted).
@@ -152,6 +171,11 @@ impl Engine {
             claim_failures: 0,
             fence: BTreeMap::new(),
             raised: Vec::new(),
+            scope: Scope::All,
+            generation: 0,
+            scope_task: None,
+            lazy: BTreeSet::new(),
+            unanswered_claim: false,
             record_fault: None,
             spec_fault: None,
             heals_tried: Vec::new(),
@@ -283,6 +307,8 @@ impl Engine {
                 self.lease = lease;
                 self.registered_at = registered_at;
                 self.record_fault = None;
+                // Keys under the old lease are gone with it.
+                self.unanswered_claim = false;
                 out.push(self.publish(now));
                 self.step(now, &mut out);
             }
@@ -305,6 +331,34 @@ impl Engine {
                     out.push(self.publish(now));
                 }
             }
+            Input::LeaseKeys(kvs) => {
+                for kv in kvs {
+                    let Some(key) = self.keys.parse(&kv.key) else {
+                        continue;
+                    };
+                    if self.stray_key(&key, &kv) {
+                        warn!(
+                            key = %String::from_utf8_lossy(&kv.key),
+                            "a slot key under this node's lease that is not its slot (a claim \
+                             whose answer was lost): deleting it"
+                        );
+                        out.push(Command::DeleteKey {
+                            key: kv.key,
+                            mod_revision: kv.mod_revision,
+                            why: Removal::Stray,
+                        });
+                    }
+                }
+            }
+            Input::WatchTask(task) => {
+                if task < self.tasks && !self.scope.shows(task) && self.lazy.insert(task) {
+                    debug!(
+                        task,
+                        "watching the slot keys of a task outside the topology"
+                    );
+                    self.plan_watch(true, &mut out);
+                }
+            }
             Input::Retry => {
                 self.retry_at = None;
                 self.await_change = false;
@@ -318,7 +372,76 @@ impl Engine {
                 }
             }
         }
+        if self.mine_task() != self.scope_task && !self.ended {
+            self.plan_watch(false, &mut out);
+        }
         out
+    }
+
+    /// Plans what the job watch follows: as a spare every slot key; as holder of task `t`
+    /// the slot keys of `t`, of its neighbours over the topology's period (so that no epoch
+    /// needs another watch), of task 0 (the job reporter's, see [`Engine::job_reporter`]) and
+    /// of the tasks its work talked to outside the topology (`lazy`, kept while the slot is).
+    /// A job whose tasks talk to more than [`MAX_SCOPED_TASKS`] others (a full mesh) watches
+    /// everything. `lazy_added`: the lazy set grew (else the slot changed and it is reset).
+    fn plan_watch(&mut self, lazy_added: bool, out: &mut Vec<Command>) {
+        let task = self.mine_task();
+        if !lazy_added {
+            self.lazy.clear();
+        }
+        self.scope_task = task;
+        let scope = match task {
+            None => Scope::All,
+            Some(t) => self.holder_scope(t),
+        };
+        if scope == self.scope {
+            return;
+        }
+        self.scope = scope;
+        self.generation += 1;
+        let ranges = match &self.scope {
+            Scope::All => self.keys.node_watch(&self.me.node),
+            Scope::Tasks(set) => self.keys.holder_watch(&self.me.node, set.iter().copied()),
+        };
+        debug!(
+            generation = self.generation,
+            ranges = ranges.len(),
+            "job watch follows new ranges"
+        );
+        out.push(Command::Watch {
+            generation: self.generation,
+            ranges,
+        });
+    }
+
+    fn holder_scope(&self, t: TaskId) -> Scope {
+        let mut set: BTreeSet<TaskId> = [0, t].into_iter().collect();
+        set.extend(self.lazy.iter().copied());
+        for (_, topology) in self.links.iter() {
+            let period = topology.period().max(1);
+            if period > MAX_SCOPED_PERIOD {
+                return Scope::All;
+            }
+            for epoch in 0..period {
+                set.extend(topology.neighbours(t, epoch));
+                if set.len() > MAX_SCOPED_TASKS {
+                    return Scope::All;
+                }
+            }
+        }
+        set.retain(|x| *x < self.tasks);
+        Scope::Tasks(std::sync::Arc::new(set))
+    }
+
+    /// Whether the job watch follows every task's slot keys (as a spare).
+    pub(crate) fn watches_all(&self) -> bool {
+        self.scope == Scope::All
+    }
+
+    /// Whether the view leaves out task `task`'s slot keys: its work talking to that task
+    /// should ask for them ([`Input::WatchTask`]).
+    pub(crate) fn unwatched(&self, task: TaskId) -> bool {
+        task < self.tasks && !self.scope.shows(task)
     }
 
     /// After the view changed (its epoch was `before`): notes a new epoch, publishes the
@@ -373,6 +496,12 @@ impl Engine {
                 return;
             }
             if !self.acting(now) {
+                out.push(self.publish(now));
+                return;
+            }
+            if self.mine == MySlot::Spare && view.scope != Scope::All {
+                // A holder's view that does not show every task yet (the watch is reading
+                // them all): a spare decides on the whole job only.
                 out.push(self.publish(now));
                 return;
             }
@@ -453,6 +582,9 @@ impl Engine {
         let rev = match outcome {
             ClaimOutcome::Won(rev) => {
                 self.claim_failures = 0;
+                if std::mem::take(&mut self.unanswered_claim) {
+                    out.push(Command::FindStrays);
+                }
                 rev
             }
             ClaimOutcome::Lost => {
@@ -469,6 +601,7 @@ impl Engine {
                 // Jittered: nodes whose claims failed together (an etcd outage) do not all
                 // claim again in the same instant.
                 self.claim_failures += 1;
+                self.unanswered_claim = true;
                 let pause = retry::ETCD.pause(self.claim_failures, self.rng.random());
                 warn!(
                     error,

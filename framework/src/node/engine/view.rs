@@ -18,9 +18,24 @@ impl Engine {
     /// Applies one watch event to the view, remembering every running epoch it reveals.
     pub(super) fn apply_event(&mut self, ev: JobEvent, now: Instant, out: &mut Vec<Command>) {
         match ev {
-            JobEvent::Snapshot { kvs, revision } => {
+            JobEvent::Snapshot {
+                kvs,
+                revision,
+                generation,
+            } => {
+                if generation != self.generation {
+                    // Of ranges the watch followed before the last change: the snapshot of
+                    // the current ones follows.
+                    debug!(
+                        generation,
+                        current = self.generation,
+                        "ignoring a snapshot of earlier ranges"
+                    );
+                    return;
+                }
                 debug!(revision, keys = kvs.len(), "job snapshot");
                 let mut view = JobView::new(self.tasks, self.replicas);
+                view.scope = self.scope.clone();
                 // The last good epoch survives a new read: a bad value is judged against it.
                 if let Some(old) = self.view.as_ref() {
                     view.epoch = old.epoch;
@@ -257,7 +272,7 @@ impl Engine {
     /// Whether a slot key under this node's current lease is not the slot the node holds: a
     /// claim whose answer was lost although etcd applied it, or a slot the node gave up while
     /// its key stayed. Such a key blocks the slot for as long as the node lives.
-    fn stray_key(&self, key: &JobKey, kv: &Kv) -> bool {
+    pub(super) fn stray_key(&self, key: &JobKey, kv: &Kv) -> bool {
         let lease = self.lease.id();
         if kv.lease == 0 || LeaseId(kv.lease) != lease {
             return false;

@@ -11,6 +11,7 @@ mod neighbours_test;
 mod properties;
 mod slots_test;
 mod view_test;
+mod watch_test;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -83,8 +84,31 @@ pub(super) struct H {
 impl H {
     /// Engine `me` of a job of `tasks` × `replicas`, with a live lease, no view yet.
     pub(super) fn new(me: &str, tasks: u32, replicas: u32) -> H {
+        H::with_engine(me, tasks, replicas, new_engine(me, tasks, replicas))
+    }
+
+    /// As [`H::new`], for a job whose tasks are joined by `links`.
+    pub(super) fn with_links(
+        me: &str,
+        tasks: u32,
+        replicas: u32,
+        links: taskgraph_topology::Links,
+    ) -> H {
+        let e = Engine::new(
+            holder(me),
+            JOB,
+            tasks,
+            replicas,
+            links,
+            spec(tasks, replicas),
+            1,
+        );
+        H::with_engine(me, tasks, replicas, e)
+    }
+
+    fn with_engine(me: &str, tasks: u32, replicas: u32, e: Engine) -> H {
         let mut h = H {
-            e: new_engine(me, tasks, replicas),
+            e,
             now: Instant::now(),
             keys: JobKeys::new(JOB),
             rev: 10,
@@ -183,7 +207,12 @@ impl H {
         ];
         kvs.extend(more);
         let revision = self.next_rev();
-        self.input(Input::Watch(vec![JobEvent::Snapshot { kvs, revision }]))
+        let generation = self.e.generation;
+        self.input(Input::Watch(vec![JobEvent::Snapshot {
+            kvs,
+            revision,
+            generation,
+        }]))
     }
 
     pub(super) fn put(&mut self, kv: Kv) -> Vec<Command> {
@@ -218,16 +247,31 @@ impl H {
     }
 }
 
-/// The commands that act (not the metrics notes, status, view publication or monitors).
+/// The commands that act, without the bookkeeping ones (notes, status, view and monitor
+/// updates, the watch's ranges: the watch tests check those).
 pub(super) fn acts(out: &[Command]) -> Vec<Command> {
     out.iter()
         .filter(|c| {
             !matches!(
                 c,
-                Command::Note(_) | Command::Publish(_) | Command::ViewChanged | Command::Monitor(_)
+                Command::Note(_)
+                    | Command::Publish(_)
+                    | Command::ViewChanged
+                    | Command::Monitor(_)
+                    | Command::Watch { .. }
             )
         })
         .cloned()
+        .collect()
+}
+
+/// The calls into the task in `out`.
+pub(super) fn calls(out: &[Command]) -> Vec<super::TaskCall> {
+    out.iter()
+        .filter_map(|c| match c {
+            Command::Call(c) => Some(c.clone()),
+            _ => None,
+        })
         .collect()
 }
 

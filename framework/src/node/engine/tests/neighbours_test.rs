@@ -2,16 +2,7 @@
 //! tasks, only while the node acts as primary in an epoch.
 
 use super::*;
-use crate::node::engine::{Command, Input, TaskCall};
-
-fn calls(out: &[Command]) -> Vec<TaskCall> {
-    out.iter()
-        .filter_map(|c| match c {
-            Command::Call(c) => Some(c.clone()),
-            _ => None,
-        })
-        .collect()
-}
+use crate::node::engine::{Input, TaskCall};
 
 #[test]
 fn a_neighbour_that_fails_and_restarts_is_reported_once_each() {

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, VecDeque};
 use proptest::prelude::*;
 
 use super::*;
-use crate::etcd::keys::{JobKey, NodeRecord};
+use crate::etcd::keys::{JobKey, KeyRange, NodeRecord};
 use crate::etcd::lease::LeaseId;
 use crate::node::engine::{Claim, ClaimOutcome, Command, Input, TaskCall};
 use crate::roles::MySlot;
@@ -129,10 +129,17 @@ impl Model {
         }
     }
 
-    fn snapshot(&self) -> JobEvent {
+    /// A read of `ranges`, as the watch of `generation` sends it.
+    fn snapshot(&self, ranges: &[KeyRange], generation: u64) -> JobEvent {
         JobEvent::Snapshot {
-            kvs: self.kvs.values().cloned().collect(),
+            kvs: self
+                .kvs
+                .values()
+                .filter(|kv| ranges.iter().any(|r| r.contains(&kv.key)))
+                .cloned()
+                .collect(),
             revision: self.rev,
+            generation,
         }
     }
 }
@@ -147,6 +154,8 @@ struct SimNode {
     name: String,
     engine: Engine,
     inbox: VecDeque<JobEvent>,
+    /// What its watch follows (the engine's last `Command::Watch`): only these keys reach it.
+    ranges: Vec<KeyRange>,
     lease: LeaseId,
     mode: LeaseMode,
     up: bool,
@@ -205,6 +214,7 @@ impl Sim {
                 name: format!("n{i}"),
                 engine,
                 inbox: VecDeque::new(),
+                ranges: Vec::new(),
                 lease: LeaseId::NONE,
                 mode: LeaseMode::Alive,
                 up: false,
@@ -219,7 +229,16 @@ impl Sim {
 
     fn broadcast(&mut self, evs: Vec<JobEvent>) {
         for n in self.nodes.iter_mut().filter(|n| n.up) {
-            n.inbox.extend(evs.iter().cloned());
+            let ranges = &n.ranges;
+            n.inbox.extend(
+                evs.iter()
+                    .filter(|ev| match ev {
+                        JobEvent::Put(kv) => ranges.iter().any(|r| r.contains(&kv.key)),
+                        JobEvent::Delete { key, .. } => ranges.iter().any(|r| r.contains(key)),
+                        _ => true,
+                    })
+                    .cloned(),
+            );
         }
     }
 
@@ -266,10 +285,11 @@ impl Sim {
         self.nodes[i].inbox.clear();
         self.nodes[i].holds_slot = false;
         self.nodes[i].entering = None;
+        self.nodes[i].ranges = self.model.keys.node_watch(&self.nodes[i].name);
         let out = self.grant(i);
         self.run(i, out);
-        // The watch starts with a read of the whole job.
-        let snap = self.model.snapshot();
+        // The watch starts with a read of a spare's ranges.
+        let snap = self.model.snapshot(&self.nodes[i].ranges, 0);
         self.nodes[i].inbox.clear();
         self.nodes[i].inbox.push_back(snap);
     }
@@ -391,6 +411,14 @@ impl Sim {
                     }
                 }
                 Command::NewLease => self.grant(i),
+                Command::Watch { generation, ranges } => {
+                    // The watch drops its stream and reads the new ranges: what was queued
+                    // still arrives first, then the new snapshot, then only their events.
+                    let snap = self.model.snapshot(&ranges, generation);
+                    node.ranges = ranges;
+                    node.inbox.push_back(snap);
+                    vec![]
+                }
                 Command::Exit(_) => {
                     self.nodes[i].up = false;
                     vec![]

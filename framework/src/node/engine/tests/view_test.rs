@@ -134,7 +134,12 @@ fn a_different_spec_and_a_deleted_record_are_healed() {
 fn a_snapshot_keeps_the_last_good_epoch_against_a_bad_one() {
     let (mut h, _) = H::primary_of("n1", 0, 1, 6);
     let (kvs, revision) = (vec![h.spec_kv(), h.epoch_kv("garbage")], h.next_rev());
-    let out = h.input(Input::Watch(vec![JobEvent::Snapshot { kvs, revision }]));
+    let generation = h.e.generation;
+    let out = h.input(Input::Watch(vec![JobEvent::Snapshot {
+        kvs,
+        revision,
+        generation,
+    }]));
     assert!(out.contains(&Command::Note(Note::BadValue("epoch"))));
     assert_eq!(
         h.e.view().unwrap().epoch.map(|e| e.epoch()),
