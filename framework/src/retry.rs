@@ -35,6 +35,15 @@ pub(crate) const ETCD_RESEND: Policy = Policy {
     max: Duration::from_millis(200),
 };
 
+/// A claim that lost its race to another node's: the next claim waits for a change of the
+/// view and a pause drawn in `[0, p)`, `p` doubling from `min` with each loss in a row, so
+/// that many spares competing for few free slots spread their claims instead of all trying
+/// again at the next change (each lost claim is a transaction etcd applies for nothing).
+pub(crate) const CLAIM_CONTENTION: Policy = Policy {
+    min: Duration::from_millis(5),
+    max: Duration::from_millis(320),
+};
+
 /// Reopening the job's watch, or reading the job again for it.
 pub(crate) const WATCH: Policy = Policy {
     min: Duration::from_millis(20),
@@ -61,6 +70,14 @@ impl Policy {
         let p = self.min.saturating_mul(1 << doublings).min(self.max);
         p.mul_f64(1.0 + unit.clamp(0.0, 1.0) / 2.0)
     }
+
+    /// The pause after `failures` failures in a row with full jitter: `unit` (in `0.0..1.0`)
+    /// of `p`, where `p` doubles from `min` up to `max`.
+    pub(crate) fn spread(self, failures: u32, unit: f64) -> Duration {
+        let doublings = failures.saturating_sub(1).min(30);
+        let p = self.min.saturating_mul(1 << doublings).min(self.max);
+        p.mul_f64(unit.clamp(0.0, 1.0))
+    }
 }
 
 #[cfg(test)]
@@ -76,6 +93,13 @@ mod tests {
         );
         assert_eq!(ms(1, 0.999_999), 74);
         assert_eq!(ms(40, 0.5), 1250);
+        let spread = |f, u| CLAIM_CONTENTION.spread(f, u).as_millis();
+        assert_eq!(
+            (1..=8).map(|f| spread(f, 0.999_999)).collect::<Vec<_>>(),
+            vec![4, 9, 19, 39, 79, 159, 319, 319]
+        );
+        assert_eq!(spread(3, 0.0), 0);
+        assert_eq!(spread(3, 0.5), 10);
     }
 
     #[test]

@@ -98,6 +98,10 @@ pub(crate) struct Engine {
     retry_at: Option<Instant>,
     /// Claims etcd did not answer in a row (the pause before the next grows with it).
     claim_failures: u32,
+    /// Claims lost to other nodes in a row, and the time before which the next may not go
+    /// out (see [`retry::CLAIM_CONTENTION`]).
+    claim_losses: u32,
+    claim_after: Option<Instant>,
     /// Highest term seen per task (raised by the primary keys etcd shows, and own won claims).
     fence: BTreeMap<TaskId, Term>,
     /// Fence raises not yet handed to the runtime (see [`Engine::take_raised`]).
@@ -169,6 +173,8 @@ impl Engine {
             claiming: None,
             retry_at: None,
             claim_failures: 0,
+            claim_losses: 0,
+            claim_after: None,
             fence: BTreeMap::new(),
             raised: Vec::new(),
             scope: Scope::All,
@@ -361,7 +367,11 @@ impl Engine {
             }
             Input::Retry => {
                 self.retry_at = None;
-                self.await_change = false;
+                // A claim etcd did not answer is tried again on the same view; after a lost
+                // race the view must show the winner first.
+                if self.claim_after.is_none() {
+                    self.await_change = false;
+                }
                 self.step(now, &mut out);
             }
             Input::Deadline => out.push(self.publish(now)),
@@ -520,6 +530,10 @@ impl Engine {
                     continue;
                 }
                 _ if self.await_change => return,
+                _ if self.claim_after.is_some_and(|at| now < at) => {
+                    self.retry_at = self.claim_after;
+                    return;
+                }
                 Decision::ClaimPrimary(task) => Claim::Primary { task, lease },
                 Decision::ClaimBackup(task, k) => Claim::Backup { task, k, lease },
                 Decision::Promote => {
@@ -539,6 +553,7 @@ impl Engine {
                     }
                 }
             };
+            self.claim_after = None;
             self.claiming = Some(claim);
             out.push(Command::Claim(claim));
             return;
@@ -582,18 +597,25 @@ impl Engine {
         let rev = match outcome {
             ClaimOutcome::Won(rev) => {
                 self.claim_failures = 0;
+                self.claim_losses = 0;
                 if std::mem::take(&mut self.unanswered_claim) {
                     out.push(Command::FindStrays);
                 }
                 rev
             }
             ClaimOutcome::Lost => {
+                // Many spares may be after the few free slots: the next claim waits for the
+                // winner's key and a jittered pause growing with the losses in a row.
+                self.claim_losses += 1;
+                let pause = retry::CLAIM_CONTENTION.spread(self.claim_losses, self.rng.random());
                 debug!(
                     task = claim.task(),
                     what = claim.what(),
-                    "lost the race; waiting for the next change"
+                    ?pause,
+                    "lost the race; waiting for the next change and a pause"
                 );
                 self.await_change = true;
+                self.claim_after = Some(now + pause);
                 out.push(self.publish(now));
                 return;
             }

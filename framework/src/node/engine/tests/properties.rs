@@ -510,8 +510,11 @@ impl Sim {
             }
             Action::FailNextClaim(i) => self.nodes[i].fail_next_claim = true,
             Action::Retry(i) => {
-                if self.nodes[i].up && self.nodes[i].engine.retry_at().is_some() {
-                    self.input(i, Input::Retry);
+                // The timer fires at its time (for this input only: the leases' deadlines
+                // stay where the sim's clock put them).
+                if let Some(at) = self.nodes[i].engine.retry_at().filter(|_| self.nodes[i].up) {
+                    let out = self.nodes[i].engine.handle(Input::Retry, at.max(self.now));
+                    self.run(i, out);
                 }
             }
         }

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::node::engine::{Claim, ClaimOutcome, Command, Input, TaskCall};
+use crate::retry;
 use crate::roles::MySlot;
 
 #[test]
@@ -101,22 +102,36 @@ fn only_one_claim_is_out_at_a_time() {
 }
 
 #[test]
-fn a_lost_race_waits_for_the_next_change() {
+fn a_lost_race_waits_for_the_next_change_and_a_pause_that_grows_with_the_losses() {
     let mut h = H::new("n1", 1, 1);
     let claim = last_claim(&h.snapshot(0, vec![])).unwrap();
-    let out = h.input(Input::Claimed(claim, ClaimOutcome::Lost));
-    assert_eq!(claims(&out), 0, "{out:?}");
-    assert_eq!(
-        h.e.retry_at(),
-        None,
-        "a lost race is not retried on a timer"
-    );
-    // The winner's key arrives: the task has a primary, nothing to claim.
-    let winner = h.primary_kv(0, "n2", 102);
-    assert_eq!(claims(&h.put(winner)), 0);
-    // It goes away again: the next change brings a claim.
-    let key = h.keys.primary(0);
-    assert_eq!(last_claim(&h.delete(key)), Some(claim));
+    let mut limits = Vec::new();
+    for losses in 1..=8u32 {
+        let out = h.input(Input::Claimed(claim, ClaimOutcome::Lost));
+        assert_eq!(claims(&out), 0, "{out:?}");
+        assert_eq!(h.e.retry_at(), None, "no timer before the view changes");
+        // The timer alone brings no claim: the view has not shown the winner yet.
+        h.now += Duration::from_secs(1);
+        assert_eq!(claims(&h.input(Input::Retry)), 0);
+        h.now -= Duration::from_secs(1);
+        // The winner's key arrives: the task has a primary, nothing to claim.
+        let winner = h.primary_kv(0, "n2", 102);
+        assert_eq!(claims(&h.put(winner)), 0);
+        // It goes away again: a claim, but only after the pause.
+        let key = h.keys.primary(0);
+        assert_eq!(claims(&h.delete(key)), 0, "loss {losses}: not at once");
+        let at = h.e.retry_at().expect("a time to claim at");
+        let limit = retry::CLAIM_CONTENTION.spread(losses, 1.0);
+        assert!(at - h.now < limit, "loss {losses}: {:?}", at - h.now);
+        limits.push(limit.as_millis());
+        h.now = at;
+        assert_eq!(last_claim(&h.input(Input::Retry)), Some(claim));
+    }
+    assert_eq!(limits, vec![5, 10, 20, 40, 80, 160, 320, 320]);
+    // A won claim ends the losing streak.
+    let rev = h.next_rev();
+    h.input(Input::Claimed(claim, ClaimOutcome::Won(rev)));
+    assert_eq!(h.e.retry_at(), None);
 }
 
 #[test]
