@@ -566,6 +566,21 @@ async fn scale_scenario(plan: &Plan, sink: Sink) -> Result<(), BoxError> {
                 )
                 .versus(format!("total {unary:.0}, Txn {txns:.0}")),
             );
+            // Every node sends one transaction to join (the spec's create-if-absent); the rest
+            // are claims (won, or lost to another node's: the staffing's conflicts).
+            let slots = f64::from(n) * 2.0;
+            let claims = (txns - nodes).max(0.0);
+            rows.push(
+                Row::single(
+                    format!("{label}: claim transactions {until} ÷ slots"),
+                    "claims",
+                    claims / slots,
+                )
+                .versus(format!(
+                    "{claims:.0} for {slots:.0} slots: {:.0} more (races lost, slots taken again after a lease expired)",
+                    (claims - slots).max(0.0)
+                )),
+            );
             let counter = |k: &str| m.get(k).copied().unwrap_or(0.0);
             let expired = counter("etcd_debugging_server_lease_expired_total");
             rows.push(
