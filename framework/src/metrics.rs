@@ -61,7 +61,7 @@
 //! | `taskgraph_pulls_cancelled_total` | counter | `task` | requests never delivered because the task left their epoch or its slot ended |
 //! | `taskgraph_pull_duration_seconds` | histogram | `task` | from the data request to the delivery of its outcome |
 //! | `taskgraph_pulls_served_total` | counter | `task` | requests the task answered with data (once per request: retries answered from memory are not counted) |
-//! | `taskgraph_kept_answer_bytes` | gauge | | payload bytes of the answers the node keeps so that a retried pull gets the same answer: those of the current epoch its requesters have not acknowledged yet (each pull acknowledges the earlier ones it received), so about the answers in flight |
+//! | `taskgraph_kept_answer_bytes` | gauge | | payload bytes of the answers the node keeps so that a retried pull gets the same answer: those of the current epoch its requesters have not acknowledged yet (each pull acknowledges the earlier ones it received, and an answer of 1 MiB or more is acknowledged as soon as it arrives), so about the answers in flight |
 //! | `taskgraph_metas_sent_total` | counter | `task` | metas a neighbour's primary acknowledged (a meta is sent again to each new primary of the neighbour) |
 //! | `taskgraph_metas_received_total` | counter | `task` | metas delivered to the task (`meta_ready`) |
 //! | `taskgraph_lease_grants_total` | counter | | leases etcd granted the node (one at start, one more after each expiry) |

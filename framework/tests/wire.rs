@@ -135,6 +135,9 @@ fn spawn_loop(mut inbound: mpsc::Receiver<Inbound>) -> mpsc::UnboundedReceiver<S
                         let _ = answer.send(Err(rejections()[index].clone()));
                     }
                 },
+                Inbound::Acknowledge(_, answer) => {
+                    let _ = answer.send(Ok(()));
+                }
                 Inbound::Meta(meta, answer) => {
                     let result = if meta.meta == "refuse" {
                         Err(Rejection::NotReady {

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use taskgraph::testing::etcd::keys::{EpochValue, Holder, JobKeys};
 use taskgraph::testing::wire::{
-    CallError, ClientConfig, Header, Meta, Peers, PullAnswer, PullRequest, Rejection, Replicate,
-    ReplicateKind,
+    Acknowledge, CallError, ClientConfig, Header, Meta, Peers, PullAnswer, PullRequest, Rejection,
+    Replicate, ReplicateKind,
 };
 use taskgraph::{Bytes, Epoch, Framework, NodeExit, Role, TaskId, Term};
 use taskgraph_tests::apps::Event;
@@ -199,6 +199,11 @@ async fn refuse_bad_input(
         meta: "done".into(),
     };
     assert_eq!(peers.meta(addr, meta).await.unwrap_err(), wrong_job);
+    let ack = Acknowledge {
+        header: h.clone(),
+        seq: 0,
+    };
+    assert_eq!(peers.acknowledge(addr, ack).await.unwrap_err(), wrong_job);
     let replicate = Replicate {
         header: header(other, epoch, task, task, 1),
         index: 1,
@@ -231,6 +236,10 @@ async fn refuse_bad_input(
         meta: "done".into(),
     };
     assert_eq!(peers.meta(addr, meta).await.unwrap_err(), unknown);
+    let mut h = ok.clone();
+    h.to_task = 999;
+    let ack = Acknowledge { header: h, seq: 0 };
+    assert_eq!(peers.acknowledge(addr, ack).await.unwrap_err(), unknown);
 
     // A task this node does not serve.
     let mut h = ok.clone();
@@ -239,6 +248,20 @@ async fn refuse_bad_input(
         peers.pull(addr, probe(h, "param")).await.unwrap_err(),
         rejected(Rejection::NotPrimary { task: sender })
     );
+    // An acknowledgement of a pull to a task this node does not serve.
+    let mut h = ok.clone();
+    h.to_task = sender;
+    let ack = Acknowledge { header: h, seq: 0 };
+    assert_eq!(
+        peers.acknowledge(addr, ack).await.unwrap_err(),
+        rejected(Rejection::NotPrimary { task: sender })
+    );
+    // One of a pull never made changes nothing and is taken.
+    let ack = Acknowledge {
+        header: ok.clone(),
+        seq: 12_345,
+    };
+    assert_eq!(peers.acknowledge(addr, ack).await, Ok(()));
     // Replication for a task whose backup this node is not (it is its primary).
     let replicate = Replicate {
         header: header(job, epoch, task, task, 1),

@@ -877,9 +877,10 @@ async fn a_pull_outside_the_topology_is_answered_and_its_task_watched_from_then_
 }
 
 /// Task 0 pulls `blob` from task 1 `PULLS` times, one after the other, and reports how many
-/// answers of the right size it got; task 1 answers each with the same `BLOB` bytes.
+/// answers of the right size it got; task 1 answers each with the same `size` bytes.
 struct BlobTask {
     task: TaskId,
+    size: usize,
     done: watch::Sender<Option<usize>>,
     started: bool,
 }
@@ -894,12 +895,12 @@ impl Task for BlobTask {
             return;
         }
         self.started = true;
-        let (ctx2, done) = (ctx.clone(), self.done.clone());
+        let (ctx2, done, size) = (ctx.clone(), self.done.clone(), self.size);
         ctx.spawn(async move {
             let mut got = 0;
             for i in 0..PULLS {
                 match ctx2.request_bytes(1, "blob", vec![i as u8]).await {
-                    Ok(answer) if answer.len() == BLOB => got += 1,
+                    Ok(answer) if answer.len() == size => got += 1,
                     other => info!(?other, "pull {i}"),
                 }
             }
@@ -908,14 +909,14 @@ impl Task for BlobTask {
     }
 
     async fn serve_data(&mut self, _ctx: &Context, request: taskgraph::DataRequest) {
-        request.reply(vec![7u8; BLOB]);
+        request.reply(vec![7u8; self.size]);
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_served_answer_is_kept_only_until_its_requester_acknowledges_it() {
-    let etcd = etcd().await;
-    let mut config = ClusterConfig::new(etcd.endpoints(), &job_name("kept"), 2, 1);
+/// Runs `PULLS` pulls of `size` bytes from task 0 to task 1 and returns the serving node's
+/// metrics once they are all answered.
+async fn blob_pulls(etcd: &Etcd, name: &str, size: usize) -> Scrape {
+    let mut config = ClusterConfig::new(etcd.endpoints(), &job_name(name), 2, 1);
     config.ttl = Duration::from_secs(5);
     let mut nodes = Nodes::new(config);
     let (done, mut finished) = watch::channel(None);
@@ -923,6 +924,7 @@ async fn a_served_answer_is_kept_only_until_its_requester_acknowledges_it() {
         let done = done.clone();
         let app = move |task| BlobTask {
             task,
+            size,
             done: done.clone(),
             started: false,
         };
@@ -936,6 +938,14 @@ async fn a_served_answer_is_kept_only_until_its_requester_acknowledges_it() {
     assert_eq!(got, PULLS, "every pull got its answer");
     let (server, _) = nodes.primary_of(1).unwrap();
     let s = scrape(nodes.addr(server)).await.unwrap();
+    nodes.stop_all().await;
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_answer_is_kept_only_until_its_requester_acknowledges_it() {
+    let etcd = etcd().await;
+    let s = blob_pulls(&etcd, "kept", BLOB).await;
     let t1 = task(1);
     assert_eq!(
         s.value("taskgraph_pulls_served_total", &[("task", t1.as_str())]),
@@ -948,7 +958,21 @@ async fn a_served_answer_is_kept_only_until_its_requester_acknowledges_it() {
         BLOB as f64,
         "{s:#?}"
     );
-    nodes.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_answer_is_acknowledged_as_soon_as_it_arrives() {
+    let etcd = etcd().await;
+    // From 1 MiB on, the requester acknowledges each answer before its task sees it: the
+    // server keeps none, not even the last one's.
+    let size = 2 << 20;
+    let s = blob_pulls(&etcd, "acked", size).await;
+    let t1 = task(1);
+    assert_eq!(
+        s.value("taskgraph_pulls_served_total", &[("task", t1.as_str())]),
+        Some(PULLS as f64)
+    );
+    assert_eq!(s.sum("taskgraph_kept_answer_bytes", &[]), 0.0, "{s:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

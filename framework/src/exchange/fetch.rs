@@ -77,10 +77,18 @@ pub(crate) async fn fetch(
             Ok(answer) => {
                 // Only the primary this request was sent to, under the term etcd shows for it,
                 // may answer (a node claiming another term is either deposed or lying).
-                if answer.server_term == their_term
-                    && deliver(&env, &book, id, Ok(answer.payload), answer.server_term)
-                {
-                    return;
+                if answer.server_term == their_term {
+                    // A large answer is acknowledged before the task sees it, so the server
+                    // has dropped its bytes before the task's next pull arrives (its buffer
+                    // is then reused instead of fresh memory being faulted in). Safe whatever
+                    // becomes of the answer here: it is in this node's memory, and a refetch
+                    // (after a failover) goes to another primary.
+                    if answer.payload.len() >= ACKNOWLEDGE_FROM {
+                        acknowledge(&env, &addr, id, term).await;
+                    }
+                    if deliver(&env, &book, id, Ok(answer.payload), answer.server_term) {
+                        return;
+                    }
                 }
                 tracing::debug!(%id, server_term = answer.server_term, "dropped an answer from a deposed primary");
                 pause(&mut view, id.to, their_term, delay).await;
@@ -111,6 +119,35 @@ pub(crate) async fn fetch(
                 }
             },
         }
+    }
+}
+
+/// Answers from this size on are acknowledged as soon as they arrive
+/// ([`Acknowledge`](crate::wire::Acknowledge)), so the serving node drops their bytes at once
+/// instead of at the requester's next pull; smaller ones are not worth a call of their own.
+pub(crate) const ACKNOWLEDGE_FROM: usize = 1 << 20;
+
+/// Tells the primary at `addr` that the answer to `id` (asked under `term`) arrived. Once:
+/// if it is lost, the server drops the bytes at the requester's next pull or when its epoch
+/// ends, as without it.
+async fn acknowledge(env: &SlotEnv, addr: &str, id: PullId, term: Term) {
+    let msg = crate::wire::Acknowledge {
+        header: Header {
+            job: String::new(),
+            epoch: id.epoch,
+            from_task: id.from,
+            to_task: id.to,
+            term,
+        },
+        seq: id.seq,
+    };
+    let sent = tokio::time::timeout(
+        crate::exchange::liveness::MONITOR_TIMEOUT,
+        env.peers.acknowledge(addr, msg),
+    )
+    .await;
+    if let Ok(Err(e)) = sent {
+        tracing::debug!(%id, error = %e, "the acknowledgement of a large answer was not taken");
     }
 }
 

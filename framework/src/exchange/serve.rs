@@ -8,7 +8,10 @@
 //! answers, so what it holds is bounded by the pulls in flight, not by all the pulls of the
 //! epoch (for answers of many megabytes, the difference between one payload and dozens), and
 //! refuses a late duplicate of a forgotten pull with [`Rejection::Delivered`] instead of
-//! running the handler again.
+//! running the handler again. A requester that received a large answer also says so at once
+//! ([`ServeBook::acknowledge`]): the answer's bytes are dropped then, not only at its next pull
+//! (a kept answer of many megabytes would otherwise still hold its buffer while the next
+//! request's arrives).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -31,6 +34,9 @@ enum Served {
     Done(Result<PullAnswer, Rejection>),
     /// The handler dropped the request without answering.
     Abandoned,
+    /// Answered, and the requester said it received the answer: its bytes are gone, and a
+    /// late duplicate is refused as delivered.
+    Acknowledged,
 }
 
 /// What to do with a pull that reached the task in its epoch.
@@ -151,6 +157,10 @@ impl ServeBook {
                 replies.push(reply);
                 Lookup::Handled
             }
+            Some(Served::Acknowledged) => {
+                let _ = reply.send(Err(Rejection::Delivered { seq: key.id.seq }));
+                Lookup::Handled
+            }
             Some(Served::Abandoned) => {
                 let _ = reply.send(Err(Rejection::NotReady {
                     task: key.id.to,
@@ -162,6 +172,17 @@ impl ServeBook {
                 self.answers
                     .insert(order(&key), (key, Served::Waiting(vec![reply])));
                 Lookup::New
+            }
+        }
+    }
+
+    /// The requester of `key` received its answer: drops the answer's bytes (a late duplicate
+    /// is refused as delivered). Only an answer given counts; anything else is left as it is.
+    pub(crate) fn acknowledge(&mut self, key: &ServeKey) {
+        if let Some((_, entry)) = self.answers.get_mut(&order(key)) {
+            if matches!(entry, Served::Done(Ok(_))) {
+                self.kept_bytes -= kept_len(entry);
+                *entry = Served::Acknowledged;
             }
         }
     }
@@ -396,6 +417,37 @@ mod tests {
         // A new epoch starts from nothing.
         book.enter(4);
         assert_eq!(book.kept_bytes(), 0);
+    }
+
+    #[test]
+    fn an_answer_its_requester_received_drops_its_bytes_and_a_late_duplicate_is_refused() {
+        let mut book = ServeBook::default();
+        book.enter(3);
+        serve(&mut book, 0, 0, 100);
+        serve(&mut book, 1, 0, 100);
+        book.acknowledge(&key(3, 1));
+        assert_eq!(
+            book.kept_bytes(),
+            100,
+            "pull 1's bytes are dropped, pull 0's kept"
+        );
+        let (tx, mut rx) = oneshot::channel();
+        assert!(matches!(book.lookup(key(3, 1), 0, tx), Lookup::Handled));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Err(Rejection::Delivered { seq: 1 }))
+        ));
+        // Twice, or for a pull never answered or never seen: nothing changes.
+        book.acknowledge(&key(3, 1));
+        let (tx, _rx) = oneshot::channel();
+        assert!(matches!(book.lookup(key(3, 2), 0, tx), Lookup::New));
+        book.acknowledge(&key(3, 2));
+        book.acknowledge(&key(3, 9));
+        book.answer(key(3, 2), Answer::Data(vec![0u8; 50].into()), 9, true);
+        assert_eq!(book.kept_bytes(), 150);
+        // The next pull's floor passes the acknowledged answer: it goes with the others.
+        serve(&mut book, 3, 3, 10);
+        assert_eq!(book.kept_bytes(), 10);
     }
 
     #[test]

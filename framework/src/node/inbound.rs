@@ -13,7 +13,8 @@ use crate::error::Error;
 use crate::inbox::LoopRequest;
 use crate::roles::MySlot;
 use crate::wire::{
-    Header, Inbound, Meta, PingReply, PullRequest, Rejection, Replicate, ReplicateKind, SlotInfo,
+    Acknowledge, Header, Inbound, Meta, PingReply, PullRequest, Rejection, Replicate,
+    ReplicateKind, SlotInfo,
 };
 
 impl Runtime {
@@ -55,6 +56,9 @@ impl Runtime {
             Inbound::Meta(msg, reply) => {
                 let outcome = self.on_meta(msg, now).await;
                 let _ = reply.send(outcome);
+            }
+            Inbound::Acknowledge(msg, reply) => {
+                let _ = reply.send(self.on_acknowledge(&msg));
             }
             Inbound::Replicate(_, reply) => {
                 let _ = reply.send(Err(Rejection::ShuttingDown));
@@ -142,6 +146,29 @@ impl Runtime {
             When::Later if s.serve.hold_meta(msg) => {}
             When::Later => return Err(Rejection::NotReady { task: to, epoch }),
         }
+        Ok(())
+    }
+
+    /// The requester of a pull this node's task answered received the answer: its bytes are
+    /// dropped. Only this node's own answers are touched (those of the requester's task and
+    /// term named in the message), so no term is checked: dropping a deposed requester's
+    /// answer harms no one.
+    fn on_acknowledge(&mut self, msg: &Acknowledge) -> Result<(), Rejection> {
+        let to = msg.header.to_task;
+        let primary = matches!(self.engine.mine(), MySlot::Primary { task, .. } if task == to);
+        let Some(s) = self.slot.as_mut().filter(|_| primary) else {
+            return Err(Rejection::NotPrimary { task: to });
+        };
+        s.serve.acknowledge(&crate::data::ServeKey {
+            id: crate::data::PullId {
+                epoch: msg.header.epoch,
+                from: msg.header.from_task,
+                to,
+                seq: msg.seq,
+            },
+            requester_term: msg.header.term,
+        });
+        s.report_kept();
         Ok(())
     }
 

@@ -17,7 +17,7 @@ use super::error::CallError;
 use super::proto;
 use super::proto::taskgraph_client::TaskgraphClient;
 use super::rejection::{tonic_size_limit, Rejection};
-use super::types::{Meta, PingReply, PullAnswer, PullRequest, Replicate};
+use super::types::{Acknowledge, Meta, PingReply, PullAnswer, PullRequest, Replicate};
 use super::{
     DEFAULT_MAX_FRAME_BYTES, HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW,
 };
@@ -115,6 +115,17 @@ impl Peers {
         let mut client = self.client(addr)?;
         match client.pull(msg).await {
             Ok(answer) => Ok(PullAnswer::from(answer.into_inner())),
+            Err(status) => Err(self.classify(addr, status).await),
+        }
+    }
+
+    /// Tells the node at `addr` that the answer to a pull arrived (see [`Acknowledge`]).
+    pub async fn acknowledge(&self, addr: &str, mut msg: Acknowledge) -> Result<(), CallError> {
+        self.fill_job(&mut msg.header.job);
+        let msg = proto::AcknowledgeRequest::from(msg);
+        let mut client = self.client(addr)?;
+        match client.acknowledge(msg).await {
+            Ok(_) => Ok(()),
             Err(status) => Err(self.classify(addr, status).await),
         }
     }

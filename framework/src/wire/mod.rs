@@ -1,9 +1,11 @@
 //! Node-to-node transport: gRPC (tonic over HTTP/2) between taskgraph nodes.
 //!
-//! Nodes exchange four kinds of message, each a unary call, and hold one kind of stream:
+//! Nodes exchange five kinds of message, each a unary call, and hold one kind of stream:
 //!
 //! * [`PullRequest`] → [`PullAnswer`]: a data request from task A to the current primary of
 //!   task B;
+//! * [`Acknowledge`]: the requester of a large answer received it (the server drops the
+//!   answer's bytes at once instead of at the requester's next pull);
 //! * [`Meta`]: a small flag from a task to a neighbour;
 //! * [`Replicate`]: state from a task's primary to its backups;
 //! * ping → [`PingReply`]: "who are you";
@@ -58,7 +60,8 @@ pub use server::{
     SERVER_HTTP2_KEEPALIVE_TIMEOUT, TLS_HANDSHAKE_TIMEOUT,
 };
 pub use types::{
-    Header, Meta, PingReply, PullAnswer, PullRequest, Replicate, ReplicateKind, SlotInfo,
+    Acknowledge, Header, Meta, PingReply, PullAnswer, PullRequest, Replicate, ReplicateKind,
+    SlotInfo,
 };
 
 /// Default frame limit (64 MiB) of [`ServerConfig::max_frame_bytes`] and

@@ -26,7 +26,7 @@ use super::error::WireError;
 use super::proto;
 use super::proto::taskgraph_server::{Taskgraph, TaskgraphServer};
 use super::rejection::{tonic_size_limit, Rejection};
-use super::types::{Header, Meta, PingReply, PullAnswer, PullRequest, Replicate};
+use super::types::{Acknowledge, Header, Meta, PingReply, PullAnswer, PullRequest, Replicate};
 use super::{
     DEFAULT_MAX_FRAME_BYTES, HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW,
 };
@@ -97,6 +97,8 @@ pub enum Inbound {
     Pull(PullRequest, oneshot::Sender<Result<PullAnswer, Rejection>>),
     /// A meta flag for task `header.to_task`.
     Meta(Meta, oneshot::Sender<Result<(), Rejection>>),
+    /// The requester of a pull to task `header.to_task` received its answer.
+    Acknowledge(Acknowledge, oneshot::Sender<Result<(), Rejection>>),
     /// A replication entry for the backup of task `header.to_task`.
     Replicate(Replicate, oneshot::Sender<Result<(), Rejection>>),
     /// "Who are you?"
@@ -410,6 +412,21 @@ impl Taskgraph for Node {
         done.await
             .map(|()| Response::new(proto::Ack {}))
             .map_err(|r| refuse("meta", r))
+    }
+
+    async fn acknowledge(
+        &self,
+        request: Request<proto::AcknowledgeRequest>,
+    ) -> Result<Response<proto::Ack>, Status> {
+        self.check_peer("acknowledge", &request)?;
+        let done = async {
+            let msg = Acknowledge::try_from(request.into_inner())?;
+            self.check_header(&msg.header)?;
+            self.dispatch(|tx| Inbound::Acknowledge(msg, tx)).await?
+        };
+        done.await
+            .map(|()| Response::new(proto::Ack {}))
+            .map_err(|r| refuse("acknowledge", r))
     }
 
     async fn replicate(

@@ -69,6 +69,17 @@ pub struct PullAnswer {
     pub server_term: u64,
 }
 
+/// The requester of a pull received its answer (`header.epoch`, `header.from_task`,
+/// `header.to_task`, `seq`; `header.term` is the requester's): the serving node may drop the
+/// answer's bytes at once instead of keeping them until the requester's next pull says so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acknowledge {
+    /// Routing and fencing information (as the pull's).
+    pub header: Header,
+    /// The pull's sequence number.
+    pub seq: u64,
+}
+
 /// A small flag sent by a task to a neighbour over a named link.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meta {
@@ -206,6 +217,26 @@ impl From<PullAnswer> for proto::PullAnswer {
 }
 
 // ---- Meta ----
+
+impl TryFrom<proto::AcknowledgeRequest> for Acknowledge {
+    type Error = Rejection;
+
+    fn try_from(m: proto::AcknowledgeRequest) -> Result<Self, Rejection> {
+        Ok(Acknowledge {
+            header: required(m.header, "AcknowledgeRequest.header")?.into(),
+            seq: m.seq,
+        })
+    }
+}
+
+impl From<Acknowledge> for proto::AcknowledgeRequest {
+    fn from(m: Acknowledge) -> Self {
+        proto::AcknowledgeRequest {
+            header: Some(m.header.into()),
+            seq: m.seq,
+        }
+    }
+}
 
 impl TryFrom<proto::MetaRequest> for Meta {
     type Error = Rejection;
