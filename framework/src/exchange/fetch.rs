@@ -48,13 +48,7 @@ pub(crate) async fn fetch(
             }
         });
         let request = PullRequest {
-            header: Header {
-                job: String::new(),
-                epoch: id.epoch,
-                from_task: id.from,
-                to_task: id.to,
-                term,
-            },
+            header: header(id, term),
             seq: id.seq,
             method: method.clone(),
             payload: input.clone(),
@@ -122,6 +116,18 @@ pub(crate) async fn fetch(
     }
 }
 
+/// The header of the calls about pull `id`, sent under the requester's `term` (the job is
+/// filled in by the client).
+fn header(id: PullId, term: Term) -> Header {
+    Header {
+        job: String::new(),
+        epoch: id.epoch,
+        from_task: id.from,
+        to_task: id.to,
+        term,
+    }
+}
+
 /// Answers from this size on are acknowledged as soon as they arrive
 /// ([`Acknowledge`](crate::wire::Acknowledge)), so the serving node drops their bytes at once
 /// instead of at the requester's next pull; smaller ones are not worth a call of their own.
@@ -132,13 +138,7 @@ pub(crate) const ACKNOWLEDGE_FROM: usize = 1 << 20;
 /// ends, as without it.
 async fn acknowledge(env: &SlotEnv, addr: &str, id: PullId, term: Term) {
     let msg = crate::wire::Acknowledge {
-        header: Header {
-            job: String::new(),
-            epoch: id.epoch,
-            from_task: id.from,
-            to_task: id.to,
-            term,
-        },
+        header: header(id, term),
         seq: id.seq,
     };
     let sent = tokio::time::timeout(
