@@ -196,20 +196,9 @@ impl ServeBook {
         if delivered_below <= *floor {
             return;
         }
-        let from = order(&ServeKey {
-            id: crate::data::PullId {
-                seq: *floor,
-                ..key.id
-            },
-            requester_term: key.requester_term,
-        });
-        let to = order(&ServeKey {
-            id: crate::data::PullId {
-                seq: delivered_below,
-                ..key.id
-            },
-            requester_term: key.requester_term,
-        });
+        let (task, term, epoch, to, _) = order(key);
+        let from = (task, term, epoch, to, *floor);
+        let to = (task, term, epoch, to, delivered_below);
         *floor = delivered_below;
         while let Some(k) = self.answers.range(from..to).next().map(|(k, _)| *k) {
             if let Some((_, served)) = self.answers.remove(&k) {

@@ -317,6 +317,30 @@ impl Node {
 
     /// Hands a message to the loop (or handles it here, see [`Direct`]) and waits for its
     /// answer, or for shutdown.
+    /// A call answered by an empty [`proto::Ack`] (meta, acknowledgement, replication): the
+    /// caller's certificate, the message and its header are checked, then the message goes
+    /// to the node as `inbound`.
+    async fn acked<P, M>(
+        &self,
+        rpc: &'static str,
+        request: Request<P>,
+        header: fn(&M) -> &Header,
+        inbound: fn(M, oneshot::Sender<Result<(), Rejection>>) -> Inbound,
+    ) -> Result<Response<proto::Ack>, Status>
+    where
+        M: TryFrom<P, Error = Rejection>,
+    {
+        self.check_peer(rpc, &request)?;
+        let done = async {
+            let msg = M::try_from(request.into_inner())?;
+            self.check_header(header(&msg))?;
+            self.dispatch(|tx| inbound(msg, tx)).await?
+        };
+        done.await
+            .map(|()| Response::new(proto::Ack {}))
+            .map_err(|r| refuse(rpc, r))
+    }
+
     async fn dispatch<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Inbound,
@@ -403,45 +427,34 @@ impl Taskgraph for Node {
         &self,
         request: Request<proto::MetaRequest>,
     ) -> Result<Response<proto::Ack>, Status> {
-        self.check_peer("meta", &request)?;
-        let done = async {
-            let msg = Meta::try_from(request.into_inner())?;
-            self.check_header(&msg.header)?;
-            self.dispatch(|tx| Inbound::Meta(msg, tx)).await?
-        };
-        done.await
-            .map(|()| Response::new(proto::Ack {}))
-            .map_err(|r| refuse("meta", r))
+        self.acked("meta", request, |m: &Meta| &m.header, Inbound::Meta)
+            .await
     }
 
     async fn acknowledge(
         &self,
         request: Request<proto::AcknowledgeRequest>,
     ) -> Result<Response<proto::Ack>, Status> {
-        self.check_peer("acknowledge", &request)?;
-        let done = async {
-            let msg = Acknowledge::try_from(request.into_inner())?;
-            self.check_header(&msg.header)?;
-            self.dispatch(|tx| Inbound::Acknowledge(msg, tx)).await?
-        };
-        done.await
-            .map(|()| Response::new(proto::Ack {}))
-            .map_err(|r| refuse("acknowledge", r))
+        self.acked(
+            "acknowledge",
+            request,
+            |m: &Acknowledge| &m.header,
+            Inbound::Acknowledge,
+        )
+        .await
     }
 
     async fn replicate(
         &self,
         request: Request<proto::ReplicateRequest>,
     ) -> Result<Response<proto::Ack>, Status> {
-        self.check_peer("replicate", &request)?;
-        let done = async {
-            let msg = Replicate::try_from(request.into_inner())?;
-            self.check_header(&msg.header)?;
-            self.dispatch(|tx| Inbound::Replicate(msg, tx)).await?
-        };
-        done.await
-            .map(|()| Response::new(proto::Ack {}))
-            .map_err(|r| refuse("replicate", r))
+        self.acked(
+            "replicate",
+            request,
+            |m: &Replicate| &m.header,
+            Inbound::Replicate,
+        )
+        .await
     }
 
     async fn ping(

@@ -51,7 +51,7 @@ pub(crate) use command::{Claim, ClaimOutcome, Command, Input, Note, Published, R
 
 /// A slot holder whose task talks to more tasks than this (its own, its neighbours over the
 /// topology's period, task 0, others it pulled from) watches every slot key instead.
-pub(crate) const MAX_SCOPED_TASKS: usize = 64;
+const MAX_SCOPED_TASKS: usize = 64;
 /// A topology whose neighbourhoods repeat over more epochs than this is not walked to plan a
 /// holder's watch: its holders watch every slot key.
 const MAX_SCOPED_PERIOD: u64 = 1024;
@@ -339,20 +339,8 @@ impl Engine {
             }
             Input::LeaseKeys(kvs) => {
                 for kv in kvs {
-                    let Some(key) = self.keys.parse(&kv.key) else {
-                        continue;
-                    };
-                    if self.stray_key(&key, &kv) {
-                        warn!(
-                            key = %String::from_utf8_lossy(&kv.key),
-                            "a slot key under this node's lease that is not its slot (a claim \
-                             whose answer was lost): deleting it"
-                        );
-                        out.push(Command::DeleteKey {
-                            key: kv.key,
-                            mod_revision: kv.mod_revision,
-                            why: Removal::Stray,
-                        });
+                    if let Some(key) = self.keys.parse(&kv.key) {
+                        self.delete_if_stray(&key, &kv, &mut out);
                     }
                 }
             }

@@ -203,17 +203,8 @@ impl Engine {
                         }
                     }
                 };
-                if holder.node == self.me.node && self.stray_key(&k, &kv) {
-                    warn!(
-                        ?key,
-                        "a slot key under this node's lease that is not its slot (a claim whose \
-                         answer was lost): deleting it"
-                    );
-                    out.push(Command::DeleteKey {
-                        key: kv.key.clone(),
-                        mod_revision: kv.mod_revision,
-                        why: Removal::Stray,
-                    });
+                if holder.node == self.me.node {
+                    self.delete_if_stray(&k, &kv, out);
                 }
                 let slot = SlotKey {
                     holder,
@@ -269,10 +260,27 @@ impl Engine {
         }
     }
 
+    /// Deletes `kv` (parsed as `key`) if it is a stray: a slot key under this node's lease
+    /// that is not its slot (see [`Engine::stray_key`]).
+    pub(super) fn delete_if_stray(&self, key: &JobKey, kv: &Kv, out: &mut Vec<Command>) {
+        if self.stray_key(key, kv) {
+            warn!(
+                key = ?KeyText(&kv.key),
+                "a slot key under this node's lease that is not its slot (a claim whose \
+                 answer was lost): deleting it"
+            );
+            out.push(Command::DeleteKey {
+                key: kv.key.clone(),
+                mod_revision: kv.mod_revision,
+                why: Removal::Stray,
+            });
+        }
+    }
+
     /// Whether a slot key under this node's current lease is not the slot the node holds: a
     /// claim whose answer was lost although etcd applied it, or a slot the node gave up while
     /// its key stayed. Such a key blocks the slot for as long as the node lives.
-    pub(super) fn stray_key(&self, key: &JobKey, kv: &Kv) -> bool {
+    fn stray_key(&self, key: &JobKey, kv: &Kv) -> bool {
         let lease = self.lease.id();
         if kv.lease == 0 || LeaseId(kv.lease) != lease {
             return false;
