@@ -86,7 +86,7 @@ enum Command {
     },
     /// A live stream of what happens: epochs, elections, failovers, lost primaries (which
     /// their neighbours see as failures), backups, nodes, checkpoints, shutdown. Ends when the
-    /// job finishes.
+    /// job finishes. A job that does not exist yet is waited for, with a warning.
     Events {
         /// The job.
         job: String,
@@ -219,7 +219,16 @@ async fn run(cli: Cli, listen_explicit: bool) -> Result<(), String> {
             job,
             since_revision,
         } => {
-            let client = existing(&etcd, &job).await?;
+            // A job not created yet is waited for (its creation is the first event), so the
+            // stream can be started before the job's nodes; a warning says so, in case the
+            // name is wrong.
+            let client = etcd.connect(&job).await.map_err(|e| e.to_string())?;
+            if client.spec().await.map_err(|e| e.to_string())?.is_none() {
+                eprintln!(
+                    "warning: job {job:?} does not exist (yet); waiting for it \
+                     (`taskgraph jobs` lists the jobs)"
+                );
+            }
             events::stream(&client, since_revision).await
         }
         Command::Failover { job, task, wait } => {

@@ -184,7 +184,8 @@ async fn failover_moves_the_primary_and_events_show_it() {
 
 /// A job that cannot move on (three tasks, two nodes: one task has no node to run it) shows as
 /// `stalled` in `taskgraph status`, with the reason naming the task, and `taskgraph events`
-/// prints the stall; both go once a third node joins and the job moves again.
+/// prints the stall; both go once a third node joins and the job moves again. The events
+/// stream is started before the job exists and waits for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_job_shows_stalled_with_its_reason_and_events_print_it() {
     let etcd = Etcd::start().await.unwrap_or_else(|e| panic!("{e}"));
@@ -196,19 +197,30 @@ async fn a_stalled_job_shows_stalled_with_its_reason_and_events_print_it() {
     };
     cfg.stall_after = Some(Duration::from_secs(2));
     let mut c = Cluster::new(cfg);
+    // The stream starts before the job exists: it says so and waits for it.
     let mut events = Command::new(env!("CARGO_BIN_EXE_taskgraph"))
         .args(["--etcd", etcd.endpoint(), "events", &job])
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|e| panic!("{e}"));
     let mut lines =
         BufReader::new(events.stdout.take().unwrap_or_else(|| panic!("no stdout"))).lines();
+    let mut errors =
+        BufReader::new(events.stderr.take().unwrap_or_else(|| panic!("no stderr"))).lines();
+    let warning = tokio::time::timeout(WAIT, errors.next_line()).await;
+    assert!(
+        matches!(&warning, Ok(Ok(Some(w))) if w.contains("does not exist (yet); waiting")),
+        "{warning:?}"
+    );
     for _ in 0..2 {
         c.add_node().await.unwrap_or_else(|e| panic!("{e}"));
     }
+    let mut created = false;
     let stall = tokio::time::timeout(WAIT, async {
         while let Ok(Some(line)) = lines.next_line().await {
+            created |= line.contains("job created: 3 tasks");
             if line.contains("stall: node") {
                 return Some(line);
             }
@@ -219,6 +231,7 @@ async fn a_stalled_job_shows_stalled_with_its_reason_and_events_print_it() {
     let Ok(Some(stall)) = stall else {
         panic!("no stall in the event stream: {stall:?}")
     };
+    assert!(created, "the stream did not show the job's creation");
     assert!(stall.contains("has no primary"), "{stall}");
 
     let out = cli(&etcd, &["status", &job]).await;
