@@ -12,7 +12,9 @@ pub(crate) struct Memory {
     lost: BTreeMap<TaskId, String>,
 }
 
-/// Prints the job's events from `since` (or from now) until the job finishes.
+/// Prints the job's events from `since` (or from now) until the job finishes. A job that does
+/// not exist yet is waited for (its creation is then the first line), so the stream can be
+/// started before the job's nodes; a warning on stderr says so, in case the name is wrong.
 pub async fn stream(client: &JobClient, since: Option<i64>) -> Result<(), String> {
     let mut memory = Memory::default();
     let mut changes = match since {
@@ -38,6 +40,11 @@ pub async fn stream(client: &JobClient, since: Option<i64>) -> Result<(), String
                 change.revision
             ),
             JobChange::Disconnected => eprintln!("(etcd unreachable; retrying)"),
+            JobChange::Snapshot(status) if first && status.tasks_total == 0 => eprintln!(
+                "warning: job {:?} does not exist (yet); waiting for it \
+                 (`taskgraph jobs` lists the jobs)",
+                client.job()
+            ),
             _ => {}
         }
         first = false;

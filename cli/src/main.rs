@@ -219,16 +219,8 @@ async fn run(cli: Cli, listen_explicit: bool) -> Result<(), String> {
             job,
             since_revision,
         } => {
-            // A job not created yet is waited for (its creation is the first event), so the
-            // stream can be started before the job's nodes; a warning says so, in case the
-            // name is wrong.
+            // A job not created yet is waited for (see `events::stream`).
             let client = etcd.connect(&job).await.map_err(|e| e.to_string())?;
-            if client.spec().await.map_err(|e| e.to_string())?.is_none() {
-                eprintln!(
-                    "warning: job {job:?} does not exist (yet); waiting for it \
-                     (`taskgraph jobs` lists the jobs)"
-                );
-            }
             events::stream(&client, since_revision).await
         }
         Command::Failover { job, task, wait } => {

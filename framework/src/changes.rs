@@ -19,7 +19,7 @@ use crate::config::JobSpec;
 use crate::error::{Error, EtcdError};
 use crate::etcd::admin::Change;
 use crate::etcd::keys::{
-    term_of, EpochValue, Holder, JobKey, JobKeys, NodeRecord, StallNote, StoredCheckpoint,
+    term_of, Draft, EpochValue, Holder, JobKey, JobKeys, NodeRecord, StallNote, StoredCheckpoint,
 };
 use crate::etcd::watch::{self, JobEvent};
 use crate::etcd::Kv;
@@ -467,6 +467,11 @@ impl Interpreter {
             JobKey::Result => JobChange::ResultWritten {
                 bytes: kv.value.len(),
             },
+            // A draft shows as the slot key written with it.
+            JobKey::Draft(_) => match serde_json::from_slice::<Draft>(&kv.value) {
+                Ok(_) => return None,
+                Err(e) => garbage(format!("not a draft: {e}")),
+            },
         };
         Some(ChangeEvent { revision, change })
     }
@@ -494,7 +499,9 @@ impl Interpreter {
             }
             JobKey::Spec => JobChange::JobDeleted,
             // Removed with the job (or by hand): nothing a node acts on.
-            JobKey::Epoch | JobKey::Checkpoint(_) | JobKey::Result => return None,
+            JobKey::Epoch | JobKey::Checkpoint(_) | JobKey::Result | JobKey::Draft(_) => {
+                return None
+            }
         };
         Some(ChangeEvent { revision, change })
     }
@@ -528,6 +535,7 @@ mod tests {
         serde_json::to_vec(&NodeRecord {
             addr: addr.into(),
             stall,
+            drafted: true,
         })
         .unwrap_or_default()
     }

@@ -465,6 +465,11 @@ pub(crate) fn build_status(
                 Err(_) => garbage.push(format!("{name}: not a node record")),
             },
             Some(JobKey::Result) => has_result = true,
+            Some(JobKey::Draft(_)) => {
+                if serde_json::from_slice::<crate::etcd::keys::Draft>(&kv.value).is_err() {
+                    garbage.push(format!("{name}: not a draft"));
+                }
+            }
             Some(JobKey::Checkpoint(_)) | None => {}
         }
     }

@@ -40,4 +40,6 @@ pub(crate) enum LoopRequest {
     WatchTask(TaskId),
     /// The slot keys under the node's lease, as read for `Command::FindStrays`.
     LeaseKeys(Vec<crate::etcd::Kv>),
+    /// What came of the staffer's drafts (`Command::Draft`).
+    Drafted(crate::etcd::DraftOutcome),
 }

@@ -42,11 +42,10 @@ async fn one_primary_and_one_backup_per_task() {
         })
         .await
         .unwrap();
-    // Every node holds exactly one slot; primaries' terms are distinct etcd revisions.
+    // Every node holds exactly one slot; every primary has a term (an etcd revision: primaries
+    // drafted in one transaction share it, a term orders one task's primaries only).
     assert!(st.iter().all(|(_, s)| s.role != Role::Spare), "{st:?}");
-    let mut terms: Vec<u64> = (0..3).map(|t| c.primary_of(t).unwrap().1).collect();
-    terms.dedup();
-    assert_eq!(terms.len(), 3);
+    assert!((0..3).all(|t| c.primary_of(t).is_some_and(|(_, term)| term > 0)));
     // The audit agrees: each task got exactly one became_primary and one became_backup.
     let ev = c.audit.events();
     for t in 0..3 {

@@ -637,10 +637,10 @@ async fn get_metrics(addr: std::net::SocketAddr) -> String {
     body
 }
 
-/// A claim that etcd refuses (here: the job's role may not write task 2's primary key) is not
-/// final: the node decides again after a pause, without waiting for a change in the job —
+/// A draft that etcd refuses (here: the job's role may not write task 2's primary key) is not
+/// final: the staffer drafts again after a pause, without waiting for a change in the job —
 /// in a quiet job none may come. Once the permission is granted (an auth change, invisible to
-/// the job's watch), the waiting node takes the task.
+/// the job's watch), the waiting node gets the task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_etcd_refused_is_tried_again_without_a_change_in_the_job() -> TestResult {
     init_logs();
@@ -699,6 +699,7 @@ async fn a_claim_etcd_refused_is_tried_again_without_a_change_in_the_job() -> Te
             &audit,
         )
         .etcd_auth(auth.clone())
+        .metrics_addr(([127, 0, 0, 1], 0).into())
     };
     let mut handles = Vec::new();
     for _ in 0..2 {
@@ -724,29 +725,28 @@ async fn a_claim_etcd_refused_is_tried_again_without_a_change_in_the_job() -> Te
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let third = node()
-        .metrics_addr("127.0.0.1:0".parse()?)
-        .build()?
-        .spawn()
-        .await?;
-    let addr = third.metrics_addr().ok_or("no metrics address")?;
-    // The third node tries task 2 and is refused: its claims are counted as etcd errors…
+    let third = node().build()?.spawn().await?;
+    let addrs: Vec<_> = handles.iter().filter_map(|h| h.metrics_addr()).collect();
+    // The staffer (task 0's primary) drafts the third node into task 2 and is refused: its
+    // drafts are counted as etcd errors…
     let refused = r#"taskgraph_etcd_requests_total{job=""#;
     tokio::time::timeout(GUARD, async {
         loop {
-            let text = get_metrics(addr).await;
-            if text.lines().any(|l| {
-                l.starts_with(refused)
-                    && l.contains(r#"op="txn claim primary""#)
-                    && l.contains(r#"outcome="error""#)
-            }) {
-                break;
+            for addr in &addrs {
+                let text = get_metrics(*addr).await;
+                if text.lines().any(|l| {
+                    l.starts_with(refused)
+                        && l.contains(r#"op="txn draft""#)
+                        && l.contains(r#"outcome="error""#)
+                }) {
+                    return;
+                }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await
-    .map_err(|_| "the third node never tried task 2")?;
+    .map_err(|_| "the staffer never tried task 2")?;
     let free = etcd
         .etcdctl([root.as_str(), "get", denied.as_str()])
         .await?;

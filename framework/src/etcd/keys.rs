@@ -7,14 +7,20 @@
 //! | `spec` | [`JobSpec`](crate::JobSpec) as JSON | the first node, once (create-if-absent, in the same transaction as `epoch`) | none |
 //! | `epoch` | `<n>` while running, `done <n>` once finished | primaries: `inc_epoch` (compare-and-swap, fenced by the caller's term), `shutdown_job` | none |
 //! | `nodes/<node>` | [`NodeRecord`] as JSON | each node, at start | the node's |
+//! | `drafts/<node>` | [`Draft`] as JSON: the slot the staffer gave the node; its mod revision is the slot key's create revision | the staffer (task 0's primary), in the transaction that creates the slot key | the drafted node's |
 //! | `tasks/<t>/primary` | [`Holder`] as JSON; its create revision is the task's **term** | the node that wins the election (create-if-absent) | the node's |
 //! | `tasks/<t>/backup/<k>` (`k` in `1..replicas`) | [`Holder`] as JSON | a node taking backup slot `k` (create-if-absent) | the node's |
 //! | `checkpoints/<t>` | [`StoredCheckpoint`] (binary) | the task's primary (`Context::checkpoint`, fenced by its term) | none |
 //! | `result` | the application's bytes | the primary that ends the job with `Context::shutdown_job_with`, in the same transaction as `done <n>` | none |
 //!
-//! What a node watches is only what its decisions read. A spare ([`JobKeys::node_watch`])
-//! watches `epoch`, the range from `spec` to the end of `tasks/` (the spec and every slot key:
-//! it looks for a free slot) and its own record. A slot holder ([`JobKeys::holder_watch`])
+//! What a node watches is only what its decisions read. A spare waiting to be drafted
+//! ([`JobKeys::spare_watch`]) watches `epoch`, `spec`, its own record, its own `drafts/` key and
+//! task 0's slot keys (it claims task 0's primary itself when that task has no node: task 0's
+//! primary is the **staffer**, who gives every other slot to a spare). The holders of task 0's
+//! slots ([`JobKeys::staff_watch`]) watch every key from `drafts/` to the end of `tasks/` (every
+//! node record, draft and slot key, in one range so in one order). A spare that claims a slot
+//! itself ([`JobKeys::node_watch`], see `Staffing::SelfClaimed`) watches `epoch`, the range
+//! from `spec` to the end of `tasks/` and its own record. A slot holder ([`JobKeys::holder_watch`])
 //! watches `epoch`, `spec`, its own record and the slot keys of a few tasks only: its own, its
 //! neighbours' over the topology's period, task 0's and those it pulls from or hears from
 //! outside the topology. Checkpoints and the other nodes' records sit outside every node's
@@ -55,6 +61,8 @@ pub enum JobKey {
     Epoch,
     /// `nodes/<node>`
     Node(String),
+    /// `drafts/<node>`
+    Draft(String),
     /// `tasks/<t>/primary`
     Primary(TaskId),
     /// `tasks/<t>/backup/<k>`
@@ -88,6 +96,10 @@ impl JobKeys {
     pub fn node(&self, node: &str) -> String {
         format!("{}nodes/{node}", self.prefix)
     }
+    /// The key under which the staffer tells node `node` the slot it gave it.
+    pub fn draft(&self, node: &str) -> String {
+        format!("{}drafts/{node}", self.prefix)
+    }
     /// The primary (election) key of task `t`.
     pub fn primary(&self, t: TaskId) -> String {
         format!("{}tasks/{t}/primary", self.prefix)
@@ -117,6 +129,31 @@ impl JobKeys {
             },
             KeyRange::key(self.node(node)),
         ]
+    }
+
+    /// What a spare waiting to be drafted watches: the `epoch` and `spec` keys, its own record,
+    /// its own `drafts/` key (where the staffer gives it a slot) and task 0's slot keys (task 0's
+    /// primary is the staffer; a spare claims it itself when task 0 has no node). Nothing here
+    /// changes when another node joins or takes a slot elsewhere.
+    pub fn spare_watch(&self, node: &str) -> Vec<KeyRange> {
+        vec![
+            KeyRange::key(self.epoch()),
+            KeyRange::key(self.spec()),
+            KeyRange::key(self.node(node)),
+            KeyRange::key(self.draft(node)),
+            self.task_slots(0),
+        ]
+    }
+
+    /// What the holders of task 0's slots watch (its primary is the staffer, its backups are
+    /// ready to be): every key from `drafts/` to the end of `tasks/` in one range, so in one
+    /// order: drafts, the epoch, node records, the result, the spec and every slot key (not
+    /// the checkpoints, which sort before `drafts/`).
+    pub fn staff_watch(&self) -> Vec<KeyRange> {
+        vec![KeyRange {
+            key: format!("{}drafts/", self.prefix),
+            end: Some(format!("{}tasks0", self.prefix)),
+        }]
     }
 
     /// Every slot key of the job (`tasks/…`).
@@ -174,6 +211,7 @@ impl JobKeys {
             ["epoch"] => Some(JobKey::Epoch),
             ["result"] => Some(JobKey::Result),
             ["nodes", node] if !node.is_empty() => Some(JobKey::Node((*node).to_owned())),
+            ["drafts", node] if !node.is_empty() => Some(JobKey::Draft((*node).to_owned())),
             ["tasks", t, "primary"] => Some(JobKey::Primary(t.parse().ok()?)),
             ["checkpoints", t] => Some(JobKey::Checkpoint(t.parse().ok()?)),
             ["tasks", t, "backup", k] => Some(JobKey::Backup(t.parse().ok()?, k.parse().ok()?)),
@@ -260,6 +298,21 @@ pub struct NodeRecord {
     /// stall time, and what the node can tell about why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stall: Option<StallNote>,
+    /// Whether the node, as a spare, waits for the staffer to give it a slot (under
+    /// `drafts/<node>`) rather than claiming one itself. Only such nodes are drafted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drafted: bool,
+}
+
+/// A slot the staffer gave a node (the value of `drafts/<node>`). The key is written in the
+/// transaction that creates the slot key under the drafted node's lease, so its mod revision
+/// is the slot key's create revision (for a primary slot, the term).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Draft {
+    /// The task.
+    pub task: TaskId,
+    /// The slot: 0 for the primary, `k` for backup slot `k`.
+    pub slot: u32,
 }
 
 /// What a node tells about a stalled job (in its [`NodeRecord`]).

@@ -27,6 +27,37 @@ use lease::LeaseId;
 /// operations per transaction by default).
 pub const LOAD_TXN_RANGES: usize = 100;
 
+/// The most compares, and the most operations, one transaction may hold (etcd's default
+/// `--max-txn-ops` is 128 of each).
+const MAX_TXN_OPS: usize = 128;
+
+/// One slot given to one spare: what the transaction writes and what it checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DraftOrder {
+    /// The spare, as the slot key names it.
+    pub(crate) holder: Holder,
+    /// The spare's lease (the slot key and the draft are written under it).
+    pub(crate) lease: LeaseId,
+    /// The create revision of the spare's record (it is still registered under it).
+    pub(crate) record_revision: i64,
+    /// The mod revision of the spare's draft key as the staffer saw it (0: none).
+    pub(crate) draft_revision: i64,
+    /// The slot.
+    pub(crate) draft: keys::Draft,
+}
+
+/// What came of a [`Command::Draft`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DraftOutcome {
+    /// Drafts etcd applied, and the revision of the last transaction that applied some (0:
+    /// none).
+    pub(crate) applied: usize,
+    pub(crate) revision: i64,
+    /// Why the rest was not applied: `None` when everything was, `Some(None)` when a
+    /// transaction found a premise false (a stale view), `Some(Some(error))` when etcd failed.
+    pub(crate) stopped: Option<Option<String>>,
+}
+
 /// A key-value pair read from etcd, with the metadata the framework uses.
 #[derive(Debug, Clone)]
 pub struct Kv {
@@ -407,9 +438,10 @@ impl Store {
         Ok(())
     }
 
-    /// The slot keys of this job attached to lease `id`, read at one revision (etcd lists a
-    /// lease's keys): how a slot holder, which watches only a few tasks, finds a slot key of
-    /// its own elsewhere in the job (a claim etcd applied whose answer was lost).
+    /// The slot keys and the draft key of this job attached to lease `id`, read at one
+    /// revision (etcd lists a lease's keys): how a node, which watches only a few tasks, finds
+    /// a slot key of its own elsewhere in the job (a claim etcd applied whose answer was lost),
+    /// and tells a slot a draft gave it from such a stray.
     pub async fn lease_slot_keys(&self, id: LeaseId) -> Result<Vec<Kv>, EtcdError> {
         let mut c = self.client.clone();
         let options = etcd_client::LeaseTimeToLiveOptions::new().with_keys();
@@ -426,7 +458,11 @@ impl Store {
             .filter(|k| {
                 matches!(
                     self.keys.parse(k),
-                    Some(keys::JobKey::Primary(_) | keys::JobKey::Backup(..))
+                    Some(
+                        keys::JobKey::Primary(_)
+                            | keys::JobKey::Backup(..)
+                            | keys::JobKey::Draft(_)
+                    )
                 )
             })
             .map(|k| KeyRange {
@@ -488,6 +524,145 @@ impl Store {
         let txn = Txn::new().when(extra).and_then(ops);
         let mut c = self.client.clone();
         let resp = self.timed(op, &key, c.txn(txn)).await?;
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map_or(0, |h| h.revision())))
+    }
+
+    /// As task 0's primary in `term` (the staffer): gives each order's slot to its spare, in
+    /// order, in as few transactions as etcd allows (about 30 drafts each). Each transaction
+    /// creates the slot keys under the spares' leases and writes their `drafts/<node>` keys,
+    /// if the staffer is still primary in `term`, the job runs, and for every order: the slot
+    /// is free (for a primary slot, the task has no backup either), the spare's record has
+    /// the create revision the order names (so its lease is alive) and its draft key the mod
+    /// revision. Stops at the first transaction that finds a premise false (the view is
+    /// stale). A transaction etcd refuses (a permission, a lease it does not know) is split
+    /// into one per draft, so one bad draft does not hold up the others.
+    pub(crate) async fn draft(
+        &self,
+        term: Term,
+        replicas: u32,
+        orders: &[DraftOrder],
+    ) -> DraftOutcome {
+        let mut outcome = DraftOutcome {
+            applied: 0,
+            revision: 0,
+            stopped: None,
+        };
+        let mut error: Option<String> = None;
+        let mut rest = orders;
+        while !rest.is_empty() {
+            let batch = self.draft_batch(replicas, rest);
+            let done = match self.draft_txn(term, replicas, &rest[..batch]).await {
+                Ok(Some(revision)) => vec![(batch, revision)],
+                Ok(None) => {
+                    outcome.stopped = Some(error);
+                    return outcome;
+                }
+                Err(e) if batch == 1 => {
+                    error.get_or_insert(e.to_string());
+                    vec![]
+                }
+                Err(e) => {
+                    error.get_or_insert(e.to_string());
+                    let mut singles = Vec::new();
+                    for one in rest[..batch].chunks(1) {
+                        if let Ok(Some(revision)) = self.draft_txn(term, replicas, one).await {
+                            singles.push((1, revision));
+                        }
+                    }
+                    singles
+                }
+            };
+            for (n, revision) in done {
+                outcome.applied += n;
+                outcome.revision = outcome.revision.max(revision);
+            }
+            rest = &rest[batch..];
+        }
+        outcome.stopped = error.map(Some);
+        outcome
+    }
+
+    /// How many of `orders`, from the first, fit in one transaction.
+    fn draft_batch(&self, replicas: u32, orders: &[DraftOrder]) -> usize {
+        let (mut compares, mut ops) = (2, 0);
+        let mut n = 0;
+        for o in orders {
+            let checks = 3 + if o.draft.slot == 0 {
+                replicas.saturating_sub(1) as usize
+            } else {
+                0
+            };
+            if n > 0 && (compares + checks > MAX_TXN_OPS || ops + 2 > MAX_TXN_OPS) {
+                break;
+            }
+            compares += checks;
+            ops += 2;
+            n += 1;
+        }
+        n
+    }
+
+    /// One transaction of drafts (see [`Store::draft`]): the revision it applied them at, or
+    /// `None` when a premise was false.
+    async fn draft_txn(
+        &self,
+        term: Term,
+        replicas: u32,
+        orders: &[DraftOrder],
+    ) -> Result<Option<i64>, EtcdError> {
+        let mut compares = vec![
+            Compare::create_revision(
+                self.keys.primary(0),
+                CompareOp::Equal,
+                keys::revision_of(term),
+            ),
+            Compare::value(self.keys.epoch(), CompareOp::Less, "done"),
+        ];
+        let mut ops = Vec::with_capacity(orders.len() * 2);
+        for o in orders {
+            let t = o.draft.task;
+            let slot_key = if o.draft.slot == 0 {
+                compares.extend((1..replicas).map(|k| {
+                    Compare::create_revision(self.keys.backup(t, k), CompareOp::Equal, 0)
+                }));
+                self.keys.primary(t)
+            } else {
+                self.keys.backup(t, o.draft.slot)
+            };
+            let node = &o.holder.node;
+            compares.push(Compare::create_revision(
+                slot_key.clone(),
+                CompareOp::Equal,
+                0,
+            ));
+            compares.push(Compare::create_revision(
+                self.keys.node(node),
+                CompareOp::Equal,
+                o.record_revision,
+            ));
+            compares.push(Compare::mod_revision(
+                self.keys.draft(node),
+                CompareOp::Equal,
+                o.draft_revision,
+            ));
+            let lease = Some(PutOptions::new().with_lease(o.lease.0));
+            ops.push(TxnOp::put(
+                slot_key,
+                serde_json::to_string(&o.holder).unwrap_or_default(),
+                lease.clone(),
+            ));
+            ops.push(TxnOp::put(
+                self.keys.draft(node),
+                serde_json::to_string(&o.draft).unwrap_or_default(),
+                lease,
+            ));
+        }
+        let txn = Txn::new().when(compares).and_then(ops);
+        let mut c = self.client.clone();
+        let key = format!("{}drafts/", self.keys.prefix());
+        let resp = self.timed("txn draft", &key, c.txn(txn)).await?;
         Ok(resp
             .succeeded()
             .then(|| resp.header().map_or(0, |h| h.revision())))

@@ -248,7 +248,8 @@ impl Runtime {
             | LoopRequest::Answer { .. }
             | LoopRequest::EpochCommitted { .. }
             | LoopRequest::WatchTask(_)
-            | LoopRequest::LeaseKeys(_) => return,
+            | LoopRequest::LeaseKeys(_)
+            | LoopRequest::Drafted(_) => return,
             LoopRequest::WorkDone { slot, done } => {
                 self.engine.route(*slot, done.id().epoch, None, now)
             }

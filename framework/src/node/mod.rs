@@ -46,7 +46,7 @@ use crate::metrics::Metrics;
 use crate::roles::JobView;
 use crate::stall::StallWatch;
 use crate::wire::{self, Peers};
-use engine::Engine;
+use engine::{Engine, Staffing};
 use lease::step_down_at_deadline;
 use runtime::{main_loop, DirectServe, Runtime};
 
@@ -238,9 +238,23 @@ async fn run(
     // slot's work, etcd chores) is aborted when `run` returns or is aborted (crash).
     let mut background = JoinSet::new();
     let (events_tx, events) = mpsc::channel(4096);
-    // Only what the node decides on: the epoch, the spec and slot keys, its own record (as a
-    // spare; the engine narrows it to a few tasks' slot keys while the node holds a slot).
-    let spare_ranges = store.keys().node_watch(&node_id);
+    let holder = Holder {
+        node: node_id.clone(),
+        addr: config.advertise_addr(),
+    };
+    let engine = Engine::new(
+        holder.clone(),
+        &config.job,
+        config.tasks,
+        config.replicas,
+        config.links.clone(),
+        config.spec().encode().into_bytes(),
+        Staffing::Drafted,
+        rand::random(),
+    );
+    // Only what the node decides on (as a spare: the epoch, the spec, its own record and
+    // draft, task 0's slot keys; the engine changes it as the node takes a slot).
+    let spare_ranges = engine.ranges().to_vec();
     metrics.set_watched_ranges(spare_ranges.len());
     let (watch_ranges, wanted) = watch::channel(jobwatch::WatchRanges {
         generation: 0,
@@ -264,24 +278,12 @@ async fn run(
         id: crate::etcd::lease::LeaseId::NONE,
     });
     background.spawn(step_down_at_deadline(lease_tx.subscribe(), status.clone()));
-    let holder = Holder {
-        node: node_id.clone(),
-        addr: config.advertise_addr(),
-    };
-    let engine = Engine::new(
-        holder.clone(),
-        &config.job,
-        config.tasks,
-        config.replicas,
-        config.links.clone(),
-        config.spec().encode().into_bytes(),
-        rand::random(),
-    );
     let next_stray_sweep = Instant::now() + runtime::stray_sweep(config.lease_ttl);
     let node = Runtime {
         record: NodeRecord {
             addr: config.advertise_addr(),
             stall: None,
+            drafted: true,
         },
         stall: StallWatch::new(Instant::now(), config.lease_ttl, config.stall_after),
         holder,

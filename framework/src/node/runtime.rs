@@ -310,6 +310,10 @@ impl Runtime {
                 let commands = self.engine.handle(Input::LeaseKeys(kvs), Instant::now());
                 return self.execute(commands, stop).await;
             }
+            Wake::Request(LoopRequest::Drafted(outcome)) => {
+                let commands = self.engine.handle(Input::Drafted(outcome), Instant::now());
+                return self.execute(commands, stop).await;
+            }
             Wake::Request(LoopRequest::EpochCommitted { epoch, revision }) => {
                 let input = Input::EpochCommitted { epoch, revision };
                 let commands = self.engine.handle(input, Instant::now());
@@ -517,6 +521,19 @@ impl Runtime {
             } => self.sync_backups(task, term, epoch, members).await,
             Command::Monitor(wanted) => self.monitor(wanted),
             Command::FindStrays => self.find_strays(),
+            Command::Draft { term, orders } => {
+                // In the background: the staffer's own slot goes on while etcd applies them.
+                let (store, requests) = (self.store.clone(), self.requests_tx.clone());
+                let replicas = self.config.replicas;
+                while self.chores.try_join_next().is_some() {}
+                self.chores.spawn(
+                    async move {
+                        let outcome = store.draft(term, replicas, &orders).await;
+                        let _ = requests.send(LoopRequest::Drafted(outcome));
+                    }
+                    .instrument(Span::current()),
+                );
+            }
             Command::Watch { generation, ranges } => {
                 self.metrics.set_watched_ranges(ranges.len());
                 self.watch_ranges

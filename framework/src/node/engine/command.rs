@@ -34,6 +34,8 @@ pub(crate) enum Input {
     },
     /// The outcome of a [`Command::Claim`].
     Claimed(Claim, ClaimOutcome),
+    /// What came of a [`Command::Draft`].
+    Drafted(crate::etcd::DraftOutcome),
     /// As backup: a replication entry was applied (`term`, `index`).
     Replicated {
         /// The primary's term.
@@ -180,6 +182,15 @@ pub(crate) enum Note {
 pub(crate) enum Command {
     /// Try the claim in etcd; feed the outcome back as [`Input::Claimed`].
     Claim(Claim),
+    /// As the staffer (task 0's primary in `term`): give these slots to these spares, in
+    /// order, many per transaction; [`Input::Drafted`] carries the outcome back. Runs in the
+    /// background: the node goes on meanwhile.
+    Draft {
+        /// The staffer's term (every transaction checks it).
+        term: Term,
+        /// The drafts.
+        orders: Vec<crate::etcd::DraftOrder>,
+    },
     /// Delete `key` if its mod revision is still `mod_revision`.
     DeleteKey {
         /// The raw key.

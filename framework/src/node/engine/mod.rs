@@ -24,6 +24,7 @@
 mod admission;
 mod command;
 mod neighbours;
+mod staff;
 mod view;
 
 #[cfg(test)]
@@ -37,7 +38,7 @@ use taskgraph_topology::Links;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::etcd::keys::{term_of, EpochValue, Holder, JobKeys};
+use crate::etcd::keys::{term_of, EpochValue, Holder, JobKey, JobKeys, KeyRange};
 use crate::etcd::lease::{LeaseId, LeaseState};
 use crate::health::readiness;
 use crate::retry;
@@ -48,6 +49,7 @@ use neighbours::Incident;
 
 pub(crate) use admission::{Replica, Route, When};
 pub(crate) use command::{Claim, ClaimOutcome, Command, Input, Note, Published, Removal, TaskCall};
+pub(crate) use staff::Staffing;
 
 /// A slot holder whose task talks to more tasks than this (its own, its neighbours over the
 /// topology's period, task 0, others it pulled from) watches every slot key instead.
@@ -114,6 +116,15 @@ pub(crate) struct Engine {
     scope_task: Option<TaskId>,
     /// Tasks outside the topology the slot's work talks to, watched until the slot ends.
     lazy: BTreeSet<TaskId>,
+    /// The ranges the job watch follows now (of generation `generation`).
+    ranges: Vec<KeyRange>,
+    /// How spares come to hold slots, and as the staffer, its bookkeeping.
+    staffing: Staffing,
+    staff: staff::StaffBook,
+    /// The mod revision of the last own draft seen (each is taken once), and a draft not
+    /// taken yet, with its revision (the slot key's create revision).
+    draft_seen: i64,
+    pending_draft: Option<(Claim, i64)>,
     /// A claim under the current lease had no answer (etcd may have applied it): once the
     /// node holds a slot, and so no longer watches every slot key, it looks for strays by
     /// lease ([`Command::FindStrays`]).
@@ -145,7 +156,9 @@ pub(crate) fn acting_at(lease: &LeaseState, now: Instant) -> bool {
 
 impl Engine {
     /// A spare that has not read the job yet. `spec` is the stored form of the spec it runs
-    /// with; `seed` seeds the choice among equally good slots.
+    /// with; `seed` seeds the choice among equally good slots. Its first watch follows
+    /// [`Engine::ranges`] (generation 0).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         me: Holder,
         job: &str,
@@ -153,11 +166,20 @@ impl Engine {
         replicas: u32,
         links: Links,
         spec: Vec<u8>,
+        staffing: Staffing,
         seed: u64,
     ) -> Engine {
+        let keys = JobKeys::new(job);
+        let (scope, ranges) = match staffing {
+            Staffing::Drafted => (
+                Scope::Tasks(std::sync::Arc::new([0].into_iter().collect())),
+                keys.spare_watch(&me.node),
+            ),
+            Staffing::SelfClaimed => (Scope::All, keys.node_watch(&me.node)),
+        };
         Engine {
             me,
-            keys: JobKeys::new(job),
+            keys,
             tasks,
             replicas,
             links,
@@ -177,10 +199,15 @@ impl Engine {
             claim_after: None,
             fence: BTreeMap::new(),
             raised: Vec::new(),
-            scope: Scope::All,
+            scope,
             generation: 0,
             scope_task: None,
             lazy: BTreeSet::new(),
+            ranges,
+            staffing,
+            staff: Default::default(),
+            draft_seen: 0,
+            pending_draft: None,
             unanswered_claim: false,
             record_fault: None,
             spec_fault: None,
@@ -192,6 +219,10 @@ impl Engine {
 
     // ---- what the runtime reads ----
 
+    /// The ranges the job watch follows now.
+    pub(crate) fn ranges(&self) -> &[KeyRange] {
+        &self.ranges
+    }
     /// The view (`None` before the first snapshot).
     pub(crate) fn view(&self) -> Option<&JobView> {
         self.view.as_ref()
@@ -292,6 +323,7 @@ impl Engine {
                 self.lease = state;
                 match state {
                     LeaseState::Expired { id } => {
+                        self.pending_draft = None;
                         warn!(
                             lease = format!("{id:x}"),
                             "lease expired: giving up the slot and rejoining as a spare"
@@ -315,6 +347,7 @@ impl Engine {
                 self.record_fault = None;
                 // Keys under the old lease are gone with it.
                 self.unanswered_claim = false;
+                self.pending_draft = None;
                 out.push(self.publish(now));
                 self.step(now, &mut out);
             }
@@ -324,6 +357,10 @@ impl Engine {
                     return out;
                 }
                 self.claimed(claim, outcome, now, &mut out);
+                self.step(now, &mut out);
+            }
+            Input::Drafted(outcome) => {
+                self.drafted(outcome, now);
                 self.step(now, &mut out);
             }
             Input::Replicated { term, index } => {
@@ -338,9 +375,20 @@ impl Engine {
                 }
             }
             Input::LeaseKeys(kvs) => {
+                // The node's own draft key, read with them: the slot key its transaction
+                // created (same revision) is the draft's, taken or about to be.
+                let drafted_at = kvs.iter().find_map(|kv| match self.keys.parse(&kv.key) {
+                    Some(JobKey::Draft(n)) if n == self.me.node => Some(kv.mod_revision),
+                    _ => None,
+                });
                 for kv in kvs {
-                    if let Some(key) = self.keys.parse(&kv.key) {
-                        self.delete_if_stray(&key, &kv, &mut out);
+                    let pending =
+                        self.mine == MySlot::Spare && drafted_at == Some(kv.create_revision);
+                    match self.keys.parse(&kv.key) {
+                        Some(key @ (JobKey::Primary(_) | JobKey::Backup(..))) if !pending => {
+                            self.delete_if_stray(&key, &kv, &mut out);
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -376,8 +424,33 @@ impl Engine {
         out
     }
 
-    /// Plans what the job watch follows: as a spare every slot key; as holder of task `t`
-    /// the slot keys of `t`, of its neighbours over the topology's period (so that no epoch
+    /// The scope and ranges the job watch should follow for the slot of `task` (`None`: as a
+    /// spare).
+    fn watch_for(&self, task: Option<TaskId>) -> (Scope, Vec<KeyRange>) {
+        let node = &self.me.node;
+        match task {
+            _ if self.watches_staff(task) => (Scope::All, self.keys.staff_watch()),
+            None => match self.staffing {
+                Staffing::Drafted => (
+                    Scope::Tasks(std::sync::Arc::new([0].into_iter().collect())),
+                    self.keys.spare_watch(node),
+                ),
+                Staffing::SelfClaimed => (Scope::All, self.keys.node_watch(node)),
+            },
+            Some(t) => match self.holder_scope(t) {
+                Scope::All => (Scope::All, self.keys.node_watch(node)),
+                Scope::Tasks(set) => {
+                    let ranges = self.keys.holder_watch(node, set.iter().copied());
+                    (Scope::Tasks(set), ranges)
+                }
+            },
+        }
+    }
+
+    /// Plans what the job watch follows: as a spare waiting to be drafted its own keys and
+    /// task 0's slot keys, as a spare claiming for itself every slot key; as holder of one of
+    /// task 0's slots what the staffer needs (every record, draft and slot key); as holder of
+    /// task `t` the slot keys of `t`, of its neighbours over the topology's period (so that no epoch
     /// needs another watch), of task 0 (the job reporter's, see [`Engine::job_reporter`]) and
     /// of the tasks its work talked to outside the topology (`lazy`, kept while the slot is).
     /// A job whose tasks talk to more than [`MAX_SCOPED_TASKS`] others (a full mesh) watches
@@ -388,19 +461,13 @@ impl Engine {
             self.lazy.clear();
         }
         self.scope_task = task;
-        let scope = match task {
-            None => Scope::All,
-            Some(t) => self.holder_scope(t),
-        };
-        if scope == self.scope {
+        let (scope, ranges) = self.watch_for(task);
+        if scope == self.scope && ranges == self.ranges {
             return;
         }
         self.scope = scope;
+        self.ranges = ranges.clone();
         self.generation += 1;
-        let ranges = match &self.scope {
-            Scope::All => self.keys.node_watch(&self.me.node),
-            Scope::Tasks(set) => self.keys.holder_watch(&self.me.node, set.iter().copied()),
-        };
         debug!(
             generation = self.generation,
             ranges = ranges.len(),
@@ -497,16 +564,36 @@ impl Engine {
                 out.push(self.publish(now));
                 return;
             }
-            if self.mine == MySlot::Spare && view.scope != Scope::All {
+            let drafted_spare = self.mine == MySlot::Spare && self.staffing == Staffing::Drafted;
+            if drafted_spare && self.take_draft(now, out) {
+                continue;
+            }
+            let Some(view) = self.view.as_ref() else {
+                return;
+            };
+            let decision = if drafted_spare {
+                // Task 0's primary is the staffer: while task 0 has no node, spares claim it.
+                if staff::task0_orphaned(view) {
+                    Decision::ClaimPrimary(0)
+                } else {
+                    Decision::Stay
+                }
+            } else if matches!(self.mine, MySlot::Backup { task, .. } if !view.shows(task)) {
+                // A backup whose view does not show its task yet (the watch is reading the
+                // slot's ranges): it would take the task's primary for gone.
+                out.push(self.publish(now));
+                return;
+            } else if self.mine == MySlot::Spare && view.scope != Scope::All {
                 // A holder's view that does not show every task yet (the watch is reading
                 // them all): a spare decides on the whole job only.
                 out.push(self.publish(now));
                 return;
-            }
-            let rng = &mut self.rng;
-            let decision = decide(view, &self.me.node, self.mine, &mut |n| {
-                rng.random_range(0..n)
-            });
+            } else {
+                let rng = &mut self.rng;
+                decide(view, &self.me.node, self.mine, &mut |n| {
+                    rng.random_range(0..n)
+                })
+            };
             let lease = self.lease.id();
             let claim = match decision {
                 Decision::Stay => {
@@ -553,8 +640,17 @@ impl Engine {
     /// update while the lease was unconfirmed, gets the task's state before the task acts
     /// again.
     fn stay(&mut self, now: Instant, out: &mut Vec<Command>) {
+        let staffer = self.is_staffer(now);
         if let Some(view) = self.view.as_ref() {
-            out.push(Command::Monitor(watched(view, &self.me.node, self.mine)));
+            let mut check = watched(view, &self.me.node, self.mine);
+            if staffer {
+                // The spares' duty, which they cannot do without the whole job's slots: the
+                // backups of tasks without a primary, whose death would block the task.
+                check.extend(watched(view, &self.me.node, MySlot::Spare));
+                check.sort();
+                check.dedup();
+            }
+            out.push(Command::Monitor(check));
         }
         if let Some((task, term)) = self.acting_primary(now) {
             if let (Some(view), Some(s)) = (self.view.as_ref(), self.slot.as_ref()) {
@@ -571,6 +667,9 @@ impl Engine {
             out.push(Command::DeliverDeferred);
             self.neighbour_incidents(task, out);
         }
+        if staffer {
+            self.staff(now, out);
+        }
         out.push(self.publish(now));
     }
 
@@ -586,7 +685,9 @@ impl Engine {
             ClaimOutcome::Won(rev) => {
                 self.claim_failures = 0;
                 self.claim_losses = 0;
-                if std::mem::take(&mut self.unanswered_claim) {
+                // A draft not taken (its slot key is under this node's lease) is a stray now.
+                if std::mem::take(&mut self.unanswered_claim) | self.pending_draft.take().is_some()
+                {
                     out.push(Command::FindStrays);
                 }
                 rev

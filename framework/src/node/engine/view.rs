@@ -6,9 +6,9 @@
 use tokio::time::Instant;
 use tracing::{debug, error, warn};
 
-use super::{Command, Engine, Note, Removal};
+use super::{Command, Engine, Note, Removal, Staffing};
 use crate::config::JobSpec;
-use crate::etcd::keys::{term_of, EpochValue, Holder, JobKey, NodeRecord};
+use crate::etcd::keys::{term_of, Draft, EpochValue, Holder, JobKey, NodeRecord};
 use crate::etcd::lease::LeaseId;
 use crate::etcd::watch::JobEvent;
 use crate::etcd::Kv;
@@ -36,6 +36,7 @@ impl Engine {
                 debug!(revision, keys = kvs.len(), "job snapshot");
                 let mut view = JobView::new(self.tasks, self.replicas);
                 view.scope = self.scope.clone();
+                self.staff.clear();
                 // The last good epoch survives a new read: a bad value is judged against it.
                 if let Some(old) = self.view.as_ref() {
                     view.epoch = old.epoch;
@@ -85,15 +86,19 @@ impl Engine {
                         }
                         Some(JobKey::Epoch) => self.epoch_key_missing(&mut view, out),
                         Some(JobKey::Spec) => self.spec_key_missing(out),
-                        Some(JobKey::Node(n))
+                        Some(JobKey::Node(n)) => {
+                            self.staff.record_deleted(&n);
                             if n == self.me.node
                                 && revision > self.registered_at
-                                && self.acting(now) =>
-                        {
-                            // With the lease valid here, etcd did not end it: someone deleted
-                            // the record. (When the lease ended, a new lease registers again.)
-                            self.own_record_bad(0, "deleted", out);
+                                && self.acting(now)
+                            {
+                                // With the lease valid here, etcd did not end it: someone
+                                // deleted the record. (When the lease ended, a new lease
+                                // registers again.)
+                                self.own_record_bad(0, "deleted", out);
+                            }
                         }
+                        Some(JobKey::Draft(n)) => self.staff.draft_deleted(&n),
                         _ => {}
                     }
                     self.view = Some(view);
@@ -203,7 +208,7 @@ impl Engine {
                         }
                     }
                 };
-                if holder.node == self.me.node {
+                if holder.node == self.me.node && !self.draft_may_follow(&kv) {
                     self.delete_if_stray(&k, &kv, out);
                 }
                 let slot = SlotKey {
@@ -246,18 +251,52 @@ impl Engine {
                     }
                 }
             }
-            Some(JobKey::Node(n)) if n == self.me.node => {
-                // Written under another lease (or none), or not this node's record: not this
-                // node's write. (A stall note may lag behind the record: not compared.)
-                match serde_json::from_slice::<NodeRecord>(&kv.value) {
-                    Ok(r) if own_lease && r.addr == self.me.addr => self.record_fault = None,
-                    Ok(_) => self.own_record_bad(kv.mod_revision, "a record it did not write", out),
-                    Err(_) => self.own_record_bad(kv.mod_revision, "garbage", out),
+            Some(JobKey::Node(n)) => {
+                self.staff.record_put(&n, &kv);
+                if n == self.me.node {
+                    // Written under another lease (or none), or not this node's record: not
+                    // this node's write. (A stall note may lag behind the record: not compared.)
+                    match serde_json::from_slice::<NodeRecord>(&kv.value) {
+                        Ok(r) if own_lease && r.addr == self.me.addr => self.record_fault = None,
+                        Ok(_) => {
+                            self.own_record_bad(kv.mod_revision, "a record it did not write", out)
+                        }
+                        Err(_) => self.own_record_bad(kv.mod_revision, "garbage", out),
+                    }
                 }
             }
-            Some(JobKey::Node(_) | JobKey::Checkpoint(_) | JobKey::Result) => {}
+            Some(JobKey::Draft(n)) => match serde_json::from_slice::<Draft>(&kv.value) {
+                Ok(draft) if n == self.me.node => self.own_draft(draft, &kv),
+                Ok(_) => self.staff.draft_put(&n, kv.mod_revision),
+                Err(e) => {
+                    warn!(?key, error = %e, "rejected garbage draft value");
+                    self.staff.draft_put(&n, kv.mod_revision);
+                    if kv.lease == 0 || own_lease {
+                        // Nobody's draft (no lease), or garbage under this node's own key:
+                        // removed, so the staffer's next draft for the node starts clean.
+                        out.push(Command::DeleteKey {
+                            key: kv.key.clone(),
+                            mod_revision: kv.mod_revision,
+                            why: Removal::Garbage,
+                        });
+                    }
+                }
+            },
+            Some(JobKey::Checkpoint(_) | JobKey::Result) => {}
             None => debug!(?key, "ignoring unknown key under the job's prefix"),
         }
+    }
+
+    /// Whether slot key `kv` under this node's lease may be a slot a draft gave it whose draft
+    /// the watch has not delivered yet (the draft key is in another range of the watch, whose
+    /// events are not ordered with this one's): a spare waiting to be drafted, and the key
+    /// not older than every draft it has seen. Not judged a stray then: the draft takes it, or the
+    /// lease sweep (which reads the draft key too) judges it. (A key of the draft just seen,
+    /// whose revision it shares, is the draft's, about to be taken.)
+    pub(super) fn draft_may_follow(&self, kv: &Kv) -> bool {
+        self.staffing == Staffing::Drafted
+            && self.mine == MySlot::Spare
+            && kv.create_revision >= self.draft_seen
     }
 
     /// Deletes `kv` (parsed as `key`) if it is a stray: a slot key under this node's lease
@@ -285,6 +324,7 @@ impl Engine {
         if kv.lease == 0 || LeaseId(kv.lease) != lease {
             return false;
         }
+
         match (key, self.mine) {
             (&JobKey::Primary(t), MySlot::Primary { task, term }) => {
                 !(t == task && term_of(kv.create_revision) == term)

@@ -10,6 +10,7 @@ mod lifecycle_test;
 mod neighbours_test;
 mod properties;
 mod slots_test;
+mod staff_test;
 mod view_test;
 mod watch_test;
 
@@ -19,7 +20,7 @@ use std::time::Duration;
 use taskgraph_topology::Ring;
 use tokio::time::Instant;
 
-use super::{Command, Engine, Input};
+use super::{Command, Engine, Input, Staffing};
 use crate::config::JobSpec;
 use crate::etcd::keys::{Holder, JobKeys};
 use crate::etcd::lease::{LeaseId, LeaseState};
@@ -66,6 +67,7 @@ pub(super) fn new_engine(me: &str, tasks: u32, replicas: u32) -> Engine {
         replicas,
         Ring::new(tasks).unwrap().bidirectional_links(),
         spec(tasks, replicas),
+        Staffing::SelfClaimed,
         1,
     )
 }
@@ -87,6 +89,21 @@ impl H {
         H::with_engine(me, tasks, replicas, new_engine(me, tasks, replicas))
     }
 
+    /// As [`H::new`], for a node that waits to be drafted (or drafts, as task 0's primary).
+    pub(super) fn drafted(me: &str, tasks: u32, replicas: u32) -> H {
+        let e = Engine::new(
+            holder(me),
+            JOB,
+            tasks,
+            replicas,
+            Ring::new(tasks).unwrap().bidirectional_links(),
+            spec(tasks, replicas),
+            Staffing::Drafted,
+            1,
+        );
+        H::with_engine(me, tasks, replicas, e)
+    }
+
     /// As [`H::new`], for a job whose tasks are joined by `links`.
     pub(super) fn with_links(
         me: &str,
@@ -101,6 +118,7 @@ impl H {
             replicas,
             links,
             spec(tasks, replicas),
+            Staffing::SelfClaimed,
             1,
         );
         H::with_engine(me, tasks, replicas, e)
@@ -194,6 +212,7 @@ impl H {
         let record = crate::etcd::keys::NodeRecord {
             addr: holder(&self.me).addr,
             stall: None,
+            drafted: false,
         };
         self.kv(key, serde_json::to_vec(&record).unwrap(), LEASE)
     }

@@ -262,6 +262,7 @@ impl Sim {
         let record = NodeRecord {
             addr: holder(&self.nodes[i].name).addr,
             stall: None,
+            drafted: false,
         };
         let key = self.model.keys.node(&self.nodes[i].name);
         let ev = self
