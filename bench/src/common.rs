@@ -77,21 +77,7 @@ impl Fleet {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 break;
             }
-            let mut framework = Framework::builder();
-            if let Some(limit) = spec.max_frame_bytes {
-                framework = framework.max_frame_bytes(limit);
-            }
-            let handle = framework
-                .etcd(spec.etcd.clone())
-                .job(spec.job.clone())
-                .tasks(spec.tasks)
-                .replicas(spec.replicas)
-                .links(links.clone())
-                .lease_ttl(spec.ttl)
-                .node_name(format!("b{i}"))
-                .task_builder(builder.clone())
-                .build()?
-                .spawn();
+            let handle = Self::node(spec, &links, builder.clone(), format!("b{i}"))?.spawn();
             let handle = match deadline {
                 Some(d) => match tokio::time::timeout_at(d.into(), handle).await {
                     Ok(h) => h?,
@@ -102,6 +88,56 @@ impl Fleet {
             fleet.nodes.push(handle);
         }
         Ok(fleet)
+    }
+
+    fn node(
+        spec: &FleetSpec,
+        links: &Links,
+        builder: impl TaskBuilder + Clone,
+        name: String,
+    ) -> Result<Framework, BoxError> {
+        let mut framework = Framework::builder();
+        if let Some(limit) = spec.max_frame_bytes {
+            framework = framework.max_frame_bytes(limit);
+        }
+        Ok(framework
+            .etcd(spec.etcd.clone())
+            .job(spec.job.clone())
+            .tasks(spec.tasks)
+            .replicas(spec.replicas)
+            .links(links.clone())
+            .lease_ttl(spec.ttl)
+            .node_name(name)
+            .task_builder(builder)
+            .build()?)
+    }
+
+    /// Starts one more node of `spec`'s job, named `name` (a spare until it is given a slot).
+    pub async fn add(
+        &mut self,
+        spec: &FleetSpec,
+        builder: impl TaskBuilder + Clone,
+        name: String,
+    ) -> Result<(), BoxError> {
+        let links = tree_links(spec.tasks)?;
+        let handle = Self::node(spec, &links, builder, name)?.spawn().await?;
+        self.nodes.push(handle);
+        Ok(())
+    }
+
+    /// Crashes the `pick`-th of the running nodes (modulo their number), as a kill -9 on a
+    /// live host would: its tasks stop at once, its port closes, its lease is left to expire.
+    /// Returns the node's name and role then.
+    pub fn crash_one(&mut self, pick: usize) -> Option<(String, taskgraph::Role)> {
+        let running: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| !self.nodes[i].is_finished())
+            .collect();
+        let i = *running.get(pick % running.len().max(1))?;
+        let h = self.nodes.swap_remove(i);
+        let role = h.status().borrow().role;
+        let name = h.id().to_owned();
+        h.crash();
+        Some((name, role))
     }
 
     /// Takes the nodes that have ended out of the fleet and says how they ended: each distinct

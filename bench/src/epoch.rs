@@ -56,6 +56,48 @@ pub struct SumRun {
     pub limit_trials: usize,
     /// Whether to run the bare-sum baseline (and the bare-sum fleet beside the nodes).
     pub baselines: bool,
+    /// After the blocks: nodes crashed one after another while the job runs on.
+    pub churn: Option<Churn>,
+}
+
+/// The churn phase: every `every`, one running node picked at random (primary, backup or
+/// spare; the staffer too) is crashed as a kill -9 on a live host would be, and a new node
+/// started in its place, for `duration`, while the job runs up to `epochs` more epochs. Then
+/// every slot must be filled again, and the audit trail of the whole run must be clean
+/// (exactly-once data, right sums, every epoch's result, neighbour events in order): a
+/// violation fails the scenario.
+#[derive(Debug, Clone)]
+pub struct Churn {
+    /// How long nodes are crashed.
+    pub duration: Duration,
+    /// One crash every this long.
+    pub every: Duration,
+    /// Epochs the job may move during the churn (the gate holds it there).
+    pub epochs: u64,
+}
+
+/// What the churn phase measured.
+#[derive(Debug, Default)]
+pub struct ChurnFigures {
+    /// Nodes crashed, by role then: primaries (of which task 0's, the staffer), backups, spares.
+    pub primaries: u32,
+    pub staffers: u32,
+    pub backups: u32,
+    pub spares: u32,
+    /// Epochs the root entered while nodes were being crashed.
+    pub epochs_during: u64,
+    /// From the last crash until every slot was filled again.
+    pub restaffed: Option<Duration>,
+    /// Epochs the audit trail covers, and what it found wrong.
+    pub epochs_checked: u64,
+    pub violations: Vec<String>,
+}
+
+impl ChurnFigures {
+    /// Every node crashed.
+    pub fn kills(&self) -> u32 {
+        self.primaries + self.backups + self.spares
+    }
 }
 
 impl SumRun {
@@ -116,6 +158,8 @@ pub struct SumFigures {
     pub bare_calls_per_s: Vec<f64>,
     /// Node-to-node calls of one epoch (pulls and metas).
     pub calls_per_epoch: u64,
+    /// The churn phase, if it ran.
+    pub churn: Option<ChurnFigures>,
 }
 
 impl SumFigures {
@@ -213,6 +257,13 @@ impl SumFigures {
             "bare_calls_per_s": self.bare_calls_per_s,
             "calls_per_epoch": self.calls_per_epoch,
             "cpu_limit_ms": self.cpu_limit_ms(),
+            "churn": self.churn.as_ref().map(|c| json!({
+                "crashed": {"primaries": c.primaries, "staffers": c.staffers, "backups": c.backups, "spares": c.spares},
+                "epochs_during": c.epochs_during,
+                "restaffed_s": c.restaffed.map(|d| d.as_secs_f64()),
+                "epochs_checked": c.epochs_checked,
+                "violations": c.violations.iter().take(20).collect::<Vec<_>>(),
+            })),
         })
     }
 }
@@ -271,7 +322,7 @@ pub async fn run_sum(etcd: &Etcd, run: &SumRun, out: &mut SumFigures) -> Result<
         }
     });
     audit.close_gate();
-    let until = run.warm + run.window_epochs();
+    let until = run.warm + run.window_epochs() + run.churn.as_ref().map_or(0, |c| c.epochs);
     let builder = DataflowBuilder {
         node: "bench".into(),
         audit: audit.clone(),
@@ -291,7 +342,8 @@ pub async fn run_sum(etcd: &Etcd, run: &SumRun, out: &mut SumFigures) -> Result<
     let before = etcd_metrics(&url).await?;
     out.rss_before = rss_bytes();
     let t0 = Instant::now();
-    let fleet = Fleet::start_until(&spec, builder, Some(t0 + run.staff_timeout)).await?;
+    let mut fleet =
+        Fleet::start_until(&spec, builder.clone(), Some(t0 + run.staff_timeout)).await?;
     out.nodes = fleet.len();
     // The limit counts from the first node's start: starting 2,048 nodes is part of staffing.
     let staffed = fleet
@@ -302,7 +354,6 @@ pub async fn run_sum(etcd: &Etcd, run: &SumRun, out: &mut SumFigures) -> Result<
     }
     if let Err(e) = staffed {
         let keys = lacking_keys(etcd, &spec.job, &fleet, run.tasks).await;
-        let mut fleet = fleet;
         let ended: Vec<String> = fleet
             .reap_finished()
             .await
@@ -430,10 +481,102 @@ pub async fn run_sum(etcd: &Etcd, run: &SumRun, out: &mut SumFigures) -> Result<
         limit.clean_up(&mut client).await;
     }
 
+    if let Some(churn) = &run.churn {
+        let mut c = ChurnFigures::default();
+        let r = churn_phase(
+            &mut fleet,
+            &spec,
+            &builder,
+            &audit,
+            (&mut entries, &mut at),
+            (reached, until),
+            run,
+            churn,
+            &mut c,
+        )
+        .await;
+        out.churn = Some(c);
+        r?;
+    }
+
     audit.open_gate();
     fleet
         .finish(run.epoch_timeout.max(Duration::from_secs(30)))
         .await
+}
+
+/// Crashes and replaces nodes while the job runs from epoch `from` on to `until`; then checks
+/// that every slot is filled again and that the audit trail is clean (see [`Churn`]).
+#[allow(clippy::too_many_arguments)]
+async fn churn_phase(
+    fleet: &mut Fleet,
+    spec: &FleetSpec,
+    builder: &DataflowBuilder,
+    audit: &Audit,
+    (entries, at): (
+        &mut mpsc::UnboundedReceiver<(Epoch, Instant)>,
+        &mut BTreeMap<Epoch, Instant>,
+    ),
+    (from, until): (Epoch, Epoch),
+    run: &SumRun,
+    churn: &Churn,
+    out: &mut ChurnFigures,
+) -> Result<(), BoxError> {
+    audit.open_gate_until(until);
+    let start = Instant::now();
+    let mut next = start;
+    let mut replaced = 0u32;
+    while next.duration_since(start) < churn.duration {
+        next += churn.every;
+        tokio::time::sleep_until(next.into()).await;
+        while let Ok((epoch, when)) = entries.try_recv() {
+            at.insert(epoch, when);
+        }
+        match fleet.crash_one(rand::random::<u32>() as usize) {
+            Some((_, taskgraph::Role::Primary { task: 0, .. })) => {
+                out.primaries += 1;
+                out.staffers += 1;
+            }
+            Some((_, taskgraph::Role::Primary { .. })) => out.primaries += 1,
+            Some((_, taskgraph::Role::Backup { .. })) => out.backups += 1,
+            Some((_, taskgraph::Role::Spare)) => out.spares += 1,
+            None => return Err("churn: no node left to crash".into()),
+        }
+        fleet
+            .add(spec, builder.clone(), format!("c{replaced}"))
+            .await?;
+        replaced += 1;
+    }
+    let last = Instant::now();
+    while let Ok((epoch, when)) = entries.try_recv() {
+        at.insert(epoch, when);
+    }
+    out.epochs_during = at
+        .iter()
+        .filter(|(e, t)| **e > from && **t >= start && **t <= last)
+        .count() as u64;
+    fleet
+        .wait_staffed(
+            run.tasks,
+            run.replicas,
+            last + run.staff_timeout.max(Duration::from_secs(60)),
+        )
+        .await
+        .map_err(|e| format!("churn: not staffed again after the last crash: {e}"))?;
+    out.restaffed = Some(last.elapsed());
+    wait_for_root(entries, at, until, run.epoch_timeout * 4)
+        .await
+        .map_err(|e| format!("churn: {e}"))?;
+    out.epochs_checked = until;
+    out.violations = taskgraph_tests::dataflow::check_trail(&audit.events(), run.tasks, until);
+    if let Some(v) = out.violations.first() {
+        return Err(format!(
+            "churn: the audit trail has {} violations; the first: {v}",
+            out.violations.len()
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// The limit models of one epoch, against the same etcd as the nodes:

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::etcd::keys::EpochValue;
-use crate::roles::{decide, Decision, JobView, MySlot};
+use crate::roles::{decide, Decision, JobView, MySlot, Scope};
 use crate::Epoch;
 
 /// Where the node is in its life.
@@ -195,6 +195,15 @@ pub(crate) fn readiness(
         MySlot::Backup { task, .. } => Err(format!(
             "backup of task {task} has not received its primary's state yet"
         )),
+        // A spare waiting to be drafted sees task 0's slots only: it cannot tell whether a
+        // slot is free elsewhere; the staffer, task 0's primary, can.
+        MySlot::Spare if view.scope != Scope::All => {
+            if view.primaries.contains_key(&0) || view.backups_of(0).next().is_some() {
+                Ok("spare: waiting for the staffer (task 0's primary) to give it a slot".into())
+            } else {
+                Err("spare: task 0 has no node; claiming it".into())
+            }
+        }
         MySlot::Spare => match decide(view, me, mine, &mut |_| 0) {
             Decision::Stay => Ok("spare: every slot is taken; waiting to take over".into()),
             Decision::ClaimPrimary(t) | Decision::ClaimBackup(t, _) => Err(format!(
@@ -270,6 +279,23 @@ mod tests {
         v.backups.insert((1, 1), slot("b1", 13));
         let r = readiness(Some(&v), "s", MySlot::Spare, None, false, true);
         assert!(r.is_ok(), "{r:?}");
+    }
+
+    #[test]
+    fn a_spare_waiting_for_a_draft_is_ready_while_task_0_has_a_node() {
+        let mut v = view(EpochValue::Running(4));
+        v.scope = Scope::Tasks(std::sync::Arc::new([0].into()));
+        v.primaries.remove(&1);
+        let r = readiness(Some(&v), "s", MySlot::Spare, None, false, true);
+        assert_eq!(
+            r,
+            Ok("spare: waiting for the staffer (task 0's primary) to give it a slot".into())
+        );
+        v.primaries.remove(&0);
+        assert!(readiness(Some(&v), "s", MySlot::Spare, None, false, true).is_ok());
+        v.backups.remove(&(0, 1));
+        let r = readiness(Some(&v), "s", MySlot::Spare, None, false, true);
+        assert_eq!(r, Err("spare: task 0 has no node; claiming it".into()));
     }
 
     #[test]

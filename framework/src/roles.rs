@@ -221,11 +221,13 @@ pub struct JobView {
 /// Which tasks' slot keys a view shows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Scope {
-    /// Every task's: a spare's view (it looks for a free slot anywhere), or a tool's.
+    /// Every task's: the staffer's view (task 0's primary, which drafts spares into free slots
+    /// anywhere), or a tool's.
     #[default]
     All,
     /// These tasks' only: a slot holder's view (its own task, its neighbours' over the
-    /// topology's period, task 0's, and those its work talks to outside the topology).
+    /// topology's period, task 0's, and those its work talks to outside the topology), or a
+    /// spare's (task 0's only: it waits to be drafted, and claims task 0 if it has no node).
     Tasks(Arc<BTreeSet<TaskId>>),
 }
 

@@ -1135,7 +1135,7 @@ async fn health_and_readiness_of_a_starting_node_a_primary_a_spare_and_an_etcd_o
         .unwrap();
     assert_eq!(
         ready.body,
-        "spare: every slot is taken; waiting to take over\n"
+        "spare: waiting for the staffer (task 0's primary) to give it a slot\n"
     );
     let s = scrape(nodes.addr(spare)).await.unwrap();
     assert_eq!(

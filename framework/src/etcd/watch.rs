@@ -10,9 +10,11 @@
 //!
 //! The ranges can change while the watch runs ([`WatchRanges`], numbered by generation): the
 //! watch then drops its stream, reads the new ranges and sends a snapshot of that generation,
-//! and every event after it belongs to the new ranges. A spare watches
-//! [`JobKeys::node_watch`](super::keys::JobKeys::node_watch), a slot holder
-//! [`JobKeys::holder_watch`](super::keys::JobKeys::holder_watch) (what their decisions read).
+//! and every event after it belongs to the new ranges. A spare waiting to be drafted watches
+//! [`JobKeys::spare_watch`](super::keys::JobKeys::spare_watch), the holders of task 0's slots
+//! (the staffer and its backups) [`JobKeys::staff_watch`](super::keys::JobKeys::staff_watch),
+//! every other slot holder [`JobKeys::holder_watch`](super::keys::JobKeys::holder_watch) (what
+//! their decisions read).
 //! Events of one range arrive in revision order; events of different ranges are not ordered
 //! with each other, and no decision depends on that order.
 

@@ -125,6 +125,12 @@ pub(crate) struct Engine {
     /// taken yet, with its revision (the slot key's create revision).
     draft_seen: i64,
     pending_draft: Option<(Claim, i64)>,
+    /// The create revision of the `spec` key (when the job was created), since when the view
+    /// has shown task 0 without any node, and whether it has ever shown task 0 with a node (see
+    /// [`staff::bootstrap_delay`]: only the job's first staffer waits its turn).
+    spec_revision: i64,
+    orphan_since: Option<Instant>,
+    task0_staffed_seen: bool,
     /// A claim under the current lease had no answer (etcd may have applied it): once the
     /// node holds a slot, and so no longer watches every slot key, it looks for strays by
     /// lease ([`Command::FindStrays`]).
@@ -208,6 +214,9 @@ impl Engine {
             staff: Default::default(),
             draft_seen: 0,
             pending_draft: None,
+            spec_revision: 0,
+            orphan_since: None,
+            task0_staffed_seen: false,
             unanswered_claim: false,
             record_fault: None,
             spec_fault: None,
@@ -572,10 +581,22 @@ impl Engine {
                 return;
             };
             let decision = if drafted_spare {
-                // Task 0's primary is the staffer: while task 0 has no node, spares claim it.
+                // Task 0's primary is the staffer: while task 0 has no node, spares claim it;
+                // when the job starts, the earliest registered first (see
+                // `staff::bootstrap_delay`); later (task 0 lost every node), at once.
                 if staff::task0_orphaned(view) {
+                    let since = *self.orphan_since.get_or_insert(now);
+                    let at =
+                        since + staff::bootstrap_delay(self.registered_at - self.spec_revision);
+                    if !self.task0_staffed_seen && now < at && self.claim_after.is_none() {
+                        self.retry_at = Some(self.retry_at.map_or(at, |r| r.min(at)));
+                        out.push(self.publish(now));
+                        return;
+                    }
                     Decision::ClaimPrimary(0)
                 } else {
+                    self.orphan_since = None;
+                    self.task0_staffed_seen = true;
                     Decision::Stay
                 }
             } else if matches!(self.mine, MySlot::Backup { task, .. } if !view.shows(task)) {

@@ -305,6 +305,19 @@ fn claim_lease(claim: Claim) -> LeaseId {
     }
 }
 
+/// How long a spare waits before it claims task 0 (which has no node) itself: one
+/// millisecond per etcd revision between the job's creation and the spare's registration, at
+/// most [`BOOTSTRAP_SPREAD`]. When many nodes start together, the first registered claims at
+/// once and the others see its key before their turn comes, instead of all claiming the one
+/// key together.
+pub(super) fn bootstrap_delay(revisions_since_created: i64) -> std::time::Duration {
+    let ms = u64::try_from(revisions_since_created).unwrap_or(0);
+    std::time::Duration::from_millis(ms).min(BOOTSTRAP_SPREAD)
+}
+
+/// The longest wait of [`bootstrap_delay`].
+pub(super) const BOOTSTRAP_SPREAD: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Whether task 0 has no node at all (no primary, no backup) in `view`: spares then claim its
 /// primary themselves (there is no staffer).
 pub(super) fn task0_orphaned(view: &JobView) -> bool {

@@ -245,6 +245,7 @@ impl Engine {
                         self.spec_fault = Some((reason, kv.mod_revision));
                     }
                     None => {
+                        self.spec_revision = kv.create_revision;
                         // The spec as stored (with its creation time) is what a heal restores.
                         self.spec = kv.value;
                         self.spec_fault = None;

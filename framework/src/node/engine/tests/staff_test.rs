@@ -369,3 +369,33 @@ fn a_drafted_slot_seen_before_its_draft_is_not_a_stray_and_a_new_backup_waits_fo
     let out = h.input(Input::Deadline);
     assert_eq!(claims(&out), 0, "{out:?}");
 }
+
+#[test]
+fn a_spare_registered_later_waits_its_turn_before_claiming_task_0() {
+    let mut h = H::drafted("late", 4, 2);
+    let lease = h.alive();
+    // Registered 300 revisions after the job was created (the spec, next, is at about 11).
+    h.input(Input::LeaseGranted {
+        lease,
+        registered_at: 311,
+    });
+    let start = h.now;
+    let out = h.snapshot(0, vec![]);
+    assert_eq!(claims(&out), 0, "not at once: {out:?}");
+    let at = h.e.retry_at().expect("a turn");
+    let wait = at - start;
+    assert!(
+        wait >= std::time::Duration::from_millis(295)
+            && wait <= std::time::Duration::from_millis(300),
+        "{wait:?}"
+    );
+    // Someone else's claim shows up before the turn: nothing to claim.
+    let boss = h.primary_kv(0, "early", 99);
+    h.put(boss);
+    h.now = at;
+    let out = h.input(Input::Retry);
+    assert_eq!(claims(&out), 0, "{out:?}");
+    // Task 0 loses its node later: no bootstrap any more, the spare claims it at once.
+    let out = h.delete(h.keys.primary(0));
+    assert_eq!(last_claim(&out).map(|c| c.task()), Some(0), "{out:?}");
+}
