@@ -198,10 +198,10 @@ pub(crate) fn readiness(
         // A spare waiting to be drafted sees task 0's slots only: it cannot tell whether a
         // slot is free elsewhere; the staffer, task 0's primary, can.
         MySlot::Spare if view.scope != Scope::All => {
-            if view.primaries.contains_key(&0) || view.backups_of(0).next().is_some() {
-                Ok("spare: waiting for the staffer (task 0's primary) to give it a slot".into())
-            } else {
+            if view.has_no_node(0) {
                 Err("spare: task 0 has no node; claiming it".into())
+            } else {
+                Ok("spare: waiting for the staffer (task 0's primary) to give it a slot".into())
             }
         }
         MySlot::Spare => match decide(view, me, mine, &mut |_| 0) {

@@ -333,6 +333,11 @@ impl JobView {
     pub fn shows(&self, t: TaskId) -> bool {
         self.scope.shows(t)
     }
+
+    /// Whether the view shows task `t` and it has no node at all (no primary, no backup).
+    pub fn has_no_node(&self, t: TaskId) -> bool {
+        self.shows(t) && !self.primaries.contains_key(&t) && self.backups_of(t).next().is_none()
+    }
 }
 
 /// The slot a node believes it holds.

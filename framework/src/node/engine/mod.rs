@@ -584,7 +584,7 @@ impl Engine {
                 // Task 0's primary is the staffer: while task 0 has no node, spares claim it;
                 // when the job starts, the earliest registered first (see
                 // `staff::bootstrap_delay`); later (task 0 lost every node), at once.
-                if staff::task0_orphaned(view) {
+                if view.has_no_node(0) {
                     let since = *self.orphan_since.get_or_insert(now);
                     let at =
                         since + staff::bootstrap_delay(self.registered_at - self.spec_revision);

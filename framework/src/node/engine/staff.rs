@@ -317,9 +317,3 @@ pub(super) fn bootstrap_delay(revisions_since_created: i64) -> std::time::Durati
 
 /// The longest wait of [`bootstrap_delay`].
 pub(super) const BOOTSTRAP_SPREAD: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// Whether task 0 has no node at all (no primary, no backup) in `view`: spares then claim its
-/// primary themselves (there is no staffer).
-pub(super) fn task0_orphaned(view: &JobView) -> bool {
-    view.shows(0) && !view.primaries.contains_key(&0) && view.backups_of(0).next().is_none()
-}
