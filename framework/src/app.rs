@@ -463,8 +463,7 @@ impl Context {
 
     /// Whether the caller runs in the node's event loop (a handler) rather than in spawned work.
     fn on_loop(&self) -> bool {
-        let env = &self.inner.env;
-        env.loop_task.is_some() && tokio::task::try_id() == env.loop_task
+        crate::inbox::in_handler()
     }
 
     /// Waits until this node's lease is confirmed for `term`: returns at once while the lease

@@ -68,6 +68,7 @@
 //! | `taskgraph_lease_renewals_total` | counter | | lease keep-alives etcd acknowledged |
 //! | `taskgraph_lease_losses_total` | counter | `reason` | `suspended`: the local deadline passed without a renewal (the node stops acting); `expired`: etcd reports the lease gone (the node gives its slot up) |
 //! | `taskgraph_inbound_messages_total` | counter | `kind` | messages from other nodes (pulls, metas, pings, replication entries) by where they were handled: `direct` (on the gRPC call's own task, while the event loop was idle: no hop to the loop) or `loop` |
+//! | `taskgraph_pull_answers_total` | counter | `kind` | answers to the node's pulls handed to the task's `data_ready`, by where: `direct` (on the fetcher's own task, while the event loop was idle: no hop to the loop) or `loop` (answers awaited with `Context::request` are not counted) |
 //! | `taskgraph_liveness_checks_total` | counter | `kind` | checks of other nodes' processes: `hold` (a liveness hold opened: a backup on its primary, a spare on the backups of a task without a primary; one per holder while it lives) or `ping` (a one-off check, e.g. after a hold broke or a call was refused) |
 //! | `taskgraph_watch_events_total` | counter | | key changes the node's job watch received: it watches only the epoch, the spec, its own record and slot keys (a spare every task's, a slot holder only those of its task, its neighbours, task 0 and the tasks it talks to outside the topology), so a steady job adds about one per epoch and a slot change elsewhere in the job adds nothing (checkpoints and other nodes' records are not sent to it) |
 //! | `taskgraph_watched_key_ranges` | gauge | | key ranges the node's job watch follows: 3 plus one per task whose slot keys it watches while it holds a slot; 3 as a spare (the slot keys of every task are one range) |
@@ -226,6 +227,7 @@ struct Inner {
     lease_losses: Family<ReasonLabel, Counter>,
     liveness_checks: Family<KindLabel, Counter>,
     inbound: Family<KindLabel, Counter>,
+    pull_answers: Family<KindLabel, Counter>,
     watch_events: Counter,
     watched_ranges: Gauge,
     etcd_requests: Family<RequestLabels, Counter>,
@@ -275,6 +277,7 @@ impl Metrics {
             lease_losses: Family::default(),
             liveness_checks: Family::default(),
             inbound: Family::default(),
+            pull_answers: Family::default(),
             watch_events: Counter::default(),
             watched_ranges: Gauge::default(),
             etcd_requests: Family::default(),
@@ -411,6 +414,11 @@ impl Metrics {
             "inbound_messages",
             "Messages from other nodes by where they were handled: on the gRPC handler's task while the loop was idle (direct) or by the event loop (loop)",
             inner.inbound.clone(),
+        );
+        r.register(
+            "pull_answers",
+            "Answers to the node's pulls handed to data_ready by where: on the fetcher's task while the loop was idle (direct) or by the event loop (loop)",
+            inner.pull_answers.clone(),
         );
         r.register(
             "watch_events",
@@ -630,6 +638,15 @@ impl Metrics {
     pub(crate) fn inbound(&self, direct: bool) {
         let kind = if direct { "direct" } else { "loop" };
         self.inner.inbound.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// An answer to one of the node's pulls handed to `data_ready`, `direct`ly or by the loop.
+    pub(crate) fn answer_handed(&self, direct: bool) {
+        let kind = if direct { "direct" } else { "loop" };
+        self.inner
+            .pull_answers
+            .get_or_create(&KindLabel { kind })
+            .inc();
     }
 
     /// A bad value refused under `key` (`epoch`, `spec`, `node`).

@@ -702,3 +702,114 @@ async fn a_garbage_checkpoint_is_ignored_and_a_valid_one_restored() {
         .collect();
     assert_eq!(restored, vec![(1, 9, 41)]);
 }
+
+/// What [`HandlerProbe`] reports to the test.
+#[derive(Debug)]
+enum Probe {
+    /// Task 1 was asked for data (its answer waits for `release`).
+    Asked,
+    /// Task 0's `data_ready` runs (and waits for `go` before its `inc_epoch`).
+    Ready,
+    /// What the `inc_epoch` awaited in `data_ready` returned.
+    Moved(Result<bool, String>),
+}
+
+/// Task 0 pulls from task 1 in epoch 0 and, in `data_ready`, awaits `inc_epoch` itself (a
+/// handler's verb: one request). Task 1 answers once released.
+struct HandlerProbe {
+    task: u32,
+    log: tokio::sync::mpsc::UnboundedSender<Probe>,
+    release: tokio::sync::watch::Receiver<bool>,
+    go: tokio::sync::watch::Receiver<bool>,
+}
+
+#[taskgraph::async_trait]
+impl taskgraph::Task for HandlerProbe {
+    async fn enter_epoch(&mut self, ctx: &taskgraph::Context, epoch: u64) {
+        if self.task == 0 && epoch == 0 {
+            ctx.data_request(1, "x", vec![1u8]).unwrap();
+        }
+    }
+    async fn serve_data(&mut self, _ctx: &taskgraph::Context, request: taskgraph::DataRequest) {
+        let _ = self.log.send(Probe::Asked);
+        let mut release = self.release.clone();
+        tokio::spawn(async move {
+            let _ = release.wait_for(|r| *r).await;
+            request.reply(vec![2u8]);
+        });
+    }
+    async fn data_ready(&mut self, ctx: &taskgraph::Context, _reply: taskgraph::DataReply) {
+        let _ = self.log.send(Probe::Ready);
+        let _ = self.go.wait_for(|g| *g).await;
+        let moved = ctx.inc_epoch(0).await.map_err(|e| e.to_string());
+        let _ = self.log.send(Probe::Moved(moved));
+    }
+}
+
+/// A verb awaited in `data_ready` is a handler's (one etcd request; an error is returned, not
+/// retried), also when the answer was handed to `data_ready` on the fetcher's own task while
+/// the event loop was idle: etcd is killed while the handler runs, and its `inc_epoch` must come
+/// back with the error while etcd is still down. (Were it treated as spawned work, it would retry
+/// while holding the node's runtime, and the node would wait for etcd.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verb_awaited_in_data_ready_is_a_handlers_wherever_the_answer_was_handed_over() {
+    let etcd = etcd().await;
+    let (log_tx, mut log) = tokio::sync::mpsc::unbounded_channel();
+    let (release_tx, release) = tokio::sync::watch::channel(false);
+    let (go_tx, go) = tokio::sync::watch::channel(false);
+    let job = job_name("handlerverb");
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let (log_tx, release, go) = (log_tx.clone(), release.clone(), go.clone());
+        let node = taskgraph::Framework::builder()
+            .etcd(etcd.endpoints())
+            .job(job.clone())
+            .tasks(2)
+            .replicas(1)
+            // Long enough that the lease stays valid (and the request is made) while etcd is
+            // down for the rest of the test.
+            .lease_ttl(Duration::from_secs(20))
+            .task_builder(move |task| HandlerProbe {
+                task,
+                log: log_tx.clone(),
+                release: release.clone(),
+                go: go.clone(),
+            })
+            .build()
+            .unwrap()
+            .spawn()
+            .await
+            .unwrap();
+        nodes.push(node);
+    }
+    let next = |log: &mut tokio::sync::mpsc::UnboundedReceiver<Probe>| {
+        let mut log = std::mem::replace(log, tokio::sync::mpsc::unbounded_channel().1);
+        async move {
+            let got = tokio::time::timeout(WAIT, log.recv()).await;
+            (got, log)
+        }
+    };
+    let (got, rest) = next(&mut log).await;
+    log = rest;
+    assert!(
+        matches!(got, Ok(Some(Probe::Asked))),
+        "task 1 asked: {got:?}"
+    );
+    release_tx.send_replace(true);
+    let (got, rest) = next(&mut log).await;
+    log = rest;
+    assert!(
+        matches!(got, Ok(Some(Probe::Ready))),
+        "data_ready ran: {got:?}"
+    );
+    etcd.kill().await.unwrap();
+    go_tx.send_replace(true);
+    let (got, _) = next(&mut log).await;
+    match got {
+        Ok(Some(Probe::Moved(Err(e)))) => assert!(e.contains("etcd"), "an etcd error: {e}"),
+        other => panic!("the handler's inc_epoch returned while etcd was down: {other:?}"),
+    }
+    for node in nodes {
+        node.crash();
+    }
+}

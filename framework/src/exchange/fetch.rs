@@ -80,7 +80,7 @@ pub(crate) async fn fetch(
                     if answer.payload.len() >= ACKNOWLEDGE_FROM {
                         acknowledge(&env, &addr, id, term).await;
                     }
-                    if deliver(&env, &book, id, Ok(answer.payload), answer.server_term) {
+                    if deliver(&env, &book, id, Ok(answer.payload), answer.server_term).await {
                         return;
                     }
                 }
@@ -108,7 +108,8 @@ pub(crate) async fn fetch(
                             reason,
                         }),
                         0,
-                    );
+                    )
+                    .await;
                     return;
                 }
             },
@@ -152,10 +153,11 @@ async fn acknowledge(env: &SlotEnv, addr: &str, id: PullId, term: Term) {
 }
 
 /// Hands an outcome over: to the waiter of [`Context::request`](crate::Context::request)
-/// directly, otherwise to the event loop (which calls `data_ready`). Returns `false` when the
-/// answer comes from a term lower than one already seen in etcd for the serving task
-/// (fencing): it is dropped and the fetcher keeps trying.
-pub(crate) fn deliver(
+/// directly, otherwise to the task's `data_ready` — on this task when the event loop is idle
+/// (see [`DirectRequests`](crate::inbox::DirectRequests)), else through the loop. Returns
+/// `false` when the answer comes from a term lower than one already seen in etcd for the
+/// serving task (fencing): it is dropped and the fetcher keeps trying.
+pub(crate) async fn deliver(
     env: &SlotEnv,
     book: &Weak<Mutex<EpochBook>>,
     id: PullId,
@@ -168,34 +170,37 @@ pub(crate) fn deliver(
     let Some(book) = book.upgrade() else {
         return true;
     };
-    let mut book = lock(&book);
-    if book.epoch != id.epoch {
+    let waiter = {
+        let mut book = lock(&book);
+        if book.epoch != id.epoch {
+            return true;
+        }
+        match book.pending().get(&id) {
+            None => return true,
+            Some(p) if p.waiter.is_some() => book.remove_pending(&id),
+            Some(_) => None,
+        }
+    };
+    if let Some(p) = waiter {
+        env.metrics
+            .pull_delivered(id.from, p.started.elapsed(), result.is_ok());
+        if let Some(w) = p.waiter {
+            let _ = w.send(DataReply {
+                id,
+                method: p.method,
+                server_term,
+                result,
+            });
+        }
         return true;
     }
-    let has_waiter = match book.pending().get(&id) {
-        None => return true,
-        Some(p) => p.waiter.is_some(),
+    let req = LoopRequest::Pulled {
+        slot: env.slot,
+        id,
+        server_term,
+        result,
     };
-    if has_waiter {
-        if let Some(p) = book.remove_pending(&id) {
-            env.metrics
-                .pull_delivered(id.from, p.started.elapsed(), result.is_ok());
-            if let Some(w) = p.waiter {
-                let _ = w.send(DataReply {
-                    id,
-                    method: p.method,
-                    server_term,
-                    result,
-                });
-            }
-        }
-    } else {
-        let _ = env.loop_tx.send(LoopRequest::Pulled {
-            slot: env.slot,
-            id,
-            server_term,
-            result,
-        });
-    }
+    let direct = env.direct.as_ref().and_then(std::sync::Weak::upgrade);
+    crate::inbox::hand_over(direct.as_deref(), &env.loop_tx, req).await;
     true
 }

@@ -300,6 +300,7 @@ async fn run(
         requests_tx,
         peers: Peers::new(client),
         monitors: std::collections::BTreeMap::new(),
+        direct_pulled: std::sync::Weak::<runtime::DirectPulled>::new(),
         view_tx: watch::channel(Arc::new(JobView::default())).0,
         watch_ranges,
         next_stray_sweep,
@@ -313,8 +314,13 @@ async fn run(
     let (inbound_tx, inbound) = mpsc::channel(1024);
     let node = Arc::new(tokio::sync::Mutex::new(node));
     // Pulls, metas and pings are served on the server's own tasks while the loop is idle.
-    let direct: Arc<dyn wire::Direct> =
-        Arc::new(DirectServe::new(&node, events_weak, stop.clone()));
+    let direct = DirectServe::new(&node, events_weak, stop.clone());
+    // ... and the answers to the slot's pulls on their fetchers' tasks. Owned here: what it
+    // still runs is aborted when `run` returns or is aborted.
+    let direct_pulled = Arc::new(direct.requests());
+    let weak = Arc::downgrade(&direct_pulled);
+    node.lock().await.direct_pulled = weak;
+    let direct: Arc<dyn wire::Direct> = Arc::new(direct);
     let server_stop = CancellationToken::new();
     let _server_stop_on_return = server_stop.clone().drop_guard();
     background.spawn(
@@ -330,8 +336,10 @@ async fn run(
     );
     // Everything the node runs in the background is owned by `node` or `background`, and
     // aborted when they drop: on return, and when this future is dropped (a crash).
-    let result = main_loop(node.clone(), events, requests, inbound, stop).await;
+    let result =
+        crate::inbox::handling(main_loop(node.clone(), events, requests, inbound, stop)).await;
     drop(node);
     background.abort_all();
+    drop(direct_pulled);
     result
 }

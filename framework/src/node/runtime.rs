@@ -126,6 +126,9 @@ pub(super) struct Runtime {
     /// The liveness checks of other slot holders; each is aborted when dropped, so a crashed
     /// node leaves none running.
     pub(super) monitors: BTreeMap<Watched, AbortOnDrop>,
+    /// Hands the answers to the slot's pulls to its handler while the loop is idle (set once
+    /// the node's [`DirectPulled`] exists; owned by the node's `run`).
+    pub(super) direct_pulled: Weak<dyn crate::inbox::DirectRequests>,
     /// The view, for the slot's background work (pull fetchers, meta senders, replication).
     pub(super) view_tx: watch::Sender<Arc<JobView>>,
     /// When a slot holder next looks for stray slot keys under its lease ([`Runtime::sweep_strays`]).
@@ -146,10 +149,12 @@ pub(super) struct Runtime {
     pub(super) node_span: Span,
 }
 
-/// Serves messages on the calling gRPC handler's own task while the loop waits for its next
-/// event (see [`wire::Direct`]): the runtime is locked as the loop would hold it, so this is
-/// the loop's own handling of the message, one task hop and two wake-ups sooner.
-pub(super) struct DirectServe {
+/// Lends the runtime to another task while the event loop waits for its next event and
+/// nothing is due before what that task brings (no watch event queued, no lease change, no
+/// stop): the work it runs with the runtime locked is the loop's own handling, one task hop
+/// and two wake-ups sooner.
+#[derive(Clone)]
+struct Idle {
     runtime: Weak<Mutex<Runtime>>,
     /// The job watch's channel to the loop (weak: the loop learns that the watch ended when
     /// its last sender goes).
@@ -157,21 +162,23 @@ pub(super) struct DirectServe {
     stop: CancellationToken,
 }
 
-impl DirectServe {
-    pub(super) fn new(
-        runtime: &Arc<Mutex<Runtime>>,
-        events: mpsc::WeakSender<JobEvent>,
-        stop: CancellationToken,
-    ) -> Self {
-        DirectServe {
-            runtime: Arc::downgrade(runtime),
-            events,
-            stop,
+impl Idle {
+    /// The runtime, if the loop is idle and may stay so.
+    fn runtime(&self) -> Option<tokio::sync::OwnedMutexGuard<Runtime>> {
+        // Watch events are taken before any message, so that admission judges on the
+        // freshest view; everything goes through the loop while the node stops.
+        if self.stop.is_cancelled() || self.events_queued() {
+            return None;
         }
+        let rt = self.runtime.upgrade()?.try_lock_owned().ok()?;
+        // The loop takes a lease change before any message (a renewal brings the backups in
+        // step first): leave the message to it.
+        if rt.lease.has_changed().unwrap_or(true) {
+            return None;
+        }
+        Some(rt)
     }
 
-    /// Whether watch events wait for the loop: it takes them before any message, so that
-    /// admission judges on the freshest view.
     fn events_queued(&self) -> bool {
         self.events
             .upgrade()
@@ -179,34 +186,96 @@ impl DirectServe {
     }
 }
 
+/// Runs `work` on `rt` as the loop runs an event's handling: the loop's span, health and view
+/// of the lease, and [`inbox::handling`](crate::inbox::handling) for the task's verbs.
+fn as_loop<F>(mut rt: tokio::sync::OwnedMutexGuard<Runtime>, work: F) -> BoxFuture<'static, ()>
+where
+    F: for<'a> FnOnce(&'a mut Runtime) -> BoxFuture<'a, ()> + Send + 'static,
+{
+    Box::pin(crate::inbox::handling(async move {
+        rt.health.busy();
+        let lease = *rt.lease.borrow();
+        rt.engine.observe_lease(lease);
+        let span = rt.span();
+        work(&mut rt).instrument(span).await;
+        rt.health.idle();
+    }))
+}
+
+/// Serves messages on the calling gRPC handler's own task while the loop is idle (see
+/// [`wire::Direct`] and [`Idle`]).
+pub(super) struct DirectServe(Idle);
+
+impl DirectServe {
+    pub(super) fn new(
+        runtime: &Arc<Mutex<Runtime>>,
+        events: mpsc::WeakSender<JobEvent>,
+        stop: CancellationToken,
+    ) -> Self {
+        DirectServe(Idle {
+            runtime: Arc::downgrade(runtime),
+            events,
+            stop,
+        })
+    }
+
+    /// The same lending of the runtime, for the answers to the task's pulls.
+    pub(super) fn requests(&self) -> DirectPulled {
+        DirectPulled {
+            idle: self.0.clone(),
+            unfinished: std::sync::Mutex::new(JoinSet::new()),
+        }
+    }
+}
+
 impl Direct for DirectServe {
     fn try_handle(&self, msg: Inbound) -> Result<BoxFuture<'static, ()>, Inbound> {
-        // Replication entries may end in decisions (a backup's progress) and go through the
-        // loop; so does everything while the node stops.
-        if matches!(msg, Inbound::Replicate(..)) || self.stop.is_cancelled() || self.events_queued()
-        {
+        // Replication entries may end in decisions (a backup's progress): through the loop.
+        if matches!(msg, Inbound::Replicate(..)) {
             return Err(msg);
         }
-        let Some(runtime) = self.runtime.upgrade() else {
+        let Some(rt) = self.0.runtime() else {
             return Err(msg);
         };
-        let Ok(mut rt) = runtime.try_lock_owned() else {
-            return Err(msg);
-        };
-        // The loop takes a lease change before any message (a renewal brings the backups in
-        // step first): leave the message to it.
-        if rt.lease.has_changed().unwrap_or(true) {
-            return Err(msg);
-        }
-        Ok(Box::pin(async move {
-            rt.health.busy();
+        Ok(as_loop(rt, move |rt| {
             rt.metrics.inbound(true);
-            let lease = *rt.lease.borrow();
-            rt.engine.observe_lease(lease);
-            let span = rt.span();
-            rt.on_direct(msg).instrument(span).await;
-            rt.health.idle();
+            Box::pin(rt.on_direct(msg))
         }))
+    }
+}
+
+/// Hands the answers to the task's pulls to `data_ready` on the fetcher's own task while the
+/// loop is idle (see [`DirectRequests`](crate::inbox::DirectRequests) and [`Idle`]). Owned by
+/// the node's `run` (the slots hold it weakly): when the node ends, what it still runs is
+/// aborted.
+pub(super) struct DirectPulled {
+    idle: Idle,
+    unfinished: std::sync::Mutex<JoinSet<()>>,
+}
+
+impl crate::inbox::DirectRequests for DirectPulled {
+    fn try_take(&self, req: LoopRequest) -> Result<BoxFuture<'static, ()>, LoopRequest> {
+        // Only answers: the loop's own requests (an epoch committed, a slot key to watch)
+        // lead to decisions of the engine.
+        if !matches!(req, LoopRequest::Pulled { .. }) {
+            return Err(req);
+        }
+        let Some(rt) = self.idle.runtime() else {
+            return Err(req);
+        };
+        Ok(as_loop(rt, move |rt| {
+            rt.metrics.answer_handed(true);
+            Box::pin(rt.on_request(req))
+        }))
+    }
+
+    fn finish(&self, work: BoxFuture<'static, ()>) {
+        let mut unfinished = self
+            .unfinished
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while unfinished.try_join_next().is_some() {}
+        unfinished.spawn(work);
     }
 }
 
@@ -321,6 +390,9 @@ impl Runtime {
                 return self.execute(commands, stop).await;
             }
             Wake::Request(other) => {
+                if matches!(other, LoopRequest::Pulled { .. }) {
+                    self.metrics.answer_handed(false);
+                }
                 self.on_request(other).await;
                 return Ok(Flow::Continue);
             }
@@ -787,9 +859,7 @@ impl Runtime {
             lease_ttl: self.config.lease_ttl,
             max_checkpoint_bytes: self.config.max_checkpoint_bytes,
             metrics: self.metrics.clone(),
-            // This code runs in the node's event loop: its task id tells the context whether
-            // a verb is awaited by a handler (on the loop) or by spawned work.
-            loop_task: tokio::task::try_id(),
+            direct: Some(self.direct_pulled.clone()),
             health: self.health.clone(),
             stop: stop.clone(),
         };
