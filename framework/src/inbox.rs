@@ -83,20 +83,33 @@ pub(crate) async fn hand_over(
 }
 
 tokio::task_local! {
-    /// Set while the node handles an event with its runtime held: on the event loop's task,
-    /// or on a gRPC call's or fetcher's task that took the event directly.
-    static HANDLING: ();
+    /// Set while a node handles an event with its runtime held (on its event loop's task, or
+    /// on a gRPC call's or fetcher's task that took the event directly): the node's
+    /// [`node_instance`].
+    static HANDLING: u64;
 }
 
-/// Runs `f` as the node's handling of events (see [`in_handler`]).
+/// A number of its own for each node started in this process, for [`handling`].
+pub(crate) fn node_instance() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Runs `f` as node `node`'s handling of events (see [`in_handler`]).
 pub(crate) fn handling<F: std::future::Future>(
+    node: u64,
     f: F,
 ) -> impl std::future::Future<Output = F::Output> {
-    HANDLING.scope((), f)
+    HANDLING.scope(node, f)
 }
 
-/// Whether the caller is the node's handling of an event (a task's handler awaiting a verb),
+/// Whether the caller is a node's handling of an event (a task's handler awaiting a verb),
 /// rather than spawned work: the loop waits for it, so it must not wait for the loop.
 pub(crate) fn in_handler() -> bool {
-    HANDLING.try_with(|()| ()).is_ok()
+    HANDLING.try_with(|_| ()).is_ok()
+}
+
+/// Whether the caller is node `node`'s handling of an event.
+pub(crate) fn handled_by(node: u64) -> bool {
+    HANDLING.try_with(|n| *n == node).unwrap_or(false)
 }

@@ -278,6 +278,7 @@ async fn run(
         id: crate::etcd::lease::LeaseId::NONE,
     });
     background.spawn(step_down_at_deadline(lease_tx.subscribe(), status.clone()));
+    let instance = crate::inbox::node_instance();
     let next_stray_sweep = Instant::now() + runtime::stray_sweep(config.lease_ttl);
     let node = Runtime {
         record: NodeRecord {
@@ -309,6 +310,7 @@ async fn run(
         metrics,
         health: health.clone(),
         node_span: Span::current(),
+        instance,
     };
     // The node's gRPC server: owned by `background`, so a crash (abort) closes the port at once.
     let (inbound_tx, inbound) = mpsc::channel(1024);
@@ -336,8 +338,11 @@ async fn run(
     );
     // Everything the node runs in the background is owned by `node` or `background`, and
     // aborted when they drop: on return, and when this future is dropped (a crash).
-    let result =
-        crate::inbox::handling(main_loop(node.clone(), events, requests, inbound, stop)).await;
+    let result = crate::inbox::handling(
+        instance,
+        main_loop(node.clone(), events, requests, inbound, stop),
+    )
+    .await;
     drop(node);
     background.abort_all();
     drop(direct_pulled);

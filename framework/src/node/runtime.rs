@@ -147,6 +147,8 @@ pub(super) struct Runtime {
     pub(super) health: Arc<Health>,
     /// The node's span (job, node): the parent of every slot's.
     pub(super) node_span: Span,
+    /// This node among the nodes of the process (see [`crate::inbox::handling`]).
+    pub(super) instance: u64,
 }
 
 /// Lends the runtime to another task while the event loop waits for its next event and
@@ -192,12 +194,14 @@ fn as_loop<F>(mut rt: tokio::sync::OwnedMutexGuard<Runtime>, work: F) -> BoxFutu
 where
     F: for<'a> FnOnce(&'a mut Runtime) -> BoxFuture<'a, ()> + Send + 'static,
 {
-    Box::pin(crate::inbox::handling(async move {
+    let node = rt.instance;
+    Box::pin(crate::inbox::handling(node, async move {
         rt.health.busy();
         let lease = *rt.lease.borrow();
         rt.engine.observe_lease(lease);
         let span = rt.span();
         work(&mut rt).instrument(span).await;
+        rt.send_made_answers();
         rt.health.idle();
     }))
 }
@@ -293,6 +297,7 @@ pub(super) async fn main_loop(
     if let Flow::Exit(exit) = rt.execute(vec![Command::NewLease], &stop).await? {
         return Ok(exit);
     }
+    rt.send_made_answers();
     // The loop's own receiver for lease changes, awaited without the runtime; the runtime's
     // receiver tells whether a change is still to be taken.
     let mut lease_changes = rt.lease.clone();
@@ -348,6 +353,7 @@ pub(super) async fn main_loop(
         // Everything the loop does for this event is logged in the slot's current span.
         let span = rt.span();
         let flow = rt.handle(wake, &mut events, &stop).instrument(span).await?;
+        rt.send_made_answers();
         if let Flow::Exit(exit) = flow {
             return Ok(exit);
         }
@@ -355,6 +361,27 @@ pub(super) async fn main_loop(
 }
 
 impl Runtime {
+    /// Sends the answers the task gave to held pulls in the handlers of the event just
+    /// handled (see [`SlotRuntime::made`]).
+    pub(super) fn send_made_answers(&mut self) {
+        let Some(s) = self.slot.as_ref() else {
+            return;
+        };
+        let made = std::mem::take(
+            &mut *s
+                .made
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        if made.is_empty() {
+            return;
+        }
+        let (slot, now) = (s.id, Instant::now());
+        for (key, answer) in made {
+            self.answer_served(slot, key, answer, now);
+        }
+    }
+
     /// Handles one wake of the loop.
     async fn handle(
         &mut self,
@@ -898,6 +925,8 @@ impl Runtime {
             deferred: Vec::new(),
             span,
             epoch_span: None,
+            made: Arc::default(),
+            node: self.instance,
         });
         Ok(())
     }

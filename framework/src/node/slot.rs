@@ -31,6 +31,13 @@ pub(super) struct SlotRuntime {
     pub(super) span: Span,
     /// As primary: the span of the epoch the task is in (child of `span`).
     pub(super) epoch_span: Option<Span>,
+    /// Answers to held pulls the task gave in a handler of this node (outside the handler
+    /// `serve_data` of the pull itself): sent when the node's handling of the event ends
+    /// ([`Runtime::send_made_answers`](super::runtime::Runtime::send_made_answers)), not by
+    /// a trip through the loop's queue.
+    pub(super) made: Arc<Mutex<Vec<(ServeKey, Answer)>>>,
+    /// The node's [`node_instance`](crate::inbox::node_instance).
+    pub(super) node: u64,
 }
 
 /// Where an answer given inside `serve_data` waits for the handler to return (`Open`), so the
@@ -130,13 +137,20 @@ impl SlotRuntime {
             input: req.payload,
             responder: Some({
                 let (slot, tx, inline) = (self.id, requests.clone(), inline.clone());
+                let (made, node) = (self.made.clone(), self.node);
                 Responder(Box::new(move |answer| {
                     let mut state = inline.lock().unwrap_or_else(PoisonError::into_inner);
                     match &mut *state {
                         Inline::Open(held) => *held = Some(answer),
                         Inline::Closed => {
                             drop(state);
-                            let _ = tx.send(LoopRequest::Answer { slot, key, answer });
+                            if crate::inbox::handled_by(node) {
+                                made.lock()
+                                    .unwrap_or_else(PoisonError::into_inner)
+                                    .push((key, answer));
+                            } else {
+                                let _ = tx.send(LoopRequest::Answer { slot, key, answer });
+                            }
                         }
                     }
                 }))
