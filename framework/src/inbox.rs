@@ -2,6 +2,8 @@
 //! its behalf send to the node's event loop. Below the application's API (`app`) and the
 //! exchange, which both send into it.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
 use bytes::Bytes;
 
 use crate::data::{Answer, PullError, PullId, ServeKey};
@@ -44,6 +46,111 @@ pub(crate) enum LoopRequest {
     Drafted(crate::etcd::DraftOutcome),
 }
 
+/// The sending side of the event loop's requests: a channel, and the [`LoopGate`] that counts
+/// what is queued in it.
+#[derive(Debug, Clone)]
+pub(crate) struct LoopSender {
+    tx: tokio::sync::mpsc::UnboundedSender<LoopRequest>,
+    gate: std::sync::Arc<LoopGate>,
+}
+
+impl LoopSender {
+    /// A channel to the loop and its gate.
+    pub(crate) fn channel() -> (
+        LoopSender,
+        tokio::sync::mpsc::UnboundedReceiver<LoopRequest>,
+        std::sync::Arc<LoopGate>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let gate = std::sync::Arc::new(LoopGate::default());
+        (
+            LoopSender {
+                tx,
+                gate: gate.clone(),
+            },
+            rx,
+            gate,
+        )
+    }
+
+    /// Queues `req` for the loop; fails only when the loop has ended.
+    pub(crate) fn send(
+        &self,
+        req: LoopRequest,
+    ) -> Result<(), tokio::sync::mpsc::error::SendError<LoopRequest>> {
+        self.gate.queued.fetch_add(1, Ordering::SeqCst);
+        let sent = self.tx.send(req);
+        if sent.is_err() {
+            self.gate.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+        sent
+    }
+
+    /// The gate of this loop.
+    pub(crate) fn gate(&self) -> &LoopGate {
+        &self.gate
+    }
+}
+
+/// Whether the event loop's runtime may be lent to another task now (see
+/// [`DirectRequests`] and the runtime's `DirectServe`): not while requests wait in the loop's
+/// queue (they were first: a `kill`, an epoch committed), not while the loop has woken and
+/// waits for the runtime, and never again once the loop has ended or a handler run elsewhere
+/// panicked.
+#[derive(Debug, Default)]
+pub(crate) struct LoopGate {
+    /// Requests sent and not yet taken by the loop with the runtime held.
+    queued: AtomicUsize,
+    /// The loop woke and waits for the runtime.
+    waking: AtomicBool,
+    /// The loop has ended, or is about to re-raise a handler's panic.
+    closed: AtomicBool,
+    /// The panic of a handler run outside the loop, for the loop to re-raise.
+    panic: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>,
+}
+
+impl LoopGate {
+    /// Whether the runtime may be lent now.
+    pub(crate) fn open(&self) -> bool {
+        self.queued.load(Ordering::SeqCst) == 0
+            && !self.waking.load(Ordering::SeqCst)
+            && !self.closed.load(Ordering::SeqCst)
+    }
+    /// The loop took a request (with the runtime held).
+    pub(crate) fn taken(&self) {
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+    }
+    /// The loop woke (`true`) and waits for the runtime, or holds it now (`false`).
+    pub(crate) fn waking(&self, waking: bool) {
+        self.waking.store(waking, Ordering::SeqCst);
+    }
+    /// No more lending: the loop ends.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+    /// Whether the gate is closed for good.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+    /// A handler run outside the loop panicked: the loop re-raises `payload` (see
+    /// [`LoopGate::take_panic`]), so the node ends as if the handler had panicked in it.
+    pub(crate) fn panicked(&self, payload: Box<dyn std::any::Any + Send>) {
+        self.close();
+        let mut slot = self
+            .panic
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        slot.get_or_insert(payload);
+    }
+    /// The panic to re-raise, if a handler run outside the loop panicked.
+    pub(crate) fn take_panic(&self) -> Option<Box<dyn std::any::Any + Send>> {
+        self.panic
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
 /// Takes a request into the event loop's own handling on the sender's task, while the loop
 /// waits for its next event (as [`wire::Direct`](crate::wire::Direct) does for messages from
 /// other nodes): one hand-off and two wake-ups fewer on the way to the task's handler.
@@ -64,7 +171,7 @@ pub(crate) trait DirectRequests: Send + Sync {
 /// polled once on this task, and what is left finishes as the node's), else sent to the loop.
 pub(crate) async fn hand_over(
     direct: Option<&dyn DirectRequests>,
-    loop_tx: &tokio::sync::mpsc::UnboundedSender<LoopRequest>,
+    loop_tx: &LoopSender,
     req: LoopRequest,
 ) {
     let req = match direct {

@@ -708,16 +708,18 @@ async fn a_garbage_checkpoint_is_ignored_and_a_valid_one_restored() {
 enum Probe {
     /// Task 1 was asked for data (its answer waits for `release`).
     Asked,
-    /// Task 0's `data_ready` runs (and waits for `go` before its `inc_epoch`).
+    /// Task 0's `data_ready` runs (and waits for `go`).
     Ready,
     /// What the `inc_epoch` awaited in `data_ready` returned.
     Moved(Result<bool, String>),
 }
 
-/// Task 0 pulls from task 1 in epoch 0 and, in `data_ready`, awaits `inc_epoch` itself (a
-/// handler's verb: one request). Task 1 answers once released.
+/// Task 0 pulls from task 1 in epoch 0; task 1 answers once released. Task 0's `data_ready`
+/// reports, waits for `go`, then awaits `inc_epoch` itself (a handler's verb: one request) or,
+/// with `panic`, panics.
 struct HandlerProbe {
     task: u32,
+    panic: bool,
     log: tokio::sync::mpsc::UnboundedSender<Probe>,
     release: tokio::sync::watch::Receiver<bool>,
     go: tokio::sync::watch::Receiver<bool>,
@@ -741,23 +743,30 @@ impl taskgraph::Task for HandlerProbe {
     async fn data_ready(&mut self, ctx: &taskgraph::Context, _reply: taskgraph::DataReply) {
         let _ = self.log.send(Probe::Ready);
         let _ = self.go.wait_for(|g| *g).await;
+        if self.panic {
+            panic!("the application's data_ready panics (on purpose)");
+        }
         let moved = ctx.inc_epoch(0).await.map_err(|e| e.to_string());
         let _ = self.log.send(Probe::Moved(moved));
     }
 }
 
-/// A verb awaited in `data_ready` is a handler's (one etcd request; an error is returned, not
-/// retried), also when the answer was handed to `data_ready` on the fetcher's own task while
-/// the event loop was idle: etcd is killed while the handler runs, and its `inc_epoch` must come
-/// back with the error while etcd is still down. (Were it treated as spawned work, it would retry
-/// while holding the node's runtime, and the node would wait for etcd.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_verb_awaited_in_data_ready_is_a_handlers_wherever_the_answer_was_handed_over() {
-    let etcd = etcd().await;
+/// A job of two [`HandlerProbe`] nodes (lease TTL 20 s: it stays valid, and the node acts,
+/// for the rest of a test even with etcd down), driven until task 0's `data_ready` runs, with
+/// the answer handed to it on its fetcher's own task: the job is quiet then (no watch event,
+/// request or message waits for the loop), and the test checks that the direct path was taken.
+/// Returns the nodes, the probe's log and the `go` switch.
+struct Handled {
+    nodes: Vec<taskgraph::NodeHandle>,
+    log: tokio::sync::mpsc::UnboundedReceiver<Probe>,
+    go: tokio::sync::watch::Sender<bool>,
+}
+
+async fn until_data_ready_runs_directly(etcd: &Etcd, name: &str, panic: bool) -> Handled {
     let (log_tx, mut log) = tokio::sync::mpsc::unbounded_channel();
     let (release_tx, release) = tokio::sync::watch::channel(false);
     let (go_tx, go) = tokio::sync::watch::channel(false);
-    let job = job_name("handlerverb");
+    let job = job_name(name);
     let mut nodes = Vec::new();
     for _ in 0..2 {
         let (log_tx, release, go) = (log_tx.clone(), release.clone(), go.clone());
@@ -766,11 +775,11 @@ async fn a_verb_awaited_in_data_ready_is_a_handlers_wherever_the_answer_was_hand
             .job(job.clone())
             .tasks(2)
             .replicas(1)
-            // Long enough that the lease stays valid (and the request is made) while etcd is
-            // down for the rest of the test.
             .lease_ttl(Duration::from_secs(20))
+            .metrics_addr("127.0.0.1:0".parse().unwrap())
             .task_builder(move |task| HandlerProbe {
                 task,
+                panic,
                 log: log_tx.clone(),
                 release: release.clone(),
                 go: go.clone(),
@@ -782,34 +791,92 @@ async fn a_verb_awaited_in_data_ready_is_a_handlers_wherever_the_answer_was_hand
             .unwrap();
         nodes.push(node);
     }
-    let next = |log: &mut tokio::sync::mpsc::UnboundedReceiver<Probe>| {
-        let mut log = std::mem::replace(log, tokio::sync::mpsc::unbounded_channel().1);
-        async move {
-            let got = tokio::time::timeout(WAIT, log.recv()).await;
-            (got, log)
-        }
-    };
-    let (got, rest) = next(&mut log).await;
-    log = rest;
+    let got = tokio::time::timeout(WAIT, log.recv()).await;
     assert!(
         matches!(got, Ok(Some(Probe::Asked))),
         "task 1 asked: {got:?}"
     );
     release_tx.send_replace(true);
-    let (got, rest) = next(&mut log).await;
-    log = rest;
+    let got = tokio::time::timeout(WAIT, log.recv()).await;
     assert!(
         matches!(got, Ok(Some(Probe::Ready))),
         "data_ready ran: {got:?}"
     );
+    let mut direct = 0.0;
+    for node in &nodes {
+        let addr = node.metrics_addr().unwrap();
+        direct += metric_sum(
+            &taskgraph_tests::http_get(&format!("http://{addr}/metrics")).await,
+            "taskgraph_pull_answers_total",
+            "kind=\"direct\"",
+        );
+    }
+    assert_eq!(
+        direct, 1.0,
+        "the answer went to data_ready on its fetcher's task"
+    );
+    Handled {
+        nodes,
+        log,
+        go: go_tx,
+    }
+}
+
+/// A verb awaited in `data_ready` is a handler's (one etcd request; an error is returned, not
+/// retried), also when the answer was handed to `data_ready` on the fetcher's own task while
+/// the event loop was idle: etcd is killed while the handler runs, and its `inc_epoch` must come
+/// back with the error while etcd is still down. (Were it treated as spawned work, it would
+/// retry while holding the node's runtime, and the node would wait for etcd.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verb_awaited_in_data_ready_is_a_handlers_wherever_the_answer_was_handed_over() {
+    let etcd = etcd().await;
+    let mut h = until_data_ready_runs_directly(&etcd, "handlerverb", false).await;
     etcd.kill().await.unwrap();
-    go_tx.send_replace(true);
-    let (got, _) = next(&mut log).await;
+    h.go.send_replace(true);
+    let got = tokio::time::timeout(WAIT, h.log.recv()).await;
     match got {
         Ok(Some(Probe::Moved(Err(e)))) => assert!(e.contains("etcd"), "an etcd error: {e}"),
         other => panic!("the handler's inc_epoch returned while etcd was down: {other:?}"),
     }
-    for node in nodes {
+    for node in h.nodes {
+        node.crash();
+    }
+}
+
+/// The sum of the samples of `metric` whose labels contain `label` in a Prometheus text page.
+fn metric_sum(page: &str, metric: &str, label: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(metric) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A handler that panics ends its node as a crash would, wherever it ran: also `data_ready`
+/// handed an answer on its fetcher's own task (the panic is re-raised by the node's loop), not
+/// only on the loop. The other node carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_data_ready_ends_its_node_wherever_it_ran() {
+    let etcd = etcd().await;
+    let mut h = until_data_ready_runs_directly(&etcd, "handlerpanic", true).await;
+    let victim = h
+        .nodes
+        .iter()
+        .position(|n| {
+            matches!(
+                n.status().borrow().role,
+                taskgraph::Role::Primary { task: 0, .. }
+            )
+        })
+        .expect("task 0 has a primary");
+    let node = h.nodes.remove(victim);
+    h.go.send_replace(true);
+    let exit = tokio::time::timeout(WAIT, node.wait()).await;
+    assert!(
+        matches!(exit, Ok(Ok(NodeExit::Killed))),
+        "task 0's node ended as a crash: {exit:?}"
+    );
+    assert!(!h.nodes[0].is_finished(), "the other node carries on");
+    for node in h.nodes {
         node.crash();
     }
 }

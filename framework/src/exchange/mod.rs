@@ -15,13 +15,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::data::{DataReply, PullId};
 use crate::etcd::lease::LeaseId;
 use crate::etcd::Store;
-use crate::inbox::LoopRequest;
 use crate::metrics::Metrics;
 use crate::roles::JobView;
 use crate::wire::{CallError, Peers, Rejection};
@@ -69,7 +68,7 @@ pub(crate) struct SlotEnv {
     pub(crate) store: Store,
     pub(crate) view: watch::Receiver<Arc<JobView>>,
     pub(crate) fence: Fence,
-    pub(crate) loop_tx: mpsc::UnboundedSender<LoopRequest>,
+    pub(crate) loop_tx: crate::inbox::LoopSender,
     pub(crate) lease: watch::Receiver<crate::etcd::lease::LeaseState>,
     pub(crate) lease_ttl: Duration,
     pub(crate) max_checkpoint_bytes: usize,

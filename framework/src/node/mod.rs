@@ -273,7 +273,7 @@ async fn run(
     client.max_frame_bytes = config.max_frame_bytes;
     client.tls = peer_tls;
 
-    let (requests_tx, requests) = mpsc::unbounded_channel();
+    let (requests_tx, requests, gate) = crate::inbox::LoopSender::channel();
     let (lease_tx, lease_rx) = watch::channel(LeaseState::Expired {
         id: crate::etcd::lease::LeaseId::NONE,
     });
@@ -316,7 +316,7 @@ async fn run(
     let (inbound_tx, inbound) = mpsc::channel(1024);
     let node = Arc::new(tokio::sync::Mutex::new(node));
     // Pulls, metas and pings are served on the server's own tasks while the loop is idle.
-    let direct = DirectServe::new(&node, events_weak, stop.clone());
+    let direct = DirectServe::new(&node, events_weak, gate.clone(), stop.clone());
     // ... and the answers to the slot's pulls on their fetchers' tasks. Owned here: what it
     // still runs is aborted when `run` returns or is aborted.
     let direct_pulled = Arc::new(direct.requests());
@@ -340,7 +340,7 @@ async fn run(
     // aborted when they drop: on return, and when this future is dropped (a crash).
     let result = crate::inbox::handling(
         instance,
-        main_loop(node.clone(), events, requests, inbound, stop),
+        main_loop(node.clone(), events, requests, inbound, gate, stop),
     )
     .await;
     drop(node);

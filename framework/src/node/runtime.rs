@@ -33,7 +33,7 @@ use crate::exchange::liveness;
 use crate::exchange::replication::{ship, Shipped};
 use crate::exchange::{Fence, SlotEnv};
 use crate::health::{Health, Phase};
-use crate::inbox::LoopRequest;
+use crate::inbox::{LoopGate, LoopRequest};
 use crate::metrics::{Metrics, NeighbourEvent};
 use crate::role::{ExitReason, NodeExit, NodeStatus};
 use crate::roles::{JobView, Member, MySlot, Watched};
@@ -120,7 +120,7 @@ pub(super) struct Runtime {
     /// Short etcd chores (deleting garbage and stray slot keys), aborted with the node.
     pub(super) chores: JoinSet<()>,
     pub(super) status: watch::Sender<NodeStatus>,
-    pub(super) requests_tx: mpsc::UnboundedSender<LoopRequest>,
+    pub(super) requests_tx: crate::inbox::LoopSender,
     /// Calls to other nodes.
     pub(super) peers: Peers,
     /// The liveness checks of other slot holders; each is aborted when dropped, so a crashed
@@ -161,6 +161,8 @@ struct Idle {
     /// The job watch's channel to the loop (weak: the loop learns that the watch ended when
     /// its last sender goes).
     events: mpsc::WeakSender<JobEvent>,
+    /// The loop's requests queued, its waking, its end.
+    gate: Arc<LoopGate>,
     stop: CancellationToken,
 }
 
@@ -168,14 +170,16 @@ impl Idle {
     /// The runtime, if the loop is idle and may stay so.
     fn runtime(&self) -> Option<tokio::sync::OwnedMutexGuard<Runtime>> {
         // Watch events are taken before any message, so that admission judges on the
-        // freshest view; everything goes through the loop while the node stops.
-        if self.stop.is_cancelled() || self.events_queued() {
+        // freshest view; requests already queued (a kill, an epoch committed) come first; and
+        // everything goes through the loop while the node stops.
+        if self.stop.is_cancelled() || !self.gate.open() || self.events_queued() {
             return None;
         }
         let rt = self.runtime.upgrade()?.try_lock_owned().ok()?;
-        // The loop takes a lease change before any message (a renewal brings the backups in
-        // step first): leave the message to it.
-        if rt.lease.has_changed().unwrap_or(true) {
+        // The loop closes the gate with the runtime held when it ends: checked again here.
+        // It takes a lease change before any message (a renewal brings the backups in step
+        // first): leave the message to it.
+        if self.gate.is_closed() || rt.lease.has_changed().unwrap_or(true) {
             return None;
         }
         Some(rt)
@@ -189,18 +193,28 @@ impl Idle {
 }
 
 /// Runs `work` on `rt` as the loop runs an event's handling: the loop's span, health and view
-/// of the lease, and [`inbox::handling`](crate::inbox::handling) for the task's verbs.
+/// of the lease, and [`inbox::handling`](crate::inbox::handling) for the task's verbs. A panic
+/// in it (in a task's handler) ends the node as it would in the loop: the loop re-raises it.
 fn as_loop<F>(mut rt: tokio::sync::OwnedMutexGuard<Runtime>, work: F) -> BoxFuture<'static, ()>
 where
     F: for<'a> FnOnce(&'a mut Runtime) -> BoxFuture<'a, ()> + Send + 'static,
 {
+    use futures::FutureExt;
     let node = rt.instance;
     Box::pin(crate::inbox::handling(node, async move {
         rt.health.busy();
         let lease = *rt.lease.borrow();
         rt.engine.observe_lease(lease);
         let span = rt.span();
-        work(&mut rt).instrument(span).await;
+        let done = std::panic::AssertUnwindSafe(work(&mut rt).instrument(span))
+            .catch_unwind()
+            .await;
+        if let Err(panic) = done {
+            rt.requests_tx.gate().panicked(panic);
+            // Wakes the loop, which re-raises the panic before anything else.
+            let _ = rt.requests_tx.send(LoopRequest::Kill);
+            return;
+        }
         rt.send_made_answers();
         rt.health.idle();
     }))
@@ -214,11 +228,13 @@ impl DirectServe {
     pub(super) fn new(
         runtime: &Arc<Mutex<Runtime>>,
         events: mpsc::WeakSender<JobEvent>,
+        gate: Arc<LoopGate>,
         stop: CancellationToken,
     ) -> Self {
         DirectServe(Idle {
             runtime: Arc::downgrade(runtime),
             events,
+            gate,
             stop,
         })
     }
@@ -290,11 +306,27 @@ pub(super) async fn main_loop(
     mut events: mpsc::Receiver<JobEvent>,
     mut requests: mpsc::UnboundedReceiver<LoopRequest>,
     mut inbound: mpsc::Receiver<Inbound>,
+    gate: Arc<LoopGate>,
     stop: CancellationToken,
 ) -> Result<NodeExit, Error> {
+    /// Closes the gate however the loop ends (dropped in a crash included); on every return
+    /// below it is closed first with the runtime held, so no handler starts after the loop.
+    struct CloseOnDrop(Arc<LoopGate>);
+    impl Drop for CloseOnDrop {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let _close = CloseOnDrop(gate.clone());
+    let ended = |flow: Result<Flow, Error>| {
+        if !matches!(flow, Ok(Flow::Continue)) {
+            gate.close();
+        }
+        flow
+    };
     let mut rt = shared.lock().await;
     rt.health.set_phase(Phase::Running);
-    if let Flow::Exit(exit) = rt.execute(vec![Command::NewLease], &stop).await? {
+    if let Flow::Exit(exit) = ended(rt.execute(vec![Command::NewLease], &stop).await)? {
         return Ok(exit);
     }
     rt.send_made_answers();
@@ -306,6 +338,7 @@ pub(super) async fn main_loop(
     stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let mut rt = shared.lock().await;
+        reraise_panic(&gate);
         let deadline = match *rt.lease.borrow() {
             LeaseState::Alive { deadline, .. } => deadline,
             _ => Instant::now() + Duration::from_secs(3600),
@@ -345,18 +378,33 @@ pub(super) async fn main_loop(
                     _ = sleep_until_some(retry_at) => Wake::Retry,
                     _ = stall_check.tick() => Wake::StallCheck,
                 };
+                // What woke the loop is handled before anything is lent.
+                gate.waking(true);
                 rt = shared.lock().await;
+                gate.waking(false);
+                reraise_panic(&gate);
                 wake
             }
         };
+        if matches!(wake, Wake::Request(_)) {
+            gate.taken();
+        }
         rt.health.busy();
         // Everything the loop does for this event is logged in the slot's current span.
         let span = rt.span();
-        let flow = rt.handle(wake, &mut events, &stop).instrument(span).await?;
+        let flow = ended(rt.handle(wake, &mut events, &stop).instrument(span).await)?;
         rt.send_made_answers();
         if let Flow::Exit(exit) = flow {
             return Ok(exit);
         }
+    }
+}
+
+/// Re-raises the panic of a handler that ran outside the loop (see `as_loop`): the node ends
+/// as if it had panicked in the loop.
+fn reraise_panic(gate: &LoopGate) {
+    if let Some(panic) = gate.take_panic() {
+        std::panic::resume_unwind(panic);
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::{debug, error_span, Instrument, Span};
 
 use crate::app::{Context, SlotState, Task};
@@ -77,7 +77,7 @@ impl SlotRuntime {
     pub(super) async fn enter_epoch(
         &mut self,
         epoch: Epoch,
-        requests: &mpsc::UnboundedSender<LoopRequest>,
+        requests: &crate::inbox::LoopSender,
     ) -> Vec<(ServeKey, Answer)> {
         self.state.send_modify(|st| st.epoch = epoch);
         self.ctx.begin_epoch(epoch);
@@ -111,7 +111,7 @@ impl SlotRuntime {
         &mut self,
         req: PullRequest,
         reply: Reply,
-        requests: &mpsc::UnboundedSender<LoopRequest>,
+        requests: &crate::inbox::LoopSender,
     ) -> Option<(ServeKey, Answer)> {
         let id = PullId {
             epoch: req.header.epoch,
