@@ -511,8 +511,14 @@ impl Runtime {
         stop: &CancellationToken,
     ) -> Result<Flow, Error> {
         let mut queue: VecDeque<Command> = commands.into();
+        // Once an epoch could not be entered, no later one of these commands is: the task
+        // enters every epoch in order.
+        let mut entry_failed = false;
         while let Some(command) = queue.pop_front() {
-            let next = if command.guard().is_some() && !self.lease.borrow().valid_now() {
+            let entry = matches!(command, Command::EnterEpoch { .. });
+            let failed = command.guard().is_some() && !self.lease.borrow().valid_now();
+            let next = if failed || (entry && entry_failed) {
+                entry_failed |= entry;
                 // Checked right before it runs: the lease may have lapsed during the commands
                 // before it (a handler, an etcd call).
                 self.engine

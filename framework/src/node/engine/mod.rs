@@ -422,8 +422,15 @@ impl Engine {
             Input::Deadline => out.push(self.publish(now)),
             Input::Stop => self.end(ExitReason::Stopped, NodeExit::Stopped, now, &mut out),
             Input::GuardFailed(cmd) => {
-                if let (Command::EnterEpoch { prev, .. }, Some(s)) = (cmd, self.slot.as_mut()) {
-                    s.entered = prev;
+                // The epoch was not entered, nor any planned after it (the runtime fails those
+                // too): entered again, in order, once the lease is confirmed.
+                if let (Command::EnterEpoch { epoch, prev }, Some(s)) = (cmd, self.slot.as_mut()) {
+                    if s.entered.is_some_and(|e| e >= epoch) {
+                        s.entered = prev;
+                    }
+                    if let Err(at) = self.observed.binary_search(&epoch) {
+                        self.observed.insert(at, epoch);
+                    }
                 }
             }
         }

@@ -72,6 +72,44 @@ fn an_epoch_whose_guard_failed_is_entered_when_the_lease_is_back() {
     );
 }
 
+/// Two epochs planned at once whose entries both fail their guard (the runtime fails every
+/// entry after a failed one): both are entered on renewal, in order, none skipped.
+#[test]
+fn epochs_whose_guards_failed_together_are_all_entered_in_order_later() {
+    let (mut h, _) = H::primary_of("n1", 0, 1, 3);
+    let (e4, e5) = (h.epoch_kv("4"), h.epoch_kv("5"));
+    let out = h.input(Input::Watch(vec![JobEvent::Put(e4), JobEvent::Put(e5)]));
+    let planned: Vec<Command> = out
+        .iter()
+        .filter(|c| matches!(c, Command::EnterEpoch { .. }))
+        .cloned()
+        .collect();
+    assert_eq!(entered(&out), vec![4, 5]);
+    for cmd in planned {
+        h.input(Input::GuardFailed(cmd));
+    }
+    assert_eq!(h.e.slot().unwrap().entered, Some(3));
+    let out = h.input(Input::Lease(h.alive()));
+    assert_eq!(entered(&out), vec![4, 5], "{out:?}");
+    // And the same when a newer epoch arrives before the renewal.
+    let e6 = h.epoch_kv("6");
+    let out = h.put(e6);
+    let planned: Vec<Command> = out
+        .iter()
+        .filter(|c| matches!(c, Command::EnterEpoch { .. }))
+        .cloned()
+        .collect();
+    assert_eq!(entered(&out), vec![6]);
+    for cmd in planned {
+        h.input(Input::GuardFailed(cmd));
+    }
+    h.input(Input::Lease(LeaseState::Suspended { id: LEASE }));
+    let e7 = h.epoch_kv("7");
+    h.put(e7);
+    let out = h.input(Input::Lease(h.alive()));
+    assert_eq!(entered(&out), vec![6, 7], "{out:?}");
+}
+
 #[test]
 fn a_backup_shows_the_jobs_epoch_and_enters_none() {
     let mut h = H::new("n2", 1, 2);
