@@ -515,6 +515,10 @@ impl Runtime {
         // enters every epoch in order.
         let mut entry_failed = false;
         while let Some(command) = queue.pop_front() {
+            // The count of epochs entered follows each entry: none for one that failed.
+            if entry_failed && matches!(command, Command::Note(Note::EpochEntered(_))) {
+                continue;
+            }
             let entry = matches!(command, Command::EnterEpoch { .. });
             let failed = command.guard().is_some() && !self.lease.borrow().valid_now();
             let next = if failed || (entry && entry_failed) {
