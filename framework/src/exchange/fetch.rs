@@ -200,7 +200,7 @@ pub(crate) async fn deliver(
         server_term,
         result,
     };
-    let direct = env.direct.as_ref().and_then(std::sync::Weak::upgrade);
+    let direct = env.direct.upgrade();
     crate::inbox::hand_over(direct.as_deref(), &env.loop_tx, req).await;
     true
 }

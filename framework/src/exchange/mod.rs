@@ -75,7 +75,7 @@ pub(crate) struct SlotEnv {
     pub(crate) metrics: Metrics,
     /// Takes an answer into the loop's handling on the fetcher's own task while the loop is
     /// idle (weak: the node owns it, and aborts what it runs when it ends).
-    pub(crate) direct: Option<std::sync::Weak<dyn crate::inbox::DirectRequests>>,
+    pub(crate) direct: std::sync::Weak<dyn crate::inbox::DirectRequests>,
     /// The node's liveness report: a handler that waits for the lease's confirmation marks
     /// the loop as waiting for etcd rather than stalled.
     pub(crate) health: Arc<crate::health::Health>,

@@ -944,7 +944,7 @@ impl Runtime {
             lease_ttl: self.config.lease_ttl,
             max_checkpoint_bytes: self.config.max_checkpoint_bytes,
             metrics: self.metrics.clone(),
-            direct: Some(self.direct_pulled.clone()),
+            direct: self.direct_pulled.clone(),
             health: self.health.clone(),
             stop: stop.clone(),
         };
