@@ -26,7 +26,8 @@ use taskgraph_tests::etcd::Etcd;
 use tokio::sync::watch;
 
 use crate::common::{
-    echo_server_with, peak_rss_bytes, reset_peak_rss, rss_bytes, BoxError, Echoer, Fleet, FleetSpec,
+    echo_server_with, peak_rss_bytes, process_cpu, reset_peak_rss, rss_bytes, BoxError, Echoer,
+    Fleet, FleetSpec,
 };
 use crate::report::{ratio, ratio_text, Row, Stats};
 
@@ -69,6 +70,11 @@ pub struct CaseFigures {
     pub bare_peak: Vec<f64>,
     /// Framework blocks: the same.
     pub fw_peak: Vec<f64>,
+    /// Bare blocks: CPU time of the process per pull (µs; both ends of the call, the caller
+    /// and the server, and whatever else the process ran meanwhile).
+    pub bare_cpu: Vec<f64>,
+    /// Framework blocks: the same (both nodes and the caller).
+    pub fw_cpu: Vec<f64>,
 }
 
 /// Payloads from this size on get the peak-memory figure.
@@ -112,7 +118,8 @@ impl Probe {
         case: Case,
         payload: &Bytes,
         framework: bool,
-    ) -> Result<(Vec<f64>, f64), String> {
+    ) -> Result<(Vec<f64>, f64, Option<f64>), String> {
+        let cpu0 = process_cpu();
         let t0 = Instant::now();
         let lat: Vec<Result<f64, String>> = futures::stream::iter(0..case.per_block)
             .map(|_| async move {
@@ -137,8 +144,14 @@ impl Probe {
             .collect()
             .await;
         let took = t0.elapsed().as_secs_f64();
+        let cpu = match (cpu0, process_cpu()) {
+            (Some(a), Some(b)) => {
+                Some(b.saturating_sub(a).as_secs_f64() * 1e6 / case.per_block as f64)
+            }
+            _ => None,
+        };
         let lat = lat.into_iter().collect::<Result<Vec<_>, _>>()?;
-        Ok((lat, case.per_block as f64 / took))
+        Ok((lat, case.per_block as f64 / took, cpu))
     }
 
     async fn measure(&self, ctx: &Context) -> Result<(), String> {
@@ -165,7 +178,7 @@ impl Probe {
                 for framework in order {
                     let (block, peak) =
                         peak_during(self.block(ctx, *case, payload, framework)).await;
-                    let (lat, rate) = block?;
+                    let (lat, rate, cpu) = block?;
                     let peak = peak
                         .filter(|_| case.bytes >= PEAK_FROM)
                         .map(|p| p / case.bytes as f64);
@@ -176,10 +189,12 @@ impl Probe {
                             f.fw_us.extend(lat);
                             f.fw_rate.push(rate);
                             f.fw_peak.extend(peak);
+                            f.fw_cpu.extend(cpu);
                         } else {
                             f.bare_us.extend(lat);
                             f.bare_rate.push(rate);
                             f.bare_peak.extend(peak);
+                            f.bare_cpu.extend(cpu);
                         }
                     }
                 }
@@ -337,6 +352,21 @@ pub fn rows(cases: &[Case], figures: &[CaseFigures]) -> Vec<Row> {
         let rate_vs = ratio_text("÷ bare", fw_rate.median(), bare_rate.median());
         rows.push(bare_rate);
         rows.push(fw_rate.versus(rate_vs));
+        if !f.bare_cpu.is_empty() || !f.fw_cpu.is_empty() {
+            let bare_cpu = Row::new(
+                format!("{name}: bare tonic CPU per pull (process)"),
+                "µs",
+                &f.bare_cpu,
+            );
+            let fw_cpu = Row::new(
+                format!("{name}: framework CPU per pull (process)"),
+                "µs",
+                &f.fw_cpu,
+            );
+            let cpu_vs = ratio_text("÷ bare", fw_cpu.median(), bare_cpu.median());
+            rows.push(bare_cpu);
+            rows.push(fw_cpu.versus(cpu_vs));
+        }
         if !f.bare_peak.is_empty() || !f.fw_peak.is_empty() {
             let bare_peak = Row::new(
                 format!("{name}: bare tonic peak memory (process)"),
@@ -372,6 +402,8 @@ pub fn json(cases: &[Case], figures: &[CaseFigures], rounds: usize) -> Value {
                 "bare_pulls_per_s": Stats::of(&f.bare_rate),
                 "framework_pulls_per_s": Stats::of(&f.fw_rate),
                 "throughput_ratio": ratio(Stats::of(&f.fw_rate).map(|s| s.median), Stats::of(&f.bare_rate).map(|s| s.median)),
+                "bare_cpu_us_per_pull": Stats::of(&f.bare_cpu),
+                "framework_cpu_us_per_pull": Stats::of(&f.fw_cpu),
                 "bare_peak_rss_x_payload": Stats::of(&f.bare_peak),
                 "framework_peak_rss_x_payload": Stats::of(&f.fw_peak),
             })

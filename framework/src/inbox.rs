@@ -94,14 +94,16 @@ impl LoopSender {
 
 /// Whether the event loop's runtime may be lent to another task now (see
 /// [`DirectRequests`] and the runtime's `DirectServe`): not while requests wait in the loop's
-/// queue (they were first: a `kill`, an epoch committed), not while the loop has woken and
-/// waits for the runtime, and never again once the loop has ended or a handler run elsewhere
-/// panicked.
+/// queue (they were first: a `kill`, an epoch committed), not while the loop has woken for
+/// anything but a message from another node (messages race on the network: none is owed a
+/// place ahead of another) and waits for the runtime, and never again once the loop has ended
+/// or a handler run elsewhere panicked.
 #[derive(Debug, Default)]
 pub(crate) struct LoopGate {
     /// Requests sent and not yet taken by the loop with the runtime held.
     queued: AtomicUsize,
-    /// The loop woke and waits for the runtime.
+    /// The loop woke for something that must be handled before anything is lent (anything
+    /// but a message from another node), and waits for the runtime.
     waking: AtomicBool,
     /// The loop has ended, or is about to re-raise a handler's panic.
     closed: AtomicBool,
@@ -155,35 +157,57 @@ impl LoopGate {
 /// waits for its next event (as [`wire::Direct`](crate::wire::Direct) does for messages from
 /// other nodes): one hand-off and two wake-ups fewer on the way to the task's handler.
 pub(crate) trait DirectRequests: Send + Sync {
-    /// Takes `req` to handle here and now (the work holds the node's runtime as the loop
-    /// would), or gives it back to go through the loop.
-    #[allow(clippy::result_large_err)] // handed back by value: boxing would cost an allocation per call
-    fn try_take(
-        &self,
-        req: LoopRequest,
-    ) -> Result<futures::future::BoxFuture<'static, ()>, LoopRequest>;
+    /// Takes `req` to handle on the calling task (the work holds the node's runtime as the
+    /// loop would; see [`Take`]), or gives it back to go through the loop.
+    fn try_take(&self, req: LoopRequest) -> Take;
     /// Finishes work [`try_take`](DirectRequests::try_take) returned as a task of the node's
     /// own (aborted with the node), so that aborting the sender never cuts a handler short.
     fn finish(&self, work: futures::future::BoxFuture<'static, ()>);
 }
 
+/// What [`DirectRequests::try_take`] makes of a request.
+pub(crate) enum Take {
+    /// The work that handles it, to run now.
+    Now(futures::future::BoxFuture<'static, ()>),
+    /// The node is handling something else on another task: wait for it (this future), then
+    /// run the work it yields, or send the request it gives back to the loop.
+    After(
+        futures::future::BoxFuture<
+            'static,
+            Result<futures::future::BoxFuture<'static, ()>, LoopRequest>,
+        >,
+    ),
+    /// Through the loop.
+    Back(LoopRequest),
+}
+
 /// Hands `req` over: taken directly when `direct` is given and the loop is idle (the work is
 /// polled once on this task, and what is left finishes as the node's), else sent to the loop.
+/// Cancelling this while it waits for the node's runtime (see [`Take::After`]) drops `req`:
+/// callers are a pull's fetcher, cancelled only when the epoch ends, which makes its answer
+/// void anyway.
 pub(crate) async fn hand_over(
     direct: Option<&dyn DirectRequests>,
     loop_tx: &LoopSender,
     req: LoopRequest,
 ) {
     let req = match direct {
-        Some(d) => match d.try_take(req) {
-            Ok(mut work) => {
-                if futures::poll!(&mut work).is_pending() {
-                    d.finish(work);
+        Some(d) => {
+            let work = match d.try_take(req) {
+                Take::Now(work) => Ok(work),
+                Take::After(wait) => wait.await,
+                Take::Back(req) => Err(req),
+            };
+            match work {
+                Ok(mut work) => {
+                    if futures::poll!(&mut work).is_pending() {
+                        d.finish(work);
+                    }
+                    return;
                 }
-                return;
+                Err(req) => req,
             }
-            Err(req) => req,
-        },
+        }
         None => req,
     };
     let _ = loop_tx.send(req);

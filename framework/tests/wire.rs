@@ -860,3 +860,117 @@ async fn a_hold_for_another_job_is_refused() {
     server.stop().await;
     assert!(seen.recv().await.is_none(), "the loop never saw the hold");
 }
+
+/// A [`wire::Direct`] over a stand-in for the node's runtime (`runtime`): a pull finding it
+/// free is answered here at once (`now:` + payload); one finding it held waits for it
+/// (its payload is reported on `waiting`), then is answered here (`after:` + payload), or,
+/// for the payload `back`, given back to go through the loop.
+struct Gated {
+    runtime: std::sync::Arc<tokio::sync::Mutex<()>>,
+    waiting: mpsc::UnboundedSender<String>,
+}
+
+fn answer_here(msg: Inbound, prefix: &'static str) -> futures::future::BoxFuture<'static, ()> {
+    Box::pin(async move {
+        if let Inbound::Pull(req, answer) = msg {
+            let mut payload = prefix.as_bytes().to_vec();
+            payload.extend_from_slice(&req.payload);
+            let _ = answer.send(Ok(PullAnswer {
+                payload: payload.into(),
+                server_term: 7,
+            }));
+        }
+    })
+}
+
+impl wire::Direct for Gated {
+    fn try_handle(&self, msg: Inbound) -> wire::Handling {
+        if let Ok(_held) = self.runtime.clone().try_lock_owned() {
+            return wire::Handling::Now(answer_here(msg, "now:"));
+        }
+        let payload = match &msg {
+            Inbound::Pull(req, _) => String::from_utf8_lossy(&req.payload).into_owned(),
+            _ => String::new(),
+        };
+        let _ = self.waiting.send(payload.clone());
+        let runtime = self.runtime.clone();
+        wire::Handling::After(Box::pin(async move {
+            let _held = runtime.lock_owned().await;
+            if payload == "back" {
+                Err(msg)
+            } else {
+                Ok(answer_here(msg, "after:"))
+            }
+        }))
+    }
+}
+
+/// Messages that find the node's runtime lent to another handling wait for it on their own
+/// gRPC task (not in the loop's queue), and are then handled there, or handed to the loop when
+/// the direct handler gives them back; a server that stops meanwhile refuses them at once.
+#[tokio::test]
+async fn a_message_made_to_wait_by_the_direct_handler_is_served_when_its_turn_comes() {
+    let listener = wire::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (inbound_tx, inbound) = mpsc::channel(64);
+    let mut seen = spawn_loop(inbound);
+    let runtime = std::sync::Arc::new(tokio::sync::Mutex::new(()));
+    let (waiting_tx, mut waiting) = mpsc::unbounded_channel();
+    let direct = std::sync::Arc::new(Gated {
+        runtime: runtime.clone(),
+        waiting: waiting_tx,
+    });
+    let (shutdown, stop) = oneshot::channel::<()>();
+    let server = tokio::spawn(wire::serve_with(
+        listener,
+        server_config(),
+        inbound_tx,
+        Some(direct),
+        async move {
+            let _ = stop.await;
+        },
+    ));
+    let peers = peers();
+    let free = peers.pull(&addr, pull("echo", b"a")).await.unwrap();
+    assert_eq!(free.payload, Bytes::from_static(b"now:a"));
+
+    // The runtime is held: both calls wait for it.
+    let held = runtime.clone().lock_owned().await;
+    let calls = tokio::spawn({
+        let (peers, addr) = (peers.clone(), addr.clone());
+        async move {
+            tokio::join!(
+                peers.pull(&addr, pull("echo", b"b")),
+                peers.pull(&addr, pull("echo", b"back")),
+            )
+        }
+    });
+    let mut arrived = vec![waiting.recv().await.unwrap(), waiting.recv().await.unwrap()];
+    arrived.sort();
+    assert_eq!(arrived, ["b", "back"]);
+    drop(held);
+    let (served, given_back) = calls.await.unwrap();
+    assert_eq!(served.unwrap().payload, Bytes::from_static(b"after:b"));
+    // The loop (the fake one echoes) got only the message given back.
+    assert_eq!(given_back.unwrap().payload, Bytes::from_static(b"back"));
+    let through_loop = seen.recv().await.unwrap();
+    assert!(through_loop.contains("back"), "{through_loop}");
+    assert!(seen.try_recv().is_err(), "nothing else went to the loop");
+
+    // A server stopping while a call waits for the runtime refuses it.
+    let _held = runtime.clone().lock_owned().await;
+    let call = tokio::spawn({
+        let (peers, addr) = (peers.clone(), addr.clone());
+        async move { peers.pull(&addr, pull("echo", b"d")).await }
+    });
+    assert_eq!(waiting.recv().await.unwrap(), "d");
+    let _ = shutdown.send(());
+    let refused = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the waiting call is refused while the runtime is still held");
+    assert_eq!(
+        refused.unwrap().unwrap_err(),
+        CallError::Rejected(Rejection::ShuttingDown)
+    );
+    server.await.unwrap().unwrap();
+}

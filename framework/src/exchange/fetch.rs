@@ -33,7 +33,7 @@ pub(crate) async fn fetch(
         let Some((addr, their_term, lease)) = target else {
             // No primary right now: wait for one, meanwhile ending the leases of dead backups
             // (they would keep a spare from taking the task over until their TTL).
-            if !super::liveness::await_primary(&env, &mut view, id.to).await {
+            if !Box::pin(super::liveness::await_primary(&env, &mut view, id.to)).await {
                 return;
             }
             continue;
@@ -78,7 +78,7 @@ pub(crate) async fn fetch(
                     // becomes of the answer here: it is in this node's memory, and a refetch
                     // (after a failover) goes to another primary.
                     if answer.payload.len() >= ACKNOWLEDGE_FROM {
-                        acknowledge(&env, &addr, id, term).await;
+                        Box::pin(acknowledge(&env, &addr, id, term)).await;
                     }
                     if deliver(&env, &book, id, Ok(answer.payload), answer.server_term).await {
                         return;
@@ -90,16 +90,16 @@ pub(crate) async fn fetch(
             Err(e) => match verdict(e) {
                 Verdict::Retry => pause(&mut view, id.to, their_term, delay).await,
                 Verdict::Dead => {
-                    end_dead_primary(&env, id.to, their_term, lease).await;
+                    Box::pin(end_dead_primary(&env, id.to, their_term, lease)).await;
                     pause(&mut view, id.to, their_term, delay).await;
                 }
                 Verdict::Suspect => {
-                    super::liveness::check_primary(&env, id.to, their_term).await;
+                    Box::pin(super::liveness::check_primary(&env, id.to, their_term)).await;
                     pause(&mut view, id.to, their_term, delay).await;
                 }
                 Verdict::Stop => return,
                 Verdict::Fail(reason) => {
-                    let _ = deliver(
+                    let _ = Box::pin(deliver(
                         &env,
                         &book,
                         id,
@@ -108,7 +108,7 @@ pub(crate) async fn fetch(
                             reason,
                         }),
                         0,
-                    )
+                    ))
                     .await;
                     return;
                 }

@@ -33,12 +33,12 @@ use crate::exchange::liveness;
 use crate::exchange::replication::{ship, Shipped};
 use crate::exchange::{Fence, SlotEnv};
 use crate::health::{Health, Phase};
-use crate::inbox::{LoopGate, LoopRequest};
+use crate::inbox::{LoopGate, LoopRequest, Take};
 use crate::metrics::{Metrics, NeighbourEvent};
 use crate::role::{ExitReason, NodeExit, NodeStatus};
 use crate::roles::{JobView, Member, MySlot, Watched};
 use crate::stall::StallWatch;
-use crate::wire::{Direct, Inbound, Peers, ReplicateKind};
+use crate::wire::{Direct, Handling, Inbound, Peers, ReplicateKind};
 use crate::{TaskId, Term};
 
 /// How often the loop looks for a stall (the stall time is seconds at least).
@@ -166,23 +166,57 @@ struct Idle {
     stop: CancellationToken,
 }
 
+/// What [`Idle::lend`] finds.
+enum Lend {
+    /// The runtime, locked.
+    Now(tokio::sync::OwnedMutexGuard<Runtime>),
+    /// The loop is idle but another task holds the runtime (a handling lent to it, or the
+    /// loop between two events): this waits for the runtime (in line with the loop, which
+    /// also takes it in turn) and yields it if the loop is still idle then.
+    After(BoxFuture<'static, Option<tokio::sync::OwnedMutexGuard<Runtime>>>),
+    /// Not now: through the loop.
+    No,
+}
+
 impl Idle {
-    /// The runtime, if the loop is idle and may stay so.
-    fn runtime(&self) -> Option<tokio::sync::OwnedMutexGuard<Runtime>> {
+    /// The runtime, if the loop is idle and may stay so. A runtime held by another task (a
+    /// handling lent to it) is waited for instead of refused: while messages keep arriving on
+    /// several gRPC tasks at once, one of them at a time holds the runtime, and sending the
+    /// others to the loop would cost a hop each and wake the loop.
+    fn lend(&self) -> Lend {
+        if !self.may_lend() {
+            return Lend::No;
+        }
+        let Some(runtime) = self.runtime.upgrade() else {
+            return Lend::No;
+        };
+        match runtime.clone().try_lock_owned() {
+            Ok(rt) if self.may_keep(&rt) => Lend::Now(rt),
+            Ok(_) => Lend::No,
+            Err(_) => {
+                let idle = self.clone();
+                Lend::After(Box::pin(async move {
+                    let rt = runtime.lock_owned().await;
+                    (idle.may_lend() && idle.may_keep(&rt)).then_some(rt)
+                }))
+            }
+        }
+    }
+
+    /// Whether the loop may be idle, judged without its runtime.
+    fn may_lend(&self) -> bool {
         // Watch events are taken before any message, so that admission judges on the
         // freshest view; requests already queued (a kill, an epoch committed) come first; and
         // everything goes through the loop while the node stops.
-        if self.stop.is_cancelled() || !self.gate.open() || self.events_queued() {
-            return None;
-        }
-        let rt = self.runtime.upgrade()?.try_lock_owned().ok()?;
+        !self.stop.is_cancelled() && self.gate.open() && !self.events_queued()
+    }
+
+    /// Whether `rt`, just locked, may be lent.
+    fn may_keep(&self, rt: &Runtime) -> bool {
         // The loop closes the gate with the runtime held when it ends: checked again here.
         // It takes a lease change before any message (a renewal brings the backups in step
         // first): leave the message to it.
-        if self.gate.is_closed() || rt.lease.has_changed().unwrap_or(true) {
-            return None;
-        }
-        Some(rt)
+        !self.gate.is_closed() && !rt.lease.has_changed().unwrap_or(true)
     }
 
     fn events_queued(&self) -> bool {
@@ -249,18 +283,30 @@ impl DirectServe {
 }
 
 impl Direct for DirectServe {
-    fn try_handle(&self, msg: Inbound) -> Result<BoxFuture<'static, ()>, Inbound> {
+    fn try_handle(&self, msg: Inbound) -> Handling {
         // Replication entries may end in decisions (a backup's progress): through the loop.
         if matches!(msg, Inbound::Replicate(..)) {
-            return Err(msg);
+            return Handling::Loop(msg);
         }
-        let Some(rt) = self.0.runtime() else {
-            return Err(msg);
-        };
-        Ok(as_loop(rt, move |rt| {
-            rt.metrics.inbound(true);
-            Box::pin(rt.on_direct(msg))
-        }))
+        fn serve(
+            rt: tokio::sync::OwnedMutexGuard<Runtime>,
+            msg: Inbound,
+        ) -> BoxFuture<'static, ()> {
+            as_loop(rt, move |rt| {
+                rt.metrics.inbound(true);
+                Box::pin(rt.on_direct(msg))
+            })
+        }
+        match self.0.lend() {
+            Lend::Now(rt) => Handling::Now(serve(rt, msg)),
+            Lend::After(wait) => Handling::After(Box::pin(async move {
+                match wait.await {
+                    Some(rt) => Ok(serve(rt, msg)),
+                    None => Err(msg),
+                }
+            })),
+            Lend::No => Handling::Loop(msg),
+        }
     }
 }
 
@@ -274,19 +320,31 @@ pub(super) struct DirectPulled {
 }
 
 impl crate::inbox::DirectRequests for DirectPulled {
-    fn try_take(&self, req: LoopRequest) -> Result<BoxFuture<'static, ()>, LoopRequest> {
+    fn try_take(&self, req: LoopRequest) -> Take {
         // Only answers: the loop's own requests (an epoch committed, a slot key to watch)
         // lead to decisions of the engine.
         if !matches!(req, LoopRequest::Pulled { .. }) {
-            return Err(req);
+            return Take::Back(req);
         }
-        let Some(rt) = self.idle.runtime() else {
-            return Err(req);
-        };
-        Ok(as_loop(rt, move |rt| {
-            rt.metrics.answer_handed(true);
-            Box::pin(rt.on_request(req))
-        }))
+        fn take(
+            rt: tokio::sync::OwnedMutexGuard<Runtime>,
+            req: LoopRequest,
+        ) -> BoxFuture<'static, ()> {
+            as_loop(rt, move |rt| {
+                rt.metrics.answer_handed(true);
+                Box::pin(rt.on_request(req))
+            })
+        }
+        match self.idle.lend() {
+            Lend::Now(rt) => Take::Now(take(rt, req)),
+            Lend::After(wait) => Take::After(Box::pin(async move {
+                match wait.await {
+                    Some(rt) => Ok(take(rt, req)),
+                    None => Err(req),
+                }
+            })),
+            Lend::No => Take::Back(req),
+        }
     }
 
     fn finish(&self, work: BoxFuture<'static, ()>) {
@@ -378,8 +436,11 @@ pub(super) async fn main_loop(
                     _ = sleep_until_some(retry_at) => Wake::Retry,
                     _ = stall_check.tick() => Wake::StallCheck,
                 };
-                // What woke the loop is handled before anything is lent.
-                gate.waking(true);
+                // What woke the loop is handled before anything is lent; but a message from
+                // another node is not ahead of the others (they race on the network): they
+                // may still be handled on their own tasks while the loop waits.
+                let waking = !matches!(wake, Wake::Inbound(_));
+                gate.waking(waking);
                 rt = shared.lock().await;
                 gate.waking(false);
                 reraise_panic(&gate);

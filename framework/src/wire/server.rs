@@ -108,12 +108,39 @@ pub enum Inbound {
 /// A way for the server to handle a message on the gRPC handler's own task instead of handing
 /// it to the event loop, when the loop is idle: one task hop and two wake-ups less per call.
 pub trait Direct: Send + Sync + 'static {
-    /// Takes `msg` to handle here and now, returning the work that answers it on the message's
-    /// own channel; or gives it back to go through the loop. The server polls the work once on
-    /// the calling task and, if it is not done, finishes it as a task of its own (so a caller
-    /// that gives up never cuts the handling short).
-    #[allow(clippy::result_large_err)] // handed back by value: boxing would cost an allocation per call
-    fn try_handle(&self, msg: Inbound) -> Result<futures::future::BoxFuture<'static, ()>, Inbound>;
+    /// Takes `msg` to handle on the calling task (see [`Handling`]), or gives it back to go
+    /// through the loop. The server polls the work once on the calling task and, if it is not
+    /// done, finishes it as a task of its own (so a caller that gives up never cuts the
+    /// handling short).
+    fn try_handle(&self, msg: Inbound) -> Handling;
+}
+
+/// What [`Direct::try_handle`] makes of a message.
+pub enum Handling {
+    /// The work that answers the message on its own channel, to run now.
+    Now(futures::future::BoxFuture<'static, ()>),
+    /// The node is handling another message on another task: wait for it to finish (this
+    /// future), then run the work it yields, or send the message it gives back to the loop.
+    /// Dropping the future before it is ready drops the message unhandled, as a caller that
+    /// gives up while the message waits in the loop's queue does.
+    After(
+        futures::future::BoxFuture<
+            'static,
+            Result<futures::future::BoxFuture<'static, ()>, Inbound>,
+        >,
+    ),
+    /// Through the loop.
+    Loop(Inbound),
+}
+
+impl std::fmt::Debug for Handling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Handling::Now(_) => f.write_str("Now(..)"),
+            Handling::After(_) => f.write_str("After(..)"),
+            Handling::Loop(msg) => f.debug_tuple("Loop").field(msg).finish(),
+        }
+    }
 }
 
 /// Binds a listener for [`serve`] (e.g. `"0.0.0.0:0"` for any free port).
@@ -348,7 +375,16 @@ impl Node {
         let (tx, rx) = oneshot::channel();
         let mut msg = make(tx);
         if let Some(direct) = &self.direct {
-            match direct.try_handle(msg) {
+            let work = match direct.try_handle(msg) {
+                Handling::Now(work) => Ok(work),
+                Handling::After(wait) => tokio::select! {
+                    biased;
+                    () = self.stop.cancelled() => return Err(Rejection::ShuttingDown),
+                    work = wait => work,
+                },
+                Handling::Loop(back) => Err(back),
+            };
+            match work {
                 Ok(work) => {
                     self.run_direct(work).await;
                     return self.answer(rx).await;
