@@ -166,24 +166,11 @@ pub(crate) trait DirectRequests: Send + Sync {
 }
 
 /// What [`DirectRequests::try_take`] makes of a request.
-pub(crate) enum Take {
-    /// The work that handles it, to run now.
-    Now(futures::future::BoxFuture<'static, ()>),
-    /// The node is handling something else on another task: wait for it (this future), then
-    /// run the work it yields, or send the request it gives back to the loop.
-    After(
-        futures::future::BoxFuture<
-            'static,
-            Result<futures::future::BoxFuture<'static, ()>, LoopRequest>,
-        >,
-    ),
-    /// Through the loop.
-    Back(LoopRequest),
-}
+pub(crate) type Take = crate::lend::Lent<LoopRequest>;
 
 /// Hands `req` over: taken directly when `direct` is given and the loop is idle (the work is
 /// polled once on this task, and what is left finishes as the node's), else sent to the loop.
-/// Cancelling this while it waits for the node's runtime (see [`Take::After`]) drops `req`:
+/// Cancelling this while it waits for the node's runtime (see [`Lent::After`](crate::lend::Lent::After)) drops `req`:
 /// callers are a pull's fetcher, cancelled only when the epoch ends, which makes its answer
 /// void anyway.
 pub(crate) async fn hand_over(
@@ -192,22 +179,15 @@ pub(crate) async fn hand_over(
     req: LoopRequest,
 ) {
     let req = match direct {
-        Some(d) => {
-            let work = match d.try_take(req) {
-                Take::Now(work) => Ok(work),
-                Take::After(wait) => wait.await,
-                Take::Back(req) => Err(req),
-            };
-            match work {
-                Ok(mut work) => {
-                    if futures::poll!(&mut work).is_pending() {
-                        d.finish(work);
-                    }
-                    return;
+        Some(d) => match d.try_take(req).work().await {
+            Ok(work) => {
+                if let Some(work) = crate::lend::poll_once(work).await {
+                    d.finish(work);
                 }
-                Err(req) => req,
+                return;
             }
-        }
+            Err(req) => req,
+        },
         None => req,
     };
     let _ = loop_tx.send(req);

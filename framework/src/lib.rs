@@ -109,6 +109,7 @@ mod framework;
 mod health;
 mod http;
 mod inbox;
+mod lend;
 pub mod metrics;
 mod node;
 mod retry;

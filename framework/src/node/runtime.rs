@@ -34,6 +34,7 @@ use crate::exchange::replication::{ship, Shipped};
 use crate::exchange::{Fence, SlotEnv};
 use crate::health::{Health, Phase};
 use crate::inbox::{LoopGate, LoopRequest, Take};
+use crate::lend::Lent;
 use crate::metrics::{Metrics, NeighbourEvent};
 use crate::role::{ExitReason, NodeExit, NodeStatus};
 use crate::roles::{JobView, Member, MySlot, Watched};
@@ -167,7 +168,7 @@ struct Idle {
 }
 
 /// What [`Idle::lend`] finds.
-enum Lend {
+enum Loan {
     /// The runtime, locked.
     Now(tokio::sync::OwnedMutexGuard<Runtime>),
     /// The loop is idle but another task holds the runtime (a handling lent to it, or the
@@ -183,19 +184,19 @@ impl Idle {
     /// handling lent to it) is waited for instead of refused: while messages keep arriving on
     /// several gRPC tasks at once, one of them at a time holds the runtime, and sending the
     /// others to the loop would cost a hop each and wake the loop.
-    fn lend(&self) -> Lend {
+    fn lend(&self) -> Loan {
         if !self.may_lend() {
-            return Lend::No;
+            return Loan::No;
         }
         let Some(runtime) = self.runtime.upgrade() else {
-            return Lend::No;
+            return Loan::No;
         };
         match runtime.clone().try_lock_owned() {
-            Ok(rt) if self.may_keep(&rt) => Lend::Now(rt),
-            Ok(_) => Lend::No,
+            Ok(rt) if self.may_keep(&rt) => Loan::Now(rt),
+            Ok(_) => Loan::No,
             Err(_) => {
                 let idle = self.clone();
-                Lend::After(Box::pin(async move {
+                Loan::After(Box::pin(async move {
                     let rt = runtime.lock_owned().await;
                     (idle.may_lend() && idle.may_keep(&rt)).then_some(rt)
                 }))
@@ -286,7 +287,7 @@ impl Direct for DirectServe {
     fn try_handle(&self, msg: Inbound) -> Handling {
         // Replication entries may end in decisions (a backup's progress): through the loop.
         if matches!(msg, Inbound::Replicate(..)) {
-            return Handling::Loop(msg);
+            return Lent::Back(msg);
         }
         fn serve(
             rt: tokio::sync::OwnedMutexGuard<Runtime>,
@@ -298,14 +299,14 @@ impl Direct for DirectServe {
             })
         }
         match self.0.lend() {
-            Lend::Now(rt) => Handling::Now(serve(rt, msg)),
-            Lend::After(wait) => Handling::After(Box::pin(async move {
+            Loan::Now(rt) => Lent::Now(serve(rt, msg)),
+            Loan::After(wait) => Lent::After(Box::pin(async move {
                 match wait.await {
                     Some(rt) => Ok(serve(rt, msg)),
                     None => Err(msg),
                 }
             })),
-            Lend::No => Handling::Loop(msg),
+            Loan::No => Lent::Back(msg),
         }
     }
 }
@@ -324,7 +325,7 @@ impl crate::inbox::DirectRequests for DirectPulled {
         // Only answers: the loop's own requests (an epoch committed, a slot key to watch)
         // lead to decisions of the engine.
         if !matches!(req, LoopRequest::Pulled { .. }) {
-            return Take::Back(req);
+            return Lent::Back(req);
         }
         fn take(
             rt: tokio::sync::OwnedMutexGuard<Runtime>,
@@ -336,14 +337,14 @@ impl crate::inbox::DirectRequests for DirectPulled {
             })
         }
         match self.idle.lend() {
-            Lend::Now(rt) => Take::Now(take(rt, req)),
-            Lend::After(wait) => Take::After(Box::pin(async move {
+            Loan::Now(rt) => Lent::Now(take(rt, req)),
+            Loan::After(wait) => Lent::After(Box::pin(async move {
                 match wait.await {
                     Some(rt) => Ok(take(rt, req)),
                     None => Err(req),
                 }
             })),
-            Lend::No => Take::Back(req),
+            Loan::No => Lent::Back(req),
         }
     }
 

@@ -56,7 +56,7 @@ pub use client::{ClientConfig, Held, Peers, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HTT
 pub use error::{CallError, WireError};
 pub use rejection::{Rejection, MAX_REJECTION_TEXT, REJECTION_METADATA_KEY};
 pub use server::{
-    bind, serve, serve_with, Direct, Handling, Inbound, ServerConfig,
+    bind, serve, serve_with, Direct, Handling, Inbound, Lent, ServerConfig,
     SERVER_HTTP2_KEEPALIVE_INTERVAL, SERVER_HTTP2_KEEPALIVE_TIMEOUT, TLS_HANDSHAKE_TIMEOUT,
 };
 pub use types::{

@@ -30,6 +30,8 @@ use super::types::{Acknowledge, Header, Meta, PingReply, PullAnswer, PullRequest
 use super::{
     DEFAULT_MAX_FRAME_BYTES, HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW,
 };
+pub use crate::lend::Lent;
+use crate::lend::{poll_once, Work};
 use crate::security::LoadedTls;
 
 /// Interval of the server's HTTP/2 keepalive pings (detects dead clients holding pulls).
@@ -111,37 +113,13 @@ pub trait Direct: Send + Sync + 'static {
     /// Takes `msg` to handle on the calling task (see [`Handling`]), or gives it back to go
     /// through the loop. The server polls the work once on the calling task and, if it is not
     /// done, finishes it as a task of its own (so a caller that gives up never cuts the
-    /// handling short).
+    /// handling short); a call waiting for the node's runtime ([`Lent::After`]) is refused at
+    /// once when the server stops.
     fn try_handle(&self, msg: Inbound) -> Handling;
 }
 
 /// What [`Direct::try_handle`] makes of a message.
-pub enum Handling {
-    /// The work that answers the message on its own channel, to run now.
-    Now(futures::future::BoxFuture<'static, ()>),
-    /// The node is handling another message on another task: wait for it to finish (this
-    /// future), then run the work it yields, or send the message it gives back to the loop.
-    /// Dropping the future before it is ready drops the message unhandled, as a caller that
-    /// gives up while the message waits in the loop's queue does.
-    After(
-        futures::future::BoxFuture<
-            'static,
-            Result<futures::future::BoxFuture<'static, ()>, Inbound>,
-        >,
-    ),
-    /// Through the loop.
-    Loop(Inbound),
-}
-
-impl std::fmt::Debug for Handling {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Handling::Now(_) => f.write_str("Now(..)"),
-            Handling::After(_) => f.write_str("After(..)"),
-            Handling::Loop(msg) => f.debug_tuple("Loop").field(msg).finish(),
-        }
-    }
-}
+pub type Handling = Lent<Inbound>;
 
 /// Binds a listener for [`serve`] (e.g. `"0.0.0.0:0"` for any free port).
 pub async fn bind(addr: impl ToSocketAddrs) -> Result<TcpListener, WireError> {
@@ -375,14 +353,10 @@ impl Node {
         let (tx, rx) = oneshot::channel();
         let mut msg = make(tx);
         if let Some(direct) = &self.direct {
-            let work = match direct.try_handle(msg) {
-                Handling::Now(work) => Ok(work),
-                Handling::After(wait) => tokio::select! {
-                    biased;
-                    () = self.stop.cancelled() => return Err(Rejection::ShuttingDown),
-                    work = wait => work,
-                },
-                Handling::Loop(back) => Err(back),
+            let work = tokio::select! {
+                biased;
+                () = self.stop.cancelled() => return Err(Rejection::ShuttingDown),
+                work = direct.try_handle(msg).work() => work,
             };
             match work {
                 Ok(work) => {
@@ -420,8 +394,8 @@ impl Node {
     }
 
     /// Polls direct work once here; what is left runs as a task of the server's.
-    async fn run_direct(&self, mut work: futures::future::BoxFuture<'static, ()>) {
-        if futures::poll!(&mut work).is_pending() {
+    async fn run_direct(&self, work: Work) {
+        if let Some(work) = poll_once(work).await {
             let mut unfinished = self
                 .unfinished
                 .lock()
