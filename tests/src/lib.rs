@@ -9,6 +9,7 @@ pub mod fleet;
 pub mod keywait;
 pub mod netfault;
 pub mod process;
+pub mod prometheus;
 pub mod proxy;
 pub mod raw_grpc;
 

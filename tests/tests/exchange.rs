@@ -805,11 +805,12 @@ async fn until_data_ready_runs_directly(etcd: &Etcd, name: &str, panic: bool) ->
     let mut direct = 0.0;
     for node in &nodes {
         let addr = node.metrics_addr().unwrap();
-        direct += metric_sum(
-            &taskgraph_tests::http_get(&format!("http://{addr}/metrics")).await,
-            "taskgraph_pull_answers_total",
-            "kind=\"direct\"",
-        );
+        let page = taskgraph_tests::http_get(&format!("http://{addr}/metrics")).await;
+        let body = page
+            .split_once("\r\n\r\n")
+            .map_or(page.as_str(), |(_, b)| b);
+        let scrape = taskgraph_tests::prometheus::Scrape::parse(body).unwrap();
+        direct += scrape.sum("taskgraph_pull_answers_total", &[("kind", "direct")]);
     }
     assert_eq!(
         direct, 1.0,
@@ -841,14 +842,6 @@ async fn a_verb_awaited_in_data_ready_is_a_handlers_wherever_the_answer_was_hand
     for node in h.nodes {
         node.crash();
     }
-}
-
-/// The sum of the samples of `metric` whose labels contain `label` in a Prometheus text page.
-fn metric_sum(page: &str, metric: &str, label: &str) -> f64 {
-    page.lines()
-        .filter(|l| l.starts_with(metric) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// A handler that panics ends its node as a crash would, wherever it ran: also `data_ready`
