@@ -353,10 +353,14 @@ impl Node {
         let (tx, rx) = oneshot::channel();
         let mut msg = make(tx);
         if let Some(direct) = &self.direct {
-            let work = tokio::select! {
-                biased;
-                () = self.stop.cancelled() => return Err(Rejection::ShuttingDown),
-                work = direct.try_handle(msg).work() => work,
+            let work = match direct.try_handle(msg) {
+                // Only a wait for the runtime is raced with the stop (the others are ready).
+                Lent::After(wait) => tokio::select! {
+                    biased;
+                    () = self.stop.cancelled() => return Err(Rejection::ShuttingDown),
+                    work = wait => work,
+                },
+                lent => lent.work().await,
             };
             match work {
                 Ok(work) => {
