@@ -326,61 +326,47 @@ pub async fn run(
 /// Rows of the measured cases.
 pub fn rows(cases: &[Case], figures: &[CaseFigures]) -> Vec<Row> {
     let mut rows = Vec::new();
+    // A bare row, then the framework's with its ratio to the bare one.
+    let mut pair = |name: &str, what: &str, unit: &str, bare: &[f64], fw: &[f64]| {
+        let bare = Row::new(format!("{name}: bare tonic {what}"), unit, bare);
+        let fw = Row::new(format!("{name}: framework {what}"), unit, fw);
+        let vs = ratio_text("÷ bare", fw.median(), bare.median());
+        rows.push(bare);
+        rows.push(fw.versus(vs));
+    };
     for (case, f) in cases.iter().zip(figures) {
         let name = case.name();
-        let bare_lat = Row::new(format!("{name}: bare tonic latency"), "µs", &f.bare_us);
-        let fw_lat = Row::new(format!("{name}: framework latency"), "µs", &f.fw_us);
-        let lat_vs = ratio_text("÷ bare", fw_lat.median(), bare_lat.median());
-        rows.push(bare_lat);
-        rows.push(fw_lat.versus(lat_vs));
+        pair(&name, "latency", "µs", &f.bare_us, &f.fw_us);
         let (unit, scale) = if case.bytes >= 1 << 20 {
             ("MiB/s", case.bytes as f64 / f64::from(1 << 20))
         } else {
             ("pulls/s", 1.0)
         };
         let scaled = |v: &[f64]| v.iter().map(|x| x * scale).collect::<Vec<_>>();
-        let bare_rate = Row::new(
-            format!("{name}: bare tonic throughput"),
+        pair(
+            &name,
+            "throughput",
             unit,
             &scaled(&f.bare_rate),
-        );
-        let fw_rate = Row::new(
-            format!("{name}: framework throughput"),
-            unit,
             &scaled(&f.fw_rate),
         );
-        let rate_vs = ratio_text("÷ bare", fw_rate.median(), bare_rate.median());
-        rows.push(bare_rate);
-        rows.push(fw_rate.versus(rate_vs));
         if !f.bare_cpu.is_empty() || !f.fw_cpu.is_empty() {
-            let bare_cpu = Row::new(
-                format!("{name}: bare tonic CPU per pull (process)"),
+            pair(
+                &name,
+                "CPU per pull (process)",
                 "µs",
                 &f.bare_cpu,
-            );
-            let fw_cpu = Row::new(
-                format!("{name}: framework CPU per pull (process)"),
-                "µs",
                 &f.fw_cpu,
             );
-            let cpu_vs = ratio_text("÷ bare", fw_cpu.median(), bare_cpu.median());
-            rows.push(bare_cpu);
-            rows.push(fw_cpu.versus(cpu_vs));
         }
         if !f.bare_peak.is_empty() || !f.fw_peak.is_empty() {
-            let bare_peak = Row::new(
-                format!("{name}: bare tonic peak memory (process)"),
+            pair(
+                &name,
+                "peak memory (process)",
                 "× payload",
                 &f.bare_peak,
-            );
-            let fw_peak = Row::new(
-                format!("{name}: framework peak memory (process)"),
-                "× payload",
                 &f.fw_peak,
             );
-            let peak_vs = ratio_text("÷ bare", fw_peak.median(), bare_peak.median());
-            rows.push(bare_peak);
-            rows.push(fw_peak.versus(peak_vs));
         }
     }
     rows

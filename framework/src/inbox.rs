@@ -162,7 +162,7 @@ pub(crate) trait DirectRequests: Send + Sync {
     fn try_take(&self, req: LoopRequest) -> Take;
     /// Finishes work [`try_take`](DirectRequests::try_take) returned as a task of the node's
     /// own (aborted with the node), so that aborting the sender never cuts a handler short.
-    fn finish(&self, work: futures::future::BoxFuture<'static, ()>);
+    fn finish(&self, work: crate::lend::Work);
 }
 
 /// What [`DirectRequests::try_take`] makes of a request.
@@ -170,9 +170,9 @@ pub(crate) type Take = crate::lend::Lent<LoopRequest>;
 
 /// Hands `req` over: taken directly when `direct` is given and the loop is idle (the work is
 /// polled once on this task, and what is left finishes as the node's), else sent to the loop.
-/// Cancelling this while it waits for the node's runtime (see [`Lent::After`](crate::lend::Lent::After)) drops `req`:
-/// callers are a pull's fetcher, cancelled only when the epoch ends, which makes its answer
-/// void anyway.
+/// Cancelling this while it waits for the node's runtime (see
+/// [`Lent::After`](crate::lend::Lent::After)) drops `req`: callers are a pull's fetcher,
+/// cancelled only when the epoch ends, which makes its answer void anyway.
 pub(crate) async fn hand_over(
     direct: Option<&dyn DirectRequests>,
     loop_tx: &LoopSender,

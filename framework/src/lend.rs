@@ -52,3 +52,20 @@ pub async fn poll_once(mut work: Work) -> Option<Work> {
         None
     }
 }
+
+/// Lent work that was not done in its first poll ([`poll_once`]), finished as tasks of their
+/// owner's: aborted when this is dropped (the server stops, the node ends).
+#[derive(Debug, Default)]
+pub struct Unfinished(std::sync::Mutex<tokio::task::JoinSet<()>>);
+
+impl Unfinished {
+    /// Finishes `work` as a task (reaping the ones already done).
+    pub fn finish(&self, work: Work) {
+        let mut set = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while set.try_join_next().is_some() {}
+        set.spawn(work);
+    }
+}

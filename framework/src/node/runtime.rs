@@ -167,38 +167,37 @@ struct Idle {
     stop: CancellationToken,
 }
 
-/// What [`Idle::lend`] finds.
-enum Loan {
-    /// The runtime, locked.
-    Now(tokio::sync::OwnedMutexGuard<Runtime>),
-    /// The loop is idle but another task holds the runtime (a handling lent to it, or the
-    /// loop between two events): this waits for the runtime (in line with the loop, which
-    /// also takes it in turn) and yields it if the loop is still idle then.
-    After(BoxFuture<'static, Option<tokio::sync::OwnedMutexGuard<Runtime>>>),
-    /// Not now: through the loop.
-    No,
-}
-
 impl Idle {
-    /// The runtime, if the loop is idle and may stay so. A runtime held by another task (a
-    /// handling lent to it) is waited for instead of refused: while messages keep arriving on
-    /// several gRPC tasks at once, one of them at a time holds the runtime, and sending the
-    /// others to the loop would cost a hop each and wake the loop.
-    fn lend(&self) -> Loan {
+    /// Lends the runtime for `event`, to be handled by `handle` on the calling task, if the
+    /// loop is idle and may stay so; else gives the event back for the loop. A runtime held
+    /// by another task (a handling lent to it, or the loop between two events) is waited for
+    /// instead of refused ([`Lent::After`], in line with the loop, which also takes it in
+    /// turn; the loop must still be idle then): while messages keep arriving on several gRPC
+    /// tasks at once, one of them at a time holds the runtime, and sending the others to the
+    /// loop would cost a hop each and wake the loop.
+    fn lend<E: Send + 'static>(
+        &self,
+        event: E,
+        handle: fn(tokio::sync::OwnedMutexGuard<Runtime>, E) -> crate::lend::Work,
+    ) -> Lent<E> {
         if !self.may_lend() {
-            return Loan::No;
+            return Lent::Back(event);
         }
         let Some(runtime) = self.runtime.upgrade() else {
-            return Loan::No;
+            return Lent::Back(event);
         };
         match runtime.clone().try_lock_owned() {
-            Ok(rt) if self.may_keep(&rt) => Loan::Now(rt),
-            Ok(_) => Loan::No,
+            Ok(rt) if self.may_keep(&rt) => Lent::Now(handle(rt, event)),
+            Ok(_) => Lent::Back(event),
             Err(_) => {
                 let idle = self.clone();
-                Loan::After(Box::pin(async move {
+                Lent::After(Box::pin(async move {
                     let rt = runtime.lock_owned().await;
-                    (idle.may_lend() && idle.may_keep(&rt)).then_some(rt)
+                    if idle.may_lend() && idle.may_keep(&rt) {
+                        Ok(handle(rt, event))
+                    } else {
+                        Err(event)
+                    }
                 }))
             }
         }
@@ -278,7 +277,7 @@ impl DirectServe {
     pub(super) fn requests(&self) -> DirectPulled {
         DirectPulled {
             idle: self.0.clone(),
-            unfinished: std::sync::Mutex::new(JoinSet::new()),
+            unfinished: crate::lend::Unfinished::default(),
         }
     }
 }
@@ -289,25 +288,12 @@ impl Direct for DirectServe {
         if matches!(msg, Inbound::Replicate(..)) {
             return Lent::Back(msg);
         }
-        fn serve(
-            rt: tokio::sync::OwnedMutexGuard<Runtime>,
-            msg: Inbound,
-        ) -> BoxFuture<'static, ()> {
+        self.0.lend(msg, |rt, msg| {
             as_loop(rt, move |rt| {
                 rt.metrics.inbound(true);
                 Box::pin(rt.on_direct(msg))
             })
-        }
-        match self.0.lend() {
-            Loan::Now(rt) => Lent::Now(serve(rt, msg)),
-            Loan::After(wait) => Lent::After(Box::pin(async move {
-                match wait.await {
-                    Some(rt) => Ok(serve(rt, msg)),
-                    None => Err(msg),
-                }
-            })),
-            Loan::No => Lent::Back(msg),
-        }
+        })
     }
 }
 
@@ -317,7 +303,7 @@ impl Direct for DirectServe {
 /// aborted.
 pub(super) struct DirectPulled {
     idle: Idle,
-    unfinished: std::sync::Mutex<JoinSet<()>>,
+    unfinished: crate::lend::Unfinished,
 }
 
 impl crate::inbox::DirectRequests for DirectPulled {
@@ -327,34 +313,16 @@ impl crate::inbox::DirectRequests for DirectPulled {
         if !matches!(req, LoopRequest::Pulled { .. }) {
             return Lent::Back(req);
         }
-        fn take(
-            rt: tokio::sync::OwnedMutexGuard<Runtime>,
-            req: LoopRequest,
-        ) -> BoxFuture<'static, ()> {
+        self.idle.lend(req, |rt, req| {
             as_loop(rt, move |rt| {
                 rt.metrics.answer_handed(true);
                 Box::pin(rt.on_request(req))
             })
-        }
-        match self.idle.lend() {
-            Loan::Now(rt) => Lent::Now(take(rt, req)),
-            Loan::After(wait) => Lent::After(Box::pin(async move {
-                match wait.await {
-                    Some(rt) => Ok(take(rt, req)),
-                    None => Err(req),
-                }
-            })),
-            Loan::No => Lent::Back(req),
-        }
+        })
     }
 
-    fn finish(&self, work: BoxFuture<'static, ()>) {
-        let mut unfinished = self
-            .unfinished
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        while unfinished.try_join_next().is_some() {}
-        unfinished.spawn(work);
+    fn finish(&self, work: crate::lend::Work) {
+        self.unfinished.finish(work);
     }
 }
 

@@ -115,7 +115,7 @@ impl Peers {
         let mut client = self.client(addr)?;
         match client.pull(msg).await {
             Ok(answer) => Ok(PullAnswer::from(answer.into_inner())),
-            Err(status) => Err(Box::pin(self.classify(addr, status)).await),
+            Err(status) => Err(self.classify(addr, status).await),
         }
     }
 
@@ -126,7 +126,7 @@ impl Peers {
         let mut client = self.client(addr)?;
         match client.acknowledge(msg).await {
             Ok(_) => Ok(()),
-            Err(status) => Err(Box::pin(self.classify(addr, status)).await),
+            Err(status) => Err(self.classify(addr, status).await),
         }
     }
 
@@ -138,7 +138,7 @@ impl Peers {
         let mut client = self.client(addr)?;
         match client.meta(msg).await {
             Ok(_) => Ok(()),
-            Err(status) => Err(Box::pin(self.classify(addr, status)).await),
+            Err(status) => Err(self.classify(addr, status).await),
         }
     }
 
@@ -150,7 +150,7 @@ impl Peers {
         let mut client = self.client(addr)?;
         match client.replicate(msg).await {
             Ok(_) => Ok(()),
-            Err(status) => Err(Box::pin(self.classify(addr, status)).await),
+            Err(status) => Err(self.classify(addr, status).await),
         }
     }
 
@@ -163,7 +163,7 @@ impl Peers {
         let mut client = self.client(addr)?;
         match client.ping(msg).await {
             Ok(reply) => Ok(PingReply::from(reply.into_inner())),
-            Err(status) => Err(Box::pin(self.classify(addr, status)).await),
+            Err(status) => Err(self.classify(addr, status).await),
         }
     }
 
@@ -192,7 +192,7 @@ impl Peers {
             Ok(None) => Err(CallError::Protocol {
                 reason: "a hold ended before its first reply".into(),
             }),
-            Err(status) => Err(Box::pin(self.classify(addr, status)).await),
+            Err(status) => Err(self.classify(addr, status).await),
         }
     }
 

@@ -7,13 +7,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use std::sync::{Arc, Mutex as StdMutex, PoisonError};
+use std::sync::Arc;
 
 use futures::StreamExt;
 use prost::Message;
 use tokio::net::{TcpListener, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tonic::codegen::{http, Service};
@@ -31,7 +30,7 @@ use super::{
     DEFAULT_MAX_FRAME_BYTES, HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW,
 };
 pub use crate::lend::Lent;
-use crate::lend::{poll_once, Work};
+use crate::lend::{poll_once, Unfinished, Work};
 use crate::security::LoadedTls;
 
 /// Interval of the server's HTTP/2 keepalive pings (detects dead clients holding pulls).
@@ -172,7 +171,7 @@ pub async fn serve_with(
         max_frame_bytes: limit,
         inbound,
         direct,
-        unfinished: StdMutex::new(JoinSet::new()),
+        unfinished: Unfinished::default(),
         stop: stop.clone(),
     };
     let grpc = TaskgraphServer::new(node)
@@ -229,7 +228,7 @@ struct Node {
     inbound: mpsc::Sender<Inbound>,
     direct: Option<Arc<dyn Direct>>,
     /// Direct work not finished in its first poll (aborted when the server ends).
-    unfinished: StdMutex<JoinSet<()>>,
+    unfinished: Unfinished,
     stop: CancellationToken,
 }
 
@@ -400,12 +399,7 @@ impl Node {
     /// Polls direct work once here; what is left runs as a task of the server's.
     async fn run_direct(&self, work: Work) {
         if let Some(work) = poll_once(work).await {
-            let mut unfinished = self
-                .unfinished
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            while unfinished.try_join_next().is_some() {}
-            unfinished.spawn(work);
+            self.unfinished.finish(work);
         }
     }
 }
