@@ -69,6 +69,7 @@
 //! | `taskgraph_lease_losses_total` | counter | `reason` | `suspended`: the local deadline passed without a renewal (the node stops acting); `expired`: etcd reports the lease gone (the node gives its slot up) |
 //! | `taskgraph_inbound_messages_total` | counter | `kind` | messages from other nodes (pulls, metas, pings, replication entries) by where they were handled: `direct` (on the gRPC call's own task, while the event loop was idle: no hop to the loop) or `loop` |
 //! | `taskgraph_pull_answers_total` | counter | `kind` | answers to the node's pulls handed to the task's `data_ready`, by where: `direct` (on the fetcher's own task, while the event loop was idle: no hop to the loop) or `loop` (answers awaited with `Context::request` are not counted) |
+//! | `taskgraph_runtime_waits_total` | counter | `kind` | messages from other nodes (`message`) and answers to the node's pulls (`answer`) that, arriving while the event loop was idle, found the node's state held by another handler and waited for it on their own task; once they have it they are handled there, or go to the loop if something it must take first (a watch event, a lease change, its own request) came meanwhile |
 //! | `taskgraph_liveness_checks_total` | counter | `kind` | checks of other nodes' processes: `hold` (a liveness hold opened: a backup on its primary, a spare on the backups of a task without a primary; one per holder while it lives) or `ping` (a one-off check, e.g. after a hold broke or a call was refused) |
 //! | `taskgraph_watch_events_total` | counter | | key changes the node's job watch received: it watches only the epoch, the spec, its own record and slot keys (a spare every task's, a slot holder only those of its task, its neighbours, task 0 and the tasks it talks to outside the topology), so a steady job adds about one per epoch and a slot change elsewhere in the job adds nothing (checkpoints and other nodes' records are not sent to it) |
 //! | `taskgraph_watched_key_ranges` | gauge | | key ranges the node's job watch follows: 3 plus one per task whose slot keys it watches while it holds a slot; 3 as a spare (the slot keys of every task are one range) |
@@ -228,6 +229,7 @@ struct Inner {
     liveness_checks: Family<KindLabel, Counter>,
     inbound: Family<KindLabel, Counter>,
     pull_answers: Family<KindLabel, Counter>,
+    runtime_waits: Family<KindLabel, Counter>,
     watch_events: Counter,
     watched_ranges: Gauge,
     etcd_requests: Family<RequestLabels, Counter>,
@@ -278,6 +280,7 @@ impl Metrics {
             liveness_checks: Family::default(),
             inbound: Family::default(),
             pull_answers: Family::default(),
+            runtime_waits: Family::default(),
             watch_events: Counter::default(),
             watched_ranges: Gauge::default(),
             etcd_requests: Family::default(),
@@ -419,6 +422,11 @@ impl Metrics {
             "pull_answers",
             "Answers to the node's pulls handed to data_ready by where: on the fetcher's task while the loop was idle (direct) or by the event loop (loop)",
             inner.pull_answers.clone(),
+        );
+        r.register(
+            "runtime_waits",
+            "Messages (message) and answers to the node's pulls (answer) that found the node's state held by another handler and waited for it on their own task",
+            inner.runtime_waits.clone(),
         );
         r.register(
             "watch_events",
@@ -645,6 +653,16 @@ impl Metrics {
         let kind = if direct { "direct" } else { "loop" };
         self.inner
             .pull_answers
+            .get_or_create(&KindLabel { kind })
+            .inc();
+    }
+
+    /// A message (`answer == false`) or an answer to one of the node's pulls found the
+    /// runtime held and waits for it on its own task.
+    pub(crate) fn runtime_wait(&self, answer: bool) {
+        let kind = if answer { "answer" } else { "message" };
+        self.inner
+            .runtime_waits
             .get_or_create(&KindLabel { kind })
             .inc();
     }

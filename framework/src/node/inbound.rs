@@ -18,13 +18,13 @@ use crate::wire::{
 };
 
 impl Runtime {
-    /// Answers a message from another node.
+    /// Answers a message from another node (counted in `taskgraph_inbound_messages_total` when
+    /// it was sent to the loop, see `DirectServe`).
     pub(super) async fn on_inbound(
         &mut self,
         msg: Inbound,
         stop: &CancellationToken,
     ) -> Result<Flow, Error> {
-        self.metrics.inbound(false);
         match msg {
             Inbound::Replicate(msg, reply) => {
                 let (term, index) = (msg.header.term, msg.index);

@@ -307,7 +307,7 @@ async fn run(
         next_stray_sweep,
         fence: Fence::default(),
         record_dirty: false,
-        metrics,
+        metrics: metrics.clone(),
         health: health.clone(),
         node_span: Span::current(),
         instance,
@@ -316,7 +316,7 @@ async fn run(
     let (inbound_tx, inbound) = mpsc::channel(1024);
     let node = Arc::new(tokio::sync::Mutex::new(node));
     // Pulls, metas and pings are served on the server's own tasks while the loop is idle.
-    let direct = DirectServe::new(&node, events_weak, gate.clone(), stop.clone());
+    let direct = DirectServe::new(&node, events_weak, gate.clone(), stop.clone(), metrics);
     // ... and the answers to the slot's pulls on their fetchers' tasks. Owned here: what it
     // still runs is aborted when `run` returns or is aborted.
     let direct_pulled = Arc::new(direct.requests());

@@ -165,6 +165,11 @@ struct Idle {
     /// The loop's requests queued, its waking, its end.
     gate: Arc<LoopGate>,
     stop: CancellationToken,
+    /// Counts the waits for a held runtime.
+    metrics: Metrics,
+    /// Lends for answers to the node's pulls (else for messages from other nodes): the
+    /// `kind` of the waits counted.
+    answers: bool,
 }
 
 impl Idle {
@@ -190,6 +195,7 @@ impl Idle {
             Ok(rt) if self.may_keep(&rt) => Lent::Now(handle(rt, event)),
             Ok(_) => Lent::Back(event),
             Err(_) => {
+                self.metrics.runtime_wait(self.answers);
                 let idle = self.clone();
                 Lent::After(Box::pin(async move {
                     let rt = runtime.lock_owned().await;
@@ -264,19 +270,25 @@ impl DirectServe {
         events: mpsc::WeakSender<JobEvent>,
         gate: Arc<LoopGate>,
         stop: CancellationToken,
+        metrics: Metrics,
     ) -> Self {
         DirectServe(Idle {
             runtime: Arc::downgrade(runtime),
             events,
             gate,
             stop,
+            metrics,
+            answers: false,
         })
     }
 
     /// The same lending of the runtime, for the answers to the task's pulls.
     pub(super) fn requests(&self) -> DirectPulled {
         DirectPulled {
-            idle: self.0.clone(),
+            idle: Idle {
+                answers: true,
+                ..self.0.clone()
+            },
             unfinished: crate::lend::Unfinished::default(),
         }
     }
@@ -285,15 +297,36 @@ impl DirectServe {
 impl Direct for DirectServe {
     fn try_handle(&self, msg: Inbound) -> Handling {
         // Replication entries may end in decisions (a backup's progress): through the loop.
-        if matches!(msg, Inbound::Replicate(..)) {
-            return Lent::Back(msg);
-        }
-        self.0.lend(msg, |rt, msg| {
-            as_loop(rt, move |rt| {
-                rt.metrics.inbound(true);
-                Box::pin(rt.on_direct(msg))
+        let lent = if matches!(msg, Inbound::Replicate(..)) {
+            Lent::Back(msg)
+        } else {
+            self.0.lend(msg, |rt, msg| {
+                as_loop(rt, move |rt| {
+                    rt.metrics.inbound(true);
+                    Box::pin(rt.on_direct(msg))
+                })
             })
-        })
+        };
+        // A message for the loop is counted when it is sent there (here, at once or after
+        // its wait), one handled here in its handling.
+        let metrics = &self.0.metrics;
+        match lent {
+            Lent::Back(msg) => {
+                metrics.inbound(false);
+                Lent::Back(msg)
+            }
+            Lent::After(wait) => {
+                let metrics = metrics.clone();
+                Lent::After(Box::pin(async move {
+                    let lent = wait.await;
+                    if lent.is_err() {
+                        metrics.inbound(false);
+                    }
+                    lent
+                }))
+            }
+            now @ Lent::Now(_) => now,
+        }
     }
 }
 
@@ -407,8 +440,9 @@ pub(super) async fn main_loop(
                 };
                 // What woke the loop is handled before anything is lent; but a message from
                 // another node is not ahead of the others (they race on the network): they
-                // may still be handled on their own tasks while the loop waits.
-                let waking = !matches!(wake, Wake::Inbound(_));
+                // may still be handled on their own tasks while the loop waits. Nor is the
+                // periodic look for a stall, which decides nothing a message depends on.
+                let waking = !matches!(wake, Wake::Inbound(_) | Wake::StallCheck);
                 gate.waking(waking);
                 rt = shared.lock().await;
                 gate.waking(false);
