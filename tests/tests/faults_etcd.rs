@@ -197,3 +197,28 @@ async fn reads_right_after_etcd_members_restart_answer() {
     }
     c.stop_all().await;
 }
+
+/// Every lease ends at once (revoked in etcd, as if all of them expired together: a long
+/// stall of every node's keep-alives): every node gives its slot up and rejoins as a spare,
+/// task 0 is claimed again, its primary drafts the others, and the job finishes exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_lease_ending_at_once_the_job_is_staffed_again_and_stays_exact() {
+    init_logs();
+    let etcd = Etcd::start().await.expect("start etcd");
+    let cfg = dataflow(etcd.endpoints(), "allexpire");
+    let mut c = Cluster::start_staffed(cfg, 14).await.unwrap();
+    wait_epoch(&c, 5, "epoch 5 reached").await;
+    let mut client = etcd.client().await.unwrap();
+    for round in 0..2 {
+        info!("--- round {round}: revoke every lease");
+        let leases = client.leases().await.unwrap();
+        let ids: Vec<i64> = leases.leases().iter().map(|l| l.id()).collect();
+        assert!(!ids.is_empty());
+        for id in ids {
+            let _ = client.lease_revoke(id).await;
+        }
+        let reached = c.max_epoch() + 3;
+        wait_epoch(&c, reached, "the job moves on after every lease ended").await;
+    }
+    finish_exactly(&mut c).await;
+}

@@ -726,10 +726,16 @@ impl Runtime {
                 }
             }
             Command::DeliverDeferred => {
-                let deferred = match self.slot.as_mut() {
-                    Some(s) => std::mem::take(&mut s.deferred),
-                    None => Vec::new(),
+                let (deferred, calls) = match self.slot.as_mut() {
+                    Some(s) => (
+                        std::mem::take(&mut s.deferred),
+                        std::mem::take(&mut s.deferred_calls),
+                    ),
+                    None => (Vec::new(), Vec::new()),
                 };
+                for call in calls {
+                    self.call(call).await;
+                }
                 for req in deferred {
                     self.on_request(req).await;
                 }
@@ -1045,6 +1051,7 @@ impl Runtime {
             id,
             serve: Default::default(),
             deferred: Vec::new(),
+            deferred_calls: Vec::new(),
             span,
             epoch_span: None,
             made: Arc::default(),
@@ -1057,6 +1064,18 @@ impl Runtime {
         let Some(s) = self.slot.as_mut() else {
             return;
         };
+        // The engine decided on the lease as this turn began; if the keeper reported it lapsed
+        // since, a primary's callback waits for the renewal (a task acts only while its lease
+        // is valid) and goes with the slot if the lease is lost.
+        if matches!(
+            call,
+            TaskCall::NeighbourFailed(..) | TaskCall::NeighbourRestarted(..)
+        ) && s.ctx.term().is_none()
+        {
+            debug!(?call, "the lease lapsed before the task was told: deferred");
+            s.deferred_calls.push(call);
+            return;
+        }
         let span = s.span();
         match call {
             TaskCall::BecameBackup => s.task.became_backup(&s.ctx).instrument(span).await,

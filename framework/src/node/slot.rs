@@ -11,6 +11,7 @@ use crate::app::{Context, SlotState, Task};
 use crate::data::{Answer, DataRequest, PullId, Responder, ServeKey};
 use crate::exchange::serve::{Lookup, Reply, ServeBook};
 use crate::inbox::LoopRequest;
+use crate::node::engine::TaskCall;
 use crate::wire::{Meta, PullRequest};
 use crate::{Epoch, Term};
 
@@ -27,6 +28,10 @@ pub(super) struct SlotRuntime {
     /// while the lease was past its local deadline; delivered once it is renewed (or dropped
     /// with the slot).
     pub(super) deferred: Vec<LoopRequest>,
+    /// As primary: neighbour events the engine decided on a lease that lapsed before the
+    /// task could be told (the keeper's news came in the same turn); told once it is renewed
+    /// (or dropped with the slot), like `deferred`.
+    pub(super) deferred_calls: Vec<TaskCall>,
     /// The slot's span (task, role, term), child of the node's.
     pub(super) span: Span,
     /// As primary: the span of the epoch the task is in (child of `span`).

@@ -369,7 +369,7 @@ impl Engine {
                 self.step(now, &mut out);
             }
             Input::Drafted(outcome) => {
-                self.drafted(outcome, now);
+                self.drafted(outcome, now, &mut out);
                 self.step(now, &mut out);
             }
             Input::Replicated { term, index } => {
@@ -492,6 +492,16 @@ impl Engine {
         out.push(Command::Watch {
             generation: self.generation,
             ranges,
+        });
+    }
+
+    /// Reads the job again: the same ranges under a new generation (the watch reloads, and
+    /// its snapshot replaces the view).
+    pub(super) fn reload_watch(&mut self, out: &mut Vec<Command>) {
+        self.generation += 1;
+        out.push(Command::Watch {
+            generation: self.generation,
+            ranges: self.ranges.clone(),
         });
     }
 

@@ -33,6 +33,9 @@ use crate::etcd::{DraftOrder, DraftOutcome, Kv};
 use crate::retry;
 use crate::roles::{decide, Decision, JobView, MySlot, Scope, SlotKey};
 
+/// Draft rounds in a row that find the view stale before the staffer reads the job again.
+pub(super) const STALE_DRAFTS_BEFORE_RELOAD: u32 = 5;
+
 /// How spares come to hold slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Staffing {
@@ -207,7 +210,7 @@ impl Engine {
     }
 
     /// The outcome of the drafts out.
-    pub(super) fn drafted(&mut self, outcome: DraftOutcome, now: Instant) {
+    pub(super) fn drafted(&mut self, outcome: DraftOutcome, now: Instant, out: &mut Vec<Command>) {
         let staff = &mut self.staff;
         staff.drafting = false;
         if outcome.applied > 0 {
@@ -228,13 +231,29 @@ impl Engine {
                     None => retry::CLAIM_CONTENTION.spread(staff.setbacks, self.rng.random()),
                     Some(_) => retry::ETCD.pause(staff.setbacks, self.rng.random()),
                 };
+                let mut reload = false;
                 match error {
                     Some(error) => warn!(error, ?pause, "drafting failed; trying again"),
+                    None if staff.setbacks >= STALE_DRAFTS_BEFORE_RELOAD => {
+                        // The watch should have shown what made the view stale by now; it
+                        // did not (seen after every lease ended at once: the view lacked a
+                        // draft of this staffer's own, so every later draft failed on it).
+                        // Read the job again rather than trust the view.
+                        warn!(
+                            setbacks = staff.setbacks,
+                            "drafts keep finding the view stale: reading the job again"
+                        );
+                        staff.setbacks = 0;
+                        reload = true;
+                    }
                     None => debug!(?pause, "a draft found the view stale; drafting again"),
                 }
                 let at = now + pause;
                 staff.after = Some(at);
                 self.retry_at = Some(self.retry_at.map_or(at, |r| r.min(at)));
+                if reload {
+                    self.reload_watch(out);
+                }
             }
         }
     }

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use super::*;
 use crate::etcd::keys::{Draft, NodeRecord};
 use crate::etcd::{DraftOrder, DraftOutcome};
+use crate::node::engine::staff::STALE_DRAFTS_BEFORE_RELOAD as STALE_ROUNDS;
 use crate::node::engine::{ClaimOutcome, Command, Input, TaskCall};
 use crate::roles::{MySlot, Watched};
 
@@ -273,6 +274,58 @@ fn the_staffer_drafts_waiting_spares_orphans_first_then_the_fewest_backups() {
     assert_eq!(orders[0].holder.node, "s6");
     assert_eq!(orders[0].draft.slot, 1);
     assert!(!backups.contains(&(orders[0].draft.task, 1)));
+}
+
+/// A view that stays stale however long the staffer waits (the watch never showed a change
+/// that makes every draft fail) is read again: after a few stale rounds in a row the staffer
+/// asks for its ranges again under a new generation, and drafts on the fresh snapshot.
+#[test]
+fn drafts_that_keep_finding_the_view_stale_make_the_staffer_read_the_job_again() {
+    let (mut h, _, out) = staffer(2, 1, |h| vec![record(h, "s1", true, 201)]);
+    let (generation, ranges) = (h.e.generation, h.e.ranges.clone());
+    let (_, first) = drafts_in(&out).expect("a draft");
+    let stale = DraftOutcome {
+        applied: 0,
+        revision: 0,
+        stopped: Some(None),
+    };
+    let mut reload = None;
+    for round in 1..=STALE_ROUNDS {
+        let out = h.input(Input::Drafted(stale.clone()));
+        if let Some(w) = watch_of(&out) {
+            reload = Some((round, w));
+            break;
+        }
+        h.now = h.e.retry_at().expect("a time to try again");
+        let out = h.input(Input::Retry);
+        assert_eq!(drafts_in(&out).map(|(_, o)| o), Some(first.clone()));
+    }
+    let (round, (new_generation, new_ranges)) = reload.expect("the staffer reads the job again");
+    assert_eq!(
+        round, STALE_ROUNDS,
+        "not before {STALE_ROUNDS} stale rounds in a row"
+    );
+    assert_eq!(new_generation, generation + 1);
+    assert_eq!(new_ranges, ranges, "the same ranges, read again");
+    // The fresh snapshot shows what the view lacked: s1 was drafted already (the draft and
+    // its slot key, under s1's lease). Nothing is left to draft.
+    let mut kvs = vec![h.spec_kv(), h.epoch_kv("1"), h.record_kv()];
+    kvs.push(h.primary_kv(0, "boss", LEASE));
+    kvs.push(record(&mut h, "s1", true, 201));
+    kvs.push(h.primary_kv(1, "s1", LeaseId(201)));
+    kvs.push(draft_kv(
+        &mut h,
+        "s1",
+        Draft { task: 1, slot: 0 },
+        LeaseId(201),
+    ));
+    let revision = h.next_rev();
+    let out = h.input(Input::Watch(vec![JobEvent::Snapshot {
+        kvs,
+        revision,
+        generation: new_generation,
+    }]));
+    assert_eq!(drafts_in(&out), None, "{out:?}");
 }
 
 #[test]
