@@ -762,6 +762,19 @@ impl Runtime {
                 );
             }
             Command::Watch { generation, ranges } => {
+                // The commands that answer an outcome run before the rest of their batch, so
+                // a later generation may be out already: a spare that lost its slot plans its
+                // spare's ranges and claims task 0 in one turn, and the won claim's staffer
+                // ranges ran first. The older ranges must not replace them (the watch would
+                // follow them while the engine ignores their snapshots, and the staffer's view
+                // would never be read again: the job stalled after every lease ended at once).
+                if generation <= self.watch_ranges.borrow().generation {
+                    debug!(
+                        generation,
+                        "the job watch already follows later ranges: these are not sent"
+                    );
+                    return Ok(Vec::new());
+                }
                 self.metrics.set_watched_ranges(ranges.len());
                 self.watch_ranges
                     .send_replace(crate::etcd::watch::WatchRanges { generation, ranges });

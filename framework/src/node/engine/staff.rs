@@ -236,9 +236,10 @@ impl Engine {
                     Some(error) => warn!(error, ?pause, "drafting failed; trying again"),
                     None if staff.setbacks >= STALE_DRAFTS_BEFORE_RELOAD => {
                         // The watch should have shown what made the view stale by now; it
-                        // did not (seen after every lease ended at once: the view lacked a
-                        // draft of this staffer's own, so every later draft failed on it).
-                        // Read the job again rather than trust the view.
+                        // did not. (Seen once every lease ended at once, before the runtime
+                        // stopped older watch ranges from replacing newer ones: the view
+                        // lacked a draft of this staffer's own, and every later draft failed
+                        // on it.) A safety net: read the job again rather than trust the view.
                         warn!(
                             setbacks = staff.setbacks,
                             "drafts keep finding the view stale: reading the job again"
