@@ -768,16 +768,22 @@ impl Runtime {
                 // ranges ran first. The older ranges must not replace them (the watch would
                 // follow them while the engine ignores their snapshots, and the staffer's view
                 // would never be read again: the job stalled after every lease ended at once).
-                if generation <= self.watch_ranges.borrow().generation {
+                let count = ranges.len();
+                let sent = self.watch_ranges.send_if_modified(|now| {
+                    let later = generation > now.generation;
+                    if later {
+                        *now = crate::etcd::watch::WatchRanges { generation, ranges };
+                    }
+                    later
+                });
+                if sent {
+                    self.metrics.set_watched_ranges(count);
+                } else {
                     debug!(
                         generation,
                         "the job watch already follows later ranges: these are not sent"
                     );
-                    return Ok(Vec::new());
                 }
-                self.metrics.set_watched_ranges(ranges.len());
-                self.watch_ranges
-                    .send_replace(crate::etcd::watch::WatchRanges { generation, ranges });
             }
             Command::DropSlot(reason) => {
                 if let Some(mut slot) = self.slot.take() {

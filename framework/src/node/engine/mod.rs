@@ -482,23 +482,19 @@ impl Engine {
             return;
         }
         self.scope = scope;
-        self.ranges = ranges.clone();
+        self.ranges = ranges;
+        self.reload_watch(out);
+    }
+
+    /// Has the watch read [`Engine::ranges`] afresh under a new generation (its snapshot
+    /// replaces the view): after the ranges changed, or to read the same ones again.
+    pub(super) fn reload_watch(&mut self, out: &mut Vec<Command>) {
         self.generation += 1;
         debug!(
             generation = self.generation,
-            ranges = ranges.len(),
-            "job watch follows new ranges"
+            ranges = self.ranges.len(),
+            "job watch reads its ranges"
         );
-        out.push(Command::Watch {
-            generation: self.generation,
-            ranges,
-        });
-    }
-
-    /// Reads the job again: the same ranges under a new generation (the watch reloads, and
-    /// its snapshot replaces the view).
-    pub(super) fn reload_watch(&mut self, out: &mut Vec<Command>) {
-        self.generation += 1;
         out.push(Command::Watch {
             generation: self.generation,
             ranges: self.ranges.clone(),
