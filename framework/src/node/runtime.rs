@@ -5,7 +5,7 @@
 //! where it must answer at once (a pull, a meta, a replication entry, an answer coming back to
 //! the task), it asks the engine's admission rules.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use tracing::{debug, error_span, info, warn, Instrument, Span};
 
 use super::checkpoint::load_checkpoint;
 use super::engine::{
-    Claim, ClaimOutcome, Command, Engine, Input, Note, Published, Removal, TaskCall,
+    Agenda, Claim, ClaimOutcome, Command, Engine, Input, Next, Note, Published, Removal, TaskCall,
 };
 use super::lease::AbortOnDrop;
 use super::slot::SlotRuntime;
@@ -568,40 +568,31 @@ impl Runtime {
         self.execute(commands, stop).await
     }
 
-    /// Runs commands in order; the commands that answer one's outcome run right after it.
+    /// Runs commands in the order the engine decided them (see [`Agenda`]): the commands
+    /// that answer one's outcome join the end.
     pub(super) async fn execute(
         &mut self,
         commands: Vec<Command>,
         stop: &CancellationToken,
     ) -> Result<Flow, Error> {
-        let mut queue: VecDeque<Command> = commands.into();
-        // Once an epoch could not be entered, no later one of these commands is: the task
-        // enters every epoch in order.
-        let mut entry_failed = false;
-        while let Some(command) = queue.pop_front() {
-            // The count of epochs entered follows each entry: none for one that failed.
-            if entry_failed && matches!(command, Command::Note(Note::EpochEntered(_))) {
-                continue;
-            }
-            let entry = matches!(command, Command::EnterEpoch { .. });
-            let failed = command.guard().is_some() && !self.lease.borrow().valid_now();
-            let next = if failed || (entry && entry_failed) {
-                entry_failed |= entry;
-                // Checked right before it runs: the lease may have lapsed during the commands
-                // before it (a handler, an etcd call).
-                self.engine
-                    .handle(Input::GuardFailed(command), Instant::now())
-            } else {
-                if let Command::Exit(exit) = command {
+        let mut agenda = Agenda::new(commands);
+        // The lease is checked right before a guarded command runs: it may have lapsed during
+        // the commands before it (a handler, an etcd call).
+        while let Some(next) = agenda.next(|| self.lease.borrow().valid_now()) {
+            let answer = match next {
+                Next::Refuse(command) => self
+                    .engine
+                    .handle(Input::GuardFailed(command), Instant::now()),
+                Next::Run(Command::Exit(exit)) => {
                     info!(?exit, "node stopped");
                     return Ok(Flow::Exit(exit));
                 }
-                let span = self.span();
-                self.run(command, stop).instrument(span).await?
+                Next::Run(command) => {
+                    let span = self.span();
+                    self.run(command, stop).instrument(span).await?
+                }
             };
-            for c in next.into_iter().rev() {
-                queue.push_front(c);
-            }
+            agenda.answer(answer);
         }
         Ok(Flow::Continue)
     }
@@ -762,12 +753,10 @@ impl Runtime {
                 );
             }
             Command::Watch { generation, ranges } => {
-                // The commands that answer an outcome run before the rest of their batch, so
-                // a later generation may be out already: a spare that lost its slot plans its
-                // spare's ranges and claims task 0 in one turn, and the won claim's staffer
-                // ranges ran first. The older ranges must not replace them (the watch would
-                // follow them while the engine ignores their snapshots, and the staffer's view
-                // would never be read again: the job stalled after every lease ended at once).
+                // The agenda runs them in the order decided, so generations only grow here.
+                // Kept as a second line: older ranges must never replace newer ones (the watch
+                // would follow them while the engine ignores their snapshots, and the view
+                // would never be read again: the job once stalled so after every lease ended).
                 let count = ranges.len();
                 let sent = self.watch_ranges.send_if_modified(|now| {
                     let later = generation > now.generation;

@@ -14,14 +14,16 @@
 //! heal; what status to publish.
 //!
 //! Two rules the runtime keeps (the engine relies on them):
-//! - **Sequencing.** The commands of one input are executed completely, in order, before the
-//!   next input is handled; a command that has an outcome (a claim, a new lease, a failed
-//!   guard) feeds it back at once, and the commands that answer it run next.
+//! - **Sequencing.** The commands of one input are executed completely, in the order decided,
+//!   before the next input is handled; a command that has an outcome (a claim, a new lease, a
+//!   failed guard) feeds it back at once, and the commands that answer it join the end: they
+//!   were decided after everything already queued ([`Agenda`]).
 //! - **Guards.** A command whose [`Command::guard`] is `Some` is run only if the lease is
 //!   still within its local deadline right before it runs; otherwise it is dropped and
 //!   [`Input::GuardFailed`] carries it back, so the engine can undo what it planned.
 
 mod admission;
+mod agenda;
 mod command;
 mod neighbours;
 mod staff;
@@ -48,6 +50,7 @@ use crate::{Epoch, TaskId, Term};
 use neighbours::Incident;
 
 pub(crate) use admission::{Replica, Route, When};
+pub(crate) use agenda::{Agenda, Next};
 pub(crate) use command::{Claim, ClaimOutcome, Command, Input, Note, Published, Removal, TaskCall};
 pub(crate) use staff::Staffing;
 

@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::etcd::keys::{JobKey, KeyRange, NodeRecord};
 use crate::etcd::lease::LeaseId;
-use crate::node::engine::{Claim, ClaimOutcome, Command, Input, TaskCall};
+use crate::node::engine::{Agenda, Claim, ClaimOutcome, Command, Input, Next, TaskCall};
 use crate::roles::MySlot;
 
 const TASKS: u32 = 2;
@@ -309,9 +309,22 @@ impl Sim {
                 <= 1,
             "two claims in one batch: {out:?}"
         );
-        let mut queue: VecDeque<Command> = out.into();
+        let mut agenda = Agenda::new(out);
         let mut promoted_without_state = false;
-        while let Some(cmd) = queue.pop_front() {
+        loop {
+            let alive = self.nodes[i].mode == LeaseMode::Alive;
+            let cmd = match agenda.next(|| alive) {
+                None => break,
+                Some(Next::Run(cmd)) => cmd,
+                Some(Next::Refuse(cmd)) => {
+                    // The runtime's guard.
+                    let more = self.nodes[i]
+                        .engine
+                        .handle(Input::GuardFailed(cmd), self.now);
+                    agenda.answer(more);
+                    continue;
+                }
+            };
             let node = &mut self.nodes[i];
             let more = match cmd {
                 Command::Claim(claim) => {
@@ -383,33 +396,28 @@ impl Sim {
                     vec![]
                 }
                 Command::EnterEpoch { epoch, .. } => {
-                    if node.mode != LeaseMode::Alive {
-                        // The runtime's guard.
-                        node.engine.handle(Input::GuardFailed(cmd), self.now)
-                    } else {
-                        assert!(node.holds_slot);
-                        let Some((term, last)) = node.entering else {
-                            panic!("{}: an epoch entered before a term", node.name);
-                        };
-                        assert!(
-                            last.is_none_or(|last| epoch > last),
-                            "{}: epoch {epoch} after {last:?} under term {term}",
-                            node.name
-                        );
-                        assert!(
-                            epoch <= self.model.epoch,
-                            "{}: entered {epoch}, etcd has {}",
-                            node.name,
-                            self.model.epoch
-                        );
-                        assert!(
-                            matches!(node.engine.mine(), MySlot::Primary { term: t, .. } if t == term),
-                            "{}: entered as non-primary",
-                            node.name
-                        );
-                        node.entering = Some((term, Some(epoch)));
-                        vec![]
-                    }
+                    assert!(node.holds_slot);
+                    let Some((term, last)) = node.entering else {
+                        panic!("{}: an epoch entered before a term", node.name);
+                    };
+                    assert!(
+                        last.is_none_or(|last| epoch > last),
+                        "{}: epoch {epoch} after {last:?} under term {term}",
+                        node.name
+                    );
+                    assert!(
+                        epoch <= self.model.epoch,
+                        "{}: entered {epoch}, etcd has {}",
+                        node.name,
+                        self.model.epoch
+                    );
+                    assert!(
+                        matches!(node.engine.mine(), MySlot::Primary { term: t, .. } if t == term),
+                        "{}: entered as non-primary",
+                        node.name
+                    );
+                    node.entering = Some((term, Some(epoch)));
+                    vec![]
                 }
                 Command::NewLease => self.grant(i),
                 Command::Watch { generation, ranges } => {
@@ -426,9 +434,18 @@ impl Sim {
                 }
                 _ => vec![],
             };
-            for c in more.into_iter().rev() {
-                queue.push_front(c);
-            }
+            agenda.answer(more);
+        }
+        // The watch follows the ranges the engine last asked for: a command decided earlier
+        // never ran after a later one and replaced them.
+        let node = &self.nodes[i];
+        if node.up {
+            assert_eq!(
+                node.ranges,
+                node.engine.ranges(),
+                "{}: the watch does not follow the engine's ranges",
+                node.name
+            );
         }
     }
 

@@ -452,3 +452,96 @@ fn a_spare_registered_later_waits_its_turn_before_claiming_task_0() {
     let out = h.delete(h.keys.primary(0));
     assert_eq!(last_claim(&out).map(|c| c.task()), Some(0), "{out:?}");
 }
+
+/// The stall after every lease ended at once, through the agenda the runtime runs. A drafted
+/// backup whose lease ends drops its slot, plans a spare's watch ranges and asks for a new
+/// lease; with the new lease, task 0 shows no node, so it claims task 0 at once, and the won
+/// claim plans the staffer's ranges. The watch must end up following the staffer's ranges:
+/// run in any other order than decided, the spare's ranges replaced them and the staffer's
+/// view was never read again.
+#[test]
+fn a_node_that_loses_its_slot_and_claims_task_0_in_one_turn_ends_up_watching_as_the_staffer() {
+    use crate::node::engine::{Agenda, Next};
+    let mut h = H::drafted("n1", 8, 2);
+    let boss = h.primary_kv(0, "boss", 99);
+    h.snapshot(3, vec![boss]);
+    let draft = draft_kv(&mut h, "n1", Draft { task: 4, slot: 1 }, LEASE);
+    let out = h.put(draft.clone());
+    let (generation, ranges) = watch_of(&out).expect("a holder's watch");
+    // The holder's first read: the slot key the draft's transaction created, with it.
+    let mut kvs = vec![h.spec_kv(), h.epoch_kv("3"), h.record_kv()];
+    kvs.push(h.primary_kv(0, "boss", 99));
+    kvs.push(h.primary_kv(4, "p4", 98));
+    let slot = h.backup_kv(4, 1, "n1", LEASE);
+    kvs.push(Kv {
+        create_revision: draft.mod_revision,
+        mod_revision: draft.mod_revision,
+        ..slot
+    });
+    kvs.push(draft);
+    let revision = h.next_rev();
+    h.input(Input::Watch(vec![JobEvent::Snapshot {
+        kvs,
+        revision,
+        generation,
+    }]));
+    assert!(matches!(h.e.mine(), MySlot::Backup { task: 4, .. }));
+    assert_eq!(h.e.ranges(), ranges);
+    // Every lease ends: task 0's key goes first, then this node's lease.
+    let out = h.delete(h.keys.primary(0));
+    assert_eq!(
+        claims(&out),
+        0,
+        "a backup of task 4 does not claim task 0: {out:?}"
+    );
+    let out = h.input(Input::Lease(LeaseState::Expired { id: LEASE }));
+    let mut agenda = Agenda::new(out);
+    let mut watched = Vec::new();
+    let mut claimed = None;
+    while let Some(next) = agenda.next(|| true) {
+        let Next::Run(command) = next else {
+            panic!("nothing here is guarded")
+        };
+        let answer = match command {
+            Command::NewLease => {
+                let lease = LeaseState::Alive {
+                    id: LeaseId(8),
+                    deadline: h.now + TTL,
+                };
+                h.input(Input::LeaseGranted {
+                    lease,
+                    registered_at: 50,
+                })
+            }
+            Command::Claim(claim) => {
+                claimed = Some(claim);
+                let term = h.next_rev();
+                h.input(Input::Claimed(claim, ClaimOutcome::Won(term)))
+            }
+            Command::Watch { generation, ranges } => {
+                watched.push((generation, ranges));
+                Vec::new()
+            }
+            _ => Vec::new(),
+        };
+        agenda.answer(answer);
+    }
+    assert_eq!(
+        claimed.map(|c| c.task()),
+        Some(0),
+        "it claims task 0 in the same turn"
+    );
+    assert!(matches!(h.e.mine(), MySlot::Primary { task: 0, .. }));
+    let generations: Vec<u64> = watched.iter().map(|(g, _)| *g).collect();
+    assert!(
+        generations.len() >= 2 && generations.windows(2).all(|w| w[0] < w[1]),
+        "the watch's ranges are sent in the order decided: {generations:?}"
+    );
+    let (last_generation, last_ranges) = watched.last().expect("ranges sent").clone();
+    assert_eq!(last_generation, h.e.generation);
+    assert_eq!(
+        last_ranges,
+        h.keys.staff_watch(),
+        "the watch follows the staffer's ranges"
+    );
+}
