@@ -818,8 +818,10 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     }
     if wanted("pulls") {
         let setup = format!(
-            "2 tasks × 1 in-process, Context::request_bytes vs bare tonic echo, same payload \
-             bytes, {} rounds; frame limit {} MiB and {}",
+            "2 tasks × 1 in-process, Context::request_bytes (pulls up to {} KiB on the \
+             node pair's lane, larger ones unary) vs bare tonic echo (a unary call per pull), \
+             same payload bytes, {} rounds; frame limit {} MiB and {}",
+            taskgraph::testing::wire::LANE_MAX_BYTES >> 10,
             plan.pull_rounds,
             pulls::FRAME_LIMIT >> 20,
             common::http2_settings()

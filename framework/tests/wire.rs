@@ -974,3 +974,202 @@ async fn a_message_made_to_wait_by_the_direct_handler_is_served_when_its_turn_co
     );
     server.await.unwrap().unwrap();
 }
+
+/// A loop that hands every pull to the test, with its answer channel.
+fn pulls_to_test(mut inbound: mpsc::Receiver<Inbound>) -> LoopPulls {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(msg) = inbound.recv().await {
+            match msg {
+                Inbound::Pull(req, answer) => {
+                    let _ = tx.send((req, answer));
+                }
+                other => panic!("only pulls expected, got {other:?}"),
+            }
+        }
+    });
+    rx
+}
+
+type LoopPulls =
+    mpsc::UnboundedReceiver<(PullRequest, oneshot::Sender<Result<PullAnswer, Rejection>>)>;
+
+/// Answers the next pull the loop gets with its own payload.
+async fn echo_next(loop_pulls: &mut LoopPulls) {
+    let (req, answer) = loop_pulls.recv().await.unwrap();
+    answer
+        .send(Ok(PullAnswer {
+            payload: req.payload,
+            server_term: 7,
+        }))
+        .unwrap();
+}
+
+/// `peers.pull(addr, req)` as a task of its own.
+fn spawn_pull(
+    peers: &Peers,
+    addr: &str,
+    req: PullRequest,
+) -> JoinHandle<Result<PullAnswer, CallError>> {
+    let (peers, addr) = (peers.clone(), addr.to_owned());
+    tokio::spawn(async move { peers.pull(&addr, req).await })
+}
+
+fn numbered(seq: u64, payload: Bytes) -> PullRequest {
+    PullRequest {
+        seq,
+        payload,
+        ..pull("echo", b"")
+    }
+}
+
+#[tokio::test]
+async fn pulls_in_flight_together_are_answered_each_with_its_own_answer_in_any_order() {
+    let (server, inbound) = TestServer::start(server_config()).await;
+    let mut loop_pulls = pulls_to_test(inbound);
+    let peers = peers();
+    const N: u64 = 16;
+    let calls: Vec<_> = (0..N)
+        .map(|seq| {
+            let (peers, addr) = (peers.clone(), server.addr.clone());
+            tokio::spawn(async move {
+                let payload = Bytes::from(format!("payload {seq}"));
+                let answer = peers.pull(&addr, numbered(seq, payload)).await;
+                (seq, answer)
+            })
+        })
+        .collect();
+    // Every pull reaches the loop before any is answered; the loop answers the last first.
+    let mut held = Vec::new();
+    for _ in 0..N {
+        held.push(loop_pulls.recv().await.unwrap());
+    }
+    held.sort_by_key(|(req, _)| std::cmp::Reverse(req.seq));
+    for (req, answer) in held {
+        let payload = Bytes::from(format!("answer to {}", req.seq));
+        answer
+            .send(Ok(PullAnswer {
+                payload,
+                server_term: req.seq,
+            }))
+            .unwrap();
+    }
+    for call in calls {
+        let (seq, answer) = call.await.unwrap();
+        let answer = answer.unwrap();
+        assert_eq!(answer.payload, Bytes::from(format!("answer to {seq}")));
+        assert_eq!(answer.server_term, seq);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_answer_larger_than_a_lane_takes_is_asked_for_again_as_a_call_of_its_own() {
+    let (server, inbound) = TestServer::start(server_config()).await;
+    let mut loop_pulls = pulls_to_test(inbound);
+    let peers = peers();
+    let large = Bytes::from(vec![3u8; wire::LANE_MAX_BYTES + 1]);
+    let call = spawn_pull(&peers, &server.addr, numbered(1, Bytes::new()));
+    // The loop sees the pull twice: on the lane, then as a unary call (a node's serve book
+    // answers the second from the answer it kept; the handler does not run again).
+    for round in 0..2 {
+        let (req, answer) = loop_pulls.recv().await.unwrap();
+        assert_eq!(req.seq, 1, "round {round}");
+        answer
+            .send(Ok(PullAnswer {
+                payload: large.clone(),
+                server_term: 7,
+            }))
+            .unwrap();
+    }
+    let answer = call.await.unwrap().unwrap();
+    assert_eq!(answer.payload, large);
+    // A small answer comes on the lane: once.
+    let call = spawn_pull(&peers, &server.addr, numbered(2, Bytes::from_static(b"s")));
+    echo_next(&mut loop_pulls).await;
+    assert_eq!(
+        call.await.unwrap().unwrap().payload,
+        Bytes::from_static(b"s")
+    );
+    server.stop().await;
+    assert!(
+        loop_pulls.recv().await.is_none(),
+        "no pull reached the loop a second time"
+    );
+}
+
+#[tokio::test]
+async fn a_pull_its_caller_gives_up_is_cancelled_at_the_server_and_the_lane_goes_on() {
+    let (server, inbound) = TestServer::start(server_config()).await;
+    let mut loop_pulls = pulls_to_test(inbound);
+    let peers = peers();
+    let (give_up, gave_up) = oneshot::channel::<()>();
+    let call = tokio::spawn({
+        let (peers, addr) = (peers.clone(), server.addr.clone());
+        async move {
+            tokio::select! {
+                r = peers.pull(&addr, numbered(1, Bytes::new())) => Some(r),
+                _ = gave_up => None,
+            }
+        }
+    });
+    let (_, mut held) = loop_pulls.recv().await.unwrap();
+    give_up.send(()).unwrap();
+    assert!(call.await.unwrap().is_none(), "the caller gave up first");
+    // The server stops handling it: the loop's answer channel closes (bounded wait, so a
+    // broken cancel fails the test instead of hanging it).
+    tokio::time::timeout(Duration::from_secs(10), held.closed())
+        .await
+        .expect("the given-up pull was cancelled at the server");
+    // The lane still carries pulls.
+    let call = spawn_pull(
+        &peers,
+        &server.addr,
+        numbered(2, Bytes::from_static(b"next")),
+    );
+    echo_next(&mut loop_pulls).await;
+    assert_eq!(
+        call.await.unwrap().unwrap().payload,
+        Bytes::from_static(b"next")
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_the_server_would_not_decode_is_refused_alone_and_the_others_are_answered() {
+    const LIMIT: usize = 4096;
+    let (server, inbound) = TestServer::start(ServerConfig {
+        max_frame_bytes: LIMIT,
+        ..server_config()
+    })
+    .await;
+    let mut loop_pulls = pulls_to_test(inbound);
+    // This client allows more than the server decodes.
+    let peers = Peers::new(ClientConfig {
+        max_frame_bytes: 16 * LIMIT,
+        ..ClientConfig::new(JOB)
+    });
+    let held = spawn_pull(
+        &peers,
+        &server.addr,
+        numbered(1, Bytes::from_static(b"held")),
+    );
+    let (req, answer) = loop_pulls.recv().await.unwrap();
+    // While it is in flight, a request above the server's limit is refused on its own.
+    let too_big = numbered(2, Bytes::from(vec![1u8; 2 * LIMIT]));
+    match peers.pull(&server.addr, too_big).await.unwrap_err() {
+        CallError::Rejected(Rejection::TooLarge { limit, .. }) => assert_eq!(limit, LIMIT),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    answer
+        .send(Ok(PullAnswer {
+            payload: req.payload,
+            server_term: 7,
+        }))
+        .unwrap();
+    assert_eq!(
+        held.await.unwrap().unwrap().payload,
+        Bytes::from_static(b"held")
+    );
+    server.stop().await;
+}

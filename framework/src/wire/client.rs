@@ -14,6 +14,7 @@ use tonic::{Code, Status};
 
 use super::codec::LocalDecodeError;
 use super::error::CallError;
+use super::lane::{Lane, Outcome};
 use super::proto;
 use super::proto::taskgraph_client::TaskgraphClient;
 use super::rejection::{tonic_size_limit, Rejection};
@@ -89,6 +90,15 @@ pub struct Peers {
 struct Inner {
     config: ClientConfig,
     channels: Mutex<HashMap<String, Channel>>,
+    lanes: Mutex<HashMap<String, LaneTo>>,
+}
+
+/// The lane to one address.
+#[derive(Debug, Clone)]
+enum LaneTo {
+    Open(Arc<Lane>),
+    /// The peer does not serve lanes: unary calls until the address is forgotten.
+    Unsupported,
 }
 
 impl Peers {
@@ -98,6 +108,7 @@ impl Peers {
             inner: Arc::new(Inner {
                 config,
                 channels: Mutex::new(HashMap::new()),
+                lanes: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -108,15 +119,109 @@ impl Peers {
     }
 
     /// Sends a pull to the node at `addr` and waits for its answer (the server may hold it).
+    ///
+    /// Pulls to one address share a lane: one long-lived stream carrying many pulls at once,
+    /// so a pull costs no HTTP/2 stream of its own. A request or an answer larger than
+    /// [`LANE_MAX_BYTES`](super::LANE_MAX_BYTES) goes as a unary call instead (an answer
+    /// found too large is asked for again; the server answers from the answer it kept). So
+    /// does every pull to a peer that does not serve lanes. Dropping the future cancels the
+    /// pull at the server either way.
     pub async fn pull(&self, addr: &str, mut req: PullRequest) -> Result<PullAnswer, CallError> {
         self.fill_job(&mut req.header.job);
         let msg = proto::PullRequest::from(req);
-        self.check_size(msg.encoded_len())?;
+        let size = msg.encoded_len();
+        self.check_size(size)?;
+        let limit = self.lane_limit();
+        if size <= limit {
+            match self.pull_on_lane(addr, &msg, size, limit).await? {
+                Some(Outcome::Answer(answer)) => return Ok(PullAnswer::from(answer)),
+                Some(Outcome::Rejected(rejection)) => return Err(CallError::Rejected(rejection)),
+                Some(Outcome::Failed(error)) => return Err(error),
+                Some(Outcome::Broken(status)) => return Err(self.classify(addr, status).await),
+                Some(Outcome::Unary | Outcome::Unsupported) | None => {}
+            }
+        }
         let mut client = self.client(addr)?;
         match client.pull(msg).await {
             Ok(answer) => Ok(PullAnswer::from(answer.into_inner())),
             Err(status) => Err(self.classify(addr, status).await),
         }
+    }
+
+    /// The largest encoded request or answer a lane of this client carries.
+    fn lane_limit(&self) -> usize {
+        let frame = self.inner.config.max_frame_bytes;
+        super::LANE_MAX_BYTES.min(frame.saturating_sub(super::LANE_OVERHEAD))
+    }
+
+    /// A pull on the lane to `addr` (opened, or opened again after it ended); `None` when
+    /// the peer serves no lanes.
+    async fn pull_on_lane(
+        &self,
+        addr: &str,
+        msg: &proto::PullRequest,
+        size: usize,
+        limit: usize,
+    ) -> Result<Option<Outcome>, CallError> {
+        // A lane found ended while the call registers is replaced once; beyond, unary.
+        for _ in 0..2 {
+            let lane = match self.lane(addr)? {
+                LaneTo::Open(lane) => lane,
+                LaneTo::Unsupported => return Ok(None),
+            };
+            let call = lane.call(msg.clone(), size, limit);
+            let outcome = match self.inner.config.request_timeout {
+                None => call.await,
+                Some(timeout) => match tokio::time::timeout(timeout, call).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        return Err(CallError::Unreachable {
+                            addr: addr.to_owned(),
+                            reason: format!("no answer within {timeout:?}"),
+                        })
+                    }
+                },
+            };
+            match outcome {
+                Some(Outcome::Unsupported) => {
+                    tracing::debug!(%addr, "wire: the peer serves no lanes; unary pulls");
+                    self.lanes().insert(addr.to_owned(), LaneTo::Unsupported);
+                    return Ok(None);
+                }
+                Some(outcome) => return Ok(Some(outcome)),
+                None => continue,
+            }
+        }
+        Ok(None)
+    }
+
+    /// The lane to `addr`, opened if there is none or the last one ended.
+    fn lane(&self, addr: &str) -> Result<LaneTo, CallError> {
+        if let Some(lane) = self.lanes().get(addr) {
+            match lane {
+                LaneTo::Open(l) if l.ended() => {}
+                lane => return Ok(lane.clone()),
+            }
+        }
+        // Opened outside the map's lock (it takes the channels' lock); two callers racing
+        // here open two lanes, and the one not kept ends when its calls are done.
+        let lane = LaneTo::Open(Lane::open(self.client(addr)?, addr));
+        let mut lanes = self.lanes();
+        match lanes.get(addr) {
+            Some(LaneTo::Open(l)) if !l.ended() => Ok(LaneTo::Open(l.clone())),
+            Some(LaneTo::Unsupported) => Ok(LaneTo::Unsupported),
+            _ => {
+                lanes.insert(addr.to_owned(), lane.clone());
+                Ok(lane)
+            }
+        }
+    }
+
+    fn lanes(&self) -> std::sync::MutexGuard<'_, HashMap<String, LaneTo>> {
+        self.inner
+            .lanes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Tells the node at `addr` that the answer to a pull arrived (see [`Acknowledge`]).
@@ -200,6 +305,7 @@ impl Peers {
     /// call connects afresh. Calls in flight on the old channel are not affected.
     pub fn forget(&self, addr: &str) {
         self.channels().remove(addr);
+        self.lanes().remove(addr);
     }
 
     fn channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
@@ -276,60 +382,64 @@ impl Peers {
 
     /// Turns a failed call's status into a [`CallError`].
     async fn classify(&self, addr: &str, status: Status) -> CallError {
-        let addr_owned = || addr.to_owned();
-        // A status with a source was produced in this process (transport or local decoding);
-        // statuses received from the server never have one.
-        if let Some(source) = status.source() {
-            if find_in_chain::<LocalDecodeError>(source).is_some() {
-                return CallError::Protocol {
-                    reason: format!("undecodable answer: {}", status.message()),
-                };
-            }
-            if chain_has_io_kind(source, io::ErrorKind::ConnectionRefused) {
-                return CallError::Refused { addr: addr_owned() };
-            }
-            let timed_out = matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded)
-                || chain_has_io_kind(source, io::ErrorKind::TimedOut);
-            let reason = format!("{}: {}", status.message(), chain_text(source));
-            // A broken connection: the channel's next reconnect would tell whether the peer
-            // process is gone, so find out now with a plain TCP connect.
-            if !timed_out && self.probe_refused(addr).await {
-                return CallError::Refused { addr: addr_owned() };
-            }
-            return CallError::Unreachable {
-                addr: addr_owned(),
-                reason,
+        classify(addr, self.inner.config.connect_timeout, status).await
+    }
+}
+
+/// Turns a failed call's status into a [`CallError`] (a broken connection is told from a
+/// refused one by a fresh TCP connect, bounded by `connect_timeout`).
+async fn classify(addr: &str, connect_timeout: Duration, status: Status) -> CallError {
+    let addr_owned = || addr.to_owned();
+    // A status with a source was produced in this process (transport or local decoding);
+    // statuses received from the server never have one.
+    if let Some(source) = status.source() {
+        if find_in_chain::<LocalDecodeError>(source).is_some() {
+            return CallError::Protocol {
+                reason: format!("undecodable answer: {}", status.message()),
             };
         }
-        if let Some(rejection) = Rejection::from_status(&status) {
-            return CallError::Rejected(rejection);
+        if chain_has_io_kind(source, io::ErrorKind::ConnectionRefused) {
+            return CallError::Refused { addr: addr_owned() };
         }
-        if let Some(rejection) = tonic_size_limit(&status) {
-            return CallError::Rejected(rejection);
+        let timed_out = matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded)
+            || chain_has_io_kind(source, io::ErrorKind::TimedOut);
+        let reason = format!("{}: {}", status.message(), chain_text(source));
+        // A broken connection: the channel's next reconnect would tell whether the peer
+        // process is gone, so find out now with a plain TCP connect.
+        if !timed_out && probe_refused(addr, connect_timeout).await {
+            return CallError::Refused { addr: addr_owned() };
         }
-        match status.code() {
-            Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded => {
-                CallError::Unreachable {
-                    addr: addr_owned(),
-                    reason: format!("{:?}: {}", status.code(), status.message()),
-                }
-            }
-            code => CallError::Protocol {
-                reason: format!("unexpected status {code:?}: {}", status.message()),
-            },
-        }
-    }
-
-    /// Whether a fresh TCP connect to `addr` is refused.
-    async fn probe_refused(&self, addr: &str) -> bool {
-        let Some(target) = socket_target(addr) else {
-            return false;
+        return CallError::Unreachable {
+            addr: addr_owned(),
+            reason,
         };
-        let connect = TcpStream::connect(target);
-        match tokio::time::timeout(self.inner.config.connect_timeout, connect).await {
-            Ok(Err(err)) => err.kind() == io::ErrorKind::ConnectionRefused,
-            Ok(Ok(_)) | Err(_) => false,
-        }
+    }
+    if let Some(rejection) = Rejection::from_status(&status) {
+        return CallError::Rejected(rejection);
+    }
+    if let Some(rejection) = tonic_size_limit(&status) {
+        return CallError::Rejected(rejection);
+    }
+    match status.code() {
+        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded => CallError::Unreachable {
+            addr: addr_owned(),
+            reason: format!("{:?}: {}", status.code(), status.message()),
+        },
+        code => CallError::Protocol {
+            reason: format!("unexpected status {code:?}: {}", status.message()),
+        },
+    }
+}
+
+/// Whether a fresh TCP connect to `addr` is refused.
+async fn probe_refused(addr: &str, connect_timeout: Duration) -> bool {
+    let Some(target) = socket_target(addr) else {
+        return false;
+    };
+    let connect = TcpStream::connect(target);
+    match tokio::time::timeout(connect_timeout, connect).await {
+        Ok(Err(err)) => err.kind() == io::ErrorKind::ConnectionRefused,
+        Ok(Ok(_)) | Err(_) => false,
     }
 }
 

@@ -1,9 +1,11 @@
 //! Node-to-node transport: gRPC (tonic over HTTP/2) between taskgraph nodes.
 //!
-//! Nodes exchange five kinds of message, each a unary call, and hold one kind of stream:
+//! Nodes exchange five kinds of message, each a unary call, and hold two kinds of stream:
 //!
 //! * [`PullRequest`] → [`PullAnswer`]: a data request from task A to the current primary of
-//!   task B;
+//!   task B. Pulls from one node to another ride a *lane*: one long-lived stream carrying
+//!   many pulls at once, answered in any order ([`Peers::pull`]); a request or answer above
+//!   [`LANE_MAX_BYTES`] goes as a unary call of its own;
 //! * [`Acknowledge`]: the requester of a large answer received it (the server drops the
 //!   answer's bytes at once instead of at the requester's next pull);
 //! * [`Meta`]: a small flag from a task to a neighbour;
@@ -34,6 +36,7 @@
 mod client;
 mod codec;
 mod error;
+mod lane;
 mod rejection;
 mod server;
 mod types;
@@ -68,6 +71,14 @@ pub use types::{
 /// [`ClientConfig::max_frame_bytes`]: the largest encoded message, payload plus a few dozen
 /// bytes of header, so a payload of exactly 64 MiB needs a higher limit.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+
+/// Largest encoded pull request or answer carried on a lane (the stream of pulls between two
+/// nodes, see [`Peers::pull`]); a larger one goes as a unary call of its own, so one large
+/// payload never holds up the small ones queued behind it.
+pub const LANE_MAX_BYTES: usize = 1024 * 1024;
+
+/// Room for a lane's own fields around a request or an answer, in bytes.
+pub(crate) const LANE_OVERHEAD: usize = 32;
 
 /// HTTP/2 flow-control window of one call (stream), in bytes, announced by both ends of every
 /// node-to-node connection. hyper's defaults (1 MiB on a server, 2 MiB on a client) make a

@@ -139,7 +139,8 @@ impl Rejection {
 }
 
 /// Longest string field (job, method, reason) a rejection carries on the wire; longer ones
-/// are truncated, as they travel in HTTP/2 headers (peers echo client-chosen strings).
+/// are truncated, as they travel in HTTP/2 headers (peers echo client-chosen strings). A
+/// lane's rejections are cut the same way.
 pub const MAX_REJECTION_TEXT: usize = 1024;
 
 impl From<Rejection> for Status {
@@ -157,7 +158,8 @@ impl From<Rejection> for Status {
 }
 
 impl Rejection {
-    fn truncated(self) -> Rejection {
+    /// The rejection with its string fields cut to [`MAX_REJECTION_TEXT`] bytes.
+    pub(super) fn truncated(self) -> Rejection {
         match self {
             Rejection::WrongJob { expected, got } => Rejection::WrongJob {
                 expected: truncate(expected),

@@ -22,12 +22,14 @@ use tonic::transport::{Server, ServerTlsConfig};
 use tonic::{Code, Request, Response, Status};
 
 use super::error::WireError;
+use super::lane::LANE_LIMIT_METADATA_KEY;
 use super::proto;
 use super::proto::taskgraph_server::{Taskgraph, TaskgraphServer};
 use super::rejection::{tonic_size_limit, Rejection};
 use super::types::{Acknowledge, Header, Meta, PingReply, PullAnswer, PullRequest, Replicate};
 use super::{
     DEFAULT_MAX_FRAME_BYTES, HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW,
+    LANE_OVERHEAD,
 };
 pub use crate::lend::Lent;
 use crate::lend::{poll_once, Unfinished, Work};
@@ -171,7 +173,7 @@ pub async fn serve_with(
         max_frame_bytes: limit,
         inbound,
         direct,
-        unfinished: Unfinished::default(),
+        unfinished: Arc::default(),
         stop: stop.clone(),
     };
     let grpc = TaskgraphServer::new(node)
@@ -218,7 +220,8 @@ pub async fn serve_with(
     result
 }
 
-/// The generated service's implementation.
+/// The generated service's implementation (cloned once per lane, for the lane's tasks).
+#[derive(Clone)]
 struct Node {
     /// With TLS: the name every caller's certificate must be valid for.
     peer_name: Option<String>,
@@ -228,7 +231,7 @@ struct Node {
     inbound: mpsc::Sender<Inbound>,
     direct: Option<Arc<dyn Direct>>,
     /// Direct work not finished in its first poll (aborted when the server ends).
-    unfinished: Unfinished,
+    unfinished: Arc<Unfinished>,
     stop: CancellationToken,
 }
 
@@ -306,6 +309,18 @@ impl Node {
             }
         }
         Ok(())
+    }
+
+    /// A pull's answer, from the loop or handled here: the part a unary pull and a lane's
+    /// pull share.
+    async fn handle_pull(
+        &self,
+        request: proto::PullRequest,
+    ) -> Result<proto::PullAnswer, Rejection> {
+        let req = PullRequest::try_from(request)?;
+        self.check_header(&req.header)?;
+        let answer = self.dispatch(|tx| Inbound::Pull(req, tx)).await??;
+        Ok(proto::PullAnswer::from(answer))
     }
 
     fn check_answer_size(&self, size: usize) -> Result<(), Rejection> {
@@ -418,10 +433,7 @@ impl Taskgraph for Node {
     ) -> Result<Response<proto::PullAnswer>, Status> {
         self.check_peer("pull", &request)?;
         let answer = async {
-            let req = PullRequest::try_from(request.into_inner())?;
-            self.check_header(&req.header)?;
-            let answer = self.dispatch(|tx| Inbound::Pull(req, tx)).await??;
-            let answer = proto::PullAnswer::from(answer);
+            let answer = self.handle_pull(request.into_inner()).await?;
             self.check_answer_size(answer.encoded_len())?;
             Ok(answer)
         };
@@ -429,6 +441,26 @@ impl Taskgraph for Node {
             .await
             .map(Response::new)
             .map_err(|r| refuse("pull", r))
+    }
+
+    type LaneStream = LaneStream;
+
+    async fn lane(
+        &self,
+        request: Request<tonic::Streaming<proto::LanePull>>,
+    ) -> Result<Response<LaneStream>, Status> {
+        self.check_peer("lane", &request)?;
+        let pulls = request.into_inner();
+        let (answers, rx) = mpsc::channel(LANE_QUEUE);
+        tokio::spawn(run_lane(Arc::new(self.clone()), pulls, answers));
+        let mut response = Response::new(lane_stream(rx, self.stop.clone()));
+        // The caller sends on the lane only what this side decodes (see `LanePull`).
+        if let Ok(limit) = self.max_frame_bytes.to_string().parse() {
+            response
+                .metadata_mut()
+                .insert(LANE_LIMIT_METADATA_KEY, limit);
+        }
+        Ok(response)
     }
 
     async fn meta(
@@ -502,6 +534,145 @@ impl Taskgraph for Node {
             futures::stream::once(std::future::ready(Ok(first))).chain(futures::stream::once(end));
         Ok(Response::new(Box::pin(stream)))
     }
+}
+
+/// Answers queued on one lane before its handlers wait for the connection to take them.
+const LANE_QUEUE: usize = 256;
+
+/// The stream of a [`Taskgraph::lane`] call.
+type LaneStream =
+    Pin<Box<dyn futures::Stream<Item = Result<proto::LaneAnswer, Status>> + Send + 'static>>;
+
+/// The answers of a lane, in the order they are ready; once the server stops and every call
+/// in flight is answered or dropped, the stream ends with [`Rejection::ShuttingDown`] (the
+/// caller's cue to fail what it still waits for).
+fn lane_stream(mut rx: mpsc::Receiver<proto::LaneAnswer>, stop: CancellationToken) -> LaneStream {
+    let mut ended = false;
+    Box::pin(futures::stream::poll_fn(move |cx| {
+        if ended {
+            return Poll::Ready(None);
+        }
+        match rx.poll_recv(cx) {
+            Poll::Ready(Some(answer)) => Poll::Ready(Some(Ok(answer))),
+            Poll::Ready(None) => {
+                ended = true;
+                if stop.is_cancelled() {
+                    Poll::Ready(Some(Err(refuse("lane", Rejection::ShuttingDown))))
+                } else {
+                    Poll::Ready(None)
+                }
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }))
+}
+
+/// Reads a lane's pulls and handles each as a task of its own, until the caller's side ends or
+/// the server stops; then the calls still in flight are dropped (as a unary call's handling is
+/// when its caller goes) and the answer stream ends.
+async fn run_lane(
+    node: Arc<Node>,
+    mut pulls: tonic::Streaming<proto::LanePull>,
+    answers: mpsc::Sender<proto::LaneAnswer>,
+) {
+    use proto::lane_answer::Outcome;
+    use proto::lane_pull::What;
+    let mut calls = tokio::task::JoinSet::new();
+    let mut running: std::collections::HashMap<u64, tokio::task::AbortHandle> =
+        std::collections::HashMap::new();
+    let mut call_of: std::collections::HashMap<tokio::task::Id, u64> =
+        std::collections::HashMap::new();
+    let refuse_call = |call: u64, rejection: Rejection| {
+        tracing::debug!(rpc = "lane", call, %rejection, "wire: refusing");
+        proto::LaneAnswer {
+            call,
+            outcome: Some(Outcome::Rejection(proto::Rejection::from(
+                rejection.truncated(),
+            ))),
+        }
+    };
+    loop {
+        let frame = tokio::select! {
+            biased;
+            () = node.stop.cancelled() => break,
+            Some(done) = calls.join_next_with_id(), if !calls.is_empty() => {
+                let id = match done {
+                    Ok((id, ())) => id,
+                    Err(e) => e.id(),
+                };
+                if let Some(call) = call_of.remove(&id) {
+                    running.remove(&call);
+                }
+                continue;
+            }
+            frame = pulls.next() => frame,
+        };
+        let pull = match frame {
+            Some(Ok(pull)) => pull,
+            // The caller's side ended or broke (or sent an undecodable frame): its calls go.
+            Some(Err(status)) => {
+                tracing::debug!(%status, "wire: a lane ended by its caller's side");
+                break;
+            }
+            None => break,
+        };
+        let call = pull.call;
+        match pull.what {
+            Some(What::Request(request)) if !running.contains_key(&call) => {
+                let (node, answers) = (node.clone(), answers.clone());
+                let limit = usize::try_from(pull.answer_limit).unwrap_or(usize::MAX);
+                // What the lane carries: no more than the caller takes, nor than this side
+                // sends in one frame with the lane's own fields.
+                let limit = limit.min(node.max_frame_bytes.saturating_sub(LANE_OVERHEAD));
+                let task = calls.spawn(async move {
+                    let outcome = match node.handle_pull(request).await.and_then(|answer| {
+                        let size = answer.encoded_len();
+                        node.check_answer_size(size)?;
+                        Ok((answer, size))
+                    }) {
+                        Ok((_, size)) if size > limit => Outcome::Unary(proto::LaneTooLarge {
+                            size: u64::try_from(size).unwrap_or(u64::MAX),
+                        }),
+                        Ok((answer, _)) => Outcome::Answer(answer),
+                        Err(rejection) => {
+                            tracing::debug!(rpc = "lane", call, %rejection, "wire: refusing");
+                            Outcome::Rejection(proto::Rejection::from(rejection.truncated()))
+                        }
+                    };
+                    let _ = answers
+                        .send(proto::LaneAnswer {
+                            call,
+                            outcome: Some(outcome),
+                        })
+                        .await;
+                });
+                call_of.insert(task.id(), call);
+                running.insert(call, task);
+            }
+            Some(What::Request(_)) => {
+                let rejection = Rejection::Malformed {
+                    reason: format!("lane call {call} is already in flight"),
+                };
+                if answers.send(refuse_call(call, rejection)).await.is_err() {
+                    break;
+                }
+            }
+            Some(What::Cancel(_)) => {
+                if let Some(task) = running.remove(&call) {
+                    task.abort();
+                }
+            }
+            None => {
+                let rejection = Rejection::Malformed {
+                    reason: "a lane message without a request or a cancel".into(),
+                };
+                if answers.send(refuse_call(call, rejection)).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    calls.abort_all();
 }
 
 /// The stream of a [`Taskgraph::hold`] call: one reply, then an error status at shutdown.
