@@ -1063,38 +1063,66 @@ async fn pulls_in_flight_together_are_answered_each_with_its_own_answer_in_any_o
     server.stop().await;
 }
 
+/// Pulls `seq`; it reaches the loop `times` times, each answered with `payload`, and its
+/// caller gets that payload (bounded: a pull asked for once more than expected fails).
+async fn pull_seen(
+    peers: &Peers,
+    addr: &str,
+    loop_pulls: &mut LoopPulls,
+    seq: u64,
+    times: usize,
+    payload: Bytes,
+) {
+    let call = spawn_pull(peers, addr, numbered(seq, Bytes::new()));
+    for round in 0..times {
+        let (req, answer) = tokio::time::timeout(Duration::from_secs(10), loop_pulls.recv())
+            .await
+            .expect("the pull reached the loop as often as expected")
+            .unwrap();
+        assert_eq!(req.seq, seq, "round {round}");
+        answer
+            .send(Ok(PullAnswer {
+                payload: payload.clone(),
+                server_term: 7,
+            }))
+            .unwrap();
+    }
+    let answer = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("answered after the rounds expected")
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.payload, payload, "pull {seq}");
+}
+
 #[tokio::test]
 async fn an_answer_larger_than_a_lane_takes_is_asked_for_again_as_a_call_of_its_own() {
     let (server, inbound) = TestServer::start(server_config()).await;
     let mut loop_pulls = pulls_to_test(inbound);
     let peers = peers();
     let large = Bytes::from(vec![3u8; wire::LANE_MAX_BYTES + 1]);
-    let call = spawn_pull(&peers, &server.addr, numbered(1, Bytes::new()));
-    // The loop sees the pull twice: on the lane, then as a unary call (a node's serve book
-    // answers the second from the answer it kept; the handler does not run again).
-    for round in 0..2 {
-        let (req, answer) = loop_pulls.recv().await.unwrap();
-        assert_eq!(req.seq, 1, "round {round}");
-        answer
-            .send(Ok(PullAnswer {
-                payload: large.clone(),
-                server_term: 7,
-            }))
-            .unwrap();
-    }
-    let answer = call.await.unwrap().unwrap();
-    assert_eq!(answer.payload, large);
-    // A small answer comes on the lane: once.
-    let call = spawn_pull(&peers, &server.addr, numbered(2, Bytes::from_static(b"s")));
-    echo_next(&mut loop_pulls).await;
-    assert_eq!(
-        call.await.unwrap().unwrap().payload,
-        Bytes::from_static(b"s")
-    );
+    // Twice: on the lane, then as a unary call (a node's serve book answers the second from
+    // the answer it kept; the handler does not run again).
+    let addr = server.addr.clone();
+    pull_seen(&peers, &addr, &mut loop_pulls, 1, 2, large.clone()).await;
+    // The method's next pull goes as a unary call at once.
+    pull_seen(&peers, &addr, &mut loop_pulls, 2, 1, large.clone()).await;
+    // Answered small there, the method comes back to the lane, where a large answer is again
+    // asked for twice.
+    pull_seen(
+        &peers,
+        &addr,
+        &mut loop_pulls,
+        3,
+        1,
+        Bytes::from_static(b"s"),
+    )
+    .await;
+    pull_seen(&peers, &addr, &mut loop_pulls, 4, 2, large).await;
     server.stop().await;
     assert!(
         loop_pulls.recv().await.is_none(),
-        "no pull reached the loop a second time"
+        "no pull reached the loop more often than expected"
     );
 }
 
@@ -1172,4 +1200,112 @@ async fn a_request_the_server_would_not_decode_is_refused_alone_and_the_others_a
         Bytes::from_static(b"held")
     );
     server.stop().await;
+}
+
+/// A node of a version without lanes: serves the unary `Pull` only (each answered with its
+/// request's payload, term 7), refuses every other method as unimplemented, and counts the
+/// lanes asked for.
+#[derive(Clone, Default)]
+struct LanelessNode {
+    lanes_asked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl tonic::server::NamedService for LanelessNode {
+    const NAME: &'static str = "taskgraph.wire.Taskgraph";
+}
+
+/// Answers a raw `PullRequest` with a raw `PullAnswer` carrying its payload.
+struct RawEcho;
+
+impl tonic::server::UnaryService<Bytes> for RawEcho {
+    type Response = Bytes;
+    type Future = std::future::Ready<Result<tonic::Response<Bytes>, Status>>;
+
+    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
+        // PullRequest field 4 (payload): found by walking the fields (varints and
+        // length-delimited ones only, as a PullRequest has).
+        use prost::encoding::decode_varint;
+        let mut buf = request.into_inner();
+        let mut payload = Bytes::new();
+        while buf.has_remaining() {
+            let key = decode_varint(&mut buf).unwrap();
+            if key & 7 == 0 {
+                decode_varint(&mut buf).unwrap();
+                continue;
+            }
+            let len = usize::try_from(decode_varint(&mut buf).unwrap()).unwrap();
+            let value = buf.copy_to_bytes(len);
+            if key == (4 << 3 | 2) {
+                payload = value;
+            }
+        }
+        let mut answer = Vec::new();
+        answer.put_u8(1 << 3 | 2);
+        answer.put_u8(u8::try_from(payload.len()).unwrap());
+        answer.put_slice(&payload);
+        answer.put_u8(2 << 3);
+        answer.put_u8(7);
+        std::future::ready(Ok(tonic::Response::new(Bytes::from(answer))))
+    }
+}
+
+impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for LanelessNode {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        let lanes_asked = self.lanes_asked.clone();
+        Box::pin(async move {
+            match request.uri().path() {
+                "/taskgraph.wire.Taskgraph/Pull" => {
+                    let mut grpc = tonic::server::Grpc::new(RawCodec);
+                    Ok(grpc.unary(RawEcho, request).await)
+                }
+                path => {
+                    if path.ends_with("/Lane") {
+                        lanes_asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Ok(Status::unimplemented(path.to_owned()).into_http())
+                }
+            }
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_peer_without_lanes_is_pulled_with_unary_calls() {
+    let node = LanelessNode::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(node.clone())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let peers = peers();
+    for round in 0..3u8 {
+        let payload = Bytes::from(vec![round; 5]);
+        let answer = peers
+            .pull(&addr, numbered(u64::from(round), payload.clone()))
+            .await
+            .unwrap();
+        assert_eq!(answer.payload, payload, "round {round}");
+        assert_eq!(answer.server_term, 7);
+    }
+    assert_eq!(
+        node.lanes_asked.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "a lane is asked for once; the peer's answer is remembered"
+    );
+    server.abort();
 }

@@ -1,6 +1,6 @@
 //! The calling side: [`Peers`], a cache of one HTTP/2 channel per peer address.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::error::Error as StdError;
 use std::io;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -91,6 +91,8 @@ struct Inner {
     config: ClientConfig,
     channels: Mutex<HashMap<String, Channel>>,
     lanes: Mutex<HashMap<String, LaneTo>>,
+    /// Per address, the methods whose last answer was too large for the lane.
+    large_answers: Mutex<HashMap<String, HashSet<String>>>,
 }
 
 /// The lane to one address.
@@ -109,6 +111,7 @@ impl Peers {
                 config,
                 channels: Mutex::new(HashMap::new()),
                 lanes: Mutex::new(HashMap::new()),
+                large_answers: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -123,29 +126,69 @@ impl Peers {
     /// Pulls to one address share a lane: one long-lived stream carrying many pulls at once,
     /// so a pull costs no HTTP/2 stream of its own. A request or an answer larger than
     /// [`LANE_MAX_BYTES`](super::LANE_MAX_BYTES) goes as a unary call instead (an answer
-    /// found too large is asked for again; the server answers from the answer it kept). So
-    /// does every pull to a peer that does not serve lanes. Dropping the future cancels the
-    /// pull at the server either way.
+    /// found too large is asked for again, and the server answers from the answer it kept;
+    /// the method's next pulls to that address go as unary calls at once, until one is
+    /// answered small enough for the lane). So does every pull to a peer that does not serve
+    /// lanes. Dropping the future cancels the pull at the server either way.
     pub async fn pull(&self, addr: &str, mut req: PullRequest) -> Result<PullAnswer, CallError> {
         self.fill_job(&mut req.header.job);
         let msg = proto::PullRequest::from(req);
         let size = msg.encoded_len();
         self.check_size(size)?;
         let limit = self.lane_limit();
-        if size <= limit {
+        // A method whose last answer from `addr` was too large for the lane goes straight to
+        // a unary call (no round trip to learn it again); a small answer to it there brings
+        // it back to the lane.
+        let large_before = self.answers_large(addr, &msg.method);
+        if size <= limit && !large_before {
             match self.pull_on_lane(addr, &msg, size, limit).await? {
                 Some(Outcome::Answer(answer)) => return Ok(PullAnswer::from(answer)),
                 Some(Outcome::Rejected(rejection)) => return Err(CallError::Rejected(rejection)),
                 Some(Outcome::Failed(error)) => return Err(error),
                 Some(Outcome::Broken(status)) => return Err(self.classify(addr, status).await),
-                Some(Outcome::Unary | Outcome::Unsupported) | None => {}
+                Some(Outcome::LargeAnswer) => self.note_large_answers(addr, &msg.method, true),
+                Some(Outcome::LargeRequest | Outcome::Unsupported) | None => {}
             }
         }
+        let method = large_before.then(|| msg.method.clone());
         let mut client = self.client(addr)?;
         match client.pull(msg).await {
-            Ok(answer) => Ok(PullAnswer::from(answer.into_inner())),
+            Ok(answer) => {
+                let answer = answer.into_inner();
+                if let Some(method) = method.filter(|_| answer.encoded_len() <= limit) {
+                    self.note_large_answers(addr, &method, false);
+                }
+                Ok(PullAnswer::from(answer))
+            }
             Err(status) => Err(self.classify(addr, status).await),
         }
+    }
+
+    /// Whether the last answer to `method` from `addr` was too large for the lane.
+    fn answers_large(&self, addr: &str, method: &str) -> bool {
+        let large = self.large_answers();
+        !large.is_empty() && large.get(addr).is_some_and(|m| m.contains(method))
+    }
+
+    fn note_large_answers(&self, addr: &str, method: &str, large: bool) {
+        let mut map = self.large_answers();
+        if large {
+            map.entry(addr.to_owned())
+                .or_default()
+                .insert(method.to_owned());
+        } else if let Some(methods) = map.get_mut(addr) {
+            methods.remove(method);
+            if methods.is_empty() {
+                map.remove(addr);
+            }
+        }
+    }
+
+    fn large_answers(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashSet<String>>> {
+        self.inner
+            .large_answers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The largest encoded request or answer a lane of this client carries.
@@ -306,6 +349,7 @@ impl Peers {
     pub fn forget(&self, addr: &str) {
         self.channels().remove(addr);
         self.lanes().remove(addr);
+        self.large_answers().remove(addr);
     }
 
     fn channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {

@@ -32,7 +32,9 @@ pub(super) enum Outcome {
     /// The server refused the pull.
     Rejected(Rejection),
     /// The answer is larger than the lane takes: ask with the unary call (the server kept it).
-    Unary,
+    LargeAnswer,
+    /// The request is larger than the server decodes on the lane: send it as a unary call.
+    LargeRequest,
     /// The lane ended or broke before the answer came (the stream's status).
     Broken(Status),
     /// The answer could not be read.
@@ -144,7 +146,7 @@ impl Lane {
             State::Open { limit } if size.saturating_add(super::LANE_OVERHEAD) > limit => {
                 lock(&self.calls).waiting.remove(&call);
                 pending.done = true;
-                return Some(Outcome::Unary);
+                return Some(Outcome::LargeRequest);
             }
             State::Open { .. } => {
                 // A closed channel means the reader is gone or going: it fails the calls
@@ -267,7 +269,7 @@ fn deliver(calls: &Mutex<Calls>, answer: proto::LaneAnswer) {
                 reason: format!("a lane answer with an unreadable rejection: {e}"),
             }),
         },
-        Some(Wire::Unary(_)) => Outcome::Unary,
+        Some(Wire::Unary(_)) => Outcome::LargeAnswer,
         None => Outcome::Failed(CallError::Protocol {
             reason: "a lane answer without an outcome".into(),
         }),

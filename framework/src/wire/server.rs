@@ -539,6 +539,12 @@ impl Taskgraph for Node {
 /// Answers queued on one lane before its handlers wait for the connection to take them.
 const LANE_QUEUE: usize = 256;
 
+/// Calls of one lane handled at once (each a task of its own, most of them held pulls): a
+/// peer that sends more waits, so a flood costs a bounded amount of memory. Above the 4,096
+/// early requests a node holds (`MAX_EARLY` of the serving book), so a flood of those is
+/// refused by the node, not stalled here.
+const LANE_MAX_CALLS: usize = 16 * 1024;
+
 /// The stream of a [`Taskgraph::lane`] call.
 type LaneStream =
     Pin<Box<dyn futures::Stream<Item = Result<proto::LaneAnswer, Status>> + Send + 'static>>;
@@ -605,7 +611,9 @@ async fn run_lane(
                 }
                 continue;
             }
-            frame = pulls.next() => frame,
+            // At the bound, the lane is not read until a call ends: HTTP/2 flow control then
+            // holds the caller back, as a connection's stream limit holds unary calls.
+            frame = pulls.next(), if running.len() < LANE_MAX_CALLS => frame,
         };
         let pull = match frame {
             Some(Ok(pull)) => pull,
