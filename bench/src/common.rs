@@ -487,6 +487,83 @@ impl Echo for EchoService {
     ) -> Result<tonic::Response<Payload>, tonic::Status> {
         Ok(tonic::Response::new(request.into_inner()))
     }
+
+    type EchoStreamStream = EchoStream;
+
+    async fn echo_stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<Payload>>,
+    ) -> Result<tonic::Response<EchoStream>, tonic::Status> {
+        Ok(tonic::Response::new(Box::pin(request.into_inner())))
+    }
+}
+
+/// The answers of [`Echo::echo_stream`]: the requests themselves, in order.
+type EchoStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<Payload, tonic::Status>> + Send + 'static>>;
+
+/// Echoes waiting for their answer on a [`StreamEchoer`], oldest first.
+type Waiting = std::collections::VecDeque<oneshot::Sender<Payload>>;
+
+/// A client of the bare echo server that sends every echo on one long-lived stream
+/// (`EchoStream`), many in flight, answers matched in order: the reference for what one stream
+/// per peer pair can carry.
+#[derive(Debug, Clone)]
+pub struct StreamEchoer {
+    requests: tokio::sync::mpsc::UnboundedSender<(Payload, oneshot::Sender<Payload>)>,
+}
+
+impl StreamEchoer {
+    /// Opens the stream to `addr` (HTTP/2 as the framework's, see [`http2_settings`]).
+    pub async fn connect_with(addr: &str, max_message: usize) -> Result<Self, BoxError> {
+        let channel = bare_endpoint(addr)?.connect().await?;
+        let mut client = EchoClient::new(channel)
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+        let (requests, mut queued) =
+            tokio::sync::mpsc::unbounded_channel::<(Payload, oneshot::Sender<Payload>)>();
+        let waiting = std::sync::Arc::new(std::sync::Mutex::new(Waiting::new()));
+        let (wire, mut wire_rx) = tokio::sync::mpsc::unbounded_channel::<Payload>();
+        let registered = waiting.clone();
+        // Registers each echo's waiter in send order, then sends it.
+        tokio::spawn(async move {
+            while let Some((payload, waiter)) = queued.recv().await {
+                lock_waiting(&registered).push_back(waiter);
+                if wire.send(payload).is_err() {
+                    break;
+                }
+            }
+        });
+        let outgoing = futures::stream::poll_fn(move |cx| wire_rx.poll_recv(cx));
+        let mut answers = client.echo_stream(outgoing).await?.into_inner();
+        tokio::spawn(async move {
+            while let Ok(Some(answer)) = answers.message().await {
+                let waiter = lock_waiting(&waiting).pop_front();
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(answer);
+                }
+            }
+        });
+        Ok(StreamEchoer { requests })
+    }
+
+    /// One echo on the stream; checks that the answer has the payload's length.
+    pub async fn echo(&self, data: Bytes) -> Result<(), BoxError> {
+        let len = data.len();
+        let (waiter, answer) = oneshot::channel();
+        self.requests
+            .send((Payload { data }, waiter))
+            .map_err(|_| "the echo stream is closed")?;
+        let answer = answer.await.map_err(|_| "the echo stream ended")?;
+        if answer.data.len() != len {
+            return Err(format!("echo answered {} bytes, sent {len}", answer.data.len()).into());
+        }
+        Ok(())
+    }
+}
+
+fn lock_waiting(w: &std::sync::Mutex<Waiting>) -> std::sync::MutexGuard<'_, Waiting> {
+    w.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The HTTP/2 settings both sides of a comparison use: the bare services get the same windows,

@@ -10,6 +10,12 @@
 //! rounds, so drift of a shared machine weighs on both), then moves the job to the next epoch,
 //! which frees the answers the serving side keeps per epoch for retries.
 //!
+//! For payloads under 1 MiB a third block per round sends the same echoes to the bare service
+//! on one long-lived stream (`EchoStream`, many in flight, answered in order): not a contender
+//! but a reference for what the wire gives a caller that batches pulls on one stream, as the
+//! framework's lanes do (the framework and bare tonic make the comparison; the stream row
+//! says how far both are from that).
+//!
 //! For payloads of 1 MiB and more, each block also records the peak resident memory of the
 //! process above what it held before the block (`VmHWM` reset through `/proc/self/clear_refs`),
 //! in multiples of the payload. Both nodes and the caller live in this process, so this is the
@@ -27,7 +33,7 @@ use tokio::sync::watch;
 
 use crate::common::{
     echo_server_with, peak_rss_bytes, process_cpu, reset_peak_rss, rss_bytes, BoxError, Echoer,
-    Fleet, FleetSpec,
+    Fleet, FleetSpec, StreamEchoer,
 };
 use crate::report::{ratio, ratio_text, Row, Stats};
 
@@ -75,6 +81,21 @@ pub struct CaseFigures {
     pub bare_cpu: Vec<f64>,
     /// Framework blocks: the same (both nodes and the caller).
     pub fw_cpu: Vec<f64>,
+    /// Reference blocks on one stream (payloads under 1 MiB), pulls/s.
+    pub stream_rate: Vec<f64>,
+    /// Reference blocks on one stream: CPU time of the process per pull, µs.
+    pub stream_cpu: Vec<f64>,
+}
+
+/// Who makes the pulls of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// Bare tonic, a unary call per pull.
+    Bare,
+    /// The framework (`Context::request_bytes`).
+    Framework,
+    /// Bare tonic, every pull on one stream (the reference).
+    Stream,
 }
 
 /// Payloads from this size on get the peak-memory figure.
@@ -101,6 +122,7 @@ struct Probe {
     cases: Vec<Case>,
     rounds: usize,
     bare: Echoer,
+    stream: StreamEchoer,
     gate: watch::Receiver<bool>,
     entered: watch::Sender<Epoch>,
     figures: Mutex<Vec<CaseFigures>>,
@@ -117,26 +139,33 @@ impl Probe {
         ctx: &Context,
         case: Case,
         payload: &Bytes,
-        framework: bool,
+        side: Side,
     ) -> Result<(Vec<f64>, f64, Option<f64>), String> {
         let cpu0 = process_cpu();
         let t0 = Instant::now();
         let lat: Vec<Result<f64, String>> = futures::stream::iter(0..case.per_block)
             .map(|_| async move {
                 let t = Instant::now();
-                if framework {
-                    let answer = ctx
-                        .request_bytes(1, "echo", payload.clone())
-                        .await
-                        .map_err(|e| format!("framework pull: {e}"))?;
-                    if answer.len() != payload.len() {
-                        return Err(format!("framework pull answered {} bytes", answer.len()));
+                match side {
+                    Side::Framework => {
+                        let answer = ctx
+                            .request_bytes(1, "echo", payload.clone())
+                            .await
+                            .map_err(|e| format!("framework pull: {e}"))?;
+                        if answer.len() != payload.len() {
+                            return Err(format!("framework pull answered {} bytes", answer.len()));
+                        }
                     }
-                } else {
-                    self.bare
+                    Side::Bare => self
+                        .bare
                         .echo(payload.clone())
                         .await
-                        .map_err(|e| format!("bare pull: {e}"))?;
+                        .map_err(|e| format!("bare pull: {e}"))?,
+                    Side::Stream => self
+                        .stream
+                        .echo(payload.clone())
+                        .await
+                        .map_err(|e| format!("bare stream pull: {e}"))?,
                 }
                 Ok(t.elapsed().as_secs_f64() * 1e6)
             })
@@ -170,14 +199,15 @@ impl Probe {
         for round in 0..=self.rounds {
             for (i, case) in self.cases.iter().enumerate() {
                 let payload = &payloads[i];
-                let order = if round % 2 == 0 {
-                    [false, true]
-                } else {
-                    [true, false]
-                };
-                for framework in order {
-                    let (block, peak) =
-                        peak_during(self.block(ctx, *case, payload, framework)).await;
+                let mut order = vec![Side::Bare, Side::Framework];
+                if case.bytes < PEAK_FROM {
+                    order.push(Side::Stream);
+                }
+                if round % 2 == 1 {
+                    order.reverse();
+                }
+                for side in order {
+                    let (block, peak) = peak_during(self.block(ctx, *case, payload, side)).await;
                     let (lat, rate, cpu) = block?;
                     let peak = peak
                         .filter(|_| case.bytes >= PEAK_FROM)
@@ -185,16 +215,23 @@ impl Probe {
                     if round > 0 {
                         let mut f = lock(&self.figures);
                         let f = &mut f[i];
-                        if framework {
-                            f.fw_us.extend(lat);
-                            f.fw_rate.push(rate);
-                            f.fw_peak.extend(peak);
-                            f.fw_cpu.extend(cpu);
-                        } else {
-                            f.bare_us.extend(lat);
-                            f.bare_rate.push(rate);
-                            f.bare_peak.extend(peak);
-                            f.bare_cpu.extend(cpu);
+                        match side {
+                            Side::Framework => {
+                                f.fw_us.extend(lat);
+                                f.fw_rate.push(rate);
+                                f.fw_peak.extend(peak);
+                                f.fw_cpu.extend(cpu);
+                            }
+                            Side::Bare => {
+                                f.bare_us.extend(lat);
+                                f.bare_rate.push(rate);
+                                f.bare_peak.extend(peak);
+                                f.bare_cpu.extend(cpu);
+                            }
+                            Side::Stream => {
+                                f.stream_rate.push(rate);
+                                f.stream_cpu.extend(cpu);
+                            }
                         }
                     }
                 }
@@ -281,12 +318,14 @@ pub async fn run(
 ) -> Result<(), BoxError> {
     let server = echo_server_with(FRAME_LIMIT).await?;
     let bare = Echoer::connect_with(&server.addr, FRAME_LIMIT).await?;
+    let stream = StreamEchoer::connect_with(&server.addr, FRAME_LIMIT).await?;
     let (gate_tx, gate) = watch::channel(false);
     let (result, mut result_rx) = watch::channel(None);
     let probe = Arc::new(Probe {
         cases: cases.to_vec(),
         rounds,
         bare,
+        stream,
         gate,
         entered: watch::Sender::new(0),
         figures: Mutex::new(vec![CaseFigures::default(); cases.len()]),
@@ -327,16 +366,17 @@ pub async fn run(
 pub fn rows(cases: &[Case], figures: &[CaseFigures]) -> Vec<Row> {
     let mut rows = Vec::new();
     // A bare row, then the framework's with its ratio to the bare one.
-    let mut pair = |name: &str, what: &str, unit: &str, bare: &[f64], fw: &[f64]| {
-        let bare = Row::new(format!("{name}: bare tonic {what}"), unit, bare);
-        let fw = Row::new(format!("{name}: framework {what}"), unit, fw);
-        let vs = ratio_text("÷ bare", fw.median(), bare.median());
-        rows.push(bare);
-        rows.push(fw.versus(vs));
-    };
+    let pair =
+        |rows: &mut Vec<Row>, name: &str, what: &str, unit: &str, bare: &[f64], fw: &[f64]| {
+            let bare = Row::new(format!("{name}: bare tonic {what}"), unit, bare);
+            let fw = Row::new(format!("{name}: framework {what}"), unit, fw);
+            let vs = ratio_text("÷ bare", fw.median(), bare.median());
+            rows.push(bare);
+            rows.push(fw.versus(vs));
+        };
     for (case, f) in cases.iter().zip(figures) {
         let name = case.name();
-        pair(&name, "latency", "µs", &f.bare_us, &f.fw_us);
+        pair(&mut rows, &name, "latency", "µs", &f.bare_us, &f.fw_us);
         let (unit, scale) = if case.bytes >= 1 << 20 {
             ("MiB/s", case.bytes as f64 / f64::from(1 << 20))
         } else {
@@ -344,6 +384,7 @@ pub fn rows(cases: &[Case], figures: &[CaseFigures]) -> Vec<Row> {
         };
         let scaled = |v: &[f64]| v.iter().map(|x| x * scale).collect::<Vec<_>>();
         pair(
+            &mut rows,
             &name,
             "throughput",
             unit,
@@ -352,6 +393,7 @@ pub fn rows(cases: &[Case], figures: &[CaseFigures]) -> Vec<Row> {
         );
         if !f.bare_cpu.is_empty() || !f.fw_cpu.is_empty() {
             pair(
+                &mut rows,
                 &name,
                 "CPU per pull (process)",
                 "µs",
@@ -359,8 +401,26 @@ pub fn rows(cases: &[Case], figures: &[CaseFigures]) -> Vec<Row> {
                 &f.fw_cpu,
             );
         }
+        let fw = (Stats::of(&f.fw_rate), Stats::of(&f.fw_cpu));
+        for (what, unit, values, fw) in [
+            ("throughput", unit, scaled(&f.stream_rate), fw.0),
+            ("CPU per pull (process)", "µs", f.stream_cpu.clone(), fw.1),
+        ] {
+            if values.is_empty() {
+                continue;
+            }
+            let row = Row::new(
+                format!("{name}: bare tonic on one stream {what} (reference)"),
+                unit,
+                &values,
+            );
+            let framework = fw.map(|s| s.median * if what == "throughput" { scale } else { 1.0 });
+            let vs = ratio_text("framework ÷ this", framework, row.median());
+            rows.push(row.versus(vs));
+        }
         if !f.bare_peak.is_empty() || !f.fw_peak.is_empty() {
             pair(
+                &mut rows,
                 &name,
                 "peak memory (process)",
                 "× payload",
@@ -391,6 +451,8 @@ pub fn json(cases: &[Case], figures: &[CaseFigures], rounds: usize) -> Value {
                 "bare_cpu_us_per_pull": Stats::of(&f.bare_cpu),
                 "framework_cpu_us_per_pull": Stats::of(&f.fw_cpu),
                 "bare_peak_rss_x_payload": Stats::of(&f.bare_peak),
+                "stream_reference_pulls_per_s": Stats::of(&f.stream_rate),
+                "stream_reference_cpu_us_per_pull": Stats::of(&f.stream_cpu),
                 "framework_peak_rss_x_payload": Stats::of(&f.fw_peak),
             })
         }).collect::<Vec<_>>(),
