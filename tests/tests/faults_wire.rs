@@ -287,6 +287,39 @@ mod raw {
         .await
         .map(tonic::Response::into_inner)
     }
+
+    /// Opens a lane at `path`, sends `frames` on it (then keeps it open) and reads answers
+    /// until as many came as frames were sent, or the lane ended; their count.
+    pub async fn lane(
+        channel: Channel,
+        path: &'static str,
+        frames: Vec<Vec<u8>>,
+    ) -> Result<usize, Status> {
+        use futures::StreamExt;
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let sent = frames.len();
+        let outgoing = futures::stream::iter(frames.into_iter().map(Bytes::from))
+            .chain(futures::stream::pending());
+        let mut answers = grpc
+            .streaming(
+                tonic::Request::new(outgoing),
+                PathAndQuery::from_static(path),
+                RawCodec,
+            )
+            .await?
+            .into_inner();
+        let mut count = 0;
+        while count < sent {
+            match answers.message().await? {
+                Some(_) => count += 1,
+                None => break,
+            }
+        }
+        Ok(count)
+    }
 }
 
 /// Protobuf wire-format pieces, to build frames field by field (valid, odd, or broken).
@@ -378,6 +411,32 @@ fn random_frame(rng: &mut impl rand::Rng, job: &str, epoch: Epoch) -> Vec<u8> {
     frame
 }
 
+/// A random message of a lane: a call number (often repeated), a random pull (as
+/// [`random_frame`]), a cancel, or neither, an answer limit; at times random bytes.
+fn random_lane_frame(rng: &mut impl rand::Rng, job: &str, epoch: Epoch) -> Vec<u8> {
+    if rng.random_bool(0.05) {
+        return (0..rng.random_range(0..64)).map(|_| rng.random()).collect();
+    }
+    let mut frame = Vec::new();
+    if rng.random_bool(0.9) {
+        pb::uint(1, rng.random_range(0..8), &mut frame);
+    }
+    match rng.random_range(0..5) {
+        0..=2 => pb::bytes(2, &random_frame(rng, job, epoch), &mut frame),
+        3 => pb::bytes(3, &[], &mut frame),
+        _ => {}
+    }
+    if rng.random_bool(0.5) {
+        let limit = match rng.random_range(0..3) {
+            0 => 0,
+            1 => u64::MAX,
+            _ => u64::from(rng.next_u32()),
+        };
+        pb::uint(4, limit, &mut frame);
+    }
+    frame
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_raw_frames_are_refused_and_the_job_stays_exact() {
     use rand::{Rng, SeedableRng};
@@ -429,7 +488,34 @@ async fn random_raw_frames_are_refused_and_the_job_stays_exact() {
         "/taskgraph.wire.Taskgraph/Ping",
     ];
     let (mut refused, mut answered) = (0usize, 0usize);
+    // Lanes: answers read on them, and lanes the node ended.
+    let (mut lane_answers, mut lanes_ended) = (0usize, 0usize);
     for _ in 0..cases {
+        if rng.random_bool(0.2) {
+            // A lane carrying a few random messages.
+            let frames = (0..rng.random_range(1..6))
+                .map(|_| random_lane_frame(&mut rng, &job, e))
+                .collect();
+            let channel = channels[rng.random_range(0..channels.len())].clone();
+            let lane = raw::lane(channel, "/taskgraph.wire.Taskgraph/Lane", frames);
+            match tokio::time::timeout(Duration::from_millis(500), lane).await {
+                Err(_) => answered += 1,
+                Ok(Ok(n)) => {
+                    lane_answers += n;
+                    answered += 1;
+                }
+                Ok(Err(status)) => {
+                    lanes_ended += 1;
+                    assert_ne!(
+                        status.code(),
+                        tonic::Code::Internal,
+                        "a node failed on a lane: {status:?}"
+                    );
+                    refused += 1;
+                }
+            }
+            continue;
+        }
         let frame = random_frame(&mut rng, &job, e);
         let path = PATHS[rng.random_range(0..PATHS.len())];
         let channel = channels[rng.random_range(0..channels.len())].clone();
@@ -448,7 +534,10 @@ async fn random_raw_frames_are_refused_and_the_job_stays_exact() {
             }
         }
     }
-    eprintln!("raw frame fuzz: {refused} refused, {answered} answered or held");
+    eprintln!(
+        "raw frame fuzz: {refused} refused, {answered} answered or held; lanes: {lane_answers} \
+         answers read, {lanes_ended} ended by the node"
+    );
 
     c.audit.open_gate();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(100);

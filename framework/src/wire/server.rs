@@ -552,14 +552,17 @@ type LaneStream =
 /// The answers of a lane, in the order they are ready; once the server stops and every call
 /// in flight is answered or dropped, the stream ends with [`Rejection::ShuttingDown`] (the
 /// caller's cue to fail what it still waits for).
-fn lane_stream(mut rx: mpsc::Receiver<proto::LaneAnswer>, stop: CancellationToken) -> LaneStream {
+fn lane_stream(
+    mut rx: mpsc::Receiver<Result<proto::LaneAnswer, Status>>,
+    stop: CancellationToken,
+) -> LaneStream {
     let mut ended = false;
     Box::pin(futures::stream::poll_fn(move |cx| {
         if ended {
             return Poll::Ready(None);
         }
         match rx.poll_recv(cx) {
-            Poll::Ready(Some(answer)) => Poll::Ready(Some(Ok(answer))),
+            Poll::Ready(Some(item)) => Poll::Ready(Some(item)),
             Poll::Ready(None) => {
                 ended = true;
                 if stop.is_cancelled() {
@@ -579,7 +582,7 @@ fn lane_stream(mut rx: mpsc::Receiver<proto::LaneAnswer>, stop: CancellationToke
 async fn run_lane(
     node: Arc<Node>,
     mut pulls: tonic::Streaming<proto::LanePull>,
-    answers: mpsc::Sender<proto::LaneAnswer>,
+    answers: mpsc::Sender<Result<proto::LaneAnswer, Status>>,
 ) {
     use proto::lane_answer::Outcome;
     use proto::lane_pull::What;
@@ -617,9 +620,11 @@ async fn run_lane(
         };
         let pull = match frame {
             Some(Ok(pull)) => pull,
-            // The caller's side ended or broke (or sent an undecodable frame): its calls go.
+            // The caller's side broke, or sent an undecodable frame (told why, if there is
+            // room): its calls go.
             Some(Err(status)) => {
                 tracing::debug!(%status, "wire: a lane ended by its caller's side");
+                let _ = answers.try_send(Err(status));
                 break;
             }
             None => break,
@@ -648,10 +653,10 @@ async fn run_lane(
                         }
                     };
                     let _ = answers
-                        .send(proto::LaneAnswer {
+                        .send(Ok(proto::LaneAnswer {
                             call,
                             outcome: Some(outcome),
-                        })
+                        }))
                         .await;
                 });
                 call_of.insert(task.id(), call);
@@ -661,7 +666,11 @@ async fn run_lane(
                 let rejection = Rejection::Malformed {
                     reason: format!("lane call {call} is already in flight"),
                 };
-                if answers.send(refuse_call(call, rejection)).await.is_err() {
+                if answers
+                    .send(Ok(refuse_call(call, rejection)))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -674,7 +683,11 @@ async fn run_lane(
                 let rejection = Rejection::Malformed {
                     reason: "a lane message without a request or a cancel".into(),
                 };
-                if answers.send(refuse_call(call, rejection)).await.is_err() {
+                if answers
+                    .send(Ok(refuse_call(call, rejection)))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
