@@ -632,32 +632,26 @@ async fn run_lane(
         let call = pull.call;
         match pull.what {
             Some(What::Request(request)) if !running.contains_key(&call) => {
-                let (node, answers) = (node.clone(), answers.clone());
                 let limit = usize::try_from(pull.answer_limit).unwrap_or(usize::MAX);
-                // What the lane carries: no more than the caller takes, nor than this side
-                // sends in one frame with the lane's own fields.
-                let limit = limit.min(node.max_frame_bytes.saturating_sub(LANE_OVERHEAD));
-                let task = calls.spawn(async move {
-                    let outcome = match node.handle_pull(request).await.and_then(|answer| {
-                        let size = answer.encoded_len();
-                        node.check_answer_size(size)?;
-                        Ok((answer, size))
-                    }) {
-                        Ok((_, size)) if size > limit => Outcome::Unary(proto::LaneTooLarge {
-                            size: u64::try_from(size).unwrap_or(u64::MAX),
-                        }),
-                        Ok((answer, _)) => Outcome::Answer(answer),
-                        Err(rejection) => {
-                            tracing::debug!(rpc = "lane", call, %rejection, "wire: refusing");
-                            Outcome::Rejection(proto::Rejection::from(rejection.truncated()))
+                let mut answer = Box::pin(lane_call(node.clone(), call, request, limit));
+                // Polled once here: most pulls are answered at once (the node handles them
+                // on this task when it is idle), and then cost no task of their own.
+                if let Poll::Ready(answer) = futures::poll!(answer.as_mut()) {
+                    match answers.try_send(Ok(answer)) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(answer)) => {
+                            let answers = answers.clone();
+                            calls.spawn(async move {
+                                let _ = answers.send(answer).await;
+                            });
                         }
-                    };
-                    let _ = answers
-                        .send(Ok(proto::LaneAnswer {
-                            call,
-                            outcome: Some(outcome),
-                        }))
-                        .await;
+                        Err(mpsc::error::TrySendError::Closed(_)) => break,
+                    }
+                    continue;
+                }
+                let answers = answers.clone();
+                let task = calls.spawn(async move {
+                    let _ = answers.send(Ok(answer.await)).await;
                 });
                 call_of.insert(task.id(), call);
                 running.insert(call, task);
@@ -694,6 +688,38 @@ async fn run_lane(
         }
     }
     calls.abort_all();
+}
+
+/// The answer to call `call` of a lane: the pull's answer, its refusal, or "ask with the unary
+/// call" when the answer is larger than `limit` (what the caller takes on the lane) or than
+/// this side sends in one frame with the lane's own fields.
+async fn lane_call(
+    node: Arc<Node>,
+    call: u64,
+    request: proto::PullRequest,
+    limit: usize,
+) -> proto::LaneAnswer {
+    use proto::lane_answer::Outcome;
+    let limit = limit.min(node.max_frame_bytes.saturating_sub(LANE_OVERHEAD));
+    let answer = node.handle_pull(request).await.and_then(|answer| {
+        let size = answer.encoded_len();
+        node.check_answer_size(size)?;
+        Ok((answer, size))
+    });
+    let outcome = match answer {
+        Ok((_, size)) if size > limit => Outcome::Unary(proto::LaneTooLarge {
+            size: u64::try_from(size).unwrap_or(u64::MAX),
+        }),
+        Ok((answer, _)) => Outcome::Answer(answer),
+        Err(rejection) => {
+            tracing::debug!(rpc = "lane", call, %rejection, "wire: refusing");
+            Outcome::Rejection(proto::Rejection::from(rejection.truncated()))
+        }
+    };
+    proto::LaneAnswer {
+        call,
+        outcome: Some(outcome),
+    }
 }
 
 /// The stream of a [`Taskgraph::hold`] call: one reply, then an error status at shutdown.
