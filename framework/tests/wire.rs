@@ -1203,11 +1203,12 @@ async fn a_request_the_server_would_not_decode_is_refused_alone_and_the_others_a
 }
 
 /// A node of a version without lanes: serves the unary `Pull` only (each answered with its
-/// request's payload, term 7), refuses every other method as unimplemented, and counts the
-/// lanes asked for.
+/// request's payload, term 7), refuses every other method as unimplemented (or a lane with
+/// `lane_refusal`, when set), and counts the lanes asked for.
 #[derive(Clone, Default)]
 struct LanelessNode {
     lanes_asked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    lane_refusal: Option<Rejection>,
 }
 
 impl tonic::server::NamedService for LanelessNode {
@@ -1265,6 +1266,7 @@ impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> f
 
     fn call(&mut self, request: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
         let lanes_asked = self.lanes_asked.clone();
+        let lane_refusal = self.lane_refusal.clone();
         Box::pin(async move {
             match request.uri().path() {
                 "/taskgraph.wire.Taskgraph/Pull" => {
@@ -1274,6 +1276,9 @@ impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> f
                 path => {
                     if path.ends_with("/Lane") {
                         lanes_asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if let Some(rejection) = lane_refusal {
+                            return Ok(Status::from(rejection).into_http());
+                        }
                     }
                     Ok(Status::unimplemented(path.to_owned()).into_http())
                 }
@@ -1282,16 +1287,55 @@ impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> f
     }
 }
 
-#[tokio::test]
-async fn a_peer_without_lanes_is_pulled_with_unary_calls() {
-    let node = LanelessNode::default();
+/// Serves `node` on a free port; its address and the server's task.
+async fn serve_raw(
+    node: LanelessNode,
+) -> (String, JoinHandle<Result<(), tonic::transport::Error>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(node.clone())
+            .add_service(node)
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
+    (addr, server)
+}
+
+#[tokio::test]
+async fn a_lane_the_server_ends_fails_its_calls_for_a_retry_not_for_good() {
+    // The lane's status is about the lane: a pull on it is not refused as malformed (which
+    // would fail it for good), it is to be retried.
+    let node = LanelessNode {
+        lane_refusal: Some(Rejection::Malformed {
+            reason: "a frame on this lane did not decode".into(),
+        }),
+        ..LanelessNode::default()
+    };
+    let (addr, server) = serve_raw(node.clone()).await;
+    let peers = peers();
+    let err = peers
+        .pull(&addr, numbered(1, Bytes::from_static(b"x")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CallError::Unreachable { .. }) && err.retryable(),
+        "expected a retryable Unreachable, got {err:?}"
+    );
+    // The next pull asks for a new lane.
+    let _ = peers
+        .pull(&addr, numbered(2, Bytes::from_static(b"y")))
+        .await;
+    assert_eq!(
+        node.lanes_asked.load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_peer_without_lanes_is_pulled_with_unary_calls() {
+    let node = LanelessNode::default();
+    let (addr, server) = serve_raw(node.clone()).await;
     let peers = peers();
     for round in 0..3u8 {
         let payload = Bytes::from(vec![round; 5]);

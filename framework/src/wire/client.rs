@@ -14,7 +14,7 @@ use tonic::{Code, Status};
 
 use super::codec::LocalDecodeError;
 use super::error::CallError;
-use super::lane::{Lane, Outcome};
+use super::lane::{is_remote, Lane, Outcome};
 use super::proto;
 use super::proto::taskgraph_client::TaskgraphClient;
 use super::rejection::{tonic_size_limit, Rejection};
@@ -99,9 +99,15 @@ struct Inner {
 #[derive(Debug, Clone)]
 enum LaneTo {
     Open(Arc<Lane>),
-    /// The peer does not serve lanes: unary calls until the address is forgotten.
-    Unsupported,
+    /// The peer does not serve lanes (as of `since`): unary calls, and a lane is asked for
+    /// again after [`LANE_RETRY_UNSUPPORTED`] (the peer may have been upgraded in place).
+    Unsupported {
+        since: std::time::Instant,
+    },
 }
+
+/// How long a peer that served no lane is pulled with unary calls before it is asked again.
+const LANE_RETRY_UNSUPPORTED: Duration = Duration::from_secs(60);
 
 impl Peers {
     /// A client with an empty connection cache. Calls must be made inside a tokio runtime.
@@ -145,7 +151,7 @@ impl Peers {
                 Some(Outcome::Answer(answer)) => return Ok(PullAnswer::from(answer)),
                 Some(Outcome::Rejected(rejection)) => return Err(CallError::Rejected(rejection)),
                 Some(Outcome::Failed(error)) => return Err(error),
-                Some(Outcome::Broken(status)) => return Err(self.classify(addr, status).await),
+                Some(Outcome::Broken(status)) => return Err(self.lane_broken(addr, status).await),
                 Some(Outcome::LargeAnswer) => self.note_large_answers(addr, &msg.method, true),
                 Some(Outcome::LargeRequest | Outcome::Unsupported) | None => {}
             }
@@ -210,7 +216,7 @@ impl Peers {
         for _ in 0..2 {
             let lane = match self.lane(addr)? {
                 LaneTo::Open(lane) => lane,
-                LaneTo::Unsupported => return Ok(None),
+                LaneTo::Unsupported { .. } => return Ok(None),
             };
             let call = lane.call(msg.clone(), size, limit);
             let outcome = match self.inner.config.request_timeout {
@@ -228,7 +234,9 @@ impl Peers {
             match outcome {
                 Some(Outcome::Unsupported) => {
                     tracing::debug!(%addr, "wire: the peer serves no lanes; unary pulls");
-                    self.lanes().insert(addr.to_owned(), LaneTo::Unsupported);
+                    let since = std::time::Instant::now();
+                    self.lanes()
+                        .insert(addr.to_owned(), LaneTo::Unsupported { since });
                     return Ok(None);
                 }
                 Some(outcome) => return Ok(Some(outcome)),
@@ -240,23 +248,36 @@ impl Peers {
 
     /// The lane to `addr`, opened if there is none or the last one ended.
     fn lane(&self, addr: &str) -> Result<LaneTo, CallError> {
-        if let Some(lane) = self.lanes().get(addr) {
-            match lane {
-                LaneTo::Open(l) if l.ended() => {}
-                lane => return Ok(lane.clone()),
-            }
-        }
-        // Opened outside the map's lock (it takes the channels' lock); two callers racing
-        // here open two lanes, and the one not kept ends when its calls are done.
-        let lane = LaneTo::Open(Lane::open(self.client(addr)?, addr));
+        // Opened under the map's lock, so callers racing after a lane ended open one lane, and
+        // `forget` cannot slip in between (the channels' lock is taken inside, never the other
+        // way round).
         let mut lanes = self.lanes();
         match lanes.get(addr) {
-            Some(LaneTo::Open(l)) if !l.ended() => Ok(LaneTo::Open(l.clone())),
-            Some(LaneTo::Unsupported) => Ok(LaneTo::Unsupported),
-            _ => {
-                lanes.insert(addr.to_owned(), lane.clone());
-                Ok(lane)
+            Some(LaneTo::Open(l)) if !l.ended() => return Ok(LaneTo::Open(l.clone())),
+            Some(LaneTo::Unsupported { since }) if since.elapsed() < LANE_RETRY_UNSUPPORTED => {
+                return Ok(LaneTo::Unsupported { since: *since })
             }
+            _ => {}
+        }
+        let lane = LaneTo::Open(Lane::open(self.client(addr)?, addr));
+        lanes.insert(addr.to_owned(), lane.clone());
+        Ok(lane)
+    }
+
+    /// What a lane that ended means for a call on it. The server's status is about the lane,
+    /// not the call: unless the node is shutting down, the call is retried (on a new lane),
+    /// never refused for good. A status from this side (the connection broke) is classified
+    /// as a unary call's.
+    async fn lane_broken(&self, addr: &str, status: Status) -> CallError {
+        if !is_remote(&status) {
+            return self.classify(addr, status).await;
+        }
+        match Rejection::from_status(&status) {
+            Some(Rejection::ShuttingDown) => CallError::Rejected(Rejection::ShuttingDown),
+            _ => CallError::Unreachable {
+                addr: addr.to_owned(),
+                reason: format!("the lane ended: {:?}: {}", status.code(), status.message()),
+            },
         }
     }
 

@@ -202,6 +202,12 @@ async fn read_answers(
     state: watch::Sender<State>,
     addr: String,
 ) {
+    // Dropped before the end (the runtime shuts down), it still ends the lane: no call waits
+    // for ever.
+    let _end = EndOnDrop {
+        calls: calls.clone(),
+        state: state.clone(),
+    };
     let requests = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
     let end = match client.lane(requests).await {
         Ok(response) => {
@@ -250,8 +256,26 @@ async fn read_answers(
     }
 }
 
+/// Ends the lane if its reader is dropped before it could: the waiting calls' senders go,
+/// so they fail instead of waiting for ever.
+struct EndOnDrop {
+    calls: Arc<Mutex<Calls>>,
+    state: watch::Sender<State>,
+}
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        let mut calls = lock(&self.calls);
+        if !calls.ended {
+            calls.ended = true;
+            calls.waiting.clear();
+            self.state.send_replace(State::Ended);
+        }
+    }
+}
+
 /// A status the server sent (a status produced in this process carries a source).
-fn is_remote(status: &Status) -> bool {
+pub(super) fn is_remote(status: &Status) -> bool {
     std::error::Error::source(status).is_none()
 }
 

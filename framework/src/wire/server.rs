@@ -607,16 +607,26 @@ async fn run_lane(
             Some(done) = calls.join_next_with_id(), if !calls.is_empty() => {
                 let id = match done {
                     Ok((id, ())) => id,
+                    // A handler panicked: its caller would wait for ever. End the lane; its
+                    // calls fail and are retried on a new one.
+                    Err(e) if e.is_panic() => {
+                        tracing::warn!("wire: a lane's call panicked; the lane ends");
+                        break;
+                    }
                     Err(e) => e.id(),
                 };
                 if let Some(call) = call_of.remove(&id) {
-                    running.remove(&call);
+                    // Only this task's entry (the call number may have been reused since).
+                    if running.get(&call).is_some_and(|task| task.id() == id) {
+                        running.remove(&call);
+                    }
                 }
                 continue;
             }
-            // At the bound, the lane is not read until a call ends: HTTP/2 flow control then
-            // holds the caller back, as a connection's stream limit holds unary calls.
-            frame = pulls.next(), if running.len() < LANE_MAX_CALLS => frame,
+            // At the bound (every task of the lane counts, answers waiting for room too), the
+            // lane is not read until a call ends: HTTP/2 flow control then holds the caller
+            // back, as a connection's stream limit holds unary calls.
+            frame = pulls.next(), if calls.len() < LANE_MAX_CALLS => frame,
         };
         let pull = match frame {
             Some(Ok(pull)) => pull,
@@ -656,15 +666,13 @@ async fn run_lane(
                 call_of.insert(task.id(), call);
                 running.insert(call, task);
             }
+            // A peer that breaks the lane's rules, and does not even read its answers, loses
+            // the lane (never a wait here: the loop must keep watching the stop).
             Some(What::Request(_)) => {
                 let rejection = Rejection::Malformed {
                     reason: format!("lane call {call} is already in flight"),
                 };
-                if answers
-                    .send(Ok(refuse_call(call, rejection)))
-                    .await
-                    .is_err()
-                {
+                if answers.try_send(Ok(refuse_call(call, rejection))).is_err() {
                     break;
                 }
             }
@@ -677,11 +685,7 @@ async fn run_lane(
                 let rejection = Rejection::Malformed {
                     reason: "a lane message without a request or a cancel".into(),
                 };
-                if answers
-                    .send(Ok(refuse_call(call, rejection)))
-                    .await
-                    .is_err()
-                {
+                if answers.try_send(Ok(refuse_call(call, rejection))).is_err() {
                     break;
                 }
             }
