@@ -533,7 +533,8 @@ impl Decoder for RawCodec {
     }
 }
 
-async fn raw_call(addr: &str, path: &'static str, body: impl Into<Bytes>) -> Status {
+/// A raw gRPC client of the node at `addr`, ready for a call.
+async fn raw_grpc(addr: &str) -> tonic::client::Grpc<tonic::transport::Channel> {
     let channel = Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -541,6 +542,11 @@ async fn raw_call(addr: &str, path: &'static str, body: impl Into<Bytes>) -> Sta
         .unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
+    grpc
+}
+
+async fn raw_call(addr: &str, path: &'static str, body: impl Into<Bytes>) -> Status {
+    let mut grpc = raw_grpc(addr).await;
     grpc.unary(
         tonic::Request::new(body.into()),
         PathAndQuery::from_static(path),
@@ -1352,4 +1358,82 @@ async fn a_peer_without_lanes_is_pulled_with_unary_calls() {
         "a lane is asked for once; the peer's answer is remembered"
     );
     server.abort();
+}
+
+/// Protobuf fields, for raw lane messages.
+fn pb_uint(field: u64, v: u64, out: &mut Vec<u8>) {
+    prost::encoding::encode_varint(field << 3, out);
+    prost::encoding::encode_varint(v, out);
+}
+
+fn pb_bytes(field: u64, v: &[u8], out: &mut Vec<u8>) {
+    prost::encoding::encode_varint(field << 3 | 2, out);
+    prost::encoding::encode_varint(v.len() as u64, out);
+    out.extend_from_slice(v);
+}
+
+/// A raw `LanePull` carrying the pull of `pull("echo", b"")` with sequence `seq` as `call`.
+fn raw_lane_request(call: u64, seq: u64) -> Bytes {
+    let h = header(1, 2);
+    let mut head = Vec::new();
+    pb_bytes(1, h.job.as_bytes(), &mut head);
+    pb_uint(2, h.epoch, &mut head);
+    pb_uint(3, u64::from(h.from_task), &mut head);
+    pb_uint(4, u64::from(h.to_task), &mut head);
+    pb_uint(5, h.term, &mut head);
+    let mut request = Vec::new();
+    pb_bytes(1, &head, &mut request);
+    pb_uint(2, seq, &mut request);
+    pb_bytes(3, b"echo", &mut request);
+    let mut frame = Vec::new();
+    pb_uint(1, call, &mut frame);
+    pb_bytes(2, &request, &mut frame);
+    pb_uint(4, 1 << 20, &mut frame);
+    Bytes::from(frame)
+}
+
+/// A raw `LanePull` cancelling `call`.
+fn raw_lane_cancel(call: u64) -> Bytes {
+    let mut frame = Vec::new();
+    pb_uint(1, call, &mut frame);
+    pb_bytes(3, &[], &mut frame);
+    Bytes::from(frame)
+}
+
+#[tokio::test]
+async fn a_call_number_reused_after_its_cancel_names_the_new_call() {
+    let (server, inbound) = TestServer::start(server_config()).await;
+    let mut loop_pulls = pulls_to_test(inbound);
+    let mut grpc = raw_grpc(&server.addr).await;
+    let (frames, rx) = mpsc::unbounded_channel::<Bytes>();
+    let mut rx = rx;
+    let outgoing = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let _answers = grpc
+        .streaming(
+            tonic::Request::new(outgoing),
+            PathAndQuery::from_static("/taskgraph.wire.Taskgraph/Lane"),
+            RawCodec,
+        )
+        .await
+        .unwrap();
+    let bounded =
+        |what: &'static str| move |r: Result<(), tokio::time::error::Elapsed>| r.expect(what);
+    // Call 7 is held by the loop.
+    frames.send(raw_lane_request(7, 1)).unwrap();
+    let (_, mut first) = loop_pulls.recv().await.unwrap();
+    // Cancelled, and at once call 7 again, a new pull: the first call's end must not make the
+    // lane forget the second.
+    frames.send(raw_lane_cancel(7)).unwrap();
+    frames.send(raw_lane_request(7, 2)).unwrap();
+    let (req, mut second) = loop_pulls.recv().await.unwrap();
+    assert_eq!(req.seq, 2);
+    bounded("the first call was cancelled")(
+        tokio::time::timeout(Duration::from_secs(10), first.closed()).await,
+    );
+    // Cancelling call 7 now cancels the second pull.
+    frames.send(raw_lane_cancel(7)).unwrap();
+    bounded("the second call was cancelled")(
+        tokio::time::timeout(Duration::from_secs(10), second.closed()).await,
+    );
+    server.stop().await;
 }
