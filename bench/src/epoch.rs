@@ -133,6 +133,11 @@ pub struct SumFigures {
     pub bare_ms: Vec<f64>,
     /// Median of `bare_ms` per block.
     pub bare_block_ms: Vec<f64>,
+    /// CPU time of this process over the bare-sum blocks (the framework's nodes idle at the
+    /// gate meanwhile, as the bare nodes are during the framework's blocks).
+    pub bare_cpu: Option<Duration>,
+    /// Epochs bare-sum moved in those blocks.
+    pub bare_epochs: u64,
     /// F = CAS + max(2·depth bare RTTs, C) per limit trial, C the CPU-bound limit of its
     /// block, in ms.
     pub f_ms: Vec<f64>,
@@ -222,6 +227,11 @@ impl SumFigures {
         Some(ms(self.window_cpu?) / self.epochs.max(1) as f64)
     }
 
+    /// CPU of this process per bare-sum epoch, in ms.
+    pub fn bare_cpu_ms_per_epoch(&self) -> Option<f64> {
+        Some(ms(self.bare_cpu?) / (self.bare_epochs > 0).then_some(self.bare_epochs)? as f64)
+    }
+
     /// The raw figures as JSON.
     pub fn json(&self) -> Value {
         json!({
@@ -244,6 +254,7 @@ impl SumFigures {
             "ratio_per_block_vs_limit": block_ratios(&self.epoch_block_ms, &self.limit_block_ms),
             "window_s": self.window.map(|d| d.as_secs_f64()),
             "process_cpu_ms_per_epoch": self.cpu_ms_per_epoch(),
+            "bare_sum_cpu_ms_per_epoch": self.bare_cpu_ms_per_epoch(),
             "etcd_cpu_ms_per_epoch": self.metrics.get("process_cpu_seconds_total").map(|s| s * 1e3 / self.epochs.max(1) as f64),
             "revision_delta": self.revision_delta,
             "writes_per_epoch": self.writes_per_epoch(),
@@ -464,9 +475,15 @@ pub async fn run_sum(etcd: &Etcd, run: &SumRun, out: &mut SumFigures) -> Result<
         // The baselines, against the same etcd while the nodes sit idle at the gate (their
         // leases are still kept alive, as during the epochs).
         if let Some(bare) = bare.as_mut() {
+            let c0 = cpu_time();
             let b = bare
                 .run_block(run.per_block, run.epoch_timeout * run.per_block as u32)
                 .await?;
+            out.bare_cpu = match (out.bare_cpu.or(Some(Duration::ZERO)), c0, cpu_time()) {
+                (Some(sum), Some(a), Some(b)) => Some(sum + b.saturating_sub(a)),
+                _ => None,
+            };
+            out.bare_epochs += run.per_block;
             out.bare_block_ms.push(median(&b));
             out.bare_ms.extend(b);
         }

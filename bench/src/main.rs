@@ -377,6 +377,12 @@ async fn epoch_scenario(plan: &Plan, sink: Sink) -> Result<(), BoxError> {
                     ),
                 ),
             );
+            if let Some(b) = f.bare_cpu_ms_per_epoch() {
+                rows.push(
+                    Row::single(format!("CPU of bare-sum per epoch, {n} tasks"), "ms", b)
+                        .versus(ratio_text("framework ÷ bare-sum", Some(c), Some(b))),
+                );
+            }
         }
         if let Some(ev) = f.metrics.get("etcd_debugging_mvcc_events_total") {
             rows.push(
