@@ -1208,13 +1208,91 @@ async fn a_request_the_server_would_not_decode_is_refused_alone_and_the_others_a
     server.stop().await;
 }
 
-/// A node of a version without lanes: serves the unary `Pull` only (each answered with its
-/// request's payload, term 7), refuses every other method as unimplemented (or a lane with
-/// `lane_refusal`, when set), and counts the lanes asked for.
+/// A node of an older version, written at the wire level: serves the unary `Pull` (each
+/// answered with its request's payload, term 7) and `Meta` (taken), and lanes only with
+/// `lane_metas` set (`Some(false)`: a lane of pulls only, as before metas rode lanes; its metas
+/// taken; pulls on it are not served); refuses every other method as unimplemented (or a lane
+/// with `lane_refusal`, when set), counts the lanes asked for, and notes how each meta came
+/// (`"unary"` or `"lane"`).
 #[derive(Clone, Default)]
 struct LanelessNode {
     lanes_asked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     lane_refusal: Option<Rejection>,
+    lane_metas: Option<bool>,
+    metas: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
+}
+
+impl LanelessNode {
+    fn metas(&self) -> Vec<&'static str> {
+        self.metas.lock().unwrap().clone()
+    }
+}
+
+/// Takes a raw `MetaRequest` (an empty `Ack`), noting it.
+struct RawMeta(std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>);
+
+impl tonic::server::UnaryService<Bytes> for RawMeta {
+    type Response = Bytes;
+    type Future = std::future::Ready<Result<tonic::Response<Bytes>, Status>>;
+
+    fn call(&mut self, _: tonic::Request<Bytes>) -> Self::Future {
+        self.0.lock().unwrap().push("unary");
+        std::future::ready(Ok(tonic::Response::new(Bytes::new())))
+    }
+}
+
+/// A raw lane: acknowledges each meta on it (`LaneAnswer { call, ack }`), noting it; ends the
+/// lane at anything else. Names its frame limit, and metas among what it carries if `metas`.
+struct RawLane {
+    metas: bool,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
+}
+
+type RawStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Bytes, Status>> + Send>>;
+
+impl tonic::server::StreamingService<Bytes> for RawLane {
+    type Response = Bytes;
+    type ResponseStream = RawStream;
+    type Future = std::future::Ready<Result<tonic::Response<RawStream>, Status>>;
+
+    fn call(&mut self, request: tonic::Request<tonic::Streaming<Bytes>>) -> Self::Future {
+        use futures::StreamExt;
+        use prost::encoding::decode_varint;
+        let seen = self.seen.clone();
+        let answers = request.into_inner().map(move |frame| {
+            // LanePull: call (field 1), then the call's kind: meta is field 5.
+            let mut buf = frame?;
+            let (mut call, mut meta) = (None, false);
+            while buf.has_remaining() {
+                let key = decode_varint(&mut buf).unwrap();
+                let value = decode_varint(&mut buf).unwrap();
+                match key {
+                    k if k == 1 << 3 => call = Some(value),
+                    k if k == (5 << 3 | 2) => {
+                        buf.advance(usize::try_from(value).unwrap());
+                        meta = true;
+                    }
+                    k if k & 7 == 2 => buf.advance(usize::try_from(value).unwrap()),
+                    _ => {}
+                }
+            }
+            if !meta {
+                return Err(Status::unimplemented("this lane takes metas only"));
+            }
+            seen.lock().unwrap().push("lane");
+            let mut answer = Vec::new();
+            pb_uint(1, call.unwrap_or(0), &mut answer);
+            pb_bytes(5, &[], &mut answer);
+            Ok(Bytes::from(answer))
+        });
+        let mut response = tonic::Response::new(Box::pin(answers) as RawStream);
+        let md = response.metadata_mut();
+        md.insert("taskgraph-lane-limit", "1048576".parse().unwrap());
+        if self.metas {
+            md.insert("taskgraph-lane-carries", "meta".parse().unwrap());
+        }
+        std::future::ready(Ok(response))
+    }
 }
 
 impl tonic::server::NamedService for LanelessNode {
@@ -1271,19 +1349,27 @@ impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> f
     }
 
     fn call(&mut self, request: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
-        let lanes_asked = self.lanes_asked.clone();
-        let lane_refusal = self.lane_refusal.clone();
+        let node = self.clone();
         Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(RawCodec);
             match request.uri().path() {
-                "/taskgraph.wire.Taskgraph/Pull" => {
-                    let mut grpc = tonic::server::Grpc::new(RawCodec);
-                    Ok(grpc.unary(RawEcho, request).await)
+                "/taskgraph.wire.Taskgraph/Pull" => Ok(grpc.unary(RawEcho, request).await),
+                "/taskgraph.wire.Taskgraph/Meta" => {
+                    Ok(grpc.unary(RawMeta(node.metas.clone()), request).await)
                 }
                 path => {
                     if path.ends_with("/Lane") {
-                        lanes_asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        if let Some(rejection) = lane_refusal {
+                        node.lanes_asked
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if let Some(rejection) = node.lane_refusal {
                             return Ok(Status::from(rejection).into_http());
+                        }
+                        if let Some(metas) = node.lane_metas {
+                            let lane = RawLane {
+                                metas,
+                                seen: node.metas.clone(),
+                            };
+                            return Ok(grpc.streaming(lane, request).await);
                         }
                     }
                     Ok(Status::unimplemented(path.to_owned()).into_http())
@@ -1436,4 +1522,41 @@ async fn a_call_number_reused_after_its_cancel_names_the_new_call() {
         tokio::time::timeout(Duration::from_secs(10), second.closed()).await,
     );
     server.stop().await;
+}
+
+#[tokio::test]
+async fn a_meta_rides_the_lane_only_to_a_peer_whose_lanes_carry_metas() {
+    let meta = Meta {
+        header: header(3, 0),
+        link: "children".into(),
+        meta: "done".into(),
+    };
+    // A peer without lanes, one whose lanes carry pulls only (the version before metas rode
+    // them), and one whose lanes carry metas.
+    for (lane_metas, expected) in [
+        (None, ["unary", "unary"]),
+        (Some(false), ["unary", "unary"]),
+        (Some(true), ["lane", "lane"]),
+    ] {
+        let node = LanelessNode {
+            lane_metas,
+            ..LanelessNode::default()
+        };
+        let (addr, server) = serve_raw(node.clone()).await;
+        let peers = peers();
+        for _ in 0..2 {
+            peers.meta(&addr, meta.clone()).await.unwrap();
+        }
+        assert_eq!(
+            node.metas(),
+            expected,
+            "lanes carrying metas: {lane_metas:?}"
+        );
+        assert_eq!(
+            node.lanes_asked.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one lane asked for ({lane_metas:?})"
+        );
+        server.abort();
+    }
 }

@@ -147,13 +147,15 @@ impl Peers {
         // it back to the lane.
         let large_before = self.answers_large(addr, &msg.method);
         if size <= limit && !large_before {
-            match self.pull_on_lane(addr, &msg, size, limit).await? {
+            let call = || proto::lane_pull::What::Request(msg.clone());
+            match self.on_lane(addr, call, size, limit).await? {
                 Some(Outcome::Answer(answer)) => return Ok(PullAnswer::from(answer)),
                 Some(Outcome::Rejected(rejection)) => return Err(CallError::Rejected(rejection)),
                 Some(Outcome::Failed(error)) => return Err(error),
                 Some(Outcome::Broken(status)) => return Err(self.lane_broken(addr, status).await),
                 Some(Outcome::LargeAnswer) => self.note_large_answers(addr, &msg.method, true),
-                Some(Outcome::LargeRequest | Outcome::Unsupported) | None => {}
+                Some(Outcome::Acked) => return Err(wrong_answer("pull")),
+                Some(Outcome::Unary | Outcome::Unsupported) | None => {}
             }
         }
         let method = large_before.then(|| msg.method.clone());
@@ -203,12 +205,12 @@ impl Peers {
         super::LANE_MAX_BYTES.min(frame.saturating_sub(super::LANE_OVERHEAD))
     }
 
-    /// A pull on the lane to `addr` (opened, or opened again after it ended); `None` when
-    /// the peer serves no lanes.
-    async fn pull_on_lane(
+    /// A call (made by `call`, of encoded size `size`) on the lane to `addr` (opened, or
+    /// opened again after it ended); `None` when the peer serves no lanes.
+    async fn on_lane(
         &self,
         addr: &str,
-        msg: &proto::PullRequest,
+        call: impl Fn() -> proto::lane_pull::What,
         size: usize,
         limit: usize,
     ) -> Result<Option<Outcome>, CallError> {
@@ -218,7 +220,7 @@ impl Peers {
                 LaneTo::Open(lane) => lane,
                 LaneTo::Unsupported { .. } => return Ok(None),
             };
-            let call = lane.call(msg.clone(), size, limit);
+            let call = lane.call(call(), size, limit);
             let outcome = match self.inner.config.request_timeout {
                 None => call.await,
                 Some(timeout) => match tokio::time::timeout(timeout, call).await {
@@ -299,11 +301,27 @@ impl Peers {
         }
     }
 
-    /// Sends a meta flag to the node at `addr`.
+    /// Sends a meta flag to the node at `addr`, on the lane its pulls take (see
+    /// [`Peers::pull`]) if the peer's lanes carry metas, else as a unary call.
     pub async fn meta(&self, addr: &str, mut msg: Meta) -> Result<(), CallError> {
         self.fill_job(&mut msg.header.job);
         let msg = proto::MetaRequest::from(msg);
-        self.check_size(msg.encoded_len())?;
+        let size = msg.encoded_len();
+        self.check_size(size)?;
+        let limit = self.lane_limit();
+        if size <= limit {
+            let call = || proto::lane_pull::What::Meta(msg.clone());
+            match self.on_lane(addr, call, size, limit).await? {
+                Some(Outcome::Acked) => return Ok(()),
+                Some(Outcome::Rejected(rejection)) => return Err(CallError::Rejected(rejection)),
+                Some(Outcome::Failed(error)) => return Err(error),
+                Some(Outcome::Broken(status)) => return Err(self.lane_broken(addr, status).await),
+                Some(Outcome::Answer(_) | Outcome::LargeAnswer) => {
+                    return Err(wrong_answer("meta"))
+                }
+                Some(Outcome::Unary | Outcome::Unsupported) | None => {}
+            }
+        }
         let mut client = self.client(addr)?;
         match client.meta(msg).await {
             Ok(_) => Ok(()),
@@ -505,6 +523,14 @@ async fn probe_refused(addr: &str, connect_timeout: Duration) -> bool {
     match tokio::time::timeout(connect_timeout, connect).await {
         Ok(Err(err)) => err.kind() == io::ErrorKind::ConnectionRefused,
         Ok(Ok(_)) | Err(_) => false,
+    }
+}
+
+/// A lane's answer of the other kind than its call (a pull acknowledged as a meta, or a meta
+/// answered with data).
+fn wrong_answer(call: &str) -> CallError {
+    CallError::Protocol {
+        reason: format!("a lane answered a {call} with the other kind of answer"),
     }
 }
 

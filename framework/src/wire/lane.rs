@@ -1,9 +1,11 @@
-//! The calling side of a lane: the pulls from this node to one other node, many in flight on
-//! one long-lived gRPC stream (`rpc Lane`) instead of one HTTP/2 stream each.
+//! The calling side of a lane: the pulls (and metas) from this node to one other node, many in
+//! flight on one long-lived gRPC stream (`rpc Lane`) instead of one HTTP/2 stream each.
 //!
 //! The server names its frame limit when the stream opens (metadata
 //! [`LANE_LIMIT_METADATA_KEY`]); a request the server would not decode goes as a unary call,
-//! where it is refused alone, instead of breaking the lane for every call on it. A pull is
+//! where it is refused alone, instead of breaking the lane for every call on it. So does a meta
+//! to a server whose lanes do not carry metas (an older version: it does not name `meta` in
+//! [`LANE_CARRIES_METADATA_KEY`]). A call is
 //! registered under a call number, sent, and answered when the server's answer naming that
 //! call arrives, in any order. A caller that gives up (its future is dropped)
 //! sends a cancel, so the server stops handling the pull, as it does when a unary call is
@@ -27,14 +29,17 @@ use super::rejection::Rejection;
 /// What became of one call on a lane.
 #[derive(Debug, Clone)]
 pub(super) enum Outcome {
-    /// The server's answer.
+    /// The server's answer to a pull.
     Answer(proto::PullAnswer),
+    /// The server took a meta.
+    Acked,
     /// The server refused the pull.
     Rejected(Rejection),
     /// The answer is larger than the lane takes: ask with the unary call (the server kept it).
     LargeAnswer,
-    /// The request is larger than the server decodes on the lane: send it as a unary call.
-    LargeRequest,
+    /// Send it as a unary call: the request is larger than the server decodes on the lane, or
+    /// of a kind its lanes do not carry.
+    Unary,
     /// The lane ended or broke before the answer came (the stream's status).
     Broken(Status),
     /// The answer could not be read.
@@ -46,6 +51,13 @@ pub(super) enum Outcome {
 /// Response metadata of the `Lane` call: the largest encoded message the server decodes
 /// (its frame limit), in decimal.
 pub(super) const LANE_LIMIT_METADATA_KEY: &str = "taskgraph-lane-limit";
+
+/// Response metadata of the `Lane` call: the kinds of call the lane carries besides pulls,
+/// comma-separated (`meta`). Without it, pulls only.
+pub(super) const LANE_CARRIES_METADATA_KEY: &str = "taskgraph-lane-carries";
+
+/// What [`LANE_CARRIES_METADATA_KEY`] says of a lane that carries metas.
+pub(super) const LANE_CARRIES_METAS: &str = "meta";
 
 /// One lane to one peer address.
 #[derive(Debug)]
@@ -64,6 +76,8 @@ enum State {
     Open {
         /// The server's frame limit.
         limit: usize,
+        /// Whether the server takes metas on the lane.
+        metas: bool,
     },
     /// Ended (or never opened): the next pull opens a new lane.
     Ended,
@@ -110,13 +124,13 @@ impl Lane {
         *self.state.borrow() == State::Ended || self.requests.is_closed()
     }
 
-    /// Sends `request` (of encoded size `size`) and waits for its outcome; `None` when the
-    /// lane had ended before the call was registered (nothing was sent: open a new one). A
-    /// call registered while the lane opens shares the open's fate: a lane that fails to open
-    /// fails its calls with the status, as a unary call would fail.
+    /// Sends `request` (a pull or a meta, of encoded size `size`) and waits for its outcome;
+    /// `None` when the lane had ended before the call was registered (nothing was sent: open a
+    /// new one). A call registered while the lane opens shares the open's fate: a lane that
+    /// fails to open fails its calls with the status, as a unary call would fail.
     pub(super) async fn call(
         self: &Arc<Self>,
-        request: proto::PullRequest,
+        request: proto::lane_pull::What,
         size: usize,
         answer_limit: usize,
     ) -> Option<Outcome> {
@@ -142,18 +156,22 @@ impl Lane {
             .await
             .map_or(State::Ended, |s| *s);
         match open {
-            // The server would not decode it on the lane: alone, as a unary call.
-            State::Open { limit } if size.saturating_add(super::LANE_OVERHEAD) > limit => {
+            // The server would not decode it on the lane, or takes no metas there: alone, as a
+            // unary call.
+            State::Open { limit, metas }
+                if size.saturating_add(super::LANE_OVERHEAD) > limit
+                    || (!metas && matches!(request, proto::lane_pull::What::Meta(_))) =>
+            {
                 lock(&self.calls).waiting.remove(&call);
                 pending.done = true;
-                return Some(Outcome::LargeRequest);
+                return Some(Outcome::Unary);
             }
             State::Open { .. } => {
                 // A closed channel means the reader is gone or going: it fails the calls
                 // registered.
                 let _ = self.requests.send(proto::LanePull {
                     call,
-                    what: Some(proto::lane_pull::What::Request(request)),
+                    what: Some(request),
                     answer_limit: u64::try_from(answer_limit).unwrap_or(u64::MAX),
                 });
             }
@@ -218,7 +236,12 @@ async fn read_answers(
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<usize>().ok())
                 .unwrap_or(0);
-            state.send_replace(State::Open { limit });
+            let metas = response
+                .metadata()
+                .get(LANE_CARRIES_METADATA_KEY)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.split(',').any(|kind| kind.trim() == LANE_CARRIES_METAS));
+            state.send_replace(State::Open { limit, metas });
             let mut answers = response.into_inner();
             loop {
                 match answers.message().await {
@@ -294,6 +317,7 @@ fn deliver(calls: &Mutex<Calls>, answer: proto::LaneAnswer) {
             }),
         },
         Some(Wire::Unary(_)) => Outcome::LargeAnswer,
+        Some(Wire::Ack(_)) => Outcome::Acked,
         None => Outcome::Failed(CallError::Protocol {
             reason: "a lane answer without an outcome".into(),
         }),

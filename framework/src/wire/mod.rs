@@ -8,7 +8,8 @@
 //!   [`LANE_MAX_BYTES`] goes as a unary call of its own;
 //! * [`Acknowledge`]: the requester of a large answer received it (the server drops the
 //!   answer's bytes at once instead of at the requester's next pull);
-//! * [`Meta`]: a small flag from a task to a neighbour;
+//! * [`Meta`]: a small flag from a task to a neighbour, on the lane to that node when its lanes
+//!   carry metas ([`Peers::meta`]; a node of an older version gets it as a unary call);
 //! * [`Replicate`]: state from a task's primary to its backups;
 //! * ping → [`PingReply`]: "who are you";
 //! * hold → one [`PingReply`], then nothing until the server shuts down: a liveness watch that

@@ -22,7 +22,7 @@ use tonic::transport::{Server, ServerTlsConfig};
 use tonic::{Code, Request, Response, Status};
 
 use super::error::WireError;
-use super::lane::LANE_LIMIT_METADATA_KEY;
+use super::lane::{LANE_CARRIES_METADATA_KEY, LANE_CARRIES_METAS, LANE_LIMIT_METADATA_KEY};
 use super::proto;
 use super::proto::taskgraph_server::{Taskgraph, TaskgraphServer};
 use super::rejection::{tonic_size_limit, Rejection};
@@ -350,14 +350,26 @@ impl Node {
         M: TryFrom<P, Error = Rejection>,
     {
         self.check_peer(rpc, &request)?;
-        let done = async {
-            let msg = M::try_from(request.into_inner())?;
-            self.check_header(header(&msg))?;
-            self.dispatch(|tx| inbound(msg, tx)).await?
-        };
-        done.await
+        self.handle_acked(request.into_inner(), header, inbound)
+            .await
             .map(|()| Response::new(proto::Ack {}))
             .map_err(|r| refuse(rpc, r))
+    }
+
+    /// A message answered by an empty acknowledgement, checked and handed to the node: the
+    /// part a unary call and a lane's call share.
+    async fn handle_acked<P, M>(
+        &self,
+        request: P,
+        header: fn(&M) -> &Header,
+        inbound: fn(M, oneshot::Sender<Result<(), Rejection>>) -> Inbound,
+    ) -> Result<(), Rejection>
+    where
+        M: TryFrom<P, Error = Rejection>,
+    {
+        let msg = M::try_from(request)?;
+        self.check_header(header(&msg))?;
+        self.dispatch(|tx| inbound(msg, tx)).await?
     }
 
     async fn dispatch<T>(
@@ -454,12 +466,17 @@ impl Taskgraph for Node {
         let (answers, rx) = mpsc::channel(LANE_QUEUE);
         tokio::spawn(run_lane(Arc::new(self.clone()), pulls, answers));
         let mut response = Response::new(lane_stream(rx, self.stop.clone()));
-        // The caller sends on the lane only what this side decodes (see `LanePull`).
+        // The caller sends on the lane only what this side decodes, and metas only when told
+        // they ride it too (see `LanePull`).
         if let Ok(limit) = self.max_frame_bytes.to_string().parse() {
             response
                 .metadata_mut()
                 .insert(LANE_LIMIT_METADATA_KEY, limit);
         }
+        response.metadata_mut().insert(
+            LANE_CARRIES_METADATA_KEY,
+            tonic::metadata::MetadataValue::from_static(LANE_CARRIES_METAS),
+        );
         Ok(response)
     }
 
@@ -545,6 +562,9 @@ const LANE_QUEUE: usize = 256;
 /// refused by the node, not stalled here.
 const LANE_MAX_CALLS: usize = 16 * 1024;
 
+/// The handling of one call of a lane, until its answer.
+type LaneWork = Pin<Box<dyn Future<Output = proto::LaneAnswer> + Send + 'static>>;
+
 /// The stream of a [`Taskgraph::lane`] call.
 type LaneStream =
     Pin<Box<dyn futures::Stream<Item = Result<proto::LaneAnswer, Status>> + Send + 'static>>;
@@ -576,30 +596,21 @@ fn lane_stream(
     }))
 }
 
-/// Reads a lane's pulls and handles each as a task of its own, until the caller's side ends or
-/// the server stops; then the calls still in flight are dropped (as a unary call's handling is
-/// when its caller goes) and the answer stream ends.
+/// Reads a lane's calls (pulls and metas) and handles each (polled once here, then as a task
+/// of its own if not done), until the caller's side ends or the server stops; then the calls
+/// still in flight are dropped (as a unary call's handling is when its caller goes) and the
+/// answer stream ends.
 async fn run_lane(
     node: Arc<Node>,
     mut pulls: tonic::Streaming<proto::LanePull>,
     answers: mpsc::Sender<Result<proto::LaneAnswer, Status>>,
 ) {
-    use proto::lane_answer::Outcome;
     use proto::lane_pull::What;
     let mut calls = tokio::task::JoinSet::new();
     let mut running: std::collections::HashMap<u64, tokio::task::AbortHandle> =
         std::collections::HashMap::new();
     let mut call_of: std::collections::HashMap<tokio::task::Id, u64> =
         std::collections::HashMap::new();
-    let refuse_call = |call: u64, rejection: Rejection| {
-        tracing::debug!(rpc = "lane", call, %rejection, "wire: refusing");
-        proto::LaneAnswer {
-            call,
-            outcome: Some(Outcome::Rejection(proto::Rejection::from(
-                rejection.truncated(),
-            ))),
-        }
-    };
     loop {
         let frame = tokio::select! {
             biased;
@@ -640,56 +651,60 @@ async fn run_lane(
             None => break,
         };
         let call = pull.call;
-        match pull.what {
-            Some(What::Request(request)) if !running.contains_key(&call) => {
-                let limit = usize::try_from(pull.answer_limit).unwrap_or(usize::MAX);
-                let mut answer = Box::pin(lane_call(node.clone(), call, request, limit));
-                // Polled once here: most pulls are answered at once (the node handles them
-                // on this task when it is idle), and then cost no task of their own.
-                if let Poll::Ready(answer) = futures::poll!(answer.as_mut()) {
-                    match answers.try_send(Ok(answer)) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(answer)) => {
-                            let answers = answers.clone();
-                            calls.spawn(async move {
-                                let _ = answers.send(answer).await;
-                            });
-                        }
-                        Err(mpsc::error::TrySendError::Closed(_)) => break,
-                    }
-                    continue;
-                }
-                let answers = answers.clone();
-                let task = calls.spawn(async move {
-                    let _ = answers.send(Ok(answer.await)).await;
-                });
-                call_of.insert(task.id(), call);
-                running.insert(call, task);
-            }
-            // A peer that breaks the lane's rules, and does not even read its answers, loses
-            // the lane (never a wait here: the loop must keep watching the stop).
-            Some(What::Request(_)) => {
+        let mut answer: LaneWork = match pull.what {
+            Some(What::Request(_) | What::Meta(_)) if running.contains_key(&call) => {
+                // A peer that breaks the lane's rules, and does not even read its answers,
+                // loses the lane (never a wait here: the loop must keep watching the stop).
                 let rejection = Rejection::Malformed {
                     reason: format!("lane call {call} is already in flight"),
                 };
-                if answers.try_send(Ok(refuse_call(call, rejection))).is_err() {
+                if answers.try_send(Ok(lane_refusal(call, rejection))).is_err() {
                     break;
                 }
+                continue;
             }
+            Some(What::Request(request)) => {
+                let limit = usize::try_from(pull.answer_limit).unwrap_or(usize::MAX);
+                Box::pin(lane_call(node.clone(), call, request, limit))
+            }
+            Some(What::Meta(meta)) => Box::pin(lane_meta(node.clone(), call, meta)),
             Some(What::Cancel(_)) => {
                 if let Some(task) = running.remove(&call) {
                     task.abort();
                 }
+                continue;
             }
             None => {
                 let rejection = Rejection::Malformed {
-                    reason: "a lane message without a request or a cancel".into(),
+                    reason: "a lane message without a request, a meta or a cancel".into(),
                 };
-                if answers.try_send(Ok(refuse_call(call, rejection))).is_err() {
+                if answers.try_send(Ok(lane_refusal(call, rejection))).is_err() {
                     break;
                 }
+                continue;
             }
+        };
+        // Polled once here: most calls are answered at once (the node handles them on this
+        // task when it is idle), and then cost no task of their own.
+        if let Poll::Ready(answer) = futures::poll!(answer.as_mut()) {
+            match answers.try_send(Ok(answer)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(answer)) => {
+                    let answers = answers.clone();
+                    calls.spawn(async move {
+                        let _ = answers.send(answer).await;
+                    });
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => break,
+            }
+            continue;
         }
+        let answers = answers.clone();
+        let task = calls.spawn(async move {
+            let _ = answers.send(Ok(answer.await)).await;
+        });
+        call_of.insert(task.id(), call);
+        running.insert(call, task);
     }
     calls.abort_all();
 }
@@ -715,14 +730,36 @@ async fn lane_call(
             size: u64::try_from(size).unwrap_or(u64::MAX),
         }),
         Ok((answer, _)) => Outcome::Answer(answer),
-        Err(rejection) => {
-            tracing::debug!(rpc = "lane", call, %rejection, "wire: refusing");
-            Outcome::Rejection(proto::Rejection::from(rejection.truncated()))
-        }
+        Err(rejection) => return lane_refusal(call, rejection),
     };
     proto::LaneAnswer {
         call,
         outcome: Some(outcome),
+    }
+}
+
+/// The answer to call `call` of a lane that carries a meta: taken, or refused.
+async fn lane_meta(node: Arc<Node>, call: u64, meta: proto::MetaRequest) -> proto::LaneAnswer {
+    match node
+        .handle_acked(meta, |m: &Meta| &m.header, Inbound::Meta)
+        .await
+    {
+        Ok(()) => proto::LaneAnswer {
+            call,
+            outcome: Some(proto::lane_answer::Outcome::Ack(proto::Ack {})),
+        },
+        Err(rejection) => lane_refusal(call, rejection),
+    }
+}
+
+/// A lane's refusal of call `call` (logged as a unary call's is).
+fn lane_refusal(call: u64, rejection: Rejection) -> proto::LaneAnswer {
+    tracing::debug!(rpc = "lane", call, %rejection, "wire: refusing");
+    proto::LaneAnswer {
+        call,
+        outcome: Some(proto::lane_answer::Outcome::Rejection(
+            proto::Rejection::from(rejection.truncated()),
+        )),
     }
 }
 
