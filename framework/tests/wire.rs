@@ -1209,89 +1209,23 @@ async fn a_request_the_server_would_not_decode_is_refused_alone_and_the_others_a
 }
 
 /// A node of an older version, written at the wire level: serves the unary `Pull` (each
-/// answered with its request's payload, term 7) and `Meta` (taken), and lanes only with
-/// `lane_metas` set (`Some(false)`: a lane of pulls only, as before metas rode lanes; its metas
-/// taken; pulls on it are not served); refuses every other method as unimplemented (or a lane
-/// with `lane_refusal`, when set), counts the lanes asked for, and notes how each meta came
-/// (`"unary"` or `"lane"`).
+/// answered with its request's payload, term 7), `Meta` and `Replicate` (taken), and lanes only
+/// with `lane_carries` set (what the lane names in `taskgraph-lane-carries`: `""` for a lane of
+/// pulls only, as before metas rode lanes; the lane takes metas and replication entries
+/// whatever it names, and serves no pulls); refuses every other method as unimplemented (or a
+/// lane with `lane_refusal`, when set), counts the lanes asked for, and notes how each meta and
+/// replication entry came (`"unary meta"`, `"lane replicate"`, ...).
 #[derive(Clone, Default)]
 struct LanelessNode {
     lanes_asked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     lane_refusal: Option<Rejection>,
-    lane_metas: Option<bool>,
-    metas: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
+    lane_carries: Option<&'static str>,
+    calls: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
 }
 
 impl LanelessNode {
-    fn metas(&self) -> Vec<&'static str> {
-        self.metas.lock().unwrap().clone()
-    }
-}
-
-/// Takes a raw `MetaRequest` (an empty `Ack`), noting it.
-struct RawMeta(std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>);
-
-impl tonic::server::UnaryService<Bytes> for RawMeta {
-    type Response = Bytes;
-    type Future = std::future::Ready<Result<tonic::Response<Bytes>, Status>>;
-
-    fn call(&mut self, _: tonic::Request<Bytes>) -> Self::Future {
-        self.0.lock().unwrap().push("unary");
-        std::future::ready(Ok(tonic::Response::new(Bytes::new())))
-    }
-}
-
-/// A raw lane: acknowledges each meta on it (`LaneAnswer { call, ack }`), noting it; ends the
-/// lane at anything else. Names its frame limit, and metas among what it carries if `metas`.
-struct RawLane {
-    metas: bool,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
-}
-
-type RawStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Bytes, Status>> + Send>>;
-
-impl tonic::server::StreamingService<Bytes> for RawLane {
-    type Response = Bytes;
-    type ResponseStream = RawStream;
-    type Future = std::future::Ready<Result<tonic::Response<RawStream>, Status>>;
-
-    fn call(&mut self, request: tonic::Request<tonic::Streaming<Bytes>>) -> Self::Future {
-        use futures::StreamExt;
-        use prost::encoding::decode_varint;
-        let seen = self.seen.clone();
-        let answers = request.into_inner().map(move |frame| {
-            // LanePull: call (field 1), then the call's kind: meta is field 5.
-            let mut buf = frame?;
-            let (mut call, mut meta) = (None, false);
-            while buf.has_remaining() {
-                let key = decode_varint(&mut buf).unwrap();
-                let value = decode_varint(&mut buf).unwrap();
-                match key {
-                    k if k == 1 << 3 => call = Some(value),
-                    k if k == (5 << 3 | 2) => {
-                        buf.advance(usize::try_from(value).unwrap());
-                        meta = true;
-                    }
-                    k if k & 7 == 2 => buf.advance(usize::try_from(value).unwrap()),
-                    _ => {}
-                }
-            }
-            if !meta {
-                return Err(Status::unimplemented("this lane takes metas only"));
-            }
-            seen.lock().unwrap().push("lane");
-            let mut answer = Vec::new();
-            pb_uint(1, call.unwrap_or(0), &mut answer);
-            pb_bytes(5, &[], &mut answer);
-            Ok(Bytes::from(answer))
-        });
-        let mut response = tonic::Response::new(Box::pin(answers) as RawStream);
-        let md = response.metadata_mut();
-        md.insert("taskgraph-lane-limit", "1048576".parse().unwrap());
-        if self.metas {
-            md.insert("taskgraph-lane-carries", "meta".parse().unwrap());
-        }
-        std::future::ready(Ok(response))
+    fn calls(&self) -> Vec<&'static str> {
+        self.calls.lock().unwrap().clone()
     }
 }
 
@@ -1334,6 +1268,78 @@ impl tonic::server::UnaryService<Bytes> for RawEcho {
     }
 }
 
+/// Takes a raw message answered by an empty `Ack`, noting it as `.1`.
+struct RawAcked(
+    std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
+    &'static str,
+);
+
+impl tonic::server::UnaryService<Bytes> for RawAcked {
+    type Response = Bytes;
+    type Future = std::future::Ready<Result<tonic::Response<Bytes>, Status>>;
+
+    fn call(&mut self, _: tonic::Request<Bytes>) -> Self::Future {
+        self.0.lock().unwrap().push(self.1);
+        std::future::ready(Ok(tonic::Response::new(Bytes::new())))
+    }
+}
+
+/// A raw lane: acknowledges each meta and replication entry on it (`LaneAnswer { call, ack }`),
+/// noting it; ends the lane at anything else. Names its frame limit, and `carries`.
+struct RawLane {
+    carries: &'static str,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
+}
+
+type RawStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Bytes, Status>> + Send>>;
+
+impl tonic::server::StreamingService<Bytes> for RawLane {
+    type Response = Bytes;
+    type ResponseStream = RawStream;
+    type Future = std::future::Ready<Result<tonic::Response<RawStream>, Status>>;
+
+    fn call(&mut self, request: tonic::Request<tonic::Streaming<Bytes>>) -> Self::Future {
+        use futures::StreamExt;
+        use prost::encoding::decode_varint;
+        let seen = self.seen.clone();
+        let answers = request.into_inner().map(move |frame| {
+            // LanePull: call (field 1), then the call: a meta is field 5, a replication entry 6.
+            let mut buf = frame?;
+            let (mut call, mut kind) = (None, None);
+            while buf.has_remaining() {
+                let key = decode_varint(&mut buf).unwrap();
+                let value = decode_varint(&mut buf).unwrap();
+                if key & 7 == 2 {
+                    buf.advance(usize::try_from(value).unwrap());
+                }
+                match key >> 3 {
+                    1 => call = Some(value),
+                    5 => kind = Some("lane meta"),
+                    6 => kind = Some("lane replicate"),
+                    _ => {}
+                }
+            }
+            let Some(kind) = kind else {
+                return Err(Status::unimplemented(
+                    "this lane takes metas and replicas only",
+                ));
+            };
+            seen.lock().unwrap().push(kind);
+            let mut answer = Vec::new();
+            pb_uint(1, call.unwrap_or(0), &mut answer);
+            pb_bytes(5, &[], &mut answer);
+            Ok(Bytes::from(answer))
+        });
+        let mut response = tonic::Response::new(Box::pin(answers) as RawStream);
+        let md = response.metadata_mut();
+        md.insert("taskgraph-lane-limit", "2097152".parse().unwrap());
+        if !self.carries.is_empty() {
+            md.insert("taskgraph-lane-carries", self.carries.parse().unwrap());
+        }
+        std::future::ready(Ok(response))
+    }
+}
+
 impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for LanelessNode {
     type Response = tonic::codegen::http::Response<tonic::body::Body>;
     type Error = std::convert::Infallible;
@@ -1354,9 +1360,12 @@ impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> f
             let mut grpc = tonic::server::Grpc::new(RawCodec);
             match request.uri().path() {
                 "/taskgraph.wire.Taskgraph/Pull" => Ok(grpc.unary(RawEcho, request).await),
-                "/taskgraph.wire.Taskgraph/Meta" => {
-                    Ok(grpc.unary(RawMeta(node.metas.clone()), request).await)
-                }
+                "/taskgraph.wire.Taskgraph/Meta" => Ok(grpc
+                    .unary(RawAcked(node.calls.clone(), "unary meta"), request)
+                    .await),
+                "/taskgraph.wire.Taskgraph/Replicate" => Ok(grpc
+                    .unary(RawAcked(node.calls.clone(), "unary replicate"), request)
+                    .await),
                 path => {
                     if path.ends_with("/Lane") {
                         node.lanes_asked
@@ -1364,10 +1373,10 @@ impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> f
                         if let Some(rejection) = node.lane_refusal {
                             return Ok(Status::from(rejection).into_http());
                         }
-                        if let Some(metas) = node.lane_metas {
+                        if let Some(carries) = node.lane_carries {
                             let lane = RawLane {
-                                metas,
-                                seen: node.metas.clone(),
+                                carries,
+                                seen: node.calls.clone(),
                             };
                             return Ok(grpc.streaming(lane, request).await);
                         }
@@ -1525,37 +1534,53 @@ async fn a_call_number_reused_after_its_cancel_names_the_new_call() {
 }
 
 #[tokio::test]
-async fn a_meta_rides_the_lane_only_to_a_peer_whose_lanes_carry_metas() {
+async fn metas_and_replicas_ride_the_lane_only_to_a_peer_whose_lanes_carry_them() {
     let meta = Meta {
         header: header(3, 0),
         link: "children".into(),
         meta: "done".into(),
     };
-    // A peer without lanes, one whose lanes carry pulls only (the version before metas rode
-    // them), and one whose lanes carry metas.
-    for (lane_metas, expected) in [
-        (None, ["unary", "unary"]),
-        (Some(false), ["unary", "unary"]),
-        (Some(true), ["lane", "lane"]),
+    let entry = |data: Vec<u8>| Replicate {
+        header: header(2, 2),
+        index: 4,
+        kind: ReplicateKind::Update,
+        data: Bytes::from(data),
+    };
+    // A peer without lanes; one whose lanes carry pulls only (the version before metas rode
+    // them); one whose lanes carry metas only; one whose lanes carry both (and an unknown
+    // kind, ignored). A replication entry above the lane's limit goes alone either way.
+    for (carries, expected) in [
+        (None, ["unary meta", "unary replicate", "unary replicate"]),
+        (
+            Some(""),
+            ["unary meta", "unary replicate", "unary replicate"],
+        ),
+        (
+            Some("meta"),
+            ["lane meta", "unary replicate", "unary replicate"],
+        ),
+        (
+            Some("pulse, replicate,meta"),
+            ["lane meta", "lane replicate", "unary replicate"],
+        ),
     ] {
         let node = LanelessNode {
-            lane_metas,
+            lane_carries: carries,
             ..LanelessNode::default()
         };
         let (addr, server) = serve_raw(node.clone()).await;
         let peers = peers();
-        for _ in 0..2 {
-            peers.meta(&addr, meta.clone()).await.unwrap();
-        }
-        assert_eq!(
-            node.metas(),
-            expected,
-            "lanes carrying metas: {lane_metas:?}"
-        );
+        peers.meta(&addr, meta.clone()).await.unwrap();
+        peers.replicate(&addr, entry(vec![1; 16])).await.unwrap();
+        peers
+            .replicate(&addr, entry(vec![2; 3 << 20]))
+            .await
+            .unwrap();
+        assert_eq!(node.calls(), expected, "the lane carries {carries:?}");
         assert_eq!(
             node.lanes_asked.load(std::sync::atomic::Ordering::SeqCst),
             1,
-            "one lane asked for ({lane_metas:?})"
+            "one lane asked for ({carries:?})"
         );
         server.abort();
     }

@@ -411,8 +411,9 @@ fn random_frame(rng: &mut impl rand::Rng, job: &str, epoch: Epoch) -> Vec<u8> {
     frame
 }
 
-/// A random message of a lane: a call number (often repeated), a random pull or meta (as
-/// [`random_frame`]), a cancel, or none of them, an answer limit; at times random bytes.
+/// A random message of a lane: a call number (often repeated), a random pull, meta or
+/// replication entry (as [`random_frame`]), a cancel, or none of them, an answer limit; at
+/// times random bytes.
 fn random_lane_frame(rng: &mut impl rand::Rng, job: &str, epoch: Epoch) -> Vec<u8> {
     if rng.random_bool(0.05) {
         return (0..rng.random_range(0..64)).map(|_| rng.random()).collect();
@@ -421,10 +422,11 @@ fn random_lane_frame(rng: &mut impl rand::Rng, job: &str, epoch: Epoch) -> Vec<u
     if rng.random_bool(0.9) {
         pb::uint(1, rng.random_range(0..8), &mut frame);
     }
-    match rng.random_range(0..6) {
+    match rng.random_range(0..7) {
         0..=2 => pb::bytes(2, &random_frame(rng, job, epoch), &mut frame),
         3 => pb::bytes(5, &random_frame(rng, job, epoch), &mut frame),
-        4 => pb::bytes(3, &[], &mut frame),
+        4 => pb::bytes(6, &random_frame(rng, job, epoch), &mut frame),
+        5 => pb::bytes(3, &[], &mut frame),
         _ => {}
     }
     if rng.random_bool(0.5) {

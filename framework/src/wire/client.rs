@@ -308,19 +308,9 @@ impl Peers {
         let msg = proto::MetaRequest::from(msg);
         let size = msg.encoded_len();
         self.check_size(size)?;
-        let limit = self.lane_limit();
-        if size <= limit {
-            let call = || proto::lane_pull::What::Meta(msg.clone());
-            match self.on_lane(addr, call, size, limit).await? {
-                Some(Outcome::Acked) => return Ok(()),
-                Some(Outcome::Rejected(rejection)) => return Err(CallError::Rejected(rejection)),
-                Some(Outcome::Failed(error)) => return Err(error),
-                Some(Outcome::Broken(status)) => return Err(self.lane_broken(addr, status).await),
-                Some(Outcome::Answer(_) | Outcome::LargeAnswer) => {
-                    return Err(wrong_answer("meta"))
-                }
-                Some(Outcome::Unary | Outcome::Unsupported) | None => {}
-            }
+        let call = || proto::lane_pull::What::Meta(msg.clone());
+        if let Some(done) = self.acked_on_lane(addr, call, size, "meta").await {
+            return done;
         }
         let mut client = self.client(addr)?;
         match client.meta(msg).await {
@@ -329,11 +319,44 @@ impl Peers {
         }
     }
 
-    /// Sends a replication entry to the backup at `addr`.
+    /// A call answered by an acknowledgement (a meta or a replication entry, made by `call`, of
+    /// encoded size `size`) on the lane to `addr`; `None`: send it as a unary call (too large
+    /// for the lane, or the peer's lanes do not carry it).
+    async fn acked_on_lane(
+        &self,
+        addr: &str,
+        call: impl Fn() -> proto::lane_pull::What,
+        size: usize,
+        kind: &str,
+    ) -> Option<Result<(), CallError>> {
+        let limit = self.lane_limit();
+        if size > limit {
+            return None;
+        }
+        match self.on_lane(addr, call, size, limit).await {
+            Ok(Some(Outcome::Acked)) => Some(Ok(())),
+            Ok(Some(Outcome::Rejected(rejection))) => Some(Err(CallError::Rejected(rejection))),
+            Ok(Some(Outcome::Failed(error))) | Err(error) => Some(Err(error)),
+            Ok(Some(Outcome::Broken(status))) => Some(Err(self.lane_broken(addr, status).await)),
+            Ok(Some(Outcome::Answer(_) | Outcome::LargeAnswer)) => Some(Err(wrong_answer(kind))),
+            Ok(Some(Outcome::Unary | Outcome::Unsupported) | None) => None,
+        }
+    }
+
+    /// Sends a replication entry to the backup at `addr`, on the lane (see [`Peers::pull`]) if
+    /// it fits and the peer's lanes carry replication, else as a unary call.
     pub async fn replicate(&self, addr: &str, mut msg: Replicate) -> Result<(), CallError> {
         self.fill_job(&mut msg.header.job);
         let msg = proto::ReplicateRequest::from(msg);
-        self.check_size(msg.encoded_len())?;
+        let size = msg.encoded_len();
+        self.check_size(size)?;
+        let call = || proto::lane_pull::What::Replicate(msg.clone());
+        if let Some(done) = self
+            .acked_on_lane(addr, call, size, "replication entry")
+            .await
+        {
+            return done;
+        }
         let mut client = self.client(addr)?;
         match client.replicate(msg).await {
             Ok(_) => Ok(()),
@@ -526,8 +549,8 @@ async fn probe_refused(addr: &str, connect_timeout: Duration) -> bool {
     }
 }
 
-/// A lane's answer of the other kind than its call (a pull acknowledged as a meta, or a meta
-/// answered with data).
+/// A lane's answer of the other kind than its call (a pull acknowledged, or a meta or a
+/// replication entry answered with data).
 fn wrong_answer(call: &str) -> CallError {
     CallError::Protocol {
         reason: format!("a lane answered a {call} with the other kind of answer"),

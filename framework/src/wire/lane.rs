@@ -1,11 +1,12 @@
-//! The calling side of a lane: the pulls (and metas) from this node to one other node, many in
-//! flight on one long-lived gRPC stream (`rpc Lane`) instead of one HTTP/2 stream each.
+//! The calling side of a lane: the pulls (and metas and replication entries) from this node to
+//! one other node, many in flight on one long-lived gRPC stream (`rpc Lane`) instead of one
+//! HTTP/2 stream each.
 //!
 //! The server names its frame limit when the stream opens (metadata
 //! [`LANE_LIMIT_METADATA_KEY`]); a request the server would not decode goes as a unary call,
 //! where it is refused alone, instead of breaking the lane for every call on it. So does a meta
-//! to a server whose lanes do not carry metas (an older version: it does not name `meta` in
-//! [`LANE_CARRIES_METADATA_KEY`]). A call is
+//! or a replication entry to a server whose lanes do not carry that kind (an older version: it
+//! does not name it in [`LANE_CARRIES_METADATA_KEY`]). A call is
 //! registered under a call number, sent, and answered when the server's answer naming that
 //! call arrives, in any order. A caller that gives up (its future is dropped)
 //! sends a cancel, so the server stops handling the pull, as it does when a unary call is
@@ -31,7 +32,7 @@ use super::rejection::Rejection;
 pub(super) enum Outcome {
     /// The server's answer to a pull.
     Answer(proto::PullAnswer),
-    /// The server took a meta.
+    /// The server took a meta or a replication entry.
     Acked,
     /// The server refused the pull.
     Rejected(Rejection),
@@ -53,11 +54,42 @@ pub(super) enum Outcome {
 pub(super) const LANE_LIMIT_METADATA_KEY: &str = "taskgraph-lane-limit";
 
 /// Response metadata of the `Lane` call: the kinds of call the lane carries besides pulls,
-/// comma-separated (`meta`). Without it, pulls only.
+/// comma-separated (`meta`, `replicate`). Without it, pulls only.
 pub(super) const LANE_CARRIES_METADATA_KEY: &str = "taskgraph-lane-carries";
 
-/// What [`LANE_CARRIES_METADATA_KEY`] says of a lane that carries metas.
-pub(super) const LANE_CARRIES_METAS: &str = "meta";
+/// What this version's lanes carry besides pulls (the value of [`LANE_CARRIES_METADATA_KEY`]).
+pub(super) const LANE_CARRIES: &str = "meta,replicate";
+
+/// The kinds of call besides pulls that a lane's server takes on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Carries {
+    metas: bool,
+    replicas: bool,
+}
+
+impl Carries {
+    /// What the server named in [`LANE_CARRIES_METADATA_KEY`] (unknown kinds are ignored).
+    fn parse(value: &str) -> Carries {
+        let mut carries = Carries::default();
+        for kind in value.split(',') {
+            match kind.trim() {
+                "meta" => carries.metas = true,
+                "replicate" => carries.replicas = true,
+                _ => {}
+            }
+        }
+        carries
+    }
+
+    fn takes(self, call: &proto::lane_pull::What) -> bool {
+        use proto::lane_pull::What;
+        match call {
+            What::Meta(_) => self.metas,
+            What::Replicate(_) => self.replicas,
+            What::Request(_) | What::Cancel(_) => true,
+        }
+    }
+}
 
 /// One lane to one peer address.
 #[derive(Debug)]
@@ -76,8 +108,8 @@ enum State {
     Open {
         /// The server's frame limit.
         limit: usize,
-        /// Whether the server takes metas on the lane.
-        metas: bool,
+        /// What the server takes on the lane besides pulls.
+        carries: Carries,
     },
     /// Ended (or never opened): the next pull opens a new lane.
     Ended,
@@ -124,10 +156,11 @@ impl Lane {
         *self.state.borrow() == State::Ended || self.requests.is_closed()
     }
 
-    /// Sends `request` (a pull or a meta, of encoded size `size`) and waits for its outcome;
-    /// `None` when the lane had ended before the call was registered (nothing was sent: open a
-    /// new one). A call registered while the lane opens shares the open's fate: a lane that
-    /// fails to open fails its calls with the status, as a unary call would fail.
+    /// Sends `request` (a pull, a meta or a replication entry, of encoded size `size`) and
+    /// waits for its outcome; `None` when the lane had ended before the call was registered
+    /// (nothing was sent: open a new one). A call registered while the lane opens shares the
+    /// open's fate: a lane that fails to open fails its calls with the status, as a unary call
+    /// would fail.
     pub(super) async fn call(
         self: &Arc<Self>,
         request: proto::lane_pull::What,
@@ -156,11 +189,11 @@ impl Lane {
             .await
             .map_or(State::Ended, |s| *s);
         match open {
-            // The server would not decode it on the lane, or takes no metas there: alone, as a
-            // unary call.
-            State::Open { limit, metas }
+            // The server would not decode it on the lane, or takes no such call there: alone,
+            // as a unary call.
+            State::Open { limit, carries }
                 if size.saturating_add(super::LANE_OVERHEAD) > limit
-                    || (!metas && matches!(request, proto::lane_pull::What::Meta(_))) =>
+                    || !carries.takes(&request) =>
             {
                 lock(&self.calls).waiting.remove(&call);
                 pending.done = true;
@@ -236,12 +269,12 @@ async fn read_answers(
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<usize>().ok())
                 .unwrap_or(0);
-            let metas = response
+            let carries = response
                 .metadata()
                 .get(LANE_CARRIES_METADATA_KEY)
                 .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.split(',').any(|kind| kind.trim() == LANE_CARRIES_METAS));
-            state.send_replace(State::Open { limit, metas });
+                .map_or_else(Carries::default, Carries::parse);
+            state.send_replace(State::Open { limit, carries });
             let mut answers = response.into_inner();
             loop {
                 match answers.message().await {

@@ -10,7 +10,8 @@
 //!   answer's bytes at once instead of at the requester's next pull);
 //! * [`Meta`]: a small flag from a task to a neighbour, on the lane to that node when its lanes
 //!   carry metas ([`Peers::meta`]; a node of an older version gets it as a unary call);
-//! * [`Replicate`]: state from a task's primary to its backups;
+//! * [`Replicate`]: state from a task's primary to its backups, on the lane too when it fits
+//!   and the backup's lanes carry replication ([`Peers::replicate`]);
 //! * ping → [`PingReply`]: "who are you";
 //! * hold → one [`PingReply`], then nothing until the server shuts down: a liveness watch that
 //!   costs no calls ([`Peers::hold`], [`Held`]).

@@ -22,7 +22,7 @@ use tonic::transport::{Server, ServerTlsConfig};
 use tonic::{Code, Request, Response, Status};
 
 use super::error::WireError;
-use super::lane::{LANE_CARRIES_METADATA_KEY, LANE_CARRIES_METAS, LANE_LIMIT_METADATA_KEY};
+use super::lane::{LANE_CARRIES, LANE_CARRIES_METADATA_KEY, LANE_LIMIT_METADATA_KEY};
 use super::proto;
 use super::proto::taskgraph_server::{Taskgraph, TaskgraphServer};
 use super::rejection::{tonic_size_limit, Rejection};
@@ -466,8 +466,8 @@ impl Taskgraph for Node {
         let (answers, rx) = mpsc::channel(LANE_QUEUE);
         tokio::spawn(run_lane(Arc::new(self.clone()), pulls, answers));
         let mut response = Response::new(lane_stream(rx, self.stop.clone()));
-        // The caller sends on the lane only what this side decodes, and metas only when told
-        // they ride it too (see `LanePull`).
+        // The caller sends on the lane only what this side decodes, and metas and replication
+        // entries only when told they ride it too (see `LanePull`).
         if let Ok(limit) = self.max_frame_bytes.to_string().parse() {
             response
                 .metadata_mut()
@@ -475,7 +475,7 @@ impl Taskgraph for Node {
         }
         response.metadata_mut().insert(
             LANE_CARRIES_METADATA_KEY,
-            tonic::metadata::MetadataValue::from_static(LANE_CARRIES_METAS),
+            tonic::metadata::MetadataValue::from_static(LANE_CARRIES),
         );
         Ok(response)
     }
@@ -652,7 +652,9 @@ async fn run_lane(
         };
         let call = pull.call;
         let mut answer: LaneWork = match pull.what {
-            Some(What::Request(_) | What::Meta(_)) if running.contains_key(&call) => {
+            Some(What::Request(_) | What::Meta(_) | What::Replicate(_))
+                if running.contains_key(&call) =>
+            {
                 // A peer that breaks the lane's rules, and does not even read its answers,
                 // loses the lane (never a wait here: the loop must keep watching the stop).
                 let rejection = Rejection::Malformed {
@@ -667,7 +669,20 @@ async fn run_lane(
                 let limit = usize::try_from(pull.answer_limit).unwrap_or(usize::MAX);
                 Box::pin(lane_call(node.clone(), call, request, limit))
             }
-            Some(What::Meta(meta)) => Box::pin(lane_meta(node.clone(), call, meta)),
+            Some(What::Meta(meta)) => Box::pin(lane_acked(
+                node.clone(),
+                call,
+                meta,
+                |m: &Meta| &m.header,
+                Inbound::Meta,
+            )),
+            Some(What::Replicate(entry)) => Box::pin(lane_acked(
+                node.clone(),
+                call,
+                entry,
+                |r: &Replicate| &r.header,
+                Inbound::Replicate,
+            )),
             Some(What::Cancel(_)) => {
                 if let Some(task) = running.remove(&call) {
                     task.abort();
@@ -676,7 +691,7 @@ async fn run_lane(
             }
             None => {
                 let rejection = Rejection::Malformed {
-                    reason: "a lane message without a request, a meta or a cancel".into(),
+                    reason: "a lane message without a call or a cancel".into(),
                 };
                 if answers.try_send(Ok(lane_refusal(call, rejection))).is_err() {
                     break;
@@ -738,12 +753,19 @@ async fn lane_call(
     }
 }
 
-/// The answer to call `call` of a lane that carries a meta: taken, or refused.
-async fn lane_meta(node: Arc<Node>, call: u64, meta: proto::MetaRequest) -> proto::LaneAnswer {
-    match node
-        .handle_acked(meta, |m: &Meta| &m.header, Inbound::Meta)
-        .await
-    {
+/// The answer to call `call` of a lane that carries a meta or a replication entry: taken, or
+/// refused.
+async fn lane_acked<P, M>(
+    node: Arc<Node>,
+    call: u64,
+    request: P,
+    header: fn(&M) -> &Header,
+    inbound: fn(M, oneshot::Sender<Result<(), Rejection>>) -> Inbound,
+) -> proto::LaneAnswer
+where
+    M: TryFrom<P, Error = Rejection>,
+{
+    match node.handle_acked(request, header, inbound).await {
         Ok(()) => proto::LaneAnswer {
             call,
             outcome: Some(proto::lane_answer::Outcome::Ack(proto::Ack {})),
