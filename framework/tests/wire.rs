@@ -1585,3 +1585,51 @@ async fn metas_and_replicas_ride_the_lane_only_to_a_peer_whose_lanes_carry_them(
         server.abort();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_at_its_bound_refuses_a_call_as_retryable_and_still_reads_cancels() {
+    let (server, inbound) = TestServer::start(server_config()).await;
+    let mut loop_pulls = pulls_to_test(inbound);
+    let peers = peers();
+    // As many pulls as a lane handles at once, all held by the loop.
+    let bound = wire::LANE_MAX_CALLS;
+    let pulls: Vec<_> = (0..bound as u64)
+        .map(|seq| spawn_pull(&peers, &server.addr, numbered(seq, Bytes::new())))
+        .collect();
+    let mut replies = std::collections::HashMap::new();
+    for _ in 0..bound {
+        let (req, reply) = loop_pulls.recv().await.unwrap();
+        replies.insert(req.seq, reply);
+    }
+    // One more is refused at once as "not ready", to be retried: the lane is still read.
+    let extra = numbered(u64::MAX, Bytes::new());
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        peers.pull(&server.addr, extra.clone()),
+    )
+    .await
+    .expect("a call past the lane's bound was answered")
+    .unwrap_err();
+    assert_eq!(
+        err,
+        CallError::Rejected(Rejection::NotReady {
+            task: extra.header.to_task,
+            epoch: extra.header.epoch,
+        })
+    );
+    assert!(err.retryable());
+    // A pull its caller gives up is cancelled at the server even at the bound.
+    pulls[7].abort();
+    let mut cancelled = replies.remove(&7).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), cancelled.closed())
+        .await
+        .expect("the cancel was read at the lane's bound");
+    assert!(
+        replies.values().all(|r| !r.is_closed()),
+        "only the given-up pull was cancelled"
+    );
+    for p in &pulls {
+        p.abort();
+    }
+    server.stop().await;
+}

@@ -29,7 +29,7 @@ use super::rejection::{tonic_size_limit, Rejection};
 use super::types::{Acknowledge, Header, Meta, PingReply, PullAnswer, PullRequest, Replicate};
 use super::{
     DEFAULT_MAX_FRAME_BYTES, HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW,
-    LANE_OVERHEAD,
+    LANE_MAX_CALLS, LANE_OVERHEAD,
 };
 pub use crate::lend::Lent;
 use crate::lend::{poll_once, Unfinished, Work};
@@ -556,12 +556,6 @@ impl Taskgraph for Node {
 /// Answers queued on one lane before its handlers wait for the connection to take them.
 const LANE_QUEUE: usize = 256;
 
-/// Calls of one lane handled at once (each a task of its own, most of them held pulls): a
-/// peer that sends more waits, so a flood costs a bounded amount of memory. Above the 4,096
-/// early requests a node holds (`MAX_EARLY` of the serving book), so a flood of those is
-/// refused by the node, not stalled here.
-const LANE_MAX_CALLS: usize = 16 * 1024;
-
 /// The handling of one call of a lane, until its answer.
 type LaneWork = Pin<Box<dyn Future<Output = proto::LaneAnswer> + Send + 'static>>;
 
@@ -634,10 +628,9 @@ async fn run_lane(
                 }
                 continue;
             }
-            // At the bound (every task of the lane counts, answers waiting for room too), the
-            // lane is not read until a call ends: HTTP/2 flow control then holds the caller
-            // back, as a connection's stream limit holds unary calls.
-            frame = pulls.next(), if calls.len() < LANE_MAX_CALLS => frame,
+            // Always read, so a cancel is never stuck behind calls: one past the bound is
+            // refused at once (below).
+            frame = pulls.next() => frame,
         };
         let pull = match frame {
             Some(Ok(pull)) => pull,
@@ -651,6 +644,17 @@ async fn run_lane(
             None => break,
         };
         let call = pull.call;
+        // At the bound (every task of the lane counts, answers waiting for room too), a call
+        // is refused as retryable, as the node refuses early pulls past its own bound: a flood
+        // costs a bounded amount of memory, and its caller retries later.
+        if calls.len() >= LANE_MAX_CALLS {
+            if let Some(header) = call_header(pull.what.as_ref()) {
+                if answers.try_send(Ok(lane_busy(call, header))).is_err() {
+                    break;
+                }
+                continue;
+            }
+        }
         let mut answer: LaneWork = match pull.what {
             Some(What::Request(_) | What::Meta(_) | What::Replicate(_))
                 if running.contains_key(&call) =>
@@ -772,6 +776,33 @@ where
         },
         Err(rejection) => lane_refusal(call, rejection),
     }
+}
+
+/// The header of a lane's call; `None` for a cancel (or nothing).
+fn call_header(what: Option<&proto::lane_pull::What>) -> Option<Option<&proto::Header>> {
+    use proto::lane_pull::What;
+    match what? {
+        What::Request(r) => Some(r.header.as_ref()),
+        What::Meta(m) => Some(m.header.as_ref()),
+        What::Replicate(e) => Some(e.header.as_ref()),
+        What::Cancel(_) => None,
+    }
+}
+
+/// The refusal of call `call` (with `header`) that arrived while its lane handles
+/// [`LANE_MAX_CALLS`] calls: not ready yet, retry later (what the node answers a pull past its
+/// bound of early pulls).
+fn lane_busy(call: u64, header: Option<&proto::Header>) -> proto::LaneAnswer {
+    let rejection = match header {
+        Some(h) => Rejection::NotReady {
+            task: h.to_task,
+            epoch: h.epoch,
+        },
+        None => Rejection::Malformed {
+            reason: "a lane call without a header".into(),
+        },
+    };
+    lane_refusal(call, rejection)
 }
 
 /// A lane's refusal of call `call` (logged as a unary call's is).
