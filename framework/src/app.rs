@@ -72,8 +72,10 @@ pub trait Task: Send + 'static {
     async fn became_backup(&mut self, _ctx: &Context) {}
 
     /// The primary enters `epoch`. Called once per epoch *and term* the primary observes, in
-    /// increasing order (an epoch the primary never observed, because the job moved past it
-    /// while this node was not primary, is skipped).
+    /// increasing order: first the job's current epoch, then every epoch the job moves through
+    /// while the node follows it. An epoch the primary never observed is skipped: one the job
+    /// moved past while this node was not primary, or while it had lost etcd's history (a
+    /// partition longer than etcd keeps its history).
     ///
     /// **A new primary enters the job's current epoch again.** A promoted backup's state may
     /// already hold what the old primary [`replicate`](Context::replicate)d during that epoch

@@ -115,6 +115,9 @@ pub(crate) struct Engine {
     /// change; snapshots of older generations are ignored).
     scope: Scope,
     generation: u64,
+    /// The watch was asked to read its ranges afresh and its snapshot has not come yet: the
+    /// epochs that moved meanwhile were never sent (see [`Engine::reload_watch`]).
+    reloading: bool,
     /// The slot the scope was planned for (`None`: a spare's, every task).
     scope_task: Option<TaskId>,
     /// Tasks outside the topology the slot's work talks to, watched until the slot ends.
@@ -210,6 +213,7 @@ impl Engine {
             raised: Vec::new(),
             scope,
             generation: 0,
+            reloading: false,
             scope_task: None,
             lazy: BTreeSet::new(),
             ranges,
@@ -490,9 +494,13 @@ impl Engine {
     }
 
     /// Has the watch read [`Engine::ranges`] afresh under a new generation (its snapshot
-    /// replaces the view): after the ranges changed, or to read the same ones again.
+    /// replaces the view): after the ranges changed, or to read the same ones again. The
+    /// watch drops its stream to do so, so the epoch key's changes meanwhile are never sent:
+    /// its snapshot's epochs between the last one seen and the one read count as observed
+    /// (every epoch the framework writes is the next one).
     pub(super) fn reload_watch(&mut self, out: &mut Vec<Command>) {
         self.generation += 1;
+        self.reloading = true;
         debug!(
             generation = self.generation,
             ranges = self.ranges.len(),

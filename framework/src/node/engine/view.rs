@@ -34,6 +34,11 @@ impl Engine {
                     return;
                 }
                 debug!(revision, keys = kvs.len(), "job snapshot");
+                // The first read after a reload: the watch was connected throughout, only not
+                // sent what moved while it read (a later read of the same generation follows
+                // a lost history, etcd's compaction: what moved then is not known).
+                let reloaded = std::mem::take(&mut self.reloading);
+                let seen = self.view.as_ref().and_then(|v| v.epoch);
                 let mut view = JobView::new(self.tasks, self.replicas);
                 view.scope = self.scope.clone();
                 self.staff.clear();
@@ -65,6 +70,15 @@ impl Engine {
                     self.own_record_bad(0, "deleted", out);
                 }
                 view.revision = revision;
+                if let (true, Some(EpochValue::Running(from)), Some(EpochValue::Running(to))) =
+                    (reloaded, seen, view.epoch)
+                {
+                    for e in from.saturating_add(1)..to {
+                        if self.observed.last().is_none_or(|last| *last < e) {
+                            self.observed.push(e);
+                        }
+                    }
+                }
                 self.view = Some(view);
             }
             JobEvent::Put(kv) => {
