@@ -1588,8 +1588,24 @@ async fn metas_and_replicas_ride_the_lane_only_to_a_peer_whose_lanes_carry_them(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lane_at_its_bound_refuses_a_call_as_retryable_and_still_reads_cancels() {
-    let (server, inbound) = TestServer::start(server_config()).await;
-    let mut loop_pulls = pulls_to_test(inbound);
+    let (server, mut inbound) = TestServer::start(server_config()).await;
+    // The loop: pulls to the test, replication entries taken (and reported).
+    let (pulls_tx, mut loop_pulls) = mpsc::unbounded_channel();
+    let (entries_tx, mut entries) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(msg) = inbound.recv().await {
+            match msg {
+                Inbound::Pull(req, answer) => {
+                    let _ = pulls_tx.send((req, answer));
+                }
+                Inbound::Replicate(entry, answer) => {
+                    let _ = answer.send(Ok(()));
+                    let _ = entries_tx.send(entry.index);
+                }
+                other => panic!("only pulls and entries expected, got {other:?}"),
+            }
+        }
+    });
     let peers = peers();
     // As many pulls as a lane handles at once, all held by the loop.
     let bound = wire::LANE_MAX_CALLS;
@@ -1618,12 +1634,35 @@ async fn a_lane_at_its_bound_refuses_a_call_as_retryable_and_still_reads_cancels
         })
     );
     assert!(err.retryable());
+    // A replication entry is not refused (its primary would take the backup for out of step):
+    // it goes as a unary call of its own.
+    let entry = Replicate {
+        header: header(1, 1),
+        index: 9,
+        kind: ReplicateKind::Update,
+        data: Bytes::from_static(b"state"),
+    };
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        peers.replicate(&server.addr, entry),
+    )
+    .await
+    .expect("an entry past the lane's bound was answered")
+    .unwrap();
+    assert_eq!(entries.recv().await, Some(9));
     // A pull its caller gives up is cancelled at the server even at the bound.
     pulls[7].abort();
     let mut cancelled = replies.remove(&7).unwrap();
     tokio::time::timeout(Duration::from_secs(30), cancelled.closed())
         .await
         .expect("the cancel was read at the lane's bound");
+    // One more call on the lane after the cancel (refused, or taken in the freed place):
+    // the cancel's handling is over, and it cancelled nothing else.
+    let probe = spawn_pull(&peers, &server.addr, numbered(u64::MAX - 1, Bytes::new()));
+    tokio::select! {
+        taken = loop_pulls.recv() => assert_eq!(taken.unwrap().0.seq, u64::MAX - 1),
+        refused = probe => assert!(refused.unwrap().unwrap_err().retryable()),
+    }
     assert!(
         replies.values().all(|r| !r.is_closed()),
         "only the given-up pull was cancelled"

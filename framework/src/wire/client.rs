@@ -321,7 +321,7 @@ impl Peers {
 
     /// A call answered by an acknowledgement (a meta or a replication entry, made by `call`, of
     /// encoded size `size`) on the lane to `addr`; `None`: send it as a unary call (too large
-    /// for the lane, or the peer's lanes do not carry it).
+    /// for the lane, the peer's lanes do not carry it, or the lane is at its bound).
     async fn acked_on_lane(
         &self,
         addr: &str,
@@ -338,8 +338,9 @@ impl Peers {
             Ok(Some(Outcome::Rejected(rejection))) => Some(Err(CallError::Rejected(rejection))),
             Ok(Some(Outcome::Failed(error))) | Err(error) => Some(Err(error)),
             Ok(Some(Outcome::Broken(status))) => Some(Err(self.lane_broken(addr, status).await)),
-            Ok(Some(Outcome::Answer(_) | Outcome::LargeAnswer)) => Some(Err(wrong_answer(kind))),
-            Ok(Some(Outcome::Unary | Outcome::Unsupported) | None) => None,
+            Ok(Some(Outcome::Answer(_))) => Some(Err(wrong_answer(kind))),
+            // `LargeAnswer` to a meta or an entry: the lane is at its bound, go alone.
+            Ok(Some(Outcome::Unary | Outcome::LargeAnswer | Outcome::Unsupported) | None) => None,
         }
     }
 

@@ -80,9 +80,11 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 pub const LANE_MAX_BYTES: usize = 1024 * 1024;
 
 /// Calls of one lane a server handles at once (held pulls, and answers waiting for the
-/// connection): a call past it is refused at once with [`Rejection::NotReady`] (retryable, as
-/// the node refuses early pulls past its own bound of 4,096), so a flood costs a bounded amount
-/// of memory and the lane is always read (a cancel never waits behind calls).
+/// connection): a pull past it is refused at once with [`Rejection::NotReady`] (retryable, as
+/// the node refuses early pulls past its own bound of 4,096), and a meta or a replication entry
+/// is sent back to go as a unary call. So a flood costs a bounded amount of memory and the lane
+/// stays read (a cancel does not wait behind calls; only a caller that does not read its
+/// answers either is held back until it does).
 pub const LANE_MAX_CALLS: usize = 16 * 1024;
 
 /// Room for a lane's own fields around a request or an answer, in bytes.

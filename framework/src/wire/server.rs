@@ -628,9 +628,18 @@ async fn run_lane(
                 }
                 continue;
             }
-            // Always read, so a cancel is never stuck behind calls: one past the bound is
-            // refused at once (below).
-            frame = pulls.next() => frame,
+            // At the bound with no room for a refusal either (the caller does not read its
+            // answers): wait for room, then read again.
+            permit = answers.reserve(), if blocked(&calls, &answers) => {
+                // Gone: the caller's side of the lane is.
+                if permit.is_err() {
+                    break;
+                }
+                continue;
+            }
+            // Otherwise always read, so a cancel is never stuck behind calls: one past the
+            // bound is refused at once (below).
+            frame = pulls.next(), if !blocked(&calls, &answers) => frame,
         };
         let pull = match frame {
             Some(Ok(pull)) => pull,
@@ -648,8 +657,18 @@ async fn run_lane(
         // is refused as retryable, as the node refuses early pulls past its own bound: a flood
         // costs a bounded amount of memory, and its caller retries later.
         if calls.len() >= LANE_MAX_CALLS {
-            if let Some(header) = call_header(pull.what.as_ref()) {
-                if answers.try_send(Ok(lane_busy(call, header))).is_err() {
+            if let Some(busy) = lane_busy(call, pull.what.as_ref()) {
+                // Room was checked before the read; another task may have taken it since.
+                let sent = match answers.try_send(Ok(busy)) {
+                    Ok(()) => Ok(()),
+                    Err(mpsc::error::TrySendError::Full(busy)) => tokio::select! {
+                        biased;
+                        () = node.stop.cancelled() => break,
+                        sent = answers.send(busy) => sent.map_err(drop),
+                    },
+                    Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+                };
+                if sent.is_err() {
                     break;
                 }
                 continue;
@@ -778,21 +797,33 @@ where
     }
 }
 
-/// The header of a lane's call; `None` for a cancel (or nothing).
-fn call_header(what: Option<&proto::lane_pull::What>) -> Option<Option<&proto::Header>> {
-    use proto::lane_pull::What;
-    match what? {
-        What::Request(r) => Some(r.header.as_ref()),
-        What::Meta(m) => Some(m.header.as_ref()),
-        What::Replicate(e) => Some(e.header.as_ref()),
-        What::Cancel(_) => None,
-    }
+/// Whether a lane at its bound has no room for an answer either: it is not read until there is.
+fn blocked(
+    calls: &tokio::task::JoinSet<()>,
+    answers: &mpsc::Sender<Result<proto::LaneAnswer, Status>>,
+) -> bool {
+    calls.len() >= LANE_MAX_CALLS && answers.capacity() == 0
 }
 
-/// The refusal of call `call` (with `header`) that arrived while its lane handles
-/// [`LANE_MAX_CALLS`] calls: not ready yet, retry later (what the node answers a pull past its
-/// bound of early pulls).
-fn lane_busy(call: u64, header: Option<&proto::Header>) -> proto::LaneAnswer {
+/// The answer to call `call` (`what`) that arrived while its lane handles [`LANE_MAX_CALLS`]
+/// calls; `None` for a cancel (or nothing), which is always taken. A pull is refused as not
+/// ready yet, to be retried (what the node answers a pull past its bound of early pulls). A
+/// meta or a replication entry is sent back to go as a unary call of its own: a backup that
+/// refuses an entry as not ready is out of step, and its primary would remove it.
+fn lane_busy(call: u64, what: Option<&proto::lane_pull::What>) -> Option<proto::LaneAnswer> {
+    use proto::lane_pull::What;
+    let header = match what? {
+        What::Request(r) => r.header.as_ref(),
+        What::Meta(_) | What::Replicate(_) => {
+            return Some(proto::LaneAnswer {
+                call,
+                outcome: Some(proto::lane_answer::Outcome::Unary(proto::LaneTooLarge {
+                    size: 0,
+                })),
+            })
+        }
+        What::Cancel(_) => return None,
+    };
     let rejection = match header {
         Some(h) => Rejection::NotReady {
             task: h.to_task,
@@ -802,7 +833,7 @@ fn lane_busy(call: u64, header: Option<&proto::Header>) -> proto::LaneAnswer {
             reason: "a lane call without a header".into(),
         },
     };
-    lane_refusal(call, rejection)
+    Some(lane_refusal(call, rejection))
 }
 
 /// A lane's refusal of call `call` (logged as a unary call's is).

@@ -14,6 +14,10 @@ use crate::etcd::watch::JobEvent;
 use crate::etcd::Kv;
 use crate::roles::{judge_epoch, EpochFault, EpochFaultKind, JobView, MySlot, SlotKey};
 
+/// The most epochs a reload's snapshot may show the job moved by for the ones between to be
+/// entered (see [`Engine::reload_watch`]).
+pub(super) const MAX_RELOAD_GAP: u64 = 1024;
+
 impl Engine {
     /// Applies one watch event to the view, remembering every running epoch it reveals.
     pub(super) fn apply_event(&mut self, ev: JobEvent, now: Instant, out: &mut Vec<Command>) {
@@ -73,7 +77,16 @@ impl Engine {
                 if let (true, Some(EpochValue::Running(from)), Some(EpochValue::Running(to))) =
                     (reloaded, seen, view.epoch)
                 {
-                    for e in from.saturating_add(1)..to {
+                    // A read takes milliseconds; a wider jump is not what moved meanwhile (a
+                    // value written by someone else, accepted from a read as the job's): the
+                    // epoch read only, as after a lost history.
+                    let gap = to.saturating_sub(from);
+                    let fill = if gap <= MAX_RELOAD_GAP {
+                        from + 1..to
+                    } else {
+                        to..to
+                    };
+                    for e in fill {
                         if self.observed.last().is_none_or(|last| *last < e) {
                             self.observed.push(e);
                         }

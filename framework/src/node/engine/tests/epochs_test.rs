@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::etcd::lease::LeaseState;
+use crate::node::engine::view::MAX_RELOAD_GAP;
 use crate::node::engine::{ClaimOutcome, Command, Input};
 
 #[test]
@@ -239,4 +240,12 @@ fn epochs_moved_while_the_watch_read_its_ranges_again_are_all_entered_in_order()
     let kvs = slots(&mut h);
     let out = h.snapshot(9, kvs);
     assert_eq!(entered(&out), vec![9]);
+    // A reload that reads a jump no reload makes (a value someone else wrote, accepted from a
+    // read): the value read only, nothing between (and no endless fill).
+    for to in [9 + MAX_RELOAD_GAP + 1, u64::MAX] {
+        h.e.reload_watch(&mut Vec::new());
+        let kvs = slots(&mut h);
+        let out = h.snapshot(to, kvs);
+        assert_eq!(entered(&out), vec![to]);
+    }
 }
