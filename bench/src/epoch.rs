@@ -479,7 +479,13 @@ pub async fn run_sum(etcd: &Etcd, run: &SumRun, out: &mut SumFigures) -> Result<
             let b = bare
                 .run_block(run.per_block, run.epoch_timeout * run.per_block as u32)
                 .await?;
-            out.bare_cpu = match (out.bare_cpu.or(Some(Duration::ZERO)), c0, cpu_time()) {
+            // From zero at the first block; once unknown, unknown.
+            let sum = if out.bare_epochs == 0 {
+                Some(Duration::ZERO)
+            } else {
+                out.bare_cpu
+            };
+            out.bare_cpu = match (sum, c0, cpu_time()) {
                 (Some(sum), Some(a), Some(b)) => Some(sum + b.saturating_sub(a)),
                 _ => None,
             };

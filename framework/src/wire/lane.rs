@@ -36,7 +36,9 @@ pub(super) enum Outcome {
     Acked,
     /// The server refused the pull.
     Rejected(Rejection),
-    /// The answer is larger than the lane takes: ask with the unary call (the server kept it).
+    /// The server sent the call back to go as a unary call: a pull whose answer is larger than
+    /// the lane takes (the server kept it), or a meta or an entry that found the lane at its
+    /// bound.
     LargeAnswer,
     /// Send it as a unary call: the request is larger than the server decodes on the lane, or
     /// of a kind its lanes do not carry.

@@ -590,7 +590,7 @@ fn lane_stream(
     }))
 }
 
-/// Reads a lane's calls (pulls and metas) and handles each (polled once here, then as a task
+/// Reads a lane's calls (pulls, metas and replication entries) and handles each (polled once here, then as a task
 /// of its own if not done), until the caller's side ends or the server stops; then the calls
 /// still in flight are dropped (as a unary call's handling is when its caller goes) and the
 /// answer stream ends.

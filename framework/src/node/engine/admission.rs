@@ -116,7 +116,9 @@ impl Engine {
             return Ok(Replica::Apply);
         }
         match s.replica {
-            Some((t, last)) if t == term && index == last + 1 => Ok(Replica::Apply),
+            Some((t, last)) if t == term && last.checked_add(1) == Some(index) => {
+                Ok(Replica::Apply)
+            }
             Some((t, last)) if t == term && index <= last => Ok(Replica::Repeat),
             _ => Err(Rejection::NotReady {
                 task,
