@@ -298,7 +298,7 @@ pub fn judge_epoch(
         (Some(EpochValue::Running(m)), EpochValue::Running(n)) => {
             if n < m {
                 Err(EpochFaultKind::Backwards(n))
-            } else if n > m + 1 && !snapshot {
+            } else if n > m.saturating_add(1) && !snapshot {
                 Err(EpochFaultKind::Ahead(n))
             } else {
                 Ok(v)

@@ -80,8 +80,7 @@ impl Engine {
                     // A read takes milliseconds; a wider jump is not what moved meanwhile (a
                     // value written by someone else, accepted from a read as the job's): the
                     // epoch read only, as after a lost history.
-                    let gap = to.saturating_sub(from);
-                    let fill = if gap <= MAX_RELOAD_GAP {
+                    let fill = if to > from && to - from <= MAX_RELOAD_GAP {
                         from + 1..to
                     } else {
                         to..to

@@ -145,6 +145,17 @@ fn replication_entries_reach_a_backup_in_order_and_once() {
         .admit_replica(&header(0, 1, term, 0), true, 0, now)
         .is_err());
     assert!(h.e.admit_replica(&hd, true, 0, now + TTL).is_err());
+    // A snapshot a primary numbered at the last index there is: no update follows it (and the
+    // count does not wrap round to 0).
+    h.input(Input::Replicated {
+        term,
+        index: u64::MAX,
+    });
+    assert_eq!(h.e.admit_replica(&hd, false, 0, now), Ok(Replica::Repeat));
+    assert_eq!(
+        h.e.admit_replica(&hd, false, u64::MAX, now),
+        Ok(Replica::Repeat)
+    );
 }
 
 #[test]
