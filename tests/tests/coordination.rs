@@ -65,6 +65,42 @@ async fn one_primary_and_one_backup_per_task() {
     c.stop_all().await;
 }
 
+/// 128 nodes join a job of 64 tasks × 2 together: the staffer drafts them in rounds of
+/// several transactions sent at once (at most 31 primary drafts fit one transaction, so 64
+/// primaries take three), which etcd may apply in any order. Every slot is still filled
+/// exactly once: one primary and one backup per task, each entered once, and no backup made
+/// before its task's primary (it would promote itself, and the task's primary would be seen
+/// twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spares_drafted_by_transactions_sent_together_fill_each_slot_once() {
+    let etcd = etcd().await;
+    let tasks = 64;
+    let mut cfg = ClusterConfig::new(etcd.endpoints(), &job_name("drafts"), tasks, 2);
+    // 128 nodes on 2 cores: a lease long enough that a busy machine does not end one.
+    cfg.ttl = Duration::from_secs(5);
+    let mut c = Cluster::start(cfg, 2 * tasks as usize).await.unwrap();
+    let st = c
+        .wait_until("64 tasks have 1 primary + 1 backup", WAIT, |s| {
+            fully_staffed(tasks, 1, s)
+        })
+        .await
+        .unwrap();
+    assert!(st.iter().all(|(_, s)| s.role != Role::Spare), "{st:?}");
+    let ev = c.audit.events();
+    for t in 0..tasks {
+        let backups = ev
+            .iter()
+            .filter(|(_, e)| *e == Event::Backup { task: t })
+            .count();
+        let primaries = ev
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::Primary { task, .. } if *task == t))
+            .count();
+        assert_eq!((primaries, backups), (1, 1), "task {t}: {ev:?}");
+    }
+    c.stop_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashed_primary_is_replaced_by_its_backup_with_a_higher_term() {
     let etcd = etcd().await;

@@ -7,6 +7,7 @@ pub mod lease;
 pub mod watch;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -30,6 +31,11 @@ pub const LOAD_TXN_RANGES: usize = 100;
 /// The most compares, and the most operations, one transaction may hold (etcd's default
 /// `--max-txn-ops` is 128 of each).
 const MAX_TXN_OPS: usize = 128;
+
+/// Draft transactions the staffer has out at once (see [`Store::draft`]): etcd applies them
+/// one after another but commits them together, so a round of many drafts waits for a few
+/// commits instead of one per transaction.
+const DRAFT_TXNS_IN_FLIGHT: usize = 8;
 
 /// One slot given to one spare: what the transaction writes and what it checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -530,58 +536,93 @@ impl Store {
     }
 
     /// As task 0's primary in `term` (the staffer): gives each order's slot to its spare, in
-    /// order, in as few transactions as etcd allows (about 30 drafts each). Each transaction
-    /// creates the slot keys under the spares' leases and writes their `drafts/<node>` keys,
-    /// if the staffer is still primary in `term`, the job runs, and for every order: the slot
-    /// is free (for a primary slot, the task has no backup either), the spare's record has
-    /// the create revision the order names (so its lease is alive) and its draft key the mod
-    /// revision. Stops at the first transaction that finds a premise false (the view is
-    /// stale). A transaction etcd refuses (a permission, a lease it does not know) is split
-    /// into one per draft, so one bad draft does not hold up the others.
+    /// as few transactions as etcd allows (about 30 drafts each), up to
+    /// [`DRAFT_TXNS_IN_FLIGHT`] of them at once. Each transaction creates the slot keys under
+    /// the spares' leases and writes their `drafts/<node>` keys, if the staffer is still
+    /// primary in `term`, the job runs, and for every order: the slot is free (for a primary
+    /// slot, the task has no backup either), the spare's record has the create revision the
+    /// order names (so its lease is alive) and its draft key the mod revision. Every
+    /// transaction stands on its own premises, so they may apply in any order: the orders
+    /// must not depend on each other (the staffer never drafts a task's primary and its
+    /// backup together). No transaction is sent after one found a premise false (the view is
+    /// stale); those already out complete. A transaction etcd refuses (a permission, a lease
+    /// it does not know) is split into one per draft, so one bad draft does not hold up the
+    /// others.
     pub(crate) async fn draft(
         &self,
         term: Term,
         replicas: u32,
         orders: &[DraftOrder],
     ) -> DraftOutcome {
+        use futures::StreamExt;
+
+        let mut batches = Vec::new();
+        let mut rest = orders;
+        while !rest.is_empty() {
+            let n = self.draft_batch(replicas, rest);
+            batches.push(&rest[..n]);
+            rest = &rest[n..];
+        }
+        let stale = AtomicBool::new(false);
+        let txns: Vec<_> = batches
+            .into_iter()
+            .map(|batch| self.draft_round_txn(term, replicas, batch, &stale))
+            .collect();
+        let mut results = futures::stream::iter(txns).buffer_unordered(DRAFT_TXNS_IN_FLIGHT);
         let mut outcome = DraftOutcome {
             applied: 0,
             revision: 0,
             stopped: None,
         };
-        let mut error: Option<String> = None;
-        let mut rest = orders;
-        while !rest.is_empty() {
-            let batch = self.draft_batch(replicas, rest);
-            let done = match self.draft_txn(term, replicas, &rest[..batch]).await {
-                Ok(Some(revision)) => vec![(batch, revision)],
-                Ok(None) => {
-                    outcome.stopped = Some(error);
-                    return outcome;
-                }
-                Err(e) if batch == 1 => {
-                    error.get_or_insert(e.to_string());
-                    vec![]
-                }
-                Err(e) => {
-                    error.get_or_insert(e.to_string());
-                    let mut singles = Vec::new();
-                    for one in rest[..batch].chunks(1) {
-                        if let Ok(Some(revision)) = self.draft_txn(term, replicas, one).await {
-                            singles.push((1, revision));
-                        }
-                    }
-                    singles
-                }
-            };
+        let (mut error, mut was_stale) = (None, false);
+        while let Some((done, failed, found_stale)) = results.next().await {
             for (n, revision) in done {
                 outcome.applied += n;
                 outcome.revision = outcome.revision.max(revision);
             }
-            rest = &rest[batch..];
+            if error.is_none() {
+                error = failed;
+            }
+            was_stale |= found_stale;
         }
-        outcome.stopped = error.map(Some);
+        outcome.stopped = match (error, was_stale) {
+            (Some(e), _) => Some(Some(e)),
+            (None, true) => Some(None),
+            (None, false) => None,
+        };
         outcome
+    }
+
+    /// One of [`Store::draft`]'s transactions: the drafts it applied (count, revision), the
+    /// error etcd gave, and whether it found a premise false (then `stale` is set, and a
+    /// transaction not yet sent is not sent).
+    async fn draft_round_txn(
+        &self,
+        term: Term,
+        replicas: u32,
+        batch: &[DraftOrder],
+        stale: &AtomicBool,
+    ) -> (Vec<(usize, i64)>, Option<String>, bool) {
+        if stale.load(Ordering::Relaxed) {
+            return (Vec::new(), None, false);
+        }
+        match self.draft_txn(term, replicas, batch).await {
+            Ok(Some(revision)) => (vec![(batch.len(), revision)], None, false),
+            Ok(None) => {
+                stale.store(true, Ordering::Relaxed);
+                (Vec::new(), None, true)
+            }
+            Err(e) if batch.len() == 1 => (Vec::new(), Some(e.to_string()), false),
+            Err(e) => {
+                let mut singles = Vec::new();
+                for one in batch.chunks(1) {
+                    if let Ok(Some(revision)) = self.draft_txn(term, replicas, one).await {
+                        singles.push((1, revision));
+                    }
+                }
+                (singles, Some(e.to_string()), false)
+            }
+        }
     }
 
     /// How many of `orders`, from the first, fit in one transaction.

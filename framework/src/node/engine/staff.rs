@@ -5,11 +5,13 @@
 //! node record, draft and slot key (one range, so one order), and whenever a spare waits and a
 //! slot is free it gives slots to spares by the same rule a spare would use for itself
 //! ([`decide`]: tasks without any node first, then the task with the fewest backups), many
-//! per etcd transaction ([`Command::Draft`]). Each draft creates the slot key under the
-//! spare's lease and writes `drafts/<spare>` naming the slot, in one transaction that checks
-//! that the staffer is still task 0's primary, that the job runs, that the slot is free (and,
-//! for a primary slot, that the task has no backup), that the spare is still registered under
-//! the same record and that its draft key is as the staffer saw it. A spare that sees its
+//! per etcd transaction and several transactions at once ([`Command::Draft`]; a round
+//! drafts primaries or backups, never both, since its transactions may apply in any order).
+//! Each draft creates the slot key under the spare's lease and writes `drafts/<spare>` naming
+//! the slot, in one transaction that checks that the staffer is still task 0's primary, that
+//! the job runs, that the slot is free (and, for a primary slot, that the task has no backup),
+//! that the spare is still registered under the same record and that its draft key is as the
+//! staffer saw it. A spare that sees its
 //! draft (under its current lease) holds the slot exactly as if it had claimed it.
 //!
 //! Task 0 itself, while it has no node at all, is claimed by the spares (they watch its slot
@@ -179,6 +181,17 @@ impl Engine {
                 Decision::ClaimBackup(task, slot) => Draft { task, slot },
                 _ => break,
             };
+            // A task's primary and its backup are never drafted in one round: the round's
+            // transactions may apply in any order, and a backup drafted before its primary
+            // would leave the task with a backup that never had one to follow (the primary's
+            // draft then fails: the task has a backup). Primaries come first; their backups
+            // in the next round, once the view shows the primaries.
+            if orders
+                .first()
+                .is_some_and(|o: &DraftOrder| (o.draft.slot == 0) != (draft.slot == 0))
+            {
+                break;
+            }
             let holder = Holder {
                 node: node.clone(),
                 addr: entry.addr.clone(),

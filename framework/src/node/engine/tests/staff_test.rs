@@ -201,28 +201,18 @@ fn the_staffer_drafts_waiting_spares_orphans_first_then_the_fewest_backups() {
     });
     let (t, orders) = drafts_in(&out).expect("drafts");
     assert_eq!(t, term);
+    // The orphans (2, 3) get primaries first, in a round of their own: a round's
+    // transactions may apply in any order, so no task gets its primary and a backup in one.
     let nodes: Vec<&str> = orders.iter().map(|o| o.holder.node.as_str()).collect();
-    assert_eq!(
-        nodes,
-        vec!["s1", "s2", "s3", "s4", "s5"],
-        "longest registered first"
-    );
-    // The orphans (2, 3) get primaries first, then every task one backup before any second.
-    let slots: Vec<(u32, u32)> = orders
+    assert_eq!(nodes, vec!["s1", "s2"], "longest registered first");
+    let primaries: BTreeSet<u32> = orders
         .iter()
-        .map(|o| (o.draft.task, o.draft.slot))
-        .collect();
-    let primaries: BTreeSet<u32> = slots[..2]
-        .iter()
-        .map(|(t, k)| {
-            assert_eq!(*k, 0);
-            *t
+        .map(|o| {
+            assert_eq!(o.draft.slot, 0, "{orders:?}");
+            o.draft.task
         })
         .collect();
     assert_eq!(primaries, BTreeSet::from([2, 3]));
-    let backups: BTreeSet<(u32, u32)> = slots[2..].iter().copied().collect();
-    assert_eq!(backups.len(), 3);
-    assert!(backups.iter().all(|(_, k)| *k == 1), "{slots:?}");
     for (i, o) in orders.iter().enumerate() {
         assert_eq!(o.lease, LeaseId(200 + i as i64), "the spare's own lease");
         assert_eq!(o.draft_revision, 0);
@@ -232,17 +222,39 @@ fn the_staffer_drafts_waiting_spares_orphans_first_then_the_fewest_backups() {
     let s6 = record(&mut h, "s6", true, 206);
     let out = h.put(s6);
     assert_eq!(drafts_in(&out), None, "{out:?}");
-    // Applied: no new drafts until the view shows them.
+    // Then every task one backup: s3, s4, s5 and s6, who registered meanwhile (longest
+    // registered first), one to each of the four tasks.
+    let out = apply_drafts(&mut h, &orders);
+    let (_, orders) = drafts_in(&out).expect("the backups' round");
+    let nodes: Vec<&str> = orders.iter().map(|o| o.holder.node.as_str()).collect();
+    assert_eq!(
+        nodes,
+        vec!["s3", "s4", "s5", "s6"],
+        "longest registered first"
+    );
+    let backups: BTreeSet<(u32, u32)> = orders
+        .iter()
+        .map(|o| (o.draft.task, o.draft.slot))
+        .collect();
+    assert_eq!(backups, (0..4).map(|t| (t, 1)).collect::<BTreeSet<_>>());
+    // Every slot filled: nothing more to draft.
+    let out = apply_drafts(&mut h, &orders);
+    assert_eq!(drafts_in(&out), None, "{out:?}");
+}
+
+/// Reports `orders` applied at the next revision: no new drafts until the view shows them,
+/// then shows them (their slot and draft keys); returns what the staffer did then.
+fn apply_drafts(h: &mut H, orders: &[DraftOrder]) -> Vec<Command> {
     let applied_at = h.rev + 1;
     let out = h.input(Input::Drafted(DraftOutcome {
-        applied: 5,
+        applied: orders.len(),
         revision: applied_at,
         stopped: None,
     }));
     assert_eq!(drafts_in(&out), None, "{out:?}");
     h.rev = applied_at - 1;
     let mut evs = Vec::new();
-    for o in &orders {
+    for o in orders {
         let key = if o.draft.slot == 0 {
             h.keys.primary(o.draft.task)
         } else {
@@ -267,13 +279,7 @@ fn the_staffer_drafts_waiting_spares_orphans_first_then_the_fewest_backups() {
         }));
     }
     h.rev = applied_at;
-    let out = h.input(Input::Watch(evs));
-    // s6 gets the one slot left (the fourth task's backup); the drafted ones are not drafted again.
-    let (_, orders) = drafts_in(&out).expect("a draft for s6");
-    assert_eq!(orders.len(), 1, "{orders:?}");
-    assert_eq!(orders[0].holder.node, "s6");
-    assert_eq!(orders[0].draft.slot, 1);
-    assert!(!backups.contains(&(orders[0].draft.task, 1)));
+    h.input(Input::Watch(evs))
 }
 
 /// A view that stays stale however long the staffer waits (the watch never showed a change
