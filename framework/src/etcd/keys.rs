@@ -175,8 +175,11 @@ impl JobKeys {
     }
 
     /// What node `node` watches while it holds a slot: the `epoch` and `spec` keys, its own
-    /// record, and the slot keys of `tasks` only (its own task, its neighbours' and the few
-    /// others it talks to), not the whole job's: a slot change elsewhere costs it nothing.
+    /// record and `drafts/` key, and the slot keys of `tasks` only (its own task, its
+    /// neighbours' and the few others it talks to), not the whole job's: a slot change
+    /// elsewhere costs it nothing. With task 0 first in `tasks` (as every holder's are), a
+    /// spare's ranges ([`JobKeys::spare_watch`]) are the first of these, so a drafted spare's
+    /// watch keeps its watches and adds the others.
     pub fn holder_watch(
         &self,
         node: &str,
@@ -186,6 +189,7 @@ impl JobKeys {
             KeyRange::key(self.epoch()),
             KeyRange::key(self.spec()),
             KeyRange::key(self.node(node)),
+            KeyRange::key(self.draft(node)),
         ];
         ranges.extend(tasks.into_iter().map(|t| self.task_slots(t)));
         ranges

@@ -9,8 +9,10 @@
 //! snapshot sent.
 //!
 //! The ranges can change while the watch runs ([`WatchRanges`], numbered by generation): the
-//! watch then drops its stream, reads the new ranges and sends a snapshot of that generation,
-//! and every event after it belongs to the new ranges. A spare waiting to be drafted watches
+//! watch then reads the new ranges and sends a snapshot of that generation, and every event
+//! after it belongs to the new ranges. When the new ranges are the old plus more, the stream
+//! stays and only the added ranges get new watches; otherwise it is dropped and every range
+//! watched anew. A spare waiting to be drafted watches
 //! [`JobKeys::spare_watch`](super::keys::JobKeys::spare_watch), the holders of task 0's slots
 //! (the staffer and its backups) [`JobKeys::staff_watch`](super::keys::JobKeys::staff_watch),
 //! every other slot holder [`JobKeys::holder_watch`](super::keys::JobKeys::holder_watch) (what
@@ -143,14 +145,33 @@ pub(crate) async fn run(
         };
         // The watch id of each range, in the order etcd confirmed them.
         let mut ids: Vec<i64> = Vec::with_capacity(ranges.len());
+        // Per range: events below this revision are already in a snapshot sent (ranges kept
+        // when the ranges grew, see `extend`).
+        let mut floors: Vec<i64> = vec![0; ranges.len()];
         let ended = loop {
             let message = tokio::select! {
                 changed = wanted.changed(), if following => {
                     match changed {
-                        // New ranges: read them and watch them instead.
+                        // New ranges: read them and watch them instead (on this stream if
+                        // they only add ranges).
                         Ok(()) => {
-                            current = wanted.borrow_and_update().clone();
-                            break Ended::Reload;
+                            let to = wanted.borrow_and_update().clone();
+                            let grown = extend(
+                                &store,
+                                &mut stream,
+                                &current.ranges,
+                                &to,
+                                (&mut starts, &mut floors),
+                                &tx,
+                            )
+                            .await;
+                            current = to;
+                            match grown {
+                                Grown::Watching => continue,
+                                Grown::Closed => break Ended::Closed,
+                                Grown::Broken => break Ended::Resume,
+                                Grown::No => break Ended::Reload,
+                            }
                         }
                         Err(_) => following = false,
                     }
@@ -183,7 +204,8 @@ pub(crate) async fn run(
                     }
                     store.count_watch_events(resp.events().len());
                     let range = ids.iter().position(|id| *id == resp.watch_id());
-                    if !forward(&resp, range.and_then(|i| starts.get_mut(i)), &tx).await {
+                    let floor = range.and_then(|i| floors.get(i)).copied().unwrap_or(0);
+                    if !forward(&resp, range.and_then(|i| starts.get_mut(i)), floor, &tx).await {
                         break Ended::Closed;
                     }
                 }
@@ -237,11 +259,86 @@ async fn open(
     Ok(stream)
 }
 
+/// What came of ranges that changed while a stream was open ([`extend`]).
+enum Grown {
+    /// The new ranges only add to the old: read, snapshot sent, and the added ranges watched
+    /// on the open stream.
+    Watching,
+    /// The new ranges are not the old plus more, or the read failed: read them again on a new
+    /// stream.
+    No,
+    /// Snapshot sent, but the stream broke while the added ranges were asked for: resume
+    /// every range where it stands.
+    Broken,
+    /// The receiver is gone.
+    Closed,
+}
+
+/// Follows ranges `to` instead of `from` on the open `stream`, if `to` is `from` plus more
+/// ranges (a spare drafted into a slot: its ranges are the first of a holder's, see
+/// [`JobKeys::holder_watch`](super::keys::JobKeys::holder_watch)): reads every range of `to`
+/// at one revision and sends that snapshot, as a reload would, then asks the stream for
+/// watches of the added ranges from the revision after the read. The ranges already watched
+/// keep their watches, whose events at or below the read are then dropped (the snapshot holds
+/// them; `floors`), so the loop sees what a reload would show: the snapshot, then every later
+/// event once. etcd spends as much on each watch it creates as on a request, and a drafted
+/// spare keeps its five.
+async fn extend(
+    store: &Store,
+    stream: &mut WatchStream,
+    from: &[KeyRange],
+    to: &WatchRanges,
+    (starts, floors): (&mut Vec<i64>, &mut Vec<i64>),
+    tx: &mpsc::Sender<JobEvent>,
+) -> Grown {
+    if to.ranges.len() <= from.len() || !to.ranges.starts_with(from) || starts.len() != from.len() {
+        return Grown::No;
+    }
+    let (kvs, revision) = match store.load_ranges(&to.ranges).await {
+        Ok(read) => read,
+        Err(e) => {
+            tracing::debug!(error = %e, "job watch: cannot read the added ranges; reading all again");
+            return Grown::No;
+        }
+    };
+    let snapshot = JobEvent::Snapshot {
+        kvs,
+        revision,
+        generation: to.generation,
+    };
+    if tx.send(snapshot).await.is_err() {
+        return Grown::Closed;
+    }
+    for (start, floor) in starts.iter_mut().zip(floors.iter_mut()) {
+        *start = (*start).max(revision + 1);
+        *floor = revision + 1;
+    }
+    let added = from.len()..to.ranges.len();
+    starts.resize(to.ranges.len(), revision + 1);
+    floors.resize(to.ranges.len(), revision + 1);
+    for i in added {
+        let r = &to.ranges[i];
+        let mut o = WatchOptions::new()
+            .with_start_revision(revision + 1)
+            .with_watch_id(i as i64 + 1);
+        if let Some(end) = &r.end {
+            o = o.with_range(end.as_str());
+        }
+        if let Err(e) = stream.watch(r.key.as_str(), Some(o)).await {
+            tracing::debug!(error = %e, "job watch: cannot add a range; resuming");
+            return Grown::Broken;
+        }
+    }
+    Grown::Watching
+}
+
 /// Sends the events of one response on, and moves its range's resume revision (`start`)
-/// past them. Returns `false` once the receiver is gone.
+/// past them; events below `floor` (already in a snapshot sent) are dropped. Returns `false`
+/// once the receiver is gone.
 async fn forward(
     resp: &WatchResponse,
     start: Option<&mut i64>,
+    floor: i64,
     tx: &mpsc::Sender<JobEvent>,
 ) -> bool {
     let Some(start) = start else {
@@ -251,6 +348,9 @@ async fn forward(
     for ev in resp.events() {
         let Some(kv) = ev.kv() else { continue };
         let rev = kv.mod_revision();
+        if rev < floor {
+            continue;
+        }
         let msg = match ev.event_type() {
             EventType::Put => JobEvent::Put(Kv::from(kv)),
             EventType::Delete => JobEvent::Delete {

@@ -150,6 +150,13 @@ fn a_drafted_spare_takes_its_slot_once_and_only_under_its_own_lease() {
     assert!(ranges
         .iter()
         .any(|r| r.contains(h.keys.backup(4, 1).as_bytes())));
+    // The spare's ranges come first, in order: the watch keeps their watches and adds the
+    // holder's others on the same stream.
+    let spare = h.keys.spare_watch("n1");
+    assert!(
+        ranges.len() > spare.len() && ranges.starts_with(&spare),
+        "{ranges:?}"
+    );
     // The same draft again (a new read of the watch): nothing more.
     let out = h.put(draft);
     assert!(
