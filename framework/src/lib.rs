@@ -170,6 +170,45 @@ pub mod testing {
     pub mod etcd {
         pub use crate::etcd::keys;
     }
+    /// The job watch: key ranges followed on one etcd stream, as a node's event loop gets them.
+    pub mod watch {
+        pub use crate::etcd::keys::KeyRange;
+        pub use crate::etcd::watch::{JobEvent, WatchRanges};
+        pub use crate::etcd::Kv;
+
+        /// Follows the ranges `wanted` shows (and their changes) on a fresh connection to
+        /// `endpoints`, as a node's job watch does: its events, and the watch's task (which
+        /// ends once the receiver is dropped).
+        pub async fn follow(
+            endpoints: &[String],
+            job: &str,
+            wanted: tokio::sync::watch::Receiver<WatchRanges>,
+        ) -> Result<
+            (
+                tokio::sync::mpsc::Receiver<JobEvent>,
+                tokio::task::JoinHandle<()>,
+            ),
+            crate::Error,
+        > {
+            let store = super::store(endpoints, job).await?;
+            let (tx, rx) = tokio::sync::mpsc::channel(4096);
+            let task = tokio::spawn(crate::etcd::watch::run(store, wanted, tx));
+            Ok((rx, task))
+        }
+    }
+    /// A plain-text connection to `endpoints` for job `job`, as a node makes (10 s to connect,
+    /// 2 s per request).
+    async fn store(endpoints: &[String], job: &str) -> Result<crate::etcd::Store, crate::Error> {
+        crate::etcd::Store::connect_secure(
+            endpoints,
+            job,
+            &crate::security::EtcdSecurity::default(),
+            std::time::Duration::from_secs(10),
+            std::time::Duration::from_secs(2),
+        )
+        .await
+    }
+
     /// The node-to-node wire: messages, client, server, limits.
     pub mod wire {
         pub use crate::wire::*;
@@ -201,14 +240,7 @@ pub mod testing {
             ),
             crate::Error,
         > {
-            let store = crate::etcd::Store::connect_secure(
-                endpoints,
-                job,
-                &crate::security::EtcdSecurity::default(),
-                Duration::from_secs(10),
-                Duration::from_secs(2),
-            )
-            .await?;
+            let store = super::store(endpoints, job).await?;
             let granted_at = Instant::now();
             let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
             let (id, granted) = store.grant_lease(secs).await?;

@@ -585,9 +585,19 @@ impl Store {
             }
             was_stale |= found_stale;
         }
+        // A stale view wins over an error: the staffer then counts the round towards reading
+        // the job again (an error alone only pauses it, as etcd may have applied the drafts).
         outcome.stopped = match (error, was_stale) {
-            (Some(e), _) => Some(Some(e)),
-            (None, true) => Some(None),
+            (error, true) => {
+                if let Some(error) = error {
+                    tracing::warn!(
+                        error,
+                        "a draft transaction failed; others found the view stale"
+                    );
+                }
+                Some(None)
+            }
+            (Some(e), false) => Some(Some(e)),
             (None, false) => None,
         };
         outcome
@@ -614,13 +624,22 @@ impl Store {
             }
             Err(e) if batch.len() == 1 => (Vec::new(), Some(e.to_string()), false),
             Err(e) => {
-                let mut singles = Vec::new();
+                let (mut singles, mut found_stale) = (Vec::new(), false);
                 for one in batch.chunks(1) {
-                    if let Ok(Some(revision)) = self.draft_txn(term, replicas, one).await {
-                        singles.push((1, revision));
+                    if stale.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match self.draft_txn(term, replicas, one).await {
+                        Ok(Some(revision)) => singles.push((1, revision)),
+                        Ok(None) => {
+                            stale.store(true, Ordering::Relaxed);
+                            found_stale = true;
+                        }
+                        // This draft's own error (a lease etcd no longer knows): the others go on.
+                        Err(_) => {}
                     }
                 }
-                (singles, Some(e.to_string()), false)
+                (singles, Some(e.to_string()), found_stale)
             }
         }
     }

@@ -58,7 +58,8 @@ enum Ended {
     Closed,
     /// The stream broke (or etcd cancelled a watch): open it again where each watch stopped.
     Resume,
-    /// A watch's history was compacted away, or the ranges changed: read everything again.
+    /// A watch's history was compacted away, or the ranges changed other than by growing:
+    /// read everything again on a new stream.
     Reload,
 }
 

@@ -495,7 +495,9 @@ impl Engine {
 
     /// Has the watch read [`Engine::ranges`] afresh under a new generation (its snapshot
     /// replaces the view): after the ranges changed, or to read the same ones again. The
-    /// watch drops its stream to do so, so the epoch key's changes meanwhile are never sent:
+    /// watch sends no event its snapshot holds (it drops its stream, or, when the ranges only
+    /// grow, drops the kept watches' events up to the read), so the epoch key's changes
+    /// meanwhile are never sent:
     /// its snapshot's epochs between the last one seen and the one read count as observed
     /// (every epoch the framework writes is the next one).
     pub(super) fn reload_watch(&mut self, out: &mut Vec<Command>) {

@@ -207,8 +207,8 @@ fn published_epoch(h: &H) -> Option<crate::etcd::keys::EpochValue> {
     h.e.view().and_then(|v| v.epoch)
 }
 
-/// The watch re-reads its ranges after they change (it drops its stream to do so): the epochs
-/// that moved meanwhile were never sent, yet a primary connected throughout enters every one,
+/// The watch re-reads its ranges after they change (and sends none of the events its read
+/// holds): the epochs that moved meanwhile were never sent, yet a primary connected throughout enters every one,
 /// in order. A later read of the same ranges follows a lost history (etcd compacted it): the
 /// current epoch only, as for a node that was away.
 #[test]
