@@ -64,6 +64,58 @@ pub(crate) struct DraftOutcome {
     pub(crate) stopped: Option<Option<String>>,
 }
 
+impl DraftOutcome {
+    /// Nothing applied, nothing stopped.
+    const NONE: DraftOutcome = DraftOutcome {
+        applied: 0,
+        revision: 0,
+        stopped: None,
+    };
+
+    /// Stopped by `error` (`None`: a stale view).
+    fn stopped_by(error: Option<String>) -> Self {
+        DraftOutcome {
+            stopped: Some(error),
+            ..Self::NONE
+        }
+    }
+
+    /// What one transaction of `drafts` drafts came to; a premise found false sets `stale`.
+    fn of(drafts: usize, result: Result<Option<i64>, EtcdError>, stale: &AtomicBool) -> Self {
+        match result {
+            Ok(Some(revision)) => DraftOutcome {
+                applied: drafts,
+                revision,
+                stopped: None,
+            },
+            Ok(None) => {
+                stale.store(true, Ordering::Relaxed);
+                Self::stopped_by(None)
+            }
+            Err(e) => Self::stopped_by(Some(e.to_string())),
+        }
+    }
+
+    /// Adds the outcome of other transactions of the same round. A stale view wins over an
+    /// error: the staffer then counts the round towards reading the job again (an error alone
+    /// only pauses it, as etcd may have applied the drafts).
+    fn add(&mut self, other: DraftOutcome) {
+        self.applied += other.applied;
+        self.revision = self.revision.max(other.revision);
+        self.stopped = match (self.stopped.take(), other.stopped) {
+            (None, s) | (s, None) => s,
+            (Some(None), Some(Some(e))) | (Some(Some(e)), Some(None)) => {
+                tracing::warn!(
+                    error = e,
+                    "a draft transaction failed; others found the view stale"
+                );
+                Some(None)
+            }
+            (Some(a), Some(_)) => Some(a),
+        };
+    }
+}
+
 /// A key-value pair read from etcd, with the metadata the framework uses.
 #[derive(Debug, Clone)]
 pub struct Kv {
@@ -569,79 +621,46 @@ impl Store {
             .map(|batch| self.draft_round_txn(term, replicas, batch, &stale))
             .collect();
         let mut results = futures::stream::iter(txns).buffer_unordered(DRAFT_TXNS_IN_FLIGHT);
-        let mut outcome = DraftOutcome {
-            applied: 0,
-            revision: 0,
-            stopped: None,
-        };
-        let (mut error, mut was_stale) = (None, false);
-        while let Some((done, failed, found_stale)) = results.next().await {
-            for (n, revision) in done {
-                outcome.applied += n;
-                outcome.revision = outcome.revision.max(revision);
-            }
-            if error.is_none() {
-                error = failed;
-            }
-            was_stale |= found_stale;
+        let mut outcome = DraftOutcome::NONE;
+        while let Some(one) = results.next().await {
+            outcome.add(one);
         }
-        // A stale view wins over an error: the staffer then counts the round towards reading
-        // the job again (an error alone only pauses it, as etcd may have applied the drafts).
-        outcome.stopped = match (error, was_stale) {
-            (error, true) => {
-                if let Some(error) = error {
-                    tracing::warn!(
-                        error,
-                        "a draft transaction failed; others found the view stale"
-                    );
-                }
-                Some(None)
-            }
-            (Some(e), false) => Some(Some(e)),
-            (None, false) => None,
-        };
         outcome
     }
 
-    /// One of [`Store::draft`]'s transactions: the drafts it applied (count, revision), the
-    /// error etcd gave, and whether it found a premise false (then `stale` is set, and a
-    /// transaction not yet sent is not sent).
+    /// One of [`Store::draft`]'s transactions, as an outcome of its own. One that finds a
+    /// premise false sets `stale`, and no transaction is sent after that; one etcd refuses is
+    /// sent again as one transaction per draft.
     async fn draft_round_txn(
         &self,
         term: Term,
         replicas: u32,
         batch: &[DraftOrder],
         stale: &AtomicBool,
-    ) -> (Vec<(usize, i64)>, Option<String>, bool) {
+    ) -> DraftOutcome {
+        let mut outcome = DraftOutcome::NONE;
         if stale.load(Ordering::Relaxed) {
-            return (Vec::new(), None, false);
+            return outcome;
         }
-        match self.draft_txn(term, replicas, batch).await {
-            Ok(Some(revision)) => (vec![(batch.len(), revision)], None, false),
-            Ok(None) => {
-                stale.store(true, Ordering::Relaxed);
-                (Vec::new(), None, true)
+        let error = match self.draft_txn(term, replicas, batch).await {
+            Err(e) if batch.len() > 1 => e.to_string(),
+            one => {
+                outcome.add(DraftOutcome::of(batch.len(), one, stale));
+                return outcome;
             }
-            Err(e) if batch.len() == 1 => (Vec::new(), Some(e.to_string()), false),
-            Err(e) => {
-                let (mut singles, mut found_stale) = (Vec::new(), false);
-                for one in batch.chunks(1) {
-                    if stale.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    match self.draft_txn(term, replicas, one).await {
-                        Ok(Some(revision)) => singles.push((1, revision)),
-                        Ok(None) => {
-                            stale.store(true, Ordering::Relaxed);
-                            found_stale = true;
-                        }
-                        // This draft's own error (a lease etcd no longer knows): the others go on.
-                        Err(_) => {}
-                    }
-                }
-                (singles, Some(e.to_string()), found_stale)
+        };
+        outcome.add(DraftOutcome::stopped_by(Some(error)));
+        for one in batch.chunks(1) {
+            if stale.load(Ordering::Relaxed) {
+                break;
+            }
+            // A draft's own error (a lease etcd no longer knows) is that of the whole batch.
+            let result = self.draft_txn(term, replicas, one).await;
+            if result.is_ok() {
+                outcome.add(DraftOutcome::of(1, result, stale));
             }
         }
+        outcome
     }
 
     /// How many of `orders`, from the first, fit in one transaction.

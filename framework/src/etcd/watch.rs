@@ -146,9 +146,9 @@ pub(crate) async fn run(
         };
         // The watch id of each range, in the order etcd confirmed them.
         let mut ids: Vec<i64> = Vec::with_capacity(ranges.len());
-        // Per range: events below this revision are already in a snapshot sent (ranges kept
-        // when the ranges grew, see `extend`).
-        let mut floors: Vec<i64> = vec![0; ranges.len()];
+        // Events below this revision are already in a snapshot sent (of ranges kept when the
+        // ranges grew, see `extend`; the added ones start above it).
+        let mut floor: i64 = 0;
         let ended = loop {
             let message = tokio::select! {
                 changed = wanted.changed(), if following => {
@@ -162,7 +162,8 @@ pub(crate) async fn run(
                                 &mut stream,
                                 &current.ranges,
                                 &to,
-                                (&mut starts, &mut floors),
+                                &mut starts,
+                                &mut floor,
                                 &tx,
                             )
                             .await;
@@ -205,7 +206,6 @@ pub(crate) async fn run(
                     }
                     store.count_watch_events(resp.events().len());
                     let range = ids.iter().position(|id| *id == resp.watch_id());
-                    let floor = range.and_then(|i| floors.get(i)).copied().unwrap_or(0);
                     if !forward(&resp, range.and_then(|i| starts.get_mut(i)), floor, &tx).await {
                         break Ended::Closed;
                     }
@@ -237,16 +237,7 @@ async fn open(
     ranges: &[KeyRange],
     starts: &[i64],
 ) -> Result<WatchStream, etcd_client::Error> {
-    let options = |i: usize| {
-        let r: &KeyRange = &ranges[i];
-        let mut o = WatchOptions::new()
-            .with_start_revision(starts[i])
-            .with_watch_id(i as i64 + 1);
-        if let Some(end) = &r.end {
-            o = o.with_range(end.as_str());
-        }
-        o
-    };
+    let options = |i: usize| watch_options(ranges, i, starts[i]);
     let mut client = store.client();
     let Some(first) = ranges.first() else {
         return Err(etcd_client::Error::WatchError(
@@ -258,6 +249,17 @@ async fn open(
         stream.watch(r.key.as_str(), Some(options(i))).await?;
     }
     Ok(stream)
+}
+
+/// The watch of range `i` of `ranges` from revision `start`, asking for watch id `i + 1`.
+fn watch_options(ranges: &[KeyRange], i: usize, start: i64) -> WatchOptions {
+    let mut o = WatchOptions::new()
+        .with_start_revision(start)
+        .with_watch_id(i as i64 + 1);
+    if let Some(end) = &ranges[i].end {
+        o = o.with_range(end.as_str());
+    }
+    o
 }
 
 /// What came of ranges that changed while a stream was open ([`extend`]).
@@ -281,7 +283,7 @@ enum Grown {
 /// at one revision and sends that snapshot, as a reload would, then asks the stream for
 /// watches of the added ranges from the revision after the read. The ranges already watched
 /// keep their watches, whose events at or below the read are then dropped (the snapshot holds
-/// them; `floors`), so the loop sees what a reload would show: the snapshot, then every later
+/// them; `floor`), so the loop sees what a reload would show: the snapshot, then every later
 /// event once. etcd spends as much on each watch it creates as on a request, and a drafted
 /// spare keeps its five.
 async fn extend(
@@ -289,10 +291,11 @@ async fn extend(
     stream: &mut WatchStream,
     from: &[KeyRange],
     to: &WatchRanges,
-    (starts, floors): (&mut Vec<i64>, &mut Vec<i64>),
+    starts: &mut Vec<i64>,
+    floor: &mut i64,
     tx: &mpsc::Sender<JobEvent>,
 ) -> Grown {
-    if to.ranges.len() <= from.len() || !to.ranges.starts_with(from) || starts.len() != from.len() {
+    if to.ranges.len() <= from.len() || !to.ranges.starts_with(from) {
         return Grown::No;
     }
     let (kvs, revision) = match store.load_ranges(&to.ranges).await {
@@ -310,22 +313,15 @@ async fn extend(
     if tx.send(snapshot).await.is_err() {
         return Grown::Closed;
     }
-    for (start, floor) in starts.iter_mut().zip(floors.iter_mut()) {
+    for start in starts.iter_mut() {
         *start = (*start).max(revision + 1);
-        *floor = revision + 1;
     }
+    *floor = revision + 1;
     let added = from.len()..to.ranges.len();
     starts.resize(to.ranges.len(), revision + 1);
-    floors.resize(to.ranges.len(), revision + 1);
     for i in added {
-        let r = &to.ranges[i];
-        let mut o = WatchOptions::new()
-            .with_start_revision(revision + 1)
-            .with_watch_id(i as i64 + 1);
-        if let Some(end) = &r.end {
-            o = o.with_range(end.as_str());
-        }
-        if let Err(e) = stream.watch(r.key.as_str(), Some(o)).await {
+        let o = watch_options(&to.ranges, i, revision + 1);
+        if let Err(e) = stream.watch(to.ranges[i].key.as_str(), Some(o)).await {
             tracing::debug!(error = %e, "job watch: cannot add a range; resuming");
             return Grown::Broken;
         }
