@@ -442,6 +442,67 @@ async fn a_job_role_grants_its_own_prefix_only() -> TestResult {
     Ok(())
 }
 
+/// A user whose role may only read the job's prefix: a node cannot take part (it must write
+/// its record, its lease's keys, the spec of a new job), and is refused at once with a clear
+/// error, not retried until the connect timeout. The node's first request, the spec check, is
+/// the one etcd refuses; a client, which only reads, connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_role_refuses_a_node_at_once() -> TestResult {
+    init_logs();
+    let etcd = Etcd::start().await?;
+    etcd.enable_auth(ROOT_PW).await?;
+    let job = job_name("read-only");
+    let root = format!("--user=root:{ROOT_PW}");
+    let role = format!("job-{job}");
+    let prefix = format!("/taskgraph/jobs/{job}/");
+    let end = format!("/taskgraph/jobs/{job}0");
+    let pw = "--new-user-password=dave-pw".to_owned();
+    for args in [
+        vec!["role", "add", role.as_str()],
+        vec![
+            "role",
+            "grant-permission",
+            role.as_str(),
+            "read",
+            prefix.as_str(),
+            end.as_str(),
+        ],
+        vec!["user", "add", "dave", pw.as_str()],
+        vec!["user", "grant-role", "dave", role.as_str()],
+    ] {
+        etcd.etcdctl(std::iter::once(root.as_str()).chain(args))
+            .await?;
+    }
+    let dave = EtcdAuth::new("dave", Secret::new("dave-pw"));
+    let audit = Audit::default();
+    // Connecting may take this long if refusals were retried: the test tells them apart.
+    let node = dataflow_node(etcd.endpoints(), &job, 3, &audit)
+        .replicas(1)
+        .etcd_auth(dave.clone())
+        .etcd_connect_timeout(GUARD * 2)
+        .build()?
+        .spawn()
+        .await?;
+    match tokio::time::timeout(GUARD, node.wait()).await {
+        Ok(Err(taskgraph::Error::EtcdRefused { reason, .. })) => {
+            assert!(reason.contains("permission denied"), "{reason}");
+            assert!(reason.contains(&prefix), "{reason}");
+        }
+        other => panic!("expected EtcdRefused, got {other:?}"),
+    }
+    // Reading is allowed: a client connects (the job does not exist, so it has no state).
+    let client = JobClient::connect_secure(
+        &etcd.endpoints(),
+        &job,
+        Duration::from_secs(5),
+        None,
+        Some(&dave),
+    )
+    .await?;
+    assert!(client.state().await?.is_none());
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Node-to-node mutual TLS, at the transport level.
 // ---------------------------------------------------------------------------------------------

@@ -221,6 +221,64 @@ impl Store {
         connect_timeout: Duration,
         request_timeout: Duration,
     ) -> Result<Store, Error> {
+        let probe = |store: Store| async move {
+            store.get(&store.keys.spec()).await?;
+            Ok((store, ()))
+        };
+        let (store, ()) = Self::connect_with(
+            endpoints,
+            job,
+            security,
+            connect_timeout,
+            request_timeout,
+            probe,
+        )
+        .await?;
+        Ok(store)
+    }
+
+    /// Connects as [`Store::connect_secure`] does, but the request that checks etcd answers is
+    /// the job's spec check itself ([`Store::ensure_spec`]'s transaction): a node joining a job
+    /// asks etcd once where it asked twice. Returns the store and the spec check's verdict
+    /// (whether this call created the job, or the stored spec's garbage or conflict), which the
+    /// caller judges; etcd errors are retried, or refused, as while connecting.
+    pub async fn connect_joining(
+        endpoints: &[String],
+        job: &str,
+        security: &EtcdSecurity,
+        connect_timeout: Duration,
+        request_timeout: Duration,
+        mine: &JobSpec,
+    ) -> Result<(Store, Result<bool, Error>), Error> {
+        let probe = |store: Store| async move {
+            let resp = store.spec_txn(mine).await?;
+            let verdict = store.judge_spec(job, mine, resp);
+            Ok((store, verdict))
+        };
+        Self::connect_with(
+            endpoints,
+            job,
+            security,
+            connect_timeout,
+            request_timeout,
+            probe,
+        )
+        .await
+    }
+
+    /// Connects, then sends `probe`'s request, until one answers or `connect_timeout` passes.
+    async fn connect_with<T, P, F>(
+        endpoints: &[String],
+        job: &str,
+        security: &EtcdSecurity,
+        connect_timeout: Duration,
+        request_timeout: Duration,
+        probe: P,
+    ) -> Result<(Store, T), Error>
+    where
+        P: Fn(Store) -> F,
+        F: Future<Output = Result<(Store, T), EtcdError>>,
+    {
         // HTTP/2 keep-alive pings more often than etcd's --grpc-keepalive-min-time (5 s by
         // default) make etcd drop the connection; 10 s still notices a silent partition.
         let mut options = ConnectOptions::new()
@@ -251,8 +309,7 @@ impl Store {
                     timeout: request_timeout,
                     metrics: None,
                 };
-                store.get(&store.keys.spec()).await?;
-                Ok::<_, EtcdError>(store)
+                probe(store).await
             };
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let result =
@@ -265,7 +322,7 @@ impl Store {
                     )),
                 };
             match result {
-                Ok(store) => return Ok(store),
+                Ok(answer) => return Ok(answer),
                 Err(source) => {
                     if let Some(reason) = refusal(&source, security, keys.prefix()) {
                         return Err(Error::EtcdRefused {
@@ -439,6 +496,13 @@ impl Store {
     /// Creates the job (spec and epoch 0) if absent, else checks that the stored spec equals
     /// `mine`. Returns whether this call created the job.
     pub async fn ensure_spec(&self, job: &str, mine: &JobSpec) -> Result<bool, Error> {
+        let resp = self.spec_txn(mine).await?;
+        self.judge_spec(job, mine, resp)
+    }
+
+    /// The spec check's one transaction: creates the spec and epoch 0 if the spec is absent,
+    /// else reads the stored spec.
+    async fn spec_txn(&self, mine: &JobSpec) -> Result<etcd_client::TxnResponse, EtcdError> {
         let (spec_key, epoch_key) = (self.keys.spec(), self.keys.epoch());
         let txn = Txn::new()
             .when([Compare::create_revision(
@@ -452,7 +516,18 @@ impl Store {
             ])
             .or_else([TxnOp::get(spec_key.clone(), None)]);
         let mut c = self.client.clone();
-        let resp = self.timed("txn create spec", &spec_key, c.txn(txn)).await?;
+        self.timed("txn create spec", &spec_key, c.txn(txn)).await
+    }
+
+    /// What [`Store::spec_txn`]'s answer says: created (`true`), the same spec stored
+    /// (`false`), or a garbage or conflicting spec.
+    fn judge_spec(
+        &self,
+        job: &str,
+        mine: &JobSpec,
+        resp: etcd_client::TxnResponse,
+    ) -> Result<bool, Error> {
+        let spec_key = self.keys.spec();
         if resp.succeeded() {
             return Ok(true);
         }

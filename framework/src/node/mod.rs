@@ -164,12 +164,24 @@ pub(crate) fn spawn(
 /// member down, a leader election under way: the client may pick a dead endpoint first) and a
 /// garbage spec (the job's reporter, normally task 0's primary, rewrites it within milliseconds) until the etcd
 /// connect timeout; a conflicting spec is final at once.
-async fn ensure_spec(store: &Store, config: &Config) -> Result<bool, Error> {
+///
+/// `first` is the verdict of the check sent while connecting
+/// ([`Store::connect_joining`]); the check is sent again only if it must be retried.
+async fn ensure_spec(
+    store: &Store,
+    config: &Config,
+    first: Result<bool, Error>,
+) -> Result<bool, Error> {
     let deadline = Instant::now() + config.etcd_connect_timeout;
     let mut delays = crate::retry::ETCD.delays();
+    let mut answer = Some(first);
     loop {
         let delay = delays.next().unwrap_or(crate::retry::ETCD.max);
-        match store.ensure_spec(&config.job, &config.spec()).await {
+        let verdict = match answer.take() {
+            Some(verdict) => verdict,
+            None => store.ensure_spec(&config.job, &config.spec()).await,
+        };
+        match verdict {
             Err(Error::Etcd(e)) if Instant::now() + delay < deadline => {
                 warn!(error = %e, "etcd did not take the job's spec; retrying");
                 tokio::time::sleep(delay).await;
@@ -217,16 +229,18 @@ async fn run(
     let security = config.etcd_security()?;
     let peer_tls = config.peer_tls_loaded()?;
     info!(etcd = %security.describe(), peer_tls = peer_tls.is_some(), "connecting to etcd");
-    let store = Store::connect_secure(
+    // The spec check is the request that shows etcd answers: one request to join, not two.
+    let (store, verdict) = Store::connect_joining(
         &config.etcd_endpoints,
         &config.job,
         &security,
         config.etcd_connect_timeout,
         config.etcd_request_timeout,
+        &config.spec(),
     )
-    .await?
-    .with_metrics(metrics.clone());
-    let created = ensure_spec(&store, &config).await?;
+    .await?;
+    let store = store.with_metrics(metrics.clone());
+    let created = ensure_spec(&store, &config, verdict).await?;
     info!(
         created,
         tasks = config.tasks,
