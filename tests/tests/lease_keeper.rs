@@ -147,3 +147,51 @@ async fn a_paused_etcd_is_slow_not_broken_the_keeper_keeps_one_stream_and_the_le
     assert!(!keeper.is_finished(), "the keeper still runs");
     keeper.abort();
 }
+
+/// Keep-alive messages etcd has received since it was started.
+async fn keepalives_received(etcd: &Etcd) -> f64 {
+    etcd_counter(
+        etcd,
+        "grpc_server_msg_received_total",
+        "grpc_method=\"LeaseKeepAlive\"",
+    )
+    .await
+}
+
+/// One keep-alive per interval, none for nothing: the grant sets etcd's expiry, so the first
+/// keep-alive goes out one interval after it, and the one that opens the stream is that
+/// interval's renewal (the keeper does not send a second at once). 2,048 nodes joining a job
+/// together each sent two keep-alives in their first second for nothing before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_renewal_costs_one_keep_alive_the_stream_opens_with_the_first() {
+    init_logs();
+    let etcd = Etcd::start().await.unwrap();
+    // TTL 6 s: a keep-alive every 2 s, ample time to read etcd's counter between two.
+    let ttl = Duration::from_secs(6);
+    let (_id, granted, mut rx, keeper) =
+        keep_alive(&etcd.endpoints(), &job_name("keepalives"), ttl)
+            .await
+            .unwrap();
+    assert_eq!(granted, 6);
+    let granted_deadline = alive(&mut rx).await;
+    assert_eq!(
+        keepalives_received(&etcd).await,
+        0.0,
+        "no keep-alive right after the grant"
+    );
+    let first = renewed_after(&mut rx, granted_deadline).await;
+    assert_eq!(
+        keepalives_received(&etcd).await,
+        1.0,
+        "the first renewal is the keep-alive that opened the stream"
+    );
+    assert_eq!(keepalive_streams(&etcd).await, 1.0);
+    renewed_after(&mut rx, first).await;
+    assert_eq!(
+        keepalives_received(&etcd).await,
+        2.0,
+        "the second renewal is the stream's second keep-alive"
+    );
+    assert_eq!(keepalive_streams(&etcd).await, 1.0, "still one stream");
+    keeper.abort();
+}

@@ -137,6 +137,9 @@ async fn next_answer(stream: &mut Option<KeepAliveStream>) -> Answer {
 /// Keeps lease `id` alive every `ttl / 3` until etcd reports it gone. Publishes every change
 /// on `tx`. Returns when the lease has expired (or all receivers are gone).
 ///
+/// The grant, at `granted_at`, counts as the first renewal: the first keep-alive goes out one
+/// interval later, and the keep-alive that opens a stream is that interval's renewal.
+///
 /// One keep-alive stream serves the lease for as long as it works: an answer that is slow (etcd
 /// busy, or paused) is waited for on the same stream while the next keep-alives go out on it
 /// (at most [`MAX_IN_FLIGHT`] unanswered), and each answer renews the lease from the time
@@ -155,11 +158,62 @@ pub(crate) async fn keep_alive(
     let mut deadline = granted_at + ttl - margin;
     let _ = tx.send(LeaseState::Alive { id, deadline });
     let mut stream: Option<KeepAliveStream> = None;
+    // The grant set etcd's expiry as a keep-alive would: the first keep-alive is due one
+    // interval later, not at once (2,048 nodes joining together would each send one for
+    // nothing).
+    let mut next = granted_at + interval;
     loop {
+        let wake = if matches!(*tx.borrow(), LeaseState::Alive { .. }) {
+            next
+        } else {
+            next.max(Instant::now() + Duration::from_millis(50))
+        };
+        // Answers until the next keep-alive is due; the deadline is checked as it passes.
+        loop {
+            let alive = matches!(*tx.borrow(), LeaseState::Alive { .. });
+            tokio::select! {
+                answer = next_answer(&mut stream) => match answer {
+                    Answer::Renewed { sent, ttl: granted } if granted > 0 => {
+                        store.record("lease keep-alive", Outcome::Ok, sent);
+                        deadline = sent + Duration::from_secs(granted as u64) - margin;
+                        renewed(&store, id, deadline, &tx);
+                    }
+                    Answer::Renewed { sent, .. } => {
+                        store.record("lease keep-alive", Outcome::Ok, sent);
+                        expired(&store, id, &tx);
+                        return;
+                    }
+                    Answer::Unexpected => {
+                        tracing::debug!(lease = format!("{id:x}"), "keep-alive answer with none in flight: ignored");
+                    }
+                    Answer::Broken(e) => {
+                        let oldest = stream
+                            .as_ref()
+                            .and_then(|s| s.in_flight.front().copied())
+                            .unwrap_or_else(Instant::now);
+                        store.record("lease keep-alive", Outcome::Error, oldest);
+                        tracing::debug!(lease = format!("{id:x}"), error = %e, "lease keep-alive stream broken");
+                        stream = None;
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline), if alive => {}
+                _ = tokio::time::sleep_until(wake) => break,
+                _ = tx.closed() => return,
+            }
+            if Instant::now() >= deadline {
+                let oldest = stream.as_ref().and_then(|s| s.in_flight.front().copied());
+                suspend(&store, id, &tx, oldest);
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
         let sent = Instant::now();
+        next = sent + interval;
         if stream.is_none() {
-            // Opening the stream sends a first keep-alive and waits for its answer. Never wait
-            // past the deadline: a silent etcd must not keep us Alive.
+            // Opening the stream sends a keep-alive and waits for its answer: that is this
+            // interval's keep-alive. Never wait past the deadline: a silent etcd must not keep
+            // us Alive.
             let wait = deadline
                 .saturating_duration_since(sent)
                 .max(interval)
@@ -172,6 +226,12 @@ pub(crate) async fn keep_alive(
                         answers,
                         in_flight: VecDeque::new(),
                     });
+                    // etcd answered with a TTL above 0 (etcd-client checks it): it renewed the
+                    // lease for its granted TTL, `ttl`, at or after `sent`.
+                    store.record("lease keep-alive", Outcome::Ok, sent);
+                    deadline = sent + ttl - margin;
+                    renewed(&store, id, deadline, &tx);
+                    continue;
                 }
                 // etcd-client turns an answer of TTL 0 (etcd no longer knows the lease) into
                 // this error. It is the lease's expiry, not a transient failure: a node that
@@ -215,61 +275,20 @@ pub(crate) async fn keep_alive(
                 );
             }
         }
-        let next = sent + interval;
-        let wake = if matches!(*tx.borrow(), LeaseState::Alive { .. }) {
-            next
-        } else {
-            next.max(Instant::now() + Duration::from_millis(50))
-        };
-        // Answers until the next keep-alive is due; the deadline is checked as it passes.
-        loop {
-            let alive = matches!(*tx.borrow(), LeaseState::Alive { .. });
-            tokio::select! {
-                answer = next_answer(&mut stream) => match answer {
-                    Answer::Renewed { sent, ttl: granted } if granted > 0 => {
-                        store.record("lease keep-alive", Outcome::Ok, sent);
-                        if let Some(m) = store.metrics() {
-                            m.lease_renewed();
-                        }
-                        deadline = sent + Duration::from_secs(granted as u64) - margin;
-                        tx.send_if_modified(|s| {
-                            let new = LeaseState::Alive { id, deadline };
-                            let changed = *s != new;
-                            *s = new;
-                            changed
-                        });
-                    }
-                    Answer::Renewed { sent, .. } => {
-                        store.record("lease keep-alive", Outcome::Ok, sent);
-                        expired(&store, id, &tx);
-                        return;
-                    }
-                    Answer::Unexpected => {
-                        tracing::debug!(lease = format!("{id:x}"), "keep-alive answer with none in flight: ignored");
-                    }
-                    Answer::Broken(e) => {
-                        let oldest = stream
-                            .as_ref()
-                            .and_then(|s| s.in_flight.front().copied())
-                            .unwrap_or(sent);
-                        store.record("lease keep-alive", Outcome::Error, oldest);
-                        tracing::debug!(lease = format!("{id:x}"), error = %e, "lease keep-alive stream broken");
-                        stream = None;
-                    }
-                },
-                _ = tokio::time::sleep_until(deadline), if alive => {}
-                _ = tokio::time::sleep_until(wake) => break,
-                _ = tx.closed() => return,
-            }
-            if Instant::now() >= deadline {
-                let oldest = stream.as_ref().and_then(|s| s.in_flight.front().copied());
-                suspend(&store, id, &tx, oldest);
-            }
-        }
-        if tx.is_closed() {
-            return;
-        }
     }
+}
+
+/// etcd renewed the lease: the node may act in its slot until `deadline`.
+fn renewed(store: &Store, id: LeaseId, deadline: Instant, tx: &watch::Sender<LeaseState>) {
+    if let Some(m) = store.metrics() {
+        m.lease_renewed();
+    }
+    tx.send_if_modified(|s| {
+        let new = LeaseState::Alive { id, deadline };
+        let changed = *s != new;
+        *s = new;
+        changed
+    });
 }
 
 /// etcd reports the lease gone.
