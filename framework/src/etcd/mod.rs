@@ -229,8 +229,8 @@ impl Store {
             endpoints,
             job,
             security,
-            connect_timeout,
-            request_timeout,
+            (connect_timeout, request_timeout),
+            None,
             probe,
         )
         .await?;
@@ -241,14 +241,15 @@ impl Store {
     /// the job's spec check itself ([`Store::ensure_spec`]'s transaction): a node joining a job
     /// asks etcd once where it asked twice. Returns the store and the spec check's verdict
     /// (whether this call created the job, or the stored spec's garbage or conflict), which the
-    /// caller judges; etcd errors are retried, or refused, as while connecting.
-    pub async fn connect_joining(
+    /// caller judges; etcd errors are retried, or refused, as while connecting. The store
+    /// counts its requests, the spec check's too, in `metrics`.
+    pub(crate) async fn connect_joining(
         endpoints: &[String],
         job: &str,
         security: &EtcdSecurity,
-        connect_timeout: Duration,
-        request_timeout: Duration,
+        (connect_timeout, request_timeout): (Duration, Duration),
         mine: &JobSpec,
+        metrics: Metrics,
     ) -> Result<(Store, Result<bool, Error>), Error> {
         let probe = |store: Store| async move {
             let resp = store.spec_txn(mine).await?;
@@ -259,8 +260,8 @@ impl Store {
             endpoints,
             job,
             security,
-            connect_timeout,
-            request_timeout,
+            (connect_timeout, request_timeout),
+            Some(metrics),
             probe,
         )
         .await
@@ -271,8 +272,8 @@ impl Store {
         endpoints: &[String],
         job: &str,
         security: &EtcdSecurity,
-        connect_timeout: Duration,
-        request_timeout: Duration,
+        (connect_timeout, request_timeout): (Duration, Duration),
+        metrics: Option<Metrics>,
         probe: P,
     ) -> Result<(Store, T), Error>
     where
@@ -307,7 +308,7 @@ impl Store {
                     client,
                     keys: keys.clone(),
                     timeout: request_timeout,
-                    metrics: None,
+                    metrics: metrics.clone(),
                 };
                 probe(store).await
             };
@@ -352,13 +353,6 @@ impl Store {
     /// The underlying client, for the watch.
     pub(crate) fn client(&self) -> Client {
         self.client.clone()
-    }
-
-    /// Counts this store's requests in `metrics` (`taskgraph_etcd_requests_total` and
-    /// `taskgraph_etcd_request_duration_seconds`).
-    pub(crate) fn with_metrics(mut self, metrics: Metrics) -> Store {
-        self.metrics = Some(metrics);
-        self
     }
 
     /// The metrics this store counts its requests in, if any.

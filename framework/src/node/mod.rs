@@ -234,12 +234,11 @@ async fn run(
         &config.etcd_endpoints,
         &config.job,
         &security,
-        config.etcd_connect_timeout,
-        config.etcd_request_timeout,
+        (config.etcd_connect_timeout, config.etcd_request_timeout),
         &config.spec(),
+        metrics.clone(),
     )
     .await?;
-    let store = store.with_metrics(metrics.clone());
     let created = ensure_spec(&store, &config, verdict).await?;
     info!(
         created,
