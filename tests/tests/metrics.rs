@@ -722,15 +722,24 @@ async fn a_pull_outside_the_topology_is_answered_and_its_task_watched_from_then_
         .wait_until("every task has a primary", |s| fully_staffed(7, 0, s))
         .await;
     let ranges = |s: &Scrape| s.sum("taskgraph_watched_key_ranges", &[]);
+    // Watch streams opened (a change of ranges that is not a growth opens a new one).
+    let streams = |s: &Scrape| {
+        s.sum(
+            "taskgraph_etcd_requests_total",
+            &[("op", "watch"), ("outcome", "ok")],
+        )
+    };
     // Both ends watch only their own task's, their neighbours' and task 0's slot keys first:
     // epoch, spec, own record and draft; {0, 1, 3} and {0, 2, 6}.
+    let mut opened = Vec::new();
     for task in [3, 6] {
         let (node, _) = nodes.primary_of(task).unwrap();
-        wait_scrape(nodes.addr(node), "a holder's narrow watch", |s| {
+        let s = wait_scrape(nodes.addr(node), "a holder's narrow watch", |s| {
             ranges(s) == 7.0
         })
         .await
         .unwrap();
+        opened.push(streams(&s));
     }
     go_tx.send_replace(true);
     let answer = tokio::time::timeout(WAIT, answered.wait_for(Option::is_some))
@@ -739,11 +748,13 @@ async fn a_pull_outside_the_topology_is_answered_and_its_task_watched_from_then_
         .unwrap()
         .clone();
     assert_eq!(answer, Some(vec![6]));
-    // Each end now also watches the other's task.
-    for (task, want) in [(3, 8.0), (6, 8.0)] {
+    // Each end now also watches the other's task, on the stream it had: the task's range is
+    // added at the end (for task 6, task 3 sorts among its own), and the watch grows in place.
+    for ((task, want), before) in [(3, 8.0), (6, 8.0)].into_iter().zip(opened) {
         let (node, _) = nodes.primary_of(task).unwrap();
         let s = scrape(nodes.addr(node)).await.unwrap();
         assert_eq!(ranges(&s), want, "task {task}'s watch");
+        assert_eq!(streams(&s), before, "task {task}'s watch grew in place");
     }
     nodes.stop_all().await;
 }

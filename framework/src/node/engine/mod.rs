@@ -120,8 +120,10 @@ pub(crate) struct Engine {
     reloading: bool,
     /// The slot the scope was planned for (`None`: a spare's, every task).
     scope_task: Option<TaskId>,
-    /// Tasks outside the topology the slot's work talks to, watched until the slot ends.
-    lazy: BTreeSet<TaskId>,
+    /// Tasks outside the topology the slot's work talks to, watched until the slot ends, in
+    /// the order they were first talked to (their ranges are appended in that order, so the
+    /// watch grows in place).
+    lazy: Vec<TaskId>,
     /// The ranges the job watch follows now (of generation `generation`).
     ranges: Vec<KeyRange>,
     /// How spares come to hold slots, and as the staffer, its bookkeeping.
@@ -215,7 +217,7 @@ impl Engine {
             generation: 0,
             reloading: false,
             scope_task: None,
-            lazy: BTreeSet::new(),
+            lazy: Vec::new(),
             ranges,
             staffing,
             staff: Default::default(),
@@ -409,7 +411,8 @@ impl Engine {
                 }
             }
             Input::WatchTask(task) => {
-                if task < self.tasks && !self.scope.shows(task) && self.lazy.insert(task) {
+                if task < self.tasks && !self.scope.shows(task) && !self.lazy.contains(&task) {
+                    self.lazy.push(task);
                     debug!(
                         task,
                         "watching the slot keys of a task outside the topology"
@@ -463,7 +466,15 @@ impl Engine {
             Some(t) => match self.holder_scope(t) {
                 Scope::All => (Scope::All, self.keys.node_watch(node)),
                 Scope::Tasks(set) => {
-                    let ranges = self.keys.holder_watch(node, set.iter().copied());
+                    // The topology's tasks in order (task 0 first: a spare's ranges are the
+                    // first of these), then the lazy ones as they came: a new lazy task only
+                    // adds a range at the end, and the watch grows in place.
+                    let tasks = set
+                        .iter()
+                        .copied()
+                        .filter(|t| !self.lazy.contains(t))
+                        .chain(self.lazy.iter().copied().filter(|t| set.contains(t)));
+                    let ranges = self.keys.holder_watch(node, tasks);
                     (Scope::Tasks(set), ranges)
                 }
             },

@@ -146,12 +146,21 @@ fn a_sender_from_a_task_the_holder_does_not_watch_is_told_to_retry_and_its_task_
         h.e.admit(&low, now),
         Err(Rejection::StaleTerm { task: 2, .. })
     ));
+    let before = h.e.ranges().to_vec();
     let out = h.input(Input::WatchTask(2));
     let (generation, ranges) = watch_of(&out).expect("task 2 added");
     assert_eq!(generation, 2);
     assert_eq!(tasks_in(&h, &ranges), vec![0, 2, 4, 5, 6]);
+    // Appended, not sorted in: the watch grows in place (see `watch::extend`).
+    assert_eq!(ranges[..before.len()], before[..], "the old ranges first");
+    assert_eq!(ranges[before.len()..], [h.keys.task_slots(2)]);
     assert!(!h.e.unwatched(2));
     assert_eq!(watch_of(&h.input(Input::WatchTask(2))), None, "once");
+    // A second one, lower than the first, comes after it.
+    let out = h.input(Input::WatchTask(1));
+    let (_, with_1) = watch_of(&out).expect("task 1 added");
+    assert_eq!(with_1[..ranges.len()], ranges[..]);
+    assert_eq!(with_1[ranges.len()..], [h.keys.task_slots(1)]);
     assert_eq!(
         watch_of(&h.input(Input::WatchTask(99))),
         None,
