@@ -731,15 +731,14 @@ async fn a_pull_outside_the_topology_is_answered_and_its_task_watched_from_then_
     };
     // Both ends watch only their own task's, their neighbours' and task 0's slot keys first:
     // epoch, spec, own record and draft; {0, 1, 3} and {0, 2, 6}.
-    let mut opened = Vec::new();
+    // One stream each: opened as a spare, grown in place when drafted.
     for task in [3, 6] {
         let (node, _) = nodes.primary_of(task).unwrap();
-        let s = wait_scrape(nodes.addr(node), "a holder's narrow watch", |s| {
-            ranges(s) == 7.0
+        wait_scrape(nodes.addr(node), "a holder's narrow watch", |s| {
+            ranges(s) == 7.0 && streams(s) == 1.0
         })
         .await
         .unwrap();
-        opened.push(streams(&s));
     }
     go_tx.send_replace(true);
     let answer = tokio::time::timeout(WAIT, answered.wait_for(Option::is_some))
@@ -750,11 +749,15 @@ async fn a_pull_outside_the_topology_is_answered_and_its_task_watched_from_then_
     assert_eq!(answer, Some(vec![6]));
     // Each end now also watches the other's task, on the stream it had: the task's range is
     // added at the end (for task 6, task 3 sorts among its own), and the watch grows in place.
-    for ((task, want), before) in [(3, 8.0), (6, 8.0)].into_iter().zip(opened) {
+    // (Its new range's snapshot came before the answer could; a reload would have counted
+    // its new stream just after sending that snapshot, so this check can miss a reload that
+    // was slow to count, but never fails one that did not happen. The engine's watch_test
+    // checks the order of the ranges.)
+    for (task, want) in [(3, 8.0), (6, 8.0)] {
         let (node, _) = nodes.primary_of(task).unwrap();
         let s = scrape(nodes.addr(node)).await.unwrap();
         assert_eq!(ranges(&s), want, "task {task}'s watch");
-        assert_eq!(streams(&s), before, "task {task}'s watch grew in place");
+        assert_eq!(streams(&s), 1.0, "task {task}'s watch grew in place");
     }
     nodes.stop_all().await;
 }

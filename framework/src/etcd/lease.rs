@@ -168,8 +168,10 @@ pub(crate) async fn keep_alive(
         } else {
             next.max(Instant::now() + Duration::from_millis(50))
         };
-        // Answers until the next keep-alive is due; the deadline is checked as it passes.
+        // Answers until the next keep-alive is due; the deadline is checked as it passes (and
+        // when the next keep-alive is due, so a lapse is never published late).
         loop {
+            let mut due = false;
             let alive = matches!(*tx.borrow(), LeaseState::Alive { .. });
             tokio::select! {
                 answer = next_answer(&mut stream) => match answer {
@@ -197,12 +199,15 @@ pub(crate) async fn keep_alive(
                     }
                 },
                 _ = tokio::time::sleep_until(deadline), if alive => {}
-                _ = tokio::time::sleep_until(wake) => break,
+                _ = tokio::time::sleep_until(wake) => due = true,
                 _ = tx.closed() => return,
             }
             if Instant::now() >= deadline {
                 let oldest = stream.as_ref().and_then(|s| s.in_flight.front().copied());
                 suspend(&store, id, &tx, oldest);
+            }
+            if due {
+                break;
             }
         }
         if tx.is_closed() {
@@ -245,6 +250,9 @@ pub(crate) async fn keep_alive(
                 Ok(Err(e)) => {
                     store.record("lease keep-alive", Outcome::Error, sent);
                     tracing::debug!(lease = format!("{id:x}"), error = %e, "lease keep-alive stream not opened");
+                    // Failed at once (a member down): try again sooner than a renewal is due,
+                    // perhaps on another member.
+                    next = sent + interval / 2;
                 }
                 Err(_) => {
                     store.record("lease keep-alive", Outcome::Timeout, sent);

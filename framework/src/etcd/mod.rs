@@ -333,6 +333,13 @@ impl Store {
                     }
                     let delay = delays.next().unwrap_or(crate::retry::ETCD.max);
                     if tokio::time::Instant::now() + delay >= deadline {
+                        // etcd answered, but not as asked (its database full, too many
+                        // requests): not unreachable.
+                        if matches!(&source.source,
+                            EtcdCause::Client(c @ etcd_client::Error::GRpcStatus(_)) if !read_again(c))
+                        {
+                            return Err(Error::Etcd(source));
+                        }
                         return Err(Error::EtcdUnreachable {
                             endpoints: endpoints.to_vec(),
                             source,
@@ -495,8 +502,29 @@ impl Store {
     }
 
     /// The spec check's one transaction: creates the spec and epoch 0 if the spec is absent,
-    /// else reads the stored spec.
+    /// else reads the stored spec. Sent again on the same connection while etcd is briefly
+    /// unavailable (a member down, a leader election), as reads are ([`Store::read`]), within
+    /// the request deadline: sending it twice is harmless (the second finds the spec the first
+    /// wrote, and only says it did not create it).
     async fn spec_txn(&self, mine: &JobSpec) -> Result<etcd_client::TxnResponse, EtcdError> {
+        let deadline = Instant::now() + self.timeout;
+        let mut pauses = crate::retry::ETCD_RESEND.delays();
+        loop {
+            match self.spec_txn_once(mine).await {
+                Err(e) if matches!(&e.source, EtcdCause::Client(c) if read_again(c)) => {
+                    let pause = pauses.next().unwrap_or(crate::retry::ETCD_RESEND.max);
+                    if Instant::now() + pause >= deadline {
+                        return Err(e);
+                    }
+                    tracing::debug!(error = %e, "the spec check did not reach etcd; sending it again");
+                    tokio::time::sleep(pause).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn spec_txn_once(&self, mine: &JobSpec) -> Result<etcd_client::TxnResponse, EtcdError> {
         let (spec_key, epoch_key) = (self.keys.spec(), self.keys.epoch());
         let txn = Txn::new()
             .when([Compare::create_revision(
