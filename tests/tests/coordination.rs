@@ -522,6 +522,29 @@ async fn unreachable_etcd_is_a_clear_error() {
     assert!(err.to_string().contains(&port.to_string()), "{err}");
 }
 
+/// An etcd that answers but takes no write (its space quota exceeded: `mvcc: database space
+/// exceeded`) is not called unreachable: the node that cannot join says what etcd answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_etcd_is_named_not_called_unreachable() {
+    init_logs();
+    // A quota below the empty database's size: the first write raises etcd's NOSPACE alarm.
+    let etcd = Etcd::start_with(taskgraph_tests::etcd::EtcdOptions {
+        extra_args: vec!["--quota-backend-bytes=1024".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let err = builder(etcd.endpoints(), &job_name("full"), 1, 1)
+        .etcd_connect_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Etcd(_)), "{err:?}");
+    assert!(err.to_string().contains("space exceeded"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflicting_spec_is_refused_with_the_difference() {
     let etcd = etcd().await;
