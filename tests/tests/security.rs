@@ -442,6 +442,38 @@ async fn a_job_role_grants_its_own_prefix_only() -> TestResult {
     Ok(())
 }
 
+/// Adds etcd user `user` (password `<user>-pw`) with a role `job-<job>` granting `grants`
+/// (permission, key, range end), as root; returns the user's credentials.
+async fn role_user(
+    etcd: &Etcd,
+    job: &str,
+    user: &str,
+    grants: &[(&str, &str, &str)],
+) -> Result<EtcdAuth, Box<dyn std::error::Error>> {
+    let root = format!("--user=root:{ROOT_PW}");
+    let role = format!("job-{job}");
+    let password = format!("{user}-pw");
+    let pw = format!("--new-user-password={password}");
+    let mut commands = vec![vec!["role", "add", role.as_str()]];
+    for (permission, key, end) in grants {
+        commands.push(vec![
+            "role",
+            "grant-permission",
+            role.as_str(),
+            permission,
+            key,
+            end,
+        ]);
+    }
+    commands.push(vec!["user", "add", user, pw.as_str()]);
+    commands.push(vec!["user", "grant-role", user, role.as_str()]);
+    for args in commands {
+        etcd.etcdctl(std::iter::once(root.as_str()).chain(args))
+            .await?;
+    }
+    Ok(EtcdAuth::new(user, Secret::new(password)))
+}
+
 /// A user whose role may only read the job's prefix: a node cannot take part (it must write
 /// its record, its lease's keys, the spec of a new job), and is refused at once with a clear
 /// error, not retried until the connect timeout. The node's first request, the spec check, is
@@ -452,28 +484,9 @@ async fn a_read_only_role_refuses_a_node_at_once() -> TestResult {
     let etcd = Etcd::start().await?;
     etcd.enable_auth(ROOT_PW).await?;
     let job = job_name("read-only");
-    let root = format!("--user=root:{ROOT_PW}");
-    let role = format!("job-{job}");
     let prefix = format!("/taskgraph/jobs/{job}/");
     let end = format!("/taskgraph/jobs/{job}0");
-    let pw = "--new-user-password=dave-pw".to_owned();
-    for args in [
-        vec!["role", "add", role.as_str()],
-        vec![
-            "role",
-            "grant-permission",
-            role.as_str(),
-            "read",
-            prefix.as_str(),
-            end.as_str(),
-        ],
-        vec!["user", "add", "dave", pw.as_str()],
-        vec!["user", "grant-role", "dave", role.as_str()],
-    ] {
-        etcd.etcdctl(std::iter::once(root.as_str()).chain(args))
-            .await?;
-    }
-    let dave = EtcdAuth::new("dave", Secret::new("dave-pw"));
+    let dave = role_user(&etcd, &job, "dave", &[("read", &prefix, &end)]).await?;
     let audit = Audit::default();
     // Connecting may take this long if refusals were retried: the test tells them apart.
     let node = dataflow_node(etcd.endpoints(), &job, 3, &audit)
@@ -708,47 +721,18 @@ async fn a_claim_etcd_refused_is_tried_again_without_a_change_in_the_job() -> Te
     let etcd = Etcd::start().await?;
     etcd.enable_auth(ROOT_PW).await?;
     let job = job_name("denied");
-    let root = format!("--user=root:{ROOT_PW}");
-    let role = format!("job-{job}");
     let prefix = format!("/taskgraph/jobs/{job}/");
     let end = format!("/taskgraph/jobs/{job}0");
     let denied = format!("{prefix}tasks/2/primary");
     let after = format!("{prefix}tasks/2/primary0");
-    let pw = "--new-user-password=carol-pw".to_owned();
     // Read and write on the whole prefix except task 2's primary key, which is read-only.
-    for args in [
-        vec!["role", "add", role.as_str()],
-        vec![
-            "role",
-            "grant-permission",
-            role.as_str(),
-            "readwrite",
-            prefix.as_str(),
-            denied.as_str(),
-        ],
-        vec![
-            "role",
-            "grant-permission",
-            role.as_str(),
-            "read",
-            denied.as_str(),
-            after.as_str(),
-        ],
-        vec![
-            "role",
-            "grant-permission",
-            role.as_str(),
-            "readwrite",
-            after.as_str(),
-            end.as_str(),
-        ],
-        vec!["user", "add", "carol", pw.as_str()],
-        vec!["user", "grant-role", "carol", role.as_str()],
-    ] {
-        etcd.etcdctl(std::iter::once(root.as_str()).chain(args))
-            .await?;
-    }
-    let auth = EtcdAuth::new("carol", Secret::new("carol-pw"));
+    let grants = [
+        ("readwrite", prefix.as_str(), denied.as_str()),
+        ("read", denied.as_str(), after.as_str()),
+        ("readwrite", after.as_str(), end.as_str()),
+    ];
+    let auth = role_user(&etcd, &job, "carol", &grants).await?;
+    let (root, role) = (format!("--user=root:{ROOT_PW}"), format!("job-{job}"));
     let audit = Audit::default();
     // The root paces its epochs for ever: once staffed, nothing in the job changes by itself.
     let node = || {

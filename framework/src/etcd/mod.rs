@@ -413,18 +413,32 @@ impl Store {
         key: &str,
         options: Option<GetOptions>,
     ) -> Result<etcd_client::GetResponse, EtcdError> {
+        self.resent(op, key, |mut c| {
+            let options = options.clone();
+            async move { c.get(key, options).await }
+        })
+        .await
+    }
+
+    /// One request `send` makes, under the request deadline, sent again while etcd is briefly
+    /// unavailable ([`read_again`]; see [`Store::read`]); only for requests that may be applied
+    /// twice. Every attempt is counted.
+    async fn resent<T, F, Fut>(&self, op: &'static str, key: &str, send: F) -> Result<T, EtcdError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
         let deadline = Instant::now() + self.timeout;
         let mut pauses = crate::retry::ETCD_RESEND.delays();
         let mut pause = pauses.next().unwrap_or(crate::retry::ETCD_RESEND.max);
         loop {
-            let mut c = self.client.clone();
             let started = Instant::now();
-            let attempt = tokio::time::timeout_at(deadline, c.get(key, options.clone())).await;
+            let attempt = tokio::time::timeout_at(deadline, send(self.client.clone())).await;
             let (result, outcome) = match attempt {
                 Ok(Ok(v)) => (Ok(v), Outcome::Ok),
                 Ok(Err(e)) if read_again(&e) && Instant::now() + pause < deadline => {
                     self.record(op, Outcome::Error, started);
-                    tracing::debug!(op, key, error = %e, "etcd read not sent; sending again");
+                    tracing::debug!(op, key, error = %e, "etcd request not sent; sending again");
                     tokio::time::sleep(pause).await;
                     pause = pauses.next().unwrap_or(crate::retry::ETCD_RESEND.max);
                     continue;
@@ -507,24 +521,6 @@ impl Store {
     /// the request deadline: sending it twice is harmless (the second finds the spec the first
     /// wrote, and only says it did not create it).
     async fn spec_txn(&self, mine: &JobSpec) -> Result<etcd_client::TxnResponse, EtcdError> {
-        let deadline = Instant::now() + self.timeout;
-        let mut pauses = crate::retry::ETCD_RESEND.delays();
-        loop {
-            match self.spec_txn_once(mine).await {
-                Err(e) if matches!(&e.source, EtcdCause::Client(c) if read_again(c)) => {
-                    let pause = pauses.next().unwrap_or(crate::retry::ETCD_RESEND.max);
-                    if Instant::now() + pause >= deadline {
-                        return Err(e);
-                    }
-                    tracing::debug!(error = %e, "the spec check did not reach etcd; sending it again");
-                    tokio::time::sleep(pause).await;
-                }
-                other => return other,
-            }
-        }
-    }
-
-    async fn spec_txn_once(&self, mine: &JobSpec) -> Result<etcd_client::TxnResponse, EtcdError> {
         let (spec_key, epoch_key) = (self.keys.spec(), self.keys.epoch());
         let txn = Txn::new()
             .when([Compare::create_revision(
@@ -537,8 +533,11 @@ impl Store {
                 TxnOp::put(epoch_key, EpochValue::Running(0).encode(), None),
             ])
             .or_else([TxnOp::get(spec_key.clone(), None)]);
-        let mut c = self.client.clone();
-        self.timed("txn create spec", &spec_key, c.txn(txn)).await
+        self.resent("txn create spec", &spec_key, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
     }
 
     /// What [`Store::spec_txn`]'s answer says: created (`true`), the same spec stored
