@@ -14,14 +14,14 @@
 //! | `result` | the application's bytes | the primary that ends the job with `Context::shutdown_job_with`, in the same transaction as `done <n>` | none |
 //!
 //! What a node watches is only what its decisions read. A spare waiting to be drafted
-//! ([`JobKeys::spare_watch`]) watches `epoch`, `spec`, its own record, its own `drafts/` key and
-//! task 0's slot keys (it claims task 0's primary itself when that task has no node: task 0's
-//! primary is the **staffer**, who gives every other slot to a spare). The holders of task 0's
+//! ([`JobKeys::spare_watch`]) watches `epoch`, its own record, its own `drafts/` key, and `spec`
+//! with task 0's slot keys in one range (it claims task 0's primary itself when that task has
+//! no node: task 0's primary is the **staffer**, who gives every other slot to a spare). The holders of task 0's
 //! slots ([`JobKeys::staff_watch`]) watch every key from `drafts/` to the end of `tasks/` (every
 //! node record, draft and slot key, in one range so in one order). A spare that claims a slot
 //! itself ([`JobKeys::node_watch`], see `Staffing::SelfClaimed`) watches `epoch`, the range
 //! from `spec` to the end of `tasks/` and its own record. A slot holder ([`JobKeys::holder_watch`])
-//! watches `epoch`, `spec`, its own record and the slot keys of a few tasks only: its own, its
+//! watches what a spare does and the slot keys of a few more tasks only: its own, its
 //! neighbours' over the topology's period, task 0's and those it pulls from or hears from
 //! outside the topology. Checkpoints and the other nodes' records sit outside every node's
 //! ranges (`checkpoints/` sorts before `epoch`, `nodes/` between `epoch` and `spec`), so a
@@ -131,18 +131,28 @@ impl JobKeys {
         ]
     }
 
-    /// What a spare waiting to be drafted watches: the `epoch` and `spec` keys, its own record,
-    /// its own `drafts/` key (where the staffer gives it a slot) and task 0's slot keys (task 0's
-    /// primary is the staffer; a spare claims it itself when task 0 has no node). Nothing here
-    /// changes when another node joins or takes a slot elsewhere.
+    /// What a spare waiting to be drafted watches: the `epoch` key, its own record, its own
+    /// `drafts/` key (where the staffer gives it a slot), and the `spec` key with task 0's slot
+    /// keys (task 0's primary is the staffer; a spare claims it itself when task 0 has no node).
+    /// Nothing here changes when another node joins or takes a slot elsewhere. Four ranges, so
+    /// four watches on one stream: etcd spends on each watch it creates about what it spends on
+    /// a request, and 2,048 spares join a large job together.
     pub fn spare_watch(&self, node: &str) -> Vec<KeyRange> {
         vec![
             KeyRange::key(self.epoch()),
-            KeyRange::key(self.spec()),
             KeyRange::key(self.node(node)),
             KeyRange::key(self.draft(node)),
-            self.task_slots(0),
+            self.spec_and_task_0(),
         ]
+    }
+
+    /// The `spec` key and task 0's slot keys in one range: nothing the framework writes sorts
+    /// between `spec` and `tasks/0/` (a key someone else put there is watched and ignored).
+    pub fn spec_and_task_0(&self) -> KeyRange {
+        KeyRange {
+            key: self.spec(),
+            end: Some(format!("{}tasks/00", self.prefix)),
+        }
     }
 
     /// What the holders of task 0's slots watch (its primary is the staffer, its backups are
@@ -174,24 +184,24 @@ impl JobKeys {
         }
     }
 
-    /// What node `node` watches while it holds a slot: the `epoch` and `spec` keys, its own
-    /// record and `drafts/` key, and the slot keys of `tasks` only (its own task, its
+    /// What node `node` watches while it holds a slot: the `epoch` key, its own record and
+    /// `drafts/` key, the `spec` key with task 0's slot keys (every holder watches task 0: its
+    /// primary reports the job), and the slot keys of the other `tasks` only (its own task, its
     /// neighbours' and the few others it talks to), not the whole job's: a slot change
-    /// elsewhere costs it nothing. With task 0 first in `tasks` (as every holder's are), a
-    /// spare's ranges ([`JobKeys::spare_watch`]) are the first of these, so a drafted spare's
-    /// watch keeps its watches and adds the others.
+    /// elsewhere costs it nothing. A spare's ranges ([`JobKeys::spare_watch`]) are the first of
+    /// these, so a drafted spare's watch keeps its watches and adds the others.
     pub fn holder_watch(
         &self,
         node: &str,
         tasks: impl IntoIterator<Item = TaskId>,
     ) -> Vec<KeyRange> {
-        let mut ranges = vec![
-            KeyRange::key(self.epoch()),
-            KeyRange::key(self.spec()),
-            KeyRange::key(self.node(node)),
-            KeyRange::key(self.draft(node)),
-        ];
-        ranges.extend(tasks.into_iter().map(|t| self.task_slots(t)));
+        let mut ranges = self.spare_watch(node);
+        ranges.extend(
+            tasks
+                .into_iter()
+                .filter(|t| *t != 0)
+                .map(|t| self.task_slots(t)),
+        );
         ranges
     }
 
@@ -479,14 +489,61 @@ mod tests {
     }
 
     #[test]
-    fn a_slot_holder_watches_only_the_slot_keys_of_its_tasks() {
+    fn a_spare_watches_its_own_keys_the_spec_and_task_0s_slots_in_four_ranges() {
         let k = JobKeys::new("j1");
-        let ranges = k.holder_watch("n1", [1, 7]);
+        let ranges = k.spare_watch("n1");
+        assert_eq!(ranges.len(), 4);
         let watched = |key: &str| ranges.iter().any(|r| r.contains(key.as_bytes()));
         for key in [
             k.epoch(),
             k.spec(),
             k.node("n1"),
+            k.draft("n1"),
+            k.primary(0),
+            k.backup(0, 1),
+            k.backup(0, 12),
+        ] {
+            assert!(watched(&key), "{key} must be watched");
+        }
+        for key in [
+            k.primary(1),
+            k.primary(10),
+            k.backup(1, 1),
+            k.node("n2"),
+            k.draft("n2"),
+            k.draft("n1x"),
+            k.checkpoint(0),
+            k.result(),
+            "/taskgraph/jobs/j1/tasks/00/primary".to_owned(),
+            "/taskgraph/jobs/j10/spec".to_owned(),
+        ] {
+            assert!(!watched(&key), "{key} must not be watched");
+        }
+    }
+
+    #[test]
+    fn a_slot_holder_watches_only_the_slot_keys_of_its_tasks_and_task_0s() {
+        let k = JobKeys::new("j1");
+        let ranges = k.holder_watch("n1", [0, 1, 7]);
+        assert_eq!(
+            ranges,
+            k.holder_watch("n1", [1, 7]),
+            "task 0 is always watched"
+        );
+        assert_eq!(
+            ranges.len(),
+            6,
+            "epoch, record, draft, spec and task 0, 1, 7"
+        );
+        assert!(ranges.starts_with(&k.spare_watch("n1")));
+        let watched = |key: &str| ranges.iter().any(|r| r.contains(key.as_bytes()));
+        for key in [
+            k.epoch(),
+            k.spec(),
+            k.node("n1"),
+            k.draft("n1"),
+            k.primary(0),
+            k.backup(0, 1),
             k.primary(1),
             k.backup(1, 1),
             k.primary(7),
@@ -497,8 +554,9 @@ mod tests {
         for key in [
             k.primary(10),
             k.backup(11, 1),
-            k.primary(0),
+            k.primary(2),
             k.primary(17),
+            k.draft("n2"),
             k.backup(70, 1),
             k.node("n2"),
             k.checkpoint(1),
