@@ -305,7 +305,7 @@ impl JobClient {
             generation: 0,
             ranges: self.keys().job_watch(),
         });
-        tokio::spawn(watch::run(self.store().clone(), ranges, tx));
+        tokio::spawn(watch::run(self.store().clone(), ranges, None, tx));
         JobChanges::live(self.job(), self.keys().clone(), rx)
     }
 

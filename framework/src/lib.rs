@@ -192,7 +192,7 @@ pub mod testing {
         > {
             let store = super::store(endpoints, job).await?;
             let (tx, rx) = tokio::sync::mpsc::channel(4096);
-            let task = tokio::spawn(crate::etcd::watch::run(store, wanted, tx));
+            let task = tokio::spawn(crate::etcd::watch::run(store, wanted, None, tx));
             Ok((rx, task))
         }
     }

@@ -1,7 +1,8 @@
 //! The job watch: watches over some key ranges of a job, on one etcd stream, that survive etcd
 //! restarts and compaction.
 //!
-//! It first reads every key in its ranges at one revision ([`JobEvent::Snapshot`]), then
+//! It first reads every key in its ranges at one revision ([`JobEvent::Snapshot`]; a joining
+//! node's registration makes that read for it, in its own transaction: [`FirstRead`]), then
 //! watches each range from the revision after that read, all on one gRPC stream (etcd
 //! multiplexes watchers on it). Each range resumes on its own: on a stream error every watch
 //! is opened again from the last revision *it* has seen plus one, so no event is delivered
@@ -21,7 +22,7 @@
 //! with each other, and no decision depends on that order.
 
 use etcd_client::{EventType, WatchOptions, WatchResponse, WatchStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::keys::KeyRange;
 use super::{Kv, Store};
@@ -72,10 +73,26 @@ pub struct WatchRanges {
     pub ranges: Vec<KeyRange>,
 }
 
+/// A read of every key in some ranges at one revision, made by someone else (a joining node's
+/// registration, [`Store::register_node_reading`]) for the watch to start from.
+#[derive(Debug)]
+pub struct FirstRead {
+    /// The ranges read, with their generation.
+    pub ranges: WatchRanges,
+    /// Every key in them at `revision`.
+    pub kvs: Vec<Kv>,
+    /// The revision of the read.
+    pub revision: i64,
+}
+
 /// Runs the watch over the ranges `wanted` shows (following its changes) until `tx` is closed.
+/// With `first`, it waits for that read instead of reading its first ranges itself, and takes
+/// it as its first snapshot if it is of the ranges it follows (else, or if the read never
+/// comes, it reads them itself).
 pub(crate) async fn run(
     store: Store,
     mut wanted: watch::Receiver<WatchRanges>,
+    first: Option<oneshot::Receiver<FirstRead>>,
     tx: mpsc::Sender<JobEvent>,
 ) {
     let mut current = wanted.borrow_and_update().clone();
@@ -85,6 +102,23 @@ pub(crate) async fn run(
     let mut next: Option<Vec<i64>> = None;
     let mut delays = crate::retry::WATCH.delays();
     let mut announced_down = false;
+    if let Some(first) = first {
+        let read = tokio::select! {
+            read = first => read.ok(),
+            _ = tx.closed() => return,
+        };
+        if let Some(read) = read.filter(|r| r.ranges == current) {
+            let snapshot = JobEvent::Snapshot {
+                kvs: read.kvs,
+                revision: read.revision,
+                generation: current.generation,
+            };
+            if tx.send(snapshot).await.is_err() {
+                return;
+            }
+            next = Some(vec![read.revision + 1; current.ranges.len()]);
+        }
+    }
     loop {
         if tx.is_closed() {
             return;

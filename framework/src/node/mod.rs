@@ -274,7 +274,10 @@ async fn run(
         ranges: spare_ranges,
     });
     let events_weak = events_tx.downgrade();
-    background.spawn(jobwatch::run(store.clone(), wanted, events_tx));
+    // The watch's first snapshot is read by the node's registration, in the same transaction
+    // (one request fewer to join; see `Runtime::new_lease`).
+    let (first_read, first) = tokio::sync::oneshot::channel();
+    background.spawn(jobwatch::run(store.clone(), wanted, Some(first), events_tx));
     let server_config = wire::ServerConfig {
         job: config.job.clone(),
         num_tasks: config.tasks,
@@ -317,6 +320,7 @@ async fn run(
         direct_pulled: std::sync::Weak::<runtime::DirectPulled>::new(),
         view_tx: watch::channel(Arc::new(JobView::default())).0,
         watch_ranges,
+        first_read: Some(first_read),
         next_stray_sweep,
         fence: Fence::default(),
         record_dirty: false,

@@ -136,6 +136,9 @@ pub(super) struct Runtime {
     pub(super) next_stray_sweep: Instant,
     /// The key ranges the job watch follows (the engine's [`Command::Watch`]).
     pub(super) watch_ranges: watch::Sender<crate::etcd::watch::WatchRanges>,
+    /// Where the first registration sends its read of the watch's ranges (the job watch's
+    /// first snapshot); `None` once sent.
+    pub(super) first_read: Option<tokio::sync::oneshot::Sender<crate::etcd::watch::FirstRead>>,
     /// Highest term seen per task, for the slot's background work (raised from the view).
     pub(super) fence: Fence,
     /// What this node last wrote under its `nodes/<node>` key.
@@ -872,7 +875,10 @@ impl Runtime {
     }
 
     /// Grants a fresh lease (retrying while etcd is down), starts its keeper, registers the
-    /// node: the revision of the registration, or `None` when stopped meanwhile.
+    /// node: the revision of the registration, or `None` when stopped meanwhile. The first
+    /// registration also reads the job watch's ranges in its transaction and hands the read
+    /// to the watch as its first snapshot: a joining node's watch then costs etcd no read of
+    /// its own.
     async fn new_lease(&mut self, stop: &CancellationToken) -> Option<i64> {
         self.lease_task = None;
         let mut delays = crate::retry::ETCD.delays();
@@ -883,14 +889,33 @@ impl Runtime {
             let granted_at = Instant::now();
             let attempt = async {
                 let (id, ttl) = self.store.grant_lease(self.config.lease_ttl_secs()).await?;
-                let registered = self
-                    .store
-                    .register_node(&self.holder.node, &self.record, id)
-                    .await?;
-                Ok::<_, crate::error::EtcdError>((id, ttl, registered))
+                let (registered, read) = if self.first_read.is_some() {
+                    let ranges = self.watch_ranges.borrow().clone();
+                    let (registered, kvs, revision) = self
+                        .store
+                        .register_node_reading(&self.holder.node, &self.record, id, &ranges.ranges)
+                        .await?;
+                    let read = crate::etcd::watch::FirstRead {
+                        ranges,
+                        kvs,
+                        revision,
+                    };
+                    (registered, Some(read))
+                } else {
+                    let registered = self
+                        .store
+                        .register_node(&self.holder.node, &self.record, id)
+                        .await?;
+                    (registered, None)
+                };
+                Ok::<_, crate::error::EtcdError>((id, ttl, registered, read))
             };
             match attempt.await {
-                Ok((id, ttl, registered)) => {
+                Ok((id, ttl, registered, read)) => {
+                    if let (Some(first), Some(read)) = (self.first_read.take(), read) {
+                        // The watch takes it only if it still follows these ranges.
+                        let _ = first.send(read);
+                    }
                     let ttl = Duration::from_secs(ttl.max(1) as u64);
                     info!(lease = format!("{id:x}"), ?ttl, "lease granted");
                     self.metrics.lease_granted();
