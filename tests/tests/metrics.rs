@@ -506,6 +506,60 @@ async fn counters_move_across_epochs_and_etcd_requests_are_counted() {
     nodes.stop_all().await;
 }
 
+/// What joining a running job costs etcd, from the joining node's own request counters: its
+/// spec check (the connection probe), its lease grant, and one transaction that registers it
+/// and reads what it watches (the job watch's first snapshot: no read of the watch's own), then
+/// one watch stream of four watches (the epoch, its record, its draft, the spec with task 0's
+/// slots). 2,048 nodes joining together each pay this, so each request counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spare_joins_with_three_requests_and_one_watch_stream() {
+    let etcd = etcd().await;
+    let mut config = ClusterConfig::new(etcd.endpoints(), &job_name("joincost"), 1, 1);
+    config.ttl = Duration::from_secs(5);
+    let mut nodes = Nodes::new(config);
+    nodes.add_audit().await;
+    nodes
+        .wait_until("task 0 has a primary", |s| fully_staffed(1, 0, s))
+        .await;
+    // One replica: the second node stays a spare.
+    let spare = nodes.add_audit().await;
+    let ok = |s: &Scrape, op: &str| {
+        s.sum(
+            "taskgraph_etcd_requests_total",
+            &[("op", op), ("outcome", "ok")],
+        )
+    };
+    let ranges = |s: &Scrape| s.sum("taskgraph_watched_key_ranges", &[]);
+    let joined = wait_scrape(nodes.addr(spare), "the spare has joined and watches", |s| {
+        s.value("taskgraph_role", &[("role", "spare")]) == Some(1.0)
+            && ok(s, "watch") >= 1.0
+            && ok(s, "lease grant") >= 1.0
+    })
+    .await
+    .unwrap();
+    for (op, want) in [
+        ("txn create spec", 1.0),
+        ("lease grant", 1.0),
+        ("txn register and read", 1.0),
+        ("watch", 1.0),
+        ("txn get ranges", 0.0),
+        ("put", 0.0),
+        ("get", 0.0),
+    ] {
+        assert_eq!(ok(&joined, op), want, "{op:?}: {joined:#?}");
+    }
+    let all: f64 = joined
+        .samples
+        .iter()
+        .filter(|s| s.name == "taskgraph_etcd_requests_total")
+        .filter(|s| s.labels.get("op").map(String::as_str) != Some("lease keep-alive"))
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(all, 4.0, "three requests and one watch stream: {joined:#?}");
+    assert_eq!(ranges(&joined), 4.0);
+    nodes.stop_all().await;
+}
+
 /// A dataflow job of 3 tasks × 2 replicas (6 nodes, epochs 20 ms apart), staffed and running.
 /// The TTL is long (5 s): a crashed node's port refuses at once, so its lease is ended on
 /// evidence; a long TTL only keeps a loaded machine from deposing anyone else.

@@ -692,7 +692,11 @@ impl Store {
         }));
         let mut c = self.client.clone();
         let resp = self
-            .timed("register and read", &key, c.txn(Txn::new().and_then(ops)))
+            .timed(
+                "txn register and read",
+                &key,
+                c.txn(Txn::new().and_then(ops)),
+            )
             .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let mut kvs = Vec::new();
