@@ -16,14 +16,14 @@
 //! What a node watches is only what its decisions read. A spare waiting to be drafted
 //! ([`JobKeys::spare_watch`]) watches `epoch`, its own record, its own `drafts/` key, and `spec`
 //! with task 0's slot keys in one range (it claims task 0's primary itself when that task has
-//! no node: task 0's primary is the **staffer**, who gives every other slot to a spare). The holders of task 0's
-//! slots ([`JobKeys::staff_watch`]) watch every key from `drafts/` to the end of `tasks/` (every
-//! node record, draft and slot key, in one range so in one order). A spare that claims a slot
-//! itself ([`JobKeys::node_watch`], see `Staffing::SelfClaimed`) watches `epoch`, the range
-//! from `spec` to the end of `tasks/` and its own record. A slot holder ([`JobKeys::holder_watch`])
-//! watches what a spare does and the slot keys of a few more tasks only: its own, its
-//! neighbours' over the topology's period, task 0's and those it pulls from or hears from
-//! outside the topology. Checkpoints and the other nodes' records sit outside every node's
+//! no node: task 0's primary is the **staffer**, who gives every other slot to a spare). The
+//! holders of task 0's slots ([`JobKeys::staff_watch`]) watch every key from `drafts/` to the
+//! end of `tasks/` (every node record, draft and slot key, in one range so in one order). A
+//! spare that claims a slot itself ([`JobKeys::node_watch`], see `Staffing::SelfClaimed`)
+//! watches `epoch`, the range from `spec` to the end of `tasks/` and its own record. A slot
+//! holder ([`JobKeys::holder_watch`]) watches what a spare does and the slot keys of a few more
+//! tasks only: its own, its neighbours' over the topology's period and those it pulls from or
+//! hears from outside the topology. Checkpoints and the other nodes' records sit outside every node's
 //! ranges (`checkpoints/` sorts before `epoch`, `nodes/` between `epoch` and `spec`), so a
 //! checkpoint written every epoch by every task, or a node joining, costs the other nodes
 //! nothing. [`JobKeys::job_watch`] (the whole prefix) is for tools following the job.

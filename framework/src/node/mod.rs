@@ -265,8 +265,8 @@ async fn run(
         Staffing::Drafted,
         rand::random(),
     );
-    // Only what the node decides on (as a spare: the epoch, the spec, its own record and
-    // draft, task 0's slot keys; the engine changes it as the node takes a slot).
+    // Only what the node decides on (as a spare: the epoch, its own record and draft, the spec
+    // with task 0's slot keys; the engine changes it as the node takes a slot).
     let spare_ranges = engine.ranges().to_vec();
     metrics.set_watched_ranges(spare_ranges.len());
     let (watch_ranges, wanted) = watch::channel(jobwatch::WatchRanges {
