@@ -195,6 +195,47 @@ pub mod testing {
             let task = tokio::spawn(crate::etcd::watch::run(store, wanted, None, tx));
             Ok((rx, task))
         }
+
+        /// Joins as a node does, on a fresh connection to `endpoints`: grants a lease of
+        /// `ttl_secs`, registers `node` under it and, in the same transaction, reads the ranges
+        /// `wanted` shows; then follows them from that read, as the node's job watch does
+        /// (the read is its first snapshot). The registration's revision, the events, and the
+        /// watch's task.
+        pub async fn follow_registered(
+            endpoints: &[String],
+            job: &str,
+            node: &str,
+            ttl_secs: i64,
+            wanted: tokio::sync::watch::Receiver<WatchRanges>,
+        ) -> Result<
+            (
+                i64,
+                tokio::sync::mpsc::Receiver<JobEvent>,
+                tokio::task::JoinHandle<()>,
+            ),
+            crate::Error,
+        > {
+            let store = super::store(endpoints, job).await?;
+            let (lease, _) = store.grant_lease(ttl_secs).await?;
+            let ranges = wanted.borrow().clone();
+            let record = crate::etcd::keys::NodeRecord {
+                addr: "127.0.0.1:1".into(),
+                stall: None,
+                drafted: true,
+            };
+            let (registered, kvs, revision) = store
+                .register_node_reading(node, &record, lease, &ranges.ranges)
+                .await?;
+            let (first_tx, first) = tokio::sync::oneshot::channel();
+            let _ = first_tx.send(crate::etcd::watch::FirstRead {
+                ranges,
+                kvs,
+                revision,
+            });
+            let (tx, rx) = tokio::sync::mpsc::channel(4096);
+            let task = tokio::spawn(crate::etcd::watch::run(store, wanted, Some(first), tx));
+            Ok((registered, rx, task))
+        }
     }
     /// A plain-text connection to `endpoints` for job `job`, as a node makes (10 s to connect,
     /// 2 s per request).

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use taskgraph::testing::etcd::keys::JobKeys;
-use taskgraph::testing::watch::{follow, JobEvent, KeyRange, WatchRanges};
+use taskgraph::testing::watch::{follow, follow_registered, JobEvent, KeyRange, WatchRanges};
 use taskgraph_tests::etcd::Etcd;
 use taskgraph_tests::prometheus::Scrape;
 use taskgraph_tests::{http_get, init_logs, job_name};
@@ -166,4 +166,98 @@ async fn ranges_that_grow_keep_their_watches_and_every_later_change_arrives_once
     task.abort();
     drop(rx);
     assert_eq!(watch_messages(&etcd).await - before, 3.0);
+}
+
+/// A joining node's watch starts from its registration's read: the registration and the read
+/// of its ranges are one transaction, whose revision is the first snapshot's; the snapshot holds
+/// the record just written, and every change after it arrives once, in order, with none lost
+/// between the read and the watches' creation (another client writes all the while).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_that_starts_from_the_registrations_read_loses_and_repeats_nothing() {
+    init_logs();
+    let etcd = Etcd::start().await.expect("start etcd");
+    let job = job_name("firstread");
+    let keys = JobKeys::new(&job);
+    let epoch = keys.epoch();
+    let mut client = etcd.client().await.unwrap();
+    client.put(epoch.as_str(), "0", None).await.unwrap();
+    client.put(keys.spec().as_str(), "{}", None).await.unwrap();
+    // Writes the epoch key 1, 2, … until told to stop; returns the last value written.
+    let (stop_tx, stop) = watch::channel(false);
+    let (written_tx, mut written) = watch::channel(0u64);
+    let writer = {
+        let (mut client, epoch) = (etcd.client().await.unwrap(), epoch.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !*stop.borrow() {
+                i += 1;
+                client
+                    .put(epoch.as_str(), i.to_string(), None)
+                    .await
+                    .unwrap();
+                written_tx.send_replace(i);
+            }
+            i
+        })
+    };
+    written.wait_for(|n| *n >= 10).await.unwrap();
+    let before = watch_messages(&etcd).await;
+    let (_ranges, wanted) = watch::channel(WatchRanges {
+        generation: 0,
+        ranges: keys.spare_watch("n1"),
+    });
+    let (registered, mut rx, task) = follow_registered(&etcd.endpoints(), &job, "n1", 10, wanted)
+        .await
+        .unwrap();
+    let value = |v: &[u8]| -> u64 { std::str::from_utf8(v).unwrap().parse().unwrap() };
+    let first = match next(&mut rx).await {
+        JobEvent::Snapshot {
+            kvs,
+            revision,
+            generation: 0,
+        } => {
+            assert_eq!(revision, registered, "the registration's read");
+            let record = kvs
+                .iter()
+                .find(|kv| kv.key == keys.node("n1").as_bytes())
+                .expect("the record just written is in the read");
+            assert_eq!(record.mod_revision, registered);
+            assert_ne!(record.lease, 0, "written under its lease");
+            assert!(kvs.iter().any(|kv| kv.key == keys.spec().as_bytes()));
+            let e = kvs
+                .iter()
+                .find(|kv| kv.key == epoch.as_bytes())
+                .expect("the epoch in the read");
+            assert!(e.mod_revision < registered);
+            value(&e.value)
+        }
+        other => panic!("first the registration's read: {other:?}"),
+    };
+    // Every change after the read, once and in order: 50 while the writer goes on, then the
+    // rest once it stopped.
+    let mut expected = first + 1;
+    let mut writer = Some(writer);
+    let mut last = None;
+    loop {
+        if expected == first + 50 {
+            if let Some(writer) = writer.take() {
+                stop_tx.send_replace(true);
+                last = Some(writer.await.unwrap());
+            }
+        }
+        if last.is_some_and(|last| expected > last) {
+            break;
+        }
+        match next(&mut rx).await {
+            JobEvent::Put(kv) if kv.key == epoch.as_bytes() => {
+                assert!(kv.mod_revision > registered);
+                assert_eq!(value(&kv.value), expected, "each change once, in order");
+                expected += 1;
+            }
+            other => panic!("only the epoch changes (waiting for {expected}): {other:?}"),
+        }
+    }
+    // Its watches were created once, on one stream, with no read of its own: four watches.
+    assert_eq!(watch_messages(&etcd).await - before, 4.0);
+    task.abort();
 }

@@ -199,27 +199,29 @@ async fn each_renewal_costs_one_keep_alive_the_stream_opens_with_the_first() {
 /// The keep-alive that opens the stream renews the lease from the time it was *sent*, not from
 /// its answer: etcd renewed the lease at some instant between the two, so only the send is a
 /// safe start for the local deadline. etcd is paused across the first keep-alive's send and
-/// resumed 1.5 s later. A deadline taken from the answer would be at least
+/// resumed 2 s later. A deadline taken from the answer would be at least
 /// `resumed + ttl − margin`: later than the send allows by the whole pause, so a primary could
 /// still act in its slot after etcd expired its lease and a backup took over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_keep_alive_that_opens_the_stream_renews_from_its_send_not_its_answer() {
     init_logs();
     let etcd = Etcd::start().await.unwrap();
-    // TTL 6 s: margin 1.2 s, the first keep-alive 2 s after the grant, the grant's deadline 4.8 s
-    // after it.
-    let ttl = Duration::from_secs(6);
+    // TTL 12 s: margin 2.4 s, the first keep-alive 4 s after the grant (it opens the stream),
+    // the grant's deadline 9.6 s after it. etcd resumes 6 s after the grant: the stream's open
+    // waits for an answer until the grant's deadline (3.6 s more), and the next keep-alive is
+    // due 8 s after the grant, so etcd's counter is read between the two.
+    let ttl = Duration::from_secs(12);
     let margin = taskgraph::testing::lease::margin(ttl);
     let (_id, granted, mut rx, keeper) = keep_alive(&etcd.endpoints(), &job_name("opensend"), ttl)
         .await
         .unwrap();
-    assert_eq!(granted, 6);
+    assert_eq!(granted, 12);
     let granted_deadline = alive(&mut rx).await;
     // The grant was sent at `granted_deadline − (ttl − margin)` at the latest; its first
-    // keep-alive goes out one interval (2 s) later, while etcd is paused.
+    // keep-alive goes out one interval (4 s) later, while etcd is paused.
     let granted_at = granted_deadline - (ttl - margin);
     etcd.signal("STOP");
-    tokio::time::sleep_until(granted_at + Duration::from_millis(3500)).await;
+    tokio::time::sleep_until(granted_at + Duration::from_secs(6)).await;
     let resumed = Instant::now();
     etcd.signal("CONT");
     let deadline = renewed_after(&mut rx, granted_deadline).await;

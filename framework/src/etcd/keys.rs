@@ -147,7 +147,8 @@ impl JobKeys {
     }
 
     /// The `spec` key and task 0's slot keys in one range: nothing the framework writes sorts
-    /// between `spec` and `tasks/0/` (a key someone else put there is watched and ignored).
+    /// between `spec` and `tasks/0/` (a key someone else put there is watched and ignored:
+    /// [`JobKeys::parse`] names no slot by a task number with a sign or a leading zero).
     pub fn spec_and_task_0(&self) -> KeyRange {
         KeyRange {
             key: self.spec(),
@@ -226,12 +227,19 @@ impl JobKeys {
             ["result"] => Some(JobKey::Result),
             ["nodes", node] if !node.is_empty() => Some(JobKey::Node((*node).to_owned())),
             ["drafts", node] if !node.is_empty() => Some(JobKey::Draft((*node).to_owned())),
-            ["tasks", t, "primary"] => Some(JobKey::Primary(t.parse().ok()?)),
-            ["checkpoints", t] => Some(JobKey::Checkpoint(t.parse().ok()?)),
-            ["tasks", t, "backup", k] => Some(JobKey::Backup(t.parse().ok()?, k.parse().ok()?)),
+            ["tasks", t, "primary"] => Some(JobKey::Primary(number(t)?)),
+            ["checkpoints", t] => Some(JobKey::Checkpoint(number(t)?)),
+            ["tasks", t, "backup", k] => Some(JobKey::Backup(number(t)?, number(k)?)),
             _ => None,
         }
     }
+}
+
+/// A task or slot number as the framework writes it in a key: decimal, no sign, no leading
+/// zero. `+3` or `03` would parse as 3 but is another key (one that sorts elsewhere: `tasks/+0/`
+/// lies in a spare's range from `spec` to task 0's slots), so it names no slot.
+fn number(s: &str) -> Option<u32> {
+    s.parse().ok().filter(|n: &u32| n.to_string() == s)
 }
 
 /// Keys `key..end` (etcd's range: `end` excluded), or the single key `key` when `end` is `None`.
@@ -449,6 +457,18 @@ mod tests {
         assert_eq!(k.parse(b"/taskgraph/jobs/j1/tasks/x/primary"), None);
         assert_eq!(k.parse(b"/taskgraph/jobs/j2/spec"), None);
         assert_eq!(k.parse(b"/taskgraph/jobs/j1/tasks/-1/primary"), None);
+        for other in ["+0", "00", "03", "+3", " 3", ""] {
+            let key = format!("/taskgraph/jobs/j1/tasks/{other}/primary");
+            assert_eq!(k.parse(key.as_bytes()), None, "{key}");
+            let key = format!("/taskgraph/jobs/j1/tasks/3/backup/{other}");
+            assert_eq!(k.parse(key.as_bytes()), None, "{key}");
+            let key = format!("/taskgraph/jobs/j1/checkpoints/{other}");
+            assert_eq!(k.parse(key.as_bytes()), None, "{key}");
+        }
+        assert_eq!(
+            k.parse(b"/taskgraph/jobs/j1/tasks/0/backup/10"),
+            Some(JobKey::Backup(0, 10))
+        );
         assert_eq!(k.parse(&[0xff, 0xfe]), None);
     }
 

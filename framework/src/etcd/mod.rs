@@ -658,9 +658,9 @@ impl Store {
     /// Registers a node as [`Store::register_node`] does and, in the same transaction, reads
     /// every key in `ranges` at the registration's revision (the record included): the
     /// revision and the keys. A joining node's job watch takes this read as its first snapshot,
-    /// so joining costs one request fewer. With more than [`LOAD_TXN_RANGES`] ranges, the
-    /// registration and a read after it ([`Store::load_ranges`]): the read's revision is then
-    /// later than the registration's.
+    /// so joining costs one request fewer. With [`LOAD_TXN_RANGES`] ranges or more (never a
+    /// joining node's), the registration and a read after it ([`Store::load_ranges`]): the
+    /// read's revision is then later than the registration's.
     pub async fn register_node_reading(
         &self,
         node: &str,

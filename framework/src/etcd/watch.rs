@@ -319,7 +319,7 @@ enum Grown {
 /// keep their watches, whose events at or below the read are then dropped (the snapshot holds
 /// them; `floor`), so the loop sees what a reload would show: the snapshot, then every later
 /// event once. etcd spends as much on each watch it creates as on a request, and a drafted
-/// spare keeps its five.
+/// spare keeps its four.
 async fn extend(
     store: &Store,
     stream: &mut WatchStream,

@@ -466,8 +466,8 @@ impl Engine {
             Some(t) => match self.holder_scope(t) {
                 Scope::All => (Scope::All, self.keys.node_watch(node)),
                 Scope::Tasks(set) => {
-                    // The topology's tasks in order (task 0 first: a spare's ranges are the
-                    // first of these), then the lazy ones as they came: a new lazy task only
+                    // The topology's tasks in order (task 0's slots are in a spare's ranges,
+                    // which come first), then the lazy ones as they came: a new lazy task only
                     // adds a range at the end, and the watch grows in place.
                     let tasks = set
                         .iter()
