@@ -464,17 +464,8 @@ impl Store {
     /// transaction (one round trip) for up to [`LOAD_TXN_RANGES`] ranges, else one read per
     /// range, each at the first read's revision.
     pub async fn load_ranges(&self, ranges: &[KeyRange]) -> Result<(Vec<Kv>, i64), EtcdError> {
-        let options = |range: &KeyRange| {
-            range
-                .end
-                .as_ref()
-                .map(|end| GetOptions::new().with_range(end.as_str()))
-        };
         if let Some(first) = ranges.first().filter(|_| ranges.len() <= LOAD_TXN_RANGES) {
-            let ops: Vec<TxnOp> = ranges
-                .iter()
-                .map(|r| TxnOp::get(r.key.clone(), options(r)))
-                .collect();
+            let ops: Vec<TxnOp> = ranges.iter().map(range_get).collect();
             let mut c = self.client.clone();
             let resp = self
                 .timed(
@@ -484,18 +475,12 @@ impl Store {
                 )
                 .await?;
             let revision = resp.header().map_or(0, |h| h.revision());
-            let mut kvs = Vec::new();
-            for r in resp.op_responses() {
-                if let TxnOpResponse::Get(g) = r {
-                    kvs.extend(g.kvs().iter().map(Kv::from));
-                }
-            }
-            return Ok((kvs, revision));
+            return Ok((read_kvs(&resp), revision));
         }
         let mut kvs = Vec::new();
         let mut revision = None;
         for range in ranges {
-            let mut options = options(range).unwrap_or_else(GetOptions::new);
+            let mut options = range_options(range).unwrap_or_default();
             if let Some(rev) = revision {
                 options = options.with_revision(rev);
             }
@@ -682,14 +667,7 @@ impl Store {
         )];
         // A read after a write in one transaction sees the write (etcd reads at the
         // transaction's own revision).
-        ops.extend(ranges.iter().map(|r| {
-            TxnOp::get(
-                r.key.clone(),
-                r.end
-                    .as_ref()
-                    .map(|end| GetOptions::new().with_range(end.as_str())),
-            )
-        }));
+        ops.extend(ranges.iter().map(range_get));
         let mut c = self.client.clone();
         let resp = self
             .timed(
@@ -699,13 +677,7 @@ impl Store {
             )
             .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
-        let mut kvs = Vec::new();
-        for r in resp.op_responses() {
-            if let TxnOpResponse::Get(g) = r {
-                kvs.extend(g.kvs().iter().map(Kv::from));
-            }
-        }
-        Ok((revision, kvs, revision))
+        Ok((revision, read_kvs(&resp), revision))
     }
 
     async fn create_slot(
@@ -1258,4 +1230,28 @@ fn tls_problem(err: &(dyn std::error::Error + 'static)) -> Option<String> {
                  requires one)"
             )
         })
+}
+
+/// The options of a read of every key in `range` from its first (`None`: that key alone).
+fn range_options(range: &KeyRange) -> Option<GetOptions> {
+    range
+        .end
+        .as_ref()
+        .map(|end| GetOptions::new().with_range(end.as_str()))
+}
+
+/// The read of every key in `range`, as a transaction's operation.
+fn range_get(range: &KeyRange) -> TxnOp {
+    TxnOp::get(range.key.clone(), range_options(range))
+}
+
+/// Every key a transaction's reads returned, in the order of its operations.
+fn read_kvs(resp: &etcd_client::TxnResponse) -> Vec<Kv> {
+    let mut kvs = Vec::new();
+    for r in resp.op_responses() {
+        if let TxnOpResponse::Get(g) = r {
+            kvs.extend(g.kvs().iter().map(Kv::from));
+        }
+    }
+    kvs
 }
